@@ -1,0 +1,153 @@
+//! `qcl`: the command-line face of the qcl crates.
+//!
+//! Convention: every command takes `--json` and then prints exactly one JSON object on stdout,
+//! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use qcl_tensor::{Error, Result, SafetensorsFile};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "qcl",
+    version,
+    about = "Learned quantization and continual learning on candle"
+)]
+struct Cli {
+    /// Print exactly one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Data set files.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tensor names, dtypes and shapes, metadata, and label counts of a safetensors file.
+    Info {
+        /// The file (e.g. data/fashion-mnist.safetensors).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Data {
+            command: DataCommand::Info { file },
+        } => data_info(file),
+    };
+    match result {
+        Ok(report) => {
+            if cli.json {
+                println!("{}", report.json);
+            } else {
+                print!("{}", report.text);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"error": {"kind": e.kind(), "message": e.to_string()}})
+                );
+            } else {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command's result in both forms.
+struct Report {
+    json: Value,
+    text: String,
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
+
+fn data_info(path: &PathBuf) -> Result<Report> {
+    let file = SafetensorsFile::open(path)?;
+    let mut tensors = Vec::new();
+    let mut text = format!(
+        "{} ({} bytes, format {})\n",
+        path.display(),
+        file.len_bytes(),
+        file.metadata()
+            .get("format")
+            .map_or("unknown", String::as_str)
+    );
+    text.push_str(&format!("  {:<16} {:<6} shape\n", "tensor", "dtype"));
+    for name in file.names() {
+        let info = file.info(name)?;
+        text.push_str(&format!(
+            "  {name:<16} {:<6} {:?}\n",
+            dtype_name(info.dtype),
+            info.shape
+        ));
+        tensors.push(json!({"name": name, "dtype": dtype_name(info.dtype), "shape": info.shape}));
+    }
+    let class_names: Option<Vec<String>> = file
+        .metadata()
+        .get("class_names")
+        .and_then(|s| serde_json::from_str(s).ok());
+    let mut label_counts = serde_json::Map::new();
+    for name in file.names().iter().filter(|n| n.ends_with("labels")) {
+        let labels = file.tensor(name, &Device::Cpu)?;
+        if labels.rank() != 1 || !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            continue;
+        }
+        let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let classes = class_names
+            .as_ref()
+            .map(Vec::len)
+            .unwrap_or_else(|| labels.iter().max().map_or(0, |&m| m.max(0) as usize + 1));
+        let mut counts = vec![0usize; classes];
+        for &label in &labels {
+            let slot = usize::try_from(label).ok().and_then(|l| counts.get_mut(l));
+            match slot {
+                Some(c) => *c += 1,
+                None => {
+                    return Err(Error::InvalidRecord {
+                        source_name: format!("`{name}` of {}", path.display()),
+                        index: 0,
+                        reason: format!("label {label} is outside the {classes} classes"),
+                    })
+                }
+            }
+        }
+        text.push_str(&format!("  {name} per class: {counts:?}\n"));
+        label_counts.insert(name.clone(), json!(counts));
+    }
+    for (key, value) in file.metadata() {
+        text.push_str(&format!("  metadata {key} = {value}\n"));
+    }
+    let json = json!({
+        "command": "data info",
+        "file": path.display().to_string(),
+        "bytes": file.len_bytes(),
+        "format": file.metadata().get("format"),
+        "class_names": class_names,
+        "tensors": tensors,
+        "label_counts": label_counts,
+        "metadata": file.metadata(),
+    });
+    Ok(Report { json, text })
+}

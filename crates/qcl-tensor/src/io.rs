@@ -1,0 +1,416 @@
+//! Validated safetensors I/O and atomic file writes.
+//!
+//! Reading refuses truncated and foreign files with [`Error::BadFile`] and checks each tensor
+//! against a [`TensorSpec`]. Writing goes to a temporary file in the same directory, is synced,
+//! then renamed over the target, so a crash or a full disk never leaves a half-written file
+//! under the final name and never destroys the previous version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::{Error, Result, TensorSpec};
+
+/// Writes `bytes` to `path` atomically: temporary file in the same directory, fsync, rename.
+///
+/// Missing parent directories are created.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("out.json");
+/// qcl_tensor::write_atomic(&path, b"{}")?;
+/// assert_eq!(std::fs::read(&path)?, b"{}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Io`] naming the file; the target is then untouched and no temporary is left.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// Like [`write_atomic`], with the content produced by `fill` writing into the temporary file.
+///
+/// # Errors
+/// [`Error::Io`] naming the file if `fill` or any file operation fails.
+pub fn write_atomic_with(
+    path: impl AsRef<Path>,
+    fill: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let path = path.as_ref();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| {
+            Error::invalid_parameter("path", format!("{} names no file", path.display()))
+        })?
+        .to_string_lossy();
+    let temp = parent.join(format!(
+        ".{file_name}.{}-{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let file = fs::File::create(&temp)?;
+        let mut writer = std::io::BufWriter::new(file);
+        fill(&mut writer)?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&temp);
+        Error::io(path, e)
+    })
+}
+
+/// Writes named tensors and string metadata to a safetensors file, atomically.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use candle_core::{Device, Tensor};
+/// use qcl_tensor::{write_safetensors, SafetensorsFile};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("w.safetensors");
+/// let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+/// let meta = BTreeMap::from([("note".to_string(), "demo".to_string())]);
+/// write_safetensors(&path, &[("w", &w)], &meta)?;
+/// let file = SafetensorsFile::open(&path)?;
+/// assert_eq!(file.names(), ["w"]);
+/// assert_eq!(file.metadata()["note"], "demo");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a repeated or empty name, [`Error::Io`] on write failure.
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(&str, &Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, _) in tensors {
+        if name.is_empty() || !seen.insert(*name) {
+            return Err(Error::invalid_parameter(
+                "tensors",
+                format!("tensor names must be unique and non-empty; `{name}` is not"),
+            ));
+        }
+    }
+    // Contiguous host copies, because safetensors stores dense row-major bytes.
+    let host: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((*name, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let bytes = safetensors::tensor::serialize(host.iter().map(|(n, t)| (*n, t)), Some(meta))
+        .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Dtype and shape of a stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+}
+
+/// A safetensors file read into memory and checked to be complete and well formed.
+///
+/// ```
+/// use qcl_tensor::SafetensorsFile;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("not.safetensors");
+/// std::fs::write(&path, b"GIF89a, a foreign file")?;
+/// assert!(matches!(SafetensorsFile::open(&path), Err(qcl_tensor::Error::BadFile { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    names: Vec<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it cannot be read, [`Error::BadFile`] if it is truncated, foreign, or
+    /// holds a dtype qcl does not support.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validates bytes that came from `path` (used only in messages).
+    ///
+    /// # Errors
+    /// As [`open`](SafetensorsFile::open).
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        let path = path.into();
+        let (names, metadata) = {
+            let parsed = SafeTensors::deserialize(&bytes).map_err(|e| {
+                Error::bad_file(&path, format!("not a complete safetensors file ({e})"))
+            })?;
+            let mut names: Vec<String> = parsed.names().into_iter().map(str::to_string).collect();
+            names.sort();
+            for name in &names {
+                let view = parsed
+                    .tensor(name)
+                    .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+                candle_dtype(view.dtype()).ok_or_else(|| {
+                    Error::bad_file(
+                        &path,
+                        format!(
+                            "tensor `{name}` has dtype {:?}, which qcl does not read",
+                            view.dtype()
+                        ),
+                    )
+                })?;
+            }
+            let (_, header) = SafeTensors::read_metadata(&bytes)
+                .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+            let metadata: BTreeMap<String, String> = header
+                .metadata()
+                .clone()
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default();
+            (names, metadata)
+        };
+        Ok(SafetensorsFile {
+            path,
+            bytes,
+            names,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the file in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Names of the stored tensors, sorted.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether a tensor of this name is stored.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_ok()
+    }
+
+    /// The string metadata of the header (`__metadata__`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Dtype and shape of tensor `name`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] listing the names the file holds.
+    pub fn info(&self, name: &str) -> Result<TensorInfo> {
+        let parsed = self.parsed();
+        let view = self.view(&parsed, name)?;
+        Ok(TensorInfo {
+            dtype: candle_dtype(view.dtype()).expect("dtypes checked at open"),
+            shape: view.shape().to_vec(),
+        })
+    }
+
+    /// Loads tensor `name` on `device` without further checks.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`].
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let parsed = self.parsed();
+        let view = self.view(&parsed, name)?;
+        let dtype = candle_dtype(view.dtype()).expect("dtypes checked at open");
+        let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
+        Ok(tensor.to_device(device)?)
+    }
+
+    /// Loads tensor `name` and checks it against `spec`; errors name the file and the tensor.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`], [`Error::DTypeMismatch`], [`Error::ShapeMismatch`],
+    /// [`Error::NonFinite`].
+    pub fn read(&self, name: &str, spec: &TensorSpec, device: &Device) -> Result<Tensor> {
+        let tensor = self.tensor(name, &Device::Cpu)?;
+        spec.check(&format!("`{name}` of {}", self.path.display()), &tensor)?;
+        Ok(tensor.to_device(device)?)
+    }
+
+    fn parsed(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated at open")
+    }
+
+    fn view<'a>(
+        &self,
+        parsed: &'a SafeTensors<'a>,
+        name: &str,
+    ) -> Result<safetensors::tensor::TensorView<'a>> {
+        parsed.tensor(name).map_err(|_| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+            available: self.names.clone(),
+        })
+    }
+}
+
+fn candle_dtype(dtype: StDtype) -> Option<DType> {
+    Some(match dtype {
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I64 => DType::I64,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F32 => DType::F32,
+        StDtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_file(dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("s.safetensors");
+        let a = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu)?;
+        let b = Tensor::new(&[7u8, 8, 9], &Device::Cpu)?;
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        write_safetensors(&path, &[("a", &a), ("b", &b)], &meta)?;
+        Ok(path)
+    }
+
+    #[test]
+    fn round_trip_with_metadata_and_infos() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SafetensorsFile::open(sample_file(dir.path())?)?;
+        assert_eq!(file.names(), ["a", "b"]);
+        assert_eq!(file.metadata().get("k").map(String::as_str), Some("v"));
+        assert_eq!(
+            file.info("a")?,
+            TensorInfo {
+                dtype: DType::F32,
+                shape: vec![2, 3]
+            }
+        );
+        let a = file.read(
+            "a",
+            &TensorSpec::new()
+                .dtype(DType::F32)
+                .shape(&[Some(2), None])
+                .finite(),
+            &Device::Cpu,
+        )?;
+        assert_eq!(
+            a.to_vec2::<f32>()?,
+            vec![vec![1., 2., 3.], vec![4., 5., 6.]]
+        );
+        assert_eq!(
+            file.tensor("b", &Device::Cpu)?.to_vec1::<u8>()?,
+            vec![7, 8, 9]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn truncated_file_is_a_bad_file_at_every_cut() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = fs::read(sample_file(dir.path())?).unwrap();
+        for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+            let err = SafetensorsFile::from_bytes("cut", bytes[..cut].to_vec()).unwrap_err();
+            assert!(matches!(err, Error::BadFile { .. }), "cut {cut}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn foreign_file_is_a_bad_file() {
+        let err = SafetensorsFile::from_bytes("x.png", b"\x89PNG\r\n\x1a\n0000000000".to_vec())
+            .unwrap_err();
+        assert!(err.to_string().contains("x.png"), "{err}");
+    }
+
+    #[test]
+    fn missing_name_lists_what_is_there() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SafetensorsFile::open(sample_file(dir.path())?)?;
+        match file.tensor("c", &Device::Cpu) {
+            Err(Error::MissingTensor {
+                name, available, ..
+            }) => {
+                assert_eq!(name, "c");
+                assert_eq!(available, vec!["a".to_string(), "b".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nan_tensor_fails_a_finite_spec() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nan.safetensors");
+        let t = Tensor::new(&[0f32, f32::NAN], &Device::Cpu)?;
+        write_safetensors(&path, &[("t", &t)], &BTreeMap::new())?;
+        let file = SafetensorsFile::open(&path)?;
+        let err = file
+            .read("t", &TensorSpec::new().finite(), &Device::Cpu)
+            .unwrap_err();
+        assert!(matches!(err, Error::NonFinite { index: 1, .. }), "{err}");
+        // Without the finiteness requirement it loads.
+        file.tensor("t", &Device::Cpu)?;
+        Ok(())
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_and_nothing_is_written() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dup.safetensors");
+        let t = Tensor::new(&[1f32], &Device::Cpu)?;
+        assert!(write_safetensors(&path, &[("t", &t), ("t", &t)], &BTreeMap::new()).is_err());
+        assert!(!path.exists());
+        Ok(())
+    }
+
+    #[test]
+    fn failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keep.txt");
+        write_atomic(&path, b"old").unwrap();
+        let err = write_atomic_with(&path, |w| {
+            w.write_all(b"half")?;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("keep.txt"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}

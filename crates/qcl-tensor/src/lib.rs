@@ -1,0 +1,33 @@
+//! # qcl-tensor
+//!
+//! The shared layer of the qcl workspace on top of [candle](candle_core):
+//!
+//! - [`Error`] / [`Result`]: the one error type every qcl crate returns;
+//! - [`DeviceSpec`] / [`device`]: device choice from a string (`cpu`, `cuda:1`, `metal`);
+//! - [`Seed`] / [`SeededRng`]: seeded random streams with independent children;
+//! - [`SafetensorsFile`] / [`write_safetensors`] / [`write_atomic`]: validated reads and
+//!   atomic writes;
+//! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation.
+//!
+//! ```
+//! use qcl_tensor::{device, Seed, TensorSpec};
+//! let dev = device("cpu")?;
+//! let x = Seed::new(0).rng().uniform_tensor((4, 9), -1.0, 1.0, &dev)?;
+//! TensorSpec::new().shape(&[None, Some(9)]).finite().check("x", &x)?;
+//! # Ok::<(), qcl_tensor::Error>(())
+//! ```
+
+mod check;
+mod device;
+mod error;
+mod io;
+mod rng;
+
+pub use check::{check_finite, check_finite_slice, check_shape, format_shape_pattern, TensorSpec};
+pub use device::{device, DeviceSpec};
+pub use error::{Error, Result};
+pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
+pub use rng::{RngState, Seed, SeededRng};
+
+/// Re-export of candle-core, so that users need not align versions by hand.
+pub use candle_core;

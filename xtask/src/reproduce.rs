@@ -1,0 +1,202 @@
+//! `cargo xtask reproduce`: a registry of experiments, each writing `NAME.json` (figures),
+//! `NAME.md` (a table a person reads) and PNG plots into the output directory, and
+//! `REPORT.md` linking every experiment whose results are there.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::experiments;
+
+/// How much work an experiment does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Scaled down to minutes on 2 cores (the default).
+    Quick,
+    /// The full scaled-down protocol of the spec.
+    Full,
+}
+
+/// What an experiment gets to work with.
+pub struct Context {
+    /// Directory of the prepared data sets.
+    pub data_dir: PathBuf,
+    /// Directory the results go to.
+    pub out_dir: PathBuf,
+    /// Quick or full.
+    pub mode: Mode,
+}
+
+/// What an experiment produced.
+pub struct Outcome {
+    /// One line for REPORT.md.
+    pub summary: String,
+    /// Machine-readable figures, stored under `figures` in NAME.json.
+    pub figures: serde_json::Value,
+    /// Markdown body of NAME.md (tables), without the title.
+    pub markdown: String,
+    /// PNG files written into the output directory, with a caption each.
+    pub plots: Vec<(String, String)>,
+}
+
+/// A registered experiment.
+pub struct Experiment {
+    /// Name used on the command line and for the output files.
+    pub name: &'static str,
+    /// One sentence.
+    pub description: &'static str,
+    /// Whether it needs `cargo xtask data` to have run.
+    pub needs_data: bool,
+    /// The work.
+    pub run: fn(&Context, &ProgressBar) -> Result<Outcome>,
+}
+
+/// Every experiment, in report order.
+pub fn registry() -> Vec<Experiment> {
+    vec![experiments::datasets::EXPERIMENT]
+}
+
+/// The JSON file each experiment writes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultFile {
+    /// Experiment name.
+    pub experiment: String,
+    /// Its description.
+    pub description: String,
+    /// Quick or full.
+    pub mode: Mode,
+    /// Wall time of the run in seconds.
+    pub seconds: f64,
+    /// One-line summary.
+    pub summary: String,
+    /// PNG files with captions.
+    pub plots: Vec<(String, String)>,
+    /// The figures.
+    pub figures: serde_json::Value,
+}
+
+/// Runs the named experiments (all when `names` is empty) and rewrites REPORT.md.
+pub fn run(names: &[String], ctx: &Context) -> Result<()> {
+    let all = registry();
+    let chosen: Vec<&Experiment> = if names.is_empty() {
+        all.iter().collect()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                all.iter().find(|e| e.name == n).with_context(|| {
+                    let known: Vec<&str> = all.iter().map(|e| e.name).collect();
+                    format!("unknown experiment `{n}`; known: {}", known.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    std::fs::create_dir_all(&ctx.out_dir)
+        .with_context(|| format!("creating {}", ctx.out_dir.display()))?;
+    let bar = ProgressBar::new(chosen.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed}] {bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let mut failures = Vec::new();
+    for experiment in chosen {
+        bar.set_message(experiment.name.to_string());
+        let started = Instant::now();
+        match (experiment.run)(ctx, &bar) {
+            Ok(outcome) => {
+                let seconds = started.elapsed().as_secs_f64();
+                write_outputs(ctx, experiment, outcome, seconds)?;
+                bar.println(format!("{}: done in {seconds:.1} s", experiment.name));
+            }
+            Err(e) => {
+                bar.println(format!("{}: FAILED: {e:#}", experiment.name));
+                failures.push(experiment.name);
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    write_report(&ctx.out_dir)?;
+    println!("report: {}", ctx.out_dir.join("REPORT.md").display());
+    if !failures.is_empty() {
+        bail!("failed experiments: {}", failures.join(", "));
+    }
+    Ok(())
+}
+
+fn write_outputs(
+    ctx: &Context,
+    experiment: &Experiment,
+    outcome: Outcome,
+    seconds: f64,
+) -> Result<()> {
+    let file = ResultFile {
+        experiment: experiment.name.into(),
+        description: experiment.description.into(),
+        mode: ctx.mode,
+        seconds,
+        summary: outcome.summary,
+        plots: outcome.plots,
+        figures: outcome.figures,
+    };
+    let json = serde_json::to_vec_pretty(&file)?;
+    qcl_tensor::write_atomic(ctx.out_dir.join(format!("{}.json", experiment.name)), &json)?;
+    let mut md = format!(
+        "# {}\n\n{}\n\nMode `{}`, {:.1} s. Regenerate with `cargo xtask reproduce {}`.\n\n{}\n",
+        experiment.name,
+        experiment.description,
+        mode_name(ctx.mode),
+        seconds,
+        experiment.name,
+        outcome.markdown.trim_end()
+    );
+    for (png, caption) in &file.plots {
+        md.push_str(&format!("\n![{caption}]({png})\n\n*{caption}*\n"));
+    }
+    qcl_tensor::write_atomic(
+        ctx.out_dir.join(format!("{}.md", experiment.name)),
+        md.as_bytes(),
+    )?;
+    Ok(())
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Quick => "quick",
+        Mode::Full => "full",
+    }
+}
+
+/// Rewrites `REPORT.md` from the result files present in `out_dir`, in registry order.
+pub fn write_report(out_dir: &Path) -> Result<()> {
+    let mut md = String::from(
+        "# qcl results\n\nWritten by `cargo xtask reproduce`; each line links an experiment's tables and plots.\n\n\
+         | experiment | mode | time (s) | summary |\n|---|---|---|---|\n",
+    );
+    let mut missing = Vec::new();
+    for experiment in registry() {
+        let path = out_dir.join(format!("{}.json", experiment.name));
+        match std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ResultFile>(&b).ok())
+        {
+            Some(result) => md.push_str(&format!(
+                "| [{name}]({name}.md) | {} | {:.1} | {} |\n",
+                mode_name(result.mode),
+                result.seconds,
+                result.summary.replace('|', "\\|"),
+                name = experiment.name
+            )),
+            None => missing.push(experiment.name),
+        }
+    }
+    if !missing.is_empty() {
+        md.push_str(&format!("\nNot run yet: {}.\n", missing.join(", ")));
+    }
+    qcl_tensor::write_atomic(out_dir.join("REPORT.md"), md.as_bytes())?;
+    Ok(())
+}
