@@ -7,7 +7,8 @@
 //! - [`Seed`] / [`SeededRng`]: seeded random streams with independent children;
 //! - [`SafetensorsFile`] / [`write_safetensors`] / [`write_atomic`]: validated reads and
 //!   atomic writes;
-//! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation.
+//! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation;
+//! - [`nearest_codes`] / [`top_k_codes`]: the exact nearest-code kernel every quantizer uses.
 //!
 //! ```
 //! use qcl_tensor::{device, Seed, TensorSpec};
@@ -21,12 +22,16 @@ mod check;
 mod device;
 mod error;
 mod io;
+mod nearest;
 mod rng;
 
 pub use check::{check_finite, check_finite_slice, check_shape, format_shape_pattern, TensorSpec};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
+pub use nearest::{
+    nearest_codes, nearest_codes_into, squared_distance, top_k_codes, Nearest, DIRECT_MAX_DIM,
+};
 pub use rng::{RngState, Seed, SeededRng};
 
 /// Re-export of candle-core, so that users need not align versions by hand.

@@ -1,0 +1,806 @@
+//! The nearest-code kernel every quantizer of qcl uses.
+//!
+//! For points `x [n, d]` and codes `c [k, d]` (row-major `f32` slices) it returns, for each
+//! point, the index `j` minimising
+//!
+//! ```text
+//! D(x, j) = Σ_{i=0}^{d-1} (x_i − c_{j,i})²  +  bias_j
+//! ```
+//!
+//! and that value, with **ties going to the lowest index**. The sum is defined as accumulated in
+//! `f32` in order `i = 0, 1, …` without fused multiply-add ([`squared_distance`]), and the
+//! result equals that brute-force definition *exactly*, whatever the thread count:
+//!
+//! - for small `d` a direct kernel computes `D` for 16 codes at a time in SIMD lanes, each lane
+//!   performing the same operations in the same order as the scalar definition;
+//! - for larger `d` a GEMM (`−2·x·cᵀ + ‖c‖² + bias`) screens the codes, and every code within
+//!   a proven rounding margin of the best is re-scored exactly.
+//!
+//! Points are processed in fixed tiles in parallel (rayon); no `n × k` matrix is materialised.
+
+use rayon::prelude::*;
+
+use crate::{check_finite_slice, Error, Result};
+
+/// Dimensions up to which the direct kernel is used; above it, GEMM screening.
+pub const DIRECT_MAX_DIM: usize = 32;
+
+/// SIMD width of the direct kernel (codes per block).
+const LANES: usize = 16;
+/// Points per block of the direct kernel.
+const POINT_BLOCK: usize = 8;
+/// Points per parallel work item (fixed, so that work division never depends on threads).
+const PARALLEL_CHUNK: usize = 512;
+
+/// Indices and values of the nearest codes (or of the `top_k` nearest, row-major `[n, top_k]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nearest {
+    /// Code indices.
+    pub indices: Vec<u32>,
+    /// `D(x, j)` of each returned index.
+    pub distances: Vec<f32>,
+}
+
+/// The reference squared distance: `Σ (a_i − b_i)²` in `f32`, in index order, no FMA.
+///
+/// ```
+/// assert_eq!(qcl_tensor::squared_distance(&[1.0, 2.0], &[4.0, 6.0]), 25.0);
+/// ```
+#[inline]
+pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (x, c) in a.iter().zip(b) {
+        let diff = x - c;
+        acc += diff * diff;
+    }
+    acc
+}
+
+/// Checks shapes and finiteness; returns `(n, k)`.
+fn validate(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    bias: Option<&[f32]>,
+) -> Result<(usize, usize)> {
+    if dim == 0 {
+        return Err(Error::invalid_parameter(
+            "dim",
+            "points and codes need at least one dimension",
+        ));
+    }
+    if points.len() % dim != 0 {
+        return Err(Error::ShapeMismatch {
+            context: "points".into(),
+            expected: format!("[*, {dim}]"),
+            actual: vec![points.len()],
+        });
+    }
+    if codes.len() % dim != 0 {
+        return Err(Error::ShapeMismatch {
+            context: "codes".into(),
+            expected: format!("[*, {dim}]"),
+            actual: vec![codes.len()],
+        });
+    }
+    let (n, k) = (points.len() / dim, codes.len() / dim);
+    if k == 0 {
+        return Err(Error::EmptyInput("no codes to search".into()));
+    }
+    if k > u32::MAX as usize {
+        return Err(Error::invalid_parameter("codes", "more than 2^32 codes"));
+    }
+    if let Some(b) = bias {
+        if b.len() != k {
+            return Err(Error::ShapeMismatch {
+                context: "bias".into(),
+                expected: format!("[{k}]"),
+                actual: vec![b.len()],
+            });
+        }
+        check_finite_slice("bias", b)?;
+    }
+    check_finite_slice("points", points)?;
+    check_finite_slice("codes", codes)?;
+    Ok((n, k))
+}
+
+/// Nearest code of every point (see the module documentation for the exact definition).
+///
+/// ```
+/// use qcl_tensor::nearest_codes;
+/// let points = [0.0, 0.0, 10.0, 10.0];
+/// let codes = [9.0, 9.0, 1.0, 0.0];
+/// let found = nearest_codes(&points, &codes, 2, None)?;
+/// assert_eq!(found.indices, vec![1, 0]);
+/// assert_eq!(found.distances, vec![1.0, 2.0]);
+/// // A bias (e.g. a code's rate) shifts the choice.
+/// let found = nearest_codes(&points, &codes, 2, Some(&[0.0, 500.0]))?;
+/// assert_eq!(found.indices, vec![0, 0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for `dim == 0`, [`Error::ShapeMismatch`] for slices that are not
+/// whole rows or a bias of the wrong length, [`Error::EmptyInput`] without codes,
+/// [`Error::NonFinite`] for a NaN or infinity anywhere.
+pub fn nearest_codes(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    bias: Option<&[f32]>,
+) -> Result<Nearest> {
+    let n = points.len() / dim.max(1);
+    let mut indices = vec![0u32; n];
+    let mut distances = vec![0f32; n];
+    nearest_codes_into(points, codes, dim, bias, &mut indices, &mut distances)?;
+    Ok(Nearest { indices, distances })
+}
+
+/// [`nearest_codes`] writing into caller-owned buffers (of length `n`), for loops that search
+/// many times.
+///
+/// # Errors
+/// As [`nearest_codes`], and [`Error::ShapeMismatch`] for output buffers of the wrong length.
+pub fn nearest_codes_into(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    bias: Option<&[f32]>,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) -> Result<()> {
+    let (n, k) = validate(points, codes, dim, bias)?;
+    for (name, len) in [("indices", indices.len()), ("distances", distances.len())] {
+        if len != n {
+            return Err(Error::ShapeMismatch {
+                context: name.into(),
+                expected: format!("[{n}]"),
+                actual: vec![len],
+            });
+        }
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    if dim <= DIRECT_MAX_DIM {
+        let prepared = DirectCodes::new(codes, dim, k, bias);
+        points
+            .par_chunks(PARALLEL_CHUNK * dim)
+            .zip(indices.par_chunks_mut(PARALLEL_CHUNK))
+            .zip(distances.par_chunks_mut(PARALLEL_CHUNK))
+            .for_each(|((pts, idx), dst)| direct_search(pts, &prepared, idx, dst));
+    } else {
+        let screen = GemmCodes::new(codes, dim, k, bias);
+        let tile = screen.tile_points();
+        points
+            .par_chunks(tile * dim)
+            .zip(indices.par_chunks_mut(tile))
+            .zip(distances.par_chunks_mut(tile))
+            .for_each_init(
+                || vec![0f32; tile * k],
+                |scratch, ((pts, idx), dst)| screen.search_tile(pts, scratch, idx, dst),
+            );
+    }
+    Ok(())
+}
+
+/// The `top_k` nearest codes of every point, sorted by distance (ties: lower index first),
+/// row-major `[n, top_k]`.
+///
+/// ```
+/// let points = [0.0];
+/// let codes = [3.0, -1.0, 1.0, 2.0];
+/// let found = qcl_tensor::top_k_codes(&points, &codes, 1, None, 3)?;
+/// assert_eq!(found.indices, vec![1, 2, 3]);
+/// assert_eq!(found.distances, vec![1.0, 1.0, 4.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`nearest_codes`], and [`Error::InvalidParameter`] unless `1 <= top_k <= k`.
+pub fn top_k_codes(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    bias: Option<&[f32]>,
+    top_k: usize,
+) -> Result<Nearest> {
+    let (n, k) = validate(points, codes, dim, bias)?;
+    if top_k == 0 || top_k > k {
+        return Err(Error::invalid_parameter(
+            "top_k",
+            format!("must be in 1..={k}, got {top_k}"),
+        ));
+    }
+    let mut indices = vec![0u32; n * top_k];
+    let mut distances = vec![0f32; n * top_k];
+    if n == 0 {
+        return Ok(Nearest { indices, distances });
+    }
+    let screen = GemmCodes::new(codes, dim, k, bias);
+    let tile = screen.tile_points();
+    points
+        .par_chunks(tile * dim)
+        .zip(indices.par_chunks_mut(tile * top_k))
+        .zip(distances.par_chunks_mut(tile * top_k))
+        .for_each_init(
+            || (vec![0f32; tile * k], Vec::new()),
+            |(scratch, candidates), ((pts, idx), dst)| {
+                screen.top_k_tile(pts, top_k, scratch, candidates, idx, dst)
+            },
+        );
+    Ok(Nearest { indices, distances })
+}
+
+/// Codes transposed to `[d][k_padded]` for the direct kernel; padding lanes get an infinite
+/// bias so they never win.
+struct DirectCodes {
+    dim: usize,
+    k: usize,
+    padded: usize,
+    transposed: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl DirectCodes {
+    fn new(codes: &[f32], dim: usize, k: usize, bias: Option<&[f32]>) -> Self {
+        let padded = k.div_ceil(LANES) * LANES;
+        let mut transposed = vec![0f32; dim * padded];
+        for j in 0..k {
+            for i in 0..dim {
+                transposed[i * padded + j] = codes[j * dim + i];
+            }
+        }
+        let mut b = vec![f32::INFINITY; padded];
+        for (j, slot) in b.iter_mut().take(k).enumerate() {
+            *slot = bias.map_or(0.0, |b| b[j]);
+        }
+        DirectCodes {
+            dim,
+            k,
+            padded,
+            transposed,
+            bias: b,
+        }
+    }
+}
+
+fn direct_search(points: &[f32], codes: &DirectCodes, indices: &mut [u32], distances: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { direct_search_avx512(points, codes, indices, distances) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { direct_search_avx2(points, codes, indices, distances) };
+        }
+    }
+    direct_search_body(points, codes, indices, distances)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn direct_search_avx512(
+    points: &[f32],
+    codes: &DirectCodes,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) {
+    let d = codes.dim;
+    let n = points.len() / d;
+    let full = n / POINT_BLOCK * POINT_BLOCK;
+    let mut p = 0;
+    while p < full {
+        // SAFETY: AVX-512F is enabled on this function; the block holds POINT_BLOCK points.
+        unsafe {
+            direct_block_avx512(
+                &points[p * d..(p + POINT_BLOCK) * d],
+                codes,
+                &mut indices[p..p + POINT_BLOCK],
+                &mut distances[p..p + POINT_BLOCK],
+            );
+        }
+        p += POINT_BLOCK;
+    }
+    if p < n {
+        direct_search_body(
+            &points[p * d..],
+            codes,
+            &mut indices[p..],
+            &mut distances[p..],
+        );
+    }
+}
+
+/// [`direct_block`] for `POINT_BLOCK` points with explicit AVX-512 intrinsics. `mul` and `add`
+/// stay separate instructions (intrinsics are never contracted into FMA), so every lane
+/// computes exactly what [`squared_distance`] computes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn direct_block_avx512(
+    points: &[f32],
+    codes: &DirectCodes,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const P: usize = POINT_BLOCK;
+    let d = codes.dim;
+    assert!(points.len() == P * d && indices.len() == P && distances.len() == P);
+    assert!(codes.transposed.len() == d * codes.padded && codes.bias.len() == codes.padded);
+    let mut best_value = [_mm512_set1_ps(f32::INFINITY); P];
+    let mut best_index = [_mm512_set1_epi32(-1); P];
+    let mut lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(LANES as i32);
+    let mut block = 0;
+    while block < codes.padded {
+        let mut acc = [_mm512_setzero_ps(); P];
+        for i in 0..d {
+            // SAFETY: i < d and block + 16 <= padded, checked by the asserts above.
+            let c =
+                unsafe { _mm512_loadu_ps(codes.transposed.as_ptr().add(i * codes.padded + block)) };
+            for (q, a) in acc.iter_mut().enumerate() {
+                // SAFETY: q·d + i < P·d = points.len().
+                let x = _mm512_set1_ps(unsafe { *points.get_unchecked(q * d + i) });
+                let diff = _mm512_sub_ps(x, c);
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(diff, diff));
+            }
+        }
+        // SAFETY: block + 16 <= padded = bias.len().
+        let b = unsafe { _mm512_loadu_ps(codes.bias.as_ptr().add(block)) };
+        for q in 0..P {
+            let value = _mm512_add_ps(acc[q], b);
+            let better = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(value, best_value[q]);
+            best_value[q] = _mm512_mask_blend_ps(better, best_value[q], value);
+            best_index[q] = _mm512_mask_blend_epi32(better, best_index[q], lane);
+        }
+        lane = _mm512_add_epi32(lane, step);
+        block += LANES;
+    }
+    for q in 0..P {
+        let value = _mm512_reduce_min_ps(best_value[q]);
+        let at_min = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(best_value[q], _mm512_set1_ps(value));
+        let index = _mm512_mask_reduce_min_epu32(at_min, best_index[q]);
+        if index == u32::MAX || index as usize >= codes.k {
+            // Every distance overflowed to +inf: the definition picks code 0.
+            indices[q] = 0;
+            distances[q] = f32::INFINITY;
+        } else {
+            indices[q] = index;
+            distances[q] = value;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn direct_search_avx2(
+    points: &[f32],
+    codes: &DirectCodes,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) {
+    direct_search_body(points, codes, indices, distances)
+}
+
+#[inline(always)]
+fn direct_search_body(
+    points: &[f32],
+    codes: &DirectCodes,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) {
+    let d = codes.dim;
+    let n = points.len() / d;
+    let full = n / POINT_BLOCK * POINT_BLOCK;
+    let mut p = 0;
+    while p < full {
+        direct_block::<POINT_BLOCK>(
+            &points[p * d..(p + POINT_BLOCK) * d],
+            codes,
+            &mut indices[p..p + POINT_BLOCK],
+            &mut distances[p..p + POINT_BLOCK],
+        );
+        p += POINT_BLOCK;
+    }
+    while p < n {
+        direct_block::<1>(
+            &points[p * d..(p + 1) * d],
+            codes,
+            &mut indices[p..p + 1],
+            &mut distances[p..p + 1],
+        );
+        p += 1;
+    }
+}
+
+/// `P` points against every code, 16 codes at a time; each lane keeps its own best (value,
+/// index), then the lanes are reduced with ties to the lowest index.
+#[inline(always)]
+fn direct_block<const P: usize>(
+    points: &[f32],
+    codes: &DirectCodes,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) {
+    let d = codes.dim;
+    let mut best_value = [[f32::INFINITY; LANES]; P];
+    let mut best_index = [[u32::MAX; LANES]; P];
+    // Index of the code in each lane, as u32 so that the selects stay 16-wide.
+    let mut lane_index: [u32; LANES] = std::array::from_fn(|l| l as u32);
+    let mut block = 0;
+    while block < codes.padded {
+        let mut acc = [[0f32; LANES]; P];
+        for i in 0..d {
+            let c: &[f32; LANES] = codes.transposed[i * codes.padded + block..][..LANES]
+                .try_into()
+                .expect("LANES values");
+            for q in 0..P {
+                let x = points[q * d + i];
+                for l in 0..LANES {
+                    let diff = x - c[l];
+                    acc[q][l] += diff * diff;
+                }
+            }
+        }
+        let b: &[f32; LANES] = codes.bias[block..][..LANES]
+            .try_into()
+            .expect("LANES values");
+        for q in 0..P {
+            let (values, idx) = (&mut best_value[q], &mut best_index[q]);
+            for l in 0..LANES {
+                let value = acc[q][l] + b[l];
+                let better = value < values[l];
+                values[l] = if better { value } else { values[l] };
+                idx[l] = if better { lane_index[l] } else { idx[l] };
+            }
+        }
+        for slot in lane_index.iter_mut() {
+            *slot += LANES as u32;
+        }
+        block += LANES;
+    }
+    for q in 0..P {
+        // Branch-free lane reduction: the smallest value, then the lowest index holding it.
+        let value = best_value[q].iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let mut index = u32::MAX;
+        for l in 0..LANES {
+            let candidate = if best_value[q][l] == value {
+                best_index[q][l]
+            } else {
+                u32::MAX
+            };
+            index = index.min(candidate);
+        }
+        let mut value = value;
+        if index == u32::MAX || index as usize >= codes.k {
+            // Every distance overflowed to +inf: the definition picks code 0.
+            index = 0;
+            value = f32::INFINITY;
+        }
+        indices[q] = index;
+        distances[q] = value;
+    }
+}
+
+/// Codes prepared for GEMM screening: `‖c_j‖² + bias_j`, and the bound terms of the margin.
+struct GemmCodes<'a> {
+    codes: &'a [f32],
+    bias: Option<&'a [f32]>,
+    dim: usize,
+    k: usize,
+    /// `‖c_j‖² + bias_j`.
+    offset: Vec<f32>,
+    /// `max_j ‖c_j‖`.
+    max_norm: f32,
+    /// `max_j |bias_j|`.
+    max_bias: f32,
+}
+
+impl<'a> GemmCodes<'a> {
+    fn new(codes: &'a [f32], dim: usize, k: usize, bias: Option<&'a [f32]>) -> Self {
+        let norms: Vec<f32> = codes
+            .chunks(dim)
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect();
+        let offset = (0..k)
+            .map(|j| norms[j] + bias.map_or(0.0, |b| b[j]))
+            .collect();
+        let max_norm = norms.iter().fold(0f32, |m, &v| m.max(v)).sqrt();
+        let max_bias = bias.map_or(0.0, |b| b.iter().fold(0f32, |m, v| m.max(v.abs())));
+        GemmCodes {
+            codes,
+            bias,
+            dim,
+            k,
+            offset,
+            max_norm,
+            max_bias,
+        }
+    }
+
+    /// Points per tile: the tile's `points × k` scores stay within about 1 MiB.
+    fn tile_points(&self) -> usize {
+        (262_144 / self.k).clamp(16, 512)
+    }
+
+    /// Exact `D(x, j)`.
+    fn exact(&self, x: &[f32], j: usize) -> f32 {
+        squared_distance(x, &self.codes[j * self.dim..(j + 1) * self.dim])
+            + self.bias.map_or(0.0, |b| b[j])
+    }
+
+    /// An upper bound on how far the screening score of any code can sit from its exact
+    /// distance, doubled twice for safety: rounding of the dot product (≤ d·u·‖x‖‖c‖), of the
+    /// norms, of the exact sum (≤ d·u·(‖x‖+‖c‖)²) and of the bias.
+    fn margin(&self, x_norm: f32) -> f32 {
+        let scale = (x_norm + self.max_norm).powi(2) + self.max_bias;
+        (4 * self.dim + 16) as f32 * f32::EPSILON * scale
+    }
+
+    /// Fills `scratch[p·k + j] = −2·x_p·c_j + ‖c_j‖² + bias_j` for the tile's points.
+    fn screen(&self, points: &[f32], scratch: &mut [f32]) {
+        let rows = points.len() / self.dim;
+        let (d, k) = (self.dim, self.k);
+        // SAFETY: dst is rows×k (row stride k), lhs rows×d (row stride d), rhs d×k read from the
+        // k×d codes with row stride 1 and column stride d; all within the slices' bounds.
+        unsafe {
+            gemm::gemm(
+                rows,
+                k,
+                d,
+                scratch.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                points.as_ptr(),
+                1,
+                d as isize,
+                self.codes.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                -2.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for row in scratch[..rows * k].chunks_mut(k) {
+            for (s, o) in row.iter_mut().zip(&self.offset) {
+                *s += o;
+            }
+        }
+    }
+
+    fn search_tile(
+        &self,
+        points: &[f32],
+        scratch: &mut [f32],
+        indices: &mut [u32],
+        distances: &mut [f32],
+    ) {
+        let (d, k) = (self.dim, self.k);
+        self.screen(points, scratch);
+        for (p, x) in points.chunks(d).enumerate() {
+            let row = &scratch[p * k..(p + 1) * k];
+            let best = row.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+            let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let limit = best + self.margin(x_norm);
+            let mut index = 0usize;
+            let mut value = f32::INFINITY;
+            let mut found = false;
+            for (j, &s) in row.iter().enumerate() {
+                // `!(s > limit)` also admits NaN scores (from overflow), re-scored exactly.
+                if !(s > limit) {
+                    let exact = self.exact(x, j);
+                    if !found || exact < value {
+                        index = j;
+                        value = exact;
+                        found = true;
+                    }
+                }
+            }
+            if !found || !value.is_finite() {
+                // Overflowing scores: fall back to the definition over every code.
+                (index, value) = (0, self.exact(x, 0));
+                for j in 1..k {
+                    let exact = self.exact(x, j);
+                    if exact < value {
+                        (index, value) = (j, exact);
+                    }
+                }
+            }
+            indices[p] = index as u32;
+            distances[p] = value;
+        }
+    }
+
+    fn top_k_tile(
+        &self,
+        points: &[f32],
+        top_k: usize,
+        scratch: &mut [f32],
+        candidates: &mut Vec<(f32, u32)>,
+        indices: &mut [u32],
+        distances: &mut [f32],
+    ) {
+        let (d, k) = (self.dim, self.k);
+        self.screen(points, scratch);
+        for (p, x) in points.chunks(d).enumerate() {
+            let row = &scratch[p * k..(p + 1) * k];
+            // The top_k-th smallest screening score, plus the margin, bounds the exact top_k.
+            candidates.clear();
+            candidates.extend(row.iter().enumerate().map(|(j, &s)| (s, j as u32)));
+            let kth = if candidates.iter().any(|(s, _)| !s.is_finite()) {
+                f32::INFINITY
+            } else {
+                candidates.select_nth_unstable_by(top_k - 1, |a, b| a.0.total_cmp(&b.0));
+                candidates[top_k - 1].0
+            };
+            let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let limit = kth + 2.0 * self.margin(x_norm);
+            candidates.clear();
+            for (j, &s) in row.iter().enumerate() {
+                if !(s > limit) {
+                    candidates.push((self.exact(x, j), j as u32));
+                }
+            }
+            candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for (t, &(v, j)) in candidates.iter().take(top_k).enumerate() {
+                indices[p * top_k + t] = j;
+                distances[p * top_k + t] = v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The definition, literally.
+    fn brute_force(points: &[f32], codes: &[f32], dim: usize, bias: Option<&[f32]>) -> Nearest {
+        let mut indices = Vec::new();
+        let mut distances = Vec::new();
+        for x in points.chunks(dim) {
+            let mut best = (0usize, f32::INFINITY);
+            for (j, c) in codes.chunks(dim).enumerate() {
+                let v = squared_distance(x, c) + bias.map_or(0.0, |b| b[j]);
+                if j == 0 || v < best.1 {
+                    best = (j, v);
+                }
+            }
+            indices.push(best.0 as u32);
+            distances.push(best.1);
+        }
+        Nearest { indices, distances }
+    }
+
+    /// Random data with many exact ties: values on a coarse grid, codes duplicated.
+    fn data(seed: u64, n: usize, k: usize, dim: usize, grid: bool) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = crate::Seed(seed).rng();
+        let mut draw = |len: usize| -> Vec<f32> {
+            rng.uniform_vec(len, -3.0, 3.0)
+                .into_iter()
+                .map(|v| if grid { v.round() } else { v })
+                .collect()
+        };
+        let points = draw(n * dim);
+        let mut codes = draw(k * dim);
+        if k >= 2 {
+            let (first, rest) = codes.split_at_mut(dim);
+            rest[..dim].copy_from_slice(first);
+        }
+        (points, codes)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn equals_brute_force_exactly(
+            seed in any::<u64>(), n in 0usize..40, k in 1usize..70,
+            dim in prop::sample::select(vec![1usize, 2, 3, 9, 16, 31, 32, 33, 64, 100]),
+            grid in any::<bool>(), with_bias in any::<bool>(),
+        ) {
+            let (points, codes) = data(seed, n, k, dim, grid);
+            let bias: Option<Vec<f32>> = with_bias.then(|| (0..k).map(|j| (j % 3) as f32).collect());
+            let got = nearest_codes(&points, &codes, dim, bias.as_deref()).unwrap();
+            let want = brute_force(&points, &codes, dim, bias.as_deref());
+            prop_assert_eq!(got.indices, want.indices);
+            prop_assert_eq!(got.distances, want.distances);
+        }
+
+        #[test]
+        fn top_k_is_the_sorted_prefix_of_brute_force(
+            seed in any::<u64>(), n in 1usize..10, k in 1usize..40,
+            dim in prop::sample::select(vec![1usize, 4, 9, 40]), grid in any::<bool>(),
+        ) {
+            let (points, codes) = data(seed, n, k, dim, grid);
+            let top = (k / 2).max(1);
+            let got = top_k_codes(&points, &codes, dim, None, top).unwrap();
+            for (p, x) in points.chunks(dim).enumerate() {
+                let mut all: Vec<(f32, u32)> = codes.chunks(dim).enumerate()
+                    .map(|(j, c)| (squared_distance(x, c), j as u32)).collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let want: Vec<u32> = all.iter().take(top).map(|a| a.1).collect();
+                prop_assert_eq!(&got.indices[p * top..(p + 1) * top], want.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn same_result_with_one_and_two_threads() {
+        let (points, codes) = data(5, 3000, 37, 50, false);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| nearest_codes(&points, &codes, 50, None).unwrap())
+        };
+        assert_eq!(run(1), run(2));
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        let ok = [0f32; 4];
+        assert!(matches!(
+            nearest_codes(&ok, &ok, 0, None),
+            Err(Error::InvalidParameter { .. })
+        ));
+        assert!(matches!(
+            nearest_codes(&ok, &ok, 3, None),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            nearest_codes(&ok, &[], 2, None),
+            Err(Error::EmptyInput(_))
+        ));
+        assert!(matches!(
+            nearest_codes(&ok, &ok, 2, Some(&[1.0])),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let nan = [0.0, f32::NAN];
+        assert!(matches!(
+            nearest_codes(&nan, &ok, 2, None),
+            Err(Error::NonFinite { index: 1, .. })
+        ));
+        assert!(matches!(
+            nearest_codes(&ok, &nan, 2, None),
+            Err(Error::NonFinite { .. })
+        ));
+        assert!(matches!(
+            nearest_codes(&ok, &ok, 2, Some(&[0.0, f32::INFINITY])),
+            Err(Error::NonFinite { .. })
+        ));
+        assert!(top_k_codes(&ok, &ok, 2, None, 3).is_err());
+        assert!(top_k_codes(&ok, &ok, 2, None, 0).is_err());
+        let mut short = [0u32; 1];
+        let mut dist = [0f32; 2];
+        assert!(nearest_codes_into(&ok, &ok, 2, None, &mut short, &mut dist).is_err());
+    }
+
+    #[test]
+    fn huge_values_that_overflow_follow_the_definition() {
+        let points = [3e38f32, -3e38, 1.0, 1.0];
+        let codes = [-3e38f32, 3e38, 0.0, 0.0, 1.0, 1.0];
+        for dim in [2usize] {
+            let got = nearest_codes(&points, &codes, dim, None).unwrap();
+            assert_eq!(got, brute_force(&points, &codes, dim, None));
+        }
+        // The same through the GEMM path.
+        let wide = |v: &[f32]| -> Vec<f32> {
+            v.chunks(2)
+                .flat_map(|r| r.iter().copied().cycle().take(40))
+                .collect()
+        };
+        let got = nearest_codes(&wide(&points), &wide(&codes), 40, None).unwrap();
+        assert_eq!(got, brute_force(&wide(&points), &wide(&codes), 40, None));
+    }
+}
