@@ -57,7 +57,10 @@ pub struct Experiment {
 
 /// Every experiment, in report order.
 pub fn registry() -> Vec<Experiment> {
-    vec![experiments::datasets::EXPERIMENT]
+    vec![
+        experiments::datasets::EXPERIMENT,
+        experiments::kmeans::EXPERIMENT,
+    ]
 }
 
 /// The JSON file each experiment writes.
@@ -256,6 +259,6 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
-        assert!(report.contains("Not run yet: datasets"), "{report}");
+        assert!(report.contains("Not run yet: datasets, kmeans"), "{report}");
     }
 }

@@ -32,6 +32,34 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// k-means on a tensor of a safetensors file (every point used, exactly ITERS Lloyd
+    /// iterations); `seconds` covers only the Lloyd iterations.
+    Kmeans(KmeansArgs),
+}
+
+#[derive(clap::Args)]
+struct KmeansArgs {
+    /// The safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// The tensor: `[n, ...]` of any numeric dtype, flattened to `[n, d]` in f32.
+    #[arg(long)]
+    tensor: String,
+    /// Number of centroids.
+    #[arg(long)]
+    k: usize,
+    /// Lloyd iterations.
+    #[arg(long, default_value_t = 25)]
+    iters: usize,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Initialisation: `random` or `kmeans++`.
+    #[arg(long, default_value = "random", value_parser = ["random", "kmeans++"])]
+    init: String,
+    /// Write the centroids here (safetensors).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +77,7 @@ fn main() -> ExitCode {
         Command::Data {
             command: DataCommand::Info { file },
         } => data_info(file),
+        Command::Kmeans(args) => kmeans(args),
     };
     match result {
         Ok(report) => {
@@ -77,6 +106,49 @@ fn main() -> ExitCode {
 struct Report {
     json: Value,
     text: String,
+}
+
+fn kmeans(args: &KmeansArgs) -> Result<Report> {
+    let file = SafetensorsFile::open(&args.input)?;
+    let tensor = file.tensor(&args.tensor, &Device::Cpu)?;
+    let n = tensor.dims().first().copied().unwrap_or(0);
+    let data: Vec<f32> = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let d = data.len().checked_div(n).unwrap_or(0);
+    let params = qcl_pq::KMeansParams {
+        max_iter: args.iters,
+        init: if args.init == "kmeans++" {
+            qcl_pq::KMeansInit::KMeansPlusPlus
+        } else {
+            qcl_pq::KMeansInit::Random
+        },
+        max_points_per_centroid: None,
+        seed: qcl_tensor::Seed::new(args.seed),
+        show_progress: true,
+        ..qcl_pq::KMeansParams::new(args.k)
+    };
+    let model = qcl_pq::KMeans::fit(&data, d, None, &params)?;
+    let mse = model.mse(&data)?;
+    if let Some(out) = &args.out {
+        model.save(out)?;
+    }
+    let iters = model.iterations;
+    let json = json!({
+        "n": n, "d": d, "k": args.k, "iters": iters,
+        "seconds": model.lloyd_seconds,
+        "seconds_per_iter": model.lloyd_seconds / iters.max(1) as f64,
+        "mse": mse,
+        "objective_history": model.objective_history,
+    });
+    let text = format!(
+        "k-means: n = {n}, d = {d}, k = {}, {iters} iterations in {:.3} s ({:.4} s/iter), mse {mse:.6}\n",
+        args.k,
+        model.lloyd_seconds,
+        model.lloyd_seconds / iters.max(1) as f64
+    );
+    Ok(Report { json, text })
 }
 
 fn dtype_name(dtype: DType) -> &'static str {

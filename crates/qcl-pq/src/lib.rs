@@ -1,10 +1,30 @@
 //! # qcl-pq
 //!
-//! k-means and product quantization on one nearest-code kernel.
+//! k-means and product quantization on the exact nearest-code kernel of
+//! [`qcl_tensor::nearest_codes`].
 //!
-//! **Status: planned** (issue #4). This crate holds no code yet; it exists so that the
-//! workspace layout and the dependency graph are visible from the start. It will provide:
+//! - [`KMeans`] with [`KMeansParams`] (every knob named, with faiss-like defaults): random or
+//!   greedy k-means++ initialisation, Lloyd iterations with optional early stop, sample weights,
+//!   empty-cluster repair, restarts, subsampling, the objective history, progress;
+//!   [`MiniBatchKMeans`] for data that arrives in batches. The same seed gives the same
+//!   centroids with any number of threads.
+//! - [`ProductQuantizer`] ([`ProductQuantizerParams`]): bit-packed [`PackedCodes`], decode, ADC search.
 //!
-//! `KMeans` (random and k-means++ init, Lloyd with early stop, sample weights, empty-cluster repair,
-//! restarts, subsampling, mini-batch) and `ProductQuantizer` (train, encode, decode, bit-packed codes,
-//! asymmetric-distance search).
+//! ```
+//! use qcl_pq::{KMeans, KMeansParams};
+//! use qcl_tensor::Seed;
+//! let data = Seed::new(0).rng().normal_vec(2_000 * 9, 0.0, 0.05);
+//! let model = KMeans::fit(&data, 9, None, &KMeansParams { max_iter: 10, ..KMeansParams::new(64) })?;
+//! assert_eq!(model.centroids.len(), 64 * 9);
+//! assert!(model.objective_history.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-6)));
+//! # Ok::<(), qcl_tensor::Error>(())
+//! ```
+
+mod kmeans;
+mod minibatch;
+mod packing;
+mod pq;
+
+pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT};
+pub use minibatch::MiniBatchKMeans;
+pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, PQ_FORMAT};

@@ -30,7 +30,8 @@ pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
 pub use nearest::{
-    nearest_codes, nearest_codes_into, squared_distance, top_k_codes, Nearest, DIRECT_MAX_DIM,
+    nearest_codes, nearest_codes_into, pairwise_squared_distances, squared_distance, top_k_codes,
+    Nearest, DIRECT_MAX_DIM,
 };
 pub use rng::{RngState, Seed, SeededRng};
 

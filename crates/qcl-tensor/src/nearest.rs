@@ -69,14 +69,14 @@ fn validate(
             "points and codes need at least one dimension",
         ));
     }
-    if points.len() % dim != 0 {
+    if !points.len().is_multiple_of(dim) {
         return Err(Error::ShapeMismatch {
             context: "points".into(),
             expected: format!("[*, {dim}]"),
             actual: vec![points.len()],
         });
     }
-    if codes.len() % dim != 0 {
+    if !codes.len().is_multiple_of(dim) {
         return Err(Error::ShapeMismatch {
             context: "codes".into(),
             expected: format!("[*, {dim}]"),
@@ -231,6 +231,44 @@ pub fn top_k_codes(
             },
         );
     Ok(Nearest { indices, distances })
+}
+
+/// All squared distances `‖x_p − c_j‖²`, row-major `[n, k]`, computed as
+/// `‖x‖² + ‖c‖² − 2·x·c` by GEMM in fixed tiles and clamped at zero.
+///
+/// Unlike [`nearest_codes`] this is exact only up to rounding, and it materialises `n × k`: it is
+/// meant for a few codes at a time (k-means++ candidates, diagnostics). It is deterministic
+/// whatever the thread count.
+///
+/// ```
+/// let d = qcl_tensor::pairwise_squared_distances(&[0.0, 0.0], &[3.0, 4.0, 0.0, 1.0], 2)?;
+/// assert_eq!(d, vec![25.0, 1.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`nearest_codes`].
+pub fn pairwise_squared_distances(points: &[f32], codes: &[f32], dim: usize) -> Result<Vec<f32>> {
+    let (n, k) = validate(points, codes, dim, None)?;
+    let mut out = vec![0f32; n * k];
+    if n == 0 {
+        return Ok(out);
+    }
+    let screen = GemmCodes::new(codes, dim, k, None);
+    let tile = screen.tile_points();
+    points
+        .par_chunks(tile * dim)
+        .zip(out.par_chunks_mut(tile * k))
+        .for_each(|(pts, dst)| {
+            screen.screen(pts, dst);
+            for (row, x) in dst.chunks_mut(k).zip(pts.chunks(dim)) {
+                let x_norm: f32 = x.iter().map(|v| v * v).sum();
+                for v in row.iter_mut() {
+                    *v = (*v + x_norm).max(0.0);
+                }
+            }
+        });
+    Ok(out)
 }
 
 /// Codes transposed to `[d][k_padded]` for the direct kernel; padding lanes get an infinite
@@ -545,6 +583,7 @@ impl<'a> GemmCodes<'a> {
     fn screen(&self, points: &[f32], scratch: &mut [f32]) {
         let rows = points.len() / self.dim;
         let (d, k) = (self.dim, self.k);
+        debug_assert!(scratch.len() >= rows * k);
         // SAFETY: dst is rows×k (row stride k), lhs rows×d (row stride d), rhs d×k read from the
         // k×d codes with row stride 1 and column stride d; all within the slices' bounds.
         unsafe {
@@ -595,8 +634,8 @@ impl<'a> GemmCodes<'a> {
             let mut value = f32::INFINITY;
             let mut found = false;
             for (j, &s) in row.iter().enumerate() {
-                // `!(s > limit)` also admits NaN scores (from overflow), re-scored exactly.
-                if !(s > limit) {
+                // NaN scores (from overflow) are re-scored exactly too.
+                if s <= limit || s.is_nan() {
                     let exact = self.exact(x, j);
                     if !found || exact < value {
                         index = j;
@@ -646,7 +685,7 @@ impl<'a> GemmCodes<'a> {
             let limit = kth + 2.0 * self.margin(x_norm);
             candidates.clear();
             for (j, &s) in row.iter().enumerate() {
-                if !(s > limit) {
+                if s <= limit || s.is_nan() {
                     candidates.push((self.exact(x, j), j as u32));
                 }
             }
@@ -790,10 +829,8 @@ mod tests {
     fn huge_values_that_overflow_follow_the_definition() {
         let points = [3e38f32, -3e38, 1.0, 1.0];
         let codes = [-3e38f32, 3e38, 0.0, 0.0, 1.0, 1.0];
-        for dim in [2usize] {
-            let got = nearest_codes(&points, &codes, dim, None).unwrap();
-            assert_eq!(got, brute_force(&points, &codes, dim, None));
-        }
+        let got = nearest_codes(&points, &codes, 2, None).unwrap();
+        assert_eq!(got, brute_force(&points, &codes, 2, None));
         // The same through the GEMM path.
         let wide = |v: &[f32]| -> Vec<f32> {
             v.chunks(2)

@@ -1,3 +1,4 @@
 //! The experiments `cargo xtask reproduce` knows; each module exports one `EXPERIMENT`.
 
 pub mod datasets;
+pub mod kmeans;

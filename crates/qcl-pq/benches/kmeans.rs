@@ -1,0 +1,98 @@
+//! `cargo bench -p qcl-pq`: one Lloyd iteration on the k-means issue's workloads, the
+//! nearest-code kernel alone, and PQ encode / search.
+//!
+//! The Fashion-MNIST workload needs `data/fashion-mnist.safetensors` (`cargo xtask data`) and
+//! is skipped without it.
+
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use qcl_pq::{KMeans, KMeansParams, ProductQuantizer, ProductQuantizerParams};
+use qcl_tensor::{nearest_codes, Seed};
+
+fn weight_blocks() -> (Vec<f32>, usize) {
+    (Seed::new(9).rng().normal_vec(1_200_000 * 9, 0.0, 0.05), 9)
+}
+
+fn gaussian_mixture() -> (Vec<f32>, usize) {
+    let mut rng = Seed::new(64).rng();
+    let centres = rng.normal_vec(16 * 64, 0.0, 1.0);
+    let mut data = rng.normal_vec(200_000 * 64, 0.0, 0.3);
+    for (i, row) in data.chunks_mut(64).enumerate() {
+        let c = &centres[(i % 16) * 64..(i % 16 + 1) * 64];
+        row.iter_mut().zip(c).for_each(|(x, m)| *x += m);
+    }
+    (data, 64)
+}
+
+fn fashion_pixels() -> Option<(Vec<f32>, usize)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist.safetensors");
+    let split = qcl_data::SplitDataset::load(path).ok()?;
+    let pixels = split
+        .train
+        .pixels()
+        .iter()
+        .chain(split.test.pixels())
+        .map(|&p| f32::from(p))
+        .collect();
+    Some((pixels, 784))
+}
+
+fn lloyd(c: &mut Criterion) {
+    let mut workloads = vec![
+        ("weight-blocks", weight_blocks(), 256),
+        ("gaussian-mixture", gaussian_mixture(), 1024),
+    ];
+    if let Some(f) = fashion_pixels() {
+        workloads.push(("fashion-mnist-pixels", f, 256));
+    }
+    let mut group = c.benchmark_group("kmeans");
+    group.sample_size(10);
+    for (name, (data, d), k) in &workloads {
+        let params = KMeansParams {
+            max_iter: 1,
+            max_points_per_centroid: None,
+            ..KMeansParams::new(*k)
+        };
+        group.bench_function(format!("lloyd-iteration/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    let model = KMeans::fit(data, *d, None, &params).unwrap();
+                    total += std::time::Duration::from_secs_f64(model.lloyd_seconds);
+                }
+                total
+            })
+        });
+        let centroids: Vec<f32> = data[..k * d].to_vec();
+        group.bench_function(format!("nearest-codes/{name}"), |b| {
+            b.iter(|| nearest_codes(data, &centroids, *d, None).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn pq(c: &mut Criterion) {
+    let (data, d) = gaussian_mixture();
+    let train = &data[..50_000 * d];
+    let params = ProductQuantizerParams {
+        max_iter: 10,
+        ..ProductQuantizerParams::new(8, 8)
+    };
+    let quantizer = ProductQuantizer::train(train, d, &params).unwrap();
+    let database = &data[..100_000 * d];
+    let codes = quantizer.encode(database).unwrap();
+    let queries = &data[150_000 * d..150_100 * d];
+    let mut group = c.benchmark_group("pq");
+    group.sample_size(10);
+    group.bench_function("encode/100k×64,m8,nbits8", |b| {
+        b.iter(|| quantizer.encode(database).unwrap())
+    });
+    group.bench_function("search/100q×100k,top10", |b| {
+        b.iter(|| quantizer.search(queries, &codes, 10).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lloyd, pq);
+criterion_main!(benches);

@@ -1,0 +1,665 @@
+//! k-means (Lloyd) on the exact nearest-code kernel of qcl-tensor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use qcl_tensor::{
+    check_finite_slice, nearest_codes, nearest_codes_into, pairwise_squared_distances,
+    write_safetensors, Error, Nearest, Result, SafetensorsFile, Seed, SeededRng, TensorSpec,
+};
+use rayon::prelude::*;
+
+/// Value of the `format` metadata key of a saved k-means model.
+pub const KMEANS_FORMAT: &str = "qcl-kmeans/1";
+
+/// Relative perturbation used to split a cluster when repairing an empty one (faiss's value).
+const SPLIT_EPS: f32 = 1.0 / 1024.0;
+
+/// How the first centroids are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KMeansInit {
+    /// `k` distinct points drawn uniformly (faiss's default).
+    #[default]
+    Random,
+    /// Greedy k-means++: each new centroid is the best, by the resulting potential, of
+    /// `2 + ⌊ln k⌋` candidates drawn with probability proportional to (weighted) squared
+    /// distance to the centroids chosen so far.
+    KMeansPlusPlus,
+}
+
+/// Every knob of [`KMeans::fit`], each with a default (see [`KMeansParams::new`]).
+///
+/// ```
+/// use qcl_pq::{KMeansInit, KMeansParams};
+/// let params = KMeansParams { init: KMeansInit::KMeansPlusPlus, max_iter: 10, ..KMeansParams::new(16) };
+/// assert_eq!(params.n_init, 1);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct KMeansParams {
+    /// Number of centroids.
+    pub k: usize,
+    /// Lloyd iterations at most (default 25, as faiss).
+    pub max_iter: usize,
+    /// Initialisation (default [`KMeansInit::Random`]).
+    pub init: KMeansInit,
+    /// Restarts from different seeds; the run with the lowest final objective is kept
+    /// (default 1).
+    pub n_init: usize,
+    /// Stop when the objective's relative decrease between iterations falls below this
+    /// (default 0: always run `max_iter` iterations, as faiss).
+    pub tolerance: f64,
+    /// Train on at most `k · max_points_per_centroid` points, drawn at random (default
+    /// `Some(256)`, as faiss); `None` uses every point.
+    pub max_points_per_centroid: Option<usize>,
+    /// Seed of every random choice (default 1234).
+    pub seed: Seed,
+    /// Show a progress bar on standard error (default false).
+    pub show_progress: bool,
+}
+
+impl KMeansParams {
+    /// The defaults, with `k` centroids.
+    pub fn new(k: usize) -> Self {
+        KMeansParams {
+            k,
+            max_iter: 25,
+            init: KMeansInit::Random,
+            n_init: 1,
+            tolerance: 0.0,
+            max_points_per_centroid: Some(256),
+            seed: Seed::new(1234),
+            show_progress: false,
+        }
+    }
+
+    fn validate(&self, n: usize) -> Result<()> {
+        if self.k == 0 {
+            return Err(Error::invalid_parameter("k", "must be at least 1"));
+        }
+        if self.k > n {
+            return Err(Error::invalid_parameter(
+                "k",
+                format!("k = {} is larger than the number of points n = {n}", self.k),
+            ));
+        }
+        if self.n_init == 0 {
+            return Err(Error::invalid_parameter("n_init", "must be at least 1"));
+        }
+        if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
+            return Err(Error::invalid_parameter(
+                "tolerance",
+                "must be finite and >= 0",
+            ));
+        }
+        if self.max_points_per_centroid == Some(0) {
+            return Err(Error::invalid_parameter(
+                "max_points_per_centroid",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A trained k-means model: centroids and how the training went.
+///
+/// ```
+/// use qcl_pq::{KMeans, KMeansParams};
+/// // Two well separated groups in 2-D.
+/// let data = [0.0, 0.0, 0.1, 0.0, 0.0, 0.1, 5.0, 5.0, 5.1, 5.0, 5.0, 5.1];
+/// let model = KMeans::fit(&data, 2, None, &KMeansParams::new(2))?;
+/// let labels = model.assign(&data)?.indices;
+/// assert_eq!(labels[0], labels[2]);
+/// assert_ne!(labels[0], labels[3]);
+/// assert!(model.mse(&data)? < 0.01);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct KMeans {
+    /// Centroids, row-major `[k, dim]`.
+    pub centroids: Vec<f32>,
+    /// Dimension of the points.
+    pub dim: usize,
+    /// Number of centroids.
+    pub k: usize,
+    /// Objective (weighted mean squared distance to the assigned centroid) at each iteration's
+    /// assignment step, of the kept run.
+    pub objective_history: Vec<f64>,
+    /// Lloyd iterations run (of the kept run).
+    pub iterations: usize,
+    /// Wall time of the Lloyd iterations of all runs (not loading, sampling or initialisation).
+    pub lloyd_seconds: f64,
+    /// Empty clusters repaired by splitting (kept run).
+    pub empty_cluster_repairs: usize,
+}
+
+/// Checks data and weights; returns `n`.
+pub(crate) fn validate_data(data: &[f32], dim: usize, weights: Option<&[f32]>) -> Result<usize> {
+    if dim == 0 {
+        return Err(Error::invalid_parameter(
+            "dim",
+            "points need at least one dimension",
+        ));
+    }
+    if data.is_empty() {
+        return Err(Error::EmptyInput("no points".into()));
+    }
+    if !data.len().is_multiple_of(dim) {
+        return Err(Error::ShapeMismatch {
+            context: "points".into(),
+            expected: format!("[*, {dim}]"),
+            actual: vec![data.len()],
+        });
+    }
+    check_finite_slice("points", data)?;
+    let n = data.len() / dim;
+    if let Some(w) = weights {
+        if w.len() != n {
+            return Err(Error::ShapeMismatch {
+                context: "weights".into(),
+                expected: format!("[{n}]"),
+                actual: vec![w.len()],
+            });
+        }
+        check_finite_slice("weights", w)?;
+        if let Some(i) = w.iter().position(|&v| v < 0.0) {
+            return Err(Error::invalid_parameter(
+                "weights",
+                format!("weight {i} is negative"),
+            ));
+        }
+        if w.iter().all(|&v| v == 0.0) {
+            return Err(Error::invalid_parameter("weights", "all weights are zero"));
+        }
+    }
+    Ok(n)
+}
+
+impl KMeans {
+    /// Trains `params.k` centroids on `data` (row-major `[n, dim]`), optionally weighted.
+    ///
+    /// Each Lloyd iteration assigns every point to its nearest centroid (exact, ties to the
+    /// lowest index), records the objective, then moves each centroid to the weighted mean of
+    /// its points (summed in `f64`, in point order, so the result is the same with any number
+    /// of threads). A centroid left without points takes half of the heaviest cluster: a copy
+    /// of its centroid, the two perturbed by ±1/1024 in alternating directions.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for `k = 0`, `k > n`, `dim = 0`, bad weights or options;
+    /// [`Error::EmptyInput`] for no points; [`Error::ShapeMismatch`]; [`Error::NonFinite`].
+    pub fn fit(
+        data: &[f32],
+        dim: usize,
+        weights: Option<&[f32]>,
+        params: &KMeansParams,
+    ) -> Result<KMeans> {
+        let n = validate_data(data, dim, weights)?;
+        params.validate(n)?;
+        let mut best: Option<KMeans> = None;
+        let mut lloyd_seconds = 0.0;
+        for run in 0..params.n_init {
+            let seed = params.seed.child(run as u64);
+            let mut rng = seed.rng();
+            // Subsample (sorted, so that point order is kept).
+            let (sample, sample_weights) = match params.max_points_per_centroid {
+                Some(m) if n > params.k.saturating_mul(m) => {
+                    let mut chosen = rng.sample_indices(n, params.k * m)?;
+                    chosen.sort_unstable();
+                    let rows: Vec<f32> = chosen
+                        .iter()
+                        .flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied())
+                        .collect();
+                    let w = weights.map(|w| chosen.iter().map(|&i| w[i]).collect::<Vec<f32>>());
+                    (
+                        std::borrow::Cow::Owned(rows),
+                        w.map(std::borrow::Cow::Owned),
+                    )
+                }
+                _ => (
+                    std::borrow::Cow::Borrowed(data),
+                    weights.map(std::borrow::Cow::Borrowed),
+                ),
+            };
+            let sample_weights = sample_weights.as_deref();
+            let centroids = match params.init {
+                KMeansInit::Random => {
+                    let m = sample.len() / dim;
+                    let picked = rng.sample_indices(m, params.k)?;
+                    picked
+                        .iter()
+                        .flat_map(|&i| sample[i * dim..(i + 1) * dim].iter().copied())
+                        .collect()
+                }
+                KMeansInit::KMeansPlusPlus => {
+                    kmeans_plus_plus(&sample, dim, sample_weights, params.k, &mut rng)?
+                }
+            };
+            let started = Instant::now();
+            let model = lloyd(&sample, dim, sample_weights, centroids, params, run)?;
+            lloyd_seconds += started.elapsed().as_secs_f64();
+            let better = match &best {
+                None => true,
+                Some(b) => model.final_objective() < b.final_objective(),
+            };
+            if better {
+                best = Some(model);
+            }
+        }
+        let mut best = best.expect("n_init >= 1");
+        best.lloyd_seconds = lloyd_seconds;
+        Ok(best)
+    }
+
+    fn final_objective(&self) -> f64 {
+        self.objective_history
+            .last()
+            .copied()
+            .unwrap_or(f64::INFINITY)
+    }
+
+    /// Nearest centroid of each point of `data` (`[n, dim]`).
+    ///
+    /// # Errors
+    /// As [`qcl_tensor::nearest_codes`].
+    pub fn assign(&self, data: &[f32]) -> Result<Nearest> {
+        nearest_codes(data, &self.centroids, self.dim, None)
+    }
+
+    /// Mean over the points of `data` of the squared distance to the nearest centroid.
+    ///
+    /// # Errors
+    /// As [`assign`](KMeans::assign), and [`Error::EmptyInput`] for no points.
+    pub fn mse(&self, data: &[f32]) -> Result<f64> {
+        if data.is_empty() {
+            return Err(Error::EmptyInput("no points".into()));
+        }
+        let found = self.assign(data)?;
+        Ok(found.distances.iter().map(|&v| f64::from(v)).sum::<f64>()
+            / found.distances.len() as f64)
+    }
+
+    /// Writes the centroids (`centroids`, `f32 [k, dim]`) and the training record as metadata.
+    ///
+    /// # Errors
+    /// [`Error::Io`] on write failure.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let centroids = Tensor::from_vec(self.centroids.clone(), (self.k, self.dim), &Device::Cpu)?;
+        let metadata = BTreeMap::from([
+            ("format".to_string(), KMEANS_FORMAT.to_string()),
+            ("iterations".to_string(), self.iterations.to_string()),
+            ("lloyd_seconds".to_string(), self.lloyd_seconds.to_string()),
+            (
+                "empty_cluster_repairs".to_string(),
+                self.empty_cluster_repairs.to_string(),
+            ),
+            (
+                "objective_history".to_string(),
+                serde_json::to_string(&self.objective_history).expect("floats serialise"),
+            ),
+        ]);
+        write_safetensors(path, &[("centroids", &centroids)], &metadata)
+    }
+
+    /// Reads a model written by [`save`](KMeans::save).
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] for a foreign or truncated file, [`Error::MissingTensor`],
+    /// [`Error::ShapeMismatch`] / [`Error::DTypeMismatch`] / [`Error::NonFinite`] for bad
+    /// centroids.
+    pub fn load(path: impl AsRef<Path>) -> Result<KMeans> {
+        let file = SafetensorsFile::open(path.as_ref())?;
+        if file.metadata().get("format").map(String::as_str) != Some(KMEANS_FORMAT) {
+            return Err(Error::bad_file(
+                path.as_ref(),
+                format!("not a k-means model (no `format` = {KMEANS_FORMAT})"),
+            ));
+        }
+        let centroids = file.read(
+            "centroids",
+            &TensorSpec::new().dtype(DType::F32).rank(2).finite(),
+            &Device::Cpu,
+        )?;
+        let (k, dim) = centroids.dims2()?;
+        let meta = file.metadata();
+        let parse = |key: &str| {
+            meta.get(key)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok(KMeans {
+            centroids: centroids.flatten_all()?.to_vec1::<f32>()?,
+            dim,
+            k,
+            objective_history: meta
+                .get("objective_history")
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            iterations: parse("iterations") as usize,
+            lloyd_seconds: parse("lloyd_seconds"),
+            empty_cluster_repairs: parse("empty_cluster_repairs") as usize,
+        })
+    }
+}
+
+/// Lloyd iterations from `centroids`.
+fn lloyd(
+    data: &[f32],
+    dim: usize,
+    weights: Option<&[f32]>,
+    mut centroids: Vec<f32>,
+    params: &KMeansParams,
+    run: usize,
+) -> Result<KMeans> {
+    let n = data.len() / dim;
+    let k = params.k;
+    let total_weight: f64 = weights.map_or(n as f64, |w| w.iter().map(|&v| f64::from(v)).sum());
+    let mut indices = vec![0u32; n];
+    let mut distances = vec![0f32; n];
+    let mut history = Vec::with_capacity(params.max_iter);
+    let mut repairs = 0;
+    let bar = params.show_progress.then(|| {
+        let bar = ProgressBar::new(params.max_iter as u64);
+        bar.set_style(
+            ProgressStyle::with_template("k-means run {msg} [{elapsed}] {bar:30} {pos}/{len} it")
+                .expect("template"),
+        );
+        bar.set_message(format!("{}/{}", run + 1, params.n_init));
+        bar
+    });
+    let mut iterations = 0;
+    for _ in 0..params.max_iter {
+        nearest_codes_into(data, &centroids, dim, None, &mut indices, &mut distances)?;
+        let objective = match weights {
+            None => distances.iter().map(|&v| f64::from(v)).sum::<f64>() / total_weight,
+            Some(w) => {
+                distances
+                    .iter()
+                    .zip(w)
+                    .map(|(&v, &w)| f64::from(v) * f64::from(w))
+                    .sum::<f64>()
+                    / total_weight
+            }
+        };
+        iterations += 1;
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+        let converged = history
+            .last()
+            .is_some_and(|&prev: &f64| prev > 0.0 && (prev - objective) / prev < params.tolerance);
+        history.push(objective);
+        if converged || objective == 0.0 {
+            break;
+        }
+        let cluster_weights = update_centroids(data, dim, weights, &indices, k, &mut centroids);
+        repairs += repair_empty_clusters(&mut centroids, dim, cluster_weights);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(KMeans {
+        centroids,
+        dim,
+        k,
+        objective_history: history,
+        iterations,
+        lloyd_seconds: 0.0,
+        empty_cluster_repairs: repairs,
+    })
+}
+
+/// Moves each centroid to the weighted mean of its points; returns each cluster's weight.
+/// Empty clusters keep their old centroid (the repair replaces it).
+///
+/// Points are grouped by cluster with a counting sort, then each cluster is summed in point
+/// order, in parallel over clusters: the same result with any number of threads.
+pub(crate) fn update_centroids(
+    data: &[f32],
+    dim: usize,
+    weights: Option<&[f32]>,
+    assignment: &[u32],
+    k: usize,
+    centroids: &mut [f32],
+) -> Vec<f64> {
+    let mut start = vec![0usize; k + 1];
+    for &a in assignment {
+        start[a as usize + 1] += 1;
+    }
+    for c in 0..k {
+        start[c + 1] += start[c];
+    }
+    let mut fill = start.clone();
+    let mut members = vec![0usize; assignment.len()];
+    for (i, &a) in assignment.iter().enumerate() {
+        members[fill[a as usize]] = i;
+        fill[a as usize] += 1;
+    }
+    centroids
+        .par_chunks_mut(dim)
+        .enumerate()
+        .map(|(c, centroid)| {
+            let mut sum = vec![0f64; dim];
+            let mut weight = 0f64;
+            for &i in &members[start[c]..start[c + 1]] {
+                let w = weights.map_or(1.0, |w| f64::from(w[i]));
+                weight += w;
+                for (s, &x) in sum.iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
+                    *s += w * f64::from(x);
+                }
+            }
+            if weight > 0.0 {
+                for (c, s) in centroid.iter_mut().zip(&sum) {
+                    *c = (s / weight) as f32;
+                }
+            }
+            weight
+        })
+        .collect()
+}
+
+/// Gives every cluster of zero weight half of the currently heaviest cluster (ties: lowest
+/// index): a copy of its centroid, the pair pushed apart by a relative ±1/1024 in alternating
+/// directions per dimension (by 1/1024 of the centroid's RMS where a component is zero).
+/// Returns how many clusters were repaired.
+pub(crate) fn repair_empty_clusters(
+    centroids: &mut [f32],
+    dim: usize,
+    mut weights: Vec<f64>,
+) -> usize {
+    let mut repaired = 0;
+    for empty in 0..weights.len() {
+        if weights[empty] > 0.0 {
+            continue;
+        }
+        let (heaviest, &w) =
+            weights
+                .iter()
+                .enumerate()
+                .fold((0, &f64::NEG_INFINITY), |best, cur| {
+                    if *cur.1 > *best.1 {
+                        cur
+                    } else {
+                        best
+                    }
+                });
+        if w <= 0.0 {
+            break;
+        }
+        let source: Vec<f32> = centroids[heaviest * dim..(heaviest + 1) * dim].to_vec();
+        let rms = (source.iter().map(|v| v * v).sum::<f32>() / dim as f32).sqrt();
+        let fallback = if rms > 0.0 { rms } else { 1.0 };
+        for (l, &value) in source.iter().enumerate() {
+            let delta = if value != 0.0 {
+                value.abs() * SPLIT_EPS
+            } else {
+                fallback * SPLIT_EPS
+            };
+            let sign = if l % 2 == 0 { 1.0 } else { -1.0 };
+            centroids[empty * dim + l] = value + sign * delta;
+            centroids[heaviest * dim + l] = value - sign * delta;
+        }
+        weights[empty] = w / 2.0;
+        weights[heaviest] = w - w / 2.0;
+        repaired += 1;
+    }
+    repaired
+}
+
+/// Greedy k-means++ seeding: `k` rows of `data`, distinct whenever the points are.
+pub(crate) fn kmeans_plus_plus(
+    data: &[f32],
+    dim: usize,
+    weights: Option<&[f32]>,
+    k: usize,
+    rng: &mut SeededRng,
+) -> Result<Vec<f32>> {
+    let n = data.len() / dim;
+    let weight = |i: usize| weights.map_or(1.0, |w| f64::from(w[i]));
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    // First centre: drawn with probability proportional to weight.
+    let first = draw_proportional(&(0..n).map(weight).collect::<Vec<_>>(), rng)?;
+    let mut chosen = vec![first];
+    let mut min_dist: Vec<f32> = pairwise_squared_distances(data, row(first), dim)?;
+    min_dist[first] = 0.0;
+    let trials = 2 + (k as f64).ln().floor() as usize;
+    let mut masses = vec![0f64; n];
+    while chosen.len() < k {
+        for (i, m) in masses.iter_mut().enumerate() {
+            *m = weight(i) * f64::from(min_dist[i]);
+        }
+        let candidates: Vec<usize> = if masses.iter().all(|&m| m <= 0.0) {
+            // Every point coincides with a centre: take any point not chosen yet.
+            let rest: Vec<usize> = (0..n).filter(|i| !chosen.contains(i)).collect();
+            vec![rest[rng.below(rest.len())?]]
+        } else {
+            (0..trials)
+                .map(|_| draw_proportional(&masses, rng))
+                .collect::<Result<_>>()?
+        };
+        let rows: Vec<f32> = candidates
+            .iter()
+            .flat_map(|&c| row(c).iter().copied())
+            .collect();
+        let dists = pairwise_squared_distances(data, &rows, dim)?;
+        let m = candidates.len();
+        let mut best: Option<(f64, usize)> = None;
+        for t in 0..m {
+            let potential: f64 = (0..n)
+                .map(|i| weight(i) * f64::from(min_dist[i].min(dists[i * m + t])))
+                .sum();
+            if best.is_none_or(|(p, _)| potential < p) {
+                best = Some((potential, t));
+            }
+        }
+        let t = best.expect("at least one candidate").1;
+        for i in 0..n {
+            min_dist[i] = min_dist[i].min(dists[i * m + t]);
+        }
+        min_dist[candidates[t]] = 0.0;
+        chosen.push(candidates[t]);
+    }
+    Ok(chosen
+        .iter()
+        .flat_map(|&c| row(c).iter().copied())
+        .collect())
+}
+
+/// An index drawn with probability proportional to `masses` (zero masses are never drawn).
+fn draw_proportional(masses: &[f64], rng: &mut SeededRng) -> Result<usize> {
+    let total: f64 = masses.iter().sum();
+    if total.is_nan() || total <= 0.0 {
+        return Err(Error::invalid_parameter(
+            "weights",
+            "no positive mass to draw from",
+        ));
+    }
+    let target = f64::from(rng.uniform()) * total;
+    let mut acc = 0.0;
+    let mut last_positive = 0;
+    for (i, &m) in masses.iter().enumerate() {
+        if m > 0.0 {
+            acc += m;
+            last_positive = i;
+            if acc > target {
+                return Ok(i);
+            }
+        }
+    }
+    Ok(last_positive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn kmeans_plus_plus_never_picks_a_point_twice(seed in any::<u64>(), n in 1usize..60, dim in 1usize..5) {
+            // Distinct points: a grid walk with a random offset.
+            let mut rng = Seed(seed).rng();
+            let offset = rng.uniform_vec(dim, -1.0, 1.0);
+            let data: Vec<f32> = (0..n).flat_map(|i| (0..dim).map({ let o = offset.clone(); move |l| i as f32 * (l + 1) as f32 + o[l] })).collect();
+            let k = n.min(1 + (seed % 60) as usize);
+            let centroids = kmeans_plus_plus(&data, dim, None, k, &mut rng).unwrap();
+            let mut rows: Vec<Vec<u32>> = centroids.chunks(dim).map(|r| r.iter().map(|v| v.to_bits()).collect()).collect();
+            rows.sort();
+            rows.dedup();
+            prop_assert_eq!(rows.len(), k);
+        }
+
+        #[test]
+        fn repair_leaves_no_empty_cluster(seed in any::<u64>(), k in 1usize..20, dim in 1usize..6, empties in any::<u32>()) {
+            let mut rng = Seed(seed).rng();
+            let mut centroids = rng.uniform_vec(k * dim, -2.0, 2.0);
+            let mut weights: Vec<f64> = (0..k).map(|c| if empties >> (c % 32) & 1 == 1 { 0.0 } else { 1.0 + c as f64 }).collect();
+            if weights.iter().all(|&w| w == 0.0) { weights[0] = 3.0; }
+            let before = weights.iter().filter(|&&w| w == 0.0).count();
+            let repaired = repair_empty_clusters(&mut centroids, dim, weights.clone());
+            prop_assert_eq!(repaired, before);
+            // Recompute the weights the repair hands out: every cluster ends with a share.
+            let mut w = weights;
+            for e in 0..k {
+                if w[e] == 0.0 {
+                    let h = (0..k).fold(0, |b, c| if w[c] > w[b] { c } else { b });
+                    let half = w[h] / 2.0;
+                    w[e] = half;
+                    w[h] -= half;
+                }
+            }
+            prop_assert!(w.iter().all(|&x| x > 0.0));
+            prop_assert!(centroids.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn split_clusters_get_distinct_centroids_even_at_zero() {
+        let mut centroids = vec![0.0, 0.0, 5.0, 5.0];
+        let repaired = repair_empty_clusters(&mut centroids, 2, vec![0.0, 10.0]);
+        assert_eq!(repaired, 1);
+        assert_ne!(&centroids[0..2], &centroids[2..4]);
+        let mut zeros = vec![0.0; 4];
+        repair_empty_clusters(&mut zeros, 2, vec![4.0, 0.0]);
+        assert_ne!(&zeros[0..2], &zeros[2..4]);
+    }
+
+    #[test]
+    fn update_is_the_weighted_mean() {
+        let data = [0.0, 2.0, 10.0, 4.0];
+        let mut centroids = vec![9.0, 9.0];
+        let w = update_centroids(
+            &data,
+            1,
+            Some(&[1.0, 3.0, 1.0, 1.0]),
+            &[0, 0, 1, 1],
+            2,
+            &mut centroids,
+        );
+        assert_eq!(w, vec![4.0, 2.0]);
+        assert_eq!(centroids, vec![1.5, 7.0]);
+    }
+}

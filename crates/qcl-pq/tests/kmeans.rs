@@ -1,0 +1,238 @@
+//! k-means: invariants from the spec, determinism, bad input.
+
+use proptest::prelude::*;
+use qcl_pq::{KMeans, KMeansInit, KMeansParams, MiniBatchKMeans};
+use qcl_tensor::{Error, Seed};
+
+/// `centres` Gaussian blobs in `dim` dimensions, `per` points each.
+fn blobs(seed: u64, centres: usize, per: usize, dim: usize, spread: f32) -> Vec<f32> {
+    let mut rng = Seed(seed).rng();
+    let means = rng.uniform_vec(centres * dim, -10.0, 10.0);
+    let mut data = Vec::with_capacity(centres * per * dim);
+    for _ in 0..per {
+        for c in 0..centres {
+            let noise = rng.normal_vec(dim, 0.0, spread);
+            data.extend(
+                means[c * dim..(c + 1) * dim]
+                    .iter()
+                    .zip(noise)
+                    .map(|(m, e)| m + e),
+            );
+        }
+    }
+    data
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn objective_never_increases_and_indices_are_below_k(
+        seed in any::<u64>(), k in 1usize..24, dim in 1usize..12, plus_plus in any::<bool>(),
+    ) {
+        let data = blobs(seed, 5, 40, dim, 1.0);
+        let params = KMeansParams {
+            max_iter: 12,
+            seed: Seed(seed),
+            init: if plus_plus { KMeansInit::KMeansPlusPlus } else { KMeansInit::Random },
+            ..KMeansParams::new(k)
+        };
+        let model = KMeans::fit(&data, dim, None, &params).unwrap();
+        for w in model.objective_history.windows(2) {
+            prop_assert!(w[1] <= w[0] * (1.0 + 1e-6) + 1e-12, "{:?}", model.objective_history);
+        }
+        let found = model.assign(&data).unwrap();
+        prop_assert!(found.indices.iter().all(|&i| (i as usize) < k));
+        prop_assert_eq!(model.centroids.len(), k * dim);
+    }
+}
+
+#[test]
+fn same_seed_same_centroids_with_one_and_two_threads() {
+    let data = blobs(3, 8, 500, 9, 0.5);
+    let fit = |threads: usize, init| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let params = KMeansParams {
+                    max_iter: 8,
+                    init,
+                    n_init: 2,
+                    ..KMeansParams::new(32)
+                };
+                KMeans::fit(&data, 9, None, &params).unwrap()
+            })
+    };
+    for init in [KMeansInit::Random, KMeansInit::KMeansPlusPlus] {
+        let (a, b) = (fit(1, init), fit(2, init));
+        assert_eq!(a.centroids, b.centroids);
+        assert_eq!(a.objective_history, b.objective_history);
+    }
+}
+
+#[test]
+fn finds_well_separated_blobs() {
+    let data = blobs(11, 4, 200, 3, 0.1);
+    let params = KMeansParams {
+        init: KMeansInit::KMeansPlusPlus,
+        max_iter: 20,
+        ..KMeansParams::new(4)
+    };
+    let model = KMeans::fit(&data, 3, None, &params).unwrap();
+    // Within-blob variance is 3 · 0.1² = 0.03 per point.
+    let mse = model.mse(&data).unwrap();
+    assert!(mse < 0.04, "mse {mse}");
+}
+
+#[test]
+fn a_weight_of_two_counts_as_a_duplicate() {
+    let data = [0.0, 1.0, 4.0];
+    let params = KMeansParams::new(1);
+    let weighted = KMeans::fit(&data, 1, Some(&[1.0, 1.0, 2.0]), &params).unwrap();
+    let duplicated = KMeans::fit(&[0.0, 1.0, 4.0, 4.0], 1, None, &params).unwrap();
+    assert_eq!(weighted.centroids, duplicated.centroids);
+    assert_eq!(weighted.centroids, vec![2.25]);
+}
+
+#[test]
+fn tolerance_stops_early_and_restarts_keep_the_best() {
+    let data = blobs(5, 3, 100, 2, 0.2);
+    let params = KMeansParams {
+        tolerance: 1e-3,
+        max_iter: 100,
+        ..KMeansParams::new(3)
+    };
+    let early = KMeans::fit(&data, 2, None, &params).unwrap();
+    assert!(early.iterations < 100, "{}", early.iterations);
+    let one = KMeans::fit(
+        &data,
+        2,
+        None,
+        &KMeansParams {
+            max_iter: 10,
+            ..KMeansParams::new(6)
+        },
+    )
+    .unwrap();
+    let params = KMeansParams {
+        max_iter: 10,
+        n_init: 4,
+        ..KMeansParams::new(6)
+    };
+    let best_of_4 = KMeans::fit(&data, 2, None, &params).unwrap();
+    assert!(best_of_4.objective_history.last() <= one.objective_history.last());
+}
+
+#[test]
+fn subsampling_is_deterministic() {
+    let data = blobs(9, 4, 500, 2, 0.3);
+    let params = KMeansParams {
+        max_points_per_centroid: Some(10),
+        max_iter: 5,
+        ..KMeansParams::new(4)
+    };
+    let a = KMeans::fit(&data, 2, None, &params).unwrap();
+    let b = KMeans::fit(&data, 2, None, &params).unwrap();
+    assert_eq!(a.centroids, b.centroids);
+    assert_eq!(a.objective_history, b.objective_history);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let data = [0.0f32, 1.0, 2.0, 3.0];
+    let fit = |data: &[f32], dim, weights: Option<&[f32]>, k| {
+        KMeans::fit(data, dim, weights, &KMeansParams::new(k))
+    };
+    assert!(matches!(
+        fit(&data, 1, None, 0),
+        Err(Error::InvalidParameter { .. })
+    ));
+    let err = fit(&data, 1, None, 5).unwrap_err();
+    assert!(
+        err.to_string().contains("k = 5") && err.to_string().contains("n = 4"),
+        "{err}"
+    );
+    assert!(matches!(fit(&[], 1, None, 1), Err(Error::EmptyInput(_))));
+    assert!(matches!(
+        fit(&data, 0, None, 1),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(matches!(
+        fit(&data, 3, None, 1),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        fit(&[0.0, f32::NAN], 1, None, 1),
+        Err(Error::NonFinite { index: 1, .. })
+    ));
+    assert!(matches!(
+        fit(&data, 1, Some(&[1.0]), 1),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        fit(&data, 1, Some(&[1.0, -1.0, 1.0, 1.0]), 1),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(matches!(
+        fit(&data, 1, Some(&[0.0; 4]), 1),
+        Err(Error::InvalidParameter { .. })
+    ));
+    let params = KMeansParams {
+        n_init: 0,
+        ..KMeansParams::new(1)
+    };
+    assert!(KMeans::fit(&data, 1, None, &params).is_err());
+}
+
+#[test]
+fn save_and_load_round_trip_and_refuse_foreign_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = blobs(1, 3, 50, 4, 0.5);
+    let model = KMeans::fit(
+        &data,
+        4,
+        None,
+        &KMeansParams {
+            max_iter: 5,
+            ..KMeansParams::new(3)
+        },
+    )
+    .unwrap();
+    let path = dir.path().join("km.safetensors");
+    model.save(&path).unwrap();
+    let back = KMeans::load(&path).unwrap();
+    assert_eq!(back.centroids, model.centroids);
+    assert_eq!(back.objective_history, model.objective_history);
+    assert_eq!(
+        (back.k, back.dim, back.iterations),
+        (3, 4, model.iterations)
+    );
+    std::fs::write(&path, b"nope").unwrap();
+    assert!(matches!(KMeans::load(&path), Err(Error::BadFile { .. })));
+}
+
+#[test]
+fn mini_batch_converges_to_the_blobs() {
+    let data = blobs(21, 3, 400, 2, 0.1);
+    let mut model = MiniBatchKMeans::from_first_batch(&data[..60 * 2], 2, 3, Seed(4)).unwrap();
+    for batch in data.chunks(100 * 2) {
+        model.partial_fit(batch, None).unwrap();
+    }
+    let params = KMeansParams {
+        init: KMeansInit::KMeansPlusPlus,
+        ..KMeansParams::new(3)
+    };
+    let full = KMeans::fit(&data, 2, None, &params).unwrap();
+    let mse_full = full.mse(&data).unwrap();
+    let mini = KMeans {
+        centroids: model.centroids().to_vec(),
+        ..full
+    };
+    let mse_mini = mini.mse(&data).unwrap();
+    assert!(
+        mse_mini < mse_full * 1.5 + 0.05,
+        "mini {mse_mini} vs full {mse_full}"
+    );
+    assert!(MiniBatchKMeans::from_first_batch(&data[..4], 2, 3, Seed(0)).is_err());
+}
