@@ -3,7 +3,9 @@
 //! Convention: every command takes `--json` and then prints exactly one JSON object on stdout,
 //! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
 
-use std::path::PathBuf;
+mod pq;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use candle_core::{DType, Device};
@@ -35,6 +37,12 @@ enum Command {
     /// k-means on a tensor of a safetensors file (every point used, exactly ITERS Lloyd
     /// iterations); `seconds` covers only the Lloyd iterations.
     Kmeans(KmeansArgs),
+    /// Product quantization: train a quantizer, encode vectors to compact codes, decode them,
+    /// search them by asymmetric distance.
+    Pq {
+        #[command(subcommand)]
+        command: pq::PqCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -72,12 +80,28 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    qcl_tensor::tune_allocator_for_numeric_loops();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors follow the `--json` convention too; help and version print as usual.
+            let wants_json = std::env::args().any(|a| a == "--json");
+            if wants_json && e.use_stderr() {
+                println!(
+                    "{}",
+                    json!({"error": {"kind": "usage", "message": e.render().to_string().trim()}})
+                );
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
     let result = match &cli.command {
         Command::Data {
             command: DataCommand::Info { file },
         } => data_info(file),
         Command::Kmeans(args) => kmeans(args),
+        Command::Pq { command } => pq::run(command),
     };
     match result {
         Ok(report) => {
@@ -108,15 +132,32 @@ struct Report {
     text: String,
 }
 
-fn kmeans(args: &KmeansArgs) -> Result<Report> {
-    let file = SafetensorsFile::open(&args.input)?;
-    let tensor = file.tensor(&args.tensor, &Device::Cpu)?;
-    let n = tensor.dims().first().copied().unwrap_or(0);
+/// Tensor `name` of the safetensors file `path`, `[n, ...]` of any numeric dtype, as `n` rows
+/// of `d` (the product of the other dimensions; 1 for a vector) f32 values, row-major.
+///
+/// # Errors
+/// [`Error::Io`] / [`Error::BadFile`] for the file, [`Error::MissingTensor`],
+/// [`Error::ShapeMismatch`] for a scalar.
+fn read_rows(path: &Path, name: &str) -> Result<(usize, usize, Vec<f32>)> {
+    let file = SafetensorsFile::open(path)?;
+    let tensor = file.tensor(name, &Device::Cpu)?;
+    let Some((&n, rest)) = tensor.dims().split_first() else {
+        return Err(Error::ShapeMismatch {
+            context: format!("`{name}` of {}", path.display()),
+            expected: "[n, ...]".into(),
+            actual: vec![],
+        });
+    };
+    let d = rest.iter().product();
     let data: Vec<f32> = tensor
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let d = data.len().checked_div(n).unwrap_or(0);
+    Ok((n, d, data))
+}
+
+fn kmeans(args: &KmeansArgs) -> Result<Report> {
+    let (n, d, data) = read_rows(&args.input, &args.tensor)?;
     let params = qcl_pq::KMeansParams {
         max_iter: args.iters,
         init: if args.init == "kmeans++" {

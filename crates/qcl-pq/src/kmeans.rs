@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use qcl_tensor::{
-    check_finite_slice, nearest_codes, nearest_codes_into, pairwise_squared_distances,
+    check_finite_slice, nearest_codes, nearest_codes_into_finite, pairwise_squared_distances,
     write_safetensors, Error, Nearest, Result, SafetensorsFile, Seed, SeededRng, TensorSpec,
 };
 use rayon::prelude::*;
@@ -360,6 +360,9 @@ fn lloyd(
     let mut distances = vec![0f32; n];
     let mut history = Vec::with_capacity(params.max_iter);
     let mut repairs = 0;
+    // The M-step's per-chunk sums, allocated once: fresh multi-megabyte buffers at every
+    // iteration cost more in page faults than the sums themselves.
+    let mut partials = Vec::new();
     let bar = params.show_progress.then(|| {
         let bar = ProgressBar::new(params.max_iter as u64);
         bar.set_style(
@@ -371,7 +374,8 @@ fn lloyd(
     });
     let mut iterations = 0;
     for _ in 0..params.max_iter {
-        nearest_codes_into(data, &centroids, dim, None, &mut indices, &mut distances)?;
+        // The data was checked once by `fit`.
+        nearest_codes_into_finite(data, &centroids, dim, None, &mut indices, &mut distances)?;
         let objective = match weights {
             None => distances.iter().map(|&v| f64::from(v)).sum::<f64>() / total_weight,
             Some(w) => {
@@ -394,7 +398,15 @@ fn lloyd(
         if converged || objective == 0.0 {
             break;
         }
-        let cluster_weights = update_centroids(data, dim, weights, &indices, k, &mut centroids);
+        let cluster_weights = update_centroids(
+            data,
+            dim,
+            weights,
+            &indices,
+            k,
+            &mut centroids,
+            &mut partials,
+        );
         repairs += repair_empty_clusters(&mut centroids, dim, cluster_weights);
     }
     if let Some(bar) = bar {
@@ -414,8 +426,9 @@ fn lloyd(
 /// Moves each centroid to the weighted mean of its points; returns each cluster's weight.
 /// Empty clusters keep their old centroid (the repair replaces it).
 ///
-/// Points are grouped by cluster with a counting sort, then each cluster is summed in point
-/// order, in parallel over clusters: the same result with any number of threads.
+/// The points are cut into a number of chunks that depends only on `n`, `k` and `dim` (never
+/// on the thread count); each chunk sums its points per cluster in `f64`, in point order, and
+/// the chunks' sums are added in chunk order: the same result with any number of threads.
 pub(crate) fn update_centroids(
     data: &[f32],
     dim: usize,
@@ -423,35 +436,48 @@ pub(crate) fn update_centroids(
     assignment: &[u32],
     k: usize,
     centroids: &mut [f32],
+    partials: &mut Vec<Vec<f64>>,
 ) -> Vec<f64> {
-    let mut start = vec![0usize; k + 1];
-    for &a in assignment {
-        start[a as usize + 1] += 1;
-    }
-    for c in 0..k {
-        start[c + 1] += start[c];
-    }
-    let mut fill = start.clone();
-    let mut members = vec![0usize; assignment.len()];
-    for (i, &a) in assignment.iter().enumerate() {
-        members[fill[a as usize]] = i;
-        fill[a as usize] += 1;
-    }
-    centroids
-        .par_chunks_mut(dim)
+    const PARTIAL_BUDGET_BYTES: usize = 32 << 20;
+    let n = assignment.len();
+    let width = dim + 1; // the sums, then the weight
+    let chunks = (PARTIAL_BUDGET_BYTES / (8 * k * width))
+        .clamp(1, 64)
+        .min(n.max(1));
+    let chunk_len = n.div_ceil(chunks).max(1);
+    partials.resize_with(chunks, Vec::new);
+    partials.truncate(chunks);
+    assignment
+        .par_chunks(chunk_len)
+        .zip(partials.par_iter_mut())
         .enumerate()
-        .map(|(c, centroid)| {
-            let mut sum = vec![0f64; dim];
-            let mut weight = 0f64;
-            for &i in &members[start[c]..start[c + 1]] {
+        .for_each(|(c, (labels, acc))| {
+            acc.clear();
+            acc.resize(k * width, 0.0);
+            let first = c * chunk_len;
+            for (offset, &a) in labels.iter().enumerate() {
+                let i = first + offset;
                 let w = weights.map_or(1.0, |w| f64::from(w[i]));
-                weight += w;
-                for (s, &x) in sum.iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
+                let slot = &mut acc[a as usize * width..(a as usize + 1) * width];
+                for (s, &x) in slot[..dim].iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
                     *s += w * f64::from(x);
                 }
+                slot[dim] += w;
             }
+        });
+    let mut total = vec![0f64; k * width];
+    for partial in partials.iter() {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t += p;
+        }
+    }
+    centroids
+        .chunks_mut(dim)
+        .zip(total.chunks(width))
+        .map(|(centroid, sums)| {
+            let weight = sums[dim];
             if weight > 0.0 {
-                for (c, s) in centroid.iter_mut().zip(&sum) {
+                for (c, s) in centroid.iter_mut().zip(&sums[..dim]) {
                     *c = (s / weight) as f32;
                 }
             }
@@ -658,6 +684,7 @@ mod tests {
             &[0, 0, 1, 1],
             2,
             &mut centroids,
+            &mut Vec::new(),
         );
         assert_eq!(w, vec![4.0, 2.0]);
         assert_eq!(centroids, vec![1.5, 7.0]);

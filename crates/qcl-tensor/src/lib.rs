@@ -18,6 +18,7 @@
 //! # Ok::<(), qcl_tensor::Error>(())
 //! ```
 
+mod alloc;
 mod check;
 mod device;
 mod error;
@@ -25,13 +26,14 @@ mod io;
 mod nearest;
 mod rng;
 
+pub use alloc::tune_allocator_for_numeric_loops;
 pub use check::{check_finite, check_finite_slice, check_shape, format_shape_pattern, TensorSpec};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
 pub use nearest::{
-    nearest_codes, nearest_codes_into, pairwise_squared_distances, squared_distance, top_k_codes,
-    Nearest, DIRECT_MAX_DIM,
+    nearest_codes, nearest_codes_into, nearest_codes_into_finite, pairwise_squared_distances,
+    squared_distance, top_k_codes, Nearest, DIRECT_MAX_DIM,
 };
 pub use rng::{RngState, Seed, SeededRng};
 

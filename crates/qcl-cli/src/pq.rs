@@ -1,0 +1,289 @@
+//! `qcl pq train|encode|decode|search`: product quantization of a tensor of a safetensors file.
+//!
+//! Codes live in their own safetensors file: tensor `codes` (`u8 [n, code_size]`, the bytes of
+//! [`PackedCodes`]) with metadata `format` = [`CODES_FORMAT`], `n`, `m`, `nbits` and `dim`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clap::Subcommand;
+use qcl_pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams};
+use qcl_tensor::{squared_distance, write_safetensors, Error, Result, SafetensorsFile, TensorSpec};
+use serde_json::json;
+
+use crate::{read_rows, Report};
+
+/// Value of the `format` metadata key of a codes file.
+pub const CODES_FORMAT: &str = "qcl-pq-codes/1";
+
+#[derive(Subcommand)]
+pub enum PqCommand {
+    /// Train a product quantizer on a tensor `[n, ...]` (flattened to `[n, d]` in f32) and
+    /// report the mean squared reconstruction error per vector.
+    Train(TrainArgs),
+    /// Encode a tensor with a trained quantizer into a codes file.
+    Encode(EncodeArgs),
+    /// Decode a codes file into `x`, f32 `[n, d]`.
+    Decode(DecodeArgs),
+    /// The nearest encoded vectors of each query, by asymmetric distance.
+    Search(SearchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The safetensors file holding the training vectors.
+    #[arg(long)]
+    input: PathBuf,
+    /// The tensor: `[n, ...]` of any numeric dtype, flattened to `[n, d]` in f32.
+    #[arg(long)]
+    tensor: String,
+    /// Number of sub-spaces; must divide d.
+    #[arg(long)]
+    m: usize,
+    /// Bits per code, in 1..=16 (2^nbits centroids per sub-space).
+    #[arg(long)]
+    nbits: u32,
+    /// Lloyd iterations per sub-space.
+    #[arg(long, default_value_t = 25)]
+    iters: usize,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Write the quantizer here (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct EncodeArgs {
+    /// The quantizer written by `qcl pq train`.
+    #[arg(long)]
+    pq: PathBuf,
+    /// The safetensors file holding the vectors.
+    #[arg(long)]
+    input: PathBuf,
+    /// The tensor: `[n, ...]` flattening to `[n, d]` with the quantizer's d.
+    #[arg(long)]
+    tensor: String,
+    /// Write the codes here (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// The quantizer written by `qcl pq train`.
+    #[arg(long)]
+    pq: PathBuf,
+    /// The codes written by `qcl pq encode` with this quantizer.
+    #[arg(long)]
+    codes: PathBuf,
+    /// Write the reconstruction here: tensor `x`, f32 `[n, d]`.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// The quantizer written by `qcl pq train`.
+    #[arg(long)]
+    pq: PathBuf,
+    /// The codes written by `qcl pq encode` with this quantizer (the database).
+    #[arg(long)]
+    codes: PathBuf,
+    /// The safetensors file holding the queries.
+    #[arg(long)]
+    queries: PathBuf,
+    /// The queries' tensor: `[nq, ...]` flattening to `[nq, d]` with the quantizer's d.
+    #[arg(long)]
+    tensor: String,
+    /// Number of neighbours per query, in 1..=n.
+    #[arg(long)]
+    top_k: usize,
+}
+
+pub fn run(command: &PqCommand) -> Result<Report> {
+    match command {
+        PqCommand::Train(args) => train(args),
+        PqCommand::Encode(args) => encode(args),
+        PqCommand::Decode(args) => decode(args),
+        PqCommand::Search(args) => search(args),
+    }
+}
+
+fn train(args: &TrainArgs) -> Result<Report> {
+    let (n, d, data) = read_rows(&args.input, &args.tensor)?;
+    let params = ProductQuantizerParams {
+        max_iter: args.iters,
+        seed: qcl_tensor::Seed::new(args.seed),
+        ..ProductQuantizerParams::new(args.m, args.nbits)
+    };
+    let start = Instant::now();
+    let pq = ProductQuantizer::train(&data, d, &params)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let decoded = pq.decode(&pq.encode(&data)?)?;
+    let total: f64 = data
+        .chunks_exact(d)
+        .zip(decoded.chunks_exact(d))
+        .map(|(x, y)| f64::from(squared_distance(x, y)))
+        .sum();
+    let mse = total / n as f64;
+    pq.save(&args.out)?;
+    let out = args.out.display().to_string();
+    let json = json!({
+        "n": n, "d": d, "m": args.m, "nbits": args.nbits,
+        "seconds": seconds, "mse": mse, "out": out,
+    });
+    let text = format!(
+        "pq train: n = {n}, d = {d}, m = {}, nbits = {} ({} bytes per vector) in {seconds:.3} s, mse {mse:.6}\nwrote {out}\n",
+        args.m,
+        args.nbits,
+        pq.code_size()
+    );
+    Ok(Report { json, text })
+}
+
+fn encode(args: &EncodeArgs) -> Result<Report> {
+    let pq = ProductQuantizer::load(&args.pq)?;
+    let (n, _, data) = read_dim(&args.input, &args.tensor, &pq)?;
+    let start = Instant::now();
+    let codes = pq.encode(&data)?;
+    let seconds = start.elapsed().as_secs_f64();
+    save_codes(&args.out, &codes, pq.dim())?;
+    let (code_size, bytes) = (codes.code_size(), codes.bytes().len());
+    let out = args.out.display().to_string();
+    let json = json!({
+        "n": n, "code_size": code_size, "bytes": bytes, "seconds": seconds, "out": out,
+    });
+    let ratio = (data.len() * 4) as f64 / bytes.max(1) as f64;
+    let text = format!(
+        "pq encode: n = {n}, {code_size} bytes per vector, {bytes} bytes ({ratio:.1}x smaller than f32) in {seconds:.3} s\nwrote {out}\n"
+    );
+    Ok(Report { json, text })
+}
+
+fn decode(args: &DecodeArgs) -> Result<Report> {
+    let pq = ProductQuantizer::load(&args.pq)?;
+    let codes = load_codes(&args.codes, &pq, &args.pq)?;
+    let decoded = pq.decode(&codes)?;
+    let (n, d) = (codes.n(), pq.dim());
+    let x = Tensor::from_vec(decoded, (n, d), &Device::Cpu)?;
+    write_safetensors(&args.out, &[("x", &x)], &BTreeMap::new())?;
+    let out = args.out.display().to_string();
+    let json = json!({"n": n, "d": d, "out": out});
+    let text = format!("pq decode: n = {n}, d = {d}\nwrote {out}\n");
+    Ok(Report { json, text })
+}
+
+fn search(args: &SearchArgs) -> Result<Report> {
+    let pq = ProductQuantizer::load(&args.pq)?;
+    let codes = load_codes(&args.codes, &pq, &args.pq)?;
+    let (nq, _, queries) = read_dim(&args.queries, &args.tensor, &pq)?;
+    let start = Instant::now();
+    let found = pq.search(&queries, &codes, args.top_k)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let k = args.top_k;
+    let indices: Vec<&[u32]> = found.indices.chunks_exact(k).collect();
+    let distances: Vec<&[f32]> = found.distances.chunks_exact(k).collect();
+    let json = json!({
+        "nq": nq, "top_k": k, "seconds": seconds,
+        "indices": indices, "distances": distances,
+    });
+    let text = format!(
+        "pq search: {nq} queries, top {k} of {} codes in {seconds:.3} s\nquery 0: indices {:?}, distances {:?}\n",
+        codes.n(),
+        indices.first().copied().unwrap_or_default(),
+        distances.first().copied().unwrap_or_default()
+    );
+    Ok(Report { json, text })
+}
+
+/// Reads `[n, ...]` rows as [`read_rows`] does and checks they have the quantizer's dimension.
+fn read_dim(path: &Path, tensor: &str, pq: &ProductQuantizer) -> Result<(usize, usize, Vec<f32>)> {
+    let (n, d, data) = read_rows(path, tensor)?;
+    if d != pq.dim() {
+        return Err(Error::ShapeMismatch {
+            context: format!("`{tensor}` of {} (flattened per row)", path.display()),
+            expected: format!("[*, {}] (the quantizer's dimension)", pq.dim()),
+            actual: vec![n, d],
+        });
+    }
+    Ok((n, d, data))
+}
+
+/// Writes `codes` as a codes file (see the module documentation).
+fn save_codes(path: &Path, codes: &PackedCodes, dim: usize) -> Result<()> {
+    let tensor = Tensor::from_vec(
+        codes.bytes().to_vec(),
+        (codes.n(), codes.code_size()),
+        &Device::Cpu,
+    )?;
+    let metadata = BTreeMap::from([
+        ("format".to_string(), CODES_FORMAT.to_string()),
+        ("n".to_string(), codes.n().to_string()),
+        ("m".to_string(), codes.m().to_string()),
+        ("nbits".to_string(), codes.nbits().to_string()),
+        ("dim".to_string(), dim.to_string()),
+    ]);
+    write_safetensors(path, &[("codes", &tensor)], &metadata)
+}
+
+/// Reads a codes file and checks it was made for `pq` (read from `pq_path`).
+///
+/// # Errors
+/// [`Error::BadFile`] for a file that is not a codes file or has inconsistent metadata;
+/// [`Error::InvalidParameter`] if its `m`, `nbits` or `dim` differ from the quantizer's;
+/// [`Error::DTypeMismatch`] / [`Error::ShapeMismatch`] for a `codes` tensor other than
+/// `u8 [n, code_size]`.
+fn load_codes(path: &Path, pq: &ProductQuantizer, pq_path: &Path) -> Result<PackedCodes> {
+    let file = SafetensorsFile::open(path)?;
+    if file.metadata().get("format").map(String::as_str) != Some(CODES_FORMAT) {
+        return Err(Error::bad_file(
+            path,
+            format!("not a product-quantization codes file (no `format` = {CODES_FORMAT})"),
+        ));
+    }
+    let n: usize = metadata_number(&file, "n")?;
+    let m: usize = metadata_number(&file, "m")?;
+    let nbits: u32 = metadata_number(&file, "nbits")?;
+    // `dim` is informative: older or hand-made files may lack it.
+    let dim: Option<usize> = file.metadata().get("dim").and_then(|v| v.parse().ok());
+    if m != pq.m() || nbits != pq.nbits() || dim.is_some_and(|dim| dim != pq.dim()) {
+        return Err(Error::invalid_parameter(
+            "codes",
+            format!(
+                "{} holds codes of m = {m}, nbits = {nbits}{}, but the quantizer {} has m = {}, nbits = {}, dim = {}; encode with that quantizer",
+                path.display(),
+                dim.map_or(String::new(), |dim| format!(", dim = {dim}")),
+                pq_path.display(),
+                pq.m(),
+                pq.nbits(),
+                pq.dim()
+            ),
+        ));
+    }
+    let spec = TensorSpec::new()
+        .dtype(DType::U8)
+        .shape(&[Some(n), Some(pq.code_size())]);
+    let bytes = file
+        .read("codes", &spec, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    PackedCodes::from_bytes(bytes, n, m, nbits)
+}
+
+/// Metadata value `key` of `file`, parsed; [`Error::BadFile`] if missing or malformed.
+fn metadata_number<T: FromStr>(file: &SafetensorsFile, key: &str) -> Result<T> {
+    file.metadata()
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Error::bad_file(
+                file.path(),
+                format!("metadata `{key}` is missing or not a number"),
+            )
+        })
+}
