@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -240,15 +239,10 @@ fn save_codes(path: &Path, codes: &PackedCodes, dim: usize) -> Result<()> {
 /// `u8 [n, code_size]`.
 fn load_codes(path: &Path, pq: &ProductQuantizer, pq_path: &Path) -> Result<PackedCodes> {
     let file = SafetensorsFile::open(path)?;
-    if file.metadata().get("format").map(String::as_str) != Some(CODES_FORMAT) {
-        return Err(Error::bad_file(
-            path,
-            format!("not a product-quantization codes file (no `format` = {CODES_FORMAT})"),
-        ));
-    }
-    let n: usize = metadata_number(&file, "n")?;
-    let m: usize = metadata_number(&file, "m")?;
-    let nbits: u32 = metadata_number(&file, "nbits")?;
+    file.require_format(CODES_FORMAT, "a product-quantization codes file")?;
+    let n: usize = file.metadata_value("n")?;
+    let m: usize = file.metadata_value("m")?;
+    let nbits: u32 = file.metadata_value("nbits")?;
     // `dim` is informative: older or hand-made files may lack it.
     let dim: Option<usize> = file.metadata().get("dim").and_then(|v| v.parse().ok());
     if m != pq.m() || nbits != pq.nbits() || dim.is_some_and(|dim| dim != pq.dim()) {
@@ -273,17 +267,4 @@ fn load_codes(path: &Path, pq: &ProductQuantizer, pq_path: &Path) -> Result<Pack
         .flatten_all()?
         .to_vec1::<u8>()?;
     PackedCodes::from_bytes(bytes, n, m, nbits)
-}
-
-/// Metadata value `key` of `file`, parsed; [`Error::BadFile`] if missing or malformed.
-fn metadata_number<T: FromStr>(file: &SafetensorsFile, key: &str) -> Result<T> {
-    file.metadata()
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            Error::bad_file(
-                file.path(),
-                format!("metadata `{key}` is missing or not a number"),
-            )
-        })
 }

@@ -503,21 +503,10 @@ impl SplitDataset {
     /// As [`load`](SplitDataset::load).
     pub fn from_file(file: &SafetensorsFile) -> Result<Self> {
         let meta = file.metadata();
-        match meta.get("format") {
-            Some(f) if f == DATASET_FORMAT => {}
-            Some(f) => {
-                return Err(Error::bad_file(
-                    file.path(),
-                    format!("data set format `{f}` is not the supported `{DATASET_FORMAT}`"),
-                ))
-            }
-            None => {
-                return Err(Error::bad_file(
-                    file.path(),
-                    "not a qcl data set (no `format` metadata); write it with `cargo xtask data`",
-                ))
-            }
-        }
+        file.require_format(
+            DATASET_FORMAT,
+            "a qcl data set (write one with `cargo xtask data`)",
+        )?;
         let name = meta.get("name").cloned().unwrap_or_default();
         let class_names: Vec<String> = meta
             .get("class_names")

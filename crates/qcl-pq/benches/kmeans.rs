@@ -7,23 +7,9 @@
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use qcl_pq::workloads::{gaussian_mixture, weight_blocks};
 use qcl_pq::{KMeans, KMeansParams, ProductQuantizer, ProductQuantizerParams};
-use qcl_tensor::{nearest_codes, Seed};
-
-fn weight_blocks() -> (Vec<f32>, usize) {
-    (Seed::new(9).rng().normal_vec(1_200_000 * 9, 0.0, 0.05), 9)
-}
-
-fn gaussian_mixture() -> (Vec<f32>, usize) {
-    let mut rng = Seed::new(64).rng();
-    let centres = rng.normal_vec(16 * 64, 0.0, 1.0);
-    let mut data = rng.normal_vec(200_000 * 64, 0.0, 0.3);
-    for (i, row) in data.chunks_mut(64).enumerate() {
-        let c = &centres[(i % 16) * 64..(i % 16 + 1) * 64];
-        row.iter_mut().zip(c).for_each(|(x, m)| *x += m);
-    }
-    (data, 64)
-}
+use qcl_tensor::nearest_codes;
 
 fn fashion_pixels() -> Option<(Vec<f32>, usize)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist.safetensors");

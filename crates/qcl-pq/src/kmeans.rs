@@ -311,12 +311,7 @@ impl KMeans {
     /// centroids.
     pub fn load(path: impl AsRef<Path>) -> Result<KMeans> {
         let file = SafetensorsFile::open(path.as_ref())?;
-        if file.metadata().get("format").map(String::as_str) != Some(KMEANS_FORMAT) {
-            return Err(Error::bad_file(
-                path.as_ref(),
-                format!("not a k-means model (no `format` = {KMEANS_FORMAT})"),
-            ));
-        }
+        file.require_format(KMEANS_FORMAT, "a k-means model")?;
         let centroids = file.read(
             "centroids",
             &TensorSpec::new().dtype(DType::F32).rank(2).finite(),

@@ -24,6 +24,7 @@ mod kmeans;
 mod minibatch;
 mod packing;
 mod pq;
+pub mod workloads;
 
 pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT};
 pub use minibatch::MiniBatchKMeans;

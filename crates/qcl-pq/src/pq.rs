@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 use qcl_tensor::{
@@ -367,15 +366,10 @@ impl ProductQuantizer {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = SafetensorsFile::open(path)?;
-        if file.metadata().get("format").map(String::as_str) != Some(PQ_FORMAT) {
-            return Err(Error::bad_file(
-                path,
-                format!("not a product quantizer (no `format` = {PQ_FORMAT})"),
-            ));
-        }
-        let dim: usize = metadata_number(&file, "dim")?;
-        let m: usize = metadata_number(&file, "m")?;
-        let nbits: u32 = metadata_number(&file, "nbits")?;
+        file.require_format(PQ_FORMAT, "a product quantizer")?;
+        let dim: usize = file.metadata_value("dim")?;
+        let m: usize = file.metadata_value("m")?;
+        let nbits: u32 = file.metadata_value("nbits")?;
         let (dsub, ksub) = geometry(dim, m, nbits)
             .map_err(|e| Error::bad_file(path, format!("inconsistent metadata: {e}")))?;
         let spec = TensorSpec::new()
@@ -464,17 +458,4 @@ fn subspace(data: &[f32], dim: usize, j: usize, dsub: usize) -> Vec<f32> {
         .flat_map(|row| &row[j * dsub..(j + 1) * dsub])
         .copied()
         .collect()
-}
-
-/// Metadata value `key` of `file`, parsed.
-fn metadata_number<T: FromStr>(file: &SafetensorsFile, key: &str) -> Result<T> {
-    file.metadata()
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            Error::bad_file(
-                file.path(),
-                format!("metadata `{key}` is missing or not a number"),
-            )
-        })
 }

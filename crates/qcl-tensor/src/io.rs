@@ -227,6 +227,41 @@ impl SafetensorsFile {
         &self.metadata
     }
 
+    /// Checks that the `format` metadata is `expected`; `what` names the kind of file in the
+    /// error (e.g. "a k-means model").
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] naming the file when `format` is missing or different.
+    pub fn require_format(&self, expected: &str, what: &str) -> Result<()> {
+        match self.metadata.get("format") {
+            Some(found) if found == expected => Ok(()),
+            Some(found) => Err(Error::bad_file(
+                &self.path,
+                format!("not {what}: format `{found}`, expected `{expected}`"),
+            )),
+            None => Err(Error::bad_file(
+                &self.path,
+                format!("not {what} (no `format` = {expected} metadata)"),
+            )),
+        }
+    }
+
+    /// The metadata value `key` parsed as a `T` (a number, usually).
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] naming the file and the key when it is missing or does not parse.
+    pub fn metadata_value<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+        self.metadata
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                Error::bad_file(
+                    &self.path,
+                    format!("metadata `{key}` is missing or not a valid value"),
+                )
+            })
+    }
+
     /// Dtype and shape of tensor `name`.
     ///
     /// # Errors
@@ -354,6 +389,36 @@ mod tests {
         let err = SafetensorsFile::from_bytes("x.png", b"\x89PNG\r\n\x1a\n0000000000".to_vec())
             .unwrap_err();
         assert!(err.to_string().contains("x.png"), "{err}");
+    }
+
+    #[test]
+    fn format_and_metadata_values_are_checked() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SafetensorsFile::open(sample_file(dir.path())?)?;
+        // `sample_file` writes `k = v` and no `format`.
+        let err = file.require_format("qcl-x/1", "an x file").unwrap_err();
+        assert!(err.to_string().contains("not an x file"), "{err}");
+        assert!(matches!(
+            file.metadata_value::<u32>("k"),
+            Err(Error::BadFile { .. })
+        ));
+        assert!(matches!(
+            file.metadata_value::<u32>("absent"),
+            Err(Error::BadFile { .. })
+        ));
+        assert_eq!(file.metadata_value::<String>("k")?, "v");
+        let path = dir.path().join("f.safetensors");
+        let t = Tensor::new(&[1u8], &Device::Cpu)?;
+        let meta = BTreeMap::from([
+            ("format".to_string(), "qcl-x/1".to_string()),
+            ("n".to_string(), "42".to_string()),
+        ]);
+        write_safetensors(&path, &[("t", &t)], &meta)?;
+        let file = SafetensorsFile::open(&path)?;
+        file.require_format("qcl-x/1", "an x file")?;
+        assert!(file.require_format("qcl-x/2", "an x file").is_err());
+        assert_eq!(file.metadata_value::<usize>("n")?, 42);
+        Ok(())
     }
 
     #[test]

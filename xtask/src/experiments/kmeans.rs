@@ -59,17 +59,8 @@ const WORKLOADS: [Workload; 3] = [
 fn workload_file(ctx: &Context, name: &str) -> Result<(PathBuf, usize)> {
     let path = ctx.data_dir.join(format!("kmeans-{name}.safetensors"));
     let (data, d): (Vec<f32>, usize) = match name {
-        "weight-blocks" => (Seed::new(9).rng().normal_vec(1_200_000 * 9, 0.0, 0.05), 9),
-        "gaussian-mixture" => {
-            let mut rng = Seed::new(64).rng();
-            let centres = rng.normal_vec(16 * 64, 0.0, 1.0);
-            let mut data = rng.normal_vec(200_000 * 64, 0.0, 0.3);
-            for (i, row) in data.chunks_mut(64).enumerate() {
-                let c = &centres[(i % 16) * 64..(i % 16 + 1) * 64];
-                row.iter_mut().zip(c).for_each(|(x, m)| *x += m);
-            }
-            (data, 64)
-        }
+        "weight-blocks" => qcl_pq::workloads::weight_blocks(),
+        "gaussian-mixture" => qcl_pq::workloads::gaussian_mixture(),
         _ => {
             let split =
                 SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))?;
