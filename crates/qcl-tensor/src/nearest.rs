@@ -371,17 +371,14 @@ pub fn pairwise_squared_distances(points: &[f32], codes: &[f32], dim: usize) -> 
     Ok(out)
 }
 
-/// Codes transposed to `[d][k_padded]` for the direct kernel; padding lanes get an infinite
-/// bias so they never win. Also the screening form used by the AVX-512 path: `−2·c`
-/// transposed, and `‖c‖² + bias` per code.
+/// Codes in the screening form of the direct kernels: `−2·c` transposed to `[d][k_padded]`,
+/// and `‖c‖² + bias` per code (infinite for the padding, which therefore never wins).
 struct DirectCodes<'a> {
     dim: usize,
     k: usize,
     padded: usize,
     codes: &'a [f32],
     code_bias: Option<&'a [f32]>,
-    transposed: Vec<f32>,
-    bias: Vec<f32>,
     scaled: Vec<f32>,
     offset: Vec<f32>,
     max_norm: f32,
@@ -391,21 +388,17 @@ struct DirectCodes<'a> {
 impl<'a> DirectCodes<'a> {
     fn new(codes: &'a [f32], dim: usize, k: usize, bias: Option<&'a [f32]>) -> Self {
         let padded = k.div_ceil(LANES) * LANES;
-        let mut transposed = vec![0f32; dim * padded];
         let mut scaled = vec![0f32; dim * padded];
         for j in 0..k {
             for i in 0..dim {
-                transposed[i * padded + j] = codes[j * dim + i];
                 scaled[i * padded + j] = -2.0 * codes[j * dim + i];
             }
         }
-        let mut b = vec![f32::INFINITY; padded];
         let mut offset = vec![f32::INFINITY; padded];
         let mut max_norm = 0f32;
         for j in 0..k {
             let bj = bias.map_or(0.0, |b| b[j]);
             let norm: f32 = codes[j * dim..(j + 1) * dim].iter().map(|v| v * v).sum();
-            b[j] = bj;
             offset[j] = norm + bj;
             max_norm = max_norm.max(norm);
         }
@@ -415,8 +408,6 @@ impl<'a> DirectCodes<'a> {
             padded,
             codes,
             code_bias: bias,
-            transposed,
-            bias: b,
             scaled,
             offset,
             max_norm: max_norm.sqrt(),
@@ -430,7 +421,31 @@ impl<'a> DirectCodes<'a> {
             + self.code_bias.map_or(0.0, |b| b[j])
     }
 
-    /// See [`GemmCodes::margin`]: the same bound, for the FMA screening of this path.
+    /// The code of least exact distance among those `candidates` visits (in increasing
+    /// order, so ties keep the lowest index); when every candidate's distance overflowed, the
+    /// definition over all codes.
+    fn pick_exact(&self, x: &[f32], candidates: impl FnOnce(&mut dyn FnMut(usize))) -> (u32, f32) {
+        let mut best: Option<(usize, f32)> = None;
+        candidates(&mut |j| {
+            let exact = self.exact(x, j);
+            if best.is_none_or(|(_, v)| exact < v) {
+                best = Some((j, exact));
+            }
+        });
+        let (mut index, mut value) = best.unwrap_or((0, f32::INFINITY));
+        if !value.is_finite() {
+            (index, value) = (0, self.exact(x, 0));
+            for j in 1..self.k {
+                let exact = self.exact(x, j);
+                if exact < value {
+                    (index, value) = (j, exact);
+                }
+            }
+        }
+        (index as u32, value)
+    }
+
+    /// See [`GemmCodes::margin`]: the same bound, for the screening of these paths.
     fn margin(&self, x_norm: f32) -> f32 {
         let scale = (x_norm + self.max_norm).powi(2) + self.max_bias;
         (4 * self.dim + 16) as f32 * f32::EPSILON * scale
@@ -546,44 +561,31 @@ unsafe fn direct_block_avx512(
             let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
             let limit = _mm512_reduce_min_ps(lane_min[q]) + codes.margin(x_norm);
             let limit_v = _mm512_set1_ps(limit);
-            let mut best: Option<(usize, f32)> = None;
-            let mut block = 0;
-            while block < padded {
-                // SAFETY: q·padded + block + 16 <= P·padded <= scores.len().
-                let s = unsafe { _mm512_loadu_ps(scores.as_ptr().add(q * padded + block)) };
-                // Not greater than the limit, NaN included (overflow is re-scored exactly).
-                let mut mask = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(s, limit_v);
-                while mask != 0 {
-                    let j = block + mask.trailing_zeros() as usize;
-                    mask &= mask - 1;
-                    if j < k {
-                        let exact = codes.exact(x, j);
-                        if best.is_none_or(|(_, v)| exact < v) {
-                            best = Some((j, exact));
+            let (index, value) = codes.pick_exact(x, |visit| {
+                let mut block = 0;
+                while block < padded {
+                    // SAFETY: q·padded + block + 16 <= P·padded <= scores.len().
+                    let s = unsafe { _mm512_loadu_ps(scores.as_ptr().add(q * padded + block)) };
+                    // Not greater than the limit, NaN included (overflow is re-scored exactly).
+                    let mut mask = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(s, limit_v);
+                    while mask != 0 {
+                        let j = block + mask.trailing_zeros() as usize;
+                        mask &= mask - 1;
+                        if j < k {
+                            visit(j);
                         }
                     }
+                    block += LANES;
                 }
-                block += LANES;
-            }
-            let (mut index, mut value) = best.unwrap_or((0, f32::INFINITY));
-            if !value.is_finite() {
-                // Overflowing scores: the definition over every code.
-                (index, value) = (0, codes.exact(x, 0));
-                for j in 1..codes.k {
-                    let exact = codes.exact(x, j);
-                    if exact < value {
-                        (index, value) = (j, exact);
-                    }
-                }
-            }
-            indices[q] = index as u32;
+            });
+            indices[q] = index;
             distances[q] = value;
         }
     })
 }
 
 thread_local! {
-    /// Screening scores of the AVX-512 direct kernel, reused across calls.
+    /// Screening scores of the direct kernels, reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -607,95 +609,74 @@ fn direct_search_body(
 ) {
     let d = codes.dim;
     let n = points.len() / d;
-    let full = n / POINT_BLOCK * POINT_BLOCK;
     let mut p = 0;
-    while p < full {
-        direct_block::<POINT_BLOCK>(
-            &points[p * d..(p + POINT_BLOCK) * d],
-            codes,
-            &mut indices[p..p + POINT_BLOCK],
-            &mut distances[p..p + POINT_BLOCK],
-        );
-        p += POINT_BLOCK;
-    }
     while p < n {
-        direct_block::<1>(
-            &points[p * d..(p + 1) * d],
+        let size = POINT_BLOCK.min(n - p);
+        direct_block_portable(
+            &points[p * d..(p + size) * d],
             codes,
-            &mut indices[p..p + 1],
-            &mut distances[p..p + 1],
+            &mut indices[p..p + size],
+            &mut distances[p..p + size],
         );
-        p += 1;
+        p += size;
     }
 }
 
-/// `P` points against every code, 16 codes at a time; each lane keeps its own best (value,
-/// index), then the lanes are reduced with ties to the lowest index.
+/// Up to `POINT_BLOCK` points against every code in portable Rust: the screening scores
+/// `‖c‖² + bias − 2·x·c` are accumulated 16 codes at a time in plain arrays (which the
+/// compiler vectorises for the enabled instruction set), then every code within the rounding
+/// margin of the best score is re-scored exactly. Same result as the AVX-512 kernel.
 #[inline(always)]
-fn direct_block<const P: usize>(
+fn direct_block_portable(
     points: &[f32],
     codes: &DirectCodes,
     indices: &mut [u32],
     distances: &mut [f32],
 ) {
-    let d = codes.dim;
-    let mut best_value = [[f32::INFINITY; LANES]; P];
-    let mut best_index = [[u32::MAX; LANES]; P];
-    // Index of the code in each lane, as u32 so that the selects stay 16-wide.
-    let mut lane_index: [u32; LANES] = std::array::from_fn(|l| l as u32);
-    let mut block = 0;
-    while block < codes.padded {
-        let mut acc = [[0f32; LANES]; P];
-        for i in 0..d {
-            let c: &[f32; LANES] = codes.transposed[i * codes.padded + block..][..LANES]
-                .try_into()
-                .expect("LANES values");
-            for q in 0..P {
-                let x = points[q * d + i];
-                for l in 0..LANES {
-                    let diff = x - c[l];
-                    acc[q][l] += diff * diff;
+    let (d, padded) = (codes.dim, codes.padded);
+    let rows = points.len() / d;
+    SCORES.with(|cell| {
+        let mut scores = cell.borrow_mut();
+        if scores.len() < POINT_BLOCK * padded {
+            scores.resize(POINT_BLOCK * padded, 0.0);
+        }
+        // The block's points transposed to `[d][POINT_BLOCK]` (zero rows past the last
+        // point), so that the loops below have constant bounds and vectorise.
+        let mut transposed = [[0f32; POINT_BLOCK]; DIRECT_MAX_DIM];
+        for (i, column) in transposed.iter_mut().enumerate().take(d) {
+            for (q, value) in column.iter_mut().enumerate().take(rows) {
+                *value = points[q * d + i];
+            }
+        }
+        let mut block = 0;
+        while block < padded {
+            let offset: &[f32; LANES] = codes.offset[block..][..LANES].try_into().expect("LANES");
+            let mut acc = [*offset; POINT_BLOCK];
+            for (i, column) in transposed.iter().enumerate().take(d) {
+                let c: &[f32; LANES] = codes.scaled[i * padded + block..][..LANES]
+                    .try_into()
+                    .expect("LANES");
+                for (a, &x) in acc.iter_mut().zip(column) {
+                    for (slot, &cl) in a.iter_mut().zip(c) {
+                        *slot += x * cl;
+                    }
                 }
             }
-        }
-        let b: &[f32; LANES] = codes.bias[block..][..LANES]
-            .try_into()
-            .expect("LANES values");
-        for q in 0..P {
-            let (values, idx) = (&mut best_value[q], &mut best_index[q]);
-            for l in 0..LANES {
-                let value = acc[q][l] + b[l];
-                let better = value < values[l];
-                values[l] = if better { value } else { values[l] };
-                idx[l] = if better { lane_index[l] } else { idx[l] };
+            for (q, a) in acc.iter().enumerate().take(rows) {
+                scores[q * padded + block..][..LANES].copy_from_slice(a);
             }
+            block += LANES;
         }
-        for slot in lane_index.iter_mut() {
-            *slot += LANES as u32;
+        for q in 0..rows {
+            let x = &points[q * d..(q + 1) * d];
+            let row = &scores[q * padded..q * padded + codes.k];
+            let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let limit = row_min(row) + codes.margin(x_norm);
+            let (index, value) = codes.pick_exact(x, |visit| for_each_at_most(row, limit, visit));
+            indices[q] = index;
+            distances[q] = value;
         }
-        block += LANES;
-    }
-    for q in 0..P {
-        // Branch-free lane reduction: the smallest value, then the lowest index holding it.
-        let value = best_value[q].iter().fold(f32::INFINITY, |m, &v| m.min(v));
-        let mut index = u32::MAX;
-        for l in 0..LANES {
-            let candidate = if best_value[q][l] == value {
-                best_index[q][l]
-            } else {
-                u32::MAX
-            };
-            index = index.min(candidate);
-        }
-        let mut value = value;
-        if index == u32::MAX || index as usize >= codes.k {
-            // Every distance overflowed to +inf: the definition picks code 0.
-            index = 0;
-            value = f32::INFINITY;
-        }
-        indices[q] = index;
-        distances[q] = value;
-    }
+    })
 }
 
 /// Codes prepared for GEMM screening: `‖c_j‖² + bias_j`, and the bound terms of the margin.
@@ -962,6 +943,24 @@ mod tests {
             let want = brute_force(&points, &codes, dim, bias.as_deref());
             prop_assert_eq!(got.indices, want.indices);
             prop_assert_eq!(got.distances, want.distances);
+        }
+
+        /// The portable kernel (used on CPUs without AVX-512, and for the last points of a
+        /// chunk) driven directly, so that it is tested on every machine.
+        #[test]
+        fn portable_direct_kernel_equals_brute_force(
+            seed in any::<u64>(), n in 0usize..40, k in 1usize..70,
+            dim in 1usize..=DIRECT_MAX_DIM, grid in any::<bool>(), with_bias in any::<bool>(),
+        ) {
+            let (points, codes) = data(seed, n, k, dim, grid);
+            let bias: Option<Vec<f32>> = with_bias.then(|| (0..k).map(|j| (j % 3) as f32).collect());
+            let prepared = DirectCodes::new(&codes, dim, k, bias.as_deref());
+            let mut indices = vec![0u32; n];
+            let mut distances = vec![0f32; n];
+            direct_search_body(&points, &prepared, &mut indices, &mut distances);
+            let want = brute_force(&points, &codes, dim, bias.as_deref());
+            prop_assert_eq!(indices, want.indices);
+            prop_assert_eq!(distances, want.distances);
         }
 
         #[test]
