@@ -526,14 +526,8 @@ unsafe fn direct_block_avx512(
         if scores.len() < P * padded {
             scores.resize(P * padded, 0.0);
         }
-        // The block's points transposed to `[d][P]`, so that the broadcasts below read at
-        // constant offsets instead of `q·d + i`.
-        let mut transposed = [[0f32; P]; DIRECT_MAX_DIM];
-        for (i, column) in transposed.iter_mut().enumerate().take(d) {
-            for (q, value) in column.iter_mut().enumerate() {
-                *value = points[q * d + i];
-            }
-        }
+        // Constant offsets for the broadcasts below, instead of `q·d + i`.
+        let transposed = transpose_block(points, d);
         let (scaled, offsets, k) = (codes.scaled.as_ptr(), codes.offset.as_ptr(), codes.k);
         let mut lane_min = [_mm512_set1_ps(f32::INFINITY); P];
         let mut block = 0;
@@ -600,6 +594,20 @@ unsafe fn direct_search_avx2(
     direct_search_body(points, codes, indices, distances)
 }
 
+/// Up to `POINT_BLOCK` points of dimension `d` transposed to `[d][POINT_BLOCK]`, zero past
+/// the last point and the last dimension.
+#[inline(always)]
+fn transpose_block(points: &[f32], d: usize) -> [[f32; POINT_BLOCK]; DIRECT_MAX_DIM] {
+    let rows = points.len() / d;
+    let mut transposed = [[0f32; POINT_BLOCK]; DIRECT_MAX_DIM];
+    for (i, column) in transposed.iter_mut().enumerate().take(d) {
+        for (q, value) in column.iter_mut().enumerate().take(rows) {
+            *value = points[q * d + i];
+        }
+    }
+    transposed
+}
+
 #[inline(always)]
 fn direct_search_body(
     points: &[f32],
@@ -640,14 +648,8 @@ fn direct_block_portable(
         if scores.len() < POINT_BLOCK * padded {
             scores.resize(POINT_BLOCK * padded, 0.0);
         }
-        // The block's points transposed to `[d][POINT_BLOCK]` (zero rows past the last
-        // point), so that the loops below have constant bounds and vectorise.
-        let mut transposed = [[0f32; POINT_BLOCK]; DIRECT_MAX_DIM];
-        for (i, column) in transposed.iter_mut().enumerate().take(d) {
-            for (q, value) in column.iter_mut().enumerate().take(rows) {
-                *value = points[q * d + i];
-            }
-        }
+        // Constant loop bounds below, so that they vectorise.
+        let transposed = transpose_block(points, d);
         let mut block = 0;
         while block < padded {
             let offset: &[f32; LANES] = codes.offset[block..][..LANES].try_into().expect("LANES");
