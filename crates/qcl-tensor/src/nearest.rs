@@ -161,8 +161,8 @@ pub fn nearest_codes_into(
     indices: &mut [u32],
     distances: &mut [f32],
 ) -> Result<()> {
-    validate(points, codes, dim, bias)?;
-    nearest_codes_into_finite(points, codes, dim, bias, indices, distances)
+    let shape = validate(points, codes, dim, bias)?;
+    search_into(points, codes, dim, shape, bias, indices, distances)
 }
 
 /// [`nearest_codes_into`] without the finiteness check of `points`, for callers that searched
@@ -180,7 +180,20 @@ pub fn nearest_codes_into_finite(
     indices: &mut [u32],
     distances: &mut [f32],
 ) -> Result<()> {
-    let (n, k) = validate_shapes(points, codes, dim, bias)?;
+    let shape = validate_shapes(points, codes, dim, bias)?;
+    search_into(points, codes, dim, shape, bias, indices, distances)
+}
+
+/// The search itself, on validated input of `(n, k)` points and codes.
+fn search_into(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    (n, k): (usize, usize),
+    bias: Option<&[f32]>,
+    indices: &mut [u32],
+    distances: &mut [f32],
+) -> Result<()> {
     for (name, len) in [("indices", indices.len()), ("distances", distances.len())] {
         if len != n {
             return Err(Error::ShapeMismatch {
@@ -324,12 +337,11 @@ pub fn top_k_codes(
         .par_chunks(tile * dim)
         .zip(indices.par_chunks_mut(tile * top_k))
         .zip(distances.par_chunks_mut(tile * top_k))
-        .for_each_init(
-            || (vec![0f32; tile * k], Vec::new()),
-            |(scratch, candidates), ((pts, idx), dst)| {
+        .for_each_init(Vec::new, |candidates, ((pts, idx), dst)| {
+            with_scratch(tile * k, |scratch| {
                 screen.top_k_tile(pts, top_k, scratch, candidates, idx, dst)
-            },
-        );
+            })
+        });
     Ok(Nearest { indices, distances })
 }
 
@@ -371,54 +383,68 @@ pub fn pairwise_squared_distances(points: &[f32], codes: &[f32], dim: usize) -> 
     Ok(out)
 }
 
-/// Codes in the screening form of the direct kernels: `−2·c` transposed to `[d][k_padded]`,
-/// and `‖c‖² + bias` per code (infinite for the padding, which therefore never wins).
-struct DirectCodes<'a> {
+/// The codes being searched, with what every kernel needs of them: the exact distance, the
+/// screening offsets `‖c_j‖² + bias_j`, and the rounding margin of a screening score.
+struct CodeSet<'a> {
+    codes: &'a [f32],
+    bias: Option<&'a [f32]>,
     dim: usize,
     k: usize,
-    padded: usize,
-    codes: &'a [f32],
-    code_bias: Option<&'a [f32]>,
-    scaled: Vec<f32>,
+    /// `‖c_j‖² + bias_j`.
     offset: Vec<f32>,
+    /// `max_j ‖c_j‖`.
     max_norm: f32,
+    /// `max_j |bias_j|`.
     max_bias: f32,
 }
 
-impl<'a> DirectCodes<'a> {
+impl<'a> CodeSet<'a> {
     fn new(codes: &'a [f32], dim: usize, k: usize, bias: Option<&'a [f32]>) -> Self {
-        let padded = k.div_ceil(LANES) * LANES;
-        let mut scaled = vec![0f32; dim * padded];
-        for j in 0..k {
-            for i in 0..dim {
-                scaled[i * padded + j] = -2.0 * codes[j * dim + i];
-            }
-        }
-        let mut offset = vec![f32::INFINITY; padded];
-        let mut max_norm = 0f32;
-        for j in 0..k {
-            let bj = bias.map_or(0.0, |b| b[j]);
-            let norm: f32 = codes[j * dim..(j + 1) * dim].iter().map(|v| v * v).sum();
-            offset[j] = norm + bj;
-            max_norm = max_norm.max(norm);
-        }
-        DirectCodes {
+        let norms: Vec<f32> = codes
+            .chunks(dim)
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect();
+        let offset = (0..k)
+            .map(|j| norms[j] + bias.map_or(0.0, |b| b[j]))
+            .collect();
+        let max_norm = norms.iter().fold(0f32, |m, &v| m.max(v)).sqrt();
+        let max_bias = bias.map_or(0.0, |b| b.iter().fold(0f32, |m, v| m.max(v.abs())));
+        CodeSet {
+            codes,
+            bias,
             dim,
             k,
-            padded,
-            codes,
-            code_bias: bias,
-            scaled,
             offset,
-            max_norm: max_norm.sqrt(),
-            max_bias: bias.map_or(0.0, |b| b.iter().fold(0f32, |m, v| m.max(v.abs()))),
+            max_norm,
+            max_bias,
         }
     }
 
     /// Exact `D(x, j)`.
     fn exact(&self, x: &[f32], j: usize) -> f32 {
         squared_distance(x, &self.codes[j * self.dim..(j + 1) * self.dim])
-            + self.code_bias.map_or(0.0, |b| b[j])
+            + self.bias.map_or(0.0, |b| b[j])
+    }
+
+    /// An upper bound on how far the screening score of any code can sit from its exact
+    /// distance, doubled twice for safety: rounding of the dot product (≤ d·u·‖x‖‖c‖), of the
+    /// norms, of the exact sum (≤ d·u·(‖x‖+‖c‖)²) and of the bias.
+    fn margin(&self, x_norm: f32) -> f32 {
+        let scale = (x_norm + self.max_norm).powi(2) + self.max_bias;
+        (4 * self.dim + 16) as f32 * f32::EPSILON * scale
+    }
+
+    /// The nearest code by the definition, scanning every code: the fallback for points whose
+    /// screening scores overflowed.
+    fn nearest_by_definition(&self, x: &[f32]) -> (u32, f32) {
+        let (mut index, mut value) = (0, self.exact(x, 0));
+        for j in 1..self.k {
+            let exact = self.exact(x, j);
+            if exact < value {
+                (index, value) = (j, exact);
+            }
+        }
+        (index as u32, value)
     }
 
     /// The code of least exact distance among those `candidates` visits (in increasing
@@ -432,23 +458,40 @@ impl<'a> DirectCodes<'a> {
                 best = Some((j, exact));
             }
         });
-        let (mut index, mut value) = best.unwrap_or((0, f32::INFINITY));
-        if !value.is_finite() {
-            (index, value) = (0, self.exact(x, 0));
-            for j in 1..self.k {
-                let exact = self.exact(x, j);
-                if exact < value {
-                    (index, value) = (j, exact);
-                }
+        match best {
+            Some((index, value)) if value.is_finite() => (index as u32, value),
+            _ => self.nearest_by_definition(x),
+        }
+    }
+}
+
+/// Codes in the screening form of the direct kernels: `−2·c` transposed to `[d][k_padded]`,
+/// and the offsets padded with infinity (so the padding never wins).
+struct DirectCodes<'a> {
+    set: CodeSet<'a>,
+    padded: usize,
+    scaled: Vec<f32>,
+    padded_offset: Vec<f32>,
+}
+
+impl<'a> DirectCodes<'a> {
+    fn new(codes: &'a [f32], dim: usize, k: usize, bias: Option<&'a [f32]>) -> Self {
+        let set = CodeSet::new(codes, dim, k, bias);
+        let padded = k.div_ceil(LANES) * LANES;
+        let mut scaled = vec![0f32; dim * padded];
+        for j in 0..k {
+            for i in 0..dim {
+                scaled[i * padded + j] = -2.0 * codes[j * dim + i];
             }
         }
-        (index as u32, value)
-    }
-
-    /// See [`GemmCodes::margin`]: the same bound, for the screening of these paths.
-    fn margin(&self, x_norm: f32) -> f32 {
-        let scale = (x_norm + self.max_norm).powi(2) + self.max_bias;
-        (4 * self.dim + 16) as f32 * f32::EPSILON * scale
+        let mut padded_offset = vec![f32::INFINITY; padded];
+        padded_offset[..k].copy_from_slice(&set.offset);
+        DirectCodes {
+            set,
+            padded,
+            scaled,
+            padded_offset,
+        }
     }
 }
 
@@ -475,7 +518,7 @@ unsafe fn direct_search_avx512(
     indices: &mut [u32],
     distances: &mut [f32],
 ) {
-    let d = codes.dim;
+    let d = codes.set.dim;
     let n = points.len() / d;
     let full = n / POINT_BLOCK * POINT_BLOCK;
     let mut p = 0;
@@ -516,10 +559,10 @@ unsafe fn direct_block_avx512(
 ) {
     use std::arch::x86_64::*;
     const P: usize = POINT_BLOCK;
-    let d = codes.dim;
+    let d = codes.set.dim;
     let padded = codes.padded;
     assert!(points.len() == P * d && indices.len() == P && distances.len() == P);
-    assert!(codes.scaled.len() == d * padded && codes.offset.len() == padded);
+    assert!(codes.scaled.len() == d * padded && codes.padded_offset.len() == padded);
     // Screening scores of the block, `[P][padded]`, reused across calls on this thread.
     SCORES.with(|cell| {
         let mut scores = cell.borrow_mut();
@@ -528,7 +571,11 @@ unsafe fn direct_block_avx512(
         }
         // Constant offsets for the broadcasts below, instead of `q·d + i`.
         let transposed = transpose_block(points, d);
-        let (scaled, offsets, k) = (codes.scaled.as_ptr(), codes.offset.as_ptr(), codes.k);
+        let (scaled, offsets, k) = (
+            codes.scaled.as_ptr(),
+            codes.padded_offset.as_ptr(),
+            codes.set.k,
+        );
         let mut lane_min = [_mm512_set1_ps(f32::INFINITY); P];
         let mut block = 0;
         while block < padded {
@@ -553,9 +600,9 @@ unsafe fn direct_block_avx512(
         for q in 0..P {
             let x = &points[q * d..(q + 1) * d];
             let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let limit = _mm512_reduce_min_ps(lane_min[q]) + codes.margin(x_norm);
+            let limit = _mm512_reduce_min_ps(lane_min[q]) + codes.set.margin(x_norm);
             let limit_v = _mm512_set1_ps(limit);
-            let (index, value) = codes.pick_exact(x, |visit| {
+            let (index, value) = codes.set.pick_exact(x, |visit| {
                 let mut block = 0;
                 while block < padded {
                     // SAFETY: q·padded + block + 16 <= P·padded <= scores.len().
@@ -615,7 +662,7 @@ fn direct_search_body(
     indices: &mut [u32],
     distances: &mut [f32],
 ) {
-    let d = codes.dim;
+    let d = codes.set.dim;
     let n = points.len() / d;
     let mut p = 0;
     while p < n {
@@ -641,7 +688,7 @@ fn direct_block_portable(
     indices: &mut [u32],
     distances: &mut [f32],
 ) {
-    let (d, padded) = (codes.dim, codes.padded);
+    let (d, padded) = (codes.set.dim, codes.padded);
     let rows = points.len() / d;
     SCORES.with(|cell| {
         let mut scores = cell.borrow_mut();
@@ -652,7 +699,9 @@ fn direct_block_portable(
         let transposed = transpose_block(points, d);
         let mut block = 0;
         while block < padded {
-            let offset: &[f32; LANES] = codes.offset[block..][..LANES].try_into().expect("LANES");
+            let offset: &[f32; LANES] = codes.padded_offset[block..][..LANES]
+                .try_into()
+                .expect("LANES");
             let mut acc = [*offset; POINT_BLOCK];
             for (i, column) in transposed.iter().enumerate().take(d) {
                 let c: &[f32; LANES] = codes.scaled[i * padded + block..][..LANES]
@@ -671,75 +720,39 @@ fn direct_block_portable(
         }
         for q in 0..rows {
             let x = &points[q * d..(q + 1) * d];
-            let row = &scores[q * padded..q * padded + codes.k];
+            let row = &scores[q * padded..q * padded + codes.set.k];
             let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let limit = row_min(row) + codes.margin(x_norm);
-            let (index, value) = codes.pick_exact(x, |visit| for_each_at_most(row, limit, visit));
+            let limit = row_min(row) + codes.set.margin(x_norm);
+            let (index, value) = codes
+                .set
+                .pick_exact(x, |visit| for_each_at_most(row, limit, visit));
             indices[q] = index;
             distances[q] = value;
         }
     })
 }
 
-/// Codes prepared for GEMM screening: `‖c_j‖² + bias_j`, and the bound terms of the margin.
+/// Codes prepared for GEMM screening.
 struct GemmCodes<'a> {
-    codes: &'a [f32],
-    bias: Option<&'a [f32]>,
-    dim: usize,
-    k: usize,
-    /// `‖c_j‖² + bias_j`.
-    offset: Vec<f32>,
-    /// `max_j ‖c_j‖`.
-    max_norm: f32,
-    /// `max_j |bias_j|`.
-    max_bias: f32,
+    set: CodeSet<'a>,
 }
 
 impl<'a> GemmCodes<'a> {
     fn new(codes: &'a [f32], dim: usize, k: usize, bias: Option<&'a [f32]>) -> Self {
-        let norms: Vec<f32> = codes
-            .chunks(dim)
-            .map(|c| c.iter().map(|v| v * v).sum())
-            .collect();
-        let offset = (0..k)
-            .map(|j| norms[j] + bias.map_or(0.0, |b| b[j]))
-            .collect();
-        let max_norm = norms.iter().fold(0f32, |m, &v| m.max(v)).sqrt();
-        let max_bias = bias.map_or(0.0, |b| b.iter().fold(0f32, |m, v| m.max(v.abs())));
         GemmCodes {
-            codes,
-            bias,
-            dim,
-            k,
-            offset,
-            max_norm,
-            max_bias,
+            set: CodeSet::new(codes, dim, k, bias),
         }
     }
 
     /// Points per tile: the tile's `points × k` scores stay within about 1 MiB.
     fn tile_points(&self) -> usize {
-        (262_144 / self.k).clamp(16, 512)
-    }
-
-    /// Exact `D(x, j)`.
-    fn exact(&self, x: &[f32], j: usize) -> f32 {
-        squared_distance(x, &self.codes[j * self.dim..(j + 1) * self.dim])
-            + self.bias.map_or(0.0, |b| b[j])
-    }
-
-    /// An upper bound on how far the screening score of any code can sit from its exact
-    /// distance, doubled twice for safety: rounding of the dot product (≤ d·u·‖x‖‖c‖), of the
-    /// norms, of the exact sum (≤ d·u·(‖x‖+‖c‖)²) and of the bias.
-    fn margin(&self, x_norm: f32) -> f32 {
-        let scale = (x_norm + self.max_norm).powi(2) + self.max_bias;
-        (4 * self.dim + 16) as f32 * f32::EPSILON * scale
+        (262_144 / self.set.k).clamp(16, 512)
     }
 
     /// Fills `scratch[p·k + j] = −2·x_p·c_j + ‖c_j‖² + bias_j` for the tile's points.
     fn screen(&self, points: &[f32], scratch: &mut [f32]) {
-        let rows = points.len() / self.dim;
-        let (d, k) = (self.dim, self.k);
+        let rows = points.len() / self.set.dim;
+        let (d, k) = (self.set.dim, self.set.k);
         debug_assert!(scratch.len() >= rows * k);
         // SAFETY: dst is rows×k (row stride k), lhs rows×d (row stride d), rhs d×k read from the
         // k×d codes with row stride 1 and column stride d; all within the slices' bounds.
@@ -755,7 +768,7 @@ impl<'a> GemmCodes<'a> {
                 points.as_ptr(),
                 1,
                 d as isize,
-                self.codes.as_ptr(),
+                self.set.codes.as_ptr(),
                 d as isize,
                 1,
                 0.0,
@@ -767,7 +780,7 @@ impl<'a> GemmCodes<'a> {
             );
         }
         for row in scratch[..rows * k].chunks_mut(k) {
-            for (s, o) in row.iter_mut().zip(&self.offset) {
+            for (s, o) in row.iter_mut().zip(&self.set.offset) {
                 *s += o;
             }
         }
@@ -780,7 +793,7 @@ impl<'a> GemmCodes<'a> {
         indices: &mut [u32],
         distances: &mut [f32],
     ) {
-        let (d, k) = (self.dim, self.k);
+        let (d, k) = (self.set.dim, self.set.k);
         self.screen(points, scratch);
         CANDIDATES.with(|cell| {
             let (pairs, exact) = &mut *cell.borrow_mut();
@@ -790,7 +803,7 @@ impl<'a> GemmCodes<'a> {
             for (p, x) in points.chunks(d).enumerate() {
                 let row = &scratch[p * k..(p + 1) * k];
                 let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let limit = row_min(row) + self.margin(x_norm);
+                let limit = row_min(row) + self.set.margin(x_norm);
                 for_each_at_most(row, limit, |j| pairs.push((p as u32, j as u32)));
             }
             exact.clear();
@@ -804,19 +817,12 @@ impl<'a> GemmCodes<'a> {
                 }
             }
             for (p, x) in points.chunks(d).enumerate() {
-                let (mut index, mut value) =
-                    best[p].map_or((0, f32::INFINITY), |(j, v)| (j as usize, v));
-                if !value.is_finite() {
+                let (index, value) = match best[p] {
+                    Some((j, v)) if v.is_finite() => (j, v),
                     // Overflowing scores: the definition over every code.
-                    (index, value) = (0, self.exact(x, 0));
-                    for j in 1..k {
-                        let e = self.exact(x, j);
-                        if e < value {
-                            (index, value) = (j, e);
-                        }
-                    }
-                }
-                indices[p] = index as u32;
+                    _ => self.set.nearest_by_definition(x),
+                };
+                indices[p] = index;
                 distances[p] = value;
             }
         })
@@ -827,7 +833,7 @@ impl<'a> GemmCodes<'a> {
     /// so that the dependency chain of one sum no longer sets the pace.
     fn exact_pairs(&self, points: &[f32], pairs: &[(u32, u32)], out: &mut [f32]) {
         const GROUP: usize = 8;
-        let d = self.dim;
+        let d = self.set.dim;
         for (group, values) in pairs.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
             let pick = |l: usize| group[l.min(group.len() - 1)];
             let xs: [&[f32]; GROUP] = std::array::from_fn(|l| {
@@ -836,7 +842,7 @@ impl<'a> GemmCodes<'a> {
             });
             let cs: [&[f32]; GROUP] = std::array::from_fn(|l| {
                 let j = pick(l).1 as usize;
-                &self.codes[j * d..(j + 1) * d]
+                &self.set.codes[j * d..(j + 1) * d]
             });
             let mut acc = [0f32; GROUP];
             for i in 0..d {
@@ -846,7 +852,7 @@ impl<'a> GemmCodes<'a> {
                 }
             }
             for (l, value) in values.iter_mut().enumerate() {
-                *value = acc[l] + self.bias.map_or(0.0, |b| b[group[l].1 as usize]);
+                *value = acc[l] + self.set.bias.map_or(0.0, |b| b[group[l].1 as usize]);
             }
         }
     }
@@ -860,7 +866,7 @@ impl<'a> GemmCodes<'a> {
         indices: &mut [u32],
         distances: &mut [f32],
     ) {
-        let (d, k) = (self.dim, self.k);
+        let (d, k) = (self.set.dim, self.set.k);
         self.screen(points, scratch);
         for (p, x) in points.chunks(d).enumerate() {
             let row = &scratch[p * k..(p + 1) * k];
@@ -874,11 +880,11 @@ impl<'a> GemmCodes<'a> {
                 candidates[top_k - 1].0
             };
             let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let limit = kth + 2.0 * self.margin(x_norm);
+            let limit = kth + 2.0 * self.set.margin(x_norm);
             candidates.clear();
             for (j, &s) in row.iter().enumerate() {
                 if s <= limit || s.is_nan() {
-                    candidates.push((self.exact(x, j), j as u32));
+                    candidates.push((self.set.exact(x, j), j as u32));
                 }
             }
             candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));

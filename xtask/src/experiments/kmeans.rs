@@ -55,8 +55,9 @@ const WORKLOADS: [Workload; 3] = [
     },
 ];
 
-/// Builds (or reuses) the workload's `[n, d]` f32 matrix as `data/kmeans-NAME.safetensors`.
-fn workload_file(ctx: &Context, name: &str) -> Result<(PathBuf, usize)> {
+/// The workload's `[n, d]` f32 matrix, also written to `data/kmeans-NAME.safetensors` (if
+/// absent) for the faiss side; returns the path, the points and `d`.
+fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, usize)> {
     let path = ctx.data_dir.join(format!("kmeans-{name}.safetensors"));
     let (data, d): (Vec<f32>, usize) = match name {
         "weight-blocks" => qcl_pq::workloads::weight_blocks(),
@@ -76,10 +77,10 @@ fn workload_file(ctx: &Context, name: &str) -> Result<(PathBuf, usize)> {
     };
     if !path.is_file() {
         let n = data.len() / d;
-        let t = Tensor::from_vec(data, (n, d), &Device::Cpu)?;
+        let t = Tensor::from_vec(data.clone(), (n, d), &Device::Cpu)?;
         qcl_tensor::write_safetensors(&path, &[("x", &t)], &BTreeMap::new())?;
     }
-    Ok((path, d))
+    Ok((path, data, d))
 }
 
 /// One side-by-side measurement.
@@ -133,11 +134,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let mut ratios = Vec::new();
     for w in &WORKLOADS {
         bar.set_message(format!("kmeans: {}", w.name));
-        let (file, d) = workload_file(ctx, w.name)?;
-        let data: Vec<f32> = qcl_tensor::SafetensorsFile::open(&file)?
-            .tensor("x", &Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let (file, data, d) = workload(ctx, w.name)?;
         let n = data.len() / d;
         let params = KMeansParams {
             max_iter: iters,
