@@ -1,11 +1,25 @@
 //! # qcl-nn
 //!
-//! Layers, models, optimizers, schedules and training pieces candle lacks, with fast CPU convolutions.
+//! The training substrate of qcl: what candle lacks to train convolutional networks quickly on
+//! a CPU.
 //!
-//! **Status: planned** (issue #3). This crate holds no code yet; it exists so that the
-//! workspace layout and the dependency graph are visible from the start. It will provide:
-//!
-//! Conv2d/ConvTranspose2d as im2col+GEMM custom ops with their own backward, BatchNorm2d, residual blocks,
-//! ResNet-20 and the small CNNs of the specs; SGD (momentum, Nesterov, weight decay), Adam/AdamW;
-//! step, multi-step, cosine and piecewise schedules; a training loop with checkpoints that resume
-//! bit-identically.
+//! - [`ops`]: convolution, transposed convolution, BatchNorm and ReLU as candle custom ops with
+//!   their own backward (im2col/col2im + GEMM on CPU, candle's kernels elsewhere).
+//! - [`layers`]: `Conv2d`, `ConvTranspose2d`, `Linear`, `BatchNorm2d`, residual blocks.
+//! - [`models`]: ResNet-20 for any input size and channel count, and the small CNNs of the specs.
+//! - [`optim`] and [`schedule`]: SGD (momentum, Nesterov, weight decay), Adam/AdamW, and
+//!   step / multi-step / cosine / piecewise learning-rate schedules.
+//! - [`train`]: a training loop with progress, evaluation, early stop and checkpoints that
+//!   resume bit-identically.
+//! - [`ParamStore`]: named, seeded parameters and buffers.
+
+pub mod bench;
+pub mod layers;
+pub mod models;
+pub mod ops;
+pub mod optim;
+mod params;
+pub mod schedule;
+pub mod train;
+
+pub use params::{Init, ParamKind, ParamPath, ParamStore, PARAMS_FORMAT};

@@ -1,0 +1,266 @@
+use candle_core::Tensor;
+use qcl_tensor::{Error, Result};
+
+use super::Module;
+use crate::ops::{add_channel_bias, conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
+use crate::{Init, ParamPath};
+
+/// Hyperparameters of a [`Conv2d`]. Defaults: stride 1, padding 0, dilation 1, with bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Step between output positions.
+    pub stride: usize,
+    /// Zeros added on every side.
+    pub padding: usize,
+    /// Spacing between kernel taps.
+    pub dilation: usize,
+    /// Whether the layer adds a learned per-channel bias.
+    pub bias: bool,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            bias: true,
+        }
+    }
+}
+
+impl Conv2dConfig {
+    fn op_params(&self) -> Conv2dParams {
+        Conv2dParams {
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+        }
+    }
+}
+
+/// 2-D convolution layer: `weight [c_out, c_in, k, k]`, optional `bias [c_out]`, initialised
+/// as PyTorch does (`U(±1/√fan_in)`, `fan_in = c_in·k²`).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use qcl_nn::layers::{Conv2d, Conv2dConfig, Module};
+/// let store = qcl_nn::ParamStore::new(0);
+/// let conv = Conv2d::new(&store.root(&Device::Cpu).pp("conv"), 1, 8, 3,
+///     Conv2dConfig { padding: 1, ..Default::default() })?;
+/// let y = conv.forward(&Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[2, 8, 28, 28]);
+/// assert_eq!(store.trainable().len(), 2); // conv.bias, conv.weight
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// A `kernel × kernel` convolution from `c_in` to `c_out` channels with PyTorch's default
+    /// initialisation, parameters `weight` (and `bias`) under `path`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for zero channels or kernel, or a name clash in the store.
+    pub fn new(
+        path: &ParamPath,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        config: Conv2dConfig,
+    ) -> Result<Self> {
+        let fan_in = c_in * kernel * kernel;
+        Self::with_init(
+            path,
+            c_in,
+            c_out,
+            kernel,
+            config,
+            Init::KaimingUniform { fan_in },
+        )
+    }
+
+    /// As [`Conv2d::new`] with the weight initialised by `init` (the bias keeps PyTorch's rule).
+    ///
+    /// # Errors
+    /// As [`Conv2d::new`].
+    pub fn with_init(
+        path: &ParamPath,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        config: Conv2dConfig,
+        init: Init,
+    ) -> Result<Self> {
+        if c_in == 0 || c_out == 0 || kernel == 0 {
+            return Err(Error::invalid_parameter(
+                "conv2d",
+                format!(
+                    "channels and kernel must be positive, got {c_in}→{c_out}, kernel {kernel}"
+                ),
+            ));
+        }
+        let weight = path.param("weight", (c_out, c_in, kernel, kernel), init)?;
+        let bias = if config.bias {
+            let fan_in = c_in * kernel * kernel;
+            Some(path.param("bias", c_out, Init::KaimingUniform { fan_in })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            config,
+        })
+    }
+
+    /// The weight, `[c_out, c_in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The layer's hyperparameters.
+    pub fn config(&self) -> Conv2dConfig {
+        self.config
+    }
+
+    /// The convolution with another weight of the same shape (e.g. a quantised copy of
+    /// [`Conv2d::weight`] in quantisation-aware training), plus this layer's bias.
+    ///
+    /// # Errors
+    /// As [`crate::ops::conv2d`].
+    pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let y = conv2d(x, weight, self.config.op_params())?;
+        match &self.bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight)
+    }
+}
+
+/// Hyperparameters of a [`ConvTranspose2d`]. Defaults: stride 1, padding 0, output padding 0,
+/// dilation 1, with bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTranspose2dConfig {
+    /// Upsampling factor.
+    pub stride: usize,
+    /// Rows/columns removed from every side of the full output.
+    pub padding: usize,
+    /// Extra rows/columns on one side (below the stride).
+    pub output_padding: usize,
+    /// Spacing between kernel taps.
+    pub dilation: usize,
+    /// Whether the layer adds a learned per-channel bias.
+    pub bias: bool,
+}
+
+impl Default for ConvTranspose2dConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            output_padding: 0,
+            dilation: 1,
+            bias: true,
+        }
+    }
+}
+
+/// 2-D transposed convolution layer: `weight [c_in, c_out, k, k]`, optional `bias [c_out]`,
+/// initialised as PyTorch does (which takes `fan_in = c_out·k²` from the weight's second axis).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use qcl_nn::layers::{ConvTranspose2d, ConvTranspose2dConfig, Module};
+/// let store = qcl_nn::ParamStore::new(0);
+/// let up = ConvTranspose2d::new(&store.root(&Device::Cpu), 32, 1, 4,
+///     ConvTranspose2dConfig { stride: 2, padding: 1, ..Default::default() })?;
+/// let y = up.forward(&Tensor::zeros((2, 32, 14, 14), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[2, 1, 28, 28]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: ConvTranspose2dConfig,
+}
+
+impl ConvTranspose2d {
+    /// A `kernel × kernel` transposed convolution from `c_in` to `c_out` channels.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for zero channels or kernel, or a name clash in the store.
+    pub fn new(
+        path: &ParamPath,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        config: ConvTranspose2dConfig,
+    ) -> Result<Self> {
+        if c_in == 0 || c_out == 0 || kernel == 0 {
+            return Err(Error::invalid_parameter(
+                "conv_transpose2d",
+                format!(
+                    "channels and kernel must be positive, got {c_in}→{c_out}, kernel {kernel}"
+                ),
+            ));
+        }
+        let fan_in = c_out * kernel * kernel;
+        let weight = path.param(
+            "weight",
+            (c_in, c_out, kernel, kernel),
+            Init::KaimingUniform { fan_in },
+        )?;
+        let bias = if config.bias {
+            Some(path.param("bias", c_out, Init::KaimingUniform { fan_in })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            config,
+        })
+    }
+
+    /// The weight, `[c_in, c_out, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.config;
+        let y = conv_transpose2d(
+            x,
+            &self.weight,
+            ConvTranspose2dParams {
+                stride: c.stride,
+                padding: c.padding,
+                output_padding: c.output_padding,
+                dilation: c.dilation,
+            },
+        )?;
+        match &self.bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! 2-D convolution and transposed convolution with a GEMM-based CPU backward.
+
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use qcl_tensor::{Error, Result};
+
+use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
+use super::cpu::{slice, supported_dtype, Float};
+
+/// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
+/// groups = 1). Defaults: stride 1, padding 0, dilation 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Step between output positions.
+    pub stride: usize,
+    /// Zeros added on every side of the input.
+    pub padding: usize,
+    /// Spacing between kernel taps.
+    pub dilation: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+        }
+    }
+}
+
+/// Parameters of a 2-D transposed convolution (PyTorch's `ConvTranspose2d` meaning).
+/// Defaults: stride 1, padding 0, output padding 0, dilation 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTranspose2dParams {
+    /// Upsampling factor.
+    pub stride: usize,
+    /// Rows/columns removed from every side of the full output.
+    pub padding: usize,
+    /// Extra rows/columns added to one side of the output (must be below the stride).
+    pub output_padding: usize,
+    /// Spacing between kernel taps.
+    pub dilation: usize,
+}
+
+impl Default for ConvTranspose2dParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            output_padding: 0,
+            dilation: 1,
+        }
+    }
+}
+
+fn dims4(t: &Tensor, what: &str, pattern: &str) -> Result<(usize, usize, usize, usize)> {
+    match t.dims() {
+        &[a, b, c, d] => Ok((a, b, c, d)),
+        other => Err(Error::ShapeMismatch {
+            context: what.to_string(),
+            expected: pattern.to_string(),
+            actual: other.to_vec(),
+        }),
+    }
+}
+
+fn check_nonzero(value: usize, name: &str) -> Result<()> {
+    if value == 0 {
+        return Err(Error::invalid_parameter(name, "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Checks shapes and parameters of `conv2d(x, w)` and returns its geometry.
+fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
+    let (n, c_in, h_in, w_in) = dims4(x, "conv2d input", "[n, c_in, h, w]")?;
+    let (c_out, c_in_w, kh, kw) = dims4(w, "conv2d weight", "[c_out, c_in, kh, kw]")?;
+    check_nonzero(p.stride, "stride")?;
+    check_nonzero(p.dilation, "dilation")?;
+    if c_in == 0 || c_out == 0 {
+        return Err(Error::invalid_parameter(
+            "channels",
+            format!("a convolution needs at least one channel in and out, got {c_in} → {c_out}"),
+        ));
+    }
+    if c_in_w != c_in {
+        return Err(Error::ShapeMismatch {
+            context: "conv2d weight (input channels)".into(),
+            expected: format!("[c_out, {c_in}, kh, kw]"),
+            actual: w.dims().to_vec(),
+        });
+    }
+    if kh == 0 || kw == 0 {
+        return Err(Error::invalid_parameter(
+            "kernel",
+            "kernel size must be at least 1×1",
+        ));
+    }
+    let span_h = p.dilation * (kh - 1) + 1;
+    let span_w = p.dilation * (kw - 1) + 1;
+    let (ph, pw) = (h_in + 2 * p.padding, w_in + 2 * p.padding);
+    if span_h > ph || span_w > pw {
+        return Err(Error::invalid_parameter(
+            "kernel",
+            format!("the kernel spans {span_h}×{span_w} but the padded input is only {ph}×{pw}"),
+        ));
+    }
+    if x.dtype() != w.dtype() {
+        return Err(Error::DTypeMismatch {
+            context: "conv2d weight".into(),
+            expected: x.dtype(),
+            actual: w.dtype(),
+        });
+    }
+    Ok(ConvGeometry {
+        n,
+        c_in,
+        h_in,
+        w_in,
+        c_out,
+        kh,
+        kw,
+        stride: p.stride,
+        padding: p.padding,
+        dilation: p.dilation,
+        h_out: (ph - span_h) / p.stride + 1,
+        w_out: (pw - span_w) / p.stride + 1,
+    })
+}
+
+fn use_custom_kernels(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && supported_dtype(x.dtype())
+}
+
+/// 2-D convolution `y = x ⋆ w` (cross-correlation, as in every deep-learning library).
+///
+/// `x` is `[n, c_in, h, w]`, `w` is `[c_out, c_in, kh, kw]`; the output is
+/// `[n, c_out, h_out, w_out]` with `h_out = ⌊(h + 2p − d(kh−1) − 1)/s⌋ + 1`. On the CPU with
+/// `f32`/`f64` this runs im2col + GEMM forward and backward (the input gradient is skipped
+/// when `x` needs none); elsewhere it is candle's `conv2d`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::ops::{conv2d, Conv2dParams};
+/// let x = Tensor::ones((1, 1, 4, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = conv2d(&x, &w, Conv2dParams { padding: 1, ..Default::default() })?;
+/// assert_eq!(y.dims(), &[1, 2, 4, 4]);
+/// // A corner sees 2×2 ones, the centre 3×3.
+/// assert_eq!(y.get(0)?.get(0)?.to_vec2::<f32>()?[0][0], 4.0);
+/// assert_eq!(y.get(0)?.get(0)?.to_vec2::<f32>()?[1][1], 9.0);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for an input or weight that is not 4-D or whose channels disagree,
+/// [`Error::InvalidParameter`] for zero channels, stride or dilation, or a kernel larger than
+/// the padded input, [`Error::DTypeMismatch`] for mixed dtypes.
+pub fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let g = conv_geometry(x, w, p)?;
+    if !use_custom_kernels(x) {
+        return Ok(x.conv2d(w, p.padding, p.stride, p.dilation, 1)?);
+    }
+    if g.n == 0 {
+        return Ok(Tensor::zeros(
+            (0, g.c_out, g.h_out, g.w_out),
+            x.dtype(),
+            x.device(),
+        )?);
+    }
+    Ok(x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvOp {
+            g,
+            transposed: false,
+        },
+    )?)
+}
+
+/// 2-D transposed convolution (the adjoint of [`conv2d`], PyTorch's `conv_transpose2d`).
+///
+/// `x` is `[n, c_in, h, w]`, `w` is `[c_in, c_out, kh, kw]`; the output is
+/// `[n, c_out, h_out, w_out]` with `h_out = (h−1)s − 2p + d(kh−1) + output_padding + 1`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::ops::{conv_transpose2d, ConvTranspose2dParams};
+/// let x = Tensor::ones((1, 3, 7, 7), candle_core::DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((3, 1, 4, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// let p = ConvTranspose2dParams { stride: 2, padding: 1, ..Default::default() };
+/// assert_eq!(conv_transpose2d(&x, &w, p)?.dims(), &[1, 1, 14, 14]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`conv2d`], and [`Error::InvalidParameter`] for an output padding not below the stride
+/// or an empty output.
+pub fn conv_transpose2d(x: &Tensor, w: &Tensor, p: ConvTranspose2dParams) -> Result<Tensor> {
+    let (n, c_in, h, wd) = dims4(x, "conv_transpose2d input", "[n, c_in, h, w]")?;
+    let (c_in_w, c_out, kh, kw) = dims4(w, "conv_transpose2d weight", "[c_in, c_out, kh, kw]")?;
+    check_nonzero(p.stride, "stride")?;
+    check_nonzero(p.dilation, "dilation")?;
+    if c_in == 0 || c_out == 0 || kh == 0 || kw == 0 {
+        return Err(Error::invalid_parameter(
+            "channels",
+            format!(
+                "need at least one channel and a 1×1 kernel, got weight {:?}",
+                w.dims()
+            ),
+        ));
+    }
+    if c_in_w != c_in {
+        return Err(Error::ShapeMismatch {
+            context: "conv_transpose2d weight (input channels)".into(),
+            expected: format!("[{c_in}, c_out, kh, kw]"),
+            actual: w.dims().to_vec(),
+        });
+    }
+    if p.output_padding >= p.stride {
+        return Err(Error::invalid_parameter(
+            "output_padding",
+            format!(
+                "must be below the stride {}, got {}",
+                p.stride, p.output_padding
+            ),
+        ));
+    }
+    let full =
+        |len: usize, k: usize| (len - 1) * p.stride + p.dilation * (k - 1) + 1 + p.output_padding;
+    let (fh, fw) = (full(h.max(1), kh), full(wd.max(1), kw));
+    if h == 0 || wd == 0 || fh <= 2 * p.padding || fw <= 2 * p.padding {
+        return Err(Error::invalid_parameter(
+            "padding",
+            format!(
+                "padding {} leaves an empty output for input {h}×{wd}",
+                p.padding
+            ),
+        ));
+    }
+    let (h_out, w_out) = (fh - 2 * p.padding, fw - 2 * p.padding);
+    if x.dtype() != w.dtype() {
+        return Err(Error::DTypeMismatch {
+            context: "conv_transpose2d weight".into(),
+            expected: x.dtype(),
+            actual: w.dtype(),
+        });
+    }
+    if !use_custom_kernels(x) {
+        return Ok(x.conv_transpose2d(w, p.padding, p.output_padding, p.stride, p.dilation)?);
+    }
+    // The forward convolution whose input gradient this is: input = our output.
+    let g = ConvGeometry {
+        n,
+        c_in: c_out,
+        h_in: h_out,
+        w_in: w_out,
+        c_out: c_in,
+        kh,
+        kw,
+        stride: p.stride,
+        padding: p.padding,
+        dilation: p.dilation,
+        h_out: h,
+        w_out: wd,
+    };
+    if n == 0 {
+        return Ok(Tensor::zeros(
+            (0, c_out, h_out, w_out),
+            x.dtype(),
+            x.device(),
+        )?);
+    }
+    Ok(x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvOp {
+            g,
+            transposed: true,
+        },
+    )?)
+}
+
+/// Which product of a convolution an op computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Product {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+/// Runs one product of the convolution `g` on host slices `(a, b)`:
+/// forward `(x, w)`, input gradient `(dy, w)`, weight gradient `(x, dy)`.
+struct ConvProduct {
+    g: ConvGeometry,
+    product: Product,
+}
+
+impl ConvProduct {
+    fn run<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        match self.product {
+            Product::Forward => conv_forward(&self.g, a, b),
+            Product::InputGrad => conv_input_grad(&self.g, a, b),
+            Product::WeightGrad => conv_weight_grad(&self.g, a, b),
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        let g = &self.g;
+        match self.product {
+            Product::Forward => (g.n, g.c_out, g.h_out, g.w_out).into(),
+            Product::InputGrad => (g.n, g.c_in, g.h_in, g.w_in).into(),
+            Product::WeightGrad => (g.c_out, g.c_in, g.kh, g.kw).into(),
+        }
+    }
+}
+
+impl CustomOp2 for ConvProduct {
+    fn name(&self) -> &'static str {
+        match self.product {
+            Product::Forward => "qcl-conv2d",
+            Product::InputGrad => "qcl-conv2d-input-grad",
+            Product::WeightGrad => "qcl-conv2d-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let storage = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(
+                self.run(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?),
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(
+                self.run(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?),
+            ),
+            _ => candle_core::bail!("{name}: only matching f32 or f64 inputs are supported"),
+        };
+        Ok((storage, self.shape()))
+    }
+}
+
+/// The autograd node: forward (or, for the transposed convolution, input-gradient) product
+/// with a backward made of the other two products.
+struct ConvOp {
+    g: ConvGeometry,
+    transposed: bool,
+}
+
+impl ConvOp {
+    fn product(&self, product: Product) -> ConvProduct {
+        ConvProduct { g: self.g, product }
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        if self.transposed {
+            "qcl-conv-transpose2d"
+        } else {
+            "qcl-conv2d"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let main = if self.transposed {
+            Product::InputGrad
+        } else {
+            Product::Forward
+        };
+        self.product(main).cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // The network's input needs no gradient: skip the most expensive product.
+        let dx = if x.track_op() {
+            let product = if self.transposed {
+                Product::Forward
+            } else {
+                Product::InputGrad
+            };
+            Some(grad.apply_op2_no_bwd(w, &self.product(product))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let dw = if self.transposed {
+                // The forward convolution's input is our output gradient, its output gradient is x.
+                grad.apply_op2_no_bwd(x, &self.product(Product::WeightGrad))?
+            } else {
+                x.apply_op2_no_bwd(&grad, &self.product(Product::WeightGrad))?
+            };
+            Some(dw)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+use candle_core::WithDType;

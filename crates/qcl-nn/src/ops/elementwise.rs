@@ -1,0 +1,285 @@
+//! ReLU and per-channel bias as custom ops whose backward allocates one tensor.
+//!
+//! candle's own ReLU backward builds a mask through several full-size temporaries; these ops
+//! use the saved output instead (`dx = dy · [y > 0]`).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use qcl_tensor::{Error, Result};
+use rayon::prelude::*;
+
+use super::cpu::{slice, supported_dtype, Float};
+
+/// Elements per parallel piece of an elementwise loop: below this, threads cost more than
+/// they save.
+const PAR_PIECE: usize = 1 << 16;
+
+fn par_map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    out.par_chunks_mut(PAR_PIECE)
+        .zip(x.par_chunks(PAR_PIECE))
+        .for_each(|(o, i)| {
+            for (o, i) in o.iter_mut().zip(i) {
+                *o = f(*i);
+            }
+        });
+    out
+}
+
+fn par_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    out.par_chunks_mut(PAR_PIECE)
+        .zip(a.par_chunks(PAR_PIECE).zip(b.par_chunks(PAR_PIECE)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(*a, *b);
+            }
+        });
+    out
+}
+
+fn on_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && supported_dtype(t.dtype())
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "qcl-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(par_map(slice::<f32>(s, l, "relu")?, |v| {
+                    if v > 0.0 {
+                        v
+                    } else {
+                        0.0
+                    }
+                }))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(par_map(slice::<f64>(s, l, "relu")?, |v| {
+                    if v > 0.0 {
+                        v
+                    } else {
+                        0.0
+                    }
+                }))
+            }
+            _ => candle_core::bail!("qcl-relu: only f32 and f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?))
+    }
+}
+
+/// `dx = dy · [y > 0]`.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "qcl-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_zip(
+                slice::<f32>(s1, l1, "relu grad")?,
+                slice::<f32>(s2, l2, "relu grad")?,
+                |g, y| if y > 0.0 { g } else { 0.0 },
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_zip(
+                slice::<f64>(s1, l1, "relu grad")?,
+                slice::<f64>(s2, l2, "relu grad")?,
+                |g, y| if y > 0.0 { g } else { 0.0 },
+            )),
+            _ => candle_core::bail!("qcl-relu-grad: only matching f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `max(x, 0)`, with a backward that reuses the output as its mask (one allocation instead of
+/// candle's several). Any device: candle's `relu` off the CPU.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[-1.0f32, 0.5, 2.0], &Device::Cpu)?;
+/// assert_eq!(qcl_nn::ops::relu(&x)?.to_vec1::<f32>()?, vec![0.0, 0.5, 2.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// A candle error from the underlying op.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if on_cpu(x) {
+        Ok(x.contiguous()?.apply_op1(Relu)?)
+    } else {
+        Ok(x.relu()?)
+    }
+}
+
+/// `y[b, c, …] = x[b, c, …] + bias[c]`.
+struct ChannelBias;
+
+fn channel_layout(dims: &[usize]) -> (usize, usize, usize) {
+    let n = dims.first().copied().unwrap_or(1);
+    let c = dims.get(1).copied().unwrap_or(1);
+    let inner = dims.iter().skip(2).product::<usize>();
+    (n, c, inner)
+}
+
+fn add_bias<T: Float>(x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
+    let (_, c, inner) = channel_layout(dims);
+    let mut out = x.to_vec();
+    if inner == 0 || c == 0 {
+        return out;
+    }
+    out.par_chunks_mut(c * inner).for_each(|image| {
+        for (plane, b) in image.chunks_mut(inner).zip(bias) {
+            for v in plane {
+                *v += *b;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "qcl-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(add_bias(
+                slice::<f32>(s1, l1, "bias")?,
+                slice::<f32>(s2, l2, "bias")?,
+                dims,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(add_bias(
+                slice::<f64>(s1, l1, "bias")?,
+                slice::<f64>(s2, l2, "bias")?,
+                dims,
+            )),
+            _ => candle_core::bail!("qcl-channel-bias: only matching f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.clone())
+        } else {
+            None
+        };
+        let db = if bias.track_op() {
+            Some(grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?)
+        } else {
+            None
+        };
+        Ok((dx, db))
+    }
+}
+
+/// `s[c] = Σ_{b, …} x[b, c, …]`, accumulated in f64.
+pub(crate) struct ChannelSum;
+
+pub(crate) fn channel_sums<T: Float>(x: &[T], dims: &[usize]) -> Vec<f64> {
+    let (n, c, inner) = channel_layout(dims);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut total = 0.0f64;
+            for b in 0..n {
+                let start = (b * c + ch) * inner;
+                total += x[start..start + inner]
+                    .iter()
+                    .map(|v| v.to_f64_())
+                    .sum::<f64>();
+            }
+            total
+        })
+        .collect()
+}
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "qcl-channel-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let c = channel_layout(dims).1;
+        let out = match s {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(
+                channel_sums(slice::<f32>(s, l, "channel sum")?, dims)
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect(),
+            ),
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(channel_sums(slice::<f64>(s, l, "channel sum")?, dims))
+            }
+            _ => candle_core::bail!("qcl-channel-sum: only f32 and f64"),
+        };
+        Ok((out, Shape::from(c)))
+    }
+}
+
+/// Adds a per-channel bias: `y[b, c, …] = x[b, c, …] + bias[c]` for `x` of rank ≥ 2 and
+/// `bias` of shape `[c]`. Its backward sums the gradient per channel in one pass.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::zeros((2, 3, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
+/// let y = qcl_nn::ops::add_channel_bias(&x, &b)?;
+/// assert_eq!(y.get(1)?.get(2)?.to_vec2::<f32>()?, vec![vec![3.0, 3.0], vec![3.0, 3.0]]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] unless `bias` is `[x.dim(1)]`.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = x.dims().get(1).copied();
+    if x.rank() < 2 || bias.dims() != [c.unwrap_or(0)] {
+        return Err(Error::ShapeMismatch {
+            context: "per-channel bias".into(),
+            expected: format!("[{}] for input {:?}", c.unwrap_or(0), x.dims()),
+            actual: bias.dims().to_vec(),
+        });
+    }
+    if on_cpu(x) && x.dtype() == bias.dtype() {
+        Ok(x.contiguous()?
+            .apply_op2(&bias.contiguous()?, ChannelBias)?)
+    } else {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = bias.dim(0)?;
+        Ok(x.broadcast_add(&bias.reshape(shape)?)?)
+    }
+}

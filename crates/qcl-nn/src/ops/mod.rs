@@ -1,0 +1,14 @@
+//! Custom candle ops with their own backward: the fast CPU paths of qcl's layers.
+//!
+//! Each public function checks its input (typed errors, never a panic), runs qcl's CPU kernels
+//! for `f32`/`f64` tensors on the CPU, and candle's own ops on other devices and dtypes.
+
+mod batch_norm;
+mod conv;
+mod conv_kernels;
+pub(crate) mod cpu;
+mod elementwise;
+
+pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
+pub use conv::{conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
+pub use elementwise::{add_channel_bias, relu};
