@@ -97,7 +97,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn main() -> Result<()> {
-    qcl_tensor::tune_allocator_for_numeric_loops();
+    qcl_tensor::tune_process_for_numeric_loops();
     let cli = Cli::parse();
     let data_options =
         |idx: Option<PathBuf>, force: bool, datasets: Vec<KnownDataset>| DataOptions {

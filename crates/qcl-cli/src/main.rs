@@ -3,6 +3,7 @@
 //! Convention: every command takes `--json` and then prints exactly one JSON object on stdout,
 //! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
 
+mod bench;
 mod pq;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: pq::PqCommand,
     },
+    /// Benchmarks: training throughput of the reference models.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -80,7 +86,7 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
-    qcl_tensor::tune_allocator_for_numeric_loops();
+    qcl_tensor::tune_process_for_numeric_loops();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -102,6 +108,7 @@ fn main() -> ExitCode {
         } => data_info(file),
         Command::Kmeans(args) => kmeans(args),
         Command::Pq { command } => pq::run(command),
+        Command::Bench { command } => bench::run(command),
     };
     match result {
         Ok(report) => {

@@ -491,3 +491,49 @@ fn usage_errors_are_one_json_object_with_json() {
     let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     assert_eq!(v["error"]["kind"], "usage", "{stdout}");
 }
+
+#[test]
+fn bench_train_reports_throughput_as_json() {
+    let v = qcl_json(&[
+        "bench", "train", "--model", "vq-ae", "--batch", "4", "--steps", "1", "--warmup", "0",
+    ]);
+    assert_eq!(v["model"], "vq_ae", "{v}");
+    assert_eq!(v["batch"], 4);
+    assert_eq!(v["steps"], 1);
+    assert!(v["threads"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["samples_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["final_loss"].as_f64().unwrap().is_finite(), "{v}");
+    if cfg!(target_os = "linux") {
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    } else {
+        assert!(v["peak_rss_bytes"].is_null(), "{v}");
+    }
+}
+
+#[test]
+fn bench_train_text_is_one_line() {
+    let (ok, stdout, stderr) = qcl(&[
+        "bench", "train", "--model", "vq_ae", "--batch", "2", "--steps", "1", "--warmup", "0",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with("vq_ae: ") && stdout.contains("samples/s"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_train_errors_are_typed_json_objects() {
+    let (kind, message) = qcl_error(&["bench", "train", "--model", "resnet50"]);
+    assert_eq!(kind, "invalid_parameter");
+    assert!(message.contains("resnet50"), "{message}");
+    for (flag, value) in [("--batch", "0"), ("--steps", "0")] {
+        let (kind, message) = qcl_error(&["bench", "train", "--model", "vq-ae", flag, value]);
+        assert_eq!(kind, "invalid_parameter", "{flag} {value}");
+        assert!(message.contains(&flag[2..]), "{message}");
+    }
+    // Not a number at all: a usage error, still one JSON object.
+    let (kind, _) = qcl_error(&["bench", "train", "--model", "vq-ae", "--batch", "-1"]);
+    assert_eq!(kind, "usage");
+}

@@ -1,1 +1,209 @@
-fn main() {}
+//! `cargo bench -p qcl-nn --bench conv`: the convolutions of qcl's two reference models and
+//! one whole training step of each.
+//!
+//! - `conv2d_forward` / `conv2d_backward`: ResNet-20's convolution shapes at batch 128 and the
+//!   VQ autoencoder's transposed convolution (32 → 1 channels, 14×14 → 28×28, kernel 4,
+//!   stride 2, padding 1). The backward case times the forward pass plus the backward pass of
+//!   `(y * g).sum_all()` for a fixed random `g`, with both `x` and `w` variables (so both
+//!   the input and the weight gradients are computed), through the public
+//!   `qcl_nn::ops::{conv2d, conv_transpose2d}`.
+//! - `train_step`: forward, loss, backward and SGD update of ResNet-20 (cross-entropy) and of
+//!   the VQ autoencoder (MSE + 2·commitment) at batch 32, built from the public models and
+//!   optimizer exactly as `qcl bench train` builds them.
+//!
+//! Sample counts are small (10 samples, flat sampling, a few seconds per case) so the whole
+//! run takes a couple of minutes.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode};
+use qcl_nn::bench::BenchModel;
+use qcl_nn::layers::ModuleT;
+use qcl_nn::models::{ResNet, ResNetConfig, VqAutoencoder};
+use qcl_nn::ops::{conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::ParamStore;
+use qcl_tensor::{Result, Seed};
+
+/// Images per convolution call (the reference training batch).
+const CONV_BATCH: usize = 128;
+/// Images per training step in `train_step`.
+const STEP_BATCH: usize = 32;
+
+/// ResNet-20's 3×3 convolutions on 28×28 inputs: (c_in, c_out, input size, kernel, stride).
+const RESNET_SHAPES: [(usize, usize, usize, usize, usize); 4] = [
+    (16, 16, 28, 3, 1),
+    (16, 32, 28, 3, 2),
+    (32, 32, 14, 3, 1),
+    (64, 64, 7, 3, 1),
+];
+
+#[derive(Clone, Copy)]
+enum Op {
+    Conv(Conv2dParams),
+    Transposed(ConvTranspose2dParams),
+}
+
+/// One convolution to time: its operands and the fixed output cotangent `g`.
+struct Case {
+    name: String,
+    op: Op,
+    x: Var,
+    w: Var,
+    g: Tensor,
+}
+
+impl Case {
+    fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.op {
+            Op::Conv(p) => conv2d(x, w, p),
+            Op::Transposed(p) => conv_transpose2d(x, w, p),
+        }
+    }
+
+    /// Forward, then the gradients of `sum(y ⊙ g)` with respect to `x` and `w`.
+    fn forward_backward(&self) -> Result<candle_core::backprop::GradStore> {
+        let y = self.forward(self.x.as_tensor(), self.w.as_tensor())?;
+        Ok((y * &self.g)?.sum_all()?.backward()?)
+    }
+}
+
+fn cases() -> Result<Vec<Case>> {
+    let device = Device::Cpu;
+    let mut rng = Seed(0).child_named("conv-bench").rng();
+    let mut cases = Vec::new();
+    for (c_in, c_out, size, kernel, stride) in RESNET_SHAPES {
+        let p = Conv2dParams {
+            stride,
+            padding: kernel / 2,
+            dilation: 1,
+        };
+        let x = rng.normal_tensor((CONV_BATCH, c_in, size, size), 0.0, 1.0, &device)?;
+        let w = rng.normal_tensor((c_out, c_in, kernel, kernel), 0.0, 0.1, &device)?;
+        let y_dims = conv2d(&x, &w, p)?.dims().to_vec();
+        cases.push(Case {
+            name: format!("{c_in}-{c_out}_{size}x{size}_k{kernel}s{stride}"),
+            op: Op::Conv(p),
+            x: Var::from_tensor(&x)?,
+            w: Var::from_tensor(&w)?,
+            g: rng.normal_tensor(y_dims, 0.0, 1.0, &device)?,
+        });
+    }
+    // The VQ autoencoder's last layer: 32 → 1 channels, 14×14 → 28×28.
+    let p = ConvTranspose2dParams {
+        stride: 2,
+        padding: 1,
+        ..Default::default()
+    };
+    let x = rng.normal_tensor((CONV_BATCH, 32, 14, 14), 0.0, 1.0, &device)?;
+    let w = rng.normal_tensor((32, 1, 4, 4), 0.0, 0.1, &device)?;
+    cases.push(Case {
+        name: "transposed_32-1_14x14_k4s2p1".into(),
+        op: Op::Transposed(p),
+        x: Var::from_tensor(&x)?,
+        w: Var::from_tensor(&w)?,
+        g: rng.normal_tensor((CONV_BATCH, 1, 28, 28), 0.0, 1.0, &device)?,
+    });
+    Ok(cases)
+}
+
+/// Few flat samples: every case runs for tens of milliseconds or more.
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>, measurement_secs: u64) {
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(measurement_secs));
+}
+
+fn convolutions(c: &mut Criterion) {
+    // As the `qcl` and `xtask` binaries do.
+    qcl_tensor::tune_process_for_numeric_loops();
+    let cases = cases().expect("benchmark inputs");
+
+    let mut group = c.benchmark_group("conv2d_forward");
+    configure(&mut group, 2);
+    for case in &cases {
+        let (x, w) = (case.x.as_tensor().detach(), case.w.as_tensor().detach());
+        group.bench_function(&case.name, |b| {
+            b.iter(|| case.forward(black_box(&x), black_box(&w)).unwrap())
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("conv2d_backward");
+    configure(&mut group, 3);
+    for case in &cases {
+        group.bench_function(&case.name, |b| b.iter(|| case.forward_backward().unwrap()));
+    }
+    group.finish();
+}
+
+/// One SGD training step (forward, loss, backward, update) of a reference model on a fixed
+/// random batch, returning the loss; the same construction as `qcl_nn::bench`.
+fn training_step(model: BenchModel) -> Result<Box<dyn FnMut() -> Result<Tensor>>> {
+    let device = Device::Cpu;
+    let seed = Seed(0);
+    let mut rng = seed.child_named("batch").rng();
+    let x = rng.normal_tensor((STEP_BATCH, 1, 28, 28), 0.0, 1.0, &device)?;
+    let labels: Vec<u32> = (0..STEP_BATCH)
+        .map(|_| rng.below(10).map(|v| v as u32))
+        .collect::<Result<_>>()?;
+    let y = Tensor::new(labels.as_slice(), &device)?;
+    let store = ParamStore::new(seed.child_named("weights"));
+    let root = store.root(&device);
+    let sgd = SgdParams {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    Ok(match model {
+        BenchModel::ResNet20 => {
+            let net = ResNet::new(&root, &ResNetConfig::resnet20(1, 10))?;
+            let mut opt = Sgd::new(store.trainable(), sgd)?;
+            Box::new(move || {
+                let logits = net.forward_t(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                opt.backward_step(&loss)?;
+                Ok(loss)
+            })
+        }
+        BenchModel::VqAutoencoder => {
+            let ae = VqAutoencoder::new(&root, 32, 16)?;
+            let mut opt = Sgd::new(store.trainable(), sgd)?;
+            Box::new(move || {
+                let out = ae.forward(&x)?;
+                let loss =
+                    (qcl_nn::ops::mse_loss(&out.reconstruction, &x)? + (out.commitment * 2.0)?)?;
+                opt.backward_step(&loss)?;
+                Ok(loss)
+            })
+        }
+    })
+}
+
+fn train_steps(c: &mut Criterion) {
+    qcl_tensor::tune_process_for_numeric_loops();
+    let mut group = c.benchmark_group("train_step");
+    configure(&mut group, 4);
+    for model in [BenchModel::ResNet20, BenchModel::VqAutoencoder] {
+        let mut step = training_step(model).expect("model");
+        group.bench_function(format!("{}/batch{STEP_BATCH}", model.name()), |b| {
+            b.iter(|| {
+                let loss = step().unwrap();
+                // Read the loss back, as a training loop does.
+                loss.to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, convolutions, train_steps);
+criterion_main!(benches);

@@ -17,7 +17,7 @@ fn best(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    qcl_tensor::tune_allocator_for_numeric_loops();
+    qcl_tensor::tune_process_for_numeric_loops();
     let dev = Device::Cpu;
     // (c_in, c_out, size_in, kernel, stride, count in ResNet-20)
     let shapes = [

@@ -94,6 +94,33 @@ pub struct TrainBenchReport {
     pub seconds: f64,
     /// Loss after the last step (a sanity check that training ran).
     pub final_loss: f64,
+    /// The process's peak resident memory when the run ended ([`peak_rss_bytes`]): `None`
+    /// off Linux. It covers the whole process, so it includes whatever ran before.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident memory ("high-water mark") of the current process in bytes: `VmHWM` of
+/// `/proc/self/status` on Linux, `None` on other systems or when it cannot be read.
+///
+/// ```
+/// let peak = qcl_nn::bench::peak_rss_bytes();
+/// if cfg!(target_os = "linux") {
+///     assert!(peak.is_some_and(|bytes| bytes > 0));
+/// }
+/// ```
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        // The kernel prints e.g. `VmHWM:\t  123456 kB`.
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+        let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        kib.checked_mul(1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 /// Trains `config.model` on one random batch and reports samples per second.
@@ -148,7 +175,7 @@ pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
             Box::new(move || {
                 let out = ae.forward(&x)?;
                 let loss =
-                    (candle_nn::loss::mse(&out.reconstruction, &x)? + (out.commitment * 2.0)?)?;
+                    (crate::ops::mse_loss(&out.reconstruction, &x)? + (out.commitment * 2.0)?)?;
                 opt.step(&loss.backward()?)?;
                 Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
             })
@@ -171,5 +198,6 @@ pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
         steps: config.steps,
         seconds,
         final_loss,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }

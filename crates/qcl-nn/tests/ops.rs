@@ -405,3 +405,58 @@ fn f64_convolution_matches_candle_closely() {
         .unwrap();
     assert!(diff < 1e-12, "{diff}");
 }
+
+#[test]
+fn add_relu_matches_candle_with_both_gradients() {
+    let a = Var::from_tensor(&random(21, &[2, 3, 5, 5])).unwrap();
+    let b = Var::from_tensor(&random(22, &[2, 3, 5, 5])).unwrap();
+    let r = random(23, &[2, 3, 5, 5]);
+    let y = qcl_nn::ops::add_relu(&a, &b).unwrap();
+    let reference = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+    assert_close(&y, &reference, "forward");
+    let g1 = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = reference
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_close(g1.get(&a).unwrap(), g2.get(&a).unwrap(), "a gradient");
+    assert_close(g1.get(&b).unwrap(), g2.get(&b).unwrap(), "b gradient");
+    let err = qcl_nn::ops::add_relu(&a, &random(24, &[2, 3, 5, 4])).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn mse_loss_and_straight_through_match_candle() {
+    let a = Var::from_tensor(&random(31, &[3, 2, 4, 4])).unwrap();
+    let b = Var::from_tensor(&random(32, &[3, 2, 4, 4])).unwrap();
+    let ours = qcl_nn::ops::mse_loss(&a, &b).unwrap();
+    let reference = (a.as_tensor() - b.as_tensor())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    assert_close(&ours, &reference, "mse value");
+    let g1 = (ours * 3.0).unwrap().backward().unwrap();
+    let g2 = (reference * 3.0).unwrap().backward().unwrap();
+    assert_close(g1.get(&a).unwrap(), g2.get(&a).unwrap(), "mse gradient a");
+    assert_close(g1.get(&b).unwrap(), g2.get(&b).unwrap(), "mse gradient b");
+
+    // Straight-through: forward value of q exactly, gradient of h unchanged, none for q.
+    let h = Var::from_tensor(&random(33, &[2, 3, 3, 3])).unwrap();
+    let q = Var::from_tensor(&random(34, &[2, 3, 3, 3])).unwrap();
+    let r = random(35, &[2, 3, 3, 3]);
+    let z = qcl_nn::ops::straight_through(&h, &q).unwrap();
+    assert_eq!(
+        z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        q.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let grads = z.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(grads.get(&h).unwrap(), &r, "straight-through gradient");
+    assert!(grads.get(&q).is_none());
+    let err = qcl_nn::ops::mse_loss(&a, &h).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}

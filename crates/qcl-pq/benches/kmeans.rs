@@ -26,7 +26,7 @@ fn fashion_pixels() -> Option<(Vec<f32>, usize)> {
 
 fn lloyd(c: &mut Criterion) {
     // As the `qcl` and `xtask` binaries do.
-    qcl_tensor::tune_allocator_for_numeric_loops();
+    qcl_tensor::tune_process_for_numeric_loops();
     let mut workloads = vec![
         ("weight-blocks", weight_blocks(), 256),
         ("gaussian-mixture", gaussian_mixture(), 1024),

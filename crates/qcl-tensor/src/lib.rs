@@ -26,7 +26,7 @@ mod io;
 mod nearest;
 mod rng;
 
-pub use alloc::tune_allocator_for_numeric_loops;
+pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
 pub use check::{check_finite, check_finite_slice, check_shape, format_shape_pattern, TensorSpec};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};

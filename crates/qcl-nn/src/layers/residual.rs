@@ -2,7 +2,7 @@ use candle_core::Tensor;
 use qcl_tensor::Result;
 
 use super::{BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Module, ModuleT};
-use crate::ops::relu;
+use crate::ops::add_relu;
 use crate::ParamPath;
 
 /// The shortcut of a [`BasicBlock`] whose shape changes.
@@ -88,6 +88,6 @@ impl ModuleT for BasicBlock {
             Shortcut::Identity => x.clone(),
             Shortcut::Projection(conv, bn) => bn.forward_t(&conv.forward(x)?, train)?,
         };
-        relu(&(h + s)?)
+        add_relu(&h, &s)
     }
 }

@@ -2,7 +2,7 @@ use candle_core::{DType, Tensor};
 use qcl_tensor::{Error, Result};
 
 use crate::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
-use crate::ops::relu;
+use crate::ops::{add_relu, mse_loss, relu, straight_through};
 use crate::{Init, ParamPath};
 
 /// The AQM-style VQ autoencoder for `1×28×28` images (one module, downsampling 2, `C`
@@ -35,7 +35,6 @@ pub struct VqAutoencoder {
     d2: Conv2d,
     dt: ConvTranspose2d,
     codebook: Tensor,
-    channels: usize,
 }
 
 /// What one [`VqAutoencoder::forward`] produces.
@@ -103,7 +102,6 @@ impl VqAutoencoder {
                 )?
                 .as_tensor()
                 .clone(),
-            channels,
         })
     }
 
@@ -120,32 +118,51 @@ impl VqAutoencoder {
             });
         }
         let h = relu(&self.e2.forward(&relu(&self.e1.forward(x)?)?)?)?;
-        let h = relu(&(&h + self.r2.forward(&relu(&self.r1.forward(&h)?)?)?)?)?;
-        let (n, c, hh, ww) = h.dims4()?;
-        let flat = h.permute((0, 2, 3, 1))?.reshape((n * hh * ww, c))?;
-        let points: Vec<f32> = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let book: Vec<f32> = self
-            .codebook
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let nearest = qcl_tensor::nearest_codes(&points, &book, self.channels, None)?;
-        let idx = Tensor::new(nearest.indices.as_slice(), x.device())?;
-        let q = self
-            .codebook
-            .index_select(&idx, 0)?
-            .reshape((n, hh, ww, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
-        let commitment = (q.detach() - &h)?.sqr()?.mean_all()?;
-        let zq = (&h + (q - &h)?.detach())?;
-        let g = relu(&zq)?;
-        let g = (&g + self.d2.forward(&relu(&self.d1.forward(&g)?)?)?)?;
-        let reconstruction = self.dt.forward(&relu(&g)?)?;
+        let h = add_relu(&h, &self.r2.forward(&relu(&self.r1.forward(&h)?)?)?)?;
+        let (q, codes) = quantize_nchw(&h, &self.codebook)?;
+        let commitment = mse_loss(&h, &q)?;
+        let g = relu(&straight_through(&h, &q)?)?;
+        let reconstruction = self.dt.forward(&add_relu(
+            &g,
+            &self.d2.forward(&relu(&self.d1.forward(&g)?)?)?,
+        )?)?;
         Ok(VqAutoencoderOutput {
             reconstruction,
             commitment,
-            codes: nearest.indices,
+            codes,
         })
     }
+}
+
+/// Nearest codebook row of every `C`-vector of an NCHW tensor: the quantised tensor (NCHW,
+/// no gradient) and the code of every position in `[n, h, w]` order.
+fn quantize_nchw(h: &Tensor, codebook: &Tensor) -> Result<(Tensor, Vec<u32>)> {
+    let (n, c, hh, ww) = h.dims4()?;
+    let hw = hh * ww;
+    let values: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // NCHW → one C-vector per position.
+    let mut points = vec![0f32; values.len()];
+    for b in 0..n {
+        let image = &values[b * c * hw..(b + 1) * c * hw];
+        let out = &mut points[b * hw * c..(b + 1) * hw * c];
+        for ch in 0..c {
+            for p in 0..hw {
+                out[p * c + ch] = image[ch * hw + p];
+            }
+        }
+    }
+    let book: Vec<f32> = codebook.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let nearest = qcl_tensor::nearest_codes(&points, &book, c, None)?;
+    let mut quantized = vec![0f32; values.len()];
+    for b in 0..n {
+        let out = &mut quantized[b * c * hw..(b + 1) * c * hw];
+        for p in 0..hw {
+            let code = nearest.indices[b * hw + p] as usize;
+            for ch in 0..c {
+                out[ch * hw + p] = book[code * c + ch];
+            }
+        }
+    }
+    let q = Tensor::from_vec(quantized, (n, c, hh, ww), h.device())?.to_dtype(h.dtype())?;
+    Ok((q, nearest.indices))
 }

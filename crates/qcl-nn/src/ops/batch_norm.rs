@@ -14,7 +14,11 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use super::cpu::{chunk_count, for_each_chunk_mut, slice, supported_dtype, Float};
+use super::cpu::{
+    affine_of_grad, assume_init, chunk_count, for_each_chunk_mut, lane_grad_sums,
+    lane_squared_deviation, lane_sum, relu_grad_slice, scale_shift, slice, supported_dtype,
+    uninit_vec, Float,
+};
 
 /// Per-channel statistics of one training batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,10 +54,10 @@ fn channel_moments<T: Float>(x: &[T], dims: &[usize]) -> (Vec<f64>, Vec<f64>) {
         .into_par_iter()
         .map(|ch| {
             let planes = (0..n).map(|b| &x[(b * c + ch) * inner..(b * c + ch + 1) * inner]);
-            let mean = planes.clone().map(plane_sum).sum::<f64>() / count;
+            let mean = planes.clone().map(lane_sum).sum::<f64>() / count;
             let mean_t = T::from_f64_(mean);
             let var = planes
-                .map(|p| plane_squared_deviation(p, mean_t))
+                .map(|p| lane_squared_deviation(p, mean_t))
                 .sum::<f64>()
                 / count;
             (mean, var)
@@ -61,85 +65,14 @@ fn channel_moments<T: Float>(x: &[T], dims: &[usize]) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-/// Independent accumulators per reduction, so that the compiler can vectorise float sums
-/// (it may not reorder a single running sum).
-const LANES: usize = 16;
-
-/// `Σ v` of one plane: `f32`/`f64` lanes, totalled in `f64`.
-fn plane_sum<T: Float>(v: &[T]) -> f64 {
-    let mut acc = [T::ZERO; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += *x;
-        }
-    }
-    acc.iter().chain(tail).map(|a| a.to_f64_()).sum()
-}
-
-/// `Σ (v − mean)²` of one plane.
-fn plane_squared_deviation<T: Float>(v: &[T], mean: T) -> f64 {
-    let mut acc = [T::ZERO; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            let d = *x - mean;
-            *a += d * d;
-        }
-    }
-    let tail_sum: f64 = tail
-        .iter()
-        .map(|x| {
-            let d = (*x - mean).to_f64_();
-            d * d
-        })
-        .sum();
-    acc.iter().map(|a| a.to_f64_()).sum::<f64>() + tail_sum
-}
-
-/// `(Σ g, Σ g·(x − mean))` of one plane, with `g = dy·[y > 0]` when `relu`, else `dy`.
-fn grad_sums<T: Float>(dy: &[T], x: &[T], y: &[T], mean: T, relu: bool) -> (f64, f64) {
-    let mut sg = [T::ZERO; LANES];
-    let mut sgx = [T::ZERO; LANES];
-    let len = dy.len() - dy.len() % LANES;
-    for start in (0..len).step_by(LANES) {
-        for l in 0..LANES {
-            let i = start + l;
-            let g = if relu && y[i] <= T::ZERO {
-                T::ZERO
-            } else {
-                dy[i]
-            };
-            sg[l] += g;
-            sgx[l] += g * (x[i] - mean);
-        }
-    }
-    let (mut total_g, mut total_gx) = (0.0, 0.0);
-    for l in 0..LANES {
-        total_g += sg[l].to_f64_();
-        total_gx += sgx[l].to_f64_();
-    }
-    for i in len..dy.len() {
-        let g = if relu && y[i] <= T::ZERO {
-            0.0
-        } else {
-            dy[i].to_f64_()
-        };
-        total_g += g;
-        total_gx += g * (x[i] - mean).to_f64_();
-    }
-    (total_g, total_gx)
-}
-
 /// Applies `y = x·scale_c + shift_c` (then ReLU) image by image.
 fn affine<T: Float>(x: &[T], dims: &[usize], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
     let (n, c, inner) = layout(dims);
-    let mut y = vec![T::ZERO; x.len()];
+    let mut y = uninit_vec::<T>(x.len());
     let image = c * inner;
     if image == 0 {
-        return y;
+        // SAFETY: empty.
+        return unsafe { assume_init(y) };
     }
     for_each_chunk_mut(&mut y, image, chunk_count(n), |first, out| {
         for (i, y_b) in out.chunks_mut(image).enumerate() {
@@ -148,20 +81,12 @@ fn affine<T: Float>(x: &[T], dims: &[usize], scale: &[T], shift: &[T], relu: boo
                 let (s, t) = (scale[ch], shift[ch]);
                 let dst = &mut y_b[ch * inner..(ch + 1) * inner];
                 let src = &x_b[ch * inner..(ch + 1) * inner];
-                if relu {
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        let r = *v * s + t;
-                        *d = if r > T::ZERO { r } else { T::ZERO };
-                    }
-                } else {
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        *d = *v * s + t;
-                    }
-                }
+                scale_shift(src, s, t, relu, dst);
             }
         }
     });
-    y
+    // SAFETY: every image's every channel plane was written above.
+    unsafe { assume_init(y) }
 }
 
 /// Statistics the forward pass used (filled by the forward pass in training mode).
@@ -303,9 +228,25 @@ impl BatchNormBackward<'_> {
             .map(|ch| {
                 let (mean, inv) = (T::from_f64_(saved.mean[ch]), saved.inv_std[ch]);
                 let (mut sg, mut sgc) = (0.0, 0.0);
+                // With ReLU, mask the plane's gradient first (a vectorised select), so that the
+                // sums themselves are plain lanes.
+                let mut masked = if relu {
+                    uninit_vec::<T>(inner)
+                } else {
+                    Vec::new()
+                };
                 for b in 0..n {
                     let r = (b * c + ch) * inner..(b * c + ch + 1) * inner;
-                    let (g, gc) = grad_sums(&dy[r.clone()], &x[r.clone()], &y[r], mean, relu);
+                    let (g, gc) = if relu {
+                        relu_grad_slice(&dy[r.clone()], &y[r.clone()], &mut masked);
+                        // SAFETY: `relu_grad_slice` wrote all `inner` elements.
+                        let g = unsafe {
+                            std::slice::from_raw_parts(masked.as_ptr().cast::<T>(), inner)
+                        };
+                        lane_grad_sums(g, &x[r], mean)
+                    } else {
+                        lane_grad_sums(&dy[r.clone()], &x[r], mean)
+                    };
                     sg += g;
                     sgc += gc;
                 }
@@ -329,7 +270,7 @@ impl BatchNormBackward<'_> {
             }
         }
         drop(saved);
-        let mut dx = vec![T::ZERO; dy.len()];
+        let mut dx = uninit_vec::<T>(dy.len());
         let image = c * inner;
         if image > 0 {
             for_each_chunk_mut(&mut dx, image, chunk_count(n), |first, out| {
@@ -339,23 +280,15 @@ impl BatchNormBackward<'_> {
                         let (a, bx, k) = (coef_g[ch], coef_x[ch], offset[ch]);
                         let r = base + ch * inner..base + (ch + 1) * inner;
                         let dst = &mut dx_b[ch * inner..(ch + 1) * inner];
-                        let (dy, x, y) = (&dy[r.clone()], &x[r.clone()], &y[r]);
-                        if relu {
-                            for (((d, g), x), y) in dst.iter_mut().zip(dy).zip(x).zip(y) {
-                                let g = if *y > T::ZERO { *g } else { T::ZERO };
-                                *d = a * g + bx * *x + k;
-                            }
-                        } else {
-                            for ((d, g), x) in dst.iter_mut().zip(dy).zip(x) {
-                                *d = a * *g + bx * *x + k;
-                            }
-                        }
+                        affine_of_grad(&dy[r.clone()], &x[r.clone()], &y[r], (a, bx, k), relu, dst);
                     }
                 }
             });
         }
         *self.sums.lock().unwrap_or_else(|e| e.into_inner()) = Some((sum_g, sum_gx));
-        dx
+        // SAFETY: every plane of every image was written above (all of dx when image > 0,
+        // and dx is empty otherwise).
+        unsafe { assume_init(dx) }
     }
 }
 

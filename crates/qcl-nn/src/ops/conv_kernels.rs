@@ -12,7 +12,9 @@
 //! single-threaded GEMMs and keeps one image's column buffer, and the weight gradient is summed
 //! over chunks in a fixed order, so results do not depend on scheduling.
 
-use super::cpu::{chunk_count, for_each_chunk, for_each_chunk_mut, Float};
+use std::mem::MaybeUninit;
+
+use super::cpu::{assume_init, chunk_count, for_each_chunk, for_each_chunk_mut, uninit_vec, Float};
 
 /// Shape of one 2-D convolution (groups = 1), in the forward direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,45 @@ impl ConvGeometry {
     pub fn output_len(&self) -> usize {
         self.n * self.c_out * self.hw_out()
     }
+    /// For a stride-1 square-kernel convolution whose padding is at most `d(k−1)`, the input
+    /// gradient is itself a convolution: `dx = conv(dy, rot180(W)ᵀ)` with padding
+    /// `d(k−1) − p`. Returns that convolution's geometry and weights `[c_in, c_out, k, k]`.
+    fn input_grad_as_convolution<T: Float>(&self, w: &[T]) -> Option<(ConvGeometry, Vec<T>)> {
+        let span = self.dilation * (self.kh - 1);
+        if self.stride != 1 || self.kh != self.kw || self.padding > span || self.is_pointwise() {
+            return None;
+        }
+        let (k, kk) = (self.kh, self.kh * self.kw);
+        let mut rotated = vec![T::ZERO; w.len()];
+        for co in 0..self.c_out {
+            for ci in 0..self.c_in {
+                let src = &w[(co * self.c_in + ci) * kk..(co * self.c_in + ci + 1) * kk];
+                let dst =
+                    &mut rotated[(ci * self.c_out + co) * kk..(ci * self.c_out + co + 1) * kk];
+                for i in 0..k {
+                    for j in 0..k {
+                        dst[(k - 1 - i) * k + (k - 1 - j)] = src[i * k + j];
+                    }
+                }
+            }
+        }
+        let geometry = ConvGeometry {
+            n: self.n,
+            c_in: self.c_out,
+            h_in: self.h_out,
+            w_in: self.w_out,
+            c_out: self.c_in,
+            kh: k,
+            kw: k,
+            stride: 1,
+            padding: span - self.padding,
+            dilation: self.dilation,
+            h_out: self.h_in,
+            w_out: self.w_in,
+        };
+        Some((geometry, rotated))
+    }
+
     /// A 1×1, stride-1, unpadded convolution: the column matrix is the image itself.
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
@@ -87,8 +128,12 @@ pub(crate) fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
                     dst[x_hi..].fill(T::ZERO);
                     let ix0 = (x_lo * s) as isize + off_x;
                     if s == 1 {
-                        dst[x_lo..x_hi]
-                            .copy_from_slice(&src[ix0 as usize..ix0 as usize + (x_hi - x_lo)]);
+                        // A plain loop: rows are a few dozen elements, too short for memcpy's
+                        // call to pay off.
+                        let src = &src[ix0 as usize..ix0 as usize + (x_hi - x_lo)];
+                        for (d, v) in dst[x_lo..x_hi].iter_mut().zip(src) {
+                            *d = *v;
+                        }
                     } else {
                         for (k, d) in dst[x_lo..x_hi].iter_mut().enumerate() {
                             *d = src[ix0 as usize + k * s];
@@ -132,6 +177,47 @@ pub(crate) fn col2im<T: Float>(g: &ConvGeometry, col: &[T], dx: &mut [T]) {
             }
         }
     }
+}
+
+/// [`matmul`] into memory that may be uninitialised (`accumulate` must be false): every
+/// element of the `m × n` destination is written.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into_uninit<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [MaybeUninit<T>],
+    dst_strides: (usize, usize),
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) {
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                dst[i * dst_strides.0 + j * dst_strides.1].write(T::ZERO);
+            }
+        }
+        return;
+    }
+    // SAFETY: with `accumulate = false` the GEMM only writes the destination, so viewing the
+    // (possibly uninitialised) buffer through a raw pointer is sound; bounds are checked inside.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<T>(), dst.len()) };
+    matmul(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides,
+        false,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        threads,
+    );
 }
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` with explicit (row, column) strides.
@@ -214,14 +300,142 @@ fn gemm_threads(chunks: usize) -> usize {
     }
 }
 
+/// The "padded rows" layout of a stride-1 convolution.
+///
+/// With the image zero-padded to `hp × wp` and flattened, output pixel `(oy, ox)` of tap
+/// `(ki, kj)` reads element `(oy + ki·d)·wp + ox + kj·d`. Computing the output on a
+/// `h_out × wp` grid (the last `wp − w_out` columns of every row are discarded) turns every
+/// row of the column matrix into one contiguous slice of the padded image: `k_dim` long copies
+/// instead of `k_dim · h_out` short ones.
+#[derive(Debug, Clone, Copy)]
+struct PaddedRows {
+    /// Padded width.
+    wp: usize,
+    /// Elements per padded channel plane.
+    plane: usize,
+    /// Columns of the column matrix: `h_out · wp`.
+    len: usize,
+    /// Zeros after the last plane, so that the last taps' slices stay in bounds.
+    tail: usize,
+}
+
+impl PaddedRows {
+    fn new(g: &ConvGeometry) -> Option<Self> {
+        if g.stride != 1 || g.is_pointwise() {
+            return None;
+        }
+        let wp = g.w_in + 2 * g.padding;
+        let hp = g.h_in + 2 * g.padding;
+        Some(Self {
+            wp,
+            plane: hp * wp,
+            len: g.h_out * wp,
+            tail: g.dilation * (g.kw - 1),
+        })
+    }
+
+    fn padded_len(&self, channels: usize) -> usize {
+        channels * self.plane + self.tail
+    }
+
+    /// Copies one image (`c_in × h_in × w_in`) into the zeroed interior of `padded`.
+    fn pad<T: Float>(&self, g: &ConvGeometry, x: &[T], padded: &mut [T]) {
+        let p = g.padding;
+        for c in 0..g.c_in {
+            let src_plane = &x[c * g.hw_in()..(c + 1) * g.hw_in()];
+            let dst_plane = &mut padded[c * self.plane..(c + 1) * self.plane];
+            for (iy, src) in src_plane.chunks_exact(g.w_in).enumerate() {
+                let start = (iy + p) * self.wp + p;
+                for (d, v) in dst_plane[start..start + g.w_in].iter_mut().zip(src) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+
+    /// Fills `col` (`k_dim × len`) from a padded image.
+    fn im2col<T: Float>(&self, g: &ConvGeometry, padded: &[T], col: &mut [T]) {
+        let mut rows = col.chunks_exact_mut(self.len);
+        for c in 0..g.c_in {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let start = c * self.plane + ki * g.dilation * self.wp + kj * g.dilation;
+                    if let Some(row) = rows.next() {
+                        row.copy_from_slice(&padded[start..start + self.len]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per-thread buffers of the padded-rows path.
+struct PaddedScratch<T> {
+    padded: Vec<T>,
+    col: Vec<T>,
+    /// `c_out × len` output (forward) or output gradient (weight gradient) on the padded grid.
+    wide: Vec<T>,
+}
+
+impl<T: Float> PaddedScratch<T> {
+    fn new(g: &ConvGeometry, rows: &PaddedRows) -> Self {
+        Self {
+            // Zeroed once: `pad` rewrites only the interior, so borders and tail stay zero.
+            padded: vec![T::ZERO; rows.padded_len(g.c_in)],
+            col: vec![T::ZERO; g.k_dim() * rows.len],
+            // Zeroed once: the discarded columns stay zero, which the weight gradient needs.
+            wide: vec![T::ZERO; g.c_out * rows.len],
+        }
+    }
+}
+
 /// `y = conv(x, w)`: `x` is `n × c_in × h_in × w_in`, `w` is `c_out × k_dim`; returns
 /// `n × c_out × h_out × w_out`.
 pub(crate) fn conv_forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
     let (k_dim, hw_in, hw_out) = (g.k_dim(), g.hw_in(), g.hw_out());
-    let mut y = vec![T::ZERO; g.output_len()];
+    let mut y = uninit_vec::<T>(g.output_len());
     let chunks = chunk_count(g.n);
     let threads = gemm_threads(chunks);
     let image_out = g.c_out * hw_out;
+    if let Some(rows) = PaddedRows::new(g) {
+        for_each_chunk_mut(&mut y, image_out, chunks, |first, out| {
+            let mut scratch = PaddedScratch::new(g, &rows);
+            for (i, y_b) in out.chunks_mut(image_out).enumerate() {
+                let b = first + i;
+                rows.pad(
+                    g,
+                    &x[b * g.c_in * hw_in..(b + 1) * g.c_in * hw_in],
+                    &mut scratch.padded,
+                );
+                rows.im2col(g, &scratch.padded, &mut scratch.col);
+                // Y_wideᵀ = colᵀ · Wᵀ (len × c_out), stored as c_out × len.
+                matmul(
+                    rows.len,
+                    g.c_out,
+                    k_dim,
+                    &mut scratch.wide,
+                    (1, rows.len),
+                    false,
+                    &scratch.col,
+                    (1, rows.len),
+                    w,
+                    (1, k_dim),
+                    threads,
+                );
+                // Keep the first w_out of every wp columns.
+                for (dst, src) in y_b
+                    .chunks_exact_mut(g.w_out)
+                    .zip(scratch.wide.chunks_exact(rows.wp))
+                {
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        d.write(*v);
+                    }
+                }
+            }
+        });
+        // SAFETY: `y_b` has c_out·h_out rows of w_out, each written by the copy above.
+        return unsafe { assume_init(y) };
+    }
     for_each_chunk_mut(&mut y, image_out, chunks, |first, out| {
         let mut col = if g.is_pointwise() {
             Vec::new()
@@ -239,13 +453,12 @@ pub(crate) fn conv_forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<
             };
             // Computed as Y_bᵀ = colᵀ · Wᵀ (hw_out × c_out): the long pixel axis becomes the
             // GEMM's row axis, which its micro-kernels tile best; strides write NCHW directly.
-            matmul(
+            matmul_into_uninit(
                 hw_out,
                 g.c_out,
                 k_dim,
                 y_b,
                 (1, hw_out),
-                false,
                 col_b,
                 (1, hw_out),
                 w,
@@ -254,11 +467,17 @@ pub(crate) fn conv_forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<
             );
         }
     });
-    y
+    // SAFETY: every image's `c_out × hw_out` block was written by its GEMM.
+    unsafe { assume_init(y) }
 }
 
 /// `dx = ∂L/∂x` from `dy = ∂L/∂y`: `col2im(Wᵀ · dy_b)` per image; returns `n × c_in × h_in × w_in`.
 pub(crate) fn conv_input_grad<T: Float>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> {
+    if let Some((rotated, weights)) = g.input_grad_as_convolution(w) {
+        // A gather (im2col of dy) instead of a scatter-add (col2im): no zero-fill of dx, no
+        // read-modify-write, and a better-shaped GEMM.
+        return conv_forward(&rotated, dy, &weights);
+    }
     let (k_dim, hw_in, hw_out) = (g.k_dim(), g.hw_in(), g.hw_out());
     let mut dx = vec![T::ZERO; g.input_len()];
     let chunks = chunk_count(g.n);
@@ -310,8 +529,44 @@ pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
     let partials: Vec<std::sync::Mutex<Vec<T>>> = (0..chunks)
         .map(|_| std::sync::Mutex::new(Vec::new()))
         .collect();
+    let padded_rows = PaddedRows::new(g);
     for_each_chunk(g.n, chunks, |c, start, end| {
         let mut dw = vec![T::ZERO; g.c_out * k_dim];
+        if let Some(rows) = padded_rows {
+            let mut scratch = PaddedScratch::new(g, &rows);
+            for b in start..end {
+                rows.pad(
+                    g,
+                    &x[b * g.c_in * hw_in..(b + 1) * g.c_in * hw_in],
+                    &mut scratch.padded,
+                );
+                rows.im2col(g, &scratch.padded, &mut scratch.col);
+                // dy on the padded grid; the discarded columns stay zero.
+                let dy_b = &dy[b * g.c_out * hw_out..(b + 1) * g.c_out * hw_out];
+                for (dst, src) in scratch
+                    .wide
+                    .chunks_exact_mut(rows.wp)
+                    .zip(dy_b.chunks_exact(g.w_out))
+                {
+                    dst[..g.w_out].copy_from_slice(src);
+                }
+                matmul(
+                    k_dim,
+                    g.c_out,
+                    rows.len,
+                    &mut dw,
+                    (g.c_out, 1),
+                    b > start,
+                    &scratch.col,
+                    (rows.len, 1),
+                    &scratch.wide,
+                    (1, rows.len),
+                    threads,
+                );
+            }
+            *partials[c].lock().unwrap_or_else(|e| e.into_inner()) = dw;
+            return;
+        }
         let mut col = if g.is_pointwise() {
             Vec::new()
         } else {

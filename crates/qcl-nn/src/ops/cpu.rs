@@ -111,6 +111,227 @@ where
         .for_each(|(start, piece)| f(start, piece));
 }
 
+/// A vector of `len` uninitialised elements, for outputs that a kernel writes in full (the
+/// zero-fill of `vec![0; len]` is a whole extra pass over memory).
+pub(crate) fn uninit_vec<T>(len: usize) -> Vec<std::mem::MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit<T>` needs no initialisation, and the capacity is `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Reinterprets a fully written vector from [`uninit_vec`].
+///
+/// # Safety
+/// Every element of `v` must have been written.
+pub(crate) unsafe fn assume_init<T>(v: Vec<std::mem::MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`; the caller guarantees initialisation;
+    // pointer, length and capacity come from a live vector that is not dropped.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
+/// Defines a function generic over [`Float`] whose body is compiled three times: for
+/// AVX-512, for AVX2+FMA and for the build's baseline, picking the best one the CPU has at run
+/// time. Release builds target baseline x86-64 (SSE2) unless told otherwise, which leaves the
+/// elementwise loops of BatchNorm and ReLU scalar; these loops are memory-bound once vectorised.
+macro_rules! simd_fn {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$meta])*
+        $vis fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body<T: Float>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::ops::cpu::has_avx512() {
+                    // SAFETY: the CPU supports every feature `v4` was compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if $crate::ops::cpu::has_avx2_fma() {
+                    // SAFETY: the CPU supports every feature `v3` was compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// Whether the CPU has AVX-512F/VL (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// Whether the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+simd_fn! {
+    /// `out[i] = x[i]·scale + shift`, then `max(·, 0)` if `relu`.
+    pub(crate) fn scale_shift<T: Float>(
+        x: &[T],
+        scale: T,
+        shift: T,
+        relu: bool,
+        out: &mut [std::mem::MaybeUninit<T>],
+    ) {
+        if relu {
+            for (d, v) in out.iter_mut().zip(x) {
+                let r = *v * scale + shift;
+                d.write(if r > T::ZERO { r } else { T::ZERO });
+            }
+        } else {
+            for (d, v) in out.iter_mut().zip(x) {
+                d.write(*v * scale + shift);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = a·g[i] + b·x[i] + k`, with `g = dy·[y > 0]` if `relu` else `dy`.
+    pub(crate) fn affine_of_grad<T: Float>(
+        dy: &[T],
+        x: &[T],
+        y: &[T],
+        coefficients: (T, T, T),
+        relu: bool,
+        out: &mut [std::mem::MaybeUninit<T>],
+    ) {
+        let (a, b, k) = coefficients;
+        if relu {
+            for (((d, g), x), y) in out.iter_mut().zip(dy).zip(x).zip(y) {
+                let g = if *y > T::ZERO { *g } else { T::ZERO };
+                d.write(a * g + b * *x + k);
+            }
+        } else {
+            for ((d, g), x) in out.iter_mut().zip(dy).zip(x) {
+                d.write(a * *g + b * *x + k);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = max(x[i], 0)`.
+    pub(crate) fn relu_slice<T: Float>(x: &[T], out: &mut [std::mem::MaybeUninit<T>]) {
+        for (d, v) in out.iter_mut().zip(x) {
+            d.write(if *v > T::ZERO { *v } else { T::ZERO });
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = g[i]·[y[i] > 0]`.
+    pub(crate) fn relu_grad_slice<T: Float>(g: &[T], y: &[T], out: &mut [std::mem::MaybeUninit<T>]) {
+        for ((d, g), y) in out.iter_mut().zip(g).zip(y) {
+            d.write(if *y > T::ZERO { *g } else { T::ZERO });
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = max(a[i] + b[i], 0)`.
+    pub(crate) fn add_relu_slice<T: Float>(a: &[T], b: &[T], out: &mut [std::mem::MaybeUninit<T>]) {
+        for ((d, a), b) in out.iter_mut().zip(a).zip(b) {
+            let r = *a + *b;
+            d.write(if r > T::ZERO { r } else { T::ZERO });
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = x[i] + shift`.
+    pub(crate) fn add_scalar<T: Float>(x: &[T], shift: T, out: &mut [std::mem::MaybeUninit<T>]) {
+        for (d, v) in out.iter_mut().zip(x) {
+            d.write(*v + shift);
+        }
+    }
+}
+
+/// Elements summed in independent lanes, so that float sums vectorise (the compiler may not
+/// reorder one running sum).
+pub(crate) const LANES: usize = 16;
+
+simd_fn! {
+    /// `Σ v`: lanes of `T`, totalled in `f64`.
+    pub(crate) fn lane_sum<T: Float>(v: &[T]) -> f64 {
+        let mut acc = [T::ZERO; LANES];
+        let chunks = v.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] += c[l];
+            }
+        }
+        acc.iter().chain(tail).map(|a| a.to_f64_()).sum()
+    }
+}
+
+simd_fn! {
+    /// `Σ (v − mean)²`: lanes of `T`, totalled in `f64`.
+    pub(crate) fn lane_squared_deviation<T: Float>(v: &[T], mean: T) -> f64 {
+        let mut acc = [T::ZERO; LANES];
+        let chunks = v.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                let d = c[l] - mean;
+                acc[l] += d * d;
+            }
+        }
+        let tail_sum: f64 = tail
+            .iter()
+            .map(|x| {
+                let d = (*x - mean).to_f64_();
+                d * d
+            })
+            .sum();
+        acc.iter().map(|a| a.to_f64_()).sum::<f64>() + tail_sum
+    }
+}
+
+/// `(Σ g, Σ g·(x − mean))`, totalled in `f64` (two vectorised passes).
+pub(crate) fn lane_grad_sums<T: Float>(g: &[T], x: &[T], mean: T) -> (f64, f64) {
+    (lane_sum(g), lane_centred_dot(g, x, mean))
+}
+
+simd_fn! {
+    /// `Σ g·(x − mean)` over lanes of `T`, totalled in `f64`.
+    pub(crate) fn lane_centred_dot<T: Float>(g: &[T], x: &[T], mean: T) -> f64 {
+        let mut acc = [T::ZERO; LANES];
+        let gc = g.chunks_exact(LANES);
+        let xc = x.chunks_exact(LANES);
+        let (g_tail, x_tail) = (gc.remainder(), xc.remainder());
+        for (g, x) in gc.zip(xc) {
+            for l in 0..LANES {
+                acc[l] += g[l] * (x[l] - mean);
+            }
+        }
+        let tail: f64 = g_tail
+            .iter()
+            .zip(x_tail)
+            .map(|(g, x)| g.to_f64_() * (*x - mean).to_f64_())
+            .sum();
+        acc.iter().map(|a| a.to_f64_()).sum::<f64>() + tail
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,34 +7,36 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithD
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use super::cpu::{slice, supported_dtype, Float};
+use std::mem::MaybeUninit;
+
+use super::cpu::{
+    add_relu_slice, add_scalar, assume_init, relu_grad_slice, relu_slice, slice, supported_dtype,
+    uninit_vec, Float,
+};
 
 /// Elements per parallel piece of an elementwise loop: below this, threads cost more than
 /// they save.
 const PAR_PIECE: usize = 1 << 16;
 
-fn par_map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
+/// Applies a slice kernel to `x` in parallel pieces.
+fn par_unary<T: Float>(x: &[T], kernel: fn(&[T], &mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut out = uninit_vec::<T>(x.len());
     out.par_chunks_mut(PAR_PIECE)
         .zip(x.par_chunks(PAR_PIECE))
-        .for_each(|(o, i)| {
-            for (o, i) in o.iter_mut().zip(i) {
-                *o = f(*i);
-            }
-        });
-    out
+        .for_each(|(o, i)| kernel(i, o));
+    // SAFETY: the pieces of `out` and `x` pair up one to one, and each kernel writes its piece.
+    unsafe { assume_init(out) }
 }
 
-fn par_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::ZERO; a.len()];
+/// Applies a slice kernel to `(a, b)` in parallel pieces.
+fn par_binary<T: Float>(a: &[T], b: &[T], kernel: fn(&[T], &[T], &mut [MaybeUninit<T>])) -> Vec<T> {
+    assert_eq!(a.len(), b.len(), "elementwise operands differ in length");
+    let mut out = uninit_vec::<T>(a.len());
     out.par_chunks_mut(PAR_PIECE)
         .zip(a.par_chunks(PAR_PIECE).zip(b.par_chunks(PAR_PIECE)))
-        .for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(*a, *b);
-            }
-        });
-    out
+        .for_each(|(o, (a, b))| kernel(a, b, o));
+    // SAFETY: equal lengths, so the pieces pair up and each kernel writes its piece.
+    unsafe { assume_init(out) }
 }
 
 fn on_cpu(t: &Tensor) -> bool {
@@ -51,22 +53,10 @@ impl CustomOp1 for Relu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s {
             CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(par_map(slice::<f32>(s, l, "relu")?, |v| {
-                    if v > 0.0 {
-                        v
-                    } else {
-                        0.0
-                    }
-                }))
+                f32::to_cpu_storage_owned(par_unary(slice::<f32>(s, l, "relu")?, relu_slice))
             }
             CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(par_map(slice::<f64>(s, l, "relu")?, |v| {
-                    if v > 0.0 {
-                        v
-                    } else {
-                        0.0
-                    }
-                }))
+                f64::to_cpu_storage_owned(par_unary(slice::<f64>(s, l, "relu")?, relu_slice))
             }
             _ => candle_core::bail!("qcl-relu: only f32 and f64"),
         };
@@ -94,15 +84,15 @@ impl CustomOp2 for ReluGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_zip(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_binary(
                 slice::<f32>(s1, l1, "relu grad")?,
                 slice::<f32>(s2, l2, "relu grad")?,
-                |g, y| if y > 0.0 { g } else { 0.0 },
+                relu_grad_slice,
             )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_zip(
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_binary(
                 slice::<f64>(s1, l1, "relu grad")?,
                 slice::<f64>(s2, l2, "relu grad")?,
-                |g, y| if y > 0.0 { g } else { 0.0 },
+                relu_grad_slice,
             )),
             _ => candle_core::bail!("qcl-relu-grad: only matching f32 or f64"),
         };
@@ -130,6 +120,80 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `max(a + b, 0)` (the end of a residual block).
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "qcl-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_binary(
+                slice::<f32>(s1, l1, "add relu")?,
+                slice::<f32>(s2, l2, "add relu")?,
+                add_relu_slice,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_binary(
+                slice::<f64>(s1, l1, "add relu")?,
+                slice::<f64>(s2, l2, "add relu")?,
+                add_relu_slice,
+            )),
+            _ => candle_core::bail!("qcl-add-relu: only matching f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // One masked gradient, shared by both summands.
+        let masked = grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?;
+        let for_a = a.track_op().then(|| masked.clone());
+        let for_b = b.track_op().then_some(masked);
+        Ok((for_a, for_b))
+    }
+}
+
+/// `max(a + b, 0)` in one op (one output, one masked gradient shared by both inputs), as at
+/// the end of a residual block. `a` and `b` must have the same shape.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let a = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)?;
+/// let b = Tensor::new(&[-3.0f32, 1.0, 0.5], &Device::Cpu)?;
+/// assert_eq!(qcl_nn::ops::add_relu(&a, &b)?.to_vec1::<f32>()?, vec![0.0, 0.0, 1.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for operands of different shapes.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        return Err(Error::ShapeMismatch {
+            context: "add_relu operands".into(),
+            expected: format!("{:?}", a.dims()),
+            actual: b.dims().to_vec(),
+        });
+    }
+    if on_cpu(a) && a.dtype() == b.dtype() {
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?)
+    } else {
+        Ok((a + b)?.relu()?)
+    }
+}
+
 /// `y[b, c, …] = x[b, c, …] + bias[c]`.
 struct ChannelBias;
 
@@ -142,18 +206,23 @@ fn channel_layout(dims: &[usize]) -> (usize, usize, usize) {
 
 fn add_bias<T: Float>(x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
     let (_, c, inner) = channel_layout(dims);
-    let mut out = x.to_vec();
     if inner == 0 || c == 0 {
-        return out;
+        return x.to_vec();
     }
-    out.par_chunks_mut(c * inner).for_each(|image| {
-        for (plane, b) in image.chunks_mut(inner).zip(bias) {
-            for v in plane {
-                *v += *b;
+    let mut out = uninit_vec::<T>(x.len());
+    out.par_chunks_mut(c * inner)
+        .zip(x.par_chunks(c * inner))
+        .for_each(|(image_out, image)| {
+            for ((dst, src), b) in image_out
+                .chunks_mut(inner)
+                .zip(image.chunks(inner))
+                .zip(bias)
+            {
+                add_scalar(src, *b, dst);
             }
-        }
-    });
-    out
+        });
+    // SAFETY: every plane of every image was written (x.len() is a multiple of c·inner).
+    unsafe { assume_init(out) }
 }
 
 impl CustomOp2 for ChannelBias {

@@ -8,7 +8,9 @@ mod conv;
 mod conv_kernels;
 pub(crate) mod cpu;
 mod elementwise;
+mod loss;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv::{conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
-pub use elementwise::{add_channel_bias, relu};
+pub use elementwise::{add_channel_bias, add_relu, relu};
+pub use loss::{mse_loss, straight_through};

@@ -1,0 +1,235 @@
+//! Fused losses and the straight-through estimator.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use qcl_tensor::{Error, Result};
+use rayon::prelude::*;
+
+use super::cpu::{slice, supported_dtype, Float};
+
+fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(Error::ShapeMismatch {
+            context: what.to_string(),
+            expected: format!("{:?}", a.dims()),
+            actual: b.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn on_cpu(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cpu() && supported_dtype(a.dtype()) && a.dtype() == b.dtype()
+}
+
+/// `mean((a − b)²)` as one node.
+struct MeanSquaredError;
+
+const PIECE: usize = 1 << 14;
+
+fn sum_squared_difference<T: Float>(a: &[T], b: &[T]) -> f64 {
+    a.par_chunks(PIECE)
+        .zip(b.par_chunks(PIECE))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| {
+                    let d = (*a - *b).to_f64_();
+                    d * d
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+impl CustomOp2 for MeanSquaredError {
+    fn name(&self) -> &'static str {
+        "qcl-mse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count().max(1) as f64;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let v = sum_squared_difference(
+                    slice::<f32>(s1, l1, "mse")?,
+                    slice::<f32>(s2, l2, "mse")?,
+                );
+                f32::to_cpu_storage_owned(vec![(v / n) as f32])
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let v = sum_squared_difference(
+                    slice::<f64>(s1, l1, "mse")?,
+                    slice::<f64>(s2, l2, "mse")?,
+                );
+                f64::to_cpu_storage_owned(vec![v / n])
+            }
+            _ => candle_core::bail!("qcl-mse: only matching f32 or f64"),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scale = 2.0 * g / a.elem_count().max(1) as f64;
+        let da = if a.track_op() {
+            Some(a.apply_op2_no_bwd(b, &ScaledDifference { scale })?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(a.apply_op2_no_bwd(b, &ScaledDifference { scale: -scale })?)
+        } else {
+            None
+        };
+        Ok((da, db))
+    }
+}
+
+/// `scale · (a − b)`.
+struct ScaledDifference {
+    scale: f64,
+}
+
+fn scaled_difference<T: Float>(a: &[T], b: &[T], scale: T) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    out.par_chunks_mut(PIECE)
+        .zip(a.par_chunks(PIECE).zip(b.par_chunks(PIECE)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = scale * (*a - *b);
+            }
+        });
+    out
+}
+
+impl CustomOp2 for ScaledDifference {
+    fn name(&self) -> &'static str {
+        "qcl-scaled-difference"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                f32::to_cpu_storage_owned(scaled_difference(
+                    slice::<f32>(s1, l1, "mse grad")?,
+                    slice::<f32>(s2, l2, "mse grad")?,
+                    self.scale as f32,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                f64::to_cpu_storage_owned(scaled_difference(
+                    slice::<f64>(s1, l1, "mse grad")?,
+                    slice::<f64>(s2, l2, "mse grad")?,
+                    self.scale,
+                ))
+            }
+            _ => candle_core::bail!("qcl-scaled-difference: only matching f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Mean squared error `mean((a − b)²)` as a scalar, with a one-pass backward for both inputs
+/// (candle's composition allocates five full-size temporaries).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let a = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[1.0f32, 0.0, 6.0], &Device::Cpu)?;
+/// let loss = qcl_nn::ops::mse_loss(&a, &b)?.to_scalar::<f32>()?;
+/// assert!((loss - 13.0 / 3.0).abs() < 1e-6);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] unless `a` and `b` have the same shape.
+pub fn mse_loss(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    same_shape(a, b, "mse_loss operands")?;
+    if on_cpu(a, b) {
+        Ok(a.contiguous()?
+            .apply_op2(&b.contiguous()?, MeanSquaredError)?)
+    } else {
+        Ok((a - b)?.sqr()?.mean_all()?)
+    }
+}
+
+/// The straight-through estimator: the forward value of `quantized`, the gradient of
+/// `input` (identity), none for `quantized`.
+struct StraightThrough;
+
+impl CustomOp2 for StraightThrough {
+    fn name(&self) -> &'static str {
+        "qcl-straight-through"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s2 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(slice::<f32>(s2, l2, "ste")?.to_vec()),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(slice::<f64>(s2, l2, "ste")?.to_vec()),
+            _ => candle_core::bail!("qcl-straight-through: only f32 or f64"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _quantized: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((input.track_op().then(|| grad.clone()), None))
+    }
+}
+
+/// Straight-through estimator (Bengio et al. 2013, as used by VQ-VAE): returns exactly the
+/// values of `quantized` while the gradient flows to `input` unchanged, i.e.
+/// `input + sg(quantized − input)` without its rounding. `quantized` gets no gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let h = Var::new(&[0.3f32, -0.7], &Device::Cpu)?;
+/// let q = Tensor::new(&[0.5f32, -0.5], &Device::Cpu)?;
+/// let z = qcl_nn::ops::straight_through(&h, &q)?;
+/// assert_eq!(z.to_vec1::<f32>()?, vec![0.5, -0.5]);
+/// let grads = (z * 3.0)?.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&h).unwrap().to_vec1::<f32>()?, vec![3.0, 3.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] unless both have the same shape.
+pub fn straight_through(input: &Tensor, quantized: &Tensor) -> Result<Tensor> {
+    same_shape(input, quantized, "straight_through operands")?;
+    if on_cpu(input, quantized) {
+        Ok(input
+            .contiguous()?
+            .apply_op2(&quantized.contiguous()?, StraightThrough)?)
+    } else {
+        Ok((input + (quantized - input)?.detach())?)
+    }
+}
