@@ -460,3 +460,66 @@ fn mse_loss_and_straight_through_match_candle() {
     let err = qcl_nn::ops::mse_loss(&a, &h).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
+
+#[test]
+fn fused_bias_matches_a_separate_bias_for_both_convolutions() {
+    let x = Var::from_tensor(&random(41, &[2, 3, 6, 6])).unwrap();
+    let b = Var::from_tensor(&random(42, &[4])).unwrap();
+    let w = Var::from_tensor(&random(43, &[4, 3, 3, 3])).unwrap();
+    let wt = Var::from_tensor(&random(44, &[3, 4, 4, 4])).unwrap();
+    let p = Conv2dParams {
+        stride: 2,
+        padding: 1,
+        dilation: 1,
+    };
+    let tp = ConvTranspose2dParams {
+        stride: 2,
+        padding: 1,
+        ..Default::default()
+    };
+    let cases: Vec<(Tensor, Tensor, &Var)> = vec![
+        (
+            qcl_nn::ops::conv2d_with_bias(&x, &w, Some(&b), p).unwrap(),
+            conv2d(&x, &w, p)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap(),
+            &w,
+        ),
+        (
+            qcl_nn::ops::conv_transpose2d_with_bias(&x, &wt, Some(&b), tp).unwrap(),
+            conv_transpose2d(&x, &wt, tp)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap(),
+            &wt,
+        ),
+    ];
+    for (fused, separate, weight) in cases {
+        assert_close(&fused, &separate, "value");
+        let r = random(45, fused.dims());
+        let g1 = fused
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = separate
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (t, what) in [
+            (x.as_tensor(), "x"),
+            (b.as_tensor(), "bias"),
+            (weight.as_tensor(), "weight"),
+        ] {
+            assert_close(g1.get(t).unwrap(), g2.get(t).unwrap(), what);
+        }
+    }
+    let err = qcl_nn::ops::conv2d_with_bias(&x, &w, Some(&random(46, &[3])), p).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}

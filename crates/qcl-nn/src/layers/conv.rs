@@ -2,7 +2,9 @@ use candle_core::Tensor;
 use qcl_tensor::{Error, Result};
 
 use super::Module;
-use crate::ops::{add_channel_bias, conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
+use crate::ops::{
+    conv2d_with_bias, conv_transpose2d_with_bias, Conv2dParams, ConvTranspose2dParams,
+};
 use crate::{Init, ParamPath};
 
 /// Hyperparameters of a [`Conv2d`]. Defaults: stride 1, padding 0, dilation 1, with bias.
@@ -139,11 +141,7 @@ impl Conv2d {
     /// # Errors
     /// As [`crate::ops::conv2d`].
     pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, weight, self.config.op_params())?;
-        match &self.bias {
-            Some(b) => add_channel_bias(&y, b),
-            None => Ok(y),
-        }
+        conv2d_with_bias(x, weight, self.bias.as_ref(), self.config.op_params())
     }
 }
 
@@ -248,19 +246,16 @@ impl ConvTranspose2d {
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.config;
-        let y = conv_transpose2d(
+        conv_transpose2d_with_bias(
             x,
             &self.weight,
+            self.bias.as_ref(),
             ConvTranspose2dParams {
                 stride: c.stride,
                 padding: c.padding,
                 output_padding: c.output_padding,
                 dilation: c.dilation,
             },
-        )?;
-        match &self.bias {
-            Some(b) => add_channel_bias(&y, b),
-            None => Ok(y),
-        }
+        )
     }
 }

@@ -1,6 +1,6 @@
 //! 2-D convolution and transposed convolution with a GEMM-based CPU backward.
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
@@ -157,9 +157,40 @@ fn use_custom_kernels(x: &Tensor) -> bool {
 /// [`Error::InvalidParameter`] for zero channels, stride or dilation, or a kernel larger than
 /// the padded input, [`Error::DTypeMismatch`] for mixed dtypes.
 pub fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    conv2d_with_bias(x, w, None, p)
+}
+
+/// [`conv2d`] plus an optional per-channel `bias` (`[c_out]`), fused into the same node: the
+/// bias is added in place to the fresh output and its gradient is the per-channel sum.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::ops::{conv2d_with_bias, Conv2dParams};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// let y = conv2d_with_bias(&x, &w, Some(&b), Conv2dParams::default())?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![9.5, 8.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`conv2d`], and [`Error::ShapeMismatch`]/[`Error::DTypeMismatch`] for a bias that is
+/// not `[c_out]` of the input's dtype.
+pub fn conv2d_with_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
     let g = conv_geometry(x, w, p)?;
+    check_bias(bias, g.c_out, x.dtype())?;
     if !use_custom_kernels(x) {
-        return Ok(x.conv2d(w, p.padding, p.stride, p.dilation, 1)?);
+        let y = x.conv2d(w, p.padding, p.stride, p.dilation, 1)?;
+        return match bias {
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, g.c_out, 1, 1))?)?),
+            None => Ok(y),
+        };
     }
     if g.n == 0 {
         return Ok(Tensor::zeros(
@@ -168,13 +199,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
             x.device(),
         )?);
     }
-    Ok(x.contiguous()?.apply_op2(
-        &w.contiguous()?,
+    apply_conv(
+        x,
+        w,
+        bias,
         ConvOp {
             g,
             transposed: false,
         },
-    )?)
+    )
 }
 
 /// 2-D transposed convolution (the adjoint of [`conv2d`], PyTorch's `conv_transpose2d`).
@@ -196,6 +229,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
 /// As [`conv2d`], and [`Error::InvalidParameter`] for an output padding not below the stride
 /// or an empty output.
 pub fn conv_transpose2d(x: &Tensor, w: &Tensor, p: ConvTranspose2dParams) -> Result<Tensor> {
+    conv_transpose2d_with_bias(x, w, None, p)
+}
+
+/// [`conv_transpose2d`] plus an optional per-channel `bias` (`[c_out]`) in the same node.
+///
+/// # Errors
+/// As [`conv_transpose2d`], and [`Error::ShapeMismatch`]/[`Error::DTypeMismatch`] for a bias
+/// that is not `[c_out]` of the input's dtype.
+pub fn conv_transpose2d_with_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvTranspose2dParams,
+) -> Result<Tensor> {
     let (n, c_in, h, wd) = dims4(x, "conv_transpose2d input", "[n, c_in, h, w]")?;
     let (c_in_w, c_out, kh, kw) = dims4(w, "conv_transpose2d weight", "[c_in, c_out, kh, kw]")?;
     check_nonzero(p.stride, "stride")?;
@@ -245,8 +292,13 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, p: ConvTranspose2dParams) -> Res
             actual: w.dtype(),
         });
     }
+    check_bias(bias, c_out, x.dtype())?;
     if !use_custom_kernels(x) {
-        return Ok(x.conv_transpose2d(w, p.padding, p.output_padding, p.stride, p.dilation)?);
+        let y = x.conv_transpose2d(w, p.padding, p.output_padding, p.stride, p.dilation)?;
+        return match bias {
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?),
+            None => Ok(y),
+        };
     }
     // The forward convolution whose input gradient this is: input = our output.
     let g = ConvGeometry {
@@ -270,13 +322,15 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, p: ConvTranspose2dParams) -> Res
             x.device(),
         )?);
     }
-    Ok(x.contiguous()?.apply_op2(
-        &w.contiguous()?,
+    apply_conv(
+        x,
+        w,
+        bias,
         ConvOp {
             g,
             transposed: true,
         },
-    )?)
+    )
 }
 
 /// Which product of a convolution an op computes.
@@ -412,6 +466,118 @@ impl CustomOp2 for ConvOp {
         };
         Ok((dx, dw))
     }
+}
+
+/// A convolution plus a per-channel bias as one node: the bias is added in place to the fresh
+/// output (no extra tensor), and its gradient is the per-channel sum of the output gradient.
+struct ConvBiasOp {
+    conv: ConvOp,
+}
+
+/// `y[b, c, :, :] += bias[c]` for `y` laid out as `[n, c, plane]`.
+fn add_bias_in_place<T: Float>(y: &mut [T], bias: &[T], plane: usize) {
+    use rayon::prelude::*;
+    let c = bias.len();
+    if c == 0 || plane == 0 || y.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+        let b = bias[i % c];
+        for v in p {
+            *v += b;
+        }
+    });
+}
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        if self.conv.transposed {
+            "qcl-conv-transpose2d-bias"
+        } else {
+            "qcl-conv2d-bias"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let main = if self.conv.transposed {
+            Product::InputGrad
+        } else {
+            Product::Forward
+        };
+        let product = self.conv.product(main);
+        let shape = product.shape();
+        let plane = shape.dims()[2] * shape.dims()[3];
+        let name = self.name();
+        let storage = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let mut y = product.run(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?);
+                add_bias_in_place(&mut y, slice::<f32>(s3, l3, name)?, plane);
+                f32::to_cpu_storage_owned(y)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let mut y = product.run(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?);
+                add_bias_in_place(&mut y, slice::<f64>(s3, l3, name)?, plane);
+                f64::to_cpu_storage_owned(y)
+            }
+            _ => candle_core::bail!("{name}: only matching f32 or f64 inputs are supported"),
+        };
+        Ok((storage, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.conv.bwd(x, w, res, &grad)?;
+        let db = if bias.track_op() {
+            Some(grad.apply_op1_no_bwd(&super::elementwise::ChannelSum)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Applies a convolution op, with its bias fused in when there is one.
+fn apply_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, conv: ConvOp) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, ConvBiasOp { conv })?,
+        None => x.apply_op2(&w, conv)?,
+    })
+}
+
+fn check_bias(bias: Option<&Tensor>, channels: usize, dtype: candle_core::DType) -> Result<()> {
+    if let Some(b) = bias {
+        if b.dims() != [channels] {
+            return Err(Error::ShapeMismatch {
+                context: "convolution bias".into(),
+                expected: format!("[{channels}]"),
+                actual: b.dims().to_vec(),
+            });
+        }
+        if b.dtype() != dtype {
+            return Err(Error::DTypeMismatch {
+                context: "convolution bias".into(),
+                expected: dtype,
+                actual: b.dtype(),
+            });
+        }
+    }
+    Ok(())
 }
 
 use candle_core::WithDType;

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::cpu::{
-    add_relu_slice, add_scalar, assume_init, relu_grad_slice, relu_slice, slice, supported_dtype,
-    uninit_vec, Float,
+    add_relu_slice, add_scalar, assume_init, lane_sum, relu_grad_slice, relu_slice, slice,
+    supported_dtype, uninit_vec, Float,
 };
 
 /// Elements per parallel piece of an elementwise loop: below this, threads cost more than
@@ -286,10 +286,7 @@ pub(crate) fn channel_sums<T: Float>(x: &[T], dims: &[usize]) -> Vec<f64> {
             let mut total = 0.0f64;
             for b in 0..n {
                 let start = (b * c + ch) * inner;
-                total += x[start..start + inner]
-                    .iter()
-                    .map(|v| v.to_f64_())
-                    .sum::<f64>();
+                total += lane_sum(&x[start..start + inner]);
             }
             total
         })
