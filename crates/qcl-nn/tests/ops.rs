@@ -523,3 +523,43 @@ fn fused_bias_matches_a_separate_bias_for_both_convolutions() {
     let err = qcl_nn::ops::conv2d_with_bias(&x, &w, Some(&random(46, &[3])), p).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
+
+#[test]
+fn fused_conv_relu_matches_conv_then_relu() {
+    let x = Var::from_tensor(&random(51, &[2, 3, 7, 7])).unwrap();
+    let w = Var::from_tensor(&random(52, &[4, 3, 3, 3])).unwrap();
+    let b = Var::from_tensor(&random(53, &[4])).unwrap();
+    let p = Conv2dParams {
+        stride: 1,
+        padding: 1,
+        dilation: 1,
+    };
+    for bias in [Some(b.as_tensor()), None] {
+        let fused = qcl_nn::ops::conv2d_bias_relu(&x, &w, bias, p).unwrap();
+        let separate = qcl_nn::ops::conv2d_with_bias(&x, &w, bias, p)
+            .unwrap()
+            .relu()
+            .unwrap();
+        assert_close(&fused, &separate, "value");
+        let r = random(54, fused.dims());
+        let g1 = fused
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = separate
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), "x gradient");
+        assert_close(g1.get(&w).unwrap(), g2.get(&w).unwrap(), "w gradient");
+        if bias.is_some() {
+            assert_close(g1.get(&b).unwrap(), g2.get(&b).unwrap(), "bias gradient");
+        }
+    }
+}

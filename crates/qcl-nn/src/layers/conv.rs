@@ -3,7 +3,8 @@ use qcl_tensor::{Error, Result};
 
 use super::Module;
 use crate::ops::{
-    conv2d_with_bias, conv_transpose2d_with_bias, Conv2dParams, ConvTranspose2dParams,
+    conv2d_bias_relu, conv2d_with_bias, conv_transpose2d_with_bias, Conv2dParams,
+    ConvTranspose2dParams,
 };
 use crate::{Init, ParamPath};
 
@@ -142,6 +143,16 @@ impl Conv2d {
     /// As [`crate::ops::conv2d`].
     pub fn forward_with_weight(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         conv2d_with_bias(x, weight, self.bias.as_ref(), self.config.op_params())
+    }
+}
+
+impl Conv2d {
+    /// `max(conv(x) + bias, 0)`, fused into one op (see [`crate::ops::conv2d_bias_relu`]).
+    ///
+    /// # Errors
+    /// As [`crate::ops::conv2d`].
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d_bias_relu(x, &self.weight, self.bias.as_ref(), self.config.op_params())
     }
 }
 

@@ -68,8 +68,8 @@ impl Module for SmallCnn {
                 actual: x.dims().to_vec(),
             });
         }
-        let h = relu(&self.conv1.forward(x)?)?.max_pool2d(2)?;
-        let h = relu(&self.conv2.forward(&h)?)?.max_pool2d(2)?;
+        let h = self.conv1.forward_relu(x)?.max_pool2d(2)?;
+        let h = self.conv2.forward_relu(&h)?.max_pool2d(2)?;
         let h = relu(&self.fc1.forward(&h.flatten_from(1)?)?)?;
         self.fc2.forward(&h)
     }

@@ -117,8 +117,8 @@ impl VqAutoencoder {
                 actual: x.dims().to_vec(),
             });
         }
-        let h = relu(&self.e2.forward(&relu(&self.e1.forward(x)?)?)?)?;
-        let h = add_relu(&h, &self.r2.forward(&relu(&self.r1.forward(&h)?)?)?)?;
+        let h = self.e2.forward_relu(&self.e1.forward_relu(x)?)?;
+        let h = add_relu(&h, &self.r2.forward(&self.r1.forward_relu(&h)?)?)?;
         let (q, codes) = quantize_nchw(&h, &self.codebook)?;
         let commitment = mse_loss(&h, &q)?;
         let g = relu(&straight_through(&h, &q)?)?;

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tenso
 use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
-use super::cpu::{slice, supported_dtype, Float};
+use super::cpu::{shift_relu_in_place, slice, supported_dtype, Float};
 
 /// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
 /// groups = 1). Defaults: stride 1, padding 0, dilation 1.
@@ -183,14 +183,49 @@ pub fn conv2d_with_bias(
     bias: Option<&Tensor>,
     p: Conv2dParams,
 ) -> Result<Tensor> {
+    conv2d_fused(x, w, bias, false, p)
+}
+
+/// `max(conv2d(x, w) + bias, 0)` as one node: the ReLU runs in place on the fresh output and
+/// its backward masks the output gradient once, saving the separate ReLU tensor and node.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::ops::{conv2d_bias_relu, Conv2dParams};
+/// let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let b = Tensor::new(&[0.5f32, -10.0], &Device::Cpu)?;
+/// let y = conv2d_bias_relu(&x, &w, Some(&b), Conv2dParams::default())?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![9.5, 0.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`conv2d_with_bias`].
+pub fn conv2d_bias_relu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    conv2d_fused(x, w, bias, true, p)
+}
+
+fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    p: Conv2dParams,
+) -> Result<Tensor> {
     let g = conv_geometry(x, w, p)?;
     check_bias(bias, g.c_out, x.dtype())?;
     if !use_custom_kernels(x) {
-        let y = x.conv2d(w, p.padding, p.stride, p.dilation, 1)?;
-        return match bias {
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, g.c_out, 1, 1))?)?),
-            None => Ok(y),
-        };
+        let mut y = x.conv2d(w, p.padding, p.stride, p.dilation, 1)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.reshape((1, g.c_out, 1, 1))?)?;
+        }
+        return Ok(if relu { y.relu()? } else { y });
     }
     if g.n == 0 {
         return Ok(Tensor::zeros(
@@ -203,6 +238,7 @@ pub fn conv2d_with_bias(
         x,
         w,
         bias,
+        relu,
         ConvOp {
             g,
             transposed: false,
@@ -326,6 +362,7 @@ pub fn conv_transpose2d_with_bias(
         x,
         w,
         bias,
+        false,
         ConvOp {
             g,
             transposed: true,
@@ -472,21 +509,20 @@ impl CustomOp2 for ConvOp {
 /// output (no extra tensor), and its gradient is the per-channel sum of the output gradient.
 struct ConvBiasOp {
     conv: ConvOp,
+    /// Apply `max(·, 0)` after the bias (backward masks the gradient by the output).
+    relu: bool,
 }
 
 /// `y[b, c, :, :] += bias[c]` for `y` laid out as `[n, c, plane]`.
-fn add_bias_in_place<T: Float>(y: &mut [T], bias: &[T], plane: usize) {
+fn add_bias_in_place<T: Float>(y: &mut [T], bias: &[T], plane: usize, relu: bool) {
     use rayon::prelude::*;
     let c = bias.len();
     if c == 0 || plane == 0 || y.is_empty() {
         return;
     }
-    y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
-        let b = bias[i % c];
-        for v in p {
-            *v += b;
-        }
-    });
+    y.par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, p)| shift_relu_in_place(p, bias[i % c], relu));
 }
 
 impl CustomOp3 for ConvBiasOp {
@@ -519,12 +555,12 @@ impl CustomOp3 for ConvBiasOp {
         let storage = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let mut y = product.run(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?);
-                add_bias_in_place(&mut y, slice::<f32>(s3, l3, name)?, plane);
+                add_bias_in_place(&mut y, slice::<f32>(s3, l3, name)?, plane, self.relu);
                 f32::to_cpu_storage_owned(y)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 let mut y = product.run(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?);
-                add_bias_in_place(&mut y, slice::<f64>(s3, l3, name)?, plane);
+                add_bias_in_place(&mut y, slice::<f64>(s3, l3, name)?, plane, self.relu);
                 f64::to_cpu_storage_owned(y)
             }
             _ => candle_core::bail!("{name}: only matching f32 or f64 inputs are supported"),
@@ -540,7 +576,10 @@ impl CustomOp3 for ConvBiasOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let mut grad = grad.contiguous()?;
+        if self.relu {
+            grad = grad.apply_op2_no_bwd(res, &super::elementwise::ReluGrad)?;
+        }
         let (dx, dw) = self.conv.bwd(x, w, res, &grad)?;
         let db = if bias.track_op() {
             Some(grad.apply_op1_no_bwd(&super::elementwise::ChannelSum)?)
@@ -552,11 +591,27 @@ impl CustomOp3 for ConvBiasOp {
 }
 
 /// Applies a convolution op, with its bias fused in when there is one.
-fn apply_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, conv: ConvOp) -> Result<Tensor> {
+fn apply_conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    conv: ConvOp,
+) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    Ok(match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, ConvBiasOp { conv })?,
-        None => x.apply_op2(&w, conv)?,
+    let channels = if conv.transposed {
+        conv.g.c_in
+    } else {
+        conv.g.c_out
+    };
+    Ok(match (bias, relu) {
+        (None, false) => x.apply_op2(&w, conv)?,
+        (Some(b), _) => x.apply_op3(&w, &b.contiguous()?, ConvBiasOp { conv, relu })?,
+        (None, true) => {
+            // A zero bias that needs no gradient keeps one fused op for both cases.
+            let zero = Tensor::zeros(channels, x.dtype(), x.device())?;
+            x.apply_op3(&w, &zero, ConvBiasOp { conv, relu })?
+        }
     })
 }
 

@@ -264,6 +264,22 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// `y[i] = y[i] + shift`, then `max(·, 0)` if `relu`, in place.
+    pub(crate) fn shift_relu_in_place<T: Float>(y: &mut [T], shift: T, relu: bool) {
+        if relu {
+            for v in y.iter_mut() {
+                let r = *v + shift;
+                *v = if r > T::ZERO { r } else { T::ZERO };
+            }
+        } else {
+            for v in y.iter_mut() {
+                *v += shift;
+            }
+        }
+    }
+}
+
 /// Elements summed in independent lanes, so that float sums vectorise (the compiler may not
 /// reorder one running sum).
 pub(crate) const LANES: usize = 16;

@@ -69,7 +69,7 @@ impl CustomOp1 for Relu {
 }
 
 /// `dx = dy · [y > 0]`.
-struct ReluGrad;
+pub(crate) struct ReluGrad;
 
 impl CustomOp2 for ReluGrad {
     fn name(&self) -> &'static str {

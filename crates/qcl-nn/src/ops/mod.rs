@@ -12,8 +12,8 @@ mod loss;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv::{
-    conv2d, conv2d_with_bias, conv_transpose2d, conv_transpose2d_with_bias, Conv2dParams,
-    ConvTranspose2dParams,
+    conv2d, conv2d_bias_relu, conv2d_with_bias, conv_transpose2d, conv_transpose2d_with_bias,
+    Conv2dParams, ConvTranspose2dParams,
 };
 pub use elementwise::{add_channel_bias, add_relu, relu};
 pub use loss::{mse_loss, straight_through};
