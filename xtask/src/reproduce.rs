@@ -60,6 +60,7 @@ pub fn registry() -> Vec<Experiment> {
     vec![
         experiments::datasets::EXPERIMENT,
         experiments::kmeans::EXPERIMENT,
+        experiments::training::EXPERIMENT,
     ]
 }
 
@@ -259,6 +260,9 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
-        assert!(report.contains("Not run yet: datasets, kmeans"), "{report}");
+        assert!(
+            report.contains("Not run yet: datasets, kmeans, training"),
+            "{report}"
+        );
     }
 }

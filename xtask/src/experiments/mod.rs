@@ -2,3 +2,4 @@
 
 pub mod datasets;
 pub mod kmeans;
+pub mod training;
