@@ -10,14 +10,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
 use super::cpu::{
     affine_of_grad, assume_init, chunk_count, for_each_chunk_mut, lane_grad_sums,
-    lane_squared_deviation, lane_sum, relu_grad_slice, scale_shift, slice, supported_dtype,
-    uninit_vec, Float,
+    lane_squared_deviation, lane_sum, relu_grad_slice, run_ternary, scale_shift, supported_dtype,
+    uninit_vec, Float, TernaryKernel,
 };
 
 /// Per-channel statistics of one training batch.
@@ -134,6 +134,12 @@ impl BatchNormOp {
     }
 }
 
+impl TernaryKernel for BatchNormOp {
+    fn run<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], dims: &[usize]) -> Vec<T> {
+        self.forward(x, dims, gamma, beta)
+    }
+}
+
 impl CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
         "qcl-batch-norm"
@@ -148,26 +154,7 @@ impl CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l1.dims();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::to_cpu_storage_owned(self.forward(
-                    slice::<f32>(s1, l1, "batch norm")?,
-                    dims,
-                    slice(s2, l2, "batch norm")?,
-                    slice(s3, l3, "batch norm")?,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::to_cpu_storage_owned(self.forward(
-                    slice::<f64>(s1, l1, "batch norm")?,
-                    dims,
-                    slice(s2, l2, "batch norm")?,
-                    slice(s3, l3, "batch norm")?,
-                ))
-            }
-            _ => candle_core::bail!("qcl-batch-norm: only matching f32 or f64"),
-        };
+        let out = run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -219,7 +206,7 @@ struct BatchNormBackward<'a> {
 }
 
 impl BatchNormBackward<'_> {
-    fn run<T: Float>(&self, dy: &[T], x: &[T], y: &[T], dims: &[usize]) -> Vec<T> {
+    fn input_gradient<T: Float>(&self, dy: &[T], x: &[T], y: &[T], dims: &[usize]) -> Vec<T> {
         let saved = self.op.saved.lock().unwrap_or_else(|e| e.into_inner());
         let (n, c, inner) = layout(dims);
         let relu = self.op.relu;
@@ -292,6 +279,12 @@ impl BatchNormBackward<'_> {
     }
 }
 
+impl TernaryKernel for BatchNormBackward<'_> {
+    fn run<T: Float>(&self, dy: &[T], x: &[T], y: &[T], dims: &[usize]) -> Vec<T> {
+        self.input_gradient(dy, x, y, dims)
+    }
+}
+
 impl CustomOp3 for BatchNormBackward<'_> {
     fn name(&self) -> &'static str {
         "qcl-batch-norm-backward"
@@ -306,27 +299,7 @@ impl CustomOp3 for BatchNormBackward<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l1.dims();
-        let what = "batch norm backward";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::to_cpu_storage_owned(self.run(
-                    slice::<f32>(s1, l1, what)?,
-                    slice(s2, l2, what)?,
-                    slice(s3, l3, what)?,
-                    dims,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::to_cpu_storage_owned(self.run(
-                    slice::<f64>(s1, l1, what)?,
-                    slice(s2, l2, what)?,
-                    slice(s3, l3, what)?,
-                    dims,
-                ))
-            }
-            _ => candle_core::bail!("qcl-batch-norm-backward: only matching f32 or f64"),
-        };
+        let out = run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -4,7 +4,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tenso
 use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
-use super::cpu::{shift_relu_in_place, slice, supported_dtype, Float};
+use super::cpu::{
+    run_binary, run_ternary, shift_relu_in_place, supported_dtype, BinaryKernel, Float,
+    TernaryKernel,
+};
 
 /// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
 /// groups = 1). Defaults: stride 1, padding 0, dilation 1.
@@ -386,7 +389,7 @@ struct ConvProduct {
 }
 
 impl ConvProduct {
-    fn run<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T> {
+    fn compute<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T> {
         match self.product {
             Product::Forward => conv_forward(&self.g, a, b),
             Product::InputGrad => conv_input_grad(&self.g, a, b),
@@ -401,6 +404,27 @@ impl ConvProduct {
             Product::InputGrad => (g.n, g.c_in, g.h_in, g.w_in).into(),
             Product::WeightGrad => (g.c_out, g.c_in, g.kh, g.kw).into(),
         }
+    }
+}
+
+impl BinaryKernel for ConvProduct {
+    fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {
+        self.compute(a, b)
+    }
+}
+
+/// A convolution product followed by the per-channel bias (and ReLU), in place.
+struct BiasedProduct<'a> {
+    product: &'a ConvProduct,
+    relu: bool,
+}
+
+impl TernaryKernel for BiasedProduct<'_> {
+    fn run<T: Float>(&self, a: &[T], b: &[T], bias: &[T], _dims: &[usize]) -> Vec<T> {
+        let mut y = self.product.compute(a, b);
+        let shape = self.product.shape();
+        add_bias_in_place(&mut y, bias, shape.dims()[2] * shape.dims()[3], self.relu);
+        y
     }
 }
 
@@ -420,17 +444,8 @@ impl CustomOp2 for ConvProduct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(
-                self.run(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?),
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(
-                self.run(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?),
-            ),
-            _ => candle_core::bail!("{name}: only matching f32 or f64 inputs are supported"),
-        };
-        Ok((storage, self.shape()))
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
+        Ok((out, self.shape()))
     }
 }
 
@@ -444,6 +459,15 @@ struct ConvOp {
 impl ConvOp {
     fn product(&self, product: Product) -> ConvProduct {
         ConvProduct { g: self.g, product }
+    }
+
+    /// The product the node's forward pass computes.
+    fn main_product(&self) -> ConvProduct {
+        self.product(if self.transposed {
+            Product::InputGrad
+        } else {
+            Product::Forward
+        })
     }
 }
 
@@ -463,12 +487,7 @@ impl CustomOp2 for ConvOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let main = if self.transposed {
-            Product::InputGrad
-        } else {
-            Product::Forward
-        };
-        self.product(main).cpu_fwd(s1, l1, s2, l2)
+        self.main_product().cpu_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -543,29 +562,18 @@ impl CustomOp3 for ConvBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let main = if self.conv.transposed {
-            Product::InputGrad
-        } else {
-            Product::Forward
-        };
-        let product = self.conv.product(main);
-        let shape = product.shape();
-        let plane = shape.dims()[2] * shape.dims()[3];
-        let name = self.name();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let mut y = product.run(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?);
-                add_bias_in_place(&mut y, slice::<f32>(s3, l3, name)?, plane, self.relu);
-                f32::to_cpu_storage_owned(y)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let mut y = product.run(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?);
-                add_bias_in_place(&mut y, slice::<f64>(s3, l3, name)?, plane, self.relu);
-                f64::to_cpu_storage_owned(y)
-            }
-            _ => candle_core::bail!("{name}: only matching f32 or f64 inputs are supported"),
-        };
-        Ok((storage, shape))
+        let product = self.conv.main_product();
+        let out = run_ternary(
+            &BiasedProduct {
+                product: &product,
+                relu: self.relu,
+            },
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        Ok((out, product.shape()))
     }
 
     fn bwd(
@@ -634,5 +642,3 @@ fn check_bias(bias: Option<&Tensor>, channels: usize, dtype: candle_core::DType)
     }
     Ok(())
 }
-
-use candle_core::WithDType;

@@ -62,6 +62,93 @@ pub(crate) fn slice<'a, T: Float>(
     }
 }
 
+/// A host kernel over one contiguous operand of any supported float type.
+pub(crate) trait UnaryKernel {
+    /// The result for operand `x` of shape `dims`.
+    fn run<T: Float>(&self, x: &[T], dims: &[usize]) -> Vec<T>;
+}
+
+/// A host kernel over two contiguous operands of the same float type.
+pub(crate) trait BinaryKernel {
+    /// The result for operands `a` (of shape `dims`) and `b`.
+    fn run<T: Float>(&self, a: &[T], b: &[T], dims: &[usize]) -> Vec<T>;
+}
+
+/// A host kernel over three contiguous operands of the same float type.
+pub(crate) trait TernaryKernel {
+    /// The result for operands `a` (of shape `dims`), `b` and `c`.
+    fn run<T: Float>(&self, a: &[T], b: &[T], c: &[T], dims: &[usize]) -> Vec<T>;
+}
+
+/// Runs `kernel` on `f32` or `f64` storage: the one place custom ops dispatch on dtype.
+pub(crate) fn run_unary(
+    kernel: &impl UnaryKernel,
+    name: &str,
+    s: &CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<CpuStorage> {
+    Ok(match s {
+        CpuStorage::F32(_) => {
+            f32::to_cpu_storage_owned(kernel.run(slice::<f32>(s, l, name)?, l.dims()))
+        }
+        CpuStorage::F64(_) => {
+            f64::to_cpu_storage_owned(kernel.run(slice::<f64>(s, l, name)?, l.dims()))
+        }
+        _ => candle_core::bail!("{name}: only f32 and f64 are supported"),
+    })
+}
+
+/// [`run_unary`] for two operands of the same dtype.
+pub(crate) fn run_binary(
+    kernel: &impl BinaryKernel,
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> candle_core::Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(kernel.run(
+            slice::<f32>(s1, l1, name)?,
+            slice(s2, l2, name)?,
+            l1.dims(),
+        )),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(kernel.run(
+            slice::<f64>(s1, l1, name)?,
+            slice(s2, l2, name)?,
+            l1.dims(),
+        )),
+        _ => candle_core::bail!("{name}: only matching f32 or f64 operands are supported"),
+    })
+}
+
+/// [`run_unary`] for three operands of the same dtype.
+pub(crate) fn run_ternary(
+    kernel: &impl TernaryKernel,
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<CpuStorage> {
+    Ok(match (s1, s2, s3) {
+        (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            f32::to_cpu_storage_owned(kernel.run(
+                slice::<f32>(s1, l1, name)?,
+                slice(s2, l2, name)?,
+                slice(s3, l3, name)?,
+                l1.dims(),
+            ))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            f64::to_cpu_storage_owned(kernel.run(
+                slice::<f64>(s1, l1, name)?,
+                slice(s2, l2, name)?,
+                slice(s3, l3, name)?,
+                l1.dims(),
+            ))
+        }
+        _ => candle_core::bail!("{name}: only matching f32 or f64 operands are supported"),
+    })
+}
+
 /// How many contiguous chunks to split `items` into: one per rayon thread, so that each core
 /// gets one large piece of work (fine-grained parallel loops cost more than they gain here).
 pub(crate) fn chunk_count(items: usize) -> usize {

@@ -3,15 +3,15 @@
 //! candle's own ReLU backward builds a mask through several full-size temporaries; these ops
 //! use the saved output instead (`dx = dy · [y > 0]`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
 use super::cpu::{
-    add_relu_slice, add_scalar, assume_init, lane_sum, relu_grad_slice, relu_slice, slice,
-    supported_dtype, uninit_vec, Float,
+    add_relu_slice, add_scalar, assume_init, lane_sum, relu_grad_slice, relu_slice, run_binary,
+    run_unary, supported_dtype, uninit_vec, BinaryKernel, Float, UnaryKernel,
 };
 
 /// Elements per parallel piece of an elementwise loop: below this, threads cost more than
@@ -51,15 +51,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(par_unary(slice::<f32>(s, l, "relu")?, relu_slice))
-            }
-            CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(par_unary(slice::<f64>(s, l, "relu")?, relu_slice))
-            }
-            _ => candle_core::bail!("qcl-relu: only f32 and f64"),
-        };
+        let out = run_unary(self, self.name(), s, l)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -68,8 +60,20 @@ impl CustomOp1 for Relu {
     }
 }
 
+impl UnaryKernel for Relu {
+    fn run<T: Float>(&self, x: &[T], _dims: &[usize]) -> Vec<T> {
+        par_unary(x, relu_slice)
+    }
+}
+
 /// `dx = dy · [y > 0]`.
 pub(crate) struct ReluGrad;
+
+impl BinaryKernel for ReluGrad {
+    fn run<T: Float>(&self, dy: &[T], y: &[T], _dims: &[usize]) -> Vec<T> {
+        par_binary(dy, y, relu_grad_slice)
+    }
+}
 
 impl CustomOp2 for ReluGrad {
     fn name(&self) -> &'static str {
@@ -83,19 +87,7 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_binary(
-                slice::<f32>(s1, l1, "relu grad")?,
-                slice::<f32>(s2, l2, "relu grad")?,
-                relu_grad_slice,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_binary(
-                slice::<f64>(s1, l1, "relu grad")?,
-                slice::<f64>(s2, l2, "relu grad")?,
-                relu_grad_slice,
-            )),
-            _ => candle_core::bail!("qcl-relu-grad: only matching f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -123,6 +115,12 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 /// `max(a + b, 0)` (the end of a residual block).
 struct AddRelu;
 
+impl BinaryKernel for AddRelu {
+    fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {
+        par_binary(a, b, add_relu_slice)
+    }
+}
+
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
         "qcl-add-relu"
@@ -135,19 +133,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(par_binary(
-                slice::<f32>(s1, l1, "add relu")?,
-                slice::<f32>(s2, l2, "add relu")?,
-                add_relu_slice,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(par_binary(
-                slice::<f64>(s1, l1, "add relu")?,
-                slice::<f64>(s2, l2, "add relu")?,
-                add_relu_slice,
-            )),
-            _ => candle_core::bail!("qcl-add-relu: only matching f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -225,6 +211,12 @@ fn add_bias<T: Float>(x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
     unsafe { assume_init(out) }
 }
 
+impl BinaryKernel for ChannelBias {
+    fn run<T: Float>(&self, x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
+        add_bias(x, bias, dims)
+    }
+}
+
 impl CustomOp2 for ChannelBias {
     fn name(&self) -> &'static str {
         "qcl-channel-bias"
@@ -237,20 +229,7 @@ impl CustomOp2 for ChannelBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l1.dims();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(add_bias(
-                slice::<f32>(s1, l1, "bias")?,
-                slice::<f32>(s2, l2, "bias")?,
-                dims,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(add_bias(
-                slice::<f64>(s1, l1, "bias")?,
-                slice::<f64>(s2, l2, "bias")?,
-                dims,
-            )),
-            _ => candle_core::bail!("qcl-channel-bias: only matching f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -293,26 +272,23 @@ pub(crate) fn channel_sums<T: Float>(x: &[T], dims: &[usize]) -> Vec<f64> {
         .collect()
 }
 
+impl UnaryKernel for ChannelSum {
+    fn run<T: Float>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
+        channel_sums(x, dims)
+            .into_iter()
+            .map(T::from_f64_)
+            .collect()
+    }
+}
+
 impl CustomOp1 for ChannelSum {
     fn name(&self) -> &'static str {
         "qcl-channel-sum"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.dims();
-        let c = channel_layout(dims).1;
-        let out = match s {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(
-                channel_sums(slice::<f32>(s, l, "channel sum")?, dims)
-                    .into_iter()
-                    .map(|v| v as f32)
-                    .collect(),
-            ),
-            CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(channel_sums(slice::<f64>(s, l, "channel sum")?, dims))
-            }
-            _ => candle_core::bail!("qcl-channel-sum: only f32 and f64"),
-        };
+        let c = channel_layout(l.dims()).1;
+        let out = run_unary(self, self.name(), s, l)?;
         Ok((out, Shape::from(c)))
     }
 }

@@ -1,10 +1,10 @@
 //! Fused losses and the straight-through estimator.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use super::cpu::{slice, supported_dtype, Float};
+use super::cpu::{run_binary, supported_dtype, BinaryKernel, Float};
 
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() {
@@ -41,6 +41,13 @@ fn sum_squared_difference<T: Float>(a: &[T], b: &[T]) -> f64 {
         .sum()
 }
 
+impl BinaryKernel for MeanSquaredError {
+    fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {
+        let n = a.len().max(1) as f64;
+        vec![T::from_f64_(sum_squared_difference(a, b) / n)]
+    }
+}
+
 impl CustomOp2 for MeanSquaredError {
     fn name(&self) -> &'static str {
         "qcl-mse"
@@ -53,24 +60,7 @@ impl CustomOp2 for MeanSquaredError {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l1.shape().elem_count().max(1) as f64;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let v = sum_squared_difference(
-                    slice::<f32>(s1, l1, "mse")?,
-                    slice::<f32>(s2, l2, "mse")?,
-                );
-                f32::to_cpu_storage_owned(vec![(v / n) as f32])
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let v = sum_squared_difference(
-                    slice::<f64>(s1, l1, "mse")?,
-                    slice::<f64>(s2, l2, "mse")?,
-                );
-                f64::to_cpu_storage_owned(vec![v / n])
-            }
-            _ => candle_core::bail!("qcl-mse: only matching f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, Shape::from(())))
     }
 
@@ -114,6 +104,12 @@ fn scaled_difference<T: Float>(a: &[T], b: &[T], scale: T) -> Vec<T> {
     out
 }
 
+impl BinaryKernel for ScaledDifference {
+    fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {
+        scaled_difference(a, b, T::from_f64_(self.scale))
+    }
+}
+
 impl CustomOp2 for ScaledDifference {
     fn name(&self) -> &'static str {
         "qcl-scaled-difference"
@@ -126,23 +122,7 @@ impl CustomOp2 for ScaledDifference {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::to_cpu_storage_owned(scaled_difference(
-                    slice::<f32>(s1, l1, "mse grad")?,
-                    slice::<f32>(s2, l2, "mse grad")?,
-                    self.scale as f32,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::to_cpu_storage_owned(scaled_difference(
-                    slice::<f64>(s1, l1, "mse grad")?,
-                    slice::<f64>(s2, l2, "mse grad")?,
-                    self.scale,
-                ))
-            }
-            _ => candle_core::bail!("qcl-scaled-difference: only matching f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -175,6 +155,12 @@ pub fn mse_loss(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `input` (identity), none for `quantized`.
 struct StraightThrough;
 
+impl BinaryKernel for StraightThrough {
+    fn run<T: Float>(&self, _input: &[T], quantized: &[T], _dims: &[usize]) -> Vec<T> {
+        quantized.to_vec()
+    }
+}
+
 impl CustomOp2 for StraightThrough {
     fn name(&self) -> &'static str {
         "qcl-straight-through"
@@ -182,16 +168,12 @@ impl CustomOp2 for StraightThrough {
 
     fn cpu_fwd(
         &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s2 {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(slice::<f32>(s2, l2, "ste")?.to_vec()),
-            CpuStorage::F64(_) => f64::to_cpu_storage_owned(slice::<f64>(s2, l2, "ste")?.to_vec()),
-            _ => candle_core::bail!("qcl-straight-through: only f32 or f64"),
-        };
+        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
         Ok((out, l2.shape().clone()))
     }
 
