@@ -17,15 +17,11 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode};
 use qcl_nn::bench::BenchModel;
-use qcl_nn::layers::ModuleT;
-use qcl_nn::models::{ResNet, ResNetConfig, VqAutoencoder};
 use qcl_nn::ops::{conv2d, conv_transpose2d, Conv2dParams, ConvTranspose2dParams};
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
-use qcl_nn::ParamStore;
 use qcl_tensor::{Result, Seed};
 
 /// Images per convolution call (the reference training batch).
@@ -142,64 +138,15 @@ fn convolutions(c: &mut Criterion) {
     group.finish();
 }
 
-/// One SGD training step (forward, loss, backward, update) of a reference model on a fixed
-/// random batch, returning the loss; the same construction as `qcl_nn::bench`.
-fn training_step(model: BenchModel) -> Result<Box<dyn FnMut() -> Result<Tensor>>> {
-    let device = Device::Cpu;
-    let seed = Seed(0);
-    let mut rng = seed.child_named("batch").rng();
-    let x = rng.normal_tensor((STEP_BATCH, 1, 28, 28), 0.0, 1.0, &device)?;
-    let labels: Vec<u32> = (0..STEP_BATCH)
-        .map(|_| rng.below(10).map(|v| v as u32))
-        .collect::<Result<_>>()?;
-    let y = Tensor::new(labels.as_slice(), &device)?;
-    let store = ParamStore::new(seed.child_named("weights"));
-    let root = store.root(&device);
-    let sgd = SgdParams {
-        lr: 0.05,
-        momentum: 0.9,
-        ..Default::default()
-    };
-    Ok(match model {
-        BenchModel::ResNet20 => {
-            let net = ResNet::new(&root, &ResNetConfig::resnet20(1, 10))?;
-            let mut opt = Sgd::new(store.trainable(), sgd)?;
-            Box::new(move || {
-                let logits = net.forward_t(&x, true)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-                opt.backward_step(&loss)?;
-                Ok(loss)
-            })
-        }
-        BenchModel::VqAutoencoder => {
-            let ae = VqAutoencoder::new(&root, 32, 16)?;
-            let mut opt = Sgd::new(store.trainable(), sgd)?;
-            Box::new(move || {
-                let out = ae.forward(&x)?;
-                let loss =
-                    (qcl_nn::ops::mse_loss(&out.reconstruction, &x)? + (out.commitment * 2.0)?)?;
-                opt.backward_step(&loss)?;
-                Ok(loss)
-            })
-        }
-    })
-}
-
 fn train_steps(c: &mut Criterion) {
     qcl_tensor::tune_process_for_numeric_loops();
     let mut group = c.benchmark_group("train_step");
     configure(&mut group, 4);
     for model in [BenchModel::ResNet20, BenchModel::VqAutoencoder] {
-        let mut step = training_step(model).expect("model");
+        let mut step = qcl_nn::bench::training_step(model, STEP_BATCH, 0).expect("model");
         group.bench_function(format!("{}/batch{STEP_BATCH}", model.name()), |b| {
-            b.iter(|| {
-                let loss = step().unwrap();
-                // Read the loss back, as a training loop does.
-                loss.to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            })
+            // The step reads its loss back, as a training loop does.
+            b.iter(|| step().unwrap())
         });
     }
     group.finish();

@@ -123,31 +123,32 @@ pub fn peak_rss_bytes() -> Option<u64> {
     }
 }
 
-/// Trains `config.model` on one random batch and reports samples per second.
+/// A boxed training step, returning the loss after the update.
+pub type TrainingStep = Box<dyn FnMut() -> Result<f64>>;
+
+/// One SGD step (momentum 0.9, lr 0.05: forward, loss, backward, update) of `model` on a fixed
+/// random batch of `batch` images `N(0, 1)` with random labels, all drawn from `seed`: the step
+/// [`bench_training`] times, for other harnesses (criterion) to time too.
 ///
 /// ```
-/// use qcl_nn::bench::{bench_training, BenchModel, TrainBenchConfig};
-/// let report = bench_training(&TrainBenchConfig {
-///     batch: 4, steps: 1, warmup: 0, ..TrainBenchConfig::new(BenchModel::VqAutoencoder)
-/// })?;
-/// assert!(report.samples_per_s > 0.0);
+/// use qcl_nn::bench::{training_step, BenchModel};
+/// let mut step = training_step(BenchModel::VqAutoencoder, 2, 0)?;
+/// let first = step()?;
+/// assert!(first.is_finite());
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidParameter`] for a zero batch or step count; candle errors.
-pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
-    if config.batch == 0 || config.steps == 0 {
-        return Err(Error::invalid_parameter(
-            "batch/steps",
-            "need at least one image and one timed step",
-        ));
+/// [`Error::InvalidParameter`] for an empty batch; candle errors.
+pub fn training_step(model: BenchModel, batch: usize, seed: u64) -> Result<TrainingStep> {
+    if batch == 0 {
+        return Err(Error::invalid_parameter("batch", "need at least one image"));
     }
     let device = Device::Cpu;
-    let seed = Seed(config.seed);
+    let seed = Seed(seed);
     let mut rng = seed.child_named("batch").rng();
-    let x = rng.normal_tensor((config.batch, 1, 28, 28), 0.0, 1.0, &device)?;
-    let labels: Vec<u32> = (0..config.batch)
+    let x = rng.normal_tensor((batch, 1, 28, 28), 0.0, 1.0, &device)?;
+    let labels: Vec<u32> = (0..batch)
         .map(|_| rng.below(10).map(|v| v as u32))
         .collect::<Result<_>>()?;
     let y = Tensor::new(labels.as_slice(), &device)?;
@@ -158,7 +159,7 @@ pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
         momentum: 0.9,
         ..Default::default()
     };
-    let mut step: Box<dyn FnMut() -> Result<f64>> = match config.model {
+    Ok(match model {
         BenchModel::ResNet20 => {
             let net = ResNet::new(&root, &ResNetConfig::resnet20(1, 10))?;
             let mut opt = Sgd::new(store.trainable(), sgd)?;
@@ -180,7 +181,30 @@ pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
                 Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
             })
         }
-    };
+    })
+}
+
+/// Trains `config.model` on one random batch and reports samples per second.
+///
+/// ```
+/// use qcl_nn::bench::{bench_training, BenchModel, TrainBenchConfig};
+/// let report = bench_training(&TrainBenchConfig {
+///     batch: 4, steps: 1, warmup: 0, ..TrainBenchConfig::new(BenchModel::VqAutoencoder)
+/// })?;
+/// assert!(report.samples_per_s > 0.0);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a zero batch or step count; candle errors.
+pub fn bench_training(config: &TrainBenchConfig) -> Result<TrainBenchReport> {
+    if config.batch == 0 || config.steps == 0 {
+        return Err(Error::invalid_parameter(
+            "batch/steps",
+            "need at least one image and one timed step",
+        ));
+    }
+    let mut step = training_step(config.model, config.batch, config.seed)?;
     for _ in 0..config.warmup {
         step()?;
     }
