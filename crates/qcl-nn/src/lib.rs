@@ -13,6 +13,8 @@
 //!   resume bit-identically.
 //! - [`ParamStore`]: named, seeded parameters and buffers.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod layers;
 pub mod models;

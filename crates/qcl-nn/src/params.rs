@@ -33,15 +33,31 @@ pub enum Init {
     /// Every element equal to the value.
     Const(f64),
     /// Uniform on `[low, high)`.
-    Uniform { low: f64, high: f64 },
+    Uniform {
+        /// Lower bound (inclusive).
+        low: f64,
+        /// Upper bound (exclusive).
+        high: f64,
+    },
     /// Normal with the given mean and standard deviation.
-    Normal { mean: f64, std: f64 },
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
     /// PyTorch's default for conv/linear weights: `U(-b, b)` with `b = 1/sqrt(fan_in)`
     /// (kaiming-uniform with `a = sqrt(5)`).
-    KaimingUniform { fan_in: usize },
+    KaimingUniform {
+        /// Inputs feeding one output (`c_in·k·k` for a convolution).
+        fan_in: usize,
+    },
     /// He initialisation `N(0, 2/fan)`, with `fan` the fan-out (`c_out·k·k`) as in
     /// torchvision's ResNets or the fan-in.
-    KaimingNormal { fan: usize },
+    KaimingNormal {
+        /// The fan the variance is divided by.
+        fan: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
