@@ -241,19 +241,18 @@ impl BatchNormBackward<'_> {
             })
             .unzip();
         let m = saved.count.max(1) as f64;
-        // Per channel: dx = a·g + b·x + k, folding the x̂ term into an affine map of x.
+        // Per channel: dx = a·g + b·(x − μ) + k, the x̂ term as an affine map of the centred x.
         let mut coef_g = vec![T::ZERO; c];
         let mut coef_x = vec![T::ZERO; c];
+        let mut centre = vec![T::ZERO; c];
         let mut offset = vec![T::ZERO; c];
         for ch in 0..c {
             let a = self.gamma[ch] * saved.inv_std[ch];
+            coef_g[ch] = T::from_f64_(a);
             if self.op.training {
-                let bx = -a * saved.inv_std[ch] * sum_gx[ch] / m;
-                coef_g[ch] = T::from_f64_(a);
-                coef_x[ch] = T::from_f64_(bx);
-                offset[ch] = T::from_f64_(-a * sum_g[ch] / m - bx * saved.mean[ch]);
-            } else {
-                coef_g[ch] = T::from_f64_(a);
+                coef_x[ch] = T::from_f64_(-a * saved.inv_std[ch] * sum_gx[ch] / m);
+                centre[ch] = T::from_f64_(saved.mean[ch]);
+                offset[ch] = T::from_f64_(-a * sum_g[ch] / m);
             }
         }
         drop(saved);
@@ -264,10 +263,17 @@ impl BatchNormBackward<'_> {
                 for (i, dx_b) in out.chunks_mut(image).enumerate() {
                     let base = (first + i) * image;
                     for ch in 0..c {
-                        let (a, bx, k) = (coef_g[ch], coef_x[ch], offset[ch]);
+                        let coefficients = (coef_g[ch], coef_x[ch], centre[ch], offset[ch]);
                         let r = base + ch * inner..base + (ch + 1) * inner;
                         let dst = &mut dx_b[ch * inner..(ch + 1) * inner];
-                        affine_of_grad(&dy[r.clone()], &x[r.clone()], &y[r], (a, bx, k), relu, dst);
+                        affine_of_grad(
+                            &dy[r.clone()],
+                            &x[r.clone()],
+                            &y[r],
+                            coefficients,
+                            relu,
+                            dst,
+                        );
                     }
                 }
             });

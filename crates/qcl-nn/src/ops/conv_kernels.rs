@@ -126,6 +126,10 @@ pub(crate) fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
                     let dst = &mut row[oy * g.w_out..(oy + 1) * g.w_out];
                     dst[..x_lo].fill(T::ZERO);
                     dst[x_hi..].fill(T::ZERO);
+                    if x_lo == x_hi {
+                        // No tap of this kernel column lands inside the image.
+                        continue;
+                    }
                     let ix0 = (x_lo * s) as isize + off_x;
                     if s == 1 {
                         // A plain loop: rows are a few dozen elements, too short for memcpy's
@@ -159,6 +163,10 @@ pub(crate) fn col2im<T: Float>(g: &ConvGeometry, col: &[T], dx: &mut [T]) {
                 let (x_lo, x_hi) = g.valid_range(off_x, g.w_in, g.w_out);
                 let row_index = (c * g.kh + ki) * g.kw + kj;
                 let row = &col[row_index * hw_out..(row_index + 1) * hw_out];
+                if x_lo == x_hi {
+                    // No tap of this kernel column lands inside the image.
+                    continue;
+                }
                 for oy in y_lo..y_hi {
                     let iy = (oy * s) as isize + off_y;
                     let dst = &mut plane[iy as usize * g.w_in..(iy as usize + 1) * g.w_in];

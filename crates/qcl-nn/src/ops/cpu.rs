@@ -291,24 +291,26 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `out[i] = a·g[i] + b·x[i] + k`, with `g = dy·[y > 0]` if `relu` else `dy`.
+    /// `out[i] = a·g[i] + b·(x[i] − mean) + k`, with `g = dy·[y > 0]` if `relu` else `dy`.
+    /// Centring `x` before scaling keeps the BatchNorm gradient accurate when the mean is
+    /// large next to the spread.
     pub(crate) fn affine_of_grad<T: Float>(
         dy: &[T],
         x: &[T],
         y: &[T],
-        coefficients: (T, T, T),
+        coefficients: (T, T, T, T),
         relu: bool,
         out: &mut [std::mem::MaybeUninit<T>],
     ) {
-        let (a, b, k) = coefficients;
+        let (a, b, mean, k) = coefficients;
         if relu {
             for (((d, g), x), y) in out.iter_mut().zip(dy).zip(x).zip(y) {
                 let g = if *y > T::ZERO { *g } else { T::ZERO };
-                d.write(a * g + b * *x + k);
+                d.write(a * g + b * (*x - mean) + k);
             }
         } else {
             for ((d, g), x) in out.iter_mut().zip(dy).zip(x) {
-                d.write(a * *g + b * *x + k);
+                d.write(a * *g + b * (*x - mean) + k);
             }
         }
     }
