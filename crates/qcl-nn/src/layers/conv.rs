@@ -8,6 +8,35 @@ use crate::ops::{
 };
 use crate::{Init, ParamPath};
 
+/// Checks a convolution layer's sizes and creates its `weight` (`[lead.0, lead.1, k, k]`,
+/// drawn from `init`) and, if asked, its `bias` (`[c_out]`, PyTorch's `U(±1/√bias_fan_in)`).
+fn weight_and_bias(
+    path: &ParamPath,
+    layer: &str,
+    (c_in, c_out, kernel): (usize, usize, usize),
+    lead: (usize, usize),
+    init: Init,
+    bias_fan_in: usize,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if c_in == 0 || c_out == 0 || kernel == 0 {
+        return Err(Error::invalid_parameter(
+            layer,
+            format!("channels and kernel must be positive, got {c_in}→{c_out}, kernel {kernel}"),
+        ));
+    }
+    let weight = path.param("weight", (lead.0, lead.1, kernel, kernel), init)?;
+    let bias = if bias {
+        let init = Init::KaimingUniform {
+            fan_in: bias_fan_in,
+        };
+        Some(path.param("bias", c_out, init)?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
+}
+
 /// Hyperparameters of a [`Conv2d`]. Defaults: stride 1, padding 0, dilation 1, with bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dConfig {
@@ -99,21 +128,15 @@ impl Conv2d {
         config: Conv2dConfig,
         init: Init,
     ) -> Result<Self> {
-        if c_in == 0 || c_out == 0 || kernel == 0 {
-            return Err(Error::invalid_parameter(
-                "conv2d",
-                format!(
-                    "channels and kernel must be positive, got {c_in}→{c_out}, kernel {kernel}"
-                ),
-            ));
-        }
-        let weight = path.param("weight", (c_out, c_in, kernel, kernel), init)?;
-        let bias = if config.bias {
-            let fan_in = c_in * kernel * kernel;
-            Some(path.param("bias", c_out, Init::KaimingUniform { fan_in })?)
-        } else {
-            None
-        };
+        let (weight, bias) = weight_and_bias(
+            path,
+            "conv2d",
+            (c_in, c_out, kernel),
+            (c_out, c_in),
+            init,
+            c_in * kernel * kernel,
+            config.bias,
+        )?;
         Ok(Self {
             weight,
             bias,
@@ -222,25 +245,16 @@ impl ConvTranspose2d {
         kernel: usize,
         config: ConvTranspose2dConfig,
     ) -> Result<Self> {
-        if c_in == 0 || c_out == 0 || kernel == 0 {
-            return Err(Error::invalid_parameter(
-                "conv_transpose2d",
-                format!(
-                    "channels and kernel must be positive, got {c_in}→{c_out}, kernel {kernel}"
-                ),
-            ));
-        }
         let fan_in = c_out * kernel * kernel;
-        let weight = path.param(
-            "weight",
-            (c_in, c_out, kernel, kernel),
+        let (weight, bias) = weight_and_bias(
+            path,
+            "conv_transpose2d",
+            (c_in, c_out, kernel),
+            (c_in, c_out),
             Init::KaimingUniform { fan_in },
+            fan_in,
+            config.bias,
         )?;
-        let bias = if config.bias {
-            Some(path.param("bias", c_out, Init::KaimingUniform { fan_in })?)
-        } else {
-            None
-        };
         Ok(Self {
             weight,
             bias,

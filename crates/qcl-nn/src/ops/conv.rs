@@ -4,10 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tenso
 use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
-use super::cpu::{
-    run_binary, run_ternary, shift_relu_in_place, supported_dtype, BinaryKernel, Float,
-    TernaryKernel,
-};
+use super::cpu::{run_binary, run_ternary, supported_dtype, BinaryKernel, Float, TernaryKernel};
 
 /// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
 /// groups = 1). Defaults: stride 1, padding 0, dilation 1.
@@ -74,31 +71,88 @@ fn check_nonzero(value: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks shapes and parameters of `conv2d(x, w)` and returns its geometry.
-fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
-    let (n, c_in, h_in, w_in) = dims4(x, "conv2d input", "[n, c_in, h, w]")?;
-    let (c_out, c_in_w, kh, kw) = dims4(w, "conv2d weight", "[c_out, c_in, kh, kw]")?;
-    check_nonzero(p.stride, "stride")?;
-    check_nonzero(p.dilation, "dilation")?;
-    if c_in == 0 || c_out == 0 {
+/// Sizes of a convolution's operands, checked.
+struct Operands {
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+}
+
+/// The checks both convolutions share: 4-D operands of one dtype, at least one channel each
+/// way and a 1×1 kernel, matching input channels, and stride and dilation of at least 1.
+/// The weight is `[c_out, c_in, kh, kw]`, or `[c_in, c_out, kh, kw]` when `transposed`.
+fn check_operands(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, dilation): (usize, usize),
+    transposed: bool,
+) -> Result<Operands> {
+    let op = if transposed {
+        "conv_transpose2d"
+    } else {
+        "conv2d"
+    };
+    let (n, c_in, h, wd) = dims4(x, &format!("{op} input"), "[n, c_in, h, w]")?;
+    let pattern = if transposed {
+        "[c_in, c_out, kh, kw]"
+    } else {
+        "[c_out, c_in, kh, kw]"
+    };
+    let (a, b, kh, kw) = dims4(w, &format!("{op} weight"), pattern)?;
+    let (c_in_w, c_out) = if transposed { (a, b) } else { (b, a) };
+    check_nonzero(stride, "stride")?;
+    check_nonzero(dilation, "dilation")?;
+    if c_in == 0 || c_out == 0 || kh == 0 || kw == 0 {
         return Err(Error::invalid_parameter(
             "channels",
-            format!("a convolution needs at least one channel in and out, got {c_in} → {c_out}"),
+            format!(
+                "a convolution needs at least one channel in and out and a 1×1 kernel, \
+                 got input {:?}, weight {:?}",
+                x.dims(),
+                w.dims()
+            ),
         ));
     }
     if c_in_w != c_in {
         return Err(Error::ShapeMismatch {
-            context: "conv2d weight (input channels)".into(),
-            expected: format!("[c_out, {c_in}, kh, kw]"),
+            context: format!("{op} weight (input channels)"),
+            expected: pattern.replace("c_in", &c_in.to_string()),
             actual: w.dims().to_vec(),
         });
     }
-    if kh == 0 || kw == 0 {
-        return Err(Error::invalid_parameter(
-            "kernel",
-            "kernel size must be at least 1×1",
-        ));
+    if x.dtype() != w.dtype() {
+        return Err(Error::DTypeMismatch {
+            context: format!("{op} weight"),
+            expected: x.dtype(),
+            actual: w.dtype(),
+        });
     }
+    Ok(Operands {
+        n,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+    })
+}
+
+/// Checks shapes and parameters of `conv2d(x, w)` and returns its geometry.
+fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
+    let Operands {
+        n,
+        c_in,
+        h: h_in,
+        w: w_in,
+        c_out,
+        kh,
+        kw,
+    } = check_operands(x, w, (p.stride, p.dilation), false)?;
     let span_h = p.dilation * (kh - 1) + 1;
     let span_w = p.dilation * (kw - 1) + 1;
     let (ph, pw) = (h_in + 2 * p.padding, w_in + 2 * p.padding);
@@ -107,13 +161,6 @@ fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry
             "kernel",
             format!("the kernel spans {span_h}×{span_w} but the padded input is only {ph}×{pw}"),
         ));
-    }
-    if x.dtype() != w.dtype() {
-        return Err(Error::DTypeMismatch {
-            context: "conv2d weight".into(),
-            expected: x.dtype(),
-            actual: w.dtype(),
-        });
     }
     Ok(ConvGeometry {
         n,
@@ -282,26 +329,15 @@ pub fn conv_transpose2d_with_bias(
     bias: Option<&Tensor>,
     p: ConvTranspose2dParams,
 ) -> Result<Tensor> {
-    let (n, c_in, h, wd) = dims4(x, "conv_transpose2d input", "[n, c_in, h, w]")?;
-    let (c_in_w, c_out, kh, kw) = dims4(w, "conv_transpose2d weight", "[c_in, c_out, kh, kw]")?;
-    check_nonzero(p.stride, "stride")?;
-    check_nonzero(p.dilation, "dilation")?;
-    if c_in == 0 || c_out == 0 || kh == 0 || kw == 0 {
-        return Err(Error::invalid_parameter(
-            "channels",
-            format!(
-                "need at least one channel and a 1×1 kernel, got weight {:?}",
-                w.dims()
-            ),
-        ));
-    }
-    if c_in_w != c_in {
-        return Err(Error::ShapeMismatch {
-            context: "conv_transpose2d weight (input channels)".into(),
-            expected: format!("[{c_in}, c_out, kh, kw]"),
-            actual: w.dims().to_vec(),
-        });
-    }
+    let Operands {
+        n,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+    } = check_operands(x, w, (p.stride, p.dilation), true)?;
     if p.output_padding >= p.stride {
         return Err(Error::invalid_parameter(
             "output_padding",
@@ -324,13 +360,6 @@ pub fn conv_transpose2d_with_bias(
         ));
     }
     let (h_out, w_out) = (fh - 2 * p.padding, fw - 2 * p.padding);
-    if x.dtype() != w.dtype() {
-        return Err(Error::DTypeMismatch {
-            context: "conv_transpose2d weight".into(),
-            expected: x.dtype(),
-            actual: w.dtype(),
-        });
-    }
     check_bias(bias, c_out, x.dtype())?;
     if !use_custom_kernels(x) {
         let y = x.conv_transpose2d(w, p.padding, p.output_padding, p.stride, p.dilation)?;
@@ -423,7 +452,12 @@ impl TernaryKernel for BiasedProduct<'_> {
     fn run<T: Float>(&self, a: &[T], b: &[T], bias: &[T], _dims: &[usize]) -> Vec<T> {
         let mut y = self.product.compute(a, b);
         let shape = self.product.shape();
-        add_bias_in_place(&mut y, bias, shape.dims()[2] * shape.dims()[3], self.relu);
+        super::elementwise::add_bias_in_place(
+            &mut y,
+            bias,
+            shape.dims()[2] * shape.dims()[3],
+            self.relu,
+        );
         y
     }
 }
@@ -530,18 +564,6 @@ struct ConvBiasOp {
     conv: ConvOp,
     /// Apply `max(·, 0)` after the bias (backward masks the gradient by the output).
     relu: bool,
-}
-
-/// `y[b, c, :, :] += bias[c]` for `y` laid out as `[n, c, plane]`.
-fn add_bias_in_place<T: Float>(y: &mut [T], bias: &[T], plane: usize, relu: bool) {
-    use rayon::prelude::*;
-    let c = bias.len();
-    if c == 0 || plane == 0 || y.is_empty() {
-        return;
-    }
-    y.par_chunks_mut(plane)
-        .enumerate()
-        .for_each(|(i, p)| shift_relu_in_place(p, bias[i % c], relu));
 }
 
 impl CustomOp3 for ConvBiasOp {

@@ -14,7 +14,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::cpu::{assume_init, chunk_count, for_each_chunk, for_each_chunk_mut, uninit_vec, Float};
+use super::cpu::{assume_init, chunk_count, for_each_chunk_mut, map_chunks, uninit_vec, Float};
 
 /// Shape of one 2-D convolution (groups = 1), in the forward direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +299,27 @@ fn matmul<T: Float>(
     }
 }
 
+/// A thread's column-matrix buffer (`k_dim × hw_out`), empty for pointwise convolutions, whose
+/// column matrix is the image itself.
+fn column_buffer<T: Float>(g: &ConvGeometry) -> Vec<T> {
+    if g.is_pointwise() {
+        Vec::new()
+    } else {
+        vec![T::ZERO; g.k_dim() * g.hw_out()]
+    }
+}
+
+/// The column matrix of image `x_b`: `x_b` itself for a pointwise convolution, else im2col
+/// into `col` (from [`column_buffer`]).
+fn columns<'a, T: Float>(g: &ConvGeometry, x_b: &'a [T], col: &'a mut [T]) -> &'a [T] {
+    if g.is_pointwise() {
+        x_b
+    } else {
+        im2col(g, x_b, col);
+        col
+    }
+}
+
 /// Threads to give each GEMM: all of them when there are fewer images than threads.
 fn gemm_threads(chunks: usize) -> usize {
     if chunks == 1 {
@@ -445,20 +466,11 @@ pub(crate) fn conv_forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<
         return unsafe { assume_init(y) };
     }
     for_each_chunk_mut(&mut y, image_out, chunks, |first, out| {
-        let mut col = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::ZERO; k_dim * hw_out]
-        };
+        let mut col = column_buffer(g);
         for (i, y_b) in out.chunks_mut(image_out).enumerate() {
             let b = first + i;
             let x_b = &x[b * g.c_in * hw_in..(b + 1) * g.c_in * hw_in];
-            let col_b: &[T] = if g.is_pointwise() {
-                x_b
-            } else {
-                im2col(g, x_b, &mut col);
-                &col
-            };
+            let col_b = columns(g, x_b, &mut col);
             // Computed as Y_bᵀ = colᵀ · Wᵀ (hw_out × c_out): the long pixel axis becomes the
             // GEMM's row axis, which its micro-kernels tile best; strides write NCHW directly.
             matmul_into_uninit(
@@ -492,11 +504,7 @@ pub(crate) fn conv_input_grad<T: Float>(g: &ConvGeometry, dy: &[T], w: &[T]) -> 
     let threads = gemm_threads(chunks);
     let image_in = g.c_in * hw_in;
     for_each_chunk_mut(&mut dx, image_in, chunks, |first, out| {
-        let mut col = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::ZERO; k_dim * hw_out]
-        };
+        let mut col = column_buffer(g);
         for (i, dx_b) in out.chunks_mut(image_in).enumerate() {
             let b = first + i;
             let dy_b = &dy[b * g.c_out * hw_out..(b + 1) * g.c_out * hw_out];
@@ -534,11 +542,8 @@ pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
     let chunks =
         g.n.clamp(1, WEIGHT_GRAD_CHUNKS.max(rayon::current_num_threads()));
     let threads = gemm_threads(chunk_count(g.n));
-    let partials: Vec<std::sync::Mutex<Vec<T>>> = (0..chunks)
-        .map(|_| std::sync::Mutex::new(Vec::new()))
-        .collect();
     let padded_rows = PaddedRows::new(g);
-    for_each_chunk(g.n, chunks, |c, start, end| {
+    let partials = map_chunks(g.n, chunks, |start, end| {
         let mut dw = vec![T::ZERO; g.c_out * k_dim];
         if let Some(rows) = padded_rows {
             let mut scratch = PaddedScratch::new(g, &rows);
@@ -572,23 +577,13 @@ pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
                     threads,
                 );
             }
-            *partials[c].lock().unwrap_or_else(|e| e.into_inner()) = dw;
-            return;
+            return dw;
         }
-        let mut col = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::ZERO; k_dim * hw_out]
-        };
+        let mut col = column_buffer(g);
         for b in start..end {
             let x_b = &x[b * g.c_in * hw_in..(b + 1) * g.c_in * hw_in];
             let dy_b = &dy[b * g.c_out * hw_out..(b + 1) * g.c_out * hw_out];
-            let col_b: &[T] = if g.is_pointwise() {
-                x_b
-            } else {
-                im2col(g, x_b, &mut col);
-                &col
-            };
+            let col_b = columns(g, x_b, &mut col);
             // dWᵀ (k_dim × c_out, row-major) += col_b · dy_bᵀ: of the layouts tried, this one
             // runs the GEMM's micro-kernels 1.2–2.5× faster at these skinny shapes.
             matmul(
@@ -605,16 +600,13 @@ pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
                 threads,
             );
         }
-        *partials[c].lock().unwrap_or_else(|e| e.into_inner()) = dw;
+        dw
     });
     // Sum the per-chunk partial gradients in chunk order: deterministic for a thread count.
-    let mut parts = partials
-        .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()));
-    let mut total_t = parts.next().unwrap_or_default();
-    if total_t.is_empty() {
-        total_t = vec![T::ZERO; g.c_out * k_dim];
-    }
+    let mut parts = partials.into_iter();
+    let mut total_t = parts
+        .next()
+        .unwrap_or_else(|| vec![T::ZERO; g.c_out * k_dim]);
     for part in parts {
         for (t, p) in total_t.iter_mut().zip(&part) {
             *t += *p;

@@ -165,16 +165,20 @@ pub(crate) fn chunk_range(items: usize, chunks: usize, index: usize) -> (usize, 
     (start, start + len)
 }
 
-/// Run `f(chunk_index, start, end)` for each of `chunks` chunks of `items`, in parallel.
-pub(crate) fn for_each_chunk<F>(items: usize, chunks: usize, f: F)
+/// `f(start, end)` for each of `chunks` chunks of `items`, in parallel; results in chunk order.
+pub(crate) fn map_chunks<R, F>(items: usize, chunks: usize, f: F) -> Vec<R>
 where
-    F: Fn(usize, usize, usize) + Sync,
+    R: Send,
+    F: Fn(usize, usize) -> R + Sync,
 {
     use rayon::prelude::*;
-    (0..chunks).into_par_iter().for_each(|c| {
-        let (start, end) = chunk_range(items, chunks, c);
-        f(c, start, end)
-    });
+    (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let (start, end) = chunk_range(items, chunks, c);
+            f(start, end)
+        })
+        .collect()
 }
 
 /// Split `data` (of `items` records of `record_len` elements) into the same chunks as
@@ -340,15 +344,6 @@ simd_fn! {
         for ((d, a), b) in out.iter_mut().zip(a).zip(b) {
             let r = *a + *b;
             d.write(if r > T::ZERO { r } else { T::ZERO });
-        }
-    }
-}
-
-simd_fn! {
-    /// `out[i] = x[i] + shift`.
-    pub(crate) fn add_scalar<T: Float>(x: &[T], shift: T, out: &mut [std::mem::MaybeUninit<T>]) {
-        for (d, v) in out.iter_mut().zip(x) {
-            d.write(*v + shift);
         }
     }
 }

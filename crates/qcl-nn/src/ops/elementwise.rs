@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::cpu::{
-    add_relu_slice, add_scalar, assume_init, lane_sum, relu_grad_slice, relu_slice, run_binary,
-    run_unary, supported_dtype, uninit_vec, BinaryKernel, Float, UnaryKernel,
+    add_relu_slice, assume_init, lane_sum, relu_grad_slice, relu_slice, run_binary, run_unary,
+    shift_relu_in_place, supported_dtype, uninit_vec, BinaryKernel, Float, UnaryKernel,
 };
 
 /// Elements per parallel piece of an elementwise loop: below this, threads cost more than
@@ -190,30 +190,23 @@ fn channel_layout(dims: &[usize]) -> (usize, usize, usize) {
     (n, c, inner)
 }
 
-fn add_bias<T: Float>(x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
-    let (_, c, inner) = channel_layout(dims);
-    if inner == 0 || c == 0 {
-        return x.to_vec();
+/// `y[b, c, …] += bias[c]`, then `max(·, 0)` if `relu`, for `y` laid out as
+/// `[n, c, plane]`: the bias of [`add_channel_bias`] and of the fused convolutions.
+pub(crate) fn add_bias_in_place<T: Float>(y: &mut [T], bias: &[T], plane: usize, relu: bool) {
+    let c = bias.len();
+    if c == 0 || plane == 0 || y.is_empty() {
+        return;
     }
-    let mut out = uninit_vec::<T>(x.len());
-    out.par_chunks_mut(c * inner)
-        .zip(x.par_chunks(c * inner))
-        .for_each(|(image_out, image)| {
-            for ((dst, src), b) in image_out
-                .chunks_mut(inner)
-                .zip(image.chunks(inner))
-                .zip(bias)
-            {
-                add_scalar(src, *b, dst);
-            }
-        });
-    // SAFETY: every plane of every image was written (x.len() is a multiple of c·inner).
-    unsafe { assume_init(out) }
+    y.par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, p)| shift_relu_in_place(p, bias[i % c], relu));
 }
 
 impl BinaryKernel for ChannelBias {
     fn run<T: Float>(&self, x: &[T], bias: &[T], dims: &[usize]) -> Vec<T> {
-        add_bias(x, bias, dims)
+        let mut y = x.to_vec();
+        add_bias_in_place(&mut y, bias, channel_layout(dims).2, false);
+        y
     }
 }
 
