@@ -61,6 +61,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::datasets::EXPERIMENT,
         experiments::kmeans::EXPERIMENT,
         experiments::training::EXPERIMENT,
+        experiments::ecvq::EXPERIMENT,
     ]
 }
 

@@ -4,6 +4,7 @@
 //! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
 
 mod bench;
+mod ecvq;
 mod pq;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,9 @@ enum Command {
         #[command(subcommand)]
         command: pq::PqCommand,
     },
+    /// Entropy-constrained vector quantization of a toy source (VECVQ or Chou-Lookabaugh-Gray):
+    /// rate, entropy, real coded size, distortion and the gap to the Shannon bound.
+    Ecvq(ecvq::EcvqArgs),
     /// Benchmarks: training throughput of the reference models.
     Bench {
         #[command(subcommand)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         } => data_info(file),
         Command::Kmeans(args) => kmeans(args),
         Command::Pq { command } => pq::run(command),
+        Command::Ecvq(args) => ecvq::run_ecvq(args),
         Command::Bench { command } => bench::run(command),
     };
     match result {

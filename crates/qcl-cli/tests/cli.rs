@@ -537,3 +537,79 @@ fn bench_train_errors_are_typed_json_objects() {
     let (kind, _) = qcl_error(&["bench", "train", "--model", "vq-ae", "--batch", "-1"]);
     assert_eq!(kind, "usage");
 }
+
+#[test]
+fn ecvq_reports_rate_distortion_and_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.safetensors");
+    for method in ["vecvq", "clg"] {
+        let v = qcl_json(&[
+            "ecvq",
+            "--source",
+            "gaussian",
+            "--method",
+            method,
+            "--lambda",
+            "4",
+            "--k",
+            "32",
+            "--steps",
+            "300",
+            "--batch",
+            "256",
+            "--train-samples",
+            "5000",
+            "--eval-samples",
+            "20000",
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        for key in [
+            "source",
+            "method",
+            "lambda",
+            "rate_bits",
+            "entropy_bits",
+            "coded_bits",
+            "distortion",
+            "used_codes",
+            "gap_db",
+            "train_seconds",
+        ] {
+            assert!(v.get(key).is_some(), "{method}: `{key}` missing from {v}");
+        }
+        assert_eq!(v["method"], method);
+        let (rate, entropy) = (
+            v["rate_bits"].as_f64().unwrap(),
+            v["entropy_bits"].as_f64().unwrap(),
+        );
+        assert!(rate >= entropy - 1e-9 && rate > 1.0, "{v}");
+        // Above D(R) = 2·2^(−R).
+        assert!(
+            v["distortion"].as_f64().unwrap() > 2.0 * (-rate).exp2(),
+            "{v}"
+        );
+        assert!(v["gap_db"].as_f64().unwrap() > 0.0);
+        assert!(v["used_codes"].as_u64().unwrap() <= 32);
+        assert!(qcl_ecvq::Ecvq::load(&out).is_ok());
+    }
+}
+
+#[test]
+fn ecvq_refuses_bad_lambda_and_unknown_sources() {
+    for lambda in ["0", "-2", "nan", "inf"] {
+        let flag = format!("--lambda={lambda}");
+        let (kind, message) = qcl_error(&["ecvq", &flag, "--steps", "10", "--json"]);
+        assert_eq!(kind, "invalid_parameter", "{lambda}: {message}");
+        assert!(message.contains("lambda"), "{message}");
+    }
+    let (kind, _) = qcl_error(&["ecvq", "--lambda", "1", "--source", "uniform", "--json"]);
+    assert_eq!(kind, "invalid_parameter");
+    let (kind, _) = qcl_error(&[
+        "ecvq", "--lambda", "1", "--k", "0", "--steps", "10", "--json",
+    ]);
+    assert_eq!(kind, "invalid_parameter");
+}

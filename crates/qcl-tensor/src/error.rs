@@ -82,6 +82,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// An encoded stream (entropy-coded or bit-packed indices) that cannot be decoded: truncated,
+    /// corrupted, or written with other parameters than those given to the decoder.
+    #[error("corrupt stream {context}: {reason}")]
+    CorruptStream {
+        /// What was being decoded.
+        context: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A tensor name that a file does not contain.
     #[error("tensor `{name}` not found in {path}; it holds {available:?}")]
     MissingTensor {
@@ -129,6 +139,7 @@ impl Error {
             Error::InvalidParameter { .. } => "invalid_parameter",
             Error::InvalidRecord { .. } => "invalid_record",
             Error::BadFile { .. } => "bad_file",
+            Error::CorruptStream { .. } => "corrupt_stream",
             Error::MissingTensor { .. } => "missing_tensor",
             Error::DeviceUnavailable { .. } => "device_unavailable",
             Error::Io { .. } => "io",
@@ -148,6 +159,14 @@ impl Error {
     pub fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::BadFile {
             path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::CorruptStream`].
+    pub fn corrupt_stream(context: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::CorruptStream {
+            context: context.into(),
             reason: reason.into(),
         }
     }
