@@ -3,3 +3,4 @@
 pub mod datasets;
 pub mod kmeans;
 pub mod training;
+pub mod vq;
