@@ -120,7 +120,8 @@ pub struct VectorQuantizerConfig {
     /// Dead-code revival: after each training update, every code whose running count
     /// c\[n,k\] (the EMA of its assignments per batch) is below this threshold gets a vector of
     /// the current batch, drawn at random without replacement, and the count `threshold`
-    /// (default `None`: no revival, as AQM).
+    /// (default `None`: no revival, as AQM). In [`CodebookUpdate::Gradient`] mode the
+    /// optimizer's moments of a revived row are left as they were.
     pub dead_code_threshold: Option<f64>,
     /// Decay of the usage EMA `c ← γ_u·c + (1−γ_u)·hist` tracked in
     /// [`CodebookUpdate::Gradient`] mode (default 0.99). Unused in the other modes.

@@ -60,6 +60,7 @@ pub struct VqOutput {
 /// therefore include the quantizer. Initially `E ~ U(−1/K, 1/K)`, `c = 0`, `w = E` (AQM).
 /// Training changes the state, which is why [`VectorQuantizer::forward`] takes `&mut self`;
 /// [`encode`](VectorQuantizer::encode) and [`decode`](VectorQuantizer::decode) only read it.
+/// Like the store itself, a clone shares the state (it is a second handle, not a copy).
 ///
 /// **Speed.** Assignment, EMA and revival run on the host in plain loops over one gathered
 /// `[B·H·W, D]` `f32` slice per codebook (the nearest-code kernel is multi-threaded); only

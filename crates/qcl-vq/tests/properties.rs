@@ -39,7 +39,8 @@ fn update_strategy() -> impl Strategy<Value = CodebookUpdate> {
 fn problem() -> impl Strategy<Value = Problem> {
     (
         1usize..=3,
-        1usize..=5,
+        // Small D takes the kernel's direct path, D > 32 its GEMM screening.
+        prop_oneof![3 => 1usize..=5, 1 => 30usize..=40],
         1usize..=12,
         update_strategy(),
         proptest::option::of(0.01f64..3.0),

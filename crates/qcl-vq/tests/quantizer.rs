@@ -714,3 +714,38 @@ fn residual_vq_validates_and_trains() {
     let grads = out.loss.backward().unwrap();
     assert!(grads.get(x.as_tensor()).is_some());
 }
+
+#[test]
+fn param_store_files_carry_the_quantizer_state() {
+    let config = VectorQuantizerConfig {
+        dead_code_threshold: Some(1.0),
+        ..VectorQuantizerConfig::new(2, 8)
+    };
+    let (store, mut vq) = quantizer(config.clone());
+    for step in 0..3 {
+        vq.forward(&clustered(step, 5, 60, 2), true).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    store.save(&path).unwrap();
+    let other = ParamStore::new(42);
+    let restored = VectorQuantizer::new(&other.root(&DEV).pp("vq"), config).unwrap();
+    assert_ne!(
+        flat(&restored.codebook().unwrap()),
+        flat(&vq.codebook().unwrap())
+    );
+    other.load(&path).unwrap();
+    assert_eq!(restored.steps().unwrap(), 3);
+    assert_eq!(
+        flat(&restored.codebook().unwrap()),
+        flat(&vq.codebook().unwrap())
+    );
+    assert_eq!(
+        flat(&restored.counts().unwrap()),
+        flat(&vq.counts().unwrap())
+    );
+    assert_eq!(
+        flat(&restored.sums().unwrap().unwrap()),
+        flat(&vq.sums().unwrap().unwrap())
+    );
+}
