@@ -61,6 +61,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::datasets::EXPERIMENT,
         experiments::kmeans::EXPERIMENT,
         experiments::training::EXPERIMENT,
+        experiments::vq::EXPERIMENT,
         experiments::ecvq::EXPERIMENT,
     ]
 }
@@ -262,7 +263,7 @@ mod tests {
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
-            report.contains("Not run yet: datasets, kmeans, training"),
+            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq"),
             "{report}"
         );
     }

@@ -4,3 +4,4 @@ pub mod datasets;
 pub mod ecvq;
 pub mod kmeans;
 pub mod training;
+pub mod vq;

@@ -1,0 +1,1045 @@
+//! The vector-quantization layer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use qcl_nn::ops::{mse_loss, straight_through};
+use qcl_nn::{Init, ParamPath};
+use qcl_pq::{KMeans, KMeansInit, KMeansParams};
+use qcl_tensor::{
+    check_finite_slice, nearest_codes_into_finite, Error, Result, SafetensorsFile, Seed, TensorSpec,
+};
+
+use crate::config::{CodebookUpdate, VectorQuantizerConfig, DEFAULT_DEAD_CODE_THRESHOLD};
+use crate::packed::PackedIndices;
+use crate::usage::{CodeUsage, UsageStats};
+
+/// Metadata `format` value of a saved [`VectorQuantizer`].
+pub const QUANTIZER_FORMAT: &str = "qcl-vq/1";
+
+/// What one [`VectorQuantizer::forward`] produces.
+#[derive(Debug, Clone)]
+pub struct VqOutput {
+    /// `z_q`: the quantised input, with the input's shape, dtype and device. Its value is the
+    /// nearest codebook rows (the codebook as it was before this call's update), its gradient
+    /// the identity to the input (straight-through, `z_e + sg(q − z_e)`).
+    pub quantized: Tensor,
+    /// The chosen code of every vector, `u32`: `(B, N, H, W)` for a `(B, C, H, W)` input,
+    /// `(B, T, N)` for a `(B, T, C)` one.
+    pub indices: Tensor,
+    /// `mean((z_e − sg(q))²)` over all input elements (unweighted; gradient to the input only).
+    pub commitment_loss: Tensor,
+    /// [`CodebookUpdate::Gradient`] only: `mean((q − sg(z_e))²)`, whose gradient reaches the
+    /// codebook parameter only.
+    pub codebook_loss: Option<Tensor>,
+    /// `β·commitment_loss + codebook_loss`: what to add to the model's loss.
+    pub loss: Tensor,
+    /// Usage telemetry of this batch.
+    pub stats: UsageStats,
+}
+
+/// A vector-quantization layer (VQ-VAE, van den Oord et al. 2017) with N codebooks of K codes,
+/// EMA (Razavi et al. 2019), gradient or frozen codebook updates, commitment loss,
+/// straight-through output, optional k-means initialisation and dead-code revival.
+///
+/// For an input `z_e` of shape `(B, C, H, W)` (feature maps) or `(B, T, C)` (sequences), the
+/// channels split into N groups of D = C / N (channel `n·D + d` belongs to codebook n), and
+/// every group vector `v` of every position is replaced by its nearest codebook row
+///
+/// ```text
+/// idx = argmin_k ‖v − E[n,k]‖²   (exact, ties to the lowest k: qcl_tensor::nearest_codes)
+/// q   = E[n, idx]
+/// ```
+///
+/// **State.** The codebook `E [N,K,D]`, the running counts `c [N,K]`, the EMA sums
+/// `w [N,K,D]` (EMA mode) and a step counter live in the [`ParamStore`](qcl_nn::ParamStore)
+/// of the `ParamPath` given to [`VectorQuantizer::new`], under `codebook`, `counts`, `sums`
+/// and `steps`: buffers, except the codebook in [`CodebookUpdate::Gradient`] mode, which is
+/// a trainable parameter for the caller's optimizer. Checkpoints and `ParamStore::save`
+/// therefore include the quantizer. Initially `E ~ U(−1/K, 1/K)`, `c = 0`, `w = E` (AQM).
+/// Training changes the state, which is why [`VectorQuantizer::forward`] takes `&mut self`;
+/// [`encode`](VectorQuantizer::encode) and [`decode`](VectorQuantizer::decode) only read it.
+/// Like the store itself, a clone shares the state (it is a second handle, not a copy).
+///
+/// **Speed.** Assignment, EMA and revival run on the host in plain loops over one gathered
+/// `[B·H·W, D]` `f32` slice per codebook (the nearest-code kernel is multi-threaded); only
+/// the outputs are built as tensors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::ParamStore;
+/// use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
+///
+/// let store = ParamStore::new(0);
+/// let config = VectorQuantizerConfig { codebooks: 2, ..VectorQuantizerConfig::new(8, 16) };
+/// let mut vq = VectorQuantizer::new(&store.root(&Device::Cpu).pp("vq"), config)?;
+/// let z_e = Tensor::randn(0f32, 1.0, (4, 8, 5, 5), &Device::Cpu)?;
+/// let out = vq.forward(&z_e, true)?; // EMA update of the codebook
+/// assert_eq!(out.quantized.dims(), &[4, 8, 5, 5]);
+/// assert_eq!(out.indices.dims(), &[4, 2, 5, 5]);
+/// // Decoding the indices gives the forward value again (with the pre-update codebook; here
+/// // we encode again with the updated one).
+/// let indices = vq.encode(&z_e)?;
+/// let again = vq.forward(&z_e, false)?;
+/// assert_eq!(
+///     vq.decode(&indices)?.flatten_all()?.to_vec1::<f32>()?,
+///     again.quantized.flatten_all()?.to_vec1::<f32>()?
+/// );
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct VectorQuantizer {
+    config: VectorQuantizerConfig,
+    codebook: Var,
+    counts: Var,
+    sums: Option<Var>,
+    steps: Var,
+    device: Device,
+}
+
+/// How an input's vectors are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputLayout {
+    /// `(B, C, H, W)`: `spatial = H·W` positions per sample, channels outside positions.
+    Maps {
+        batch: usize,
+        height: usize,
+        width: usize,
+    },
+    /// `(B, T, C)`: channels innermost.
+    Sequence { batch: usize, len: usize },
+}
+
+impl InputLayout {
+    fn batch(self) -> usize {
+        match self {
+            InputLayout::Maps { batch, .. } | InputLayout::Sequence { batch, .. } => batch,
+        }
+    }
+
+    /// Positions per sample.
+    fn spatial(self) -> usize {
+        match self {
+            InputLayout::Maps { height, width, .. } => height * width,
+            InputLayout::Sequence { len, .. } => len,
+        }
+    }
+
+    /// Vectors per codebook, `B·S`.
+    fn vectors(self) -> usize {
+        self.batch() * self.spatial()
+    }
+
+    fn input_shape(self, channels: usize) -> Vec<usize> {
+        match self {
+            InputLayout::Maps {
+                batch,
+                height,
+                width,
+            } => vec![batch, channels, height, width],
+            InputLayout::Sequence { batch, len } => vec![batch, len, channels],
+        }
+    }
+
+    fn index_shape(self, codebooks: usize) -> Vec<usize> {
+        match self {
+            InputLayout::Maps {
+                batch,
+                height,
+                width,
+            } => vec![batch, codebooks, height, width],
+            InputLayout::Sequence { batch, len } => vec![batch, len, codebooks],
+        }
+    }
+}
+
+/// The layout of an index tensor, `(B, N, H, W)` or `(B, T, N)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IndexLayout {
+    layout: InputLayout,
+    codebooks: usize,
+}
+
+impl IndexLayout {
+    /// The codebook of flat index position `i`.
+    pub(crate) fn codebook_of(&self, i: usize) -> usize {
+        match self.layout {
+            InputLayout::Maps { .. } => (i / self.layout.spatial()) % self.codebooks,
+            InputLayout::Sequence { .. } => i % self.codebooks,
+        }
+    }
+}
+
+/// The values of a `u32` index tensor `(B, N, H, W)` or `(B, T, N)` with `codebooks` = N.
+pub(crate) fn index_values(indices: &Tensor, codebooks: usize) -> Result<(Vec<u32>, IndexLayout)> {
+    if indices.dtype() != DType::U32 {
+        return Err(Error::DTypeMismatch {
+            context: "indices".into(),
+            expected: DType::U32,
+            actual: indices.dtype(),
+        });
+    }
+    let dims = indices.dims();
+    let layout = match *dims {
+        [batch, n, height, width] if n == codebooks => InputLayout::Maps {
+            batch,
+            height,
+            width,
+        },
+        [batch, len, n] if n == codebooks => InputLayout::Sequence { batch, len },
+        _ => {
+            return Err(Error::ShapeMismatch {
+                context: "indices".into(),
+                expected: format!("[B, {codebooks}, H, W] or [B, T, {codebooks}]"),
+                actual: dims.to_vec(),
+            })
+        }
+    };
+    let values = indices.flatten_all()?.to_vec1::<u32>()?;
+    Ok((values, IndexLayout { layout, codebooks }))
+}
+
+/// Channel geometry of a quantizer applied to one input layout.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    layout: InputLayout,
+    codebooks: usize,
+    code_dim: usize,
+}
+
+impl Geometry {
+    fn channels(&self) -> usize {
+        self.codebooks * self.code_dim
+    }
+
+    /// Codebook `n`'s vectors of `values` (input layout) as rows `[B·S, D]`, row `b·S + p`.
+    fn gather(&self, values: &[f32], n: usize, out: &mut Vec<f32>) {
+        let (d_len, c, s) = (self.code_dim, self.channels(), self.layout.spatial());
+        out.clear();
+        out.resize(self.layout.vectors() * d_len, 0.0);
+        match self.layout {
+            InputLayout::Maps { batch, .. } => {
+                for b in 0..batch {
+                    let rows = &mut out[b * s * d_len..(b + 1) * s * d_len];
+                    for d in 0..d_len {
+                        let plane = &values[(b * c + n * d_len + d) * s..][..s];
+                        for (p, &v) in plane.iter().enumerate() {
+                            rows[p * d_len + d] = v;
+                        }
+                    }
+                }
+            }
+            InputLayout::Sequence { .. } => {
+                for (row, src) in out.chunks_exact_mut(d_len).zip(values.chunks_exact(c)) {
+                    row.copy_from_slice(&src[n * d_len..(n + 1) * d_len]);
+                }
+            }
+        }
+    }
+
+    /// Writes codebook `n`'s rows `book[idx[i]]` (`book` = `[K, D]`) into `out` (input layout).
+    fn scatter(&self, book: &[f32], idx: &[u32], n: usize, out: &mut [f32]) {
+        let (d_len, c, s) = (self.code_dim, self.channels(), self.layout.spatial());
+        match self.layout {
+            InputLayout::Maps { batch, .. } => {
+                for b in 0..batch {
+                    let codes = &idx[b * s..(b + 1) * s];
+                    for d in 0..d_len {
+                        let plane = &mut out[(b * c + n * d_len + d) * s..][..s];
+                        for (o, &k) in plane.iter_mut().zip(codes) {
+                            *o = book[k as usize * d_len + d];
+                        }
+                    }
+                }
+            }
+            InputLayout::Sequence { .. } => {
+                for (dst, &k) in out.chunks_exact_mut(c).zip(idx) {
+                    dst[n * d_len..(n + 1) * d_len]
+                        .copy_from_slice(&book[k as usize * d_len..(k as usize + 1) * d_len]);
+                }
+            }
+        }
+    }
+
+    /// Codebook `n`'s indices in the index tensor's layout.
+    fn put_indices(&self, idx: &[u32], n: usize, out: &mut [u32]) {
+        let (nb, s) = (self.codebooks, self.layout.spatial());
+        match self.layout {
+            InputLayout::Maps { batch, .. } => {
+                for b in 0..batch {
+                    out[(b * nb + n) * s..][..s].copy_from_slice(&idx[b * s..(b + 1) * s]);
+                }
+            }
+            InputLayout::Sequence { .. } => {
+                for (i, &k) in idx.iter().enumerate() {
+                    out[i * nb + n] = k;
+                }
+            }
+        }
+    }
+
+    /// Codebook `n`'s indices read from the index tensor's layout.
+    fn take_indices(&self, all: &[u32], n: usize) -> Vec<u32> {
+        let (nb, s) = (self.codebooks, self.layout.spatial());
+        match self.layout {
+            InputLayout::Maps { batch, .. } => (0..batch)
+                .flat_map(|b| all[(b * nb + n) * s..][..s].iter().copied())
+                .collect(),
+            InputLayout::Sequence { .. } => all.iter().skip(n).step_by(nb).copied().collect(),
+        }
+    }
+}
+
+/// Assignment of one batch: per codebook, its gathered vectors and their codes.
+struct Assignment {
+    geometry: Geometry,
+    /// Per codebook, `[B·S, D]`.
+    points: Vec<Vec<f32>>,
+    /// Per codebook, `[B·S]`.
+    codes: Vec<Vec<u32>>,
+}
+
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn set_var(var: &Var, values: Vec<f32>) -> Result<()> {
+    let t = Tensor::from_vec(values, var.shape(), &Device::Cpu)?.to_device(var.device())?;
+    var.set(&t)?;
+    Ok(())
+}
+
+impl VectorQuantizer {
+    /// A quantizer whose state lives under `path` (created on first use, reused if the store
+    /// already holds it with the same shapes).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a bad configuration (see
+    /// [`VectorQuantizerConfig::validate`]) or a name already used with another shape or kind.
+    pub fn new(path: &ParamPath, config: VectorQuantizerConfig) -> Result<Self> {
+        config.validate()?;
+        let (n, k, d) = (config.codebooks, config.codes, config.code_dim());
+        let bound = 1.0 / k as f64;
+        let init = Init::Uniform {
+            low: -bound,
+            high: bound,
+        };
+        let f32_path = path.with_dtype(DType::F32);
+        let store = path.store();
+        let codebook = match config.update {
+            CodebookUpdate::Gradient => {
+                f32_path.param("codebook", (n, k, d), init)?;
+                store
+                    .get(&path.full_name("codebook"))
+                    .expect("the parameter was just created")
+            }
+            _ => f32_path.buffer("codebook", (n, k, d), init)?,
+        };
+        let counts = f32_path.buffer("counts", (n, k), Init::Zeros)?;
+        let sums = match config.update {
+            CodebookUpdate::Ema { .. } => {
+                let fresh = store.get(&path.full_name("sums")).is_none();
+                let sums = f32_path.buffer("sums", (n, k, d), Init::Zeros)?;
+                if fresh {
+                    // w = E at initialisation (AQM).
+                    sums.set(&codebook.as_tensor().copy()?)?;
+                }
+                Some(sums)
+            }
+            _ => None,
+        };
+        let steps = path
+            .with_dtype(DType::U32)
+            .buffer("steps", 1, Init::Zeros)?;
+        Ok(VectorQuantizer {
+            config,
+            codebook,
+            counts,
+            sums,
+            steps,
+            device: path.device().clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VectorQuantizerConfig {
+        &self.config
+    }
+
+    /// The device the state lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A copy of the codebook `E`, `f32 [N, K, D]`.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn codebook(&self) -> Result<Tensor> {
+        Ok(self.codebook.as_tensor().copy()?.detach())
+    }
+
+    /// A copy of the running counts `c`, `f32 [N, K]`: the EMA of assignments per batch (in
+    /// [`CodebookUpdate::Gradient`] mode the usage EMA).
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn counts(&self) -> Result<Tensor> {
+        Ok(self.counts.as_tensor().copy()?)
+    }
+
+    /// A copy of the EMA sums `w`, `f32 [N, K, D]` ([`CodebookUpdate::Ema`] mode only).
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn sums(&self) -> Result<Option<Tensor>> {
+        self.sums
+            .as_ref()
+            .map(|s| Ok(s.as_tensor().copy()?))
+            .transpose()
+    }
+
+    /// Training updates applied so far.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn steps(&self) -> Result<u64> {
+        Ok(u64::from(self.steps.as_tensor().to_vec1::<u32>()?[0]))
+    }
+
+    /// Replaces the codebook (`[N, K, D]`, finite). In EMA mode the sums follow so that
+    /// `E = w / c` where `c > 0`; codes with `c = 0` get `w = E`, as at initialisation.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`], [`Error::NonFinite`].
+    pub fn set_codebook(&mut self, codebook: &Tensor) -> Result<()> {
+        let c = &self.config;
+        TensorSpec::new()
+            .shape(&[Some(c.codebooks), Some(c.codes), Some(c.code_dim())])
+            .finite()
+            .check("codebook", codebook)?;
+        let book = host_f32(codebook)?;
+        if let Some(sums) = &self.sums {
+            let counts = host_f32(self.counts.as_tensor())?;
+            let d = c.code_dim();
+            let w: Vec<f32> = book
+                .iter()
+                .enumerate()
+                .map(|(i, &e)| match counts[i / d] {
+                    n if n > 0.0 => e * n,
+                    _ => e,
+                })
+                .collect();
+            set_var(sums, w)?;
+        }
+        set_var(&self.codebook, book)
+    }
+
+    /// Stops every further update (the codebook's AQM freezing): the mode becomes
+    /// [`CodebookUpdate::Frozen`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] in [`CodebookUpdate::Gradient`] mode, where the caller's
+    /// optimizer moves the codebook (leave it out of the optimizer instead).
+    pub fn freeze(&mut self) -> Result<()> {
+        if self.config.update == CodebookUpdate::Gradient {
+            return Err(Error::invalid_parameter(
+                "update",
+                "a gradient-mode codebook is moved by the optimizer; leave it out of the \
+                 optimizer to freeze it",
+            ));
+        }
+        self.config.update = CodebookUpdate::Frozen;
+        Ok(())
+    }
+
+    /// Checks an input and returns its layout and values as `f32` (row-major).
+    fn input(&self, x: &Tensor) -> Result<(Geometry, Vec<f32>)> {
+        let c = self.config.dim;
+        let expected = || format!("[B, {c}, H, W] or [B, T, {c}]");
+        let layout = match *x.dims() {
+            [batch, ch, height, width] if ch == c => InputLayout::Maps {
+                batch,
+                height,
+                width,
+            },
+            [batch, len, ch] if ch == c => InputLayout::Sequence { batch, len },
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    context: "vector quantizer input".into(),
+                    expected: expected(),
+                    actual: x.dims().to_vec(),
+                })
+            }
+        };
+        if !matches!(
+            x.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            return Err(Error::DTypeMismatch {
+                context: "vector quantizer input".into(),
+                expected: DType::F32,
+                actual: x.dtype(),
+            });
+        }
+        if !x.device().same_device(&self.device) {
+            return Err(Error::invalid_parameter(
+                "input",
+                format!(
+                    "the input is on {:?}, the quantizer on {:?}",
+                    x.device(),
+                    self.device
+                ),
+            ));
+        }
+        if layout.vectors() == 0 {
+            return Err(Error::EmptyInput(format!(
+                "vector quantizer input {:?} holds no vector",
+                x.dims()
+            )));
+        }
+        let values = host_f32(x)?;
+        check_finite_slice("vector quantizer input", &values)?;
+        let geometry = Geometry {
+            layout,
+            codebooks: self.config.codebooks,
+            code_dim: self.config.code_dim(),
+        };
+        Ok((geometry, values))
+    }
+
+    /// Gathers the vectors of every codebook.
+    fn gather_all(&self, geometry: Geometry, values: &[f32]) -> Vec<Vec<f32>> {
+        (0..self.config.codebooks)
+            .map(|n| {
+                let mut points = Vec::new();
+                geometry.gather(values, n, &mut points);
+                points
+            })
+            .collect()
+    }
+
+    /// Nearest codes of the gathered vectors against `book` (`[N·K·D]`).
+    fn assign(
+        &self,
+        geometry: Geometry,
+        points: Vec<Vec<f32>>,
+        book: &[f32],
+    ) -> Result<Assignment> {
+        let (k, d) = (self.config.codes, self.config.code_dim());
+        let m = geometry.layout.vectors();
+        let mut codes = Vec::with_capacity(points.len());
+        let mut distances = vec![0f32; m];
+        for (n, p) in points.iter().enumerate() {
+            let mut idx = vec![0u32; m];
+            // The input was checked for NaN/inf once, in `input`.
+            nearest_codes_into_finite(
+                p,
+                &book[n * k * d..(n + 1) * k * d],
+                d,
+                None,
+                &mut idx,
+                &mut distances,
+            )?;
+            codes.push(idx);
+        }
+        Ok(Assignment {
+            geometry,
+            points,
+            codes,
+        })
+    }
+
+    /// The code of every vector of `x`: `u32` `(B, N, H, W)` for a `(B, C, H, W)` input,
+    /// `(B, T, N)` for a `(B, T, C)` one.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for another rank or channel count, [`Error::DTypeMismatch`]
+    /// for a non-float input, [`Error::NonFinite`] for NaN or infinity (naming the flat
+    /// position), [`Error::EmptyInput`] for an input without vectors.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let (geometry, values) = self.input(x)?;
+        let points = self.gather_all(geometry, &values);
+        let book = host_f32(self.codebook.as_tensor())?;
+        let assignment = self.assign(geometry, points, &book)?;
+        self.index_tensor(&assignment)
+    }
+
+    /// [`encode`](Self::encode), bit-packed with `⌈log2 K⌉` bits per index.
+    ///
+    /// # Errors
+    /// As [`encode`](Self::encode).
+    pub fn encode_packed(&self, x: &Tensor) -> Result<PackedIndices> {
+        PackedIndices::from_tensor(&self.encode(x)?, self.config.codes)
+    }
+
+    fn index_tensor(&self, a: &Assignment) -> Result<Tensor> {
+        let shape = a.geometry.layout.index_shape(self.config.codebooks);
+        let mut all = vec![0u32; shape.iter().product()];
+        for (n, idx) in a.codes.iter().enumerate() {
+            a.geometry.put_indices(idx, n, &mut all);
+        }
+        Ok(Tensor::from_vec(all, shape, &self.device)?)
+    }
+
+    /// The codebook rows of `indices` (`(B, N, H, W)` or `(B, T, N)`, `u32`), re-interleaved
+    /// into `(B, C, H, W)` or `(B, T, C)`, `f32`: exactly the values of
+    /// [`VqOutput::quantized`] for the codebook as it is now.
+    ///
+    /// # Errors
+    /// [`Error::DTypeMismatch`] for non-`u32` indices, [`Error::ShapeMismatch`] for another
+    /// rank or codebook axis, [`Error::InvalidParameter`] for an index ≥ K.
+    pub fn decode(&self, indices: &Tensor) -> Result<Tensor> {
+        let (values, index_layout) = index_values(indices, self.config.codebooks)?;
+        let k = self.config.codes;
+        if let Some(i) = values.iter().position(|&v| v as usize >= k) {
+            return Err(Error::invalid_parameter(
+                "indices",
+                format!(
+                    "index {} at flat position {i} is not below K = {k}",
+                    values[i]
+                ),
+            ));
+        }
+        let geometry = Geometry {
+            layout: index_layout.layout,
+            codebooks: self.config.codebooks,
+            code_dim: self.config.code_dim(),
+        };
+        let book = host_f32(self.codebook.as_tensor())?;
+        let shape = geometry.layout.input_shape(self.config.dim);
+        let mut out = vec![0f32; shape.iter().product()];
+        let kd = k * geometry.code_dim;
+        for n in 0..self.config.codebooks {
+            let idx = geometry.take_indices(&values, n);
+            geometry.scatter(&book[n * kd..(n + 1) * kd], &idx, n, &mut out);
+        }
+        Ok(Tensor::from_vec(out, shape, &self.device)?)
+    }
+
+    /// [`decode`](Self::decode) of bit-packed indices.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if they point into another number of codes, and as
+    /// [`decode`](Self::decode).
+    pub fn decode_packed(&self, packed: &PackedIndices) -> Result<Tensor> {
+        if packed.codes() != self.config.codes {
+            return Err(Error::invalid_parameter(
+                "packed indices",
+                format!(
+                    "they index {} codes, this quantizer has K = {}",
+                    packed.codes(),
+                    self.config.codes
+                ),
+            ));
+        }
+        self.decode(&packed.to_tensor(&self.device)?)
+    }
+
+    /// Quantises `x` (`(B, C, H, W)` or `(B, T, C)`); with `train`, then updates the state:
+    /// the k-means initialisation (first training call, if configured; it happens before the
+    /// assignment), the EMA or usage update, dead-code revival, the step counter. Without
+    /// `train`, or in a frozen mode, nothing changes.
+    ///
+    /// # Errors
+    /// As [`encode`](Self::encode); a candle error.
+    pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<VqOutput> {
+        let (geometry, values) = self.input(x)?;
+        let points = self.gather_all(geometry, &values);
+        drop(values);
+        let update = train && !self.config.update.is_frozen();
+        let step = self.steps()?;
+        if update && self.config.kmeans_init && step == 0 {
+            self.kmeans_init(&points)?;
+        }
+        let book = host_f32(self.codebook.as_tensor())?;
+        let assignment = self.assign(geometry, points, &book)?;
+        let (k, d) = (self.config.codes, geometry.code_dim);
+
+        // The forward value, from the codebook as it was before this call's update.
+        let shape = geometry.layout.input_shape(self.config.dim);
+        let mut q_host = vec![0f32; shape.iter().product()];
+        for (n, idx) in assignment.codes.iter().enumerate() {
+            geometry.scatter(&book[n * k * d..(n + 1) * k * d], idx, n, &mut q_host);
+        }
+        let q = Tensor::from_vec(q_host, shape.as_slice(), &self.device)?.to_dtype(x.dtype())?;
+        let quantized = straight_through(x, &q)?;
+        let commitment_loss = mse_loss(x, &q)?;
+        let codebook_loss = match self.config.update {
+            CodebookUpdate::Gradient => Some(self.codebook_loss(&assignment)?.to_dtype(x.dtype())?),
+            _ => None,
+        };
+        let mut loss = commitment_loss.affine(self.config.commitment_weight, 0.0)?;
+        if let Some(cb) = &codebook_loss {
+            loss = (loss + cb)?;
+        }
+        let indices = self.index_tensor(&assignment)?;
+
+        let histogram = histogram(&assignment.codes, k);
+        let (dead_codes, revived_codes) = if update {
+            let out = self.update_state(&assignment, &histogram, book, step)?;
+            self.steps.set(&Tensor::from_vec(
+                vec![u32::try_from(step + 1).unwrap_or(u32::MAX)],
+                1,
+                &self.device,
+            )?)?;
+            out
+        } else {
+            let counts = host_f32(self.counts.as_tensor())?;
+            (
+                self.dead_per_codebook(&counts),
+                vec![0; self.config.codebooks],
+            )
+        };
+        Ok(VqOutput {
+            quantized,
+            indices,
+            commitment_loss,
+            codebook_loss,
+            loss,
+            stats: UsageStats {
+                batch: CodeUsage::from_counts(self.config.codebooks, k, histogram),
+                dead_codes,
+                revived_codes,
+            },
+        })
+    }
+
+    /// `mean((E[idx] − sg(z_e))²)` with the codebook parameter in the graph.
+    fn codebook_loss(&self, a: &Assignment) -> Result<Tensor> {
+        let (k, d) = (self.config.codes, self.config.code_dim());
+        let flat: Vec<u32> = a
+            .codes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, idx)| idx.iter().map(move |&i| (n * k) as u32 + i))
+            .collect();
+        let rows = flat.len();
+        let flat = Tensor::from_vec(flat, rows, &self.device)?;
+        let targets: Vec<f32> = a.points.concat();
+        let targets = Tensor::from_vec(targets, (rows, d), &self.device)?;
+        let chosen = self
+            .codebook
+            .as_tensor()
+            .reshape((self.config.codebooks * k, d))?
+            .index_select(&flat, 0)?;
+        mse_loss(&chosen, &targets)
+    }
+
+    fn dead_threshold(&self) -> f64 {
+        self.config
+            .dead_code_threshold
+            .unwrap_or(DEFAULT_DEAD_CODE_THRESHOLD)
+    }
+
+    fn dead_per_codebook(&self, counts: &[f32]) -> Vec<usize> {
+        let t = self.dead_threshold();
+        counts
+            .chunks_exact(self.config.codes)
+            .map(|c| c.iter().filter(|&&v| f64::from(v) < t).count())
+            .collect()
+    }
+
+    /// The EMA (or usage) update and revival; returns dead and revived codes per codebook.
+    fn update_state(
+        &mut self,
+        a: &Assignment,
+        histogram: &[u64],
+        mut book: Vec<f32>,
+        step: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        let (nb, k, d) = (
+            self.config.codebooks,
+            self.config.codes,
+            self.config.code_dim(),
+        );
+        let mut counts = host_f32(self.counts.as_tensor())?;
+        let mut sums = match &self.sums {
+            Some(s) => Some(host_f32(s.as_tensor())?),
+            None => None,
+        };
+        for n in 0..nb {
+            let hist = &histogram[n * k..(n + 1) * k];
+            let c = &mut counts[n * k..(n + 1) * k];
+            let e = &mut book[n * k * d..(n + 1) * k * d];
+            match (self.config.update, sums.as_mut()) {
+                (CodebookUpdate::Ema { decay, eps }, Some(w)) => ema_update(
+                    &a.points[n],
+                    &a.codes[n],
+                    hist,
+                    decay,
+                    eps,
+                    c,
+                    &mut w[n * k * d..(n + 1) * k * d],
+                    e,
+                ),
+                _ => {
+                    // Gradient mode: only the usage EMA; the optimizer moves the codebook.
+                    let g = self.config.usage_decay;
+                    for (c, &h) in c.iter_mut().zip(hist) {
+                        *c = (g * f64::from(*c) + (1.0 - g) * h as f64) as f32;
+                    }
+                }
+            }
+        }
+        let dead = self.dead_per_codebook(&counts);
+        let mut revived = vec![0; nb];
+        if let Some(threshold) = self.config.dead_code_threshold {
+            let revival = self.config.seed.child_named("revival").child(step);
+            for (n, revived) in revived.iter_mut().enumerate() {
+                *revived = revive(
+                    &a.points[n],
+                    d,
+                    threshold as f32,
+                    revival.child(n as u64),
+                    &mut counts[n * k..(n + 1) * k],
+                    sums.as_mut().map(|w| &mut w[n * k * d..(n + 1) * k * d]),
+                    &mut book[n * k * d..(n + 1) * k * d],
+                )?;
+            }
+        }
+        set_var(&self.counts, counts)?;
+        if let (Some(var), Some(w)) = (&self.sums, sums) {
+            set_var(var, w)?;
+        }
+        let codebook_changed = matches!(self.config.update, CodebookUpdate::Ema { .. })
+            || revived.iter().any(|&r| r > 0);
+        if codebook_changed {
+            set_var(&self.codebook, book)?;
+        }
+        Ok((dead, revived))
+    }
+
+    /// Replaces the codebook by k-means centroids (k-means++ seeding, then Lloyd) of this
+    /// batch's vectors (per codebook; when
+    /// the batch has fewer than K vectors, the remaining codes are copies of batch vectors
+    /// drawn at random), and sets the counts to the cluster sizes (and `w = E·c`).
+    fn kmeans_init(&mut self, points: &[Vec<f32>]) -> Result<()> {
+        let (k, d) = (self.config.codes, self.config.code_dim());
+        let mut book = Vec::with_capacity(self.config.codebooks * k * d);
+        let mut counts = Vec::with_capacity(self.config.codebooks * k);
+        for (n, p) in points.iter().enumerate() {
+            let m = p.len() / d;
+            let seed = self.config.seed.child_named("kmeans").child(n as u64);
+            let fitted = k.min(m);
+            let params = KMeansParams {
+                max_iter: self.config.kmeans_iterations,
+                init: KMeansInit::KMeansPlusPlus,
+                seed,
+                ..KMeansParams::new(fitted)
+            };
+            let model = KMeans::fit(p, d, None, &params)?;
+            let mut centroids = model.centroids;
+            let mut rng = seed.child_named("fill").rng();
+            for _ in fitted..k {
+                let row = rng.below(m)?;
+                centroids.extend_from_slice(&p[row * d..(row + 1) * d]);
+            }
+            let mut idx = vec![0u32; m];
+            let mut dist = vec![0f32; m];
+            nearest_codes_into_finite(p, &centroids, d, None, &mut idx, &mut dist)?;
+            let mut sizes = vec![0f32; k];
+            for &i in &idx {
+                sizes[i as usize] += 1.0;
+            }
+            book.extend_from_slice(&centroids);
+            counts.extend_from_slice(&sizes);
+        }
+        if let Some(sums) = &self.sums {
+            let w: Vec<f32> = book
+                .iter()
+                .enumerate()
+                .map(|(i, &e)| match counts[i / d] {
+                    c if c > 0.0 => e * c,
+                    _ => e,
+                })
+                .collect();
+            set_var(sums, w)?;
+        }
+        set_var(&self.counts, counts)?;
+        set_var(&self.codebook, book)
+    }
+
+    /// Writes the configuration (metadata, `format` = [`QUANTIZER_FORMAT`]) and the state
+    /// (`codebook`, `counts`, `sums` in EMA mode, `steps`) to a safetensors file, atomically.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use qcl_nn::ParamStore;
+    /// use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("vq.safetensors");
+    /// let vq = VectorQuantizer::new(&ParamStore::new(1).root(&Device::Cpu), VectorQuantizerConfig::new(4, 8))?;
+    /// vq.save(&path)?;
+    /// let back = VectorQuantizer::load(&path, &ParamStore::new(2).root(&Device::Cpu))?;
+    /// assert_eq!(back.config(), vq.config());
+    /// assert_eq!(back.codebook()?.flatten_all()?.to_vec1::<f32>()?, vq.codebook()?.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Io`] on write failure.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut meta: BTreeMap<String, String> = self.config.to_metadata();
+        meta.insert("format".into(), QUANTIZER_FORMAT.into());
+        let codebook = self.codebook()?;
+        let counts = self.counts()?;
+        let steps = self.steps.as_tensor().copy()?;
+        let sums = self.sums()?;
+        let mut tensors: Vec<(&str, &Tensor)> = vec![
+            ("codebook", &codebook),
+            ("counts", &counts),
+            ("steps", &steps),
+        ];
+        if let Some(s) = &sums {
+            tensors.push(("sums", s));
+        }
+        qcl_tensor::write_safetensors(path, &tensors, &meta)
+    }
+
+    /// Reads a quantizer written by [`save`](Self::save), placing its state under `path` (as
+    /// [`new`](Self::new) would, then overwriting it with the file's).
+    ///
+    /// # Errors
+    /// [`Error::Io`]; [`Error::BadFile`] for a truncated or foreign file or a bad
+    /// configuration; [`Error::MissingTensor`], [`Error::ShapeMismatch`],
+    /// [`Error::DTypeMismatch`], [`Error::NonFinite`] for a state that does not fit the
+    /// configuration; the errors of [`new`](Self::new).
+    pub fn load(file: impl AsRef<Path>, path: &ParamPath) -> Result<Self> {
+        let file_path = file.as_ref();
+        let file = SafetensorsFile::open(file_path)?;
+        file.require_format(QUANTIZER_FORMAT, "a vector-quantizer file")?;
+        let config = VectorQuantizerConfig::from_metadata(file.metadata(), file_path)?;
+        let (n, k, d) = (config.codebooks, config.codes, config.code_dim());
+        let f32_spec = |shape: &[usize]| {
+            let pattern: Vec<Option<usize>> = shape.iter().map(|&s| Some(s)).collect();
+            TensorSpec::new().dtype(DType::F32).shape(&pattern).finite()
+        };
+        let codebook = file.read("codebook", &f32_spec(&[n, k, d]), &Device::Cpu)?;
+        let counts = file.read("counts", &f32_spec(&[n, k]), &Device::Cpu)?;
+        let steps = file.read(
+            "steps",
+            &TensorSpec::new().dtype(DType::U32).shape(&[Some(1)]),
+            &Device::Cpu,
+        )?;
+        let sums = match config.update {
+            CodebookUpdate::Ema { .. } => {
+                Some(file.read("sums", &f32_spec(&[n, k, d]), &Device::Cpu)?)
+            }
+            _ => None,
+        };
+        let vq = VectorQuantizer::new(path, config)?;
+        let dev = vq.device.clone();
+        vq.codebook.set(&codebook.to_device(&dev)?)?;
+        vq.counts.set(&counts.to_device(&dev)?)?;
+        vq.steps.set(&steps.to_device(&dev)?)?;
+        if let (Some(var), Some(s)) = (&vq.sums, sums) {
+            var.set(&s.to_device(&dev)?)?;
+        }
+        Ok(vq)
+    }
+}
+
+/// Per codebook and code, the number of vectors assigned, `[N·K]`.
+fn histogram(codes: &[Vec<u32>], k: usize) -> Vec<u64> {
+    let mut hist = vec![0u64; codes.len() * k];
+    for (n, idx) in codes.iter().enumerate() {
+        let h = &mut hist[n * k..(n + 1) * k];
+        for &i in idx {
+            h[i as usize] += 1;
+        }
+    }
+    hist
+}
+
+/// One EMA step of one codebook (see [`CodebookUpdate::Ema`]), computed in `f64` and stored
+/// in `f32`; `E = w / c` from the stored values, so the identity holds exactly.
+#[allow(clippy::too_many_arguments)]
+fn ema_update(
+    points: &[f32],
+    codes: &[u32],
+    hist: &[u64],
+    decay: f64,
+    eps: f64,
+    counts: &mut [f32],
+    sums: &mut [f32],
+    codebook: &mut [f32],
+) {
+    let k = counts.len();
+    let d = sums.len() / k;
+    let mut assigned = vec![0f64; k * d];
+    for (v, &i) in points.chunks_exact(d).zip(codes) {
+        for (s, &x) in assigned[i as usize * d..(i as usize + 1) * d]
+            .iter_mut()
+            .zip(v)
+        {
+            *s += f64::from(x);
+        }
+    }
+    let mut c: Vec<f64> = counts
+        .iter()
+        .zip(hist)
+        .map(|(&c, &h)| decay * f64::from(c) + (1.0 - decay) * h as f64)
+        .collect();
+    let total: f64 = c.iter().sum();
+    let scale = total / (total + k as f64 * eps);
+    for (stored, c) in counts.iter_mut().zip(&mut c) {
+        *c = (*c + eps) * scale;
+        *stored = *c as f32;
+    }
+    for (code, &count) in counts.iter().enumerate() {
+        let range = code * d..(code + 1) * d;
+        for ((w, e), &s) in sums[range.clone()]
+            .iter_mut()
+            .zip(&mut codebook[range.clone()])
+            .zip(&assigned[range])
+        {
+            *w = (decay * f64::from(*w) + (1.0 - decay) * s) as f32;
+            *e = *w / count;
+        }
+    }
+}
+
+/// Gives every code of one codebook whose count is below `threshold` a distinct vector of
+/// the batch (drawn from `seed`; with more dead codes than vectors, the rest are drawn with
+/// replacement) and the count `threshold` (in EMA mode `w = v·c` and `E = w / c`).
+/// Returns how many codes were revived.
+fn revive(
+    points: &[f32],
+    d: usize,
+    threshold: f32,
+    seed: Seed,
+    counts: &mut [f32],
+    mut sums: Option<&mut [f32]>,
+    codebook: &mut [f32],
+) -> Result<usize> {
+    let dead: Vec<usize> = (0..counts.len())
+        .filter(|&k| counts[k] < threshold)
+        .collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let m = points.len() / d;
+    let mut rng = seed.rng();
+    let mut rows = rng.sample_indices(m, dead.len().min(m))?;
+    while rows.len() < dead.len() {
+        rows.push(rng.below(m)?);
+    }
+    for (&code, &row) in dead.iter().zip(&rows) {
+        let v = &points[row * d..(row + 1) * d];
+        let e = &mut codebook[code * d..(code + 1) * d];
+        counts[code] = threshold;
+        match sums.as_deref_mut() {
+            Some(w) => {
+                let w = &mut w[code * d..(code + 1) * d];
+                for ((w, e), &x) in w.iter_mut().zip(e.iter_mut()).zip(v) {
+                    *w = x * threshold;
+                    *e = *w / threshold;
+                }
+            }
+            None => e.copy_from_slice(v),
+        }
+    }
+    Ok(dead.len())
+}
