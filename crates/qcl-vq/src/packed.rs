@@ -134,8 +134,8 @@ impl PackedIndices {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for bad `codes` or `shape`; [`Error::ShapeMismatch`] for a
-    /// truncated or overlong stream; [`Error::InvalidParameter`] for set padding bits or an
-    /// index ≥ K (a corrupted stream).
+    /// truncated or overlong stream; [`Error::CorruptStream`] for set padding bits or an
+    /// index ≥ K.
     pub fn from_bytes(bytes: Vec<u8>, shape: &[usize], codes: usize) -> Result<Self> {
         let bits = check_codes(codes)?;
         let (rows, per_row, total) = rows_of(shape)?;
@@ -156,9 +156,9 @@ impl PackedIndices {
                 let row_bytes = packed.code_size();
                 for (r, row) in packed.bytes().chunks_exact(row_bytes).enumerate() {
                     if row[row_bytes - 1] >> spare != 0 {
-                        return Err(Error::invalid_parameter(
+                        return Err(Error::corrupt_stream(
                             "packed indices",
-                            format!("row {r} has set padding bits: the stream is corrupted"),
+                            format!("row {r} has set padding bits"),
                         ));
                     }
                 }
@@ -173,9 +173,9 @@ impl PackedIndices {
         };
         if !codes.is_power_of_two() {
             if let Some(i) = result.unpack().iter().position(|&v| v as usize >= codes) {
-                return Err(Error::invalid_parameter(
+                return Err(Error::corrupt_stream(
                     "packed indices",
-                    format!("index at flat position {i} is not below K = {codes}: the stream is corrupted"),
+                    format!("index at flat position {i} is not below K = {codes}"),
                 ));
             }
         }

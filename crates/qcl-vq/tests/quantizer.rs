@@ -294,13 +294,13 @@ fn packed_streams_refuse_truncation_corruption_and_bad_parameters() {
     padded[1] |= 0b1000_0000; // a padding bit of row 0
     assert_eq!(
         kind(PackedIndices::from_bytes(padded, &[2, 3], 5)),
-        "invalid_parameter"
+        "corrupt_stream"
     );
     let mut big = bytes.clone();
     big[0] |= 0b111; // index 0 becomes 7 ≥ 5
     assert_eq!(
         kind(PackedIndices::from_bytes(big, &[2, 3], 5)),
-        "invalid_parameter"
+        "corrupt_stream"
     );
     assert_eq!(
         kind(PackedIndices::pack(&[5], &[1], 5)),
