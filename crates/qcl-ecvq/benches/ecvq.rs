@@ -26,7 +26,7 @@ fn clg_iterations(c: &mut Criterion) {
     let data = Source::Gaussian.sample(200_000, &mut Seed::new(2).rng());
     let mut group = c.benchmark_group("clg");
     group.sample_size(10);
-    group.bench_function("10 iterations K=256 n=200k", |b| {
+    group.bench_function("20 k-means + 10 ECVQ iterations K=256 n=200k", |b| {
         b.iter(|| {
             ClgEcvq::fit(
                 &data,
