@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use qcl_ecvq::{Ecvq, Method, RunConfig, RunReport, Source};
 use qcl_tensor::Seed;
@@ -375,13 +376,8 @@ fn rd_plot(path: &Path, curves: &[Curve]) -> Result<()> {
                 .label(source.bound_name())
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
             for (_, method, points) in &ours {
-                let colour = colour_of(method);
                 let pts = sorted(points, &|_, d| db(d));
-                chart.draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?;
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))?
-                    .label(method.name())
-                    .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour.filled()));
+                draw_curve(&mut chart, pts, colour_of(method), method.name())?;
             }
             chart
                 .configure_series_labels()
@@ -417,13 +413,8 @@ fn rd_plot(path: &Path, curves: &[Curve]) -> Result<()> {
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
             }
             for (_, method, points) in &ours {
-                let colour = colour_of(method);
                 let pts = sorted(points, &|r, d| db(d / source.distortion_bound(r)));
-                chart.draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?;
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))?
-                    .label(method.name())
-                    .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour.filled()));
+                draw_curve(&mut chart, pts, colour_of(method), method.name())?;
             }
             chart
                 .configure_series_labels()
@@ -434,6 +425,24 @@ fn rd_plot(path: &Path, curves: &[Curve]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A method's points joined by a line, with dots and a legend entry.
+fn draw_curve<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: &str,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?
+        .label(label)
+        .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour.filled()));
+    Ok(())
 }
 
 /// The cells of two quantizers over the source density, side by side.
