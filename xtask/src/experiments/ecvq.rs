@@ -42,43 +42,56 @@ struct Point {
     lambda: f64,
     codes: usize,
     clg_samples: usize,
+    /// One of the spec's §9 grid (Gaussian 2/8/32, banana 1/4/16), which the targets are
+    /// judged on; the other points of `--full` are the rest of the spec's table: the
+    /// near-zero-rate point and the λ = 64 stress point.
+    in_grid: bool,
+}
+
+/// The spec's §9 λ grid: Gaussian {2, 8, 32}, banana {1, 4, 16}.
+fn in_grid(source: Source, lambda: f64) -> bool {
+    match source {
+        Source::Gaussian => [2.0, 8.0, 32.0].contains(&lambda),
+        Source::Banana => [1.0, 4.0, 16.0].contains(&lambda),
+        _ => false,
+    }
 }
 
 fn sweep(mode: Mode) -> Vec<Point> {
-    let point = |source, lambda| Point {
+    let point = |source, lambda, codes| Point {
         source,
         lambda,
-        codes: 256,
+        codes,
         clg_samples: CLG_SAMPLES,
+        in_grid: in_grid(source, lambda),
     };
-    match mode {
-        Mode::Quick => vec![
-            point(Source::Gaussian, 2.0),
-            point(Source::Gaussian, 8.0),
-            point(Source::Gaussian, 32.0),
-            point(Source::Banana, 1.0),
-            point(Source::Banana, 4.0),
-            point(Source::Banana, 16.0),
+    let lambdas: &[(Source, f64)] = match mode {
+        Mode::Quick => &[
+            (Source::Gaussian, 2.0),
+            (Source::Gaussian, 8.0),
+            (Source::Gaussian, 32.0),
+            (Source::Banana, 1.0),
+            (Source::Banana, 4.0),
+            (Source::Banana, 16.0),
         ],
-        // The spec's whole table; λ = 64 on the banana saturates K = 256, so it gets K = 1024,
-        // as the spec advises.
-        Mode::Full => vec![
-            point(Source::Gaussian, 1.0),
-            point(Source::Gaussian, 2.0),
-            point(Source::Gaussian, 4.0),
-            point(Source::Gaussian, 8.0),
-            point(Source::Gaussian, 32.0),
-            point(Source::Banana, 1.0),
-            point(Source::Banana, 4.0),
-            point(Source::Banana, 16.0),
-            Point {
-                source: Source::Banana,
-                lambda: 64.0,
-                codes: 1024,
-                clg_samples: CLG_SAMPLES,
-            },
+        // The spec's whole table.
+        Mode::Full => &[
+            (Source::Gaussian, 1.0),
+            (Source::Gaussian, 2.0),
+            (Source::Gaussian, 4.0),
+            (Source::Gaussian, 8.0),
+            (Source::Gaussian, 32.0),
+            (Source::Banana, 1.0),
+            (Source::Banana, 4.0),
+            (Source::Banana, 16.0),
+            (Source::Banana, 64.0),
         ],
-    }
+    };
+    lambdas
+        .iter()
+        // λ = 64 on the banana saturates K = 256, so it gets K = 1024, as the spec advises.
+        .map(|&(source, lambda)| point(source, lambda, if lambda >= 64.0 { 1024 } else { 256 }))
+        .collect()
 }
 
 /// One method's RD curve on one source: `(rate, distortion)` means, in sweep order.
@@ -181,8 +194,10 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
                 r.evaluation.distortion >= r.evaluation.bound.unwrap_or(0.0) * (1.0 - 0.005)
             });
             all_above_bound &= bound_ok;
-            worst_rate_minus_entropy = worst_rate_minus_entropy.max(s.max_rate_minus_entropy);
-            worst_coded_error = worst_coded_error.max(s.max_coded_error);
+            if point.in_grid {
+                worst_rate_minus_entropy = worst_rate_minus_entropy.max(s.max_rate_minus_entropy);
+                worst_coded_error = worst_coded_error.max(s.max_coded_error);
+            }
             let _ = writeln!(
                 rows,
                 "| {} | {} | {} | {} | {} | {} | {:.4} | {:.5} | {} | {} | {} | {:.4} | {:.2} |",
@@ -231,11 +246,11 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
         let d_bits = vecvq.rate.mean - clg.rate.mean;
         let d_db = vecvq.gap.mean - clg.gap.mean;
         let d_j = 100.0 * (vecvq.lagrangian.mean / clg.lagrangian.mean - 1.0);
-        if point.codes == 256 {
+        if point.in_grid {
             worst_bits = worst_bits.max(d_bits.abs());
             worst_db = worst_db.max(d_db.abs());
         }
-        if point.source == Source::Gaussian && point.lambda == 32.0 {
+        if point.source == Source::Gaussian && point.lambda == 32.0 && point.in_grid {
             gaussian_32_gap = Some(vecvq.gap);
         }
         let _ = writeln!(
@@ -285,7 +300,10 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
          ### VECVQ minus CLG (means over seeds)\n\n\
          | source | λ | Δ rate (bits) | Δ gap (dB) | Δ (R + λD) |\n|---|---|---|---|---|\n{comparison}\n\
          ### Targets\n\n\
-         - VECVQ within ±0.05 bit and ±0.1 dB of CLG at every λ (K = 256 points): worst |Δ rate| = {worst_bits:.3} bit, \
+         Judged on the spec's §9 grid (Gaussian λ 2, 8, 32; banana λ 1, 4, 16); `--full` adds the rest of the spec's \
+         table (Gaussian λ 1, 4; banana λ 64 with K = 1024), shown above but not judged: at R ≈ 0.01 bit the \
+         stream's fixed 32-byte header alone is 2 % of the rate.\n\n\
+         - VECVQ within ±0.05 bit and ±0.1 dB of CLG at every λ: worst |Δ rate| = {worst_bits:.3} bit, \
          worst |Δ gap| = {worst_db:.3} dB.\n\
          - Every point above its bound (0.5 % Monte-Carlo slack): {}.\n\
          - Gaussian λ = 32, VECVQ gap (target ≤ 1.40 dB): {g32} dB.\n\
