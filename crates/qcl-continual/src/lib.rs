@@ -39,5 +39,6 @@ pub mod scenario;
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use scenario::{
     sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
-    ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
+    ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
+    TaskDescription,
 };

@@ -17,6 +17,7 @@ use std::ops::Range;
 use candle_core::Device;
 use qcl_data::{Batch, BatchOptions, BatchOrder, Batches, Dataset, Normalization, SplitDataset};
 use qcl_tensor::{Error, Result, Seed};
+use serde::{Deserialize, Serialize};
 
 /// Order in which classes are dealt out to tasks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -255,7 +256,8 @@ impl Default for PermutedParams {
 }
 
 /// What kind of scenario a [`Scenario`] is; it decides the label space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScenarioKind {
     /// Disjoint class groups, global labels, single head, no task id.
     ClassIncremental,
@@ -581,8 +583,41 @@ impl Scenario {
             .collect()
     }
 
+    /// What the scenario is made of, for the JSON output of a run: kind, class order (the
+    /// permutation π to record), and each task's classes, task label and sizes.
+    ///
+    /// ```
+    /// use qcl_continual::{LifelongParams, Scenario};
+    /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
+    /// let data = qcl_data::SplitDataset::load(path)?;
+    /// let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+    /// let json = serde_json::to_string(&scenario.description()).unwrap();
+    /// assert!(json.starts_with(r#"{"kind":"lifelong","num_classes":10,"class_order":["#));
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    pub fn description(&self) -> ScenarioDescription {
+        ScenarioDescription {
+            kind: self.kind,
+            num_classes: self.num_classes,
+            class_order: self.class_order.clone(),
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| TaskDescription {
+                    id: t.id,
+                    classes: t.classes.clone(),
+                    task_label: t.task_label,
+                    train_images: t.train.len(),
+                    test_images: t.test.len(),
+                    permuted: t.pixel_permutation.is_some(),
+                })
+                .collect(),
+        }
+    }
+
     /// Classes seen in some task but absent from the last one (LifeQuant's orphan classes,
-    /// whose test accuracy after the last task measures forgetting of dropped classes), sorted.
+    /// whose test accuracy after the last task measures forgetting of dropped classes, spec §7:
+    /// evaluate on `data.test.select_classes(&scenario.orphan_classes())`), sorted.
     pub fn orphan_classes(&self) -> Vec<u32> {
         let Some(last) = self.tasks.last() else {
             return Vec::new();
@@ -665,6 +700,36 @@ impl Task {
             pixel_permutation,
         })
     }
+}
+
+/// A serialisable summary of a [`Scenario`] (see [`Scenario::description`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScenarioDescription {
+    /// The kind of scenario.
+    pub kind: ScenarioKind,
+    /// Classes of the data set (width of a single head).
+    pub num_classes: usize,
+    /// The class order the tasks were cut from.
+    pub class_order: Vec<u32>,
+    /// One entry per task.
+    pub tasks: Vec<TaskDescription>,
+}
+
+/// One task of a [`ScenarioDescription`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDescription {
+    /// Position of the task.
+    pub id: usize,
+    /// Global classes of the task.
+    pub classes: Vec<u32>,
+    /// Task label given to a multi-head model, if any.
+    pub task_label: Option<usize>,
+    /// Number of training images.
+    pub train_images: usize,
+    /// Number of test images.
+    pub test_images: usize,
+    /// Whether the task's pixels are permuted.
+    pub permuted: bool,
 }
 
 /// Options of [`Scenario::stream`], each with a default.

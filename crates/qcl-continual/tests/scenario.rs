@@ -162,6 +162,18 @@ fn lifelong_reproduction_on_fashion_mnist() {
     orphans.sort_unstable();
     assert_eq!(s.orphan_classes(), orphans);
 
+    let description = s.description();
+    assert_eq!(description.class_order, pi);
+    let sizes: Vec<(usize, usize)> = description
+        .tasks
+        .iter()
+        .map(|t| (t.train_images, t.test_images))
+        .collect();
+    assert_eq!(sizes, vec![(500, 100), (500, 100), (600, 120)]);
+    let json = serde_json::to_string(&description).unwrap();
+    let back: qcl_continual::ScenarioDescription = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, description);
+
     let stress = Scenario::lifelong(&data, &LifelongParams::reproduction_stress()).unwrap();
     let sizes: Vec<usize> = stress.tasks().iter().map(|t| t.classes.len()).collect();
     assert_eq!(sizes, vec![4, 4, 4]);
