@@ -99,7 +99,7 @@ impl Default for SplitParams {
 /// With C classes, T tasks and diminish rate d: window `n = ⌊C / (1 + d·(T−1))⌋`, shift
 /// `s = ⌊n·d⌋`; task `i < T−1` owns classes `π[i·s .. i·s+n]` of a seeded class permutation π,
 /// the last task owns `π[(T−1)·s .. C]` (everything left, so it may hold more than n classes).
-/// The default is the reference benchmark's setting (T = 3, d = 0.25, seed 123, no
+/// The default is the paper's CIFAR-100-LL setting (T = 3, d = 0.25, seed 123, no
 /// subsampling); [`LifelongParams::reproduction`] is the scaled-down Fashion-MNIST/MNIST run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LifelongParams {
@@ -107,8 +107,8 @@ pub struct LifelongParams {
     pub num_tasks: usize,
     /// Fraction d of a task's classes that leave at each task switch, in (0, 1) (default 0.25).
     pub diminish_rate: f64,
-    /// Seed of the class permutation π (default 123). The reference code's numpy permutation
-    /// cannot be reproduced; the permutation used is recorded in [`Scenario::class_order`].
+    /// Seed of the class permutation π (default 123, drawn with [`Seed`], not numpy, so π
+    /// differs from the paper's); record [`Scenario::class_order`] with the results.
     pub class_seed: Seed,
     /// Keep at most this many training images per class, drawn once with `subsample_seed`
     /// before the tasks are built, so a class shared by two tasks brings the same images into
@@ -172,8 +172,8 @@ pub struct LifelongWindows {
 impl LifelongWindows {
     /// The windows for `num_classes` classes, `num_tasks` tasks and diminish rate `d`.
     ///
-    /// The floors are taken on `f64` arithmetic, as the reference code does (`int(…)` of a
-    /// Python float).
+    /// The floors are taken on `f64` arithmetic, so the windows match the paper's benchmark
+    /// (the table of spec §1.1).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for no task, `d` outside the open interval (0, 1) (d = 1
