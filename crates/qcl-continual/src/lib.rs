@@ -2,9 +2,43 @@
 //!
 //! Continual-learning scenarios, byte-budget replay buffers, metrics, ProxQ, BaLL and QAT quantizers.
 //!
-//! **Status: planned** (issue #6). This crate holds no code yet; it exists so that the
-//! workspace layout and the dependency graph are visible from the start. It will provide:
+//! Available now:
 //!
-//! Class- and task-incremental scenarios, reservoir / class-balanced / per-task buffers with a
-//! capacity in bytes, the accuracy matrix and its metrics, small strategies (fine-tune, replay, EWC,
-//! LwF), and LifeQuant's 4-bit quantization-aware training with ProxQ and BaLL.
+//! - [`scenario`]: [`Scenario`]s as data — class-incremental splits (Split-MNIST,
+//!   Split-FMNIST 5×2), task-incremental splits with per-task labels, LifeQuant's sliding-window
+//!   lifelong class shift ([`LifelongParams`]), permuted MNIST, and an online single-pass
+//!   [`Stream`] of mini-batches;
+//! - [`metrics`]: the [`AccuracyMatrix`] `a[i][j]` with average accuracy, backward and forward
+//!   transfer and forgetting, JSON and a PNG heatmap.
+//!
+//! Planned (issue #6): reservoir / class-balanced / per-task replay buffers with a capacity in
+//! bytes, small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
+//! quantization-aware training with ProxQ and BaLL.
+//!
+//! ```
+//! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
+//! # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
+//! let data = qcl_data::SplitDataset::load(path)?;
+//! let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+//! let mut accuracy = AccuracyMatrix::new(scenario.num_tasks())?;
+//! for task in scenario.tasks() {
+//!     // ... train on task.train, then for every seen task s ≤ task.id:
+//!     for seen in 0..=task.id {
+//!         accuracy.set(task.id, seen, 0.5)?; // accuracy on scenario.tasks()[seen].test
+//!     }
+//! }
+//! assert_eq!(accuracy.average_accuracy()?, 0.5);
+//! # Ok::<(), qcl_tensor::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod metrics;
+pub mod scenario;
+
+pub use metrics::{AccuracyMatrix, MetricsSummary};
+pub use scenario::{
+    sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
+    ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
+    TaskDescription,
+};
