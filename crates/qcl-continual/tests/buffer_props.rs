@@ -131,7 +131,7 @@ fn chi_square_bound(df: usize) -> f64 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// After `n` offers of equal-size items into a reservoir of `k`, item `i` is held with
     /// probability `k / n` for every `i`: chi-square over 1,000 seeded runs, with the capacity

@@ -62,7 +62,8 @@ pub struct TaskSummary {
 /// of another task is offered. The subset of task `t` is drawn from `seed.child(t)`, so it does
 /// not depend on the other tasks. Selected items are stored in random order while they fit the
 /// capacity; the rest of the selection is dropped (with a fixed item size this is still a
-/// uniform subset). A finished task cannot receive more items.
+/// uniform subset). A finished task cannot receive more items. Pending items are held outside
+/// the capacity (they are not replayable and at most one task's worth is pending).
 ///
 /// ```
 /// use qcl_continual::{Capacity, Filter, Keep, PerTaskBuffer, ReplayBuffer};

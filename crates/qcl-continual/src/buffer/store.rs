@@ -158,13 +158,16 @@ impl<T: BufferItem> Store<T> {
     /// at random).
     pub(crate) fn remove_from_largest_class(&mut self, rng: &mut SeededRng) -> Option<Entry<T>> {
         let max = *self.class_counts.values().max()?;
-        let largest: Vec<u32> = self
+        // Two passes over the counts instead of collecting the tied classes: no allocation per
+        // eviction.
+        let ties = self.class_counts.values().filter(|&&n| n == max).count();
+        let pick = rng.below(ties).ok()?;
+        let class = self
             .class_counts
             .iter()
             .filter(|&(_, &n)| n == max)
-            .map(|(&c, _)| c)
-            .collect();
-        let class = largest[rng.below(largest.len()).ok()?];
+            .nth(pick)
+            .map(|(&c, _)| c)?;
         let mut offset = rng.below(max).ok()?;
         for (_, slots) in self.groups.range((class, 0)..=(class, usize::MAX)) {
             if offset < slots.len() {
