@@ -11,8 +11,12 @@
 //! - [`metrics`]: the [`AccuracyMatrix`] `a[i][j]` with average accuracy, backward and forward
 //!   transfer and forgetting, JSON and a PNG heatmap.
 //!
-//! Planned (issue #6): reservoir / class-balanced / per-task replay buffers with a capacity in
-//! bytes, small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
+//! - [`buffer`]: replay buffers with a capacity in items and in bytes and stable item ids —
+//!   [`ReservoirBuffer`] (Vitter's algorithm R), [`ClassBalancedBuffer`] (AQM's eviction from
+//!   the largest class), [`PerTaskBuffer`] (LifeQuant's random δ of each task) — behind the
+//!   [`ReplayBuffer`] trait, with replay batches restricted by a [`Filter`] on classes and tasks.
+//!
+//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
 //! quantization-aware training with ProxQ and BaLL.
 //!
 //! ```
@@ -33,9 +37,14 @@
 
 #![warn(missing_docs)]
 
+pub mod buffer;
 pub mod metrics;
 pub mod scenario;
 
+pub use buffer::{
+    BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
+    Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
+};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use scenario::{
     sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
