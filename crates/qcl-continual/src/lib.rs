@@ -15,9 +15,13 @@
 //!   [`ReservoirBuffer`] (Vitter's algorithm R), [`ClassBalancedBuffer`] (AQM's eviction from
 //!   the largest class), [`PerTaskBuffer`] (LifeQuant's random δ of each task) — behind the
 //!   [`ReplayBuffer`] trait, with replay batches restricted by a [`Filter`] on classes and tasks.
+//! - [`ball`]: LifeQuant's Balanced Lifelong Learning loss — [`ClassHistogram`] and
+//!   [`ClassStatistics`] of `D_t ∪ R_{<t}` (weights `w_c = 1/(K·p_c + 1)`), [`BallLoss`] in the
+//!   three [`BallMode`]s (the paper's linear prior, the code's additive and multiplicative
+//!   forms) on the candle graph.
 //!
 //! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
-//! quantization-aware training with ProxQ and BaLL.
+//! quantization-aware training with ProxQ.
 //!
 //! ```
 //! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
@@ -37,10 +41,12 @@
 
 #![warn(missing_docs)]
 
+pub mod ball;
 pub mod buffer;
 pub mod metrics;
 pub mod scenario;
 
+pub use ball::{BallLoss, BallMode, ClassHistogram, ClassStatistics};
 pub use buffer::{
     BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
