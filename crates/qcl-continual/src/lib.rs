@@ -15,9 +15,15 @@
 //!   [`ReservoirBuffer`] (Vitter's algorithm R), [`ClassBalancedBuffer`] (AQM's eviction from
 //!   the largest class), [`PerTaskBuffer`] (LifeQuant's random δ of each task) — behind the
 //!   [`ReplayBuffer`] trait, with replay batches restricted by a [`Filter`] on classes and tasks.
+//! - [`quant`]: LifeQuant's QAT quantizers with straight-through gradients — the rounding
+//!   primitive [`round_to_bits`] (`q_k`), the weight quantizer [`WeightQuantizer`] (per-tensor
+//!   standardisation to `σ0`, faithful or strict DoReFa grid, 1-bit branch) and the activation
+//!   quantizer [`ActivationQuantizer`];
+//! - [`proxq`]: ProxQ's Fisher-weighted proximal penalty `λ·Σ F⊙(θ − θ*)²` ([`ProxQ`]) with the
+//!   batch-mean squared-gradient Fisher ([`FisherAccumulator`], [`FisherDiagonal`]).
 //!
-//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
-//! quantization-aware training with ProxQ and BaLL.
+//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF), BaLL, and LifeQuant's
+//! 4-bit quantization-aware training loop.
 //!
 //! ```
 //! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
@@ -39,6 +45,8 @@
 
 pub mod buffer;
 pub mod metrics;
+pub mod proxq;
+pub mod quant;
 pub mod scenario;
 
 pub use buffer::{
@@ -46,6 +54,10 @@ pub use buffer::{
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
 };
 pub use metrics::{AccuracyMatrix, MetricsSummary};
+pub use proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
+pub use quant::{
+    round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
+};
 pub use scenario::{
     sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
     ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
