@@ -321,6 +321,9 @@ impl ActivationQuantizer {
 
     /// `Qa(x)` on the graph.
     ///
+    /// Activations are not checked for NaN/inf (that would cost a host read per layer and
+    /// forward pass); a NaN stays NaN. Weights are checked, in [`WeightQuantizer::quantize`].
+    ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a bad bit width; a candle error for a non-float tensor.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
