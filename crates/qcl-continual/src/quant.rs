@@ -36,9 +36,10 @@ use qcl_tensor::{Error, Result};
 /// The bit width that means "no quantization": `Qw(W) = W`, `Qa(x) = x`, `q_32(u) = u`.
 pub const IDENTITY_BITS: u32 = 32;
 
-/// The largest bit width that is actually quantized. Above it `2^k − 1` levels stop being
-/// representable exactly in `f32` arithmetic (`u·m` loses the fractional part that rounding
-/// needs), so wider settings are refused rather than silently degraded.
+/// The largest bit width that is actually quantized. At 16 bits the `f32` product `u·m` of a
+/// standardised weight near ±2 keeps only 6 fractional bits; wider grids would increasingly
+/// round on `f32` noise rather than on the grid (and no LifeQuant setting uses them), so they
+/// are refused rather than silently degraded. Use [`IDENTITY_BITS`] for full precision.
 pub const MAX_BITS: u32 = 16;
 
 /// Checks a bit width: `1..=MAX_BITS` or `IDENTITY_BITS`.
