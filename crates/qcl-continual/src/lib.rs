@@ -18,10 +18,16 @@
 //! - [`ball`]: LifeQuant's Balanced Lifelong Learning loss — [`ClassHistogram`] and
 //!   [`ClassStatistics`] of `D_t ∪ R_{<t}` (weights `w_c = 1/(K·p_c + 1)`), [`BallLoss`] in the
 //!   three [`BallMode`]s (the paper's linear prior, the code's additive and multiplicative
-//!   forms) on the candle graph.
+//!   forms) on the candle graph;
+//! - [`quant`]: LifeQuant's QAT quantizers with straight-through gradients — the rounding
+//!   primitive [`round_to_bits`] (`q_k`), the weight quantizer [`WeightQuantizer`] (per-tensor
+//!   standardisation to `σ0`, faithful or strict DoReFa grid, 1-bit branch) and the activation
+//!   quantizer [`ActivationQuantizer`];
+//! - [`proxq`]: ProxQ's Fisher-weighted proximal penalty `λ·Σ F⊙(θ − θ*)²` ([`ProxQ`]) with the
+//!   batch-mean squared-gradient Fisher ([`FisherAccumulator`], [`FisherDiagonal`]).
 //!
-//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF), and LifeQuant's 4-bit
-//! quantization-aware training with ProxQ.
+//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF) and LifeQuant's 4-bit
+//! quantization-aware training loop.
 //!
 //! ```
 //! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
@@ -44,6 +50,8 @@
 pub mod ball;
 pub mod buffer;
 pub mod metrics;
+pub mod proxq;
+pub mod quant;
 pub mod scenario;
 
 pub use ball::{BallLoss, BallMode, ClassHistogram, ClassStatistics};
@@ -52,6 +60,10 @@ pub use buffer::{
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
 };
 pub use metrics::{AccuracyMatrix, MetricsSummary};
+pub use proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
+pub use quant::{
+    round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
+};
 pub use scenario::{
     sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
     ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
