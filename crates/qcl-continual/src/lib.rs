@@ -24,7 +24,10 @@
 //!   standardisation to `σ0`, faithful or strict DoReFa grid, 1-bit branch) and the activation
 //!   quantizer [`ActivationQuantizer`];
 //! - [`proxq`]: ProxQ's Fisher-weighted proximal penalty `λ·Σ F⊙(θ − θ*)²` ([`ProxQ`]) with the
-//!   batch-mean squared-gradient Fisher ([`FisherAccumulator`], [`FisherDiagonal`]).
+//!   batch-mean squared-gradient Fisher ([`FisherAccumulator`], [`FisherDiagonal`]);
+//! - [`qresnet`]: LifeQuant's quantized ResNet for 28×28 inputs, "QResNet-8" ([`QResNet`],
+//!   [`QResNetConfig`]): the `resnet20_quant` block, one per stage, quantized stem and 1×1
+//!   skips, FP32 head, bit widths switchable in place (32 = full precision).
 //!
 //! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF) and LifeQuant's 4-bit
 //! quantization-aware training loop.
@@ -51,6 +54,7 @@ pub mod ball;
 pub mod buffer;
 pub mod metrics;
 pub mod proxq;
+pub mod qresnet;
 pub mod quant;
 pub mod scenario;
 
@@ -61,6 +65,7 @@ pub use buffer::{
 };
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
+pub use qresnet::{QResNet, QResNetConfig};
 pub use quant::{
     round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
 };
