@@ -10,14 +10,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp3, DType, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
+use super::cpu::kernel_cpu_fwd;
 use super::cpu::{
     affine_of_grad, assume_init, chunk_count, for_each_chunk_mut, lane_grad_sums,
-    lane_squared_deviation, lane_sum, relu_grad_slice, run_ternary, scale_shift, supported_dtype,
-    uninit_vec, Float, TernaryKernel,
+    lane_squared_deviation, lane_sum, relu_grad_slice, scale_shift, supported_dtype, uninit_vec,
+    Float, TernaryKernel,
 };
 
 /// Per-channel statistics of one training batch.
@@ -145,18 +146,7 @@ impl CustomOp3 for BatchNormOp {
         "qcl-batch-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(ternary);
 
     fn bwd(
         &self,
@@ -296,18 +286,7 @@ impl CustomOp3 for BatchNormBackward<'_> {
         "qcl-batch-norm-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(ternary);
 }
 
 fn check_inputs(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<usize> {

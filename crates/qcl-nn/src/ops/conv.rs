@@ -4,7 +4,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tenso
 use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
-use super::cpu::{run_binary, run_ternary, supported_dtype, BinaryKernel, Float, TernaryKernel};
+use super::cpu::kernel_cpu_fwd;
+use super::cpu::{run_ternary, supported_dtype, BinaryKernel, Float, TernaryKernel};
 
 /// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
 /// groups = 1). Defaults: stride 1, padding 0, dilation 1.
@@ -440,6 +441,10 @@ impl BinaryKernel for ConvProduct {
     fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {
         self.compute(a, b)
     }
+
+    fn output_shape(&self, _l1: &Layout, _l2: &Layout) -> Shape {
+        self.shape()
+    }
 }
 
 /// A convolution product followed by the per-channel bias (and ReLU), in place.
@@ -471,16 +476,7 @@ impl CustomOp2 for ConvProduct {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, self.shape()))
-    }
+    kernel_cpu_fwd!(binary);
 }
 
 /// The autograd node: forward (or, for the transposed convolution, input-gradient) product

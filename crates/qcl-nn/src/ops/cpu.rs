@@ -1,6 +1,6 @@
 //! Shared pieces of the CPU kernels: the element trait, storage access and work splitting.
 
-use candle_core::{CpuStorage, DType, Layout, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, WithDType};
 
 /// The float types the CPU kernels support (`f32`, `f64`).
 pub(crate) trait Float:
@@ -66,19 +66,83 @@ pub(crate) fn slice<'a, T: Float>(
 pub(crate) trait UnaryKernel {
     /// The result for operand `x` of shape `dims`.
     fn run<T: Float>(&self, x: &[T], dims: &[usize]) -> Vec<T>;
+
+    /// Shape of the result (default: the operand's).
+    fn output_shape(&self, l: &Layout) -> Shape {
+        l.shape().clone()
+    }
 }
 
 /// A host kernel over two contiguous operands of the same float type.
 pub(crate) trait BinaryKernel {
     /// The result for operands `a` (of shape `dims`) and `b`.
     fn run<T: Float>(&self, a: &[T], b: &[T], dims: &[usize]) -> Vec<T>;
+
+    /// Shape of the result (default: the first operand's).
+    fn output_shape(&self, l1: &Layout, _l2: &Layout) -> Shape {
+        l1.shape().clone()
+    }
 }
 
 /// A host kernel over three contiguous operands of the same float type.
 pub(crate) trait TernaryKernel {
     /// The result for operands `a` (of shape `dims`), `b` and `c`.
     fn run<T: Float>(&self, a: &[T], b: &[T], c: &[T], dims: &[usize]) -> Vec<T>;
+
+    /// Shape of the result (default: the first operand's).
+    fn output_shape(&self, l1: &Layout, _l2: &Layout, _l3: &Layout) -> Shape {
+        l1.shape().clone()
+    }
 }
+
+/// The `cpu_fwd` of a candle `CustomOp1/2/3` whose host work is its `Unary/Binary/TernaryKernel`
+/// (dtype dispatch in `run_*`, result shape from `output_shape`), written once for every op.
+macro_rules! kernel_cpu_fwd {
+    (unary) => {
+        fn cpu_fwd(
+            &self,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out = $crate::ops::cpu::run_unary(self, self.name(), s, l)?;
+            Ok((out, $crate::ops::cpu::UnaryKernel::output_shape(self, l)))
+        }
+    };
+    (binary) => {
+        fn cpu_fwd(
+            &self,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out = $crate::ops::cpu::run_binary(self, self.name(), (s1, l1), (s2, l2))?;
+            Ok((
+                out,
+                $crate::ops::cpu::BinaryKernel::output_shape(self, l1, l2),
+            ))
+        }
+    };
+    (ternary) => {
+        fn cpu_fwd(
+            &self,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CpuStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out =
+                $crate::ops::cpu::run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+            Ok((
+                out,
+                $crate::ops::cpu::TernaryKernel::output_shape(self, l1, l2, l3),
+            ))
+        }
+    };
+}
+pub(crate) use kernel_cpu_fwd;
 
 /// Runs `kernel` on `f32` or `f64` storage: the one place custom ops dispatch on dtype.
 pub(crate) fn run_unary(

@@ -3,15 +3,16 @@
 //! candle's own ReLU backward builds a mask through several full-size temporaries; these ops
 //! use the saved output instead (`dx = dy · [y > 0]`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
+use super::cpu::kernel_cpu_fwd;
 use super::cpu::{
-    add_relu_slice, assume_init, lane_sum, relu_grad_slice, relu_slice, run_binary, run_unary,
-    shift_relu_in_place, supported_dtype, uninit_vec, BinaryKernel, Float, UnaryKernel,
+    add_relu_slice, assume_init, lane_sum, relu_grad_slice, relu_slice, shift_relu_in_place,
+    supported_dtype, uninit_vec, BinaryKernel, Float, UnaryKernel,
 };
 
 /// Elements per parallel piece of an elementwise loop: below this, threads cost more than
@@ -50,10 +51,7 @@ impl CustomOp1 for Relu {
         "qcl-relu"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_unary(self, self.name(), s, l)?;
-        Ok((out, l.shape().clone()))
-    }
+    kernel_cpu_fwd!(unary);
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?))
@@ -80,16 +78,7 @@ impl CustomOp2 for ReluGrad {
         "qcl-relu-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(binary);
 }
 
 /// `max(x, 0)`, with a backward that reuses the output as its mask (one allocation instead of
@@ -126,16 +115,7 @@ impl CustomOp2 for AddRelu {
         "qcl-add-relu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(binary);
 
     fn bwd(
         &self,
@@ -215,16 +195,7 @@ impl CustomOp2 for ChannelBias {
         "qcl-channel-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(binary);
 
     fn bwd(
         &self,
@@ -272,6 +243,10 @@ impl UnaryKernel for ChannelSum {
             .map(T::from_f64_)
             .collect()
     }
+
+    fn output_shape(&self, l: &Layout) -> Shape {
+        Shape::from(channel_layout(l.dims()).1)
+    }
 }
 
 impl CustomOp1 for ChannelSum {
@@ -279,11 +254,7 @@ impl CustomOp1 for ChannelSum {
         "qcl-channel-sum"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let c = channel_layout(l.dims()).1;
-        let out = run_unary(self, self.name(), s, l)?;
-        Ok((out, Shape::from(c)))
-    }
+    kernel_cpu_fwd!(unary);
 }
 
 /// Adds a per-channel bias: `y[b, c, …] = x[b, c, …] + bias[c]` for `x` of rank ≥ 2 and

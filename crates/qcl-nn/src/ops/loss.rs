@@ -1,10 +1,11 @@
 //! Fused losses and the straight-through estimator.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp2, DType, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use super::cpu::{run_binary, supported_dtype, BinaryKernel, Float};
+use super::cpu::kernel_cpu_fwd;
+use super::cpu::{supported_dtype, BinaryKernel, Float};
 
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() {
@@ -46,6 +47,10 @@ impl BinaryKernel for MeanSquaredError {
         let n = a.len().max(1) as f64;
         vec![T::from_f64_(sum_squared_difference(a, b) / n)]
     }
+
+    fn output_shape(&self, _l1: &Layout, _l2: &Layout) -> Shape {
+        Shape::from(())
+    }
 }
 
 impl CustomOp2 for MeanSquaredError {
@@ -53,16 +58,7 @@ impl CustomOp2 for MeanSquaredError {
         "qcl-mse"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from(())))
-    }
+    kernel_cpu_fwd!(binary);
 
     fn bwd(
         &self,
@@ -115,16 +111,7 @@ impl CustomOp2 for ScaledDifference {
         "qcl-scaled-difference"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(binary);
 }
 
 /// Mean squared error `mean((a − b)²)` as a scalar, with a one-pass backward for both inputs
@@ -159,6 +146,10 @@ impl BinaryKernel for StraightThrough {
     fn run<T: Float>(&self, _input: &[T], quantized: &[T], _dims: &[usize]) -> Vec<T> {
         quantized.to_vec()
     }
+
+    fn output_shape(&self, _l1: &Layout, l2: &Layout) -> Shape {
+        l2.shape().clone()
+    }
 }
 
 impl CustomOp2 for StraightThrough {
@@ -166,16 +157,7 @@ impl CustomOp2 for StraightThrough {
         "qcl-straight-through"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-        Ok((out, l2.shape().clone()))
-    }
+    kernel_cpu_fwd!(binary);
 
     fn bwd(
         &self,
