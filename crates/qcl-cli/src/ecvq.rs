@@ -73,13 +73,12 @@ pub fn run_ecvq(args: &EcvqArgs) -> Result<Report> {
         ));
     }
     let mut config = RunConfig::new(source, method, args.lambda);
-    config.vecvq.codes = args.k;
+    config.set_codes(args.k);
+    config.set_seed(Seed::new(args.seed));
+    config.set_show_progress(args.progress);
     config.vecvq.steps = args.steps;
     config.vecvq.batch_size = args.batch;
     config.vecvq.learning_rate = args.lr;
-    config.vecvq.seed = Seed::new(args.seed);
-    config.vecvq.show_progress = args.progress;
-    config.clg.codes = args.k;
     config.clg.max_iterations = args.iterations;
     config.clg.init = if args.init == "random" {
         ClgInit::RandomPoints
@@ -87,8 +86,6 @@ pub fn run_ecvq(args: &EcvqArgs) -> Result<Report> {
         ClgInit::default()
     };
     config.clg.restarts = args.restarts;
-    config.clg.seed = Seed::new(args.seed);
-    config.clg.show_progress = args.progress;
     config.clg_samples = args.train_samples;
     config.eval_samples = args.eval_samples;
     config.eval_seed = Seed::new(args.eval_seed);

@@ -100,6 +100,32 @@ impl RunConfig {
             Method::Clg => self.clg.codes,
         }
     }
+
+    /// Training seed of the chosen method.
+    pub fn seed(&self) -> Seed {
+        match self.method {
+            Method::Vecvq => self.vecvq.seed,
+            Method::Clg => self.clg.seed,
+        }
+    }
+
+    /// Sets `K` for both methods, so that switching `method` keeps it.
+    pub fn set_codes(&mut self, codes: usize) {
+        self.vecvq.codes = codes;
+        self.clg.codes = codes;
+    }
+
+    /// Sets the training seed for both methods.
+    pub fn set_seed(&mut self, seed: Seed) {
+        self.vecvq.seed = seed;
+        self.clg.seed = seed;
+    }
+
+    /// Shows (or hides) both methods' progress bars.
+    pub fn set_show_progress(&mut self, show: bool) {
+        self.vecvq.show_progress = show;
+        self.clg.show_progress = show;
+    }
 }
 
 /// What one run produced.

@@ -177,10 +177,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
                     point.source, point.lambda
                 ));
                 let mut config = RunConfig::new(point.source, method, point.lambda);
-                config.vecvq.codes = point.codes;
-                config.vecvq.seed = Seed::new(seed);
-                config.clg.codes = point.codes;
-                config.clg.seed = Seed::new(seed);
+                config.set_codes(point.codes);
+                config.set_seed(Seed::new(seed));
                 config.clg.restarts = CLG_RESTARTS;
                 config.clg_samples = point.clg_samples;
                 let report = qcl_ecvq::run(&config)?;
@@ -221,7 +219,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
                 "k": point.codes,
                 "method": method.name(),
                 "runs": reports.iter().map(|r| json!({
-                    "seed": r.config.vecvq.seed.value(),
+                    "seed": r.config.seed().value(),
                     "rate_bits": r.evaluation.rate_bits,
                     "entropy_bits": r.evaluation.entropy_bits,
                     "coded_bits": r.evaluation.coded_bits,
