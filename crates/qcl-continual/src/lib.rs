@@ -29,8 +29,13 @@
 //!   [`QResNetConfig`]): the `resnet20_quant` block, one per stage, quantized stem and 1×1
 //!   skips, FP32 head, bit widths switchable in place (32 = full precision).
 //!
-//! Planned (issue #6): small strategies (fine-tune, replay, EWC, LwF) and LifeQuant's 4-bit
-//! quantization-aware training loop.
+//! - [`strategy`]: a small [`Strategy`] trait and the baselines [`FineTune`],
+//!   [`ExperienceReplay`], [`Joint`], [`Ewc`] (on the Fisher machinery shared with ProxQ) and
+//!   [`Lwf`], run over a task sequence by the [`ContinualTrainer`] (replay memory, fresh SGD
+//!   with a multi-step schedule per task, seeded batch order, the accuracy matrix);
+//! - [`lifequant`]: [`LifeQuant`] itself as a strategy — ProxQ with the Fisher from BaLL on the
+//!   replay memory, in the paper mode (train on `D_t ∪ R_{<t}` with BaLL) or the code-faithful
+//!   mode (train on `D_t` with CE).
 //!
 //! ```
 //! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
@@ -52,17 +57,20 @@
 
 pub mod ball;
 pub mod buffer;
+pub mod lifequant;
 pub mod metrics;
 pub mod proxq;
 pub mod qresnet;
 pub mod quant;
 pub mod scenario;
+pub mod strategy;
 
 pub use ball::{BallLoss, BallMode, ClassHistogram, ClassStatistics};
 pub use buffer::{
     BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
 };
+pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
 pub use qresnet::{QResNet, QResNetConfig};
@@ -73,4 +81,9 @@ pub use scenario::{
     sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
     ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
     TaskDescription,
+};
+pub use strategy::{
+    distillation_loss, fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams,
+    ExperienceReplay, FineTune, Joint, Learner, Lwf, LwfParams, RunRecord, Strategy, TaskRecord,
+    TaskSchedule, TaskView, TrainerConfig,
 };

@@ -339,6 +339,49 @@ impl Dataset {
         self.subset(&indices).expect("indices come from 0..len")
     }
 
+    /// `self` followed by the images of `others`, in order (the name is `self`'s). Replay
+    /// training uses it to join a task's data with the replay memory.
+    ///
+    /// ```
+    /// use qcl_data::{Dataset, ImageShape};
+    /// let shape = ImageShape { channels: 1, height: 1, width: 2 };
+    /// let names = vec!["a".to_string(), "b".to_string()];
+    /// let first = Dataset::new("x", shape, vec![1, 2], vec![0], names.clone())?;
+    /// let second = Dataset::new("y", shape, vec![3, 4, 5, 6], vec![1, 1], names)?;
+    /// let joined = first.concat(&[&second])?;
+    /// assert_eq!(joined.labels(), &[0, 1, 1]);
+    /// assert_eq!(joined.image(2), &[5, 6]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for another image shape; [`Error::InvalidParameter`] for other
+    /// class names (the labels would not mean the same classes).
+    pub fn concat(&self, others: &[&Dataset]) -> Result<Dataset> {
+        let mut joined = self.clone();
+        for other in others {
+            if other.shape != self.shape {
+                return Err(Error::ShapeMismatch {
+                    context: format!("concatenating {} to {}", other.name, self.name),
+                    expected: format!("{:?}", self.shape),
+                    actual: vec![other.shape.channels, other.shape.height, other.shape.width],
+                });
+            }
+            if other.class_names != self.class_names {
+                return Err(Error::invalid_parameter(
+                    "others",
+                    format!(
+                        "{} and {} name their classes differently",
+                        self.name, other.name
+                    ),
+                ));
+            }
+            joined.images.extend_from_slice(&other.images);
+            joined.labels.extend_from_slice(&other.labels);
+        }
+        Ok(joined)
+    }
+
     /// Images at `indices` as an `f32` tensor `[n, C, H, W]`, normalised, on `device`, and
     /// their labels as a `u32` tensor `[n]`.
     ///

@@ -3,5 +3,6 @@
 pub mod datasets;
 pub mod ecvq;
 pub mod kmeans;
+pub mod lifequant;
 pub mod training;
 pub mod vq;
