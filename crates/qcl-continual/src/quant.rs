@@ -29,8 +29,9 @@
 //! # Ok::<(), qcl_tensor::Error>(())
 //! ```
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use qcl_nn::ops::straight_through;
+use rayon::prelude::*;
 use qcl_tensor::{Error, Result};
 
 /// The bit width that means "no quantization": `Qw(W) = W`, `Qa(x) = x`, `q_32(u) = u`.
@@ -332,9 +333,143 @@ impl ActivationQuantizer {
         if self.bits == IDENTITY_BITS {
             return Ok(x.clone());
         }
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            // One fused pass each way instead of a dozen candle elementwise ops: this
+            // quantizer runs after every BatchNorm of QResNet and dominated its step time.
+            return Ok(x.contiguous()?.apply_op1(FusedActivationQuantizer { bits: self.bits })?);
+        }
+        self.forward_graph(x)
+    }
+
+    /// `Qa` from candle ops (any device), the definition the fused CPU op must equal.
+    fn forward_graph(&self, x: &Tensor) -> Result<Tensor> {
         let value = round_value(&x.detach().clamp(0.0, 1.0)?, self.bits)?;
         let grad_path = (x * inside_mask(x, 0.0, 1.0)?)?;
         straight_through(&grad_path, &value)
+    }
+}
+
+/// `Qa` as one CPU op: the same arithmetic as the graph version (clamp, `u·m` in the tensor's
+/// dtype, round half to even, a true division by `m`), so the values are bit-identical; the
+/// backward pass is `dy·1[0 ≤ x ≤ 1]`.
+#[derive(Debug, Clone, Copy)]
+struct FusedActivationQuantizer {
+    bits: u32,
+}
+
+/// Elements per rayon task: large enough to amortise scheduling, small enough to split a
+/// QResNet activation (≥ 10⁵ elements) across the cores.
+const CHUNK: usize = 1 << 14;
+
+fn contiguous<'a, T>(values: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&values[start..end]),
+        None => candle_core::bail!("activation quantizer: non-contiguous operand"),
+    }
+}
+
+macro_rules! quantize_activation {
+    ($values:expr, $ty:ty, $bits:expr) => {{
+        let bits = $bits;
+        let m = levels(bits) as $ty;
+        let mut out = vec![0 as $ty; $values.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip($values.par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    let u = x.clamp(0.0, 1.0);
+                    *o = if bits == 1 {
+                        // sign(u) with sign(0) = 0, u ≥ 0 here.
+                        if u > 0.0 { 1.0 } else { u }
+                    } else {
+                        (u * m).round_ties_even() / m
+                    };
+                }
+            });
+        out
+    }};
+}
+
+macro_rules! clamp_mask_grad {
+    ($grad:expr, $x:expr, $ty:ty) => {{
+        let mut out = vec![0 as $ty; $grad.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip($grad.par_chunks(CHUNK).zip($x.par_chunks(CHUNK)))
+            .for_each(|(o, (g, x))| {
+                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
+                    *o = if (0.0..=1.0).contains(&x) { g } else { 0.0 };
+                }
+            });
+        out
+    }};
+}
+
+impl CustomOp1 for FusedActivationQuantizer {
+    fn name(&self) -> &'static str {
+        "qcl-activation-quantizer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(quantize_activation!(contiguous(v, layout)?, f32, self.bits))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(quantize_activation!(contiguous(v, layout)?, f64, self.bits))
+            }
+            _ => candle_core::bail!("activation quantizer: only f32 and f64 run on the CPU"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad_res
+                .contiguous()?
+                .apply_op2_no_bwd(&arg.contiguous()?, &ClampMaskGrad)?,
+        ))
+    }
+}
+
+/// `dy·1[0 ≤ x ≤ 1]`, the backward pass of [`FusedActivationQuantizer`].
+#[derive(Debug, Clone, Copy)]
+struct ClampMaskGrad;
+
+impl CustomOp2 for ClampMaskGrad {
+    fn name(&self) -> &'static str {
+        "qcl-activation-quantizer-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (grad, x) {
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(clamp_mask_grad!(
+                contiguous(g, grad_layout)?,
+                contiguous(x, x_layout)?,
+                f32
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(clamp_mask_grad!(
+                contiguous(g, grad_layout)?,
+                contiguous(x, x_layout)?,
+                f64
+            )),
+            _ => candle_core::bail!("activation quantizer gradient: mismatched dtypes"),
+        };
+        Ok((out, grad_layout.shape().clone()))
     }
 }
 
@@ -353,5 +488,48 @@ pub(crate) fn non_finite(t: &Tensor, context: &str) -> Error {
         context: context.to_string(),
         index,
         value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use proptest::prelude::*;
+
+    fn both(bits: u32, values: Vec<f32>) -> [(Vec<f32>, Vec<f32>); 2] {
+        let q = ActivationQuantizer::new(bits).unwrap();
+        let run = |fused: bool| {
+            let x = Var::new(values.as_slice(), &Device::Cpu).unwrap();
+            let y = if fused {
+                q.forward(x.as_tensor()).unwrap()
+            } else {
+                q.forward_graph(x.as_tensor()).unwrap()
+            };
+            // A non-uniform upstream gradient, so the mask is really applied.
+            let w = Tensor::arange(1f32, values.len() as f32 + 1.0, &Device::Cpu).unwrap();
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            (y.to_vec1::<f32>().unwrap(), g)
+        };
+        [run(true), run(false)]
+    }
+
+    proptest! {
+        /// The fused CPU op equals the graph definition bit for bit, values and gradients,
+        /// including exact ties `u·m = j + ½` and the clamp boundaries.
+        #[test]
+        fn fused_activation_quantizer_equals_the_graph(
+            bits in 1u32..=16,
+            values in proptest::collection::vec(-0.5f32..1.5, 1..300),
+            ties in proptest::collection::vec(0u32..16, 0..8),
+        ) {
+            let m = ((1u64 << bits) - 1) as f32;
+            let mut values = values;
+            values.extend(ties.iter().map(|&j| ((j as f32 + 0.5) / m).min(1.0)));
+            values.extend([0.0, 1.0, -0.0]);
+            let [fused, graph] = both(bits, values);
+            prop_assert_eq!(fused, graph);
+        }
     }
 }
