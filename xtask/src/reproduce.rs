@@ -120,7 +120,8 @@ pub fn run(names: &[String], ctx: &Context) -> Result<()> {
                 bar.println(format!("{}: done in {seconds:.1} s", experiment.name));
             }
             Err(e) => {
-                bar.println(format!("{}: FAILED: {e:#}", experiment.name));
+                // Straight to stderr: a hidden bar (no terminal) would swallow the reason.
+                bar.suspend(|| eprintln!("{}: FAILED: {e:#}", experiment.name));
                 failures.push(experiment.name);
             }
         }

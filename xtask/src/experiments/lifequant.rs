@@ -248,6 +248,19 @@ pub struct ArmRun {
     pub seconds: f64,
 }
 
+/// One point of the λ sweep of M4.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRun {
+    /// λ.
+    pub lambda: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Where the loss became non-finite, if it did.
+    pub diverged: Option<String>,
+    /// The run, if it finished.
+    pub run: Option<ArmRun>,
+}
+
 /// Task-0 pretraining of one seed.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pretraining {
@@ -445,36 +458,66 @@ pub fn run_with(
     bar.set_length(bar.length().unwrap_or(0) + total as u64);
     let mut pretraining = Vec::new();
     let mut runs: Vec<ArmRun> = Vec::new();
+    let mut first_checkpoints = None;
     for (i, &seed) in settings.seeds.iter().enumerate() {
         bar.set_message(format!("lifequant seed {seed}: task 0 FP32 → 8 → 4/2 bit"));
-        let (pre, checkpoints) = pretrain(settings, &scenario, normalization, seed)?;
+        let (pre, checkpoints) = pretrain(settings, &scenario, normalization, seed)
+            .with_context(|| format!("task-0 pretraining, seed {seed}"))?;
         pretraining.push(pre);
         bar.inc(1);
         for arm in Arm::ALL {
             bar.set_message(format!("lifequant seed {seed}: {}", arm.id()));
-            runs.push(run_arm(
-                settings,
-                &scenario,
-                normalization,
-                &checkpoints,
-                arm,
-                settings.lambda,
-                seed,
-            )?);
-            bar.inc(1);
-        }
-        if i == 0 {
-            for &lambda in &settings.lambda_sweep {
-                bar.set_message(format!("lifequant seed {seed}: M4 λ = {lambda}"));
-                runs.push(run_arm(
+            runs.push(
+                run_arm(
                     settings,
                     &scenario,
                     normalization,
                     &checkpoints,
+                    arm,
+                    settings.lambda,
+                    seed,
+                )
+                .with_context(|| format!("arm {}, seed {seed}", arm.id()))?,
+            );
+            bar.inc(1);
+        }
+        if i == 0 {
+            first_checkpoints = Some(checkpoints);
+        }
+    }
+    // The λ sweep of M4 on the first seed, after the main runs; a λ too large for the step
+    // size diverges, which is a result to report, not a failed experiment.
+    let mut sweep_runs: Vec<SweepRun> = Vec::new();
+    if let (Some(&seed), Some(checkpoints)) = (settings.seeds.first(), &first_checkpoints) {
+        {
+            for &lambda in &settings.lambda_sweep {
+                bar.set_message(format!("lifequant seed {seed}: M4 λ = {lambda}"));
+                let run = run_arm(
+                    settings,
+                    &scenario,
+                    normalization,
+                    checkpoints,
                     Arm::M4,
                     lambda,
                     seed,
-                )?);
+                );
+                sweep_runs.push(match run {
+                    Ok(run) => SweepRun {
+                        lambda,
+                        seed,
+                        diverged: None,
+                        run: Some(run),
+                    },
+                    Err(e) => match e.downcast_ref::<qcl_tensor::Error>() {
+                        Some(qcl_tensor::Error::NonFinite { context, .. }) => SweepRun {
+                            lambda,
+                            seed,
+                            diverged: Some(context.clone()),
+                            run: None,
+                        },
+                        _ => return Err(e),
+                    },
+                });
                 bar.inc(1);
             }
         }
@@ -671,31 +714,38 @@ pub fn run_with(
         ));
     }
     let mut sweep = String::new();
-    for r in runs.iter().filter(|r| r.lambda != settings.lambda) {
-        sweep.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} |\n",
-            r.lambda,
-            r.seed,
-            100.0 * r.acc,
-            100.0 * r.fgt,
-            100.0 * r.orphan_acc
-        ));
-    }
-    if !sweep.is_empty() {
+    if !sweep_runs.is_empty() {
         let base = runs
             .iter()
-            .find(|r| r.arm == "M4" && r.seed == settings.seeds[0] && r.lambda == settings.lambda)
+            .find(|r| r.arm == "M4" && r.seed == settings.seeds[0])
             .context("M4 on the first seed")?;
         sweep = format!(
-            "\nλ sweep of M4 (seed {}):\n\n| λ | seed | ACC % | FGT % | orphan acc % |\n|---|---|---|---|---|\n\
-             | {} | {} | {:.2} | {:.2} | {:.2} |\n{sweep}",
-            settings.seeds[0],
-            settings.lambda,
+            "\nλ sweep of M4 (seed {}):\n\n| λ | ACC % | FGT % | orphan acc % | drift after T1 |\n|---|---|---|---|---|\n\
+             | {} | {:.2} | {:.2} | {:.2} | {:.3e} |\n",
             base.seed,
+            settings.lambda,
             100.0 * base.acc,
             100.0 * base.fgt,
-            100.0 * base.orphan_acc
+            100.0 * base.orphan_acc,
+            base.drift.first().copied().unwrap_or(f64::NAN)
         );
+        for s in &sweep_runs {
+            sweep.push_str(&match (&s.run, &s.diverged) {
+                (Some(r), _) => format!(
+                    "| {} | {:.2} | {:.2} | {:.2} | {:.3e} |\n",
+                    s.lambda,
+                    100.0 * r.acc,
+                    100.0 * r.fgt,
+                    100.0 * r.orphan_acc,
+                    r.drift.first().copied().unwrap_or(f64::NAN)
+                ),
+                (None, Some(why)) => format!(
+                    "| {} | diverged ({why}) | — | — | — |\n",
+                    s.lambda
+                ),
+                (None, None) => String::new(),
+            });
+        }
     }
     let mut pre_table = String::from(
         "| seed | FP32 | 8-bit | 4-bit | 2-bit | seconds |\n|---|---|---|---|---|---|\n",
@@ -824,6 +874,7 @@ pub fn run_with(
             "orphan_classes": scenario.orphan_classes(),
             "pretraining": pretraining,
             "runs": runs,
+            "lambda_sweep": sweep_runs,
             "orderings": orderings,
             "hard_orderings_held": hard_failed.is_empty(),
             "seconds": started.elapsed().as_secs_f64(),
@@ -869,10 +920,14 @@ fn acc_fgt_plot(path: &Path, runs: &[ArmRun], settings: &Settings) -> Result<()>
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(arms.len())
+            // Ticks every half unit; only those at the middle of an arm's slot get its name.
+            .x_labels(2 * arms.len() + 1)
             .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                arms.get(i).map_or(String::new(), |a| a.id().to_string())
+                if (x.fract() - 0.5).abs() > 0.01 {
+                    return String::new();
+                }
+                arms.get(x.floor() as usize)
+                    .map_or(String::new(), |a| a.id().to_string())
             })
             .y_desc("%")
             .draw()?;
@@ -946,7 +1001,8 @@ mod tests {
         };
         let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
         let runs = outcome.figures["runs"].as_array().unwrap();
-        assert_eq!(runs.len(), 2 * 7 + 1);
+        assert_eq!(runs.len(), 2 * 7);
+        assert_eq!(outcome.figures["lambda_sweep"].as_array().unwrap().len(), 1);
         for r in runs {
             let matrix = r["matrix"].as_array().unwrap();
             assert_eq!(matrix.len(), 3);
