@@ -275,12 +275,6 @@ impl AdaptiveMemory {
         Ok(())
     }
 
-    fn fresh_id(&mut self) -> ItemId {
-        let id = ItemId(self.next_id);
-        self.next_id += 1;
-        id
-    }
-
     /// Insertion (spec §4.2) then eviction (§4.3) for one processed batch.
     ///
     /// The batch rows are `incoming` followed by `replayed` (with their ids); `ok[m][row]`
@@ -335,6 +329,13 @@ impl AdaptiveMemory {
                 }
             }
         }
+        if let Some(s) = incoming.iter().find(|s| s.pixels.len() != self.config.image_bytes) {
+            return Err(Error::ShapeMismatch {
+                context: "incoming raw image".into(),
+                expected: format!("{} bytes", self.config.image_bytes),
+                actual: vec![s.pixels.len()],
+            });
+        }
         // Where each replayed row lives now.
         let mut replay_block = Vec::with_capacity(replayed.len());
         for &id in replayed {
@@ -343,6 +344,9 @@ impl AdaptiveMemory {
             })?;
             replay_block.push(b);
         }
+        // Incoming rows get ids in arrival order, whatever block they end in.
+        let first_id = self.next_id;
+        self.next_id += incoming.len() as u64;
         let mut moved: BTreeSet<usize> = BTreeSet::new();
         for m in (0..modules).rev() {
             if !frozen[m] {
@@ -362,7 +366,7 @@ impl AdaptiveMemory {
                 };
                 if row < incoming.len() {
                     let s = &incoming[row];
-                    let id = self.fresh_id();
+                    let id = ItemId(first_id + row as u64);
                     self.blocks[m + 1].insert_with_id(
                         id,
                         s.label,
@@ -395,14 +399,7 @@ impl AdaptiveMemory {
             if moved.contains(&row) {
                 continue;
             }
-            if s.pixels.len() != self.config.image_bytes {
-                return Err(Error::ShapeMismatch {
-                    context: "incoming raw image".into(),
-                    expected: format!("{} bytes", self.config.image_bytes),
-                    actual: vec![s.pixels.len()],
-                });
-            }
-            let id = self.fresh_id();
+            let id = ItemId(first_id + row as u64);
             self.blocks[0].insert_with_id(
                 id,
                 s.label,
