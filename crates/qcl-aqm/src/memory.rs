@@ -425,11 +425,11 @@ impl AdaptiveMemory {
             let Some(&max) = g.values().max() else { break };
             let top: Vec<u32> = g.iter().filter(|(_, &n)| n == max).map(|(&c, _)| c).collect();
             let class = top[self.rng.below(top.len()).unwrap_or(0)];
-            let filter = Filter::classes([class]);
             let Some(b) = self.blocks.iter().position(|b| b.class_counts().contains_key(&class)) else {
                 break;
             };
-            let id = self.blocks[b].sample(1, &filter, &mut self.rng)[0].id;
+            let ids = self.ids_of(b, &Filter::classes([class]));
+            let id = ids[self.rng.below(ids.len()).unwrap_or(0)];
             if let Some(e) = self.blocks[b].remove(id) {
                 evicted.push(e);
             }
@@ -488,10 +488,11 @@ impl AdaptiveMemory {
                 if m == 0 {
                     continue;
                 }
-                let picked: Vec<Entry<StoredSample>> = self.blocks[b]
-                    .sample(m, &filter, &mut self.rng)
+                let ids = self.ids_of(b, &filter);
+                let chosen = self.rng.sample_indices(ids.len(), m.min(ids.len())).unwrap_or_default();
+                let picked: Vec<Entry<StoredSample>> = chosen
                     .into_iter()
-                    .cloned()
+                    .filter_map(|i| self.blocks[b].get(ids[i]).cloned())
                     .collect();
                 out.extend(picked.into_iter().map(|e| ReplayItem {
                     id: e.id,
@@ -503,6 +504,19 @@ impl AdaptiveMemory {
             }
         }
         out
+    }
+
+    /// Ids of block `b` that `filter` admits, sorted: choices among them depend only on the
+    /// memory's contents, not on the buffers' internal order, so a restored memory draws the
+    /// same samples.
+    fn ids_of(&self, b: usize, filter: &Filter) -> Vec<ItemId> {
+        let mut ids: Vec<ItemId> = self.blocks[b]
+            .iter()
+            .filter(|e| filter.admits(e.label, e.task))
+            .map(|e| e.id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Every stored entry with its block, in block then id order (for saving and checks).
