@@ -118,7 +118,11 @@ impl QLayerConfig {
     /// The CIFAR module of `cifar_20_final` (M = 20: N 1, d_th 0.5) or `cifar_50_final`
     /// (M = 50: N 2, d_th 0.1), spec §6.
     pub fn cifar(mem_per_class: usize) -> Self {
-        let (codebooks, recon_threshold) = if mem_per_class <= 20 { (1, 0.5) } else { (2, 0.1) };
+        let (codebooks, recon_threshold) = if mem_per_class <= 20 {
+            (1, 0.5)
+        } else {
+            (2, 0.1)
+        };
         QLayerConfig {
             channels: 100,
             codebooks,
@@ -182,7 +186,10 @@ impl QLayerConfig {
             ("decay", self.decay),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(Error::invalid_parameter(name, format!("must be in [0, 1], got {v}")));
+                return Err(Error::invalid_parameter(
+                    name,
+                    format!("must be in [0, 1], got {v}"),
+                ));
             }
         }
         if !(self.eps > 0.0 && self.lr >= 0.0 && self.commit_coef >= 0.0) {
@@ -249,10 +256,16 @@ impl StackConfig {
     /// As [`QLayerConfig::validate`]; [`Error::InvalidParameter`] for no module or an empty image.
     pub fn validate(&self) -> Result<()> {
         if self.layers.is_empty() {
-            return Err(Error::invalid_parameter("layers", "a stack needs at least one module"));
+            return Err(Error::invalid_parameter(
+                "layers",
+                "a stack needs at least one module",
+            ));
         }
         if self.image.contains(&0) {
-            return Err(Error::invalid_parameter("image", "image dimensions must be positive"));
+            return Err(Error::invalid_parameter(
+                "image",
+                "image dimensions must be positive",
+            ));
         }
         let (mut c, mut hw) = (self.image[0], [self.image[1], self.image[2]]);
         for layer in &self.layers {

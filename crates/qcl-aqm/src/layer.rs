@@ -263,7 +263,10 @@ impl QLayer {
                     &x.narrow(0, s, replayed)?,
                 )?)?;
             commit = (commit
-                + mse_loss(&out.z_e.narrow(0, s, replayed)?, &out.q.narrow(0, s, replayed)?)?)?;
+                + mse_loss(
+                    &out.z_e.narrow(0, s, replayed)?,
+                    &out.q.narrow(0, s, replayed)?,
+                )?)?;
         }
         Ok((rec + commit.affine(self.config.commit_coef, 0.0)?)?)
     }
@@ -279,7 +282,10 @@ impl QLayer {
     /// Updates `p` and `avg_l2` from per-sample MSEs of the final reconstructions; returns
     /// which samples are under the threshold.
     pub fn update_threshold_stats(&mut self, mse: &[f64]) -> Vec<bool> {
-        let ok: Vec<bool> = mse.iter().map(|&m| m < self.config.recon_threshold).collect();
+        let ok: Vec<bool> = mse
+            .iter()
+            .map(|&m| m < self.config.recon_threshold)
+            .collect();
         if !mse.is_empty() {
             let r = self.config.stat_rate;
             let frac = ok.iter().filter(|&&o| o).count() as f64 / ok.len() as f64;
@@ -317,7 +323,12 @@ impl QLayer {
             }
         }
         let used = (0..n)
-            .map(|cb| counts[cb * k..(cb + 1) * k].iter().filter(|&&c| c > 0.1).count())
+            .map(|cb| {
+                counts[cb * k..(cb + 1) * k]
+                    .iter()
+                    .filter(|&&c| c > 0.1)
+                    .count()
+            })
             .max()
             .unwrap_or(0);
         self.quantizer = self.frozen_quantizer(k_new)?;
@@ -461,10 +472,15 @@ impl QLayer {
                 Error::bad_file(source, "a frozen module without `trimmed.codebook`")
             })?;
             let d = self.config.channels / self.config.codebooks;
-            if book.dims() != [self.config.codebooks, k_new, d] || !(2..=self.config.codes).contains(&k_new) {
+            if book.dims() != [self.config.codebooks, k_new, d]
+                || !(2..=self.config.codes).contains(&k_new)
+            {
                 return Err(Error::bad_file(
                     source,
-                    format!("trimmed codebook {:?} does not match K' = {k_new}", book.dims()),
+                    format!(
+                        "trimmed codebook {:?} does not match K' = {k_new}",
+                        book.dims()
+                    ),
                 ));
             }
             self.quantizer = self.frozen_quantizer(k_new)?;

@@ -17,6 +17,6 @@ pub mod state;
 pub use config::{InputKind, QLayerConfig, StackConfig};
 pub use layer::{LayerForward, LayerStats, QLayer};
 
-pub use online::{Method, OnlineConfig, RunResult};
 pub use memory::{AdaptiveMemory, IncomingSample, MemoryConfig, Payload, ReplayItem, StoredSample};
+pub use online::{Method, OnlineConfig, RunResult};
 pub use stack::{per_sample_mse, QStack, StackStep};

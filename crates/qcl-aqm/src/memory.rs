@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use qcl_continual::{BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, ItemId, ReplayBuffer};
+use qcl_continual::{
+    BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, ItemId, ReplayBuffer,
+};
 use qcl_tensor::{Error, Result, Seed, SeededRng};
 use qcl_vq::PackedIndices;
 use serde::{Deserialize, Serialize};
@@ -124,7 +126,10 @@ pub struct AdaptiveMemory {
 
 fn check_budget(config: &MemoryConfig, model_cost_params: u64) -> Result<()> {
     if config.param_bytes == 0 {
-        return Err(Error::invalid_parameter("param_bytes", "must be at least 1"));
+        return Err(Error::invalid_parameter(
+            "param_bytes",
+            "must be at least 1",
+        ));
     }
     let cost = model_cost_params * config.param_bytes;
     if config.budget_bytes <= cost {
@@ -153,7 +158,12 @@ impl AdaptiveMemory {
         check_budget(&config, model_cost_params)?;
         let seed = Seed::new(config.seed);
         let blocks = (0..=modules)
-            .map(|b| ClassBalancedBuffer::new(Capacity::unbounded(), seed.child_named("block").child(b as u64)))
+            .map(|b| {
+                ClassBalancedBuffer::new(
+                    Capacity::unbounded(),
+                    seed.child_named("block").child(b as u64),
+                )
+            })
             .collect::<Result<_>>()?;
         let mut block_bits = vec![0; modules + 1];
         block_bits[0] = config.image_bytes as u64 * 8;
@@ -316,7 +326,10 @@ impl AdaptiveMemory {
                         actual: vec![ok[m].len(), codes.get(m).map_or(0, Vec::len)],
                     });
                 }
-                if let Some(bad) = codes[m].iter().find(|c| (c.len() as u64) * u64::from(c.bits()) != self.block_bits[m + 1]) {
+                if let Some(bad) = codes[m]
+                    .iter()
+                    .find(|c| (c.len() as u64) * u64::from(c.bits()) != self.block_bits[m + 1])
+                {
                     return Err(Error::invalid_parameter(
                         "codes",
                         format!(
@@ -329,7 +342,10 @@ impl AdaptiveMemory {
                 }
             }
         }
-        if let Some(s) = incoming.iter().find(|s| s.pixels.len() != self.config.image_bytes) {
+        if let Some(s) = incoming
+            .iter()
+            .find(|s| s.pixels.len() != self.config.image_bytes)
+        {
             return Err(Error::ShapeMismatch {
                 context: "incoming raw image".into(),
                 expected: format!("{} bytes", self.config.image_bytes),
@@ -423,9 +439,17 @@ impl AdaptiveMemory {
         while self.used_bits() > capacity {
             let g = self.class_counts();
             let Some(&max) = g.values().max() else { break };
-            let top: Vec<u32> = g.iter().filter(|(_, &n)| n == max).map(|(&c, _)| c).collect();
+            let top: Vec<u32> = g
+                .iter()
+                .filter(|(_, &n)| n == max)
+                .map(|(&c, _)| c)
+                .collect();
             let class = top[self.rng.below(top.len()).unwrap_or(0)];
-            let Some(b) = self.blocks.iter().position(|b| b.class_counts().contains_key(&class)) else {
+            let Some(b) = self
+                .blocks
+                .iter()
+                .position(|b| b.class_counts().contains_key(&class))
+            else {
                 break;
             };
             let ids = self.ids_of(b, &Filter::classes([class]));
@@ -448,7 +472,9 @@ impl AdaptiveMemory {
         for (b, block) in self.blocks.iter().enumerate() {
             for e in block.iter() {
                 if e.task != current_task {
-                    per_class_block.entry(e.label).or_insert_with(|| vec![0; self.blocks.len()])[b] += 1;
+                    per_class_block
+                        .entry(e.label)
+                        .or_insert_with(|| vec![0; self.blocks.len()])[b] += 1;
                 }
             }
         }
@@ -464,7 +490,13 @@ impl AdaptiveMemory {
         let tasks: Vec<usize> = {
             let mut t: BTreeSet<usize> = BTreeSet::new();
             for block in &self.blocks {
-                t.extend(block.task_counts().keys().copied().filter(|&t| t != current_task));
+                t.extend(
+                    block
+                        .task_counts()
+                        .keys()
+                        .copied()
+                        .filter(|&t| t != current_task),
+                );
             }
             t.into_iter().collect()
         };
@@ -489,7 +521,10 @@ impl AdaptiveMemory {
                     continue;
                 }
                 let ids = self.ids_of(b, &filter);
-                let chosen = self.rng.sample_indices(ids.len(), m.min(ids.len())).unwrap_or_default();
+                let chosen = self
+                    .rng
+                    .sample_indices(ids.len(), m.min(ids.len()))
+                    .unwrap_or_default();
                 let picked: Vec<Entry<StoredSample>> = chosen
                     .into_iter()
                     .filter_map(|i| self.blocks[b].get(ids[i]).cloned())
@@ -544,7 +579,11 @@ impl AdaptiveMemory {
         rng: qcl_tensor::RngState,
         entries: Vec<(usize, Entry<StoredSample>)>,
     ) -> Result<Self> {
-        let mut memory = AdaptiveMemory::new(config, block_bits.len().saturating_sub(1), model_cost_params)?;
+        let mut memory = AdaptiveMemory::new(
+            config,
+            block_bits.len().saturating_sub(1),
+            model_cost_params,
+        )?;
         memory.block_bits = block_bits;
         for (b, e) in entries {
             if b >= memory.blocks.len() || memory.locate(e.id).is_some() || e.id.0 >= next_id {
@@ -556,7 +595,12 @@ impl AdaptiveMemory {
             if e.item.size_bytes() as u64 != memory.block_bits[b] {
                 return Err(Error::invalid_parameter(
                     "memory",
-                    format!("entry {:?} costs {} bits, block {b} {}", e.id, e.item.size_bytes(), memory.block_bits[b]),
+                    format!(
+                        "entry {:?} costs {} bits, block {b} {}",
+                        e.id,
+                        e.item.size_bytes(),
+                        memory.block_bits[b]
+                    ),
                 ));
             }
             memory.blocks[b].insert_with_id(e.id, e.label, e.task, e.item)?;
@@ -564,7 +608,10 @@ impl AdaptiveMemory {
         memory.next_id = next_id;
         memory.rng = qcl_tensor::SeededRng::from_state(&rng);
         if memory.used_bits() > memory.capacity_bits() {
-            return Err(Error::invalid_parameter("memory", "saved contents exceed the budget"));
+            return Err(Error::invalid_parameter(
+                "memory",
+                "saved contents exceed the budget",
+            ));
         }
         Ok(memory)
     }

@@ -63,7 +63,13 @@ impl Encoder {
     ///
     /// # Errors
     /// A name clash in the store.
-    pub fn new(path: &ParamPath, c_in: usize, c: usize, downsample: usize, res: usize) -> Result<Self> {
+    pub fn new(
+        path: &ParamPath,
+        c_in: usize,
+        c: usize,
+        downsample: usize,
+        res: usize,
+    ) -> Result<Self> {
         let (first, second) = if downsample == 4 {
             (
                 Conv2d::new(&path.pp("conv_a"), c_in, c, 4, down())?,
@@ -114,7 +120,13 @@ impl Decoder {
     ///
     /// # Errors
     /// A name clash in the store.
-    pub fn new(path: &ParamPath, c_out: usize, c: usize, downsample: usize, res: usize) -> Result<Self> {
+    pub fn new(
+        path: &ParamPath,
+        c_out: usize,
+        c: usize,
+        downsample: usize,
+        res: usize,
+    ) -> Result<Self> {
         let blocks = (0..res)
             .map(|i| ResBlock::new(&path.pp(format!("res{i}")), c))
             .collect::<Result<_>>()?;

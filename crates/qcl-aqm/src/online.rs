@@ -6,7 +6,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qcl_continual::ball::cross_entropy;
-use qcl_continual::{AccuracyMatrix, Capacity, Filter, RawImage, ReplayBuffer, ReservoirBuffer, Scenario};
+use qcl_continual::{
+    AccuracyMatrix, Capacity, Filter, RawImage, ReplayBuffer, ReservoirBuffer, Scenario,
+};
 use qcl_data::Dataset;
 use qcl_nn::layers::Module;
 use qcl_nn::models::SmallCnn;
@@ -173,7 +175,11 @@ fn to_tensor(images: &[&[u8]], shape: [usize; 3], device: &Device) -> Result<Ten
     for im in images {
         v.extend(im.iter().map(|&p| (f32::from(p) / 255.0 - 0.5) * 2.0));
     }
-    Ok(Tensor::from_vec(v, (images.len(), shape[0], shape[1], shape[2]), device)?)
+    Ok(Tensor::from_vec(
+        v,
+        (images.len(), shape[0], shape[1], shape[2]),
+        device,
+    )?)
 }
 
 /// `[-1, 1]` floats back to `u8` (rounded, clamped).
@@ -191,7 +197,11 @@ fn stream_sets(scenario: &Scenario, config: &OnlineConfig, seed: Seed) -> Result
         .iter()
         .map(|task| {
             let n = task.train.len();
-            let mut order = seed.child_named("holdout").child(task.id as u64).rng().permutation(n);
+            let mut order = seed
+                .child_named("holdout")
+                .child(task.id as u64)
+                .rng()
+                .permutation(n);
             let keep = n - (n as f64 * config.holdout_fraction).round() as usize;
             order.truncate(keep);
             if let Some(cap) = config.samples_per_task {
@@ -229,7 +239,12 @@ struct ReplayBatch {
     ids: Vec<qcl_continual::ItemId>,
 }
 
-fn decode_adaptive(items: &[ReplayItem], stack: Option<&QStack>, shape: [usize; 3], device: &Device) -> Result<Vec<Tensor>> {
+fn decode_adaptive(
+    items: &[ReplayItem],
+    stack: Option<&QStack>,
+    shape: [usize; 3],
+    device: &Device,
+) -> Result<Vec<Tensor>> {
     // Decode group by group (raw, then each module), keeping the items' order.
     let mut out: Vec<Option<Tensor>> = vec![None; items.len()];
     let mut by_block: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -242,12 +257,15 @@ fn decode_adaptive(items: &[ReplayItem], stack: Option<&QStack>, shape: [usize; 
                 .iter()
                 .map(|&i| match &items[i].sample.payload {
                     Payload::Raw(px) => Ok(px.as_slice()),
-                    Payload::Codes(_) => Err(Error::invalid_parameter("memory", "codes in block 0")),
+                    Payload::Codes(_) => {
+                        Err(Error::invalid_parameter("memory", "codes in block 0"))
+                    }
                 })
                 .collect::<Result<_>>()?;
             to_tensor(&imgs, shape, device)?
         } else {
-            let stack = stack.ok_or_else(|| Error::invalid_parameter("memory", "codes without a stack"))?;
+            let stack =
+                stack.ok_or_else(|| Error::invalid_parameter("memory", "codes without a stack"))?;
             let mut all = Vec::new();
             let mut ishape = Vec::new();
             for &i in &rows {
@@ -256,7 +274,12 @@ fn decode_adaptive(items: &[ReplayItem], stack: Option<&QStack>, shape: [usize; 
                         all.extend(p.unpack());
                         ishape = p.shape().to_vec();
                     }
-                    Payload::Raw(_) => return Err(Error::invalid_parameter("memory", "raw image in a code block")),
+                    Payload::Raw(_) => {
+                        return Err(Error::invalid_parameter(
+                            "memory",
+                            "raw image in a code block",
+                        ))
+                    }
                 }
             }
             ishape[0] = rows.len();
@@ -267,7 +290,9 @@ fn decode_adaptive(items: &[ReplayItem], stack: Option<&QStack>, shape: [usize; 
             out[i] = Some(x.narrow(0, k, 1)?);
         }
     }
-    out.into_iter().map(|t| t.ok_or_else(|| Error::EmptyInput("replay".into()))).collect()
+    out.into_iter()
+        .map(|t| t.ok_or_else(|| Error::EmptyInput("replay".into())))
+        .collect()
 }
 
 /// Mean MSE of every stored code, decoded with the current slow decoders, against its
@@ -275,7 +300,12 @@ fn decode_adaptive(items: &[ReplayItem], stack: Option<&QStack>, shape: [usize; 
 ///
 /// # Errors
 /// Decoding errors; [`Error::InvalidParameter`] for a dataset index out of range.
-pub fn measure_drift(memory: &AdaptiveMemory, stack: &QStack, sets: &[Dataset], step: u64) -> Result<DriftPoint> {
+pub fn measure_drift(
+    memory: &AdaptiveMemory,
+    stack: &QStack,
+    sets: &[Dataset],
+    step: u64,
+) -> Result<DriftPoint> {
     let device = stack.device().clone();
     let shape = stack.config().image;
     let mut per_module = Vec::new();
@@ -298,7 +328,9 @@ pub fn measure_drift(memory: &AdaptiveMemory, stack: &QStack, sets: &[Dataset], 
             let originals: Vec<&[u8]> = chunk
                 .iter()
                 .map(|e| {
-                    let set = sets.get(e.task).ok_or_else(|| Error::invalid_parameter("task", "out of range"))?;
+                    let set = sets
+                        .get(e.task)
+                        .ok_or_else(|| Error::invalid_parameter("task", "out of range"))?;
                     if e.item.dataset_index >= set.len() {
                         return Err(Error::invalid_parameter("dataset_index", "out of range"));
                     }
@@ -331,15 +363,37 @@ pub fn measure_drift(memory: &AdaptiveMemory, stack: &QStack, sets: &[Dataset], 
 
 /// Runs one method over the class-incremental `scenario` (spec §5, §11).
 ///
+/// ```
+/// use qcl_aqm::online::{run, Method, OnlineConfig};
+/// use qcl_continual::{Scenario, SplitParams};
+/// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
+/// let data = qcl_data::SplitDataset::load(path)?;
+/// let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+/// let mut config = OnlineConfig::fashion_mnist(Method::ErRaw, 20 * 784);
+/// config.samples_per_task = Some(20);
+/// config.test_per_class = Some(5);
+/// let result = run(&scenario, &config, None)?;
+/// assert_eq!(result.samples_streamed, 100);
+/// assert_eq!(result.stored_at_end, 20); // 20 raw images fit in the budget
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
 /// # Errors
 /// [`Error::InvalidParameter`] for a budget smaller than the model cost or bad sizes; the
 /// errors of the modules and the memory.
-pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>) -> Result<RunResult> {
+pub fn run(
+    scenario: &Scenario,
+    config: &OnlineConfig,
+    bar: Option<&ProgressBar>,
+) -> Result<RunResult> {
     if config.batch_size == 0 {
         return Err(Error::invalid_parameter("batch_size", "must be positive"));
     }
     if !(0.0..1.0).contains(&config.holdout_fraction) {
-        return Err(Error::invalid_parameter("holdout_fraction", "must be in [0, 1)"));
+        return Err(Error::invalid_parameter(
+            "holdout_fraction",
+            "must be in [0, 1)",
+        ));
     }
     let device = Device::Cpu;
     let seed = Seed::new(config.seed);
@@ -390,7 +444,10 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
         Method::ErRaw => {
             let slots = (config.budget_bytes / image_bytes as u64) as usize;
             if slots == 0 {
-                return Err(Error::invalid_parameter("budget_bytes", "smaller than one image"));
+                return Err(Error::invalid_parameter(
+                    "budget_bytes",
+                    "smaller than one image",
+                ));
             }
             Replay::Reservoir(
                 ReservoirBuffer::new(Capacity::items(slots), seed.child_named("reservoir"))?,
@@ -400,7 +457,11 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
         Method::RawAqm => Replay::Adaptive(AdaptiveMemory::new(memory_config, 0, 0)?, None),
         Method::Aqm => {
             let stack = QStack::new(config.stack.clone(), seed.child_named("stack"), &device)?;
-            let memory = AdaptiveMemory::new(memory_config, stack.layers().len(), stack.model_cost_params() as u64)?;
+            let memory = AdaptiveMemory::new(
+                memory_config,
+                stack.layers().len(),
+                stack.model_cost_params() as u64,
+            )?;
             Replay::Adaptive(memory, Some(stack))
         }
     };
@@ -409,7 +470,11 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
     let mut schedule: Vec<(usize, Vec<usize>)> = Vec::new(); // (task, indices) per batch
     let mut order_rng = seed.child_named("order").rng();
     if config.method == Method::IidOnline {
-        let mut all: Vec<(usize, usize)> = sets.iter().enumerate().flat_map(|(t, d)| (0..d.len()).map(move |i| (t, i))).collect();
+        let mut all: Vec<(usize, usize)> = sets
+            .iter()
+            .enumerate()
+            .flat_map(|(t, d)| (0..d.len()).map(move |i| (t, i)))
+            .collect();
         order_rng.shuffle(&mut all);
         for chunk in all.chunks_exact(config.batch_size) {
             // A batch may mix tasks; each row keeps its own task for lookup.
@@ -431,7 +496,10 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
             .map(|c| c.iter().map(|(t, i)| (*t, i[0])).collect())
             .collect()
     } else {
-        schedule.iter().map(|(t, idx)| idx.iter().map(|&i| (*t, i)).collect()).collect()
+        schedule
+            .iter()
+            .map(|(t, idx)| idx.iter().map(|&i| (*t, i)).collect())
+            .collect()
     };
     if let Some(bar) = bar {
         bar.set_length(batches.len() as u64);
@@ -444,12 +512,13 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
     let mut loop_seconds = 0.0;
     let mut streamed = 0usize;
     let mut freeze_steps: Vec<Option<u64>> = vec![None; config.stack.layers.len()];
-    let eval = |net: &SmallCnn, upto: usize, matrix: &mut AccuracyMatrix, row: usize| -> Result<()> {
-        for (j, test) in tests.iter().enumerate().take(upto + 1) {
-            matrix.set(row, j, accuracy(net, test, &device)?)?;
-        }
-        Ok(())
-    };
+    let eval =
+        |net: &SmallCnn, upto: usize, matrix: &mut AccuracyMatrix, row: usize| -> Result<()> {
+            for (j, test) in tests.iter().enumerate().take(upto + 1) {
+                matrix.set(row, j, accuracy(net, test, &device)?)?;
+            }
+            Ok(())
+        };
 
     for (step, batch) in batches.iter().enumerate() {
         let started = Instant::now();
@@ -576,10 +645,18 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
         }
 
         // Records.
-        let last_of_task = batches.get(step as usize + 1).is_none_or(|b| b[0].0 != task) || config.method == Method::IidOnline && step as usize + 1 == batches.len();
+        let last_of_task = batches
+            .get(step as usize + 1)
+            .is_none_or(|b| b[0].0 != task)
+            || config.method == Method::IidOnline && step as usize + 1 == batches.len();
         if step % config.record_every.max(1) as u64 == 0 || last_of_task {
             let point = match &replay {
-                Replay::None => MemoryPoint { step: step + 1, per_block: vec![], used_bytes: 0.0, capacity_bytes: 0.0 },
+                Replay::None => MemoryPoint {
+                    step: step + 1,
+                    per_block: vec![],
+                    used_bytes: 0.0,
+                    capacity_bytes: 0.0,
+                },
                 Replay::Reservoir(buf, _) => MemoryPoint {
                     step: step + 1,
                     per_block: vec![buf.len()],
@@ -630,9 +707,16 @@ pub fn run(scenario: &Scenario, config: &OnlineConfig, bar: Option<&ProgressBar>
                         if examples.len() >= config.examples {
                             break 'outer;
                         }
-                        let item = ReplayItem { id: e.id, block, label: e.label, task: e.task, sample: e.item.clone() };
+                        let item = ReplayItem {
+                            id: e.id,
+                            block,
+                            label: e.label,
+                            task: e.task,
+                            sample: e.item.clone(),
+                        };
                         let x = &decode_adaptive(&[item], Some(stack), shape, &device)?[0];
-                        examples.push((sets[e.task].image(e.item.dataset_index).to_vec(), to_u8(x)?));
+                        examples
+                            .push((sets[e.task].image(e.item.dataset_index).to_vec(), to_u8(x)?));
                     }
                 }
             }

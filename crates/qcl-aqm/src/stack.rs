@@ -47,7 +47,13 @@ impl QStack {
         let mut layers = Vec::with_capacity(config.layers.len());
         let (mut c, mut hw) = (config.image[0], [config.image[1], config.image[2]]);
         for (i, lc) in config.layers.iter().enumerate() {
-            layers.push(QLayer::new(lc.clone(), c, hw, seed.child(i as u64), device)?);
+            layers.push(QLayer::new(
+                lc.clone(),
+                c,
+                hw,
+                seed.child(i as u64),
+                device,
+            )?);
             c = lc.channels;
             hw = lc.latent_shape;
         }
@@ -131,7 +137,9 @@ impl QStack {
                 }
             };
             let loss = self.layers[i].loss(out, &target, replayed, double)?;
-            losses.push(f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?));
+            losses.push(f64::from(
+                loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            ));
             self.layers[i].optimize(&loss)?;
         }
         Ok(StackStep {
@@ -146,7 +154,11 @@ impl QStack {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `finals` does not match the stack or `x`.
-    pub fn update_threshold_stats(&mut self, x: &Tensor, finals: &[Tensor]) -> Result<Vec<Vec<bool>>> {
+    pub fn update_threshold_stats(
+        &mut self,
+        x: &Tensor,
+        finals: &[Tensor],
+    ) -> Result<Vec<Vec<bool>>> {
         if finals.len() != self.layers.len() {
             return Err(Error::ShapeMismatch {
                 context: "final reconstructions".into(),
@@ -167,7 +179,9 @@ impl QStack {
     /// # Errors
     /// Candle errors.
     pub fn update_ema_decoders(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(QLayer::update_ema_decoder)
+        self.layers
+            .iter_mut()
+            .try_for_each(QLayer::update_ema_decoder)
     }
 
     /// Images from indices `(B, N, h, w)` of module `module` (1-based), through the slow

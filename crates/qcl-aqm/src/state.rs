@@ -57,7 +57,12 @@ fn parse<T: serde::de::DeserializeOwned>(file: &SafetensorsFile, key: &str) -> R
 ///
 /// # Errors
 /// [`Error::Io`] when writing fails; candle errors.
-pub fn save(path: impl AsRef<Path>, stack: &QStack, seed: Seed, memory: &AdaptiveMemory) -> Result<()> {
+pub fn save(
+    path: impl AsRef<Path>,
+    stack: &QStack,
+    seed: Seed,
+    memory: &AdaptiveMemory,
+) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut stats = Vec::new();
     let mut adam = Vec::new();
@@ -92,11 +97,20 @@ pub fn save(path: impl AsRef<Path>, stack: &QStack, seed: Seed, memory: &Adaptiv
     }
     let dev = Device::Cpu;
     let n = entries.len();
-    tensors.push(("memory.meta".into(), Tensor::from_vec(meta_rows, (n, 6), &dev)?));
+    tensors.push((
+        "memory.meta".into(),
+        Tensor::from_vec(meta_rows, (n, 6), &dev)?,
+    ));
     let image = memory.config().image_bytes;
-    tensors.push(("memory.raw".into(), Tensor::from_vec(raw.clone(), (raw.len() / image, image), &dev)?));
+    tensors.push((
+        "memory.raw".into(),
+        Tensor::from_vec(raw.clone(), (raw.len() / image, image), &dev)?,
+    ));
     for (b, (bytes, rows, per)) in codes {
-        tensors.push((format!("memory.codes{b}"), Tensor::from_vec(bytes, (rows, per), &dev)?));
+        tensors.push((
+            format!("memory.codes{b}"),
+            Tensor::from_vec(bytes, (rows, per), &dev)?,
+        ));
     }
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), STATE_FORMAT.to_string());
@@ -106,7 +120,10 @@ pub fn save(path: impl AsRef<Path>, stack: &QStack, seed: Seed, memory: &Adaptiv
     meta.insert("adam".into(), json(&adam)?);
     meta.insert("memory_config".into(), json(memory.config())?);
     meta.insert("block_bits".into(), json(&memory.block_bits().to_vec())?);
-    meta.insert("model_cost_params".into(), json(&memory.model_cost_params())?);
+    meta.insert(
+        "model_cost_params".into(),
+        json(&memory.model_cost_params())?,
+    );
     meta.insert("next_id".into(), json(&memory.next_id().0)?);
     meta.insert("rng".into(), json(&memory.rng_state().to_bytes().to_vec())?);
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -138,26 +155,42 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
     let mut stack = QStack::new(config, Seed::new(seed), device)?;
     let layers = stack.layers().len();
     if stats.len() != layers || adam.len() != layers || block_bits.len() != layers + 1 {
-        return Err(Error::bad_file(path, "module count differs between metadata entries"));
+        return Err(Error::bad_file(
+            path,
+            "module count differs between metadata entries",
+        ));
     }
     let mut all = BTreeMap::new();
     for name in file.names() {
         all.insert(name.clone(), file.tensor(name, device)?);
     }
-    for (i, (layer, (st, ad))) in stack.layers_mut().iter_mut().zip(stats.into_iter().zip(adam)).enumerate() {
+    for (i, (layer, (st, ad))) in stack
+        .layers_mut()
+        .iter_mut()
+        .zip(stats.into_iter().zip(adam))
+        .enumerate()
+    {
         let prefix = format!("layer{i}.");
         let mine: BTreeMap<String, Tensor> = all
             .iter()
             .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t.clone())))
             .collect();
         layer.restore(st, &mine, ad, path)?;
-        let frozen_bits = if layer.is_frozen() { layer.bits_per_sample() } else { 0 };
+        let frozen_bits = if layer.is_frozen() {
+            layer.bits_per_sample()
+        } else {
+            0
+        };
         if block_bits[i + 1] != frozen_bits {
-            return Err(Error::bad_file(path, format!("block {} cost disagrees with module {}", i + 1, i + 1)));
+            return Err(Error::bad_file(
+                path,
+                format!("block {} cost disagrees with module {}", i + 1, i + 1),
+            ));
         }
     }
     let tensor = |name: &str| -> Result<&Tensor> {
-        all.get(name).ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` is missing")))
+        all.get(name)
+            .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` is missing")))
     };
     let meta = tensor("memory.meta")?;
     if meta.dtype() != DType::I64 || meta.rank() != 2 || meta.dims()[1] != 6 {
@@ -174,14 +207,24 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
     let mut entries = Vec::with_capacity(rows.len());
     for r in rows {
         if r.iter().any(|&v| v < 0) || r[2] > i64::from(u32::MAX) {
-            return Err(Error::bad_file(path, "negative or out-of-range memory metadata"));
+            return Err(Error::bad_file(
+                path,
+                "negative or out-of-range memory metadata",
+            ));
         }
         let b = r[0] as usize;
         let payload = if b == 0 {
-            Payload::Raw(raw_iter.next().ok_or_else(|| Error::bad_file(path, "fewer raw images than entries"))?)
+            Payload::Raw(
+                raw_iter
+                    .next()
+                    .ok_or_else(|| Error::bad_file(path, "fewer raw images than entries"))?,
+            )
         } else {
             if b > layers {
-                return Err(Error::bad_file(path, format!("block {b} beyond {layers} modules")));
+                return Err(Error::bad_file(
+                    path,
+                    format!("block {b} beyond {layers} modules"),
+                ));
             }
             if !code_rows.contains_key(&b) {
                 let t = tensor(&format!("memory.codes{b}"))?;
@@ -196,10 +239,17 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
                 .ok_or_else(|| Error::bad_file(path, "fewer code rows than entries"))?;
             let layer = &stack.layers()[b - 1];
             if !layer.is_frozen() {
-                return Err(Error::bad_file(path, format!("codes stored in unfrozen module {b}")));
+                return Err(Error::bad_file(
+                    path,
+                    format!("codes stored in unfrozen module {b}"),
+                ));
             }
             let [n, h, w] = layer.index_shape();
-            Payload::Codes(PackedIndices::from_bytes(bytes, &[1, n, h, w], layer.current_codes())?)
+            Payload::Codes(PackedIndices::from_bytes(
+                bytes,
+                &[1, n, h, w],
+                layer.current_codes(),
+            )?)
         };
         entries.push((
             b,
@@ -216,8 +266,12 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
         ));
     }
     if raw_iter.next().is_some() || code_rows.values_mut().any(|it| it.next().is_some()) {
-        return Err(Error::bad_file(path, "more payload rows than memory entries"));
+        return Err(Error::bad_file(
+            path,
+            "more payload rows than memory entries",
+        ));
     }
-    let memory = AdaptiveMemory::restore(memory_config, block_bits, model_cost, next_id, rng, entries)?;
+    let memory =
+        AdaptiveMemory::restore(memory_config, block_bits, model_cost, next_id, rng, entries)?;
     Ok((stack, memory))
 }

@@ -15,7 +15,14 @@ fn images(b: usize, seed: u64) -> Tensor {
 }
 
 fn layer() -> QLayer {
-    QLayer::new(QLayerConfig::fashion_mnist(), 1, [28, 28], 5.into(), &Device::Cpu).unwrap()
+    QLayer::new(
+        QLayerConfig::fashion_mnist(),
+        1,
+        [28, 28],
+        5.into(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -35,7 +42,10 @@ fn compression_rate_formula() {
     assert_eq!(c50.compression_rate(), 12.0);
     assert_eq!(layer().compression_rate(), 8.0);
     assert_eq!(layer().bits_per_sample(), 196 * 4);
-    assert_eq!((bits_for(16), bits_for(8), bits_for(2), bits_for(5)), (4, 3, 1, 3));
+    assert_eq!(
+        (bits_for(16), bits_for(8), bits_for(2), bits_for(5)),
+        (4, 3, 1, 3)
+    );
 }
 
 #[test]
@@ -57,7 +67,8 @@ fn shapes_nonnegative_latent_and_decode_of_indices() {
         for p in 0..196 {
             let k = idx[b * 196 + p] as usize;
             let v: Vec<f32> = (0..32).map(|c| ze[(b * 32 + c) * 196 + p]).collect();
-            let dist = |r: usize| -> f32 { (0..32).map(|c| (v[c] - book[r * 32 + c]).powi(2)).sum() };
+            let dist =
+                |r: usize| -> f32 { (0..32).map(|c| (v[c] - book[r * 32 + c]).powi(2)).sum() };
             for c in 0..32 {
                 assert_eq!(q[(b * 32 + c) * 196 + p], book[k * 32 + c]);
             }
@@ -65,7 +76,16 @@ fn shapes_nonnegative_latent_and_decode_of_indices() {
         }
     }
     // The codebook moved (EMA update in training).
-    assert_ne!(l.quantizer().codebook().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), book);
+    assert_ne!(
+        l.quantizer()
+            .codebook()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        book
+    );
 }
 
 #[test]
@@ -87,7 +107,14 @@ fn freezing_waits_230_updates_at_rate_001_then_trims_and_fixes_the_codebook() {
     assert!(k >= l.stats().used_at_freeze.unwrap());
     assert_eq!(l.bits_per_sample(), 196 * u64::from(bits_for(k)));
     assert_eq!(l.model_cost_params(), cost_before + 10_817);
-    let book = l.quantizer().codebook().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let book = l
+        .quantizer()
+        .codebook()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for s in 0..3 {
         let out = l.forward(&images(4, 10 + s), true).unwrap();
         let loss = l.loss(&out, &images(4, 10 + s), 0, true).unwrap();
@@ -95,7 +122,14 @@ fn freezing_waits_230_updates_at_rate_001_then_trims_and_fixes_the_codebook() {
         let idx: Vec<u32> = out.indices.flatten_all().unwrap().to_vec1().unwrap();
         assert!(idx.iter().all(|&i| (i as usize) < k));
     }
-    let after = l.quantizer().codebook().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let after = l
+        .quantizer()
+        .codebook()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(book, after, "a frozen codebook must stay bit-identical");
 }
 
@@ -113,8 +147,21 @@ fn slow_decoder_moves_toward_the_live_one() {
     }
     let live = l.decode_latent(&z.q, false).unwrap();
     let slow_still = l.decode_latent(&z.q, true).unwrap();
-    let diff = |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap() };
-    assert_eq!(diff(&slow0, &slow_still), 0.0, "the slow copy only moves in update_ema_decoder");
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(
+        diff(&slow0, &slow_still),
+        0.0,
+        "the slow copy only moves in update_ema_decoder"
+    );
     let gap_before = diff(&slow_still, &live);
     assert!(gap_before > 0.0);
     l.update_ema_decoder().unwrap();
@@ -132,45 +179,98 @@ fn replay_rows_count_twice_in_the_loss_when_asked() {
     let none: f32 = l.loss(&out, &x, 0, true).unwrap().to_scalar().unwrap();
     assert_eq!(once, none);
     assert!(twice > once);
-    assert!(matches!(l.loss(&out, &x, 5, true), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        l.loss(&out, &x, 5, true),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 #[test]
 fn bad_configurations_are_typed_errors() {
     let base = QLayerConfig::fashion_mnist();
     for th in [0.0, -1.0, f64::NAN] {
-        let c = QLayerConfig { recon_threshold: th, ..base.clone() };
-        assert!(matches!(c.validate(1, [28, 28]), Err(Error::InvalidParameter { .. })), "{th}");
+        let c = QLayerConfig {
+            recon_threshold: th,
+            ..base.clone()
+        };
+        assert!(
+            matches!(c.validate(1, [28, 28]), Err(Error::InvalidParameter { .. })),
+            "{th}"
+        );
     }
-    let c = QLayerConfig { codebooks: 3, ..base.clone() };
-    assert!(matches!(c.validate(1, [28, 28]), Err(Error::InvalidParameter { .. })));
-    let c = QLayerConfig { latent_shape: [7, 7], ..base.clone() };
-    assert!(matches!(c.validate(1, [28, 28]), Err(Error::ShapeMismatch { .. })));
-    let stack = StackConfig { layers: vec![QLayerConfig { latent_shape: [16, 16], ..base.clone() }], ..StackConfig::fashion_mnist() };
-    assert!(matches!(QStack::new(stack, 0.into(), &Device::Cpu), Err(Error::ShapeMismatch { .. })));
+    let c = QLayerConfig {
+        codebooks: 3,
+        ..base.clone()
+    };
+    assert!(matches!(
+        c.validate(1, [28, 28]),
+        Err(Error::InvalidParameter { .. })
+    ));
+    let c = QLayerConfig {
+        latent_shape: [7, 7],
+        ..base.clone()
+    };
+    assert!(matches!(
+        c.validate(1, [28, 28]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let stack = StackConfig {
+        layers: vec![QLayerConfig {
+            latent_shape: [16, 16],
+            ..base.clone()
+        }],
+        ..StackConfig::fashion_mnist()
+    };
+    assert!(matches!(
+        QStack::new(stack, 0.into(), &Device::Cpu),
+        Err(Error::ShapeMismatch { .. })
+    ));
     let mut l = layer();
     let wrong = Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(l.forward(&wrong, true), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        l.forward(&wrong, true),
+        Err(Error::ShapeMismatch { .. })
+    ));
 }
 
 #[test]
 fn shipped_configs_load_and_match_the_spec() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/aqm");
-    assert_eq!(StackConfig::load(format!("{dir}/fashion_mnist.json")).unwrap(), StackConfig::fashion_mnist());
-    assert_eq!(StackConfig::load(format!("{dir}/cifar_20.json")).unwrap(), StackConfig::cifar(20));
-    assert_eq!(StackConfig::load(format!("{dir}/cifar_50.json")).unwrap(), StackConfig::cifar(50));
+    assert_eq!(
+        StackConfig::load(format!("{dir}/fashion_mnist.json")).unwrap(),
+        StackConfig::fashion_mnist()
+    );
+    assert_eq!(
+        StackConfig::load(format!("{dir}/cifar_20.json")).unwrap(),
+        StackConfig::cifar(20)
+    );
+    assert_eq!(
+        StackConfig::load(format!("{dir}/cifar_50.json")).unwrap(),
+        StackConfig::cifar(50)
+    );
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bad.json");
     std::fs::write(&p, r#"{"image":[1,28,28],"layers":[]}"#).unwrap();
-    assert!(matches!(StackConfig::load(&p), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        StackConfig::load(&p),
+        Err(Error::InvalidParameter { .. })
+    ));
     std::fs::write(&p, "{not json").unwrap();
     assert!(matches!(StackConfig::load(&p), Err(Error::BadFile { .. })));
 }
 
 #[test]
 fn two_module_stack_shapes_and_no_gradient_between_modules() {
-    let second = QLayerConfig { channels: 16, downsample: 2, latent_shape: [7, 7], ..QLayerConfig::fashion_mnist() };
-    let config = StackConfig { layers: vec![QLayerConfig::fashion_mnist(), second], ..StackConfig::fashion_mnist() };
+    let second = QLayerConfig {
+        channels: 16,
+        downsample: 2,
+        latent_shape: [7, 7],
+        ..QLayerConfig::fashion_mnist()
+    };
+    let config = StackConfig {
+        layers: vec![QLayerConfig::fashion_mnist(), second],
+        ..StackConfig::fashion_mnist()
+    };
     let mut stack = QStack::new(config, 2.into(), &Device::Cpu).unwrap();
     let x = images(2, 9);
     let step = stack.train_step(&x, 0).unwrap();

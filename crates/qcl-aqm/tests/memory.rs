@@ -45,15 +45,30 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         prop::option::of(1usize..=MODULES),
         0u64..40,
     )
-        .prop_map(|(labels, replay, ok, freeze, cost_bump)| Step { labels, replay, ok, freeze, cost_bump })
+        .prop_map(|(labels, replay, ok, freeze, cost_bump)| Step {
+            labels,
+            replay,
+            ok,
+            freeze,
+            cost_bump,
+        })
 }
 
 fn config(budget: u64, seed: u64) -> MemoryConfig {
-    MemoryConfig { budget_bytes: budget, param_bytes: 1, image_bytes: IMAGE, seed }
+    MemoryConfig {
+        budget_bytes: budget,
+        param_bytes: 1,
+        image_bytes: IMAGE,
+        seed,
+    }
 }
 
 /// Runs a random stream and checks every invariant after each step; returns the final contents.
-fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64, u32, usize)>, TestCaseError> {
+fn run_stream(
+    steps: &[Step],
+    budget: u64,
+    seed: u64,
+) -> Result<Vec<(usize, u64, u32, usize)>, TestCaseError> {
     let mut mem = AdaptiveMemory::new(config(budget, seed), MODULES, 10).unwrap();
     let mut identity: BTreeMap<ItemId, (u32, usize)> = BTreeMap::new();
     let mut cost = 10u64;
@@ -61,7 +76,8 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
         let task = t / 3;
         if let Some(m) = s.freeze {
             if mem.block_bits()[m] == 0 {
-                mem.set_module_bits(m, (PER as u64) * (k_of(m).trailing_zeros() as u64)).unwrap();
+                mem.set_module_bits(m, (PER as u64) * (k_of(m).trailing_zeros() as u64))
+                    .unwrap();
                 cost += s.cost_bump;
                 if mem.set_model_cost(cost).is_err() {
                     cost -= s.cost_bump;
@@ -80,11 +96,18 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
             .labels
             .iter()
             .enumerate()
-            .map(|(i, &y)| IncomingSample { label: y, task, dataset_index: i, pixels: vec![y as u8; IMAGE] })
+            .map(|(i, &y)| IncomingSample {
+                label: y,
+                task,
+                dataset_index: i,
+                pixels: vec![y as u8; IMAGE],
+            })
             .collect();
         let rows = incoming.len() + replay.len();
         let ok: Vec<Vec<bool>> = s.ok.iter().map(|o| o[..rows].to_vec()).collect();
-        let code_rows: Vec<Vec<PackedIndices>> = (1..=MODULES).map(|m| (0..rows).map(|r| codes(m, r as u32)).collect()).collect();
+        let code_rows: Vec<Vec<PackedIndices>> = (1..=MODULES)
+            .map(|m| (0..rows).map(|r| codes(m, r as u32)).collect())
+            .collect();
         let replay_ids: Vec<ItemId> = replay.iter().map(|r| r.id).collect();
         let before: BTreeMap<ItemId, (usize, Payload)> = replay
             .iter()
@@ -98,13 +121,18 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
             }
             g
         };
-        let evicted = mem.insert(&incoming, &replay_ids, &ok, &code_rows, t as u64).unwrap();
+        let evicted = mem
+            .insert(&incoming, &replay_ids, &ok, &code_rows, t as u64)
+            .unwrap();
         let evicted_ids: Vec<ItemId> = evicted.iter().map(|e| e.id).collect();
 
         // §12.9: each incoming sample went to the deepest frozen passing module, else raw.
         for row in 0..incoming.len() {
             let id = ItemId(first_new + row as u64);
-            let expected = (1..=MODULES).rev().find(|&m| mem.block_bits()[m] > 0 && ok[m - 1][row]).unwrap_or(0);
+            let expected = (1..=MODULES)
+                .rev()
+                .find(|&m| mem.block_bits()[m] > 0 && ok[m - 1][row])
+                .unwrap_or(0);
             match mem.locate(id) {
                 Some((b, e)) => {
                     prop_assert_eq!(b, expected);
@@ -127,7 +155,10 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
                 prop_assert_eq!(b, *old_block);
                 prop_assert_eq!(&e.item.payload, old_payload);
             } else {
-                let expected = (1..=MODULES).rev().find(|&m| mem.block_bits()[m] > 0 && ok[m - 1][row]).unwrap_or(0);
+                let expected = (1..=MODULES)
+                    .rev()
+                    .find(|&m| mem.block_bits()[m] > 0 && ok[m - 1][row])
+                    .unwrap_or(0);
                 prop_assert_eq!(b, expected);
             }
         }
@@ -135,13 +166,25 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
         let mut g = g_before_evict;
         for e in &evicted {
             let max = *g.values().max().unwrap();
-            prop_assert_eq!(g[&e.label], max, "evicted class {} with count {} < max {}", e.label, g[&e.label], max);
+            prop_assert_eq!(
+                g[&e.label],
+                max,
+                "evicted class {} with count {} < max {}",
+                e.label,
+                g[&e.label],
+                max
+            );
             *g.get_mut(&e.label).unwrap() -= 1;
         }
         // §12.1, §12.2: budget, exact accounting, overshoot below one item.
         let used = mem.used_bits();
         prop_assert!(used <= mem.capacity_bits());
-        let exact: u64 = mem.counts_per_block().iter().zip(mem.block_bits()).map(|(&n, &b)| n as u64 * b).sum();
+        let exact: u64 = mem
+            .counts_per_block()
+            .iter()
+            .zip(mem.block_bits())
+            .map(|(&n, &b)| n as u64 * b)
+            .sum();
         prop_assert_eq!(used, exact);
         prop_assert_eq!(mem.capacity_bits(), 8 * (budget - mem.model_cost_params()));
         if !evicted.is_empty() && !mem.is_empty() {
@@ -165,7 +208,11 @@ fn run_stream(steps: &[Step], budget: u64, seed: u64) -> Result<Vec<(usize, u64,
             }
         }
     }
-    Ok(mem.all_entries().into_iter().map(|(b, e)| (b, e.id.0, e.label, e.task)).collect())
+    Ok(mem
+        .all_entries()
+        .into_iter()
+        .map(|(b, e)| (b, e.id.0, e.label, e.task))
+        .collect())
 }
 
 proptest! {
@@ -190,10 +237,20 @@ fn a_class_is_not_emptied_while_another_holds_more_than_one() {
     let mut mem = AdaptiveMemory::new(config(10 * IMAGE as u64, 1), 0, 0).unwrap();
     // 30 samples of class 0, then one of class 1: the single class-1 sample survives.
     for i in 0..30 {
-        let s = IncomingSample { label: 0, task: 0, dataset_index: i, pixels: vec![0; IMAGE] };
+        let s = IncomingSample {
+            label: 0,
+            task: 0,
+            dataset_index: i,
+            pixels: vec![0; IMAGE],
+        };
         mem.insert(&[s], &[], &[], &[], i as u64).unwrap();
     }
-    let s = IncomingSample { label: 1, task: 0, dataset_index: 99, pixels: vec![1; IMAGE] };
+    let s = IncomingSample {
+        label: 1,
+        task: 0,
+        dataset_index: 99,
+        pixels: vec![1; IMAGE],
+    };
     mem.insert(&[s], &[], &[], &[], 31).unwrap();
     let g = mem.class_counts();
     assert_eq!((g[&0], g[&1]), (9, 1));
@@ -203,11 +260,21 @@ fn a_class_is_not_emptied_while_another_holds_more_than_one() {
 fn eviction_takes_raw_before_codes_within_a_class() {
     let mut mem = AdaptiveMemory::new(config(4 * IMAGE as u64, 1), 1, 0).unwrap();
     for i in 0..4 {
-        let s = IncomingSample { label: 0, task: 0, dataset_index: i, pixels: vec![0; IMAGE] };
+        let s = IncomingSample {
+            label: 0,
+            task: 0,
+            dataset_index: i,
+            pixels: vec![0; IMAGE],
+        };
         mem.insert(&[s], &[], &[], &[], 0).unwrap();
     }
     mem.set_module_bits(1, 8).unwrap();
-    let s = IncomingSample { label: 0, task: 0, dataset_index: 9, pixels: vec![0; IMAGE] };
+    let s = IncomingSample {
+        label: 0,
+        task: 0,
+        dataset_index: 9,
+        pixels: vec![0; IMAGE],
+    };
     let c = PackedIndices::pack(&[1, 2, 3, 0], &[1, 4], 4).unwrap();
     let evicted = mem.insert(&[s], &[], &[vec![true]], &[vec![c]], 1).unwrap();
     assert_eq!(evicted.len(), 1);
@@ -221,7 +288,12 @@ fn replay_is_balanced_over_eligible_classes() {
     // Class 0 has 90 samples, class 1 has 10, class 2 is of the current task.
     for (y, n, task) in [(0u32, 90, 0usize), (1, 10, 0), (2, 50, 1)] {
         for i in 0..n {
-            let s = IncomingSample { label: y, task, dataset_index: i, pixels: vec![0; IMAGE] };
+            let s = IncomingSample {
+                label: y,
+                task,
+                dataset_index: i,
+                pixels: vec![0; IMAGE],
+            };
             mem.insert(&[s], &[], &[], &[], 0).unwrap();
         }
     }
@@ -239,15 +311,36 @@ fn replay_is_balanced_over_eligible_classes() {
 
 #[test]
 fn budget_errors_are_typed() {
-    assert!(matches!(AdaptiveMemory::new(config(1000, 0), 1, 1000), Err(Error::InvalidParameter { .. })));
-    let four = MemoryConfig { param_bytes: 4, ..config(1000, 0) };
-    assert!(matches!(AdaptiveMemory::new(four, 1, 300), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        AdaptiveMemory::new(config(1000, 0), 1, 1000),
+        Err(Error::InvalidParameter { .. })
+    ));
+    let four = MemoryConfig {
+        param_bytes: 4,
+        ..config(1000, 0)
+    };
+    assert!(matches!(
+        AdaptiveMemory::new(four, 1, 300),
+        Err(Error::InvalidParameter { .. })
+    ));
     let mut mem = AdaptiveMemory::new(config(1000, 0), 1, 100).unwrap();
-    assert!(matches!(mem.set_model_cost(1000), Err(Error::InvalidParameter { .. })));
-    assert_eq!(mem.model_cost_params(), 100, "a refused cost changes nothing");
+    assert!(matches!(
+        mem.set_model_cost(1000),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert_eq!(
+        mem.model_cost_params(),
+        100,
+        "a refused cost changes nothing"
+    );
     // Codes of the wrong cost for a block are refused.
     mem.set_module_bits(1, 8).unwrap();
-    let s = IncomingSample { label: 0, task: 0, dataset_index: 0, pixels: vec![0; IMAGE] };
+    let s = IncomingSample {
+        label: 0,
+        task: 0,
+        dataset_index: 0,
+        pixels: vec![0; IMAGE],
+    };
     let c = PackedIndices::pack(&[1, 2, 3, 7, 1], &[1, 5], 8).unwrap();
     assert!(mem.insert(&[s], &[], &[vec![true]], &[vec![c]], 0).is_err());
 }

@@ -5,7 +5,10 @@ use qcl_continual::{Scenario, SplitParams};
 use qcl_tensor::Error;
 
 fn scenario() -> Scenario {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/fashion-mnist.safetensors"
+    );
     let data = qcl_data::SplitDataset::load(path).unwrap();
     Scenario::class_incremental(&data, &SplitParams::default()).unwrap()
 }
@@ -30,7 +33,11 @@ fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {
     let config = small(Method::Aqm, 392_000);
     let a = run(&s, &config, None).unwrap();
     assert_eq!(a.samples_streamed, 5 * 40);
-    assert!(a.freeze_steps[0].is_some_and(|f| f < 10), "{:?}", a.freeze_steps);
+    assert!(
+        a.freeze_steps[0].is_some_and(|f| f < 10),
+        "{:?}",
+        a.freeze_steps
+    );
     let last = a.memory_curve.last().unwrap();
     assert!(last.used_bytes <= last.capacity_bytes);
     assert_eq!(a.model_cost_params, 36_850); // spec §11: AE + slow decoder
@@ -38,7 +45,10 @@ fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {
     // Every streamed sample fits as codes (98 B each): nothing is evicted, most are codes.
     assert_eq!(a.stored_at_end, 200);
     assert!(last.per_block[1] > 130, "{:?}", last.per_block);
-    assert!(a.drift.iter().all(|d| d.all.is_none_or(|m| m.is_finite() && m >= 0.0)));
+    assert!(a
+        .drift
+        .iter()
+        .all(|d| d.all.is_none_or(|m| m.is_finite() && m >= 0.0)));
     assert!(a.drift.last().unwrap().samples > 0);
     assert_eq!(a.examples.len(), 4);
     for row in 0..5 {
@@ -72,5 +82,8 @@ fn a_budget_below_the_model_cost_is_refused() {
     // B20 with 4-byte parameters leaves room; 100 kB with 4-byte parameters does not.
     let mut c = small(Method::Aqm, 100_000);
     c.param_bytes = 4;
-    assert!(matches!(run(&s, &c, None), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        run(&s, &c, None),
+        Err(Error::InvalidParameter { .. })
+    ));
 }

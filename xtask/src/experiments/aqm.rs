@@ -127,7 +127,13 @@ fn budget_name(b: u64) -> &'static str {
 /// Training samples per second of one Fashion-MNIST module at batch 128 (encoder, quantizer,
 /// decoder, loss, Adam), after 2 warm-up steps.
 fn module_throughput(steps: usize) -> Result<f64> {
-    let mut layer = QLayer::new(QLayerConfig::fashion_mnist(), 1, [28, 28], 0.into(), &Device::Cpu)?;
+    let mut layer = QLayer::new(
+        QLayerConfig::fashion_mnist(),
+        1,
+        [28, 28],
+        0.into(),
+        &Device::Cpu,
+    )?;
     let x = Tensor::rand(-1f32, 1f32, (128, 1, 28, 28), &Device::Cpu)?;
     let step = |layer: &mut QLayer| -> Result<()> {
         let out = layer.forward(&x, true)?;
@@ -152,9 +158,15 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
 }
 
 /// The experiment on `data` with `settings`.
-pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &ProgressBar) -> Result<Outcome> {
+pub fn run_with(
+    ctx: &Context,
+    data: &SplitDataset,
+    settings: &Settings,
+    bar: &ProgressBar,
+) -> Result<Outcome> {
     let scenario = Scenario::class_incremental(data, &SplitParams::default())?;
-    let mut jobs: Vec<(Method, u64, u64)> = vec![(Method::FineTune, B50, 1), (Method::IidOnline, B50, 1)];
+    let mut jobs: Vec<(Method, u64, u64)> =
+        vec![(Method::FineTune, B50, 1), (Method::IidOnline, B50, 1)];
     for b in [B50, B20] {
         jobs.push((Method::ErRaw, b, 1));
         jobs.push((Method::RawAqm, b, 1));
@@ -166,7 +178,11 @@ pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &P
         .iter()
         .map(|&(m, b, p)| Cell {
             method: m.name().into(),
-            budget: if matches!(m, Method::FineTune | Method::IidOnline) { "-".into() } else { budget_name(b).into() },
+            budget: if matches!(m, Method::FineTune | Method::IidOnline) {
+                "-".into()
+            } else {
+                budget_name(b).into()
+            },
             param_bytes: p,
             final_accuracy: vec![],
             forgetting: vec![],
@@ -182,7 +198,12 @@ pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &P
     let started = Instant::now();
     for &seed in &settings.seeds {
         for (j, &(method, budget, param_bytes)) in jobs.iter().enumerate() {
-            bar.set_message(format!("aqm: seed {seed}, {} {} {}B", method.name(), budget_name(budget), param_bytes));
+            bar.set_message(format!(
+                "aqm: seed {seed}, {} {} {}B",
+                method.name(),
+                budget_name(budget),
+                param_bytes
+            ));
             let mut config = OnlineConfig::fashion_mnist(method, budget);
             config.param_bytes = param_bytes;
             config.samples_per_task = settings.samples_per_task;
@@ -200,11 +221,16 @@ pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &P
             c.forgetting.push(r.forgetting.unwrap_or(f64::NAN));
             c.stored_at_end.push(r.stored_at_end);
             c.samples_per_second.push(r.samples_per_second);
-            c.freeze_step.push(r.freeze_steps.first().copied().flatten());
-            c.trimmed_codes.push(r.trimmed_codes.first().copied().flatten());
+            c.freeze_step
+                .push(r.freeze_steps.first().copied().flatten());
+            c.trimmed_codes
+                .push(r.trimmed_codes.first().copied().flatten());
             c.final_drift.push(r.drift.last().and_then(|d| d.all));
             if seed == settings.seeds[0] {
-                kept.push((format!("{} {} {}B", method.name(), budget_name(budget), param_bytes), r));
+                kept.push((
+                    format!("{} {} {}B", method.name(), budget_name(budget), param_bytes),
+                    r,
+                ));
             }
         }
     }
@@ -223,9 +249,16 @@ pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &P
         cells
             .iter()
             .find(|c| c.method == m && c.budget == b && c.param_bytes == p)
-            .map_or(f64::NAN, |c| c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64)
+            .map_or(f64::NAN, |c| {
+                c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64
+            })
     };
-    let (ft, er50, aqm50, iid) = (acc("fine-tune", "-", 1), acc("ER-raw", "B50", 1), acc("AQM", "B50", 1), acc("iid-online", "-", 1));
+    let (ft, er50, aqm50, iid) = (
+        acc("fine-tune", "-", 1),
+        acc("ER-raw", "B50", 1),
+        acc("AQM", "B50", 1),
+        acc("iid-online", "-", 1),
+    );
     let (er20, aqm20_4) = (acc("ER-raw", "B20", 1), acc("AQM", "B20", 4));
     let order_b50 = ft < er50 && er50 < aqm50 && aqm50 < iid;
     let margin = aqm50 - er50;
@@ -237,17 +270,56 @@ pub fn run_with(ctx: &Context, data: &SplitDataset, settings: &Settings, bar: &P
         .iter()
         .map(|c| {
             let (a, sa) = mean_std(&c.final_accuracy);
-            let f: Vec<f64> = c.forgetting.iter().copied().filter(|x| x.is_finite()).collect();
-            let forg = if f.is_empty() { "–".to_string() } else { let (m, s) = mean_std(&f); format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s) };
-            let st = c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64;
+            let f: Vec<f64> = c
+                .forgetting
+                .iter()
+                .copied()
+                .filter(|x| x.is_finite())
+                .collect();
+            let forg = if f.is_empty() {
+                "–".to_string()
+            } else {
+                let (m, s) = mean_std(&f);
+                format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
+            };
+            let st =
+                c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64;
             let (sps, _) = mean_std(&c.samples_per_second);
-            let freeze = c.freeze_step.iter().map(|f| f.map_or("–".into(), |s| s.to_string())).collect::<Vec<_>>().join("/");
-            let k = c.trimmed_codes.iter().map(|f| f.map_or("–".into(), |s| s.to_string())).collect::<Vec<_>>().join("/");
+            let freeze = c
+                .freeze_step
+                .iter()
+                .map(|f| f.map_or("–".into(), |s| s.to_string()))
+                .collect::<Vec<_>>()
+                .join("/");
+            let k = c
+                .trimmed_codes
+                .iter()
+                .map(|f| f.map_or("–".into(), |s| s.to_string()))
+                .collect::<Vec<_>>()
+                .join("/");
             let drift: Vec<f64> = c.final_drift.iter().flatten().copied().collect();
-            let drift = if drift.is_empty() { "–".into() } else { format!("{:.4}", mean_std(&drift).0) };
+            let drift = if drift.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.4}", mean_std(&drift).0)
+            };
             format!(
                 "| {} | {} | {} | {:.1} ± {:.1} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
-                c.method, c.budget, if c.method == "AQM" { c.param_bytes.to_string() } else { "–".into() }, 100.0 * a, 100.0 * sa, forg, st, sps, freeze, k, drift
+                c.method,
+                c.budget,
+                if c.method == "AQM" {
+                    c.param_bytes.to_string()
+                } else {
+                    "–".into()
+                },
+                100.0 * a,
+                100.0 * sa,
+                forg,
+                st,
+                sps,
+                freeze,
+                k,
+                drift
             )
         })
         .collect();
@@ -349,7 +421,13 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
             .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..100.0)?;
         let names: Vec<String> = cells
             .iter()
-            .map(|c| if c.method == "AQM" { format!("{} {} {}B", c.method, c.budget, c.param_bytes) } else { format!("{} {}", c.method, c.budget) })
+            .map(|c| {
+                if c.method == "AQM" {
+                    format!("{} {} {}B", c.method, c.budget, c.param_bytes)
+                } else {
+                    format!("{} {}", c.method, c.budget)
+                }
+            })
             .collect();
         chart
             .configure_mesh()
@@ -357,7 +435,11 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
             .x_labels(n + 1)
             .x_label_formatter(&move |x| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() { names[i as usize].clone() } else { String::new() }
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                    names[i as usize].clone()
+                } else {
+                    String::new()
+                }
             })
             .x_label_style(("sans-serif", 11))
             .y_desc("accuracy %")
@@ -372,8 +454,14 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
                 _ => COLOURS[4],
             };
             let x = i as f64;
-            chart.draw_series(std::iter::once(Rectangle::new([(x - 0.35, 0.0), (x + 0.35, 100.0 * m)], colour.filled())))?;
-            chart.draw_series(std::iter::once(PathElement::new(vec![(x, 100.0 * (m - s)), (x, 100.0 * (m + s))], BLACK.stroke_width(2))))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.35, 0.0), (x + 0.35, 100.0 * m)],
+                colour.filled(),
+            )))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x, 100.0 * (m - s)), (x, 100.0 * (m + s))],
+                BLACK.stroke_width(2),
+            )))?;
         }
         Ok(())
     })
@@ -384,10 +472,18 @@ fn stored_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
         .iter()
         .filter(|(n, _)| n.contains("B50 1B") && !n.starts_with("fine") && !n.starts_with("iid"))
         .collect();
-    let max_step = chosen.iter().flat_map(|(_, r)| r.memory_curve.iter().map(|p| p.step)).max().unwrap_or(1);
+    let max_step = chosen
+        .iter()
+        .flat_map(|(_, r)| r.memory_curve.iter().map(|p| p.step))
+        .max()
+        .unwrap_or(1);
     let max_n = chosen
         .iter()
-        .flat_map(|(_, r)| r.memory_curve.iter().map(|p| p.per_block.iter().sum::<usize>()))
+        .flat_map(|(_, r)| {
+            r.memory_curve
+                .iter()
+                .map(|p| p.per_block.iter().sum::<usize>())
+        })
         .max()
         .unwrap_or(1) as f64;
     plot::png(path, (760, 420), |root| {
@@ -397,42 +493,73 @@ fn stored_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
             .x_label_area_size(36)
             .y_label_area_size(60)
             .build_cartesian_2d(0u64..max_step, 0.0..max_n * 1.1)?;
-        chart.configure_mesh().x_desc("step").y_desc("stored samples").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("stored samples")
+            .draw()?;
         for (i, (name, r)) in chosen.iter().enumerate() {
             let colour = COLOURS[(i + 1) % COLOURS.len()];
             chart
                 .draw_series(LineSeries::new(
-                    r.memory_curve.iter().map(|p| (p.step, p.per_block.iter().sum::<usize>() as f64)),
+                    r.memory_curve
+                        .iter()
+                        .map(|p| (p.step, p.per_block.iter().sum::<usize>() as f64)),
                     colour.stroke_width(2),
                 ))?
                 .label(name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+                });
             if name.starts_with("AQM") {
                 chart
                     .draw_series(LineSeries::new(
-                        r.memory_curve.iter().map(|p| (p.step, p.per_block.first().copied().unwrap_or(0) as f64)),
+                        r.memory_curve
+                            .iter()
+                            .map(|p| (p.step, p.per_block.first().copied().unwrap_or(0) as f64)),
                         colour.mix(0.5).stroke_width(1),
                     ))?
                     .label("AQM: raw images among them")
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.mix(0.5).stroke_width(1)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], colour.mix(0.5).stroke_width(1))
+                    });
             }
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         Ok(())
     })
 }
 
 fn drift_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
-    let chosen: Vec<&(String, RunResult)> = kept.iter().filter(|(n, r)| n.starts_with("AQM") && !r.drift.is_empty()).collect();
-    let max_step = chosen.iter().flat_map(|(_, r)| r.drift.iter().map(|p| p.step)).max().unwrap_or(1);
+    let chosen: Vec<&(String, RunResult)> = kept
+        .iter()
+        .filter(|(n, r)| n.starts_with("AQM") && !r.drift.is_empty())
+        .collect();
+    let max_step = chosen
+        .iter()
+        .flat_map(|(_, r)| r.drift.iter().map(|p| p.step))
+        .max()
+        .unwrap_or(1);
     let top = chosen
         .iter()
-        .flat_map(|(_, r)| r.drift.iter().flat_map(|d| d.all.into_iter().chain(d.task0)))
+        .flat_map(|(_, r)| {
+            r.drift
+                .iter()
+                .flat_map(|d| d.all.into_iter().chain(d.task0))
+        })
         .fold(0.01f64, f64::max)
         * 1.2;
     plot::png(path, (760, 420), |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption("drift of stored codes (MSE vs original, [-1, 1] units)", ("sans-serif", 20))
+            .caption(
+                "drift of stored codes (MSE vs original, [-1, 1] units)",
+                ("sans-serif", 20),
+            )
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(60)
@@ -441,15 +568,32 @@ fn drift_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
         for (i, (name, r)) in chosen.iter().enumerate() {
             let colour = COLOURS[(i + 1) % COLOURS.len()];
             chart
-                .draw_series(LineSeries::new(r.drift.iter().filter_map(|d| d.all.map(|m| (d.step, m))), colour.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    r.drift.iter().filter_map(|d| d.all.map(|m| (d.step, m))),
+                    colour.stroke_width(2),
+                ))?
                 .label(format!("{name}: all codes"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+                });
             chart
-                .draw_series(DashedLineSeries::new(r.drift.iter().filter_map(|d| d.task0.map(|m| (d.step, m))), 5, 3, colour.stroke_width(1)))?
+                .draw_series(DashedLineSeries::new(
+                    r.drift.iter().filter_map(|d| d.task0.map(|m| (d.step, m))),
+                    5,
+                    3,
+                    colour.stroke_width(1),
+                ))?
                 .label(format!("{name}: task-0 codes"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(1)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(1))
+                });
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         Ok(())
     })
 }
@@ -458,23 +602,34 @@ fn grid(path: &Path, examples: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
     let scale = 3u32;
     let (w, gap) = (28 * scale, 4u32);
     let n = examples.len().max(1) as u32;
-    plot::png(path, (gap + n * (w + gap), 30 + 2 * (w + gap) + gap), |root| {
-        root.draw(&Text::new("original (top) vs reconstructed from codes (bottom)", (6, 6), ("sans-serif", 16).into_font()))?;
-        for (i, (orig, rec)) in examples.iter().enumerate() {
-            for (row, img) in [orig, rec].into_iter().enumerate() {
-                let x0 = gap + i as u32 * (w + gap);
-                let y0 = 30 + row as u32 * (w + gap);
-                for y in 0..28u32 {
-                    for x in 0..28u32 {
-                        let v = img[(y * 28 + x) as usize];
-                        let (px, py) = ((x0 + x * scale) as i32, (y0 + y * scale) as i32);
-                        root.draw(&Rectangle::new([(px, py), (px + scale as i32, py + scale as i32)], RGBColor(v, v, v).filled()))?;
+    plot::png(
+        path,
+        (gap + n * (w + gap), 30 + 2 * (w + gap) + gap),
+        |root| {
+            root.draw(&Text::new(
+                "original (top) vs reconstructed from codes (bottom)",
+                (6, 6),
+                ("sans-serif", 16).into_font(),
+            ))?;
+            for (i, (orig, rec)) in examples.iter().enumerate() {
+                for (row, img) in [orig, rec].into_iter().enumerate() {
+                    let x0 = gap + i as u32 * (w + gap);
+                    let y0 = 30 + row as u32 * (w + gap);
+                    for y in 0..28u32 {
+                        for x in 0..28u32 {
+                            let v = img[(y * 28 + x) as usize];
+                            let (px, py) = ((x0 + x * scale) as i32, (y0 + y * scale) as i32);
+                            root.draw(&Rectangle::new(
+                                [(px, py), (px + scale as i32, py + scale as i32)],
+                                RGBColor(v, v, v).filled(),
+                            ))?;
+                        }
                     }
                 }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
@@ -487,7 +642,11 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
         let data = SplitDataset::load(dataset_path(&fixtures, KnownDataset::FashionMnist)).unwrap();
-        let ctx = Context { data_dir: fixtures, out_dir: out.path().to_path_buf(), mode: Mode::Quick };
+        let ctx = Context {
+            data_dir: fixtures,
+            out_dir: out.path().to_path_buf(),
+            mode: Mode::Quick,
+        };
         let settings = Settings {
             seeds: vec![0],
             samples_per_task: Some(20),
@@ -499,7 +658,11 @@ mod tests {
         let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
         let cells = outcome.figures["cells"].as_array().unwrap();
         assert_eq!(cells.len(), 7);
-        assert!(outcome.markdown.contains("| AQM | B50 | 1 |"), "{}", outcome.markdown);
+        assert!(
+            outcome.markdown.contains("| AQM | B50 | 1 |"),
+            "{}",
+            outcome.markdown
+        );
         for (png, _) in &outcome.plots {
             let bytes = std::fs::read(out.path().join(png)).unwrap();
             assert!(bytes.starts_with(b"\x89PNG"), "{png}");
