@@ -146,7 +146,10 @@ impl QLayerConfig {
                 format!("must be > 0, got {}", self.recon_threshold),
             ));
         }
-        if self.channels == 0 || self.codebooks == 0 || self.channels % self.codebooks != 0 {
+        if self.channels == 0
+            || self.codebooks == 0
+            || !self.channels.is_multiple_of(self.codebooks)
+        {
             return Err(Error::invalid_parameter(
                 "codebooks",
                 format!(
@@ -155,7 +158,7 @@ impl QLayerConfig {
                 ),
             ));
         }
-        if self.downsample == 2 && self.channels % 2 != 0 {
+        if self.downsample == 2 && !self.channels.is_multiple_of(2) {
             return Err(Error::invalid_parameter(
                 "channels",
                 format!("downsampling 2 needs an even width, got {}", self.channels),
@@ -200,7 +203,10 @@ impl QLayerConfig {
         }
         let ds = self.downsample;
         let expected = [input_hw[0] / ds, input_hw[1] / ds];
-        if input_hw[0] % ds != 0 || input_hw[1] % ds != 0 || expected != self.latent_shape {
+        if !input_hw[0].is_multiple_of(ds)
+            || !input_hw[1].is_multiple_of(ds)
+            || expected != self.latent_shape
+        {
             return Err(Error::ShapeMismatch {
                 context: "module latent_shape (argmin_shp)".into(),
                 expected: format!("{:?} (input {:?} / downsample {ds})", expected, input_hw),

@@ -228,7 +228,7 @@ fn accuracy(net: &SmallCnn, data: &Dataset, device: &Device) -> Result<f64> {
 /// State of the replay side of a run.
 enum Replay {
     None,
-    Reservoir(ReservoirBuffer<RawImage>, SeededRng),
+    Reservoir(Box<ReservoirBuffer<RawImage>>, SeededRng),
     Adaptive(AdaptiveMemory, Option<QStack>),
 }
 
@@ -450,7 +450,10 @@ pub fn run(
                 ));
             }
             Replay::Reservoir(
-                ReservoirBuffer::new(Capacity::items(slots), seed.child_named("reservoir"))?,
+                Box::new(ReservoirBuffer::new(
+                    Capacity::items(slots),
+                    seed.child_named("reservoir"),
+                )?),
                 seed.child_named("replay").rng(),
             )
         }
@@ -649,7 +652,7 @@ pub fn run(
             .get(step as usize + 1)
             .is_none_or(|b| b[0].0 != task)
             || config.method == Method::IidOnline && step as usize + 1 == batches.len();
-        if step % config.record_every.max(1) as u64 == 0 || last_of_task {
+        if step.is_multiple_of(config.record_every.max(1) as u64) || last_of_task {
             let point = match &replay {
                 Replay::None => MemoryPoint {
                     step: step + 1,
@@ -673,7 +676,7 @@ pub fn run(
             memory_curve.push(point);
         }
         if let Replay::Adaptive(memory, Some(stack)) = &replay {
-            if step % config.drift_every.max(1) as u64 == 0 || last_of_task {
+            if step.is_multiple_of(config.drift_every.max(1) as u64) || last_of_task {
                 drift.push(measure_drift(memory, stack, &sets, step + 1)?);
             }
         }

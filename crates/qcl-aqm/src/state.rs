@@ -226,12 +226,12 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
                     format!("block {b} beyond {layers} modules"),
                 ));
             }
-            if !code_rows.contains_key(&b) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = code_rows.entry(b) {
                 let t = tensor(&format!("memory.codes{b}"))?;
                 if t.dtype() != DType::U8 || t.rank() != 2 {
                     return Err(Error::bad_file(path, "code rows must be u8 [n, bytes]"));
                 }
-                code_rows.insert(b, t.to_vec2::<u8>()?.into_iter());
+                slot.insert(t.to_vec2::<u8>()?.into_iter());
             }
             let bytes = code_rows
                 .get_mut(&b)
