@@ -297,8 +297,8 @@ impl AdaptiveMemory {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `ok`/`codes` do not cover every module and row;
-    /// [`Error::InvalidParameter`] for a replayed id that is not stored, or codes whose cost
-    /// differs from the block's.
+    /// [`Error::InvalidParameter`] for codes whose cost differs from the block's. A replayed
+    /// id that is no longer stored is skipped.
     pub fn insert(
         &mut self,
         incoming: &[IncomingSample],
@@ -352,14 +352,12 @@ impl AdaptiveMemory {
                 actual: vec![s.pixels.len()],
             });
         }
-        // Where each replayed row lives now.
-        let mut replay_block = Vec::with_capacity(replayed.len());
-        for &id in replayed {
-            let (b, _) = self.locate(id).ok_or_else(|| {
-                Error::invalid_parameter("replayed", format!("{id:?} is not stored"))
-            })?;
-            replay_block.push(b);
-        }
+        // Where each replayed row lives now (`None`: evicted since it was drawn, e.g. when a
+        // freeze raised the model cost; such a row is skipped).
+        let replay_block: Vec<Option<usize>> = replayed
+            .iter()
+            .map(|&id| self.locate(id).map(|(b, _)| b))
+            .collect();
         // Incoming rows get ids in arrival order, whatever block they end in.
         let first_id = self.next_id;
         self.next_id += incoming.len() as u64;
@@ -372,8 +370,8 @@ impl AdaptiveMemory {
                 if !ok[m][row] || moved.contains(&row) {
                     continue;
                 }
-                if row >= incoming.len() && replay_block[row - incoming.len()] >= 1 {
-                    continue; // already compressed: never re-encoded (HEAD)
+                if row >= incoming.len() && replay_block[row - incoming.len()] != Some(0) {
+                    continue; // already compressed (never re-encoded, HEAD) or gone
                 }
                 let sample = StoredSample {
                     payload: Payload::Codes(codes[m][row].clone()),

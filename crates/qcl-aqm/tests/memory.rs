@@ -344,3 +344,28 @@ fn budget_errors_are_typed() {
     let c = PackedIndices::pack(&[1, 2, 3, 7, 1], &[1, 5], 8).unwrap();
     assert!(mem.insert(&[s], &[], &[vec![true]], &[vec![c]], 0).is_err());
 }
+
+#[test]
+fn a_replayed_sample_evicted_before_insertion_is_skipped() {
+    // A freeze raises the model cost between drawing the replay batch and inserting.
+    let mut mem = AdaptiveMemory::new(config(4 * IMAGE as u64 + 10, 2), 1, 10).unwrap();
+    for i in 0..4 {
+        let s = IncomingSample {
+            label: i as u32,
+            task: 0,
+            dataset_index: i,
+            pixels: vec![0; IMAGE],
+        };
+        mem.insert(&[s], &[], &[], &[], 0).unwrap();
+    }
+    let replay = mem.sample(40, 1); // one sample per class: all four come back
+    assert_eq!(replay.len(), 4);
+    mem.set_module_bits(1, 8).unwrap();
+    let evicted = mem.set_model_cost(10 + 2 * IMAGE as u64).unwrap();
+    assert_eq!(evicted.len(), 2);
+    let ids: Vec<ItemId> = replay.iter().map(|r| r.id).collect();
+    let c = PackedIndices::pack(&[1, 2, 3, 0], &[1, 4], 4).unwrap();
+    mem.insert(&[], &ids, &[vec![true; 4]], &[vec![c; 4]], 1)
+        .unwrap();
+    assert_eq!(mem.counts_per_block(), vec![0, 2]);
+}

@@ -154,7 +154,12 @@ fn module_throughput(steps: usize) -> Result<f64> {
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
         .context("loading Fashion-MNIST (run `cargo xtask data`)")?;
-    run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
+    let outcome = run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar);
+    if let Err(e) = &outcome {
+        // The harness reports failures on the progress bar, which is hidden without a terminal.
+        eprintln!("aqm: {e:#}");
+    }
+    outcome
 }
 
 /// The experiment on `data` with `settings`.
