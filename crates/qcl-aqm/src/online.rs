@@ -165,6 +165,10 @@ pub struct RunResult {
     pub loop_seconds: f64,
     /// `samples_streamed / loop_seconds`.
     pub samples_per_second: f64,
+    /// AQM only: final test accuracy per task on test images passed through the frozen
+    /// module (encode, quantize, slow decoder) — a diagnostic of the gap between the decoded
+    /// replay the classifier learns old classes from and the raw images it is tested on.
+    pub accuracy_on_reconstructions: Option<Vec<f64>>,
     /// Originals and reconstructions of stored compressed samples (u8, C·H·W each).
     #[serde(skip)]
     pub examples: Vec<(Vec<u8>, Vec<u8>)>,
@@ -736,6 +740,28 @@ pub fn run(
     if config.method != Method::Aqm {
         freeze_steps.clear();
     }
+    let accuracy_on_reconstructions = match &mut replay {
+        Replay::Adaptive(_, Some(stack)) if stack.layers().iter().all(|l| l.is_frozen()) => {
+            let deepest = stack.layers().len();
+            let mut accs = Vec::with_capacity(tests.len());
+            for test in &tests {
+                let idx: Vec<usize> = (0..test.len()).collect();
+                let mut correct = 0usize;
+                for chunk in idx.chunks(500) {
+                    let (x, y) =
+                        test.tensors_at(chunk, qcl_data::Normalization::Symmetric, &device)?;
+                    let (outs, _) = stack.forward(&x, false)?;
+                    let xr = stack.decode_codes(deepest, &outs[deepest - 1].indices)?;
+                    let pred: Vec<u32> = net.forward(&xr)?.argmax(1)?.to_vec1()?;
+                    let y: Vec<u32> = y.to_vec1()?;
+                    correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();
+                }
+                accs.push(correct as f64 / test.len().max(1) as f64);
+            }
+            Some(accs)
+        }
+        _ => None,
+    };
     let _ = DType::F32;
     Ok(RunResult {
         config: config.clone(),
@@ -752,6 +778,7 @@ pub fn run(
         samples_streamed: streamed,
         loop_seconds,
         samples_per_second: streamed as f64 / loop_seconds.max(1e-9),
+        accuracy_on_reconstructions,
         examples,
     })
 }

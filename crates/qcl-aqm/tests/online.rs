@@ -51,6 +51,9 @@ fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {
         .all(|d| d.all.is_none_or(|m| m.is_finite() && m >= 0.0)));
     assert!(a.drift.last().unwrap().samples > 0);
     assert_eq!(a.examples.len(), 4);
+    let recon = a.accuracy_on_reconstructions.as_ref().unwrap();
+    assert_eq!(recon.len(), 5);
+    assert!(recon.iter().all(|x| (0.0..=1.0).contains(x)));
     for row in 0..5 {
         for col in 0..5 {
             assert_eq!(a.accuracy[row][col].is_some(), col <= row);
@@ -71,6 +74,7 @@ fn baselines_run_and_er_holds_budget_over_image_size_slots() {
     // Class-balanced: 10 classes × 2.
     let ft = run(&s, &small(Method::FineTune, 1), None).unwrap();
     assert_eq!(ft.stored_at_end, 0);
+    assert!(ft.accuracy_on_reconstructions.is_none());
     let iid = run(&s, &small(Method::IidOnline, 1), None).unwrap();
     assert!(iid.forgetting.is_none());
     assert!((0.0..=1.0).contains(&iid.final_accuracy));

@@ -101,6 +101,8 @@ pub struct Cell {
     pub trimmed_codes: Vec<Option<usize>>,
     /// Final drift MSE per seed (AQM).
     pub final_drift: Vec<Option<f64>>,
+    /// AQM: final accuracy on test images passed through the frozen module, per seed.
+    pub accuracy_on_reconstructions: Vec<f64>,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -196,6 +198,7 @@ pub fn run_with(
             freeze_step: vec![],
             trimmed_codes: vec![],
             final_drift: vec![],
+            accuracy_on_reconstructions: vec![],
         })
         .collect();
     // Seed-0 runs kept for the curves.
@@ -231,6 +234,10 @@ pub fn run_with(
             c.trimmed_codes
                 .push(r.trimmed_codes.first().copied().flatten());
             c.final_drift.push(r.drift.last().and_then(|d| d.all));
+            if let Some(a) = &r.accuracy_on_reconstructions {
+                c.accuracy_on_reconstructions
+                    .push(a.iter().sum::<f64>() / a.len().max(1) as f64);
+            }
             if seed == settings.seeds[0] {
                 kept.push((
                     format!("{} {} {}B", method.name(), budget_name(budget), param_bytes),
@@ -312,6 +319,12 @@ pub fn run_with(
                 .map(|f| f.map_or("–".into(), |s| s.to_string()))
                 .collect::<Vec<_>>()
                 .join("/");
+            let recon = if c.accuracy_on_reconstructions.is_empty() {
+                "–".to_string()
+            } else {
+                let (m, s) = mean_std(&c.accuracy_on_reconstructions);
+                format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
+            };
             let drift: Vec<f64> = c.final_drift.iter().flatten().copied().collect();
             let drift = if drift.is_empty() {
                 "–".into()
@@ -319,7 +332,7 @@ pub fn run_with(
                 format!("{:.4}", mean_std(&drift).0)
             };
             format!(
-                "| {} | {} | {} | {:.1} ± {:.1} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+                "| {} | {} | {} | {:.1} ± {:.1} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
                 c.method,
                 c.budget,
                 if c.method == "AQM" {
@@ -329,6 +342,7 @@ pub fn run_with(
                 },
                 100.0 * a,
                 100.0 * sa,
+                recon,
                 forg,
                 st,
                 sps,
@@ -349,8 +363,12 @@ pub fn run_with(
          B20 = 156,800 B; AQM charges its autoencoder (26,033 parameters, 36,850 after freezing \
          with the slow decoder) at 1 or 4 bytes per parameter; ER-raw reservoir of ⌊budget/784⌋ \
          images; raw-AQM = the same memory without a module.\n\n\
-         | method | budget | param bytes | final accuracy % | forgetting % | stored at end | stream samples/s | freeze step | K' | final drift MSE |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
+         | method | budget | param bytes | final accuracy % | accuracy on reconstructed test images % | forgetting % | stored at end | stream samples/s | freeze step | K' | final drift MSE |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
+         *Accuracy on reconstructed test images*: the final classifier on test images passed \
+         through the frozen module (encoder, codebook, slow decoder), the kind of image it learnt \
+         earlier tasks from; a value above the final accuracy measures the gap between decoded \
+         replay and the raw test images.\n\n\
          Targets:\n\n\
          - fine-tune < ER-raw < AQM < iid-online at B50: {t1} ({ft:.1} / {er50:.1} / {aqm50:.1} / {iid:.1} %); \
          AQM − ER-raw = {margin:+.1} points.\n\
