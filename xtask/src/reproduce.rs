@@ -64,6 +64,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::vq::EXPERIMENT,
         experiments::ecvq::EXPERIMENT,
         experiments::lifequant::EXPERIMENT,
+        experiments::aqm::EXPERIMENT,
     ]
 }
 
@@ -265,7 +266,7 @@ mod tests {
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
-            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq, lifequant"),
+            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm"),
             "{report}"
         );
     }

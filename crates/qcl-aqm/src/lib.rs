@@ -1,9 +1,22 @@
 //! # qcl-aqm
 //!
-//! Online learned continual compression with adaptive quantization modules (AQM).
-//!
-//! **Status: planned** (issue #7). This crate holds no code yet; it exists so that the
-//! workspace layout and the dependency graph are visible from the start. It will provide:
-//!
-//! `QLayer` / `QStack` VQ autoencoders trained online, the adaptive replay memory held under a byte
-//! budget, and the online classification loop with drift measurement.
+//! Online learned continual compression with adaptive quantization modules (AQM; Caccia,
+//! Belilovsky, Caccia & Pineau, ICML 2020), following the project's spec: VQ autoencoder
+//! modules ([`QLayer`], [`QStack`]) trained online, an adaptive replay memory held under a
+//! byte budget ([`AdaptiveMemory`]), the online classification loop with drift measurement
+//! ([`online`]) and whole-state save/restore ([`state`]).
+
+pub mod config;
+pub mod layer;
+pub mod memory;
+pub mod nets;
+pub mod online;
+pub mod stack;
+pub mod state;
+
+pub use config::{InputKind, QLayerConfig, StackConfig};
+pub use layer::{LayerForward, LayerStats, QLayer};
+
+pub use memory::{AdaptiveMemory, IncomingSample, MemoryConfig, Payload, ReplayItem, StoredSample};
+pub use online::{Method, OnlineConfig, RunResult};
+pub use stack::{per_sample_mse, QStack, StackStep};

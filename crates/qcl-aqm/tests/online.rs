@@ -1,0 +1,93 @@
+//! The online loop on the committed Fashion-MNIST fixture (small streams).
+
+use qcl_aqm::online::{run, Method, OnlineConfig};
+use qcl_continual::{Scenario, SplitParams};
+use qcl_tensor::Error;
+
+fn scenario() -> Scenario {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/fashion-mnist.safetensors"
+    );
+    let data = qcl_data::SplitDataset::load(path).unwrap();
+    Scenario::class_incremental(&data, &SplitParams::default()).unwrap()
+}
+
+fn small(method: Method, budget: u64) -> OnlineConfig {
+    let mut c = OnlineConfig::fashion_mnist(method, budget);
+    c.samples_per_task = Some(40);
+    c.test_per_class = Some(10);
+    c.record_every = 2;
+    c.drift_every = 3;
+    c.examples = 4;
+    // Fast statistics so that the module freezes within the first task of this short stream.
+    c.stack.layers[0].stat_rate = 0.3;
+    c.stack.layers[0].ema_decoder_rate = 0.1;
+    c.stack.layers[0].recon_threshold = 1.0;
+    c
+}
+
+#[test]
+fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {
+    let s = scenario();
+    let config = small(Method::Aqm, 392_000);
+    let a = run(&s, &config, None).unwrap();
+    assert_eq!(a.samples_streamed, 5 * 40);
+    assert!(
+        a.freeze_steps[0].is_some_and(|f| f < 10),
+        "{:?}",
+        a.freeze_steps
+    );
+    let last = a.memory_curve.last().unwrap();
+    assert!(last.used_bytes <= last.capacity_bytes);
+    assert_eq!(a.model_cost_params, 36_850); // spec §11: AE + slow decoder
+    assert_eq!(last.capacity_bytes, (392_000 - 36_850) as f64);
+    // Every streamed sample fits as codes (98 B each): nothing is evicted, most are codes.
+    assert_eq!(a.stored_at_end, 200);
+    assert!(last.per_block[1] > 130, "{:?}", last.per_block);
+    assert!(a
+        .drift
+        .iter()
+        .all(|d| d.all.is_none_or(|m| m.is_finite() && m >= 0.0)));
+    assert!(a.drift.last().unwrap().samples > 0);
+    assert_eq!(a.examples.len(), 4);
+    let recon = a.accuracy_on_reconstructions.as_ref().unwrap();
+    assert_eq!(recon.len(), 5);
+    assert!(recon.iter().all(|x| (0.0..=1.0).contains(x)));
+    for row in 0..5 {
+        for col in 0..5 {
+            assert_eq!(a.accuracy[row][col].is_some(), col <= row);
+        }
+    }
+    let b = run(&s, &config, None).unwrap();
+    assert_eq!(a.accuracy, b.accuracy);
+    assert_eq!(a.memory_curve, b.memory_curve);
+}
+
+#[test]
+fn baselines_run_and_er_holds_budget_over_image_size_slots() {
+    let s = scenario();
+    let er = run(&s, &small(Method::ErRaw, 20 * 784), None).unwrap();
+    assert_eq!(er.stored_at_end, 20);
+    let raw = run(&s, &small(Method::RawAqm, 20 * 784), None).unwrap();
+    assert_eq!(raw.stored_at_end, 20);
+    // Class-balanced: 10 classes × 2.
+    let ft = run(&s, &small(Method::FineTune, 1), None).unwrap();
+    assert_eq!(ft.stored_at_end, 0);
+    assert!(ft.accuracy_on_reconstructions.is_none());
+    let iid = run(&s, &small(Method::IidOnline, 1), None).unwrap();
+    assert!(iid.forgetting.is_none());
+    assert!((0.0..=1.0).contains(&iid.final_accuracy));
+}
+
+#[test]
+fn a_budget_below_the_model_cost_is_refused() {
+    let s = scenario();
+    // B20 with 4-byte parameters leaves room; 100 kB with 4-byte parameters does not.
+    let mut c = small(Method::Aqm, 100_000);
+    c.param_bytes = 4;
+    assert!(matches!(
+        run(&s, &c, None),
+        Err(Error::InvalidParameter { .. })
+    ));
+}
