@@ -11,9 +11,9 @@ use crate::model::Model;
 /// The quantized values of one channel: nearest of `2^bits` levels on `[−s, s]`.
 ///
 /// ```
-/// let q = qcl_wpq::baseline::quantize_channel(&[0.9, -0.3, 0.1, -0.9], 2);
-/// // Levels −0.9, −0.3, 0.3, 0.9.
-/// assert_eq!(q, vec![0.9, -0.3, 0.3, -0.9]);
+/// let q = qcl_wpq::baseline::quantize_channel(&[0.75, -0.25, 0.1, -0.75], 2);
+/// // Levels −0.75, −0.25, 0.25, 0.75.
+/// assert_eq!(q, vec![0.75, -0.25, 0.25, -0.75]);
 /// ```
 pub fn quantize_channel(values: &[f32], bits: u32) -> Vec<f32> {
     let s = values.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -37,7 +37,10 @@ pub fn quantize_channel(values: &[f32], bits: u32) -> Vec<f32> {
 /// [`Error::InvalidParameter`] for `bits` outside `1..=16`.
 pub fn uniform_quantize(model: &Model, bits: u32) -> Result<Model> {
     if !(1..=16).contains(&bits) {
-        return Err(Error::invalid_parameter("bits", format!("must be in 1..=16, got {bits}")));
+        return Err(Error::invalid_parameter(
+            "bits",
+            format!("must be in 1..=16, got {bits}"),
+        ));
     }
     let out = model.deep_copy()?;
     for layer in model.arch().layers().iter().filter(|l| l.quantized) {

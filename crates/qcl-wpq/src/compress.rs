@@ -130,7 +130,10 @@ impl CompressConfig {
             ("weight_decay", self.weight_decay),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::invalid_parameter(name, format!("must be finite and >= 0, got {v}")));
+                return Err(Error::invalid_parameter(
+                    name,
+                    format!("must be finite and >= 0, got {v}"),
+                ));
             }
         }
         if self.per_slab_codebooks && self.layout != Layout::ChannelMajor {
@@ -342,7 +345,12 @@ impl CentroidSgd {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a centroid without members or a negative rate.
-    pub fn new(counts: Option<&[usize]>, lr: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
+    pub fn new(
+        counts: Option<&[usize]>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
         if !(lr >= 0.0 && momentum >= 0.0 && weight_decay >= 0.0) {
             return Err(Error::invalid_parameter("lr", "rates must be >= 0"));
         }
@@ -424,12 +432,17 @@ impl<'a> BatchStream<'a> {
     fn next_batch(&mut self) -> Result<(Tensor, Tensor)> {
         if self.next + self.batch > self.order.len() {
             self.epoch += 1;
-            self.order = self.seed.child(self.epoch).rng().permutation(self.data.len());
+            self.order = self
+                .seed
+                .child(self.epoch)
+                .rng()
+                .permutation(self.data.len());
             self.next = 0;
         }
         let idx = &self.order[self.next..self.next + self.batch];
         self.next += self.batch;
-        self.data.tensors_at(idx, FMNIST_NORMALIZATION, &Device::Cpu)
+        self.data
+            .tensors_at(idx, FMNIST_NORMALIZATION, &Device::Cpu)
     }
 }
 
@@ -582,7 +595,10 @@ pub struct CompressOutcome {
 fn snapshot(student: &Model, layers: &[QuantizedLayer]) -> Result<CompressedModel> {
     let mut layers = layers.to_vec();
     layers.iter_mut().for_each(QuantizedLayer::round_to_f16);
-    let names: Vec<String> = layers.iter().map(|l| format!("{}.weight", l.name)).collect();
+    let names: Vec<String> = layers
+        .iter()
+        .map(|l| format!("{}.weight", l.name))
+        .collect();
     let floats = student
         .tensors()
         .into_iter()
@@ -676,7 +692,10 @@ fn finetune(
         let mut overrides = BTreeMap::new();
         for (i, var, _) in &codebooks {
             let l = &layers[*i];
-            overrides.insert(format!("{}.weight", l.name), l.decode_tensor(var.as_tensor())?);
+            overrides.insert(
+                format!("{}.weight", l.name),
+                l.decode_tensor(var.as_tensor())?,
+            );
         }
         for (name, var, _) in &bias_vars {
             overrides.insert(name.clone(), var.as_tensor().clone());
@@ -744,7 +763,12 @@ pub fn compress(
     } else {
         teacher.deep_copy()?
     };
-    let specs: Vec<LayerSpec> = student.arch().layers().into_iter().filter(|l| l.quantized).collect();
+    let specs: Vec<LayerSpec> = student
+        .arch()
+        .layers()
+        .into_iter()
+        .filter(|l| l.quantized)
+        .collect();
     let plans = specs
         .iter()
         .map(|s| cfg.layer_plan(s))
@@ -753,7 +777,11 @@ pub fn compress(
     if n_act == 0 {
         return Err(Error::EmptyInput("no training images".into()));
     }
-    let act_idx: Vec<usize> = seed.child_named("activations").rng().permutation(train.len())[..n_act].to_vec();
+    let act_idx: Vec<usize> = seed
+        .child_named("activations")
+        .rng()
+        .permutation(train.len())[..n_act]
+        .to_vec();
     let (act_images, _) = train.tensors_at(&act_idx, FMNIST_NORMALIZATION, &Device::Cpu)?;
     let mut stream = BatchStream::new(train, cfg.batch_size, seed.child_named("distillation"))?;
     let train_bn = student.arch().has_bn();
@@ -808,7 +836,8 @@ pub fn compress(
             centroids: em.centroids,
             assignments: em.assignments,
         };
-        let decoded = Tensor::from_vec(layer.decode()?, geometry.kind.weight_shape(), &Device::Cpu)?;
+        let decoded =
+            Tensor::from_vec(layer.decode()?, geometry.kind.weight_shape(), &Device::Cpu)?;
         student.set(&weight_name, &decoded)?;
         let error_em = inputs.output_error(&reference, &decoded)?;
         layers.push(layer);

@@ -64,7 +64,10 @@ impl QuantizedLayer {
         if let Some(i) = self.assignments.iter().position(|&a| a as usize >= self.k) {
             return Err(Error::CorruptStream {
                 context: format!("assignments of {}", self.name),
-                reason: format!("index {} at {i} is not below K = {}", self.assignments[i], self.k),
+                reason: format!(
+                    "index {} at {i} is not below K = {}",
+                    self.assignments[i], self.k
+                ),
             });
         }
         Ok(())
@@ -90,7 +93,11 @@ impl QuantizedLayer {
         let sub: Vec<f32> = self
             .global_codes()
             .iter()
-            .flat_map(|&c| self.centroids[c as usize * d..(c as usize + 1) * d].iter().copied())
+            .flat_map(|&c| {
+                self.centroids[c as usize * d..(c as usize + 1) * d]
+                    .iter()
+                    .copied()
+            })
             .collect();
         self.geometry.roll(&sub)
     }
@@ -179,7 +186,10 @@ pub fn size_report(
         .iter()
         .map(|&(n_sv, k, _, _)| n_sv as f64 * (k as f64).log2() / 8.0)
         .sum();
-    let codebooks: f64 = layers.iter().map(|&(_, k, d, g)| (k * d * 2 * g) as f64).sum();
+    let codebooks: f64 = layers
+        .iter()
+        .map(|&(_, k, d, g)| (k * d * 2 * g) as f64)
+        .sum();
     let other = 4.0 * float_params as f64;
     let total = index + codebooks + other;
     SizeReport {
@@ -240,7 +250,11 @@ impl CompressedModel {
             .iter()
             .map(|l| (l.geometry.n_subvectors(), l.k, l.geometry.block, l.n_groups))
             .collect();
-        size_report(4.0 * uncompressed_params as f64, &layers, self.float_params())
+        size_report(
+            4.0 * uncompressed_params as f64,
+            &layers,
+            self.float_params(),
+        )
     }
 
     /// Writes the file atomically and returns its size in bytes. Centroids are stored as fp16
@@ -337,7 +351,9 @@ impl CompressedModel {
             }
         }
         let metas: Vec<LayerMeta> = serde_json::from_str(
-            file.metadata().get("layers").ok_or_else(|| bad("no `layers` metadata".into()))?,
+            file.metadata()
+                .get("layers")
+                .ok_or_else(|| bad("no `layers` metadata".into()))?,
         )
         .map_err(|e| bad(format!("foreign `layers` metadata: {e}")))?;
         let read = |name: &str, dtype: DType| -> Result<Tensor> {
@@ -374,11 +390,18 @@ impl CompressedModel {
                 .layers()
                 .into_iter()
                 .find(|l| l.name == name && l.quantized)
-                .ok_or_else(|| bad(format!("layer `{name}` is not a quantized layer of `{}`", arch.name())))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "layer `{name}` is not a quantized layer of `{}`",
+                        arch.name()
+                    ))
+                })?;
             let geometry = LayerGeometry::new(spec.kind, layout, block)
                 .map_err(|e| bad(format!("layer `{name}`: {e}")))?;
             if k == 0 || n_groups == 0 || n_groups != geometry.groups(n_groups > 1).0 {
-                return Err(bad(format!("layer `{name}`: inconsistent K or codebook count")));
+                return Err(bad(format!(
+                    "layer `{name}`: inconsistent K or codebook count"
+                )));
             }
             let bits = index_bits(k);
             let n_cb = n_groups * k * block;
@@ -396,8 +419,12 @@ impl CompressedModel {
                     assign.len()
                 )));
             }
-            let packed =
-                PackedCodes::from_bytes(assign[as_offset..as_offset + n_bytes].to_vec(), 1, n_sv, bits)?;
+            let packed = PackedCodes::from_bytes(
+                assign[as_offset..as_offset + n_bytes].to_vec(),
+                1,
+                n_sv,
+                bits,
+            )?;
             as_offset += n_bytes;
             let layer = QuantizedLayer {
                 name,

@@ -156,7 +156,10 @@ pub fn activation_aware_em(
     if d == 0 || !subvectors.len().is_multiple_of(d) {
         return Err(Error::invalid_parameter(
             "block",
-            format!("{} values are not whole subvectors of {d}", subvectors.len()),
+            format!(
+                "{} values are not whole subvectors of {d}",
+                subvectors.len()
+            ),
         ));
     }
     qcl_tensor::check_finite_slice("subvectors", subvectors)?;
@@ -245,7 +248,6 @@ pub fn activation_aware_em(
             let codebook = &mut centroids[g * k * d..(g + 1) * k * d];
             let points_t = metric.transform(&group_points[g]);
             let (assign, fixed) = e_step_with_repair(
-                &group_points[g],
                 &points_t,
                 codebook,
                 &metric,
@@ -296,7 +298,6 @@ pub fn e_step(points_t: &[f32], codebook: &[f32], metric: &Metric, d: usize) -> 
 }
 
 fn e_step_with_repair(
-    points: &[f32],
     points_t: &[f32],
     codebook: &mut [f32],
     metric: &Metric,
@@ -316,7 +317,9 @@ fn e_step_with_repair(
             break;
         }
         let target = empty[rng.below(empty.len())?];
-        let fullest = (0..k).max_by_key(|&c| (counts[c], std::cmp::Reverse(c))).unwrap_or(0);
+        let fullest = (0..k)
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+            .unwrap_or(0);
         let largest = codebook[fullest * d..(fullest + 1) * d]
             .iter()
             .fold(0f32, |m, v| m.max(v.abs()));
@@ -330,7 +333,6 @@ fn e_step_with_repair(
         repairs += 1;
         assign = e_step(points_t, codebook, metric, d)?;
     }
-    let _ = points;
     Ok((assign, repairs))
 }
 

@@ -107,7 +107,10 @@ impl LayerGeometry {
         if o == 0 || c == 0 || kh == 0 || kw == 0 {
             return Err(Error::invalid_parameter(
                 "layer",
-                format!("every dimension must be positive, got {:?}", kind.weight_shape()),
+                format!(
+                    "every dimension must be positive, got {:?}",
+                    kind.weight_shape()
+                ),
             ));
         }
         let d_in = c * kh * kw;
@@ -201,7 +204,11 @@ impl LayerGeometry {
         if len != self.n_weights() {
             return Err(Error::ShapeMismatch {
                 context: what.into(),
-                expected: format!("{:?} ({} values)", self.kind.weight_shape(), self.n_weights()),
+                expected: format!(
+                    "{:?} ({} values)",
+                    self.kind.weight_shape(),
+                    self.n_weights()
+                ),
                 actual: vec![len],
             });
         }

@@ -66,9 +66,9 @@ impl Metric {
             });
         }
         let g = faer::Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (gram[i * d + j] + gram[j * d + i]));
-        let eig = g
-            .self_adjoint_eigen(faer::Side::Lower)
-            .map_err(|e| Error::invalid_parameter("gram", format!("no eigendecomposition: {e:?}")))?;
+        let eig = g.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
+            Error::invalid_parameter("gram", format!("no eigendecomposition: {e:?}"))
+        })?;
         let values: Vec<f64> = (0..d).map(|i| eig.S().column_vector()[i]).collect();
         let vectors = eig.U();
         let max = values.iter().cloned().fold(0f64, f64::max);
@@ -137,7 +137,11 @@ impl Metric {
     /// `(u − c)ᵀ G (u − c)` in f64.
     pub fn distance(&self, u: &[f32], c: &[f32]) -> f64 {
         let d = self.d;
-        let diff: Vec<f64> = u.iter().zip(c).map(|(a, b)| f64::from(*a) - f64::from(*b)).collect();
+        let diff: Vec<f64> = u
+            .iter()
+            .zip(c)
+            .map(|(a, b)| f64::from(*a) - f64::from(*b))
+            .collect();
         let mut total = 0.0;
         for i in 0..d {
             for j in 0..d {

@@ -124,7 +124,11 @@ impl Arch {
         let mut specs = Vec::new();
         for layer in self.layers() {
             let out = layer.kind.weight_shape()[0];
-            specs.push((format!("{}.weight", layer.name), layer.kind.weight_shape(), true));
+            specs.push((
+                format!("{}.weight", layer.name),
+                layer.kind.weight_shape(),
+                true,
+            ));
             let is_conv = matches!(layer.kind, LayerKind::Conv { .. });
             if is_conv && self.has_bn() {
                 for (n, p) in [
@@ -213,7 +217,10 @@ impl Model {
             } else {
                 vec![0.0; n]
             };
-            tensors.insert(name, Var::from_tensor(&Tensor::from_vec(values, shape, &dev)?)?);
+            tensors.insert(
+                name,
+                Var::from_tensor(&Tensor::from_vec(values, shape, &dev)?)?,
+            );
         }
         Ok(Model { arch, tensors })
     }
@@ -229,7 +236,10 @@ impl Model {
             let t = values.remove(&name).ok_or_else(|| {
                 Error::invalid_parameter(
                     "arch",
-                    format!("architecture mismatch: `{}` needs tensor `{name}`", arch.name()),
+                    format!(
+                        "architecture mismatch: `{}` needs tensor `{name}`",
+                        arch.name()
+                    ),
                 )
             })?;
             if t.dims() != shape.as_slice() {
@@ -247,7 +257,10 @@ impl Model {
         if let Some(extra) = values.keys().next() {
             return Err(Error::invalid_parameter(
                 "arch",
-                format!("architecture mismatch: `{}` has no tensor `{extra}`", arch.name()),
+                format!(
+                    "architecture mismatch: `{}` has no tensor `{extra}`",
+                    arch.name()
+                ),
             ));
         }
         Ok(Model { arch, tensors })
@@ -419,10 +432,17 @@ impl Model {
                 LayerKind::Conv { c_out, .. } => {
                     let pre = format!("{}.bn", layer.name);
                     let v = |n: &str| -> Result<Vec<f32>> {
-                        Ok(self.var(&format!("{pre}.{n}"))?.as_tensor().to_vec1::<f32>()?)
+                        Ok(self
+                            .var(&format!("{pre}.{n}"))?
+                            .as_tensor()
+                            .to_vec1::<f32>()?)
                     };
-                    let (gamma, beta, mean, var) =
-                        (v("weight")?, v("bias")?, v("running_mean")?, v("running_var")?);
+                    let (gamma, beta, mean, var) = (
+                        v("weight")?,
+                        v("bias")?,
+                        v("running_mean")?,
+                        v("running_var")?,
+                    );
                     let scale: Vec<f64> = gamma
                         .iter()
                         .zip(&var)

@@ -16,7 +16,10 @@ use qcl_wpq::{
 };
 
 fn fixture() -> SplitDataset {
-    SplitDataset::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fashion-mnist.safetensors")).unwrap()
+    SplitDataset::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fashion-mnist.safetensors"),
+    )
+    .unwrap()
 }
 
 fn smoke_config() -> CompressConfig {
@@ -33,21 +36,46 @@ fn smoke_config() -> CompressConfig {
 }
 
 fn teacher(data: &SplitDataset, arch: Arch) -> Model {
-    let cfg = TeacherConfig { arch, epochs: 1, batch_size: 64, train_images: Some(512), ..Default::default() };
+    let cfg = TeacherConfig {
+        arch,
+        epochs: 1,
+        batch_size: 64,
+        train_images: Some(512),
+        ..Default::default()
+    };
     train_teacher(&cfg, &data.train, &ProgressBar::hidden()).unwrap()
 }
 
 fn logits(model: &Model, data: &SplitDataset) -> Vec<u32> {
-    let (x, _) = data.test.tensors_at(&(0..64).collect::<Vec<_>>(), FMNIST_NORMALIZATION, &Device::Cpu).unwrap();
+    let (x, _) = data
+        .test
+        .tensors_at(
+            &(0..64).collect::<Vec<_>>(),
+            FMNIST_NORMALIZATION,
+            &Device::Cpu,
+        )
+        .unwrap();
     let out = model.forward(&x, ForwardOptions::default()).unwrap().logits;
-    out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    out.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 #[test]
 fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
     let data = fixture();
     let teacher = teacher(&data, Arch::FmNet);
-    let out = compress(&teacher, &data.train, &smoke_config(), &ProgressBar::hidden()).unwrap();
+    let out = compress(
+        &teacher,
+        &data.train,
+        &smoke_config(),
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     assert_eq!(out.layers.len(), 6);
     for l in &out.layers {
         assert_eq!(l.em_objective.len(), 4);
@@ -64,9 +92,18 @@ fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
     let bytes = out.compressed.save(&path).unwrap();
     assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
     // The file is the ideal size plus a small header.
-    assert!(bytes as f64 >= size.total && (bytes as f64) < size.total + 1024.0, "{bytes} vs {}", size.total);
+    assert!(
+        bytes as f64 >= size.total && (bytes as f64) < size.total + 1024.0,
+        "{bytes} vs {}",
+        size.total
+    );
     let file = SafetensorsFile::open(&path).unwrap();
-    let packed: usize = out.compressed.layers.iter().map(|l| (l.assignments.len() * index_bits(l.k) as usize).div_ceil(8)).sum();
+    let packed: usize = out
+        .compressed
+        .layers
+        .iter()
+        .map(|l| (l.assignments.len() * index_bits(l.k) as usize).div_ceil(8))
+        .sum();
     assert_eq!(file.info("assignments").unwrap().shape, vec![packed]);
     assert_eq!(file.info("codebooks").unwrap().dtype, DType::F16);
 
@@ -85,7 +122,11 @@ fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
 fn compression_is_deterministic_and_naive_differs() {
     let data = fixture();
     let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();
-    let cfg = CompressConfig { layer_steps: 0, global_steps: 1, ..smoke_config() };
+    let cfg = CompressConfig {
+        layer_steps: 0,
+        global_steps: 1,
+        ..smoke_config()
+    };
     let a = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
     let b = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
     for (x, y) in a.compressed.layers.iter().zip(&b.compressed.layers) {
@@ -95,33 +136,78 @@ fn compression_is_deterministic_and_naive_differs() {
     let acc_a = evaluate(&a.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
     let acc_b = evaluate(&b.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
     assert_eq!(acc_a, acc_b);
-    let naive = compress(&teacher, &data.train, &CompressConfig { objective: Objective::Naive, ..cfg }, &ProgressBar::hidden()).unwrap();
-    assert_ne!(naive.compressed.layers[0].assignments, a.compressed.layers[0].assignments);
+    let naive = compress(
+        &teacher,
+        &data.train,
+        &CompressConfig {
+            objective: Objective::Naive,
+            ..cfg
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_ne!(
+        naive.compressed.layers[0].assignments,
+        a.compressed.layers[0].assignments
+    );
 }
 
 #[test]
 fn fork_variants_run_and_keep_their_layouts() {
     let data = fixture();
     let bn = Model::new(Arch::FmNetBn, Seed::new(6)).unwrap();
-    let fused = compress(&bn, &data.train, &CompressConfig { fuse_bn: true, ..smoke_config() }, &ProgressBar::hidden()).unwrap();
+    let fused = compress(
+        &bn,
+        &data.train,
+        &CompressConfig {
+            fuse_bn: true,
+            ..smoke_config()
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     assert_eq!(fused.compressed.arch, Arch::FmNet);
     // Fusion fine-tunes the biases.
-    let before = bn.fold_batch_norm().unwrap().tensors()["conv1.bias"].to_vec1::<f32>().unwrap();
-    let after = fused.compressed.floats["conv1.bias"].to_vec1::<f32>().unwrap();
+    let before = bn.fold_batch_norm().unwrap().tensors()["conv1.bias"]
+        .to_vec1::<f32>()
+        .unwrap();
+    let after = fused.compressed.floats["conv1.bias"]
+        .to_vec1::<f32>()
+        .unwrap();
     assert_ne!(before, after);
     let teacher = Model::new(Arch::FmNet, Seed::new(6)).unwrap();
-    let change = CompressConfig { layout: Layout::ChannelMajor, block_conv: 8, ..smoke_config() };
+    let change = CompressConfig {
+        layout: Layout::ChannelMajor,
+        block_conv: 8,
+        ..smoke_config()
+    };
     let out = compress(&teacher, &data.train, &change, &ProgressBar::hidden()).unwrap();
-    assert!(out.compressed.layers.iter().all(|l| l.geometry.layout == Layout::ChannelMajor));
-    let sub = CompressConfig { per_slab_codebooks: true, ..change };
+    assert!(out
+        .compressed
+        .layers
+        .iter()
+        .all(|l| l.geometry.layout == Layout::ChannelMajor));
+    let sub = CompressConfig {
+        per_slab_codebooks: true,
+        ..change
+    };
     let out = compress(&teacher, &data.train, &sub, &ProgressBar::hidden()).unwrap();
     // conv1: 16 input channels in blocks of 8 → 2 codebooks of K/d = 8 centroids.
-    assert_eq!((out.compressed.layers[0].n_groups, out.compressed.layers[0].k), (2, 8));
+    assert_eq!(
+        (
+            out.compressed.layers[0].n_groups,
+            out.compressed.layers[0].k
+        ),
+        (2, 8)
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.safetensors");
     out.compressed.save(&path).unwrap();
     let back = CompressedModel::load(&path, None).unwrap();
-    assert_eq!(back.layers[0].decode().unwrap(), out.compressed.layers[0].decode().unwrap());
+    assert_eq!(
+        back.layers[0].decode().unwrap(),
+        out.compressed.layers[0].decode().unwrap()
+    );
 }
 
 #[test]
@@ -130,7 +216,11 @@ fn uniform_baseline_sizes_match_the_spec() {
     assert!((uniform_size(&model, 4).ratio - 7.43).abs() < 0.01);
     assert!((uniform_size(&model, 2).ratio - 13.80).abs() < 0.01);
     let q = uniform_quantize(&model, 2).unwrap();
-    let w = q.tensors()["conv2.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = q.tensors()["conv2.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for channel in w.chunks_exact(32 * 9) {
         let mut levels: Vec<u32> = channel.iter().map(|v| v.to_bits()).collect();
         levels.sort();
@@ -141,9 +231,17 @@ fn uniform_baseline_sizes_match_the_spec() {
 }
 
 /// Writes a compressed file with its tensors and metadata replaced, for the error tests.
-fn rewrite(src: &Path, dst: &PathBuf, edit: impl FnOnce(&mut BTreeMap<String, Tensor>, &mut BTreeMap<String, String>)) {
+fn rewrite(
+    src: &Path,
+    dst: &PathBuf,
+    edit: impl FnOnce(&mut BTreeMap<String, Tensor>, &mut BTreeMap<String, String>),
+) {
     let file = SafetensorsFile::open(src).unwrap();
-    let mut tensors: BTreeMap<String, Tensor> = file.names().iter().map(|n| (n.clone(), file.tensor(n, &Device::Cpu).unwrap())).collect();
+    let mut tensors: BTreeMap<String, Tensor> = file
+        .names()
+        .iter()
+        .map(|n| (n.clone(), file.tensor(n, &Device::Cpu).unwrap()))
+        .collect();
     let mut meta = file.metadata().clone();
     edit(&mut tensors, &mut meta);
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -154,7 +252,12 @@ fn rewrite(src: &Path, dst: &PathBuf, edit: impl FnOnce(&mut BTreeMap<String, Te
 fn bad_files_are_typed_errors() {
     let data = fixture();
     let teacher = Model::new(Arch::FmNet, Seed::new(7)).unwrap();
-    let cfg = CompressConfig { layer_steps: 0, global_steps: 0, em_iterations: 1, ..smoke_config() };
+    let cfg = CompressConfig {
+        layer_steps: 0,
+        global_steps: 0,
+        em_iterations: 1,
+        ..smoke_config()
+    };
     let out = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.safetensors");
@@ -170,10 +273,16 @@ fn bad_files_are_typed_errors() {
     // Missing layer.
     rewrite(&good, &bad, |_, meta| {
         let layers: Vec<serde_json::Value> = serde_json::from_str(&meta["layers"]).unwrap();
-        meta.insert("layers".into(), serde_json::to_string(&layers[..5]).unwrap());
+        meta.insert(
+            "layers".into(),
+            serde_json::to_string(&layers[..5]).unwrap(),
+        );
     });
     let err = CompressedModel::load(&bad, None).unwrap_err();
-    assert!(err.to_string().contains("missing quantized layer `fc`"), "{err}");
+    assert!(
+        err.to_string().contains("missing quantized layer `fc`"),
+        "{err}"
+    );
 
     // Foreign metadata.
     rewrite(&good, &bad, |_, meta| {
@@ -185,7 +294,10 @@ fn bad_files_are_typed_errors() {
     rewrite(&good, &bad, |_, meta| {
         meta.insert("format".into(), "something-else/1".into());
     });
-    assert!(CompressedModel::load(&bad, None).unwrap_err().to_string().contains(COMPRESSED_FORMAT));
+    assert!(CompressedModel::load(&bad, None)
+        .unwrap_err()
+        .to_string()
+        .contains(COMPRESSED_FORMAT));
 
     // Truncated assignments.
     rewrite(&good, &bad, |tensors, _| {

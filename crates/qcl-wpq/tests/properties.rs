@@ -11,7 +11,13 @@ use qcl_wpq::{
 };
 
 fn geometry_strategy() -> impl Strategy<Value = (LayerGeometry, Vec<f32>)> {
-    (1usize..5, 1usize..4, prop::sample::select(vec![1usize, 3]), any::<bool>(), any::<bool>())
+    (
+        1usize..5,
+        1usize..4,
+        prop::sample::select(vec![1usize, 3]),
+        any::<bool>(),
+        any::<bool>(),
+    )
         .prop_flat_map(|(o, c_mult, k, linear, channel_major)| {
             let c_in = 4 * c_mult;
             let kind = if linear {
@@ -170,9 +176,26 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
     };
     let target = Tensor::new(&[0.3f32, -0.2, 0.5, 0.1, 0.9, -0.4, 0.2, 0.7], &Device::Cpu).unwrap();
     // Dense gradient of sum((W x)^2) w.r.t. W.
-    let w_dense = Var::from_tensor(&Tensor::from_vec(layer.decode().unwrap(), (3, 8), &Device::Cpu).unwrap()).unwrap();
-    let loss = w_dense.as_tensor().matmul(&target.reshape((8, 1)).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
-    let dense: Vec<f32> = loss.backward().unwrap().get(w_dense.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let w_dense =
+        Var::from_tensor(&Tensor::from_vec(layer.decode().unwrap(), (3, 8), &Device::Cpu).unwrap())
+            .unwrap();
+    let loss = w_dense
+        .as_tensor()
+        .matmul(&target.reshape((8, 1)).unwrap())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let dense: Vec<f32> = loss
+        .backward()
+        .unwrap()
+        .get(w_dense.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let sub = g.unroll(&dense).unwrap();
     let mut mean = vec![0f32; 8];
     let counts = layer.cluster_sizes();
@@ -181,15 +204,26 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
             mean[a as usize * 4 + t] += sub[j * 4 + t] / counts[a as usize] as f32;
         }
     }
-    let c = Var::from_tensor(&Tensor::from_vec(layer.centroids.clone(), (2, 4), &Device::Cpu).unwrap()).unwrap();
+    let c =
+        Var::from_tensor(&Tensor::from_vec(layer.centroids.clone(), (2, 4), &Device::Cpu).unwrap())
+            .unwrap();
     let w = layer.decode_tensor(c.as_tensor()).unwrap();
-    let loss = w.matmul(&target.reshape((8, 1)).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let loss = w
+        .matmul(&target.reshape((8, 1)).unwrap())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grad = loss.backward().unwrap().get(c.as_tensor()).unwrap().clone();
     let mut opt = CentroidSgd::new(Some(&counts), 1.0, 0.0, 0.0).unwrap();
     opt.step(&c, &grad).unwrap();
     let moved: Vec<f32> = c.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     for i in 0..8 {
-        assert!((layer.centroids[i] - moved[i] - mean[i]).abs() < 1e-5, "{i}: {moved:?} vs {mean:?}");
+        assert!(
+            (layer.centroids[i] - moved[i] - mean[i]).abs() < 1e-5,
+            "{i}: {moved:?} vs {mean:?}"
+        );
     }
 }
 
@@ -202,13 +236,31 @@ fn m_step_mean_and_null_space() {
     let points = rng.normal_vec(40 * d, 0.0, 1.0);
     let full = rng.normal_vec(10 * d, 0.0, 1.0);
     let metric = Metric::from_gram(&pooled_gram(&full, d, d).unwrap(), d).unwrap();
-    let out = activation_aware_em(&points, d, &[0; 40], 1, None, MetricSource::Fixed(&metric),
-        EmParams { k: 4, iterations: 1, seed: Seed::new(1), ..Default::default() }).unwrap();
+    let out = activation_aware_em(
+        &points,
+        d,
+        &[0; 40],
+        1,
+        None,
+        MetricSource::Fixed(&metric),
+        EmParams {
+            k: 4,
+            iterations: 1,
+            seed: Seed::new(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // The EM's last step is an M-step on its last assignments: recompute the means.
     let assign = e_step(&metric.transform(&points), &out.centroids, &metric, d).unwrap();
     let _ = assign;
     for c in 0..4 {
-        let members: Vec<&[f32]> = points.chunks_exact(d).zip(&out.assignments).filter(|(_, &a)| a as usize == c).map(|(p, _)| p).collect();
+        let members: Vec<&[f32]> = points
+            .chunks_exact(d)
+            .zip(&out.assignments)
+            .filter(|(_, &a)| a as usize == c)
+            .map(|(p, _)| p)
+            .collect();
         assert!(!members.is_empty());
         for t in 0..d {
             let mean = members.iter().map(|p| f64::from(p[t])).sum::<f64>() / members.len() as f64;
@@ -219,8 +271,21 @@ fn m_step_mean_and_null_space() {
     let mut x = rng.normal_vec(10 * d, 0.0, 1.0);
     x.chunks_exact_mut(d).for_each(|r| r[2] = 0.0);
     let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
-    let out = activation_aware_em(&points, d, &[0; 40], 1, None, MetricSource::Fixed(&metric),
-        EmParams { k: 4, iterations: 2, seed: Seed::new(1), ..Default::default() }).unwrap();
+    let out = activation_aware_em(
+        &points,
+        d,
+        &[0; 40],
+        1,
+        None,
+        MetricSource::Fixed(&metric),
+        EmParams {
+            k: 4,
+            iterations: 2,
+            seed: Seed::new(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for c in 0..4 {
         assert!(out.centroids[c * d + 2].abs() < 1e-6, "{:?}", out.centroids);
     }
@@ -235,18 +300,42 @@ fn em_fixed_point() {
     let mut rng = Seed::new(9).rng();
     let codebook = rng.normal_vec(k * d, 0.0, 1.0);
     let assign: Vec<u32> = (0..64).map(|j| (j % k) as u32).collect();
-    let points: Vec<f32> = assign.iter().flat_map(|&a| codebook[a as usize * d..(a as usize + 1) * d].to_vec()).collect();
+    let points: Vec<f32> = assign
+        .iter()
+        .flat_map(|&a| codebook[a as usize * d..(a as usize + 1) * d].to_vec())
+        .collect();
     for s in 0..3 {
         let x = Seed::new(s).rng().normal_vec(16 * d, 0.0, 2.0);
         let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
-        let out = activation_aware_em(&points, d, &[0; 64], 1, Some(&codebook), MetricSource::Fixed(&metric),
-            EmParams { k, iterations: 3, ..Default::default() }).unwrap();
+        let out = activation_aware_em(
+            &points,
+            d,
+            &[0; 64],
+            1,
+            Some(&codebook),
+            MetricSource::Fixed(&metric),
+            EmParams {
+                k,
+                iterations: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(out.assignments, assign);
         for (a, b) in out.centroids.iter().zip(&codebook) {
             assert!((a - b).abs() < 1e-6);
         }
         assert!(*out.objective.last().unwrap() < 1e-10);
-        assert!(surrogate_objective(&points, &out.centroids, &out.assignments, &[0; 64], k, &metric) < 1e-10);
+        assert!(
+            surrogate_objective(
+                &points,
+                &out.centroids,
+                &out.assignments,
+                &[0; 64],
+                k,
+                &metric
+            ) < 1e-10
+        );
     }
 }
 
@@ -273,15 +362,42 @@ fn resnet18_golden_ratios() {
         let mut layers = Vec::new();
         for &(c_in, c_out, k) in &convs {
             let d = if k == 3 { cv } else { 4 };
-            let g = LayerGeometry::new(LayerKind::Conv { c_out, c_in, kh: k, kw: k }, Layout::Spatial, d).unwrap();
+            let g = LayerGeometry::new(
+                LayerKind::Conv {
+                    c_out,
+                    c_in,
+                    kh: k,
+                    kw: k,
+                },
+                Layout::Spatial,
+                d,
+            )
+            .unwrap();
             let kk = clamp_centroids(256, g.n_subvectors()).unwrap();
             layers.push((g.n_subvectors(), kk, d, 1));
         }
-        let fc = LayerGeometry::new(LayerKind::Linear { out: 1000, inp: 512 }, Layout::Spatial, 4).unwrap();
-        layers.push((fc.n_subvectors(), clamp_centroids(2048, fc.n_subvectors()).unwrap(), 4, 1));
+        let fc = LayerGeometry::new(
+            LayerKind::Linear {
+                out: 1000,
+                inp: 512,
+            },
+            Layout::Spatial,
+            4,
+        )
+        .unwrap();
+        layers.push((
+            fc.n_subvectors(),
+            clamp_centroids(2048, fc.n_subvectors()).unwrap(),
+            4,
+            1,
+        ));
         let r = size_report(4.0 * total_params as f64, &layers, total_params - quantized);
         assert!((r.ratio - expected_ratio).abs() < 0.05, "{cv}: {}", r.ratio);
-        assert!((r.total / mb - expected_mb).abs() < 5e-4, "{cv}: {}", r.total / mb);
+        assert!(
+            (r.total / mb - expected_mb).abs() < 5e-4,
+            "{cv}: {}",
+            r.total / mb
+        );
     }
 }
 
@@ -291,28 +407,57 @@ fn im2col_identity() {
     let mut rng = Seed::new(3).rng();
     for layout in [Layout::Spatial, Layout::ChannelMajor] {
         for (k, pad) in [(3usize, 1usize), (3, 0), (1, 0)] {
-            let kind = LayerKind::Conv { c_out: 5, c_in: 4, kh: k, kw: k };
+            let kind = LayerKind::Conv {
+                c_out: 5,
+                c_in: 4,
+                kh: k,
+                kw: k,
+            };
             let g = LayerGeometry::new(kind, layout, 4).unwrap();
-            let x = rng.normal_tensor((2, 4, 6, 5), 0.0, 1.0, &Device::Cpu).unwrap();
+            let x = rng
+                .normal_tensor((2, 4, 6, 5), 0.0, 1.0, &Device::Cpu)
+                .unwrap();
             let w = rng.normal_vec(g.n_weights(), 0.0, 1.0);
             let wt = Tensor::from_vec(w.clone(), kind.weight_shape(), &Device::Cpu).unwrap();
-            let y = qcl_nn::ops::conv2d(&x, &wt, qcl_nn::ops::Conv2dParams { padding: pad, ..Default::default() }).unwrap();
+            let y = qcl_nn::ops::conv2d(
+                &x,
+                &wt,
+                qcl_nn::ops::Conv2dParams {
+                    padding: pad,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let inputs = LayerInputs::new(g.clone(), pad, &x).unwrap();
             let cols = inputs.im2col();
             let d_in = g.in_dim();
             // M[r][o] from the weight via the geometry's patch positions.
             let mut m = vec![0f32; d_in * 5];
-            for o in 0..5 { for c in 0..4 { for yy in 0..k { for xx in 0..k {
-                m[g.patch_position(c, yy, xx) * 5 + o] = w[((o * 4 + c) * k + yy) * k + xx];
-            }}}}
+            for o in 0..5 {
+                for c in 0..4 {
+                    for yy in 0..k {
+                        for xx in 0..k {
+                            m[g.patch_position(c, yy, xx) * 5 + o] =
+                                w[((o * 4 + c) * k + yy) * k + xx];
+                        }
+                    }
+                }
+            }
             let (h_out, w_out) = (y.dim(2).unwrap(), y.dim(3).unwrap());
             let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             for (r, patch) in cols.chunks_exact(d_in).enumerate() {
                 let (n, pos) = (r / (h_out * w_out), r % (h_out * w_out));
                 for o in 0..5 {
-                    let v: f32 = patch.iter().enumerate().map(|(i, p)| p * m[i * 5 + o]).sum();
+                    let v: f32 = patch
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| p * m[i * 5 + o])
+                        .sum();
                     let expected = y[((n * 5 + o) * h_out * w_out) + pos];
-                    assert!((v - expected).abs() < 1e-4, "{layout:?} k{k}: {v} vs {expected}");
+                    assert!(
+                        (v - expected).abs() < 1e-4,
+                        "{layout:?} k{k}: {v} vs {expected}"
+                    );
                 }
             }
         }
@@ -325,19 +470,47 @@ fn bn_folding_matches() {
     let model = Model::new(Arch::FmNetBn, Seed::new(2)).unwrap();
     let mut rng = Seed::new(5).rng();
     for layer in Arch::FmNetBn.layers() {
-        if layer.name == "fc" { continue; }
+        if layer.name == "fc" {
+            continue;
+        }
         let c = layer.kind.weight_shape()[0];
         let pre = format!("{}.bn", layer.name);
-        for (n, lo, hi) in [("weight", 0.5, 1.5), ("bias", -0.2, 0.2), ("running_mean", -0.3, 0.3), ("running_var", 0.5, 2.0)] {
+        for (n, lo, hi) in [
+            ("weight", 0.5, 1.5),
+            ("bias", -0.2, 0.2),
+            ("running_mean", -0.3, 0.3),
+            ("running_var", 0.5, 2.0),
+        ] {
             let v = rng.uniform_vec(c, lo, hi);
-            model.set(&format!("{pre}.{n}"), &Tensor::from_vec(v, c, &Device::Cpu).unwrap()).unwrap();
+            model
+                .set(
+                    &format!("{pre}.{n}"),
+                    &Tensor::from_vec(v, c, &Device::Cpu).unwrap(),
+                )
+                .unwrap();
         }
     }
     let fused = model.fold_batch_norm().unwrap();
     assert_eq!(fused.arch(), Arch::FmNet);
-    let x = rng.normal_tensor((3, 1, 28, 28), 0.0, 1.0, &Device::Cpu).unwrap();
-    let a: Vec<f32> = model.forward(&x, ForwardOptions::default()).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = fused.forward(&x, ForwardOptions::default()).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap();
+    let x = rng
+        .normal_tensor((3, 1, 28, 28), 0.0, 1.0, &Device::Cpu)
+        .unwrap();
+    let a: Vec<f32> = model
+        .forward(&x, ForwardOptions::default())
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = fused
+        .forward(&x, ForwardOptions::default())
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() < 1e-4 * p.abs().max(1.0), "{p} vs {q}");
     }
@@ -349,23 +522,60 @@ fn distillation_loss_non_negative_and_zero_at_teacher() {
     let mut rng = Seed::new(8).rng();
     let t = rng.normal_tensor((16, 10), 0.0, 3.0, &Device::Cpu).unwrap();
     let s = rng.normal_tensor((16, 10), 0.0, 3.0, &Device::Cpu).unwrap();
-    let same = distillation_loss(&t, &t).unwrap().to_scalar::<f32>().unwrap();
+    let same = distillation_loss(&t, &t)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(same.abs() < 1e-6, "{same}");
-    let diff = distillation_loss(&t, &s).unwrap().to_scalar::<f32>().unwrap();
+    let diff = distillation_loss(&t, &s)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff > 0.01, "{diff}");
 }
 
 /// Bad input: block size not dividing the input dimension, K larger than the subvectors.
 #[test]
 fn typed_errors_for_bad_layer_configurations() {
-    let err = LayerGeometry::new(LayerKind::Conv { c_out: 4, c_in: 3, kh: 3, kw: 3 }, Layout::Spatial, 4).unwrap_err();
+    let err = LayerGeometry::new(
+        LayerKind::Conv {
+            c_out: 4,
+            c_in: 3,
+            kh: 3,
+            kw: 3,
+        },
+        Layout::Spatial,
+        4,
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), "invalid_parameter");
     assert!(err.to_string().contains("does not divide"), "{err}");
-    let err = LayerGeometry::new(LayerKind::Conv { c_out: 4, c_in: 12, kh: 3, kw: 3 }, Layout::ChannelMajor, 9).unwrap_err();
+    let err = LayerGeometry::new(
+        LayerKind::Conv {
+            c_out: 4,
+            c_in: 12,
+            kh: 3,
+            kw: 3,
+        },
+        Layout::ChannelMajor,
+        9,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("c_in"), "{err}");
     let points = vec![0f32; 8 * 2];
-    let err = activation_aware_em(&points, 2, &[0; 8], 1, None, MetricSource::Identity,
-        EmParams { k: 16, ..Default::default() }).unwrap_err();
+    let err = activation_aware_em(
+        &points,
+        2,
+        &[0; 8],
+        1,
+        None,
+        MetricSource::Identity,
+        EmParams {
+            k: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), "invalid_parameter");
     assert!(err.to_string().contains("K = 16"), "{err}");
     assert!(clamp_centroids(64, 4).is_err());

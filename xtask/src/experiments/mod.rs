@@ -5,3 +5,4 @@ pub mod ecvq;
 pub mod kmeans;
 pub mod training;
 pub mod vq;
+pub mod wpq;
