@@ -329,7 +329,7 @@ pub fn run_with(
         .context("uniform 3-bit")?;
     let yes = |b: bool| if b { "met" } else { "**not met**" };
     let t_loss = teacher_acc - method_run.accuracy;
-    let targets = vec![
+    let targets = [
         (
             format!(
                 "method at ≥ 20× ({:.1}×) loses ≤ 1 point vs the teacher ({:.2} points)",
