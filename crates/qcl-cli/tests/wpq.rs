@@ -93,7 +93,7 @@ fn compress_then_eval_a_model_file() {
         .unwrap()
         .contains("architecture mismatch"));
 
-    std::fs::write(&config, r#"{"block_conv": 4}"#).unwrap();
+    std::fs::write(&config, r#"{"block_conv": 5}"#).unwrap();
     let (ok, e) = qcl(&[
         "wpq",
         "compress",

@@ -11,6 +11,21 @@
 //! - [`compressed`]: quantized layers, the compressed-model file, size accounting.
 //! - [`compress`]: the layer-by-layer procedure with CentroidSGD and global fine-tuning.
 //! - [`baseline`]: uniform per-channel scalar quantization.
+//!
+//! ## Departures from the spec
+//!
+//! - E-step: `G = VΛVᵀ` in f64, points mapped by `Λ^{1/2}Vᵀ` (eigenvalues below `1e-10·max`
+//!   dropped) and searched in f32 by the shared kernel — exact up to f32 rounding.
+//! - Empty-cluster split: `ε = max(1e-8, 1e-6·max|c_m|)`, because `1e-8` is below f32
+//!   resolution for centroids of magnitude ≳ 0.1; at most `20·K` repairs per E-step.
+//! - Rows per EM iteration: `rows_per_iteration / m` patches (≈ 20,000 unrolled rows, at least
+//!   `4d`), sampled with replacement as random (image, position) patches of the recorded inputs.
+//! - Logged EM objective: the surrogate `mean_j (u_j − c)ᵀG_eval(u_j − c)` over all
+//!   subvectors with one `G_eval` drawn once, instead of a 128-row Frobenius norm.
+//! - Global fine-tuning uses one constant learning rate (the §10 prototype), no step decay.
+//! - File: three blobs (fp16 codebooks, bit-packed `⌈log2 K⌉`-bit assignments, fp32 floats) and
+//!   compact JSON metadata, rather than one tensor per layer, so the header stays small.
+//! - Uniform baseline: `2^b` levels evenly spaced on `[−s, s]` (no zero level for even counts).
 
 pub mod baseline;
 pub mod compress;
