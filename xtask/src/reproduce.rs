@@ -65,6 +65,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::ecvq::EXPERIMENT,
         experiments::lifequant::EXPERIMENT,
         experiments::aqm::EXPERIMENT,
+        experiments::wpq::EXPERIMENT,
     ]
 }
 
@@ -266,7 +267,9 @@ mod tests {
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
-            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm"),
+            report.contains(
+                "Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm, wpq"
+            ),
             "{report}"
         );
     }

@@ -6,6 +6,7 @@
 mod bench;
 mod ecvq;
 mod pq;
+mod wpq;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +53,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+    /// Weight product quantization (And the bit goes down): compress a model, evaluate files.
+    Wpq {
+        #[command(subcommand)]
+        command: wpq::WpqCommand,
     },
 }
 
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
         Command::Pq { command } => pq::run(command),
         Command::Ecvq(args) => ecvq::run_ecvq(args),
         Command::Bench { command } => bench::run(command),
+        Command::Wpq { command } => wpq::run(command),
     };
     match result {
         Ok(report) => {

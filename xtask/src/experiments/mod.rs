@@ -7,3 +7,4 @@ pub mod kmeans;
 pub mod lifequant;
 pub mod training;
 pub mod vq;
+pub mod wpq;

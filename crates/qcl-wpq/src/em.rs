@@ -1,0 +1,394 @@
+//! Activation-aware k-means of one layer's subvectors (spec §3).
+//!
+//! Each iteration draws a fresh sample of input patches, builds the pooled Gram matrix
+//! `G = Σ_b X_bᵀX_b`, and runs the E-step on the shared nearest-code kernel in the space where
+//! `G` is Euclidean ([`Metric`]), the empty-cluster repair, and the M-step (member mean projected
+//! on the excited directions).
+
+use qcl_tensor::{nearest_codes, Error, Result, Seed, SeededRng};
+use serde::{Deserialize, Serialize};
+
+use crate::metric::Metric;
+
+/// Which distance the E-step minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Objective {
+    /// `‖W − Ŵ‖²`: plain k-means on the subvectors (`G = I`, the paper's naive PQ).
+    Naive,
+    /// `‖X(W − Ŵ)‖²` with the layer's recorded inputs (the paper's method).
+    #[default]
+    ActivationAware,
+}
+
+/// Input patches of a layer, sampled with replacement (rows of `M`'s order, length `D`).
+pub trait PatchSampler {
+    /// `D`, the length of a patch.
+    fn patch_len(&self) -> usize;
+    /// `rows` patches drawn with `rng`, `[rows, D]` row-major.
+    ///
+    /// # Errors
+    /// Implementation-defined (e.g. no recorded inputs).
+    fn sample(&self, rows: usize, rng: &mut SeededRng) -> Result<Vec<f32>>;
+}
+
+/// Where the metric of each iteration comes from.
+#[derive(Clone, Copy)]
+pub enum MetricSource<'a> {
+    /// `G = I` (naive PQ).
+    Identity,
+    /// One fixed metric for every iteration (tests; the fixed-`X̃` property).
+    Fixed(&'a Metric),
+    /// A fresh sample of `patch_rows` patches each iteration (the method).
+    Sampled {
+        /// The layer's recorded inputs.
+        sampler: &'a dyn PatchSampler,
+        /// Patches per iteration (each gives `D/d` unrolled rows).
+        patch_rows: usize,
+    },
+}
+
+/// The pooled Gram matrix `Σ_b X_bᵀX_b / (rows·m)` of patches `[rows, D]` cut into slabs of `d`.
+///
+/// ```
+/// // Two patches of length 4, d = 2: unrolled rows (1,0), (0,1), (2,0), (0,2).
+/// let g = qcl_wpq::pooled_gram(&[1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0], 4, 2)?;
+/// assert_eq!(g, vec![1.25, 0.0, 0.0, 1.25]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] if `d` does not divide `patch_len`, [`Error::EmptyInput`] for no
+/// patches.
+pub fn pooled_gram(patches: &[f32], patch_len: usize, d: usize) -> Result<Vec<f64>> {
+    if d == 0 || patch_len == 0 || !patch_len.is_multiple_of(d) {
+        return Err(Error::invalid_parameter(
+            "block",
+            format!("block size {d} does not divide the patch length {patch_len}"),
+        ));
+    }
+    if patches.is_empty() || !patches.len().is_multiple_of(patch_len) {
+        return Err(Error::EmptyInput("no whole input patches".into()));
+    }
+    let mut g = vec![0f64; d * d];
+    for slab in patches.chunks_exact(d) {
+        for i in 0..d {
+            let xi = f64::from(slab[i]);
+            if xi == 0.0 {
+                continue;
+            }
+            for j in 0..d {
+                g[i * d + j] += xi * f64::from(slab[j]);
+            }
+        }
+    }
+    let rows = (patches.len() / d) as f64;
+    g.iter_mut().for_each(|v| *v /= rows);
+    Ok(g)
+}
+
+/// EM hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmParams {
+    /// Centroids per codebook `K`.
+    pub k: usize,
+    /// EM iterations.
+    pub iterations: usize,
+    /// Standard deviation of the empty-cluster split (spec: 1e-8; raised to 1e-6 of the split
+    /// centroid's largest coordinate when that is below f32 resolution).
+    pub epsilon: f32,
+    /// Seed of the initialisation, the row samples and the repairs.
+    pub seed: Seed,
+}
+
+impl Default for EmParams {
+    fn default() -> Self {
+        EmParams {
+            k: 64,
+            iterations: 30,
+            epsilon: 1e-8,
+            seed: Seed::new(0),
+        }
+    }
+}
+
+/// Result of [`activation_aware_em`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmOutcome {
+    /// Codebooks `[groups·K, d]` (group-major).
+    pub centroids: Vec<f32>,
+    /// Index of every subvector's centroid within its group's codebook.
+    pub assignments: Vec<u32>,
+    /// Surrogate objective `mean_j (u_j − c_{a_j})ᵀ G_eval (u_j − c_{a_j})` after each
+    /// iteration, `G_eval` fixed for the whole run.
+    pub objective: Vec<f64>,
+    /// Empty clusters repaired in total.
+    pub repairs: usize,
+}
+
+/// Activation-aware EM (spec §3) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
+/// centroids per group (`groups[j]` < `n_groups`; all zero for one shared codebook).
+///
+/// ```
+/// use qcl_wpq::{activation_aware_em, EmParams, MetricSource};
+/// let u: Vec<f32> = (0..64).map(|i| (i % 8) as f32).collect(); // 32 points in 2-D
+/// let out = activation_aware_em(&u, 2, &vec![0; 32], 1, None, MetricSource::Identity,
+///     EmParams { k: 4, iterations: 5, ..Default::default() })?;
+/// assert!(out.assignments.iter().all(|&a| a < 4));
+/// assert_eq!(*out.objective.last().unwrap(), 0.0); // four distinct points, four centroids
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for `K` larger than a group's number of subvectors, a bad group
+/// index or `d = 0`; [`Error::ShapeMismatch`] for an initial codebook of the wrong size;
+/// [`Error::NonFinite`] for NaN weights.
+pub fn activation_aware_em(
+    subvectors: &[f32],
+    d: usize,
+    groups: &[usize],
+    n_groups: usize,
+    init: Option<&[f32]>,
+    source: MetricSource<'_>,
+    params: EmParams,
+) -> Result<EmOutcome> {
+    if d == 0 || !subvectors.len().is_multiple_of(d) {
+        return Err(Error::invalid_parameter(
+            "block",
+            format!(
+                "{} values are not whole subvectors of {d}",
+                subvectors.len()
+            ),
+        ));
+    }
+    qcl_tensor::check_finite_slice("subvectors", subvectors)?;
+    let n_sv = subvectors.len() / d;
+    if groups.len() != n_sv || groups.iter().any(|&g| g >= n_groups) {
+        return Err(Error::invalid_parameter(
+            "groups",
+            format!("need {n_sv} group indices below {n_groups}"),
+        ));
+    }
+    let k = params.k;
+    let members: Vec<Vec<usize>> = (0..n_groups)
+        .map(|g| (0..n_sv).filter(|&j| groups[j] == g).collect())
+        .collect();
+    for (g, m) in members.iter().enumerate() {
+        if k == 0 || k > m.len() {
+            return Err(Error::invalid_parameter(
+                "centroids",
+                format!("K = {k} but codebook {g} has only {} subvectors", m.len()),
+            ));
+        }
+    }
+    let mut centroids = match init {
+        Some(c) => {
+            if c.len() != n_groups * k * d {
+                return Err(Error::ShapeMismatch {
+                    context: "initial centroids".into(),
+                    expected: format!("[{}, {d}]", n_groups * k),
+                    actual: vec![c.len()],
+                });
+            }
+            c.to_vec()
+        }
+        None => {
+            // K subvectors drawn uniformly with replacement (duplicates are split by the
+            // empty-cluster repair at the first E-step).
+            let mut rng = params.seed.child_named("init").rng();
+            let mut c = Vec::with_capacity(n_groups * k * d);
+            for m in &members {
+                for _ in 0..k {
+                    let j = m[rng.below(m.len())?];
+                    c.extend_from_slice(&subvectors[j * d..(j + 1) * d]);
+                }
+            }
+            c
+        }
+    };
+    let group_points: Vec<Vec<f32>> = members
+        .iter()
+        .map(|m| {
+            m.iter()
+                .flat_map(|&j| subvectors[j * d..(j + 1) * d].iter().copied())
+                .collect()
+        })
+        .collect();
+    let mut sample_rng = params.seed.child_named("rows").rng();
+    let mut repair_rng = params.seed.child_named("repair").rng();
+    let eval_metric = match source {
+        MetricSource::Identity => Metric::identity(d),
+        MetricSource::Fixed(m) => m.clone(),
+        MetricSource::Sampled {
+            sampler,
+            patch_rows,
+        } => {
+            let mut rng = params.seed.child_named("eval").rng();
+            let patches = sampler.sample(patch_rows, &mut rng)?;
+            Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
+        }
+    };
+    let mut assignments = vec![0u32; n_sv];
+    let mut objective = Vec::with_capacity(params.iterations);
+    let mut repairs = 0;
+    for _ in 0..params.iterations {
+        let metric = match source {
+            MetricSource::Identity => Metric::identity(d),
+            MetricSource::Fixed(m) => m.clone(),
+            MetricSource::Sampled {
+                sampler,
+                patch_rows,
+            } => {
+                let patches = sampler.sample(patch_rows, &mut sample_rng)?;
+                Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
+            }
+        };
+        for (g, m) in members.iter().enumerate() {
+            let codebook = &mut centroids[g * k * d..(g + 1) * k * d];
+            let points_t = metric.transform(&group_points[g]);
+            let (assign, fixed) = e_step_with_repair(
+                &points_t,
+                codebook,
+                &metric,
+                d,
+                params.epsilon,
+                &mut repair_rng,
+            )?;
+            repairs += fixed;
+            m_step(&group_points[g], &assign, codebook, &metric, d);
+            for (&j, &a) in m.iter().zip(&assign) {
+                assignments[j] = a;
+            }
+        }
+        objective.push(surrogate_objective(
+            subvectors,
+            &centroids,
+            &assignments,
+            groups,
+            k,
+            &eval_metric,
+        ));
+    }
+    if params.iterations == 0 {
+        // Assignments of the initial codebook, so the outcome is always consistent.
+        for (g, m) in members.iter().enumerate() {
+            let codebook = &centroids[g * k * d..(g + 1) * k * d];
+            let found = nearest_codes(&group_points[g], codebook, d, None)?;
+            for (&j, &a) in m.iter().zip(&found.indices) {
+                assignments[j] = a;
+            }
+        }
+    }
+    Ok(EmOutcome {
+        centroids,
+        assignments,
+        objective,
+        repairs,
+    })
+}
+
+/// E-step: nearest centroid under `metric`, on the shared kernel, in the transformed space.
+///
+/// # Errors
+/// As [`nearest_codes`].
+pub fn e_step(points_t: &[f32], codebook: &[f32], metric: &Metric, d: usize) -> Result<Vec<u32>> {
+    let codes_t = metric.transform(codebook);
+    Ok(nearest_codes(points_t, &codes_t, d, None)?.indices)
+}
+
+fn e_step_with_repair(
+    points_t: &[f32],
+    codebook: &mut [f32],
+    metric: &Metric,
+    d: usize,
+    epsilon: f32,
+    rng: &mut SeededRng,
+) -> Result<(Vec<u32>, usize)> {
+    let k = codebook.len() / d;
+    let mut assign = e_step(points_t, codebook, metric, d)?;
+    let mut repairs = 0;
+    // Bounded: a group with fewer than K distinct points cannot fill every cluster.
+    for _ in 0..20 * k {
+        let mut counts = vec![0usize; k];
+        assign.iter().for_each(|&a| counts[a as usize] += 1);
+        let empty: Vec<usize> = (0..k).filter(|&c| counts[c] == 0).collect();
+        if empty.is_empty() {
+            break;
+        }
+        let target = empty[rng.below(empty.len())?];
+        let fullest = (0..k)
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+            .unwrap_or(0);
+        let largest = codebook[fullest * d..(fullest + 1) * d]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let scale = epsilon.max(1e-6 * largest);
+        let noise = rng.normal_vec(d, 0.0, scale);
+        for (t, e) in noise.iter().enumerate() {
+            let base = codebook[fullest * d + t];
+            codebook[target * d + t] = base + e;
+            codebook[fullest * d + t] = base - e;
+        }
+        repairs += 1;
+        assign = e_step(points_t, codebook, metric, d)?;
+    }
+    Ok((assign, repairs))
+}
+
+/// M-step: each non-empty cluster's centroid becomes the projected mean of its members.
+fn m_step(points: &[f32], assign: &[u32], codebook: &mut [f32], metric: &Metric, d: usize) {
+    let k = codebook.len() / d;
+    let mut sums = vec![0f64; k * d];
+    let mut counts = vec![0usize; k];
+    for (p, &a) in points.chunks_exact(d).zip(assign) {
+        let a = a as usize;
+        counts[a] += 1;
+        for (s, v) in sums[a * d..(a + 1) * d].iter_mut().zip(p) {
+            *s += f64::from(*v);
+        }
+    }
+    for c in 0..k {
+        if counts[c] == 0 {
+            continue;
+        }
+        let mean = &mut sums[c * d..(c + 1) * d];
+        mean.iter_mut().for_each(|v| *v /= counts[c] as f64);
+        metric.project(mean);
+        for (o, v) in codebook[c * d..(c + 1) * d].iter_mut().zip(mean.iter()) {
+            *o = *v as f32;
+        }
+    }
+}
+
+/// `mean_j (u_j − c_{a_j})ᵀ G (u_j − c_{a_j})`.
+pub fn surrogate_objective(
+    subvectors: &[f32],
+    centroids: &[f32],
+    assignments: &[u32],
+    groups: &[usize],
+    k: usize,
+    metric: &Metric,
+) -> f64 {
+    let d = metric.dim();
+    let n = assignments.len().max(1);
+    subvectors
+        .chunks_exact(d)
+        .zip(assignments)
+        .zip(groups)
+        .map(|((u, &a), &g)| {
+            let c = (g * k + a as usize) * d;
+            metric.distance(u, &centroids[c..c + d])
+        })
+        .sum::<f64>()
+        / n as f64
+}
+
+/// Per-cluster member counts of one group's assignments.
+pub fn cluster_sizes(assignments: &[u32], k: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; k];
+    assignments
+        .iter()
+        .for_each(|&a| counts[(a as usize).min(k - 1)] += 1);
+    counts
+}

@@ -1,0 +1,321 @@
+//! The whole procedure on the committed Fashion-MNIST fixture (smoke scale), the compressed
+//! file (size, bit-identical reload, typed errors) and determinism.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::ProgressBar;
+use qcl_data::SplitDataset;
+use qcl_tensor::{SafetensorsFile, Seed};
+use qcl_wpq::compress::FMNIST_NORMALIZATION;
+use qcl_wpq::{
+    compress, evaluate, index_bits, train_teacher, uniform_quantize, uniform_size, Arch,
+    CompressConfig, CompressedModel, ForwardOptions, Layout, Model, Objective, TeacherConfig,
+    COMPRESSED_FORMAT,
+};
+
+fn fixture() -> SplitDataset {
+    SplitDataset::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fashion-mnist.safetensors"),
+    )
+    .unwrap()
+}
+
+fn smoke_config() -> CompressConfig {
+    CompressConfig {
+        em_iterations: 4,
+        rows_per_iteration: 2_000,
+        activation_images: 32,
+        layer_steps: 2,
+        global_steps: 2,
+        batch_size: 32,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+fn teacher(data: &SplitDataset, arch: Arch) -> Model {
+    let cfg = TeacherConfig {
+        arch,
+        epochs: 1,
+        batch_size: 64,
+        train_images: Some(512),
+        ..Default::default()
+    };
+    train_teacher(&cfg, &data.train, &ProgressBar::hidden()).unwrap()
+}
+
+fn logits(model: &Model, data: &SplitDataset) -> Vec<u32> {
+    let (x, _) = data
+        .test
+        .tensors_at(
+            &(0..64).collect::<Vec<_>>(),
+            FMNIST_NORMALIZATION,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let out = model.forward(&x, ForwardOptions::default()).unwrap().logits;
+    out.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[test]
+fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
+    let data = fixture();
+    let teacher = teacher(&data, Arch::FmNet);
+    let out = compress(
+        &teacher,
+        &data.train,
+        &smoke_config(),
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(out.layers.len(), 6);
+    for l in &out.layers {
+        assert_eq!(l.em_objective.len(), 4);
+        assert!(l.output_error_after_em.is_finite());
+    }
+    // Spec §10's K = 64 plan: 15,128 bytes, 20.9×.
+    let size = out.compressed.size(out.uncompressed_params);
+    assert_eq!(out.uncompressed_params * 4, 316_328);
+    assert!((size.total - 15_128.0).abs() < 1e-6, "{size:?}");
+    assert!((size.ratio - 20.91).abs() < 0.01, "{size:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let bytes = out.compressed.save(&path).unwrap();
+    assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
+    // The file is the ideal size plus a small header.
+    assert!(
+        bytes as f64 >= size.total && (bytes as f64) < size.total + 1024.0,
+        "{bytes} vs {}",
+        size.total
+    );
+    let file = SafetensorsFile::open(&path).unwrap();
+    let packed: usize = out
+        .compressed
+        .layers
+        .iter()
+        .map(|l| (l.assignments.len() * index_bits(l.k) as usize).div_ceil(8))
+        .sum();
+    assert_eq!(file.info("assignments").unwrap().shape, vec![packed]);
+    assert_eq!(file.info("codebooks").unwrap().dtype, DType::F16);
+
+    let loaded = CompressedModel::load(&path, Some(Arch::FmNet)).unwrap();
+    for (a, b) in loaded.layers.iter().zip(&out.compressed.layers) {
+        assert_eq!(a.assignments, b.assignments);
+        assert_eq!(a.centroids, b.centroids);
+        assert_eq!(a.decode().unwrap(), b.decode().unwrap());
+    }
+    let in_memory = out.compressed.to_model().unwrap();
+    let reloaded = loaded.to_model().unwrap();
+    assert_eq!(logits(&in_memory, &data), logits(&reloaded, &data));
+}
+
+#[test]
+fn compression_is_deterministic_and_naive_differs() {
+    let data = fixture();
+    let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();
+    let cfg = CompressConfig {
+        layer_steps: 0,
+        global_steps: 1,
+        ..smoke_config()
+    };
+    let a = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
+    let b = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
+    for (x, y) in a.compressed.layers.iter().zip(&b.compressed.layers) {
+        assert_eq!(x.assignments, y.assignments);
+        assert_eq!(x.centroids, y.centroids);
+    }
+    let acc_a = evaluate(&a.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
+    let acc_b = evaluate(&b.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
+    assert_eq!(acc_a, acc_b);
+    let naive = compress(
+        &teacher,
+        &data.train,
+        &CompressConfig {
+            objective: Objective::Naive,
+            ..cfg
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_ne!(
+        naive.compressed.layers[0].assignments,
+        a.compressed.layers[0].assignments
+    );
+}
+
+#[test]
+fn fork_variants_run_and_keep_their_layouts() {
+    let data = fixture();
+    let bn = Model::new(Arch::FmNetBn, Seed::new(6)).unwrap();
+    let fused = compress(
+        &bn,
+        &data.train,
+        &CompressConfig {
+            fuse_bn: true,
+            ..smoke_config()
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(fused.compressed.arch, Arch::FmNet);
+    // Fusion fine-tunes the biases.
+    let before = bn.fold_batch_norm().unwrap().tensors()["conv1.bias"]
+        .to_vec1::<f32>()
+        .unwrap();
+    let after = fused.compressed.floats["conv1.bias"]
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(before, after);
+    let teacher = Model::new(Arch::FmNet, Seed::new(6)).unwrap();
+    let change = CompressConfig {
+        layout: Layout::ChannelMajor,
+        block_conv: 8,
+        ..smoke_config()
+    };
+    let out = compress(&teacher, &data.train, &change, &ProgressBar::hidden()).unwrap();
+    assert!(out
+        .compressed
+        .layers
+        .iter()
+        .all(|l| l.geometry.layout == Layout::ChannelMajor));
+    let sub = CompressConfig {
+        per_slab_codebooks: true,
+        ..change
+    };
+    let out = compress(&teacher, &data.train, &sub, &ProgressBar::hidden()).unwrap();
+    // conv1: 16 input channels in blocks of 8 → 2 codebooks of K/d = 8 centroids.
+    assert_eq!(
+        (
+            out.compressed.layers[0].n_groups,
+            out.compressed.layers[0].k
+        ),
+        (2, 8)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    out.compressed.save(&path).unwrap();
+    let back = CompressedModel::load(&path, None).unwrap();
+    assert_eq!(
+        back.layers[0].decode().unwrap(),
+        out.compressed.layers[0].decode().unwrap()
+    );
+}
+
+#[test]
+fn uniform_baseline_sizes_match_the_spec() {
+    let model = Model::new(Arch::FmNet, Seed::new(1)).unwrap();
+    assert!((uniform_size(&model, 4).ratio - 7.43).abs() < 0.01);
+    assert!((uniform_size(&model, 2).ratio - 13.80).abs() < 0.01);
+    let q = uniform_quantize(&model, 2).unwrap();
+    let w = q.tensors()["conv2.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for channel in w.chunks_exact(32 * 9) {
+        let mut levels: Vec<u32> = channel.iter().map(|v| v.to_bits()).collect();
+        levels.sort();
+        levels.dedup();
+        assert!(levels.len() <= 4);
+    }
+    assert!(uniform_quantize(&model, 0).is_err());
+}
+
+/// Writes a compressed file with its tensors and metadata replaced, for the error tests.
+fn rewrite(
+    src: &Path,
+    dst: &PathBuf,
+    edit: impl FnOnce(&mut BTreeMap<String, Tensor>, &mut BTreeMap<String, String>),
+) {
+    let file = SafetensorsFile::open(src).unwrap();
+    let mut tensors: BTreeMap<String, Tensor> = file
+        .names()
+        .iter()
+        .map(|n| (n.clone(), file.tensor(n, &Device::Cpu).unwrap()))
+        .collect();
+    let mut meta = file.metadata().clone();
+    edit(&mut tensors, &mut meta);
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    qcl_tensor::write_safetensors(dst, &refs, &meta).unwrap();
+}
+
+#[test]
+fn bad_files_are_typed_errors() {
+    let data = fixture();
+    let teacher = Model::new(Arch::FmNet, Seed::new(7)).unwrap();
+    let cfg = CompressConfig {
+        layer_steps: 0,
+        global_steps: 0,
+        em_iterations: 1,
+        ..smoke_config()
+    };
+    let out = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    out.compressed.save(&good).unwrap();
+    let bad = dir.path().join("bad.safetensors");
+
+    // Architecture mismatch.
+    let err = CompressedModel::load(&good, Some(Arch::FmNetBn)).unwrap_err();
+    assert!(err.to_string().contains("architecture mismatch"), "{err}");
+    let err = Model::load(&good, None).unwrap_err();
+    assert_eq!(err.kind(), "bad_file");
+
+    // Missing layer.
+    rewrite(&good, &bad, |_, meta| {
+        let layers: Vec<serde_json::Value> = serde_json::from_str(&meta["layers"]).unwrap();
+        meta.insert(
+            "layers".into(),
+            serde_json::to_string(&layers[..5]).unwrap(),
+        );
+    });
+    let err = CompressedModel::load(&bad, None).unwrap_err();
+    assert!(
+        err.to_string().contains("missing quantized layer `fc`"),
+        "{err}"
+    );
+
+    // Foreign metadata.
+    rewrite(&good, &bad, |_, meta| {
+        meta.insert("layers".into(), "{\"something\": 1}".into());
+    });
+    let err = CompressedModel::load(&bad, None).unwrap_err();
+    assert_eq!(err.kind(), "bad_file");
+    assert!(err.to_string().contains("foreign"), "{err}");
+    rewrite(&good, &bad, |_, meta| {
+        meta.insert("format".into(), "something-else/1".into());
+    });
+    assert!(CompressedModel::load(&bad, None)
+        .unwrap_err()
+        .to_string()
+        .contains(COMPRESSED_FORMAT));
+
+    // Truncated assignments.
+    rewrite(&good, &bad, |tensors, _| {
+        let a = tensors["assignments"].clone();
+        let n = a.dim(0).unwrap();
+        tensors.insert("assignments".into(), a.narrow(0, 0, n - 10).unwrap());
+    });
+    let err = CompressedModel::load(&bad, None).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // Dense models: an architecture that does not match the file.
+    let dense = dir.path().join("dense.safetensors");
+    teacher.save(&dense).unwrap();
+    let err = Model::load(&dense, Some(Arch::FmNetBn)).unwrap_err();
+    assert!(err.to_string().contains("architecture mismatch"), "{err}");
+    let mut values = teacher.tensors();
+    values.remove("conv2.bias");
+    let err = Model::from_tensors(Arch::FmNet, values).unwrap_err();
+    assert!(err.to_string().contains("conv2.bias"), "{err}");
+    assert!(Tensor::zeros(1, DType::F32, &Device::Cpu).is_ok());
+}
