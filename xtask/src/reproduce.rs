@@ -63,6 +63,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::training::EXPERIMENT,
         experiments::vq::EXPERIMENT,
         experiments::ecvq::EXPERIMENT,
+        experiments::cacl::EXPERIMENT,
     ]
 }
 
@@ -263,7 +264,7 @@ mod tests {
         write_report(out.path()).unwrap();
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
-            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq"),
+            report.contains("Not run yet: datasets, kmeans, training, vq, ecvq, cacl"),
             "{report}"
         );
     }

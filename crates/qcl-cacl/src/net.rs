@@ -157,7 +157,7 @@ fn trunk(
     }
     h = conv(2, &h)?;
     h = conv(3, &h)?.max_pool2d(2)?;
-    if let Some(r) = rng.as_deref_mut() {
+    if let Some(r) = rng {
         h = dropout(&h, p, r)?;
     }
     h = conv(4, &h)?.avg_pool2d(2)?;

@@ -207,6 +207,7 @@ mod tests {
 
     /// Spec §10.10: the four saved runs, `free = capacity − k_19`, `free = max(pruned, g)`.
     #[test]
+    #[allow(clippy::needless_range_loop)] // five parallel per-layer tables
     fn growth_rule_matches_the_saved_runs() {
         struct Run {
             k: [usize; 5],

@@ -83,6 +83,17 @@ fn quick_config() -> TrainConfig {
     }
 }
 
+/// Enough steps (about 50 per task) to learn a fixture class pair well above chance.
+fn learning_config() -> TrainConfig {
+    TrainConfig {
+        epochs: 4,
+        milestones: vec![3],
+        gamma: 0.1,
+        lr: 2e-3,
+        batch_size: 16,
+    }
+}
+
 /// Spec §10.2: an exact SVD round-trips, and the factored conv equals a dense conv.
 #[test]
 fn svd_initialisation_reconstructs_dense_weights_and_convolutions() {
@@ -168,11 +179,11 @@ fn earlier_tasks_are_frozen_bit_for_bit() {
         .map(|c| c.factors().named_tensors("l"))
         .collect();
     let k0: Vec<usize> = net.task_ranks()[0].clone();
-    for t in 1..3 {
+    for (t, task) in tasks.iter().enumerate().skip(1) {
         train_task(
             &mut net,
             t,
-            &tasks[t],
+            task,
             &quick_config(),
             Seed::new(1 + t as u64),
             None,
@@ -254,8 +265,8 @@ fn earlier_tasks_are_frozen_bit_for_bit() {
 /// the FT arm's shared trunk moves while IND's earlier models do not.
 #[test]
 fn arms_train_and_report() {
-    let tasks = fixture_tasks(2, 128);
-    let config = quick_config();
+    let tasks = fixture_tasks(2, 200);
+    let config = learning_config();
     let cacl = run_arm(
         Arm::Cacl,
         &tasks,
