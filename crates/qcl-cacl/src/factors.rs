@@ -554,7 +554,7 @@ impl SvdFactors {
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// let conv = qcl_cacl::SvdConv2d::new(1, 4, 3, Default::default(), qcl_tensor::Seed::new(0), &Device::Cpu)?;
-/// assert_eq!(conv.factors().r0(), 3); // ⌊4·9/13⌋
+/// assert_eq!(conv.factors().r0(), 2); // ⌊4·9/13⌋
 /// let x = Tensor::zeros((2, 1, 6, 6), DType::F32, &Device::Cpu)?;
 /// assert_eq!(conv.forward_train(&x)?.dims(), &[2, 4, 4, 4]);
 /// # Ok::<(), qcl_tensor::Error>(())
