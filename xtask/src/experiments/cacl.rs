@@ -614,3 +614,41 @@ fn ranks_plot(path: &Path, title: &str, run: &ArmRun) -> Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spec §10.17: every class once, labels 0/1, the pair order a seeded permutation.
+    #[test]
+    fn pair_tasks_split_every_class_once_in_a_seeded_order() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let data = SplitDataset::load(dataset_path(&fixtures, KnownDataset::FashionMnist)).unwrap();
+        let settings = Settings::for_mode(Mode::Quick);
+        let tasks = pair_tasks("fmnist", &data, &settings, Seed::new(4)).unwrap();
+        let again = pair_tasks("fmnist", &data, &settings, Seed::new(4)).unwrap();
+        let other = pair_tasks("fmnist", &data, &settings, Seed::new(5)).unwrap();
+        let names = |t: &[TaskData]| t.iter().map(|x| x.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&tasks), names(&again));
+        let mut classes: Vec<String> = names(&tasks)
+            .iter()
+            .flat_map(|n| {
+                let pair = n.split(' ').nth(1).unwrap().to_string();
+                pair.split('/').map(str::to_string).collect::<Vec<_>>()
+            })
+            .collect();
+        classes.sort_by_key(|c| c.parse::<u32>().unwrap());
+        assert_eq!(classes, (0..10).map(|c| c.to_string()).collect::<Vec<_>>());
+        assert!(tasks
+            .iter()
+            .all(|t| t.train.labels().iter().all(|&y| y < 2)));
+        assert!(tasks
+            .iter()
+            .all(|t| t.test.len() <= 400 && t.train.len() <= 600));
+        // Five seeds cannot all give the same order as seed 4 unless the order ignores it.
+        let differs = (5..10).any(|s| {
+            names(&pair_tasks("fmnist", &data, &settings, Seed::new(s)).unwrap()) != names(&tasks)
+        });
+        assert!(differs || names(&other) != names(&tasks));
+    }
+}
