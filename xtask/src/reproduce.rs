@@ -66,6 +66,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::lifequant::EXPERIMENT,
         experiments::aqm::EXPERIMENT,
         experiments::wpq::EXPERIMENT,
+        experiments::cacl::EXPERIMENT,
     ]
 }
 
@@ -268,7 +269,7 @@ mod tests {
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
             report.contains(
-                "Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm, wpq"
+                "Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm, wpq, cacl"
             ),
             "{report}"
         );

@@ -1,6 +1,7 @@
 //! The experiments `cargo xtask reproduce` knows; each module exports one `EXPERIMENT`.
 
 pub mod aqm;
+pub mod cacl;
 pub mod datasets;
 pub mod ecvq;
 pub mod kmeans;
