@@ -31,8 +31,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use qcl_nn::ops::straight_through;
-use rayon::prelude::*;
 use qcl_tensor::{Error, Result};
+use rayon::prelude::*;
 
 /// The bit width that means "no quantization": `Qw(W) = W`, `Qa(x) = x`, `q_32(u) = u`.
 pub const IDENTITY_BITS: u32 = 32;
@@ -336,7 +336,9 @@ impl ActivationQuantizer {
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             // One fused pass each way instead of a dozen candle elementwise ops: this
             // quantizer runs after every BatchNorm of QResNet and dominated its step time.
-            return Ok(x.contiguous()?.apply_op1(FusedActivationQuantizer { bits: self.bits })?);
+            return Ok(x
+                .contiguous()?
+                .apply_op1(FusedActivationQuantizer { bits: self.bits })?);
         }
         self.forward_graph(x)
     }
@@ -380,7 +382,11 @@ macro_rules! quantize_activation {
                     let u = x.clamp(0.0, 1.0);
                     *o = if bits == 1 {
                         // sign(u) with sign(0) = 0, u ≥ 0 here.
-                        if u > 0.0 { 1.0 } else { u }
+                        if u > 0.0 {
+                            1.0
+                        } else {
+                            u
+                        }
                     } else {
                         (u * m).round_ties_even() / m
                     };

@@ -74,11 +74,7 @@ type Seen = Vec<(usize, Option<Dataset>, usize)>;
 
 /// Runs `strategy` with a fresh linear model from `seed`; returns the final weights and the
 /// accuracy rows.
-fn run_linear(
-    strategy: &mut dyn Strategy,
-    seed: u64,
-    scenario: &Scenario,
-) -> (Weights, Rows) {
+fn run_linear(strategy: &mut dyn Strategy, seed: u64, scenario: &Scenario) -> (Weights, Rows) {
     let store = ParamStore::new(seed);
     let model = LinearModel::new(&store.root(&Device::Cpu));
     let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);

@@ -739,10 +739,7 @@ pub fn run_with(
                     100.0 * r.orphan_acc,
                     r.drift.first().copied().unwrap_or(f64::NAN)
                 ),
-                (None, Some(why)) => format!(
-                    "| {} | diverged ({why}) | — | — | — |\n",
-                    s.lambda
-                ),
+                (None, Some(why)) => format!("| {} | diverged ({why}) | — | — | — |\n", s.lambda),
                 (None, None) => String::new(),
             });
         }
