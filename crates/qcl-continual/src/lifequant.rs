@@ -45,11 +45,11 @@
 
 use candle_core::{DType, Tensor};
 use qcl_data::{Batch, Dataset};
-use qcl_tensor::{Error, Result};
+use qcl_tensor::Result;
 
 use crate::ball::{cross_entropy, BallLoss, BallMode, ClassStatistics};
 use crate::proxq::{FisherDiagonal, ProxQ};
-use crate::strategy::{fisher_diagonal, with_replay, Learner, Strategy, TaskView};
+use crate::strategy::{check_penalty, fisher_diagonal, with_replay, Learner, Strategy, TaskView};
 
 /// Which data LifeQuant trains on and with which loss (spec §5.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -100,20 +100,9 @@ impl LifeQuant {
     /// LifeQuant with `params`.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
+    /// [`qcl_tensor::Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
     pub fn new(params: LifeQuantParams) -> Result<Self> {
-        if !(params.lambda.is_finite() && params.lambda >= 0.0) {
-            return Err(Error::invalid_parameter(
-                "lambda",
-                format!("must be finite and >= 0, got {}", params.lambda),
-            ));
-        }
-        if params.fisher_batch_size == 0 {
-            return Err(Error::invalid_parameter(
-                "fisher_batch_size",
-                "must be at least 1",
-            ));
-        }
+        check_penalty(params.lambda, params.fisher_batch_size)?;
         Ok(LifeQuant {
             params,
             statistics: None,

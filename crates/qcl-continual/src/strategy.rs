@@ -379,18 +379,7 @@ impl Ewc {
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
     pub fn new(params: EwcParams) -> Result<Self> {
-        if !(params.lambda.is_finite() && params.lambda >= 0.0) {
-            return Err(Error::invalid_parameter(
-                "lambda",
-                format!("must be finite and >= 0, got {}", params.lambda),
-            ));
-        }
-        if params.fisher_batch_size == 0 {
-            return Err(Error::invalid_parameter(
-                "fisher_batch_size",
-                "must be at least 1",
-            ));
-        }
+        check_penalty(params.lambda, params.fisher_batch_size)?;
         Ok(Ewc {
             params,
             penalties: Vec::new(),
@@ -428,6 +417,24 @@ impl Strategy for Ewc {
             .push(ProxQ::new(anchor, fisher, self.params.lambda)?);
         Ok(())
     }
+}
+
+/// Checks the knobs every Fisher-weighted penalty has: λ finite and ≥ 0, a Fisher batch of at
+/// least one image.
+pub(crate) fn check_penalty(lambda: f64, fisher_batch_size: usize) -> Result<()> {
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        return Err(Error::invalid_parameter(
+            "lambda",
+            format!("must be finite and >= 0, got {lambda}"),
+        ));
+    }
+    if fisher_batch_size == 0 {
+        return Err(Error::invalid_parameter(
+            "fisher_batch_size",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 /// The batch-level empirical Fisher diagonal of `loss` over `data` in evaluation mode:
