@@ -212,6 +212,25 @@ pub fn write_report(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// For experiments' tests: a temporary output directory, a quick-mode context reading the
+/// committed fixtures, and the Fashion-MNIST fixture itself.
+#[cfg(test)]
+pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
+    let out = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let data = qcl_data::SplitDataset::load(crate::data::dataset_path(
+        &fixtures,
+        qcl_data::KnownDataset::FashionMnist,
+    ))
+    .unwrap();
+    let ctx = Context {
+        data_dir: fixtures,
+        out_dir: out.path().to_path_buf(),
+        mode: Mode::Quick,
+    };
+    (out, ctx, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -571,14 +571,7 @@ mod tests {
     /// The whole experiment, scaled down to seconds, on the committed fixture.
     #[test]
     fn runs_on_the_fixture_and_writes_its_results() {
-        let out = tempfile::tempdir().unwrap();
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-        let data = SplitDataset::load(dataset_path(&fixtures, KnownDataset::FashionMnist)).unwrap();
-        let ctx = Context {
-            data_dir: fixtures,
-            out_dir: out.path().to_path_buf(),
-            mode: Mode::Quick,
-        };
+        let (out, ctx, data) = crate::reproduce::fixture_run();
         let settings = Settings {
             channels: 8,
             codes: 32,
