@@ -72,7 +72,7 @@ pub use buffer::{
 };
 pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
-pub use proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
+pub use proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 pub use qresnet::{QResNet, QResNetConfig};
 pub use quant::{
     round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
@@ -84,6 +84,6 @@ pub use scenario::{
 };
 pub use strategy::{
     distillation_loss, fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams,
-    ExperienceReplay, FineTune, Joint, Learner, Lwf, LwfParams, RunRecord, Strategy, TaskRecord,
-    TaskSchedule, TaskView, TrainerConfig,
+    ExperienceReplay, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep, RunRecord, Strategy,
+    TaskRecord, TaskSchedule, TaskView, TrainerConfig,
 };

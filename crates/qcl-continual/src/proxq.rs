@@ -12,6 +12,12 @@
 //! 3. every training step adds `λ·P(θ)` to the loss, with
 //!    `P(θ) = Σ_params Σ_elements F ⊙ (θ − θ*)²` and `∇θ [λ·P] = 2·λ·F ⊙ (θ − θ*)`.
 //!
+//! Step 3 is the reference code's form ([`PenaltyUpdate::Gradient`]). Because the penalty is a
+//! quadratic with curvature `2λF`, an explicit SGD step of size `η` with momentum `μ` is
+//! stable only while `η·2λ·max F < 2(1 + μ)`; [`PenaltyUpdate::Proximal`] applies the penalty
+//! through its proximal operator instead ([`ProxQ::proximal_step`]), which is stable for any
+//! `λ` and has the same fixed points.
+//!
 //! ProxQ part 1, the fixed standard space, is the per-tensor standardisation inside
 //! [`crate::WeightQuantizer`]; the penalty itself acts on the latent full-precision
 //! parameters (conv weights, BN, head), as the reference code does (spec D4).
@@ -41,6 +47,22 @@ use candle_core::{DType, Tensor, Var};
 use qcl_tensor::{Error, Result};
 
 use crate::quant::non_finite;
+
+/// How a Fisher-weighted penalty `λ·P(θ)` enters training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PenaltyUpdate {
+    /// `λ·P` is added to the loss and the optimizer follows its gradient `2λF ⊙ (θ − θ*)`, as
+    /// the reference code does. With SGD step `η` and momentum `μ` this explicit update
+    /// diverges along any coordinate where `η·2λF > 2(1 + μ)`.
+    #[default]
+    Gradient,
+    /// The optimizer steps on the task loss alone; after each step the parameters move by the
+    /// proximal operator of `λ·P` ([`ProxQ::proximal_step`]) with the momentum-effective step
+    /// `s = η/(1 − μ)`. Where the explicit update is stable the two agree to first order and
+    /// share their fixed points (`∇L + 2λF ⊙ (θ − θ*) = 0`); this one is stable for any `λ`.
+    Proximal,
+}
 
 /// A diagonal Fisher estimate `F`: one non-negative tensor per named parameter, the same
 /// shape as the parameter.
@@ -392,6 +414,52 @@ impl ProxQ {
     /// As [`ProxQ::drift`].
     pub fn penalty(&self, params: &[(String, Var)]) -> Result<Tensor> {
         Ok((self.drift(params)? * self.lambda)?)
+    }
+
+    /// One proximal step of size `step` (`s`) on the penalty: every parameter becomes the
+    /// minimiser of `λ·P(θ') + ‖θ' − θ‖² / (2s)`, elementwise
+    ///
+    /// `θ' = (θ + 2sλF ⊙ θ*) / (1 + 2sλF)`,
+    ///
+    /// a move toward the anchor by the fraction `2sλF / (1 + 2sλF) ∈ [0, 1)`, so it can never
+    /// overshoot, whatever `λ`, `F` and `s`. `s = 0` or `λ = 0` leaves the parameters as they are.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use qcl_continual::{FisherDiagonal, ProxQ};
+    /// let w = Var::new(&[0.0f32, 0.0], &Device::Cpu)?;
+    /// let params = vec![("w".to_string(), w.clone())];
+    /// let fisher = FisherDiagonal::from_grads(&[("w".into(), Tensor::new(&[1.0f32, 0.0], &Device::Cpu)?)])?;
+    /// let prox = ProxQ::new(ProxQ::snapshot(&params)?, fisher, 100.0)?;
+    /// w.set(&Tensor::new(&[1.0f32, 1.0], &Device::Cpu)?)?;
+    /// prox.proximal_step(&params, 0.005)?; // 2sλF = 1 on the first element, 0 on the second
+    /// assert_eq!(w.as_tensor().to_vec1::<f32>()?, vec![0.5, 1.0]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a negative or non-finite `step`; otherwise as
+    /// [`ProxQ::drift`].
+    pub fn proximal_step(&self, params: &[(String, Var)], step: f64) -> Result<()> {
+        if !(step.is_finite() && step >= 0.0) {
+            return Err(Error::invalid_parameter(
+                "step",
+                format!("{step} must be finite and ≥ 0"),
+            ));
+        }
+        let matched = self.matched(params)?;
+        if step == 0.0 || self.lambda == 0.0 {
+            return Ok(());
+        }
+        let c = 2.0 * step * self.lambda;
+        for (name, var) in matched {
+            let f = self.fisher.get(name).expect("names checked in new");
+            let anchor = &self.anchor[name];
+            let pull = (f * c)?;
+            let moved = ((var.as_tensor().detach() + (&pull * anchor)?)? / (pull + 1.0)?)?;
+            var.set(&moved.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
     }
 
     /// The closed-form gradient of the penalty, `∇θ [λ·P] = 2·λ·F ⊙ (θ − θ*)`, per parameter

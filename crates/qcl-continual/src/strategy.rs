@@ -55,7 +55,7 @@ use qcl_tensor::{Error, Result, Seed};
 use crate::ball::cross_entropy;
 use crate::buffer::{Capacity, Keep, PerTaskBuffer, RawImage, ReplayBuffer};
 use crate::metrics::AccuracyMatrix;
-use crate::proxq::{FisherAccumulator, FisherDiagonal, ProxQ};
+use crate::proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 use crate::scenario::Task;
 
 /// The network being trained, its parameters and how images become tensors.
@@ -264,12 +264,37 @@ pub trait Strategy {
     /// Implementation-specific.
     fn batch_loss(&self, learner: &Learner<'_>, batch: &Batch, logits: &Tensor) -> Result<Tensor>;
 
+    /// Called after every optimizer step, with that step's settings (e.g. to apply a penalty
+    /// by its proximal operator). Default: nothing.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn after_step(&mut self, _learner: &Learner<'_>, _step: &OptimizerStep) -> Result<()> {
+        Ok(())
+    }
+
     /// Called once after the last step of a task.
     ///
     /// # Errors
     /// Implementation-specific.
     fn end_task(&mut self, _learner: &Learner<'_>, _view: &TaskView<'_>) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The settings of the SGD step just taken, as [`Strategy::after_step`] sees them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerStep {
+    /// Learning rate `η` of the step.
+    pub lr: f64,
+    /// Momentum `μ` of the optimizer.
+    pub momentum: f64,
+}
+
+impl OptimizerStep {
+    /// The step size a constant gradient sees once momentum has built up, `η / (1 − μ)`.
+    pub fn effective_lr(&self) -> f64 {
+        self.lr / (1.0 - self.momentum)
     }
 }
 
@@ -352,6 +377,9 @@ pub struct EwcParams {
     pub lambda: f64,
     /// Batch size of the Fisher pass over a finished task's data (default 128).
     pub fisher_batch_size: usize,
+    /// How the penalties enter training (default [`PenaltyUpdate::Gradient`]; with
+    /// [`PenaltyUpdate::Proximal`] each task's penalty is applied by its proximal step in turn).
+    pub update: PenaltyUpdate,
 }
 
 impl Default for EwcParams {
@@ -359,6 +387,7 @@ impl Default for EwcParams {
         EwcParams {
             lambda: ProxQ::DEFAULT_LAMBDA,
             fisher_batch_size: 128,
+            update: PenaltyUpdate::Gradient,
         }
     }
 }
@@ -399,13 +428,23 @@ impl Strategy for Ewc {
 
     fn batch_loss(&self, learner: &Learner<'_>, batch: &Batch, logits: &Tensor) -> Result<Tensor> {
         let mut loss = cross_entropy(logits, &batch.labels)?;
-        if !self.penalties.is_empty() && self.params.lambda > 0.0 {
+        if self.params.update == PenaltyUpdate::Gradient && self.params.lambda > 0.0 {
             let params = learner.params();
             for penalty in &self.penalties {
                 loss = (loss + penalty.penalty(&params)?)?;
             }
         }
         Ok(loss)
+    }
+
+    fn after_step(&mut self, learner: &Learner<'_>, step: &OptimizerStep) -> Result<()> {
+        if self.params.update == PenaltyUpdate::Proximal && self.params.lambda > 0.0 {
+            let params = learner.params();
+            for penalty in &self.penalties {
+                penalty.proximal_step(&params, step.effective_lr())?;
+            }
+        }
+        Ok(())
     }
 
     fn end_task(&mut self, learner: &Learner<'_>, view: &TaskView<'_>) -> Result<()> {
@@ -826,7 +865,11 @@ impl ContinualTrainer {
         );
         let mut epoch_loss = Vec::with_capacity(schedule.epochs);
         for epoch in 0..schedule.epochs {
-            optimizer.set_learning_rate(schedule.lr_at(epoch)?);
+            let step = OptimizerStep {
+                lr: schedule.lr_at(epoch)?,
+                momentum: self.config.momentum,
+            };
+            optimizer.set_learning_rate(step.lr);
             let order =
                 BatchOrder::Shuffled(self.config.order_seed.child(t as u64).child(epoch as u64));
             let options = learner.batch_options(self.config.batch_size, order);
@@ -844,6 +887,7 @@ impl ContinualTrainer {
                     });
                 }
                 optimizer.backward_step(&loss)?;
+                strategy.after_step(learner, &step)?;
                 sum += value * batch.indices.len() as f64;
                 count += batch.indices.len();
                 bar.inc(1);

@@ -179,3 +179,24 @@ fn proxq_construction_and_use_checks() {
     ));
     assert_eq!(scalar(&pq.penalty(&p).unwrap()), 0.0);
 }
+
+#[test]
+fn proximal_step_by_hand_and_bad_steps() {
+    // F = [4, 0], λ = 10, s = 0.05: 2sλF = [4, 0], so θ' = (θ + 4θ*)/5 on the first element.
+    let p = vec![var("w", &[1.0, 1.0])];
+    let fisher = FisherDiagonal::from_grads(&[named("w", &[2.0, 0.0])]).unwrap();
+    let prox = ProxQ::new(vec![named("w", &[0.0, 0.0])], fisher, 10.0).unwrap();
+    prox.proximal_step(&p, 0.05).unwrap();
+    assert_eq!(p[0].1.as_tensor().to_vec1::<f32>().unwrap(), vec![0.2, 1.0]);
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        assert!(
+            matches!(
+                prox.proximal_step(&p, bad),
+                Err(Error::InvalidParameter { .. })
+            ),
+            "{bad}"
+        );
+    }
+    // A parameter the penalty does not know is an error, as for the penalty itself.
+    assert!(prox.proximal_step(&[var("v", &[1.0, 1.0])], 0.1).is_err());
+}

@@ -134,6 +134,60 @@ proptest! {
         }
     }
 
+    /// The proximal step is the exact minimiser of λ·P(θ') + ‖θ' − θ‖²/(2s): its optimality
+    /// condition 2λF⊙(θ' − θ*) + (θ' − θ)/s = 0 holds, it never moves a coordinate past the
+    /// anchor or away from it, and it never raises the penalty.
+    #[test]
+    fn proximal_step_is_the_exact_minimiser(
+        c in case(),
+        alpha in -3.0f32..3.0,
+        lambda in 0.0f64..1000.0,
+        step in 0.0f64..1.0,
+    ) {
+        let (pq, p) = prox(&c, lambda);
+        let before = shifted(&c, alpha);
+        set(&p, &before);
+        let penalty_before = scalar(&pq.penalty(&p).unwrap());
+        pq.proximal_step(&p, step).unwrap();
+        let penalty_after = scalar(&pq.penalty(&p).unwrap());
+        prop_assert!(penalty_after <= penalty_before * (1.0 + 1e-5) + 1e-6, "{penalty_after} > {penalty_before}");
+        for (i, (_, var)) in p.iter().enumerate() {
+            let after = vals(var.as_tensor());
+            for (j, &moved) in after.iter().enumerate() {
+                let (theta, star) = (before[i][j] as f64, c.anchor[i][j] as f64);
+                let f = (c.grads[i][j] as f64).powi(2);
+                let moved = moved as f64;
+                let residual = 2.0 * lambda * f * (moved - star) * step + (moved - theta);
+                prop_assert!(residual.abs() <= 1e-5 * (1.0 + theta.abs() + star.abs()) * (1.0 + 2.0 * lambda * f * step),
+                    "residual {residual} at {i},{j}");
+                // Between θ and θ* (inclusive), so it can never overshoot the anchor.
+                let (lo, hi) = if theta <= star { (theta, star) } else { (star, theta) };
+                prop_assert!(moved >= lo - 1e-5 * (1.0 + lo.abs()) && moved <= hi + 1e-5 * (1.0 + hi.abs()),
+                    "{moved} outside [{lo}, {hi}]");
+            }
+        }
+    }
+
+    /// A zero step, λ = 0 or F = 0 leaves the parameters bit for bit as they were.
+    #[test]
+    fn proximal_step_without_pull_is_the_identity(c in case(), alpha in -3.0f32..3.0, step in 0.0f64..1.0) {
+        let before = shifted(&c, alpha);
+        for (lambda, s, zero_fisher) in [(100.0, 0.0, false), (0.0, step, false), (100.0, step, true)] {
+            let (pq, p) = if zero_fisher {
+                let p = params(&c.anchor[0], &c.anchor[1]);
+                let pq = ProxQ::new(ProxQ::snapshot(&p).unwrap(), FisherDiagonal::zeros(&p).unwrap(), lambda).unwrap();
+                (pq, p)
+            } else {
+                prox(&c, lambda)
+            };
+            set(&p, &before);
+            pq.proximal_step(&p, s).unwrap();
+            for (i, (_, var)) in p.iter().enumerate() {
+                prop_assert_eq!(vals(var.as_tensor()), before[i].clone());
+            }
+        }
+    }
+
     /// §11.11: F ≥ 0; one batch gives F = g² exactly; F is a mean over batches, so feeding the
     /// same batches twice leaves it unchanged.
     #[test]

@@ -12,8 +12,8 @@ use qcl_continual::ball::cross_entropy;
 use qcl_continual::{
     distillation_loss, fisher_diagonal, ClassAccuracy, ClassHistogram, ContinualTrainer, Ewc,
     EwcParams, ExperienceReplay, FineTune, Joint, Keep, Learner, LifeQuant, LifeQuantMode,
-    LifeQuantParams, LifelongParams, Lwf, LwfParams, QResNet, QResNetConfig, Scenario, Strategy,
-    TaskSchedule, TaskView, TrainerConfig,
+    LifeQuantParams, LifelongParams, Lwf, LwfParams, PenaltyUpdate, QResNet, QResNetConfig,
+    Scenario, Strategy, TaskSchedule, TaskView, TrainerConfig,
 };
 use qcl_data::{Batch, Dataset, Normalization, SplitDataset};
 use qcl_nn::layers::{Linear, Module, ModuleT};
@@ -240,6 +240,56 @@ fn a_strong_penalty_holds_the_fisher_weighted_drift_down() {
     };
     let (free, held) = (drift(0.0), drift(100.0));
     assert!(held < 0.5 * free, "λ = 100: {held}, λ = 0: {free}");
+}
+
+#[test]
+fn the_proximal_update_is_stable_where_the_explicit_penalty_diverges() {
+    // lr 0.05 with momentum 0.9: the explicit step diverges where 0.05·2λF > 3.8.
+    let scenario = lifelong();
+    let run = |lambda, update| {
+        let mut lq = LifeQuant::new(LifeQuantParams {
+            lambda,
+            update,
+            ..LifeQuantParams::default()
+        })
+        .unwrap();
+        let store = ParamStore::new(4);
+        let model = LinearModel::new(&store.root(&Device::Cpu));
+        let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);
+        let run = ContinualTrainer::new(config()).unwrap().run(
+            &learner,
+            &mut lq,
+            scenario.tasks(),
+            &schedule(2),
+        );
+        (run.map(|r| r.accuracy.rows().to_vec()), lq.drift().to_vec())
+    };
+    let huge = 1e6;
+    let (explicit, _) = run(huge, PenaltyUpdate::Gradient);
+    assert!(
+        matches!(explicit, Err(Error::NonFinite { .. })),
+        "{explicit:?}"
+    );
+    let (proximal, held) = run(huge, PenaltyUpdate::Proximal);
+    let (free_rows, free) = run(0.0, PenaltyUpdate::Proximal);
+    assert!(proximal.is_ok());
+    assert!(
+        held[1] < 0.01 * free[1],
+        "λ = 1e6: {held:?}, λ = 0: {free:?}"
+    );
+    // With λ = 0 the update rule is irrelevant: the same run bit for bit.
+    let (gradient_rows, gradient_free) = run(0.0, PenaltyUpdate::Gradient);
+    assert_eq!(free_rows.unwrap(), gradient_rows.unwrap());
+    assert_eq!(free, gradient_free);
+    // Where the explicit update is stable, both hold the drift down alike.
+    let (_, explicit_small) = run(10.0, PenaltyUpdate::Gradient);
+    let (_, proximal_small) = run(10.0, PenaltyUpdate::Proximal);
+    assert!(explicit_small[1] < free[1] && proximal_small[1] < free[1]);
+    let ratio = proximal_small[1] / explicit_small[1];
+    assert!(
+        (0.33..3.0).contains(&ratio),
+        "{proximal_small:?} vs {explicit_small:?}"
+    );
 }
 
 #[test]

@@ -13,8 +13,8 @@ use indicatif::ProgressBar;
 use plotters::prelude::*;
 use qcl_continual::{
     AccuracyMatrix, BallMode, ContinualTrainer, FineTune, Learner, LifeQuant, LifeQuantMode,
-    LifeQuantParams, LifelongParams, QResNet, QResNetConfig, RunRecord, Scenario, Strategy,
-    TaskSchedule, TaskView, TrainerConfig,
+    LifeQuantParams, LifelongParams, PenaltyUpdate, QResNet, QResNetConfig, RunRecord, Scenario,
+    Strategy, TaskSchedule, TaskView, TrainerConfig,
 };
 use qcl_data::{KnownDataset, Normalization, SplitDataset};
 use qcl_nn::ParamStore;
@@ -137,10 +137,13 @@ pub enum Arm {
     M5,
     /// M0 at 2 bits.
     M0TwoBit,
+    /// M4 with the penalty applied by its proximal step (ours, not an arm of the spec): the
+    /// same objective, stable for any λ.
+    M4Prox,
 }
 
 impl Arm {
-    const ALL: [Arm; 7] = [
+    const ALL: [Arm; 8] = [
         Arm::M0,
         Arm::M1,
         Arm::M2,
@@ -148,6 +151,7 @@ impl Arm {
         Arm::M4,
         Arm::M5,
         Arm::M0TwoBit,
+        Arm::M4Prox,
     ];
 
     fn id(self) -> &'static str {
@@ -159,6 +163,7 @@ impl Arm {
             Arm::M4 => "M4",
             Arm::M5 => "M5",
             Arm::M0TwoBit => "M0-2bit",
+            Arm::M4Prox => "M4-prox",
         }
     }
 
@@ -171,6 +176,7 @@ impl Arm {
             Arm::M4 => "LifeQuant: D_t ∪ R, BaLL, λ",
             Arm::M5 => "FT FP32 (reference): D_t, CE",
             Arm::M0TwoBit => "FT 2-bit: D_t, CE, λ = 0",
+            Arm::M4Prox => "M4 with the proximal penalty step (not in the spec)",
         }
     }
 
@@ -195,6 +201,13 @@ impl Arm {
                 ..LifeQuantParams::default()
             })?))
         };
+        let proximal = |lambda| -> Result<Box<dyn ArmStrategy>> {
+            Ok(Box::new(LifeQuant::new(LifeQuantParams {
+                lambda,
+                update: PenaltyUpdate::Proximal,
+                ..LifeQuantParams::default()
+            })?))
+        };
         match self {
             // FT with λ = 0 and no replay in the training data: the code-faithful LifeQuant
             // with λ = 0 is exactly fine-tuning (spec §11, item 21) and still measures drift.
@@ -204,6 +217,7 @@ impl Arm {
             Arm::M3 => lq(LifeQuantMode::Paper, 0.0, ball),
             Arm::M4 => lq(LifeQuantMode::Paper, lambda, ball),
             Arm::M5 => Ok(Box::new(FineTune)),
+            Arm::M4Prox => proximal(lambda),
         }
     }
 }
@@ -454,12 +468,12 @@ pub fn run_with(
         mean: stats.mean as f32,
         std: stats.std as f32,
     };
-    let total = settings.seeds.len() * (1 + Arm::ALL.len()) + settings.lambda_sweep.len();
+    let total = settings.seeds.len() * (1 + Arm::ALL.len() + settings.lambda_sweep.len());
     bar.set_length(bar.length().unwrap_or(0) + total as u64);
     let mut pretraining = Vec::new();
     let mut runs: Vec<ArmRun> = Vec::new();
-    let mut first_checkpoints = None;
-    for (i, &seed) in settings.seeds.iter().enumerate() {
+    let mut sweep_runs: Vec<SweepRun> = Vec::new();
+    for &seed in &settings.seeds {
         bar.set_message(format!("lifequant seed {seed}: task 0 FP32 → 8 → 4/2 bit"));
         let (pre, checkpoints) = pretrain(settings, &scenario, normalization, seed)
             .with_context(|| format!("task-0 pretraining, seed {seed}"))?;
@@ -481,45 +495,37 @@ pub fn run_with(
             );
             bar.inc(1);
         }
-        if i == 0 {
-            first_checkpoints = Some(checkpoints);
-        }
-    }
-    // The λ sweep of M4 on the first seed, after the main runs; a λ too large for the step
-    // size diverges, which is a result to report, not a failed experiment.
-    let mut sweep_runs: Vec<SweepRun> = Vec::new();
-    if let (Some(&seed), Some(checkpoints)) = (settings.seeds.first(), &first_checkpoints) {
-        {
-            for &lambda in &settings.lambda_sweep {
-                bar.set_message(format!("lifequant seed {seed}: M4 λ = {lambda}"));
-                let run = run_arm(
-                    settings,
-                    &scenario,
-                    normalization,
-                    checkpoints,
-                    Arm::M4,
+        // The λ sweep of M4 on every seed; a λ too large for the explicit step diverges, which
+        // is a result to report, not a failed experiment.
+        for &lambda in &settings.lambda_sweep {
+            bar.set_message(format!("lifequant seed {seed}: M4 λ = {lambda}"));
+            let run = run_arm(
+                settings,
+                &scenario,
+                normalization,
+                &checkpoints,
+                Arm::M4,
+                lambda,
+                seed,
+            );
+            sweep_runs.push(match run {
+                Ok(run) => SweepRun {
                     lambda,
                     seed,
-                );
-                sweep_runs.push(match run {
-                    Ok(run) => SweepRun {
+                    diverged: None,
+                    run: Some(run),
+                },
+                Err(e) => match e.downcast_ref::<qcl_tensor::Error>() {
+                    Some(qcl_tensor::Error::NonFinite { context, .. }) => SweepRun {
                         lambda,
                         seed,
-                        diverged: None,
-                        run: Some(run),
+                        diverged: Some(context.clone()),
+                        run: None,
                     },
-                    Err(e) => match e.downcast_ref::<qcl_tensor::Error>() {
-                        Some(qcl_tensor::Error::NonFinite { context, .. }) => SweepRun {
-                            lambda,
-                            seed,
-                            diverged: Some(context.clone()),
-                            run: None,
-                        },
-                        _ => return Err(e),
-                    },
-                });
-                bar.inc(1);
-            }
+                    _ => return Err(e),
+                },
+            });
+            bar.inc(1);
         }
     }
     let main_runs = |arm: Arm| -> Vec<&ArmRun> {
@@ -713,37 +719,79 @@ pub fn run_with(
             arm.description()
         ));
     }
+    // The λ sweep (every seed) and H3 under the alternatives to the spec's M4.
+    let h3 = |acc4: f64, fgt4: f64| -> String {
+        let held = fgt4 <= fgt(Arm::M0) - 10.0 && acc4 >= acc(Arm::M0) + 10.0;
+        format!(
+            "ACC {acc4:.2}, FGT {fgt4:.2}: H3 {}",
+            if held { "holds" } else { "fails" }
+        )
+    };
     let mut sweep = String::new();
     if !sweep_runs.is_empty() {
-        let base = runs
-            .iter()
-            .find(|r| r.arm == "M4" && r.seed == settings.seeds[0])
-            .context("M4 on the first seed")?;
         sweep = format!(
-            "\nλ sweep of M4 (seed {}):\n\n| λ | ACC % | FGT % | orphan acc % | drift after T1 |\n|---|---|---|---|---|\n\
-             | {} | {:.2} | {:.2} | {:.2} | {:.3e} |\n",
-            base.seed,
-            settings.lambda,
-            100.0 * base.acc,
-            100.0 * base.fgt,
-            100.0 * base.orphan_acc,
-            base.drift.first().copied().unwrap_or(f64::NAN)
+            "\nλ sweep of M4 (explicit penalty gradient, as the reference), every seed; `H3` \
+             compares with M0 as the spec's H3 does:\n\n\
+             | λ | seeds finished | ACC % | FGT % | orphan acc % | drift after T1 | H3 with this λ |\n\
+             |---|---|---|---|---|---|---|\n"
         );
-        for s in &sweep_runs {
-            sweep.push_str(&match (&s.run, &s.diverged) {
-                (Some(r), _) => format!(
-                    "| {} | {:.2} | {:.2} | {:.2} | {:.3e} |\n",
-                    s.lambda,
-                    100.0 * r.acc,
-                    100.0 * r.fgt,
-                    100.0 * r.orphan_acc,
-                    r.drift.first().copied().unwrap_or(f64::NAN)
-                ),
-                (None, Some(why)) => format!("| {} | diverged ({why}) | — | — | — |\n", s.lambda),
-                (None, None) => String::new(),
-            });
+        let mut lambdas: Vec<f64> = vec![settings.lambda];
+        lambdas.extend(settings.lambda_sweep.iter().copied());
+        for lambda in lambdas {
+            let (finished, diverged): (Vec<&ArmRun>, Vec<&SweepRun>) = if lambda == settings.lambda
+            {
+                (main_runs(Arm::M4), Vec::new())
+            } else {
+                let at: Vec<&SweepRun> = sweep_runs.iter().filter(|r| r.lambda == lambda).collect();
+                (
+                    at.iter().filter_map(|r| r.run.as_ref()).collect(),
+                    at.into_iter().filter(|r| r.run.is_none()).collect(),
+                )
+            };
+            let total = finished.len() + diverged.len();
+            let diverged_note = if diverged.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (diverged: {})",
+                    diverged
+                        .iter()
+                        .map(|r| format!(
+                            "seed {} at {}",
+                            r.seed,
+                            r.diverged.as_deref().unwrap_or("?")
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            };
+            if finished.is_empty() {
+                sweep.push_str(&format!(
+                    "| {lambda} | 0 of {total}{diverged_note} | — | — | — | — | — |\n"
+                ));
+                continue;
+            }
+            let ms = |f: &dyn Fn(&ArmRun) -> f64| {
+                mean_std(&finished.iter().map(|r| f(r)).collect::<Vec<_>>())
+            };
+            let (a, sa) = ms(&|r| 100.0 * r.acc);
+            let (f, sf) = ms(&|r| 100.0 * r.fgt);
+            let (or, so) = ms(&|r| 100.0 * r.orphan_acc);
+            let drift = ms(&|r| r.drift.first().copied().unwrap_or(f64::NAN)).0;
+            let verdict = if diverged.is_empty() {
+                h3(a, f)
+            } else {
+                "— (not every seed finished)".to_string()
+            };
+            sweep.push_str(&format!(
+                "| {lambda}{} | {} of {total}{diverged_note} | {a:.2} ± {sa:.2} | {f:.2} ± {sf:.2} | \
+                 {or:.2} ± {so:.2} | {drift:.3e} | {verdict} |\n",
+                if lambda == settings.lambda { " (M4)" } else { "" },
+                finished.len(),
+            ));
         }
     }
+    let prox_h3 = h3(acc(Arm::M4Prox), fgt(Arm::M4Prox));
     let mut pre_table = String::from(
         "| seed | FP32 | 8-bit | 4-bit | 2-bit | seconds |\n|---|---|---|---|---|---|\n",
     );
@@ -811,7 +859,10 @@ pub fn run_with(
          `z + softmax(z)·(K·p − 1)`. Seeds {seeds:?}. ACC = mean_s a[2][s]; FGT = \
          mean_{{s<2}} (max_{{t∈[s,1]}} a[t][s] − a[2][s]) (not clamped).\n\n\
          ## Task 0 (test accuracy %, per stage)\n\n{pre_table}\n\
-         ## Arms (mean ± std over seeds)\n\n{table}{sweep}\n\
+         ## Arms (mean ± std over seeds)\n\n{table}\n\
+         M4-prox is not an arm of the spec: M4's objective with the penalty applied by its \
+         proximal step after each SGD step (step η/(1 − μ)) instead of its gradient in the loss; \
+         the explicit form diverges wherever η·2λF > 2(1 + μ). With it, {prox_h3}.\n{sweep}\n\
          ## Expected orderings\n\n{order_table}",
         per = settings.train_per_class,
         test = settings
@@ -991,8 +1042,9 @@ mod tests {
         };
         let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
         let runs = outcome.figures["runs"].as_array().unwrap();
-        assert_eq!(runs.len(), 2 * 7);
-        assert_eq!(outcome.figures["lambda_sweep"].as_array().unwrap().len(), 1);
+        assert_eq!(runs.len(), 2 * 8);
+        // The sweep runs on every seed.
+        assert_eq!(outcome.figures["lambda_sweep"].as_array().unwrap().len(), 2);
         for r in runs {
             let matrix = r["matrix"].as_array().unwrap();
             assert_eq!(matrix.len(), 3);
@@ -1016,6 +1068,8 @@ mod tests {
         assert_eq!(outcome.figures["orderings"].as_array().unwrap().len(), 9);
         assert!(outcome.markdown.contains("| H5 |"), "{}", outcome.markdown);
         assert!(outcome.markdown.contains("λ sweep"));
+        assert!(outcome.markdown.contains("| M4-prox |"));
+        assert!(outcome.markdown.contains("H3 with this λ"));
         for (png, _) in &outcome.plots {
             let bytes = std::fs::read(out.path().join(png)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{png}");
