@@ -729,11 +729,11 @@ pub fn run_with(
     };
     let mut sweep = String::new();
     if !sweep_runs.is_empty() {
-        sweep = format!(
+        sweep = String::from(
             "\nλ sweep of M4 (explicit penalty gradient, as the reference), every seed; `H3` \
              compares with M0 as the spec's H3 does:\n\n\
              | λ | seeds finished | ACC % | FGT % | orphan acc % | drift after T1 | H3 with this λ |\n\
-             |---|---|---|---|---|---|---|\n"
+             |---|---|---|---|---|---|---|\n",
         );
         let mut lambdas: Vec<f64> = vec![settings.lambda];
         lambdas.extend(settings.lambda_sweep.iter().copied());
