@@ -70,7 +70,7 @@ pub use buffer::{
     BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
 };
-pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams};
+pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams, QuantizationNoise};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 pub use qresnet::{QResNet, QResNetConfig};
@@ -84,6 +84,6 @@ pub use scenario::{
 };
 pub use strategy::{
     distillation_loss, fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams,
-    ExperienceReplay, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep, RunRecord, Strategy,
-    TaskRecord, TaskSchedule, TaskView, TrainerConfig,
+    ExperienceReplay, FeatureHead, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep,
+    RunRecord, Strategy, TaskRecord, TaskSchedule, TaskView, TrainerConfig,
 };

@@ -18,6 +18,10 @@
 //! - [`LifeQuantMode::CodeFaithful`]: train on `D_t` with plain CE; replay and BaLL only shape
 //!   `F`, as in the released code.
 //!
+//! Optionally (spec §4, off by default, found only in the reference's MobileNet folder) the
+//! Fisher loss of each batch gains a quantization-noise term ([`QuantizationNoise`]), which
+//! needs a learner that exposes features and head ([`Learner::with_feature_head`]).
+//!
 //! With λ = 0 and no replay the two modes are the same run (spec §11, item 21). The quantized
 //! network itself is [`crate::QResNet`]; its bit widths are set by the caller
 //! ([`crate::QResNet::set_bits`]) between the FP32, 8-bit and 4-bit phases.
@@ -48,13 +52,14 @@
 //! ```
 
 use candle_core::{DType, Tensor};
-use qcl_data::{Batch, Dataset};
-use qcl_tensor::Result;
+use qcl_data::{Batch, BatchOrder, Dataset};
+use qcl_tensor::{Error, Result, Seed, SeededRng};
 
 use crate::ball::{cross_entropy, BallLoss, BallMode, ClassStatistics};
-use crate::proxq::{FisherDiagonal, PenaltyUpdate, ProxQ};
+use crate::proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 use crate::strategy::{
-    check_penalty, fisher_diagonal, with_replay, Learner, OptimizerStep, Strategy, TaskView,
+    check_penalty, fisher_diagonal, log_softmax, with_replay, FeatureHead, Learner, OptimizerStep,
+    Strategy, TaskView,
 };
 
 /// Which data LifeQuant trains on and with which loss (spec §5.4).
@@ -66,6 +71,94 @@ pub enum LifeQuantMode {
     Paper,
     /// The released code: `D_t` with CE; replay (and BaLL) only enter the Fisher estimate.
     CodeFaithful,
+}
+
+/// The optional quantization-noise term of the Fisher loss (spec §4, from the reference's
+/// MobileNet folder). For each Fisher batch with penultimate features `h` and logits
+/// `z = head(h)`, it draws `ε ~ U(−a, a)` elementwise, `a = activation_range / (2^bits − 1)`,
+/// `draws` times, and adds
+///
+/// `(1 / (draws·B)) · Σ_r −log mean(log_softmax(head(h + ε_r)) ⊙ log_softmax(z))`
+///
+/// to the batch loss, `B` the number of Fisher batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantizationNoise {
+    /// Noise draws per batch (default 100).
+    pub draws: usize,
+    /// The activation range (default 2).
+    pub activation_range: f64,
+    /// The weight bit width `k_w` in `a` (default 4).
+    pub bits: u32,
+    /// Seed of the draws (default 0).
+    pub seed: u64,
+}
+
+impl Default for QuantizationNoise {
+    fn default() -> Self {
+        QuantizationNoise {
+            draws: 100,
+            activation_range: 2.0,
+            bits: 4,
+            seed: 0,
+        }
+    }
+}
+
+impl QuantizationNoise {
+    /// Half-width `a` of the uniform noise.
+    pub fn amplitude(&self) -> f64 {
+        self.activation_range / ((1u64 << self.bits) - 1) as f64
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.draws == 0 {
+            return Err(Error::invalid_parameter(
+                "quantization_noise.draws",
+                "must be at least 1",
+            ));
+        }
+        if !(self.activation_range.is_finite() && self.activation_range >= 0.0) {
+            return Err(Error::invalid_parameter(
+                "quantization_noise.activation_range",
+                format!("must be finite and >= 0, got {}", self.activation_range),
+            ));
+        }
+        if !(1..=16).contains(&self.bits) {
+            return Err(Error::invalid_parameter(
+                "quantization_noise.bits",
+                format!("must be in 1..=16, got {}", self.bits),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The term's sum over the draws for one batch, `Σ_r −log mean(log_softmax(head(h + ε_r))
+    /// ⊙ log_softmax(z))`, on the graph of `features` and `logits` (`rng` supplies the draws).
+    ///
+    /// # Errors
+    /// Errors of the head; [`Error::InvalidParameter`] for bad settings.
+    pub fn batch_sum(
+        &self,
+        split: &dyn FeatureHead,
+        features: &Tensor,
+        logits: &Tensor,
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
+        self.validate()?;
+        let a = self.amplitude() as f32;
+        let clean = log_softmax(logits)?;
+        let mut sum: Option<Tensor> = None;
+        for _ in 0..self.draws {
+            let eps = rng.uniform_tensor(features.shape(), -a, a, features.device())?;
+            let noisy = log_softmax(&split.head(&(features + eps.to_dtype(features.dtype())?)?)?)?;
+            let term = (noisy * &clean)?.mean_all()?.log()?.neg()?;
+            sum = Some(match sum {
+                Some(s) => (s + term)?,
+                None => term,
+            });
+        }
+        Ok(sum.expect("draws >= 1"))
+    }
 }
 
 /// Parameters of [`LifeQuant`], each with a default (spec §6).
@@ -83,6 +176,8 @@ pub struct LifeQuantParams {
     /// How the ProxQ penalty enters training (default [`PenaltyUpdate::Gradient`], the
     /// reference's loss term).
     pub update: PenaltyUpdate,
+    /// The quantization-noise term of the Fisher loss (default `None`, as the spec asks).
+    pub quantization_noise: Option<QuantizationNoise>,
 }
 
 impl Default for LifeQuantParams {
@@ -93,6 +188,7 @@ impl Default for LifeQuantParams {
             ball: Some(BallMode::PaperLinearPrior),
             fisher_batch_size: 128,
             update: PenaltyUpdate::Gradient,
+            quantization_noise: None,
         }
     }
 }
@@ -113,6 +209,9 @@ impl LifeQuant {
     /// [`qcl_tensor::Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
     pub fn new(params: LifeQuantParams) -> Result<Self> {
         check_penalty(params.lambda, params.fisher_batch_size)?;
+        if let Some(noise) = &params.quantization_noise {
+            noise.validate()?;
+        }
         Ok(LifeQuant {
             params,
             statistics: None,
@@ -140,6 +239,44 @@ impl LifeQuant {
     /// The BaLL statistics of the current (or last) task, `D_t ∪ R_{<t}`.
     pub fn statistics(&self) -> Option<&ClassStatistics> {
         self.statistics.as_ref()
+    }
+
+    /// The Fisher pass with the quantization-noise term added to every batch's loss.
+    fn noisy_fisher(
+        &self,
+        learner: &Learner<'_>,
+        replay: &Dataset,
+        noise: &QuantizationNoise,
+        task: u64,
+    ) -> Result<FisherDiagonal> {
+        let split = learner.feature_head.ok_or_else(|| {
+            Error::invalid_parameter(
+                "quantization_noise",
+                "needs a learner with features and head (Learner::with_feature_head)",
+            )
+        })?;
+        if replay.is_empty() {
+            return Err(Error::EmptyInput(format!(
+                "Fisher estimate over {}",
+                replay.name()
+            )));
+        }
+        let batch_size = self.params.fisher_batch_size;
+        let batches = replay.len().div_ceil(batch_size);
+        let scale = 1.0 / (noise.draws * batches) as f64;
+        let mut rng = Seed::new(noise.seed).child(task).rng();
+        let params = learner.params();
+        let mut accumulator = FisherAccumulator::new();
+        let options = learner.batch_options(batch_size, BatchOrder::Sequential);
+        for batch in replay.batches(options, learner.device)? {
+            let batch = batch?;
+            let features = split.features_t(&batch.images, false)?;
+            let logits = split.head(&features)?;
+            let term = noise.batch_sum(split, &features, &logits, &mut rng)?;
+            let loss = (self.task_loss(&logits, &batch.labels, true)? + (term * scale)?)?;
+            accumulator.accumulate(&params, &loss.backward()?)?;
+        }
+        accumulator.finish()
     }
 
     fn task_loss(&self, logits: &Tensor, labels: &Tensor, ball: bool) -> Result<Tensor> {
@@ -184,13 +321,16 @@ impl Strategy for LifeQuant {
             view.replay,
             num_classes,
         )?);
-        let fisher = match view.replay {
-            Some(replay) => {
+        let fisher = match (view.replay, &self.params.quantization_noise) {
+            (Some(replay), None) => {
                 fisher_diagonal(learner, replay, self.params.fisher_batch_size, &|z, y| {
                     self.task_loss(z, y, true)
                 })?
             }
-            None => FisherDiagonal::zeros(&params)?,
+            (Some(replay), Some(noise)) => {
+                self.noisy_fisher(learner, replay, noise, view.task.id as u64)?
+            }
+            (None, _) => FisherDiagonal::zeros(&params)?,
         };
         self.prox = Some(ProxQ::new(
             ProxQ::snapshot(&params)?,

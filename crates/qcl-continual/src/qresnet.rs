@@ -25,6 +25,7 @@ use qcl_nn::ParamPath;
 use qcl_tensor::{Error, Result};
 
 use crate::quant::{ActivationQuantizer, WeightQuantMode, WeightQuantizer};
+use crate::strategy::FeatureHead;
 
 /// Shape and precision of a [`QResNet`].
 #[derive(Debug, Clone, PartialEq)]
@@ -371,6 +372,16 @@ impl QResNet {
     /// As [`QResNet::features_t`].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward(&self.features_t(x, train)?)
+    }
+}
+
+impl FeatureHead for QResNet {
+    fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        QResNet::features_t(self, x, train)
+    }
+
+    fn head(&self, features: &Tensor) -> Result<Tensor> {
+        self.fc.forward(features)
     }
 }
 

@@ -58,6 +58,22 @@ use crate::metrics::AccuracyMatrix;
 use crate::proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 use crate::scenario::Task;
 
+/// A classifier split into its penultimate features and its head, `forward = head ∘ features`
+/// (what LifeQuant's optional quantization-noise Fisher term perturbs).
+pub trait FeatureHead {
+    /// The features before the head, `[n, f]`; `train` selects batch statistics.
+    ///
+    /// # Errors
+    /// Model-specific (shapes, non-finite weights).
+    fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The head on `features` (`[n, f]` → logits `[n, classes]`).
+    ///
+    /// # Errors
+    /// Model-specific.
+    fn head(&self, features: &Tensor) -> Result<Tensor>;
+}
+
 /// The network being trained, its parameters and how images become tensors.
 #[derive(Clone, Copy)]
 pub struct Learner<'a> {
@@ -70,6 +86,9 @@ pub struct Learner<'a> {
     pub device: &'a Device,
     /// Pixel normalisation of every batch.
     pub normalization: Normalization,
+    /// The same model as features and head, when it offers the split
+    /// ([`Learner::with_feature_head`]).
+    pub feature_head: Option<&'a dyn FeatureHead>,
 }
 
 impl std::fmt::Debug for Learner<'_> {
@@ -95,6 +114,28 @@ impl<'a> Learner<'a> {
             store,
             device,
             normalization,
+            feature_head: None,
+        }
+    }
+
+    /// This learner with `split`, the same model as features and head.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use qcl_continual::{Learner, QResNet, QResNetConfig};
+    /// use qcl_data::Normalization;
+    /// use qcl_nn::ParamStore;
+    /// let store = ParamStore::new(0);
+    /// let model = QResNet::new(&store.root(&Device::Cpu), &QResNetConfig::smoke())?;
+    /// let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval)
+    ///     .with_feature_head(&model);
+    /// assert!(learner.feature_head.is_some());
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    pub fn with_feature_head(self, split: &'a dyn FeatureHead) -> Self {
+        Learner {
+            feature_head: Some(split),
+            ..self
         }
     }
 
@@ -137,7 +178,7 @@ impl<'a> Learner<'a> {
         Ok(counts)
     }
 
-    fn batch_options(&self, batch_size: usize, order: BatchOrder) -> BatchOptions {
+    pub(crate) fn batch_options(&self, batch_size: usize, order: BatchOrder) -> BatchOptions {
         BatchOptions {
             batch_size,
             order,
@@ -565,7 +606,7 @@ impl Lwf {
 }
 
 /// `log softmax` along the last dimension, max-shifted.
-fn log_softmax(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
