@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use qcl_nn::layers::{Conv2d, Conv2dConfig};
-use qcl_nn::ops::{relu, Conv2dParams};
+use qcl_nn::ops::{max_pool2d, relu, Conv2dParams};
 use qcl_nn::{Init, ParamStore};
 use qcl_tensor::{write_safetensors, Error, Result, SafetensorsFile, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
@@ -151,12 +151,12 @@ fn trunk(
     conv: impl Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let mut h = conv(0, x)?;
-    h = conv(1, &h)?.max_pool2d(2)?;
+    h = max_pool2d(&conv(1, &h)?, 2, 2)?;
     if let Some(r) = rng.as_deref_mut() {
         h = dropout(&h, p, r)?;
     }
     h = conv(2, &h)?;
-    h = conv(3, &h)?.max_pool2d(2)?;
+    h = max_pool2d(&conv(3, &h)?, 2, 2)?;
     if let Some(r) = rng {
         h = dropout(&h, p, r)?;
     }

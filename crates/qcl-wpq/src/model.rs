@@ -6,7 +6,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use qcl_nn::ops::{
-    batch_norm_eval, batch_norm_train, conv2d, conv2d_bias_relu, BatchStats, Conv2dParams,
+    batch_norm_eval, batch_norm_train, conv2d, conv2d_bias_relu, max_pool2d, BatchStats,
+    Conv2dParams,
 };
 use qcl_tensor::{Error, Result, SafetensorsFile, Seed};
 use serde::{Deserialize, Serialize};
@@ -366,7 +367,7 @@ impl Model {
                     }
                     h = match layer.pool {
                         Pool::None => h,
-                        Pool::Max2 => h.max_pool2d(2)?,
+                        Pool::Max2 => max_pool2d(&h, 2, 2)?,
                         Pool::GlobalAvg => h.mean(D::Minus1)?.mean(D::Minus1)?,
                     };
                 }

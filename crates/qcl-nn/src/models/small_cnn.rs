@@ -2,7 +2,7 @@ use candle_core::Tensor;
 use qcl_tensor::{Error, Result};
 
 use crate::layers::{Conv2d, Conv2dConfig, Linear, Module};
-use crate::ops::relu;
+use crate::ops::{max_pool2d, relu};
 use crate::ParamPath;
 
 /// The small CNN classifier of the AQM spec's CPU budget: `conv3×3 c→32, ReLU, maxpool 2,
@@ -68,8 +68,8 @@ impl Module for SmallCnn {
                 actual: x.dims().to_vec(),
             });
         }
-        let h = self.conv1.forward_relu(x)?.max_pool2d(2)?;
-        let h = self.conv2.forward_relu(&h)?.max_pool2d(2)?;
+        let h = max_pool2d(&self.conv1.forward_relu(x)?, 2, 2)?;
+        let h = max_pool2d(&self.conv2.forward_relu(&h)?, 2, 2)?;
         let h = relu(&self.fc1.forward(&h.flatten_from(1)?)?)?;
         self.fc2.forward(&h)
     }

@@ -9,6 +9,7 @@ mod conv_kernels;
 pub(crate) mod cpu;
 mod elementwise;
 mod loss;
+mod pool;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv::{
@@ -17,3 +18,4 @@ pub use conv::{
 };
 pub use elementwise::{add_channel_bias, add_relu, relu};
 pub use loss::{mse_loss, straight_through};
+pub use pool::max_pool2d;
