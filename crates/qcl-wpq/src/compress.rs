@@ -62,6 +62,10 @@ pub struct CompressConfig {
     pub global_steps: usize,
     /// Global CentroidSGD learning rate.
     pub global_lr: f64,
+    /// Fractions of the global phase after which its learning rate is multiplied by 0.1
+    /// (default none, spec §10's constant rate; the paper's schedule, ×0.1 every three of nine
+    /// rounds, is `[1/3, 2/3]`).
+    pub global_lr_drops: Vec<f64>,
     /// Momentum of CentroidSGD.
     pub momentum: f64,
     /// Weight decay of CentroidSGD.
@@ -94,6 +98,7 @@ impl Default for CompressConfig {
             layer_lr: 0.01,
             global_steps: 400,
             global_lr: 0.005,
+            global_lr_drops: Vec::new(),
             momentum: 0.9,
             weight_decay: 1e-4,
             batch_size: 128,
@@ -135,6 +140,16 @@ impl CompressConfig {
                     format!("must be finite and >= 0, got {v}"),
                 ));
             }
+        }
+        if let Some(bad) = self
+            .global_lr_drops
+            .iter()
+            .find(|f| !(f.is_finite() && (0.0..=1.0).contains(*f)))
+        {
+            return Err(Error::invalid_parameter(
+                "global_lr_drops",
+                format!("fractions must lie in [0, 1], got {bad}"),
+            ));
         }
         if self.per_slab_codebooks && self.layout != Layout::ChannelMajor {
             return Err(Error::invalid_parameter(
@@ -645,7 +660,7 @@ fn finetune(
     which: &[usize],
     biases: &[String],
     steps: usize,
-    lr: f64,
+    (lr, drops): (f64, &[f64]),
     cfg: &CompressConfig,
     train_mode: bool,
     stream: &mut BatchStream<'_>,
@@ -654,6 +669,11 @@ fn finetune(
     if steps == 0 {
         return Ok(());
     }
+    // Step indices at which the rate drops tenfold.
+    let drop_steps: Vec<usize> = drops
+        .iter()
+        .map(|f| (f * steps as f64).round() as usize)
+        .collect();
     let mut codebooks = Vec::new();
     for &i in which {
         let l = &layers[i];
@@ -678,7 +698,15 @@ fn finetune(
         let opt = CentroidSgd::new(None, lr, cfg.momentum, cfg.weight_decay)?;
         bias_vars.push((name.clone(), var, opt));
     }
-    for _ in 0..steps {
+    for step in 0..steps {
+        let drops_passed = drop_steps.iter().filter(|&&d| d <= step).count();
+        let step_lr = lr * 0.1f64.powi(drops_passed as i32);
+        for (_, _, opt) in &mut codebooks {
+            opt.set_lr(step_lr);
+        }
+        for (_, _, opt) in &mut bias_vars {
+            opt.set_lr(step_lr);
+        }
         let (x, _) = stream.next_batch()?;
         let t_logits = teacher
             .forward(
@@ -855,7 +883,7 @@ pub fn compress(
             &[li],
             &biases,
             cfg.layer_steps,
-            cfg.layer_lr,
+            (cfg.layer_lr, &[]),
             cfg,
             false,
             &mut stream,
@@ -891,7 +919,7 @@ pub fn compress(
         &all,
         &biases,
         cfg.global_steps,
-        cfg.global_lr,
+        (cfg.global_lr, &cfg.global_lr_drops),
         cfg,
         train_bn,
         &mut stream,

@@ -153,6 +153,48 @@ fn compression_is_deterministic_and_naive_differs() {
 }
 
 #[test]
+fn global_learning_rate_drops_follow_the_schedule() {
+    let data = fixture();
+    let teacher = Model::new(Arch::FmNet, Seed::new(6)).unwrap();
+    let run = |global_lr: f64, drops: Vec<f64>| {
+        let cfg = CompressConfig {
+            layer_steps: 0,
+            global_steps: 3,
+            global_lr,
+            global_lr_drops: drops,
+            ..smoke_config()
+        };
+        compress(&teacher, &data.train, &cfg, &ProgressBar::hidden())
+            .unwrap()
+            .compressed
+            .layers
+            .iter()
+            .map(|l| l.centroids.clone())
+            .collect::<Vec<_>>()
+    };
+    // Forty tenfold drops from the first step leave a rate far below any f32 update: the same
+    // centroids as a zero rate, and different from the undropped schedule.
+    let frozen = run(0.0, Vec::new());
+    assert_eq!(run(0.05, vec![0.0; 40]), frozen);
+    let moving = run(0.05, Vec::new());
+    assert_ne!(moving, frozen);
+    // A drop after the last step changes nothing.
+    assert_eq!(run(0.05, vec![1.0]), moving);
+    // A drop in the middle changes the last steps only: different from both.
+    let dropped = run(0.05, vec![0.5]);
+    assert_ne!(dropped, moving);
+    assert_ne!(dropped, frozen);
+    let bad = CompressConfig {
+        global_lr_drops: vec![1.5],
+        ..smoke_config()
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(qcl_tensor::Error::InvalidParameter { .. })
+    ));
+}
+
+#[test]
 fn fork_variants_run_and_keep_their_layouts() {
     let data = fixture();
     let bn = Model::new(Arch::FmNetBn, Seed::new(6)).unwrap();
