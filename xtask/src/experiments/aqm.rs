@@ -381,7 +381,7 @@ pub fn run_with(
          codebook, SGD), whose PyTorch reference in docs/results/training.md (`vq_ae`, C 32, \
          K 16) ran at 2,622 samples/s against qcl's 2,501: {fixed_sps:.0} samples/s here, so \
          the module runs at {rel:.2}× the benchmark model and roughly {torch:.2}× PyTorch by that \
-         ratio. All timings were taken on a shared 2-core machine under load from other jobs. \
+         ratio. All timings are from a 2-core machine that other jobs may share. \
          Wall time of all stream runs: {stream_seconds:.0} s.",
         rel = module_sps / fixed_sps,
         torch = module_sps / fixed_sps * 2501.0 / 2622.0,
