@@ -91,6 +91,16 @@ pub fn image_grid(
     })
 }
 
+/// The name of category `i` for a tick at x = i on a categorical axis (empty between them).
+pub fn category_label(names: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+        names[i as usize].clone()
+    } else {
+        String::new()
+    }
+}
+
 /// Grouped bars: for each class, one bar per series (e.g. train and test counts).
 pub fn class_bars(
     path: &Path,
@@ -117,14 +127,7 @@ pub fn class_bars(
             .disable_x_mesh()
             .light_line_style(WHITE)
             .x_labels(classes + 1)
-            .x_label_formatter(&move |x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                    names[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&move |x| category_label(&names, *x))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .y_desc("images")
             .draw()?;

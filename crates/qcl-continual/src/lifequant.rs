@@ -52,14 +52,14 @@
 //! ```
 
 use candle_core::{DType, Tensor};
-use qcl_data::{Batch, BatchOrder, Dataset};
+use qcl_data::{Batch, Dataset};
 use qcl_tensor::{Error, Result, Seed, SeededRng};
 
 use crate::ball::{cross_entropy, BallLoss, BallMode, ClassStatistics};
-use crate::proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
+use crate::proxq::{FisherDiagonal, PenaltyUpdate, ProxQ};
 use crate::strategy::{
-    check_penalty, fisher_diagonal, log_softmax, with_replay, FeatureHead, Learner, OptimizerStep,
-    Strategy, TaskView,
+    check_penalty, fisher_diagonal, fisher_diagonal_of, log_softmax, with_replay, FeatureHead,
+    Learner, OptimizerStep, Strategy, TaskView,
 };
 
 /// Which data LifeQuant trains on and with which loss (spec §5.4).
@@ -255,28 +255,16 @@ impl LifeQuant {
                 "needs a learner with features and head (Learner::with_feature_head)",
             )
         })?;
-        if replay.is_empty() {
-            return Err(Error::EmptyInput(format!(
-                "Fisher estimate over {}",
-                replay.name()
-            )));
-        }
         let batch_size = self.params.fisher_batch_size;
         let batches = replay.len().div_ceil(batch_size);
         let scale = 1.0 / (noise.draws * batches) as f64;
         let mut rng = Seed::new(noise.seed).child(task).rng();
-        let params = learner.params();
-        let mut accumulator = FisherAccumulator::new();
-        let options = learner.batch_options(batch_size, BatchOrder::Sequential);
-        for batch in replay.batches(options, learner.device)? {
-            let batch = batch?;
+        fisher_diagonal_of(learner, replay, batch_size, &mut |batch| {
             let features = split.features_t(&batch.images, false)?;
             let logits = split.head(&features)?;
             let term = noise.batch_sum(split, &features, &logits, &mut rng)?;
-            let loss = (self.task_loss(&logits, &batch.labels, true)? + (term * scale)?)?;
-            accumulator.accumulate(&params, &loss.backward()?)?;
-        }
-        accumulator.finish()
+            Ok((self.task_loss(&logits, &batch.labels, true)? + (term * scale)?)?)
+        })
     }
 
     fn task_loss(&self, logits: &Tensor, labels: &Tensor, ball: bool) -> Result<Tensor> {

@@ -528,6 +528,22 @@ pub fn fisher_diagonal(
     batch_size: usize,
     loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<FisherDiagonal> {
+    fisher_diagonal_of(learner, data, batch_size, &mut |batch| {
+        loss(
+            &learner.model.forward_t(&batch.images, false)?,
+            &batch.labels,
+        )
+    })
+}
+
+/// The Fisher pass behind [`fisher_diagonal`], with the whole loss of a batch (model call
+/// included) given by `batch_loss`, in sequential batches of `batch_size`.
+pub(crate) fn fisher_diagonal_of(
+    learner: &Learner<'_>,
+    data: &Dataset,
+    batch_size: usize,
+    batch_loss: &mut dyn FnMut(&Batch) -> Result<Tensor>,
+) -> Result<FisherDiagonal> {
     if data.is_empty() {
         return Err(Error::EmptyInput(format!(
             "Fisher estimate over {}",
@@ -538,10 +554,7 @@ pub fn fisher_diagonal(
     let mut accumulator = FisherAccumulator::new();
     let options = learner.batch_options(batch_size, BatchOrder::Sequential);
     for batch in data.batches(options, learner.device)? {
-        let batch = batch?;
-        let logits = learner.model.forward_t(&batch.images, false)?;
-        let grads = loss(&logits, &batch.labels)?.backward()?;
-        accumulator.accumulate(&params, &grads)?;
+        accumulator.accumulate(&params, &batch_loss(&batch?)?.backward()?)?;
     }
     accumulator.finish()
 }

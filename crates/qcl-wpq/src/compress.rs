@@ -474,15 +474,7 @@ pub fn evaluate(model: &Model, data: &Dataset, limit: Option<usize>) -> Result<f
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(500) {
         let (x, y) = data.tensors_at(chunk, FMNIST_NORMALIZATION, &Device::Cpu)?;
-        let logits = model
-            .forward(
-                &x,
-                ForwardOptions {
-                    detach: true,
-                    ..Default::default()
-                },
-            )?
-            .logits;
+        let logits = model.logits(&x)?;
         let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let y: Vec<u32> = y.to_vec1()?;
         correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();
@@ -708,15 +700,7 @@ fn finetune(
             opt.set_lr(step_lr);
         }
         let (x, _) = stream.next_batch()?;
-        let t_logits = teacher
-            .forward(
-                &x,
-                ForwardOptions {
-                    detach: true,
-                    ..Default::default()
-                },
-            )?
-            .logits;
+        let t_logits = teacher.logits(&x)?;
         let mut overrides = BTreeMap::new();
         for (i, var, _) in &codebooks {
             let l = &layers[*i];

@@ -16,7 +16,7 @@ use qcl_tensor::{Error, Result, SafetensorsFile};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{index_bits, LayerGeometry, Layout};
-use crate::model::{Arch, Model};
+use crate::model::{file_arch, Arch, Model};
 
 /// File format tag of a compressed model.
 pub const COMPRESSED_FORMAT: &str = "qcl-wpq-compressed/1";
@@ -336,20 +336,7 @@ impl CompressedModel {
         let file = SafetensorsFile::open(path)?;
         file.require_format(COMPRESSED_FORMAT, "a qcl-wpq compressed model")?;
         let bad = |reason: String| Error::bad_file(path, reason);
-        let arch = Arch::from_name(&file.metadata_value::<String>("arch")?)?;
-        if let Some(e) = expected {
-            if e != arch {
-                return Err(Error::invalid_parameter(
-                    "arch",
-                    format!(
-                        "architecture mismatch: asked for `{}`, {} holds `{}`",
-                        e.name(),
-                        path.display(),
-                        arch.name()
-                    ),
-                ));
-            }
-        }
+        let arch = file_arch(&file, path, expected)?;
         let metas: Vec<LayerMeta> = serde_json::from_str(
             file.metadata()
                 .get("layers")

@@ -384,6 +384,22 @@ impl Model {
         })
     }
 
+    /// Evaluation-mode logits with every parameter detached (no graph is kept).
+    ///
+    /// # Errors
+    /// As [`Model::forward`].
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .forward(
+                x,
+                ForwardOptions {
+                    detach: true,
+                    ..Default::default()
+                },
+            )?
+            .logits)
+    }
+
     /// Moves the running statistics towards `stats` (PyTorch's rule, unbiased variance).
     ///
     /// # Errors
@@ -498,27 +514,34 @@ impl Model {
     pub fn load(path: impl AsRef<Path>, expected: Option<Arch>) -> Result<Model> {
         let file = SafetensorsFile::open(path.as_ref())?;
         file.require_format(MODEL_FORMAT, "a qcl-wpq model")?;
-        let arch_name: String = file.metadata_value("arch")?;
-        let arch = Arch::from_name(&arch_name)?;
-        if let Some(e) = expected {
-            if e != arch {
-                return Err(Error::invalid_parameter(
-                    "arch",
-                    format!(
-                        "architecture mismatch: asked for `{}`, {} holds `{}`",
-                        e.name(),
-                        path.as_ref().display(),
-                        arch.name()
-                    ),
-                ));
-            }
-        }
+        let arch = file_arch(&file, path.as_ref(), expected)?;
         let values = file
             .names()
             .iter()
             .map(|n| Ok((n.clone(), file.tensor(n, &Device::Cpu)?)))
             .collect::<Result<_>>()?;
         Model::from_tensors(arch, values)
+    }
+}
+
+/// The architecture a model file's `arch` metadata names, checked against `expected`.
+pub(crate) fn file_arch(
+    file: &SafetensorsFile,
+    path: &Path,
+    expected: Option<Arch>,
+) -> Result<Arch> {
+    let arch = Arch::from_name(&file.metadata_value::<String>("arch")?)?;
+    match expected {
+        Some(e) if e != arch => Err(Error::invalid_parameter(
+            "arch",
+            format!(
+                "architecture mismatch: asked for `{}`, {} holds `{}`",
+                e.name(),
+                path.display(),
+                arch.name()
+            ),
+        )),
+        _ => Ok(arch),
     }
 }
 

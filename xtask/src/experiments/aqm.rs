@@ -471,14 +471,7 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(n + 1)
-            .x_label_formatter(&move |x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                    names[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&move |x| crate::plot::category_label(&names, *x))
             .x_label_style(("sans-serif", 11))
             .y_desc("accuracy %")
             .draw()?;
