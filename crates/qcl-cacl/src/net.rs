@@ -233,6 +233,22 @@ fn check_next_task(task: usize, expected: usize, classes: usize) -> Result<()> {
     Ok(())
 }
 
+/// The freshly initialised head of `task` with `classes` outputs (seeded per task).
+fn task_head(
+    config: &NetConfig,
+    seed: Seed,
+    device: &Device,
+    task: usize,
+    classes: usize,
+) -> Result<Head> {
+    Head::new(
+        config.feature_dim()?,
+        classes,
+        seed.child_named("head").child(task as u64),
+        device,
+    )
+}
+
 fn never_trained(task: usize, finished: usize) -> Error {
     Error::invalid_parameter(
         "task",
@@ -545,13 +561,10 @@ impl NetSvd {
 impl TaskIncrementalModel for NetSvd {
     fn begin_task(&mut self, task: usize, classes: usize) -> Result<()> {
         check_next_task(task, self.tasks_finished(), classes)?;
-        let head = Head::new(
-            self.config.feature_dim()?,
-            classes,
-            self.seed.child_named("head").child(task as u64),
-            &self.device,
-        )?;
-        self.current = Some((task, head));
+        self.current = Some((
+            task,
+            task_head(&self.config, self.seed, &self.device, task, classes)?,
+        ));
         Ok(())
     }
 
@@ -711,13 +724,10 @@ impl DenseNet {
 impl TaskIncrementalModel for DenseNet {
     fn begin_task(&mut self, task: usize, classes: usize) -> Result<()> {
         check_next_task(task, self.tasks_finished(), classes)?;
-        let head = Head::new(
-            self.config.feature_dim()?,
-            classes,
-            self.seed.child_named("head").child(task as u64),
-            &self.device,
-        )?;
-        self.current = Some((task, head));
+        self.current = Some((
+            task,
+            task_head(&self.config, self.seed, &self.device, task, classes)?,
+        ));
         Ok(())
     }
 

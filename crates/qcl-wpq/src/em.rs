@@ -217,33 +217,26 @@ pub fn activation_aware_em(
         .collect();
     let mut sample_rng = params.seed.child_named("rows").rng();
     let mut repair_rng = params.seed.child_named("repair").rng();
-    let eval_metric = match source {
-        MetricSource::Identity => Metric::identity(d),
-        MetricSource::Fixed(m) => m.clone(),
-        MetricSource::Sampled {
-            sampler,
-            patch_rows,
-        } => {
-            let mut rng = params.seed.child_named("eval").rng();
-            let patches = sampler.sample(patch_rows, &mut rng)?;
-            Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
-        }
-    };
-    let mut assignments = vec![0u32; n_sv];
-    let mut objective = Vec::with_capacity(params.iterations);
-    let mut repairs = 0;
-    for _ in 0..params.iterations {
-        let metric = match source {
+    // The metric of the source; a sampled one draws its patch rows from `rng`.
+    let metric_from = |rng: &mut SeededRng| -> Result<Metric> {
+        Ok(match source {
             MetricSource::Identity => Metric::identity(d),
             MetricSource::Fixed(m) => m.clone(),
             MetricSource::Sampled {
                 sampler,
                 patch_rows,
             } => {
-                let patches = sampler.sample(patch_rows, &mut sample_rng)?;
+                let patches = sampler.sample(patch_rows, rng)?;
                 Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
             }
-        };
+        })
+    };
+    let eval_metric = metric_from(&mut params.seed.child_named("eval").rng())?;
+    let mut assignments = vec![0u32; n_sv];
+    let mut objective = Vec::with_capacity(params.iterations);
+    let mut repairs = 0;
+    for _ in 0..params.iterations {
+        let metric = metric_from(&mut sample_rng)?;
         for (g, m) in members.iter().enumerate() {
             let codebook = &mut centroids[g * k * d..(g + 1) * k * d];
             let points_t = metric.transform(&group_points[g]);
