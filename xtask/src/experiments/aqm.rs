@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::dataset_path;
+use crate::experiments::mean_std;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -103,17 +104,6 @@ pub struct Cell {
     pub final_drift: Vec<Option<f64>>,
     /// AQM: final accuracy on test images passed through the frozen module, per seed.
     pub accuracy_on_reconstructions: Vec<f64>,
-}
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
 }
 
 fn budget_name(b: u64) -> &'static str {

@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::dataset_path;
+use crate::experiments::mean_std;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -417,17 +418,6 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
         .context("loading Fashion-MNIST")?;
     run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
-}
-
-fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 /// One ordering of spec §10 and whether it held.

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::dataset_path;
+use crate::experiments::mean_std;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -43,6 +44,9 @@ pub struct Settings {
     pub fork_variants: bool,
     /// Test images used for every accuracy (the first ones).
     pub test_images: usize,
+    /// Seeds of the quantization runs (input samples, k-means start, batch order); every PQ run
+    /// is repeated per seed and reported as mean ± std. The teacher keeps its own seed.
+    pub seeds: Vec<u64>,
 }
 
 impl Settings {
@@ -62,6 +66,7 @@ impl Settings {
                 },
                 fork_variants: false,
                 test_images: 10_000,
+                seeds: vec![0, 1, 2],
             },
             Mode::Full => Settings {
                 teacher: TeacherConfig {
@@ -71,6 +76,7 @@ impl Settings {
                 compress: CompressConfig::default(),
                 fork_variants: true,
                 test_images: 10_000,
+                seeds: vec![0, 1, 2],
             },
         }
     }
@@ -89,10 +95,179 @@ pub struct RunResult {
     pub bytes: f64,
     /// Size of the written file, bytes (PQ runs).
     pub file_bytes: Option<u64>,
-    /// Test accuracy, %.
+    /// Test accuracy, %: the mean over seeds.
     pub accuracy: f64,
-    /// Compression wall time, seconds.
+    /// Sample standard deviation of the accuracy over seeds (0 for one seed).
+    pub accuracy_std: f64,
+    /// Test accuracy of each seed, %.
+    pub accuracies: Vec<f64>,
+    /// Compression wall time, seconds (mean over seeds).
     pub seconds: f64,
+}
+
+impl RunResult {
+    /// A run measured once.
+    fn single(run: &str, name: &str, ratio: f64, bytes: f64, accuracy: f64, seconds: f64) -> Self {
+        RunResult {
+            run: run.into(),
+            name: name.into(),
+            ratio,
+            bytes,
+            file_bytes: None,
+            accuracy,
+            accuracy_std: 0.0,
+            accuracies: vec![accuracy],
+            seconds,
+        }
+    }
+}
+
+/// One row per run of the first seed, its accuracy the mean ± std of that run over all seeds.
+fn merge_seeds(per_seed: &[Vec<RunResult>]) -> Vec<RunResult> {
+    let Some(first) = per_seed.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|row| {
+            let same: Vec<&RunResult> = per_seed
+                .iter()
+                .filter_map(|runs| runs.iter().find(|r| r.run == row.run))
+                .collect();
+            let accuracies: Vec<f64> = same.iter().map(|r| r.accuracy).collect();
+            let (accuracy, accuracy_std) = mean_std(&accuracies);
+            let seconds = same.iter().map(|r| r.seconds).sum::<f64>() / same.len() as f64;
+            RunResult {
+                accuracy,
+                accuracy_std,
+                accuracies,
+                seconds,
+                ..row.clone()
+            }
+        })
+        .collect()
+}
+
+/// Scores compressed models: test accuracy, formula size and the written file's size.
+struct Scorer<'a> {
+    data: &'a SplitDataset,
+    limit: Option<usize>,
+    n_params: usize,
+    dir: PathBuf,
+}
+
+impl Scorer<'_> {
+    fn point(
+        &self,
+        run: &str,
+        name: &str,
+        model: &CompressedModel,
+        seconds: f64,
+    ) -> Result<RunResult> {
+        let size = model.size(self.n_params);
+        let file_bytes = model.save(self.dir.join(format!("run{run}.safetensors")))?;
+        let accuracy = evaluate(&model.to_model()?, &self.data.test, self.limit)?;
+        Ok(RunResult {
+            file_bytes: Some(file_bytes),
+            ..RunResult::single(run, name, size.ratio, size.total, accuracy, seconds)
+        })
+    }
+}
+
+/// The PQ runs of one seed.
+struct SeedRuns {
+    runs: Vec<RunResult>,
+    /// (objective label, outcome) of runs 4 and 6, for the per-layer table.
+    outcomes: Vec<(String, CompressOutcome)>,
+    /// The method's written file reloads to bit-identical logits.
+    bit_identical: bool,
+}
+
+/// Runs 2-6 (and 8-10 with a BN teacher) with the quantization seed of `base`.
+fn pq_runs(
+    teacher: &Model,
+    bn_teacher: Option<&Model>,
+    base: &CompressConfig,
+    scorer: &Scorer,
+    bar: &ProgressBar,
+) -> Result<SeedRuns> {
+    let data = scorer.data;
+    let seed = base.seed;
+    let no_ft = CompressConfig {
+        layer_steps: 0,
+        global_steps: 0,
+        ..base.clone()
+    };
+    let mut runs = Vec::new();
+    let mut outcomes: Vec<(String, CompressOutcome)> = Vec::new();
+    for (objective, label, runs_no, runs_ft) in [
+        (
+            Objective::ActivationAware,
+            "activation-aware PQ",
+            "2",
+            ["3", "4"],
+        ),
+        (Objective::Naive, "naive PQ (G = I)", "5", ["6a", "6"]),
+    ] {
+        bar.set_message(format!("wpq: seed {seed}, {label}, no fine-tuning"));
+        let cfg = CompressConfig {
+            objective,
+            ..no_ft.clone()
+        };
+        let out = compress(teacher, &data.train, &cfg, bar)?;
+        let name = format!("{label}, no fine-tuning");
+        runs.push(scorer.point(runs_no, &name, &out.compressed, out.seconds)?);
+        bar.set_message(format!("wpq: seed {seed}, {label}, with fine-tuning"));
+        let cfg = CompressConfig {
+            objective,
+            ..base.clone()
+        };
+        let out = compress(teacher, &data.train, &cfg, bar)?;
+        let name = format!("{label} + layer-wise FT");
+        runs.push(scorer.point(runs_ft[0], &name, &out.after_layerwise, out.seconds)?);
+        let name = format!("{label} + layer-wise + global FT");
+        runs.push(scorer.point(runs_ft[1], &name, &out.compressed, out.seconds)?);
+        outcomes.push((label.to_string(), out));
+    }
+    // The method's file reloads bit-identically.
+    let method = &outcomes[0].1.compressed;
+    let reloaded =
+        CompressedModel::load(scorer.dir.join("run4.safetensors"), Some(teacher.arch()))?;
+    let bit_identical =
+        logit_bits(&method.to_model()?, data)? == logit_bits(&reloaded.to_model()?, data)?;
+
+    if let Some(bn_teacher) = bn_teacher {
+        bar.set_message(format!("wpq: seed {seed}, Fusion"));
+        let cfg = CompressConfig {
+            fuse_bn: true,
+            ..base.clone()
+        };
+        let out = compress(bn_teacher, &data.train, &cfg, bar)?;
+        let name = "Fusion (BN teacher folded, biases fine-tuned)";
+        runs.push(scorer.point("8", name, &out.compressed, out.seconds)?);
+        bar.set_message(format!("wpq: seed {seed}, ChangeDim"));
+        let change = CompressConfig {
+            layout: Layout::ChannelMajor,
+            block_conv: 8,
+            ..base.clone()
+        };
+        let out = compress(teacher, &data.train, &change, bar)?;
+        let name = "ChangeDim (channel-major, d = 8)";
+        runs.push(scorer.point("9", name, &out.compressed, out.seconds)?);
+        bar.set_message(format!("wpq: seed {seed}, Subspace"));
+        let sub = CompressConfig {
+            per_slab_codebooks: true,
+            ..change
+        };
+        let out = compress(teacher, &data.train, &sub, bar)?;
+        let name = "Subspace (codebook per channel block)";
+        runs.push(scorer.point("10", name, &out.compressed, out.seconds)?);
+    }
+    Ok(SeedRuns {
+        runs,
+        outcomes,
+        bit_identical,
+    })
 }
 
 fn teacher_path(data_dir: &Path, cfg: &TeacherConfig) -> PathBuf {
@@ -160,157 +335,58 @@ pub fn run_with(
     let (teacher, teacher_seconds) = load_or_train(ctx, data, &settings.teacher, bar)?;
     let teacher_acc = evaluate(&teacher, &data.test, limit)?;
     let n_params = teacher.arch().n_params();
-    let mut runs = vec![RunResult {
-        run: "1".into(),
-        name: "teacher (fp32)".into(),
-        ratio: 1.0,
-        bytes: 4.0 * n_params as f64,
-        file_bytes: None,
-        accuracy: teacher_acc,
-        seconds: teacher_seconds,
-    }];
     let tmp = std::env::temp_dir().join(format!("qcl-wpq-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let pq_point = |run: &str,
-                    name: &str,
-                    model: &CompressedModel,
-                    seconds: f64,
-                    runs: &mut Vec<RunResult>|
-     -> Result<()> {
-        let size = model.size(n_params);
-        let path = tmp.join(format!("run{run}.safetensors"));
-        let file_bytes = model.save(&path)?;
-        let accuracy = evaluate(&model.to_model()?, &data.test, limit)?;
-        runs.push(RunResult {
-            run: run.into(),
-            name: name.into(),
-            ratio: size.ratio,
-            bytes: size.total,
-            file_bytes: Some(file_bytes),
-            accuracy,
-            seconds,
-        });
-        Ok(())
+    let scorer = Scorer {
+        data,
+        limit,
+        n_params,
+        dir: tmp.clone(),
     };
-    let base = settings.compress.clone();
-    let no_ft = CompressConfig {
-        layer_steps: 0,
-        global_steps: 0,
-        ..base.clone()
-    };
-    let mut outcomes: Vec<(String, CompressOutcome)> = Vec::new();
-    for (objective, label, runs_no, runs_ft) in [
-        (
-            Objective::ActivationAware,
-            "activation-aware PQ",
-            "2",
-            ["3", "4"],
-        ),
-        (Objective::Naive, "naive PQ (G = I)", "5", ["6a", "6"]),
-    ] {
-        bar.set_message(format!("wpq: {label}, no fine-tuning"));
-        let cfg = CompressConfig {
-            objective,
-            ..no_ft.clone()
-        };
-        let out = compress(&teacher, &data.train, &cfg, bar)?;
-        pq_point(
-            runs_no,
-            &format!("{label}, no fine-tuning"),
-            &out.compressed,
-            out.seconds,
-            &mut runs,
-        )?;
-        bar.set_message(format!("wpq: {label}, with fine-tuning"));
-        let cfg = CompressConfig {
-            objective,
-            ..base.clone()
-        };
-        let out = compress(&teacher, &data.train, &cfg, bar)?;
-        pq_point(
-            runs_ft[0],
-            &format!("{label} + layer-wise FT"),
-            &out.after_layerwise,
-            out.seconds,
-            &mut runs,
-        )?;
-        pq_point(
-            runs_ft[1],
-            &format!("{label} + layer-wise + global FT"),
-            &out.compressed,
-            out.seconds,
-            &mut runs,
-        )?;
-        outcomes.push((label.to_string(), out));
-    }
-    // The method's file reloads bit-identically.
-    let method = &outcomes[0].1.compressed;
-    let method_path = tmp.join("run4.safetensors");
-    let reloaded = CompressedModel::load(&method_path, Some(teacher.arch()))?;
-    let bit_identical =
-        logit_bits(&method.to_model()?, data)? == logit_bits(&reloaded.to_model()?, data)?;
-
-    for bits in [8u32, 4, 3, 2] {
-        let q = uniform_quantize(&teacher, bits)?;
-        let size = uniform_size(&teacher, bits);
-        runs.push(RunResult {
-            run: "7".into(),
-            name: format!("uniform {bits}-bit per channel, no FT"),
-            ratio: size.ratio,
-            bytes: size.total,
-            file_bytes: None,
-            accuracy: evaluate(&q, &data.test, limit)?,
-            seconds: 0.0,
-        });
-    }
     let mut bn_teacher_acc = None;
-    if settings.fork_variants {
+    let bn_teacher = if settings.fork_variants {
         let bn_cfg = TeacherConfig {
             arch: Arch::FmNetBn,
             ..settings.teacher.clone()
         };
         let (bn_teacher, _) = load_or_train(ctx, data, &bn_cfg, bar)?;
         bn_teacher_acc = Some(evaluate(&bn_teacher, &data.test, limit)?);
-        bar.set_message("wpq: Fusion");
-        let cfg = CompressConfig {
-            fuse_bn: true,
-            ..base.clone()
+        Some(bn_teacher)
+    } else {
+        None
+    };
+    let mut per_seed = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut bit_identical = true;
+    for &seed in &settings.seeds {
+        let base = CompressConfig {
+            seed,
+            ..settings.compress.clone()
         };
-        let out = compress(&bn_teacher, &data.train, &cfg, bar)?;
-        pq_point(
-            "8",
-            "Fusion (BN teacher folded, biases fine-tuned)",
-            &out.compressed,
-            out.seconds,
-            &mut runs,
-        )?;
-        bar.set_message("wpq: ChangeDim");
-        let change = CompressConfig {
-            layout: Layout::ChannelMajor,
-            block_conv: 8,
-            ..base.clone()
-        };
-        let out = compress(&teacher, &data.train, &change, bar)?;
-        pq_point(
-            "9",
-            "ChangeDim (channel-major, d = 8)",
-            &out.compressed,
-            out.seconds,
-            &mut runs,
-        )?;
-        bar.set_message("wpq: Subspace");
-        let sub = CompressConfig {
-            per_slab_codebooks: true,
-            ..change
-        };
-        let out = compress(&teacher, &data.train, &sub, bar)?;
-        pq_point(
-            "10",
-            "Subspace (codebook per channel block)",
-            &out.compressed,
-            out.seconds,
-            &mut runs,
-        )?;
+        let seed_runs = pq_runs(&teacher, bn_teacher.as_ref(), &base, &scorer, bar)?;
+        bit_identical &= seed_runs.bit_identical;
+        if outcomes.is_empty() {
+            outcomes = seed_runs.outcomes;
+        }
+        per_seed.push(seed_runs.runs);
+    }
+    let mut runs = vec![RunResult::single(
+        "1",
+        "teacher (fp32)",
+        1.0,
+        4.0 * n_params as f64,
+        teacher_acc,
+        teacher_seconds,
+    )];
+    runs.extend(merge_seeds(&per_seed));
+    for bits in [8u32, 4, 3, 2] {
+        let q = uniform_quantize(&teacher, bits)?;
+        let size = uniform_size(&teacher, bits);
+        let name = format!("uniform {bits}-bit per channel, no FT");
+        let accuracy = evaluate(&q, &data.test, limit)?;
+        runs.push(RunResult::single(
+            "7", &name, size.ratio, size.total, accuracy, 0.0,
+        ));
     }
     let _ = std::fs::remove_dir_all(&tmp);
 
@@ -376,12 +452,12 @@ pub fn run_with(
     accuracy_plot(&ctx.out_dir.join(png), &runs)?;
 
     let mut table = String::from(
-        "| run | method | ratio (formula) | size (B, formula) | file (B) | test acc (%) | Δ vs teacher | time (s) |\n\
+        "| run | method | ratio (formula) | size (B, formula) | file (B) | test acc (%, mean ± std) | Δ vs teacher | time (s) |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
     for r in &runs {
         table.push_str(&format!(
-            "| {} | {} | {:.1}× | {:.0} | {} | {:.2} | {:+.2} | {:.1} |\n",
+            "| {} | {} | {:.1}× | {:.0} | {} | {} | {:+.2} | {:.1} |\n",
             r.run,
             r.name,
             r.ratio,
@@ -390,7 +466,11 @@ pub fn run_with(
                 "{b} ({:.1}×)",
                 4.0 * n_params as f64 / b as f64
             )),
-            r.accuracy,
+            if r.accuracies.len() > 1 {
+                format!("{:.2} ± {:.2}", r.accuracy, r.accuracy_std)
+            } else {
+                format!("{:.2}", r.accuracy)
+            },
             r.accuracy - teacher_acc,
             r.seconds
         ));
@@ -429,11 +509,13 @@ pub fn run_with(
          (CentroidSGD lr {}, momentum {}, wd {}), global fine-tuning {} steps (lr {}), batch {}, \
          KL distillation to the teacher (labels unused). Ratio = fp32 bytes of every parameter ÷ \
          (ideal index bits + fp16 codebooks + fp32 rest), spec §6; the file column is the real \
-         size of the written safetensors file. Uniform baselines: symmetric, 2^b levels per \
+         size of the written safetensors file (first seed). PQ runs are repeated for the \
+         quantization seeds {:?} (input samples, k-means start, batch order; one teacher) and \
+         give mean ± std over seeds; times are means. Uniform baselines: symmetric, 2^b levels per \
          output channel, fp32 scales, no fine-tuning. Run 6a is naive PQ after the layer-wise \
          phase only. Times are compression wall times on this machine (2 cores).\n\n\
          ## Targets\n\n{target_lines}\n## Runs\n\n{table}\n\
-         ## Per-layer objective (runs 4 and 6)\n\n\
+         ## Per-layer objective (runs 4 and 6, first seed)\n\n\
          EM objective: the surrogate `mean_j (u_j − c_a)ᵀG(u_j − c_a)` on a fixed input sample \
          (G = I for naive PQ, so the two objectives are not comparable with each other). Output \
          error: `‖X(W − Ŵ)‖² / ‖XW‖²` on the layer's recorded inputs, right after EM and after \
@@ -451,6 +533,7 @@ pub fn run_with(
         c.global_steps,
         c.global_lr,
         c.batch_size,
+        settings.seeds,
     );
     let summary = format!(
         "teacher {teacher_acc:.2} %; method {:.2} % at {:.1}× (naive+FT {:.2} %, uniform 2-bit {:.2} % at {:.1}×); {} of {} targets met",
@@ -526,6 +609,31 @@ fn accuracy_plot(path: &Path, runs: &[RunResult]) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn row(run: &str, accuracy: f64, seconds: f64) -> RunResult {
+        RunResult::single(run, run, 20.9, 15_128.0, accuracy, seconds)
+    }
+
+    #[test]
+    fn seeds_merge_into_mean_and_sample_std_per_run() {
+        let per_seed = vec![
+            vec![row("2", 50.0, 10.0), row("4", 80.0, 100.0)],
+            vec![row("4", 82.0, 120.0), row("2", 54.0, 20.0)],
+            vec![row("2", 52.0, 30.0), row("4", 84.0, 110.0)],
+        ];
+        let merged = merge_seeds(&per_seed);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].run, "2");
+        assert_eq!(merged[0].accuracies, vec![50.0, 54.0, 52.0]);
+        assert!((merged[0].accuracy - 52.0).abs() < 1e-12);
+        assert!((merged[0].accuracy_std - 2.0).abs() < 1e-12);
+        assert!((merged[0].seconds - 20.0).abs() < 1e-12);
+        assert!((merged[1].accuracy - 82.0).abs() < 1e-12);
+        assert!((merged[1].accuracy_std - 2.0).abs() < 1e-12);
+        assert!(merge_seeds(&[]).is_empty());
+        let one = merge_seeds(&per_seed[..1]);
+        assert_eq!(one[1].accuracy_std, 0.0);
+    }
+
     #[test]
     #[ignore = "trains a teacher and compresses it several times (minutes in debug)"]
     fn runs_on_the_fixture_and_writes_its_results() {
@@ -555,9 +663,11 @@ mod tests {
             },
             fork_variants: true,
             test_images: 100,
+            seeds: vec![0, 1],
         };
         let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
         assert!(outcome.markdown.contains("| 4 |"));
+        assert!(outcome.markdown.contains(" ± "));
         let bytes = std::fs::read(out.path().join("wpq-accuracy-vs-ratio.png")).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"));
     }
