@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use qcl_continual::ball::cross_entropy;
 use qcl_continual::{
@@ -51,11 +51,42 @@ impl Method {
     }
 }
 
+/// What the classifier of [`Method::Aqm`] is trained and tested on.
+///
+/// The reference loop trains on raw incoming images and decoded replay, and tests on raw
+/// images. Over a long stream the classifier can then learn "decoded-looking ⇒ an old class",
+/// which raw test images of old classes do not satisfy. `Decoded` removes that cue: once the
+/// deepest module is frozen, incoming images reach the classifier as their reconstruction from
+/// codes (encoder, codebook, slow decoder — the path every stored sample takes), and test
+/// images pass through the same path. Other methods ignore this setting.
+///
+/// ```
+/// use qcl_aqm::online::{ClassifierInput, Method, OnlineConfig};
+/// let mut config = OnlineConfig::fashion_mnist(Method::Aqm, 392_000);
+/// assert_eq!(config.classifier_input, ClassifierInput::Raw); // the reference code
+/// config.classifier_input = ClassifierInput::Decoded;
+/// let json = serde_json::to_string(&config)?;
+/// assert!(json.contains(r#""classifier_input":"decoded""#));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassifierInput {
+    /// Raw incoming and test images, decoded replay (the reference code).
+    #[default]
+    Raw,
+    /// Decoded incoming, replay and test images once the deepest module is frozen.
+    Decoded,
+}
+
 /// Everything that defines one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OnlineConfig {
     /// The method.
     pub method: Method,
+    /// What the AQM classifier sees (default [`ClassifierInput::Raw`], the reference).
+    #[serde(default)]
+    pub classifier_input: ClassifierInput,
     /// Modules (used by [`Method::Aqm`]).
     pub stack: StackConfig,
     /// Total memory budget in bytes (B50 on Fashion-MNIST: 392,000).
@@ -89,6 +120,7 @@ impl OnlineConfig {
     pub fn fashion_mnist(method: Method, budget_bytes: u64) -> Self {
         OnlineConfig {
             method,
+            classifier_input: ClassifierInput::Raw,
             stack: StackConfig::fashion_mnist(),
             budget_bytes,
             param_bytes: 1,
@@ -217,11 +249,33 @@ fn stream_sets(scenario: &Scenario, config: &OnlineConfig, seed: Seed) -> Result
         .collect()
 }
 
-fn accuracy(net: &SmallCnn, data: &Dataset, device: &Device) -> Result<f64> {
+/// `x` as the classifier of a decoded-input run sees it: through the deepest module and its
+/// slow decoder, when every module is frozen (else unchanged).
+fn through_frozen_stack(stack: &mut QStack, x: &Tensor) -> Result<Tensor> {
+    if !stack.layers().iter().all(|l| l.is_frozen()) {
+        return Ok(x.clone());
+    }
+    let deepest = stack.layers().len();
+    let (outs, _) = stack.forward(x, false)?;
+    stack.decode_codes(deepest, &outs[deepest - 1].indices)
+}
+
+/// Test accuracy of `net` on `data`; with a stack, on the images passed through it
+/// ([`through_frozen_stack`]).
+fn accuracy(
+    net: &SmallCnn,
+    data: &Dataset,
+    mut stack: Option<&mut QStack>,
+    device: &Device,
+) -> Result<f64> {
     let mut correct = 0usize;
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(500) {
         let (x, y) = data.tensors_at(chunk, qcl_data::Normalization::Symmetric, device)?;
+        let x = match stack.as_deref_mut() {
+            Some(stack) => through_frozen_stack(stack, &x)?,
+            None => x,
+        };
         let pred: Vec<u32> = net.forward(&x)?.argmax(1)?.to_vec1()?;
         let y: Vec<u32> = y.to_vec1()?;
         correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();
@@ -519,13 +573,23 @@ pub fn run(
     let mut loop_seconds = 0.0;
     let mut streamed = 0usize;
     let mut freeze_steps: Vec<Option<u64>> = vec![None; config.stack.layers.len()];
-    let eval =
-        |net: &SmallCnn, upto: usize, matrix: &mut AccuracyMatrix, row: usize| -> Result<()> {
-            for (j, test) in tests.iter().enumerate().take(upto + 1) {
-                matrix.set(row, j, accuracy(net, test, &device)?)?;
-            }
-            Ok(())
-        };
+    let decoded_input =
+        config.method == Method::Aqm && config.classifier_input == ClassifierInput::Decoded;
+    let eval = |net: &SmallCnn,
+                replay: &mut Replay,
+                upto: usize,
+                matrix: &mut AccuracyMatrix,
+                row: usize|
+     -> Result<()> {
+        for (j, test) in tests.iter().enumerate().take(upto + 1) {
+            let stack = match replay {
+                Replay::Adaptive(_, Some(stack)) if decoded_input => Some(stack),
+                _ => None,
+            };
+            matrix.set(row, j, accuracy(net, test, stack, &device)?)?;
+        }
+        Ok(())
+    };
 
     for (step, batch) in batches.iter().enumerate() {
         let started = Instant::now();
@@ -586,7 +650,17 @@ pub fn run(
         };
 
         // Classifier: CE on incoming plus CE on replay, one SGD step.
-        let mut loss = cross_entropy(&net.forward(&x_inc)?, &y_inc)?;
+        let x_cls = match (&replay, &stack_step) {
+            (Replay::Adaptive(_, Some(stack)), Some(out))
+                if decoded_input && stack.layers().iter().all(|l| l.is_frozen()) =>
+            {
+                let deepest = stack.layers().len();
+                let codes = out.outputs[deepest - 1].indices.narrow(0, 0, batch.len())?;
+                stack.decode_codes(deepest, &codes)?
+            }
+            _ => x_inc.clone(),
+        };
+        let mut loss = cross_entropy(&net.forward(&x_cls)?, &y_inc)?;
         if let Some(r) = &replay_batch {
             loss = (loss + cross_entropy(&net.forward(&r.x)?, &r.y)?)?;
         }
@@ -685,11 +759,11 @@ pub fn run(
             }
         }
         if last_of_task && config.method != Method::IidOnline {
-            eval(&net, task, &mut matrix, task)?;
+            eval(&net, &mut replay, task, &mut matrix, task)?;
         }
     }
     if config.method == Method::IidOnline {
-        eval(&net, num_tasks - 1, &mut matrix, num_tasks - 1)?;
+        eval(&net, &mut replay, num_tasks - 1, &mut matrix, num_tasks - 1)?;
     }
     let last = &matrix.rows()[num_tasks - 1];
     let final_accuracy = last.iter().map(|a| a.unwrap_or(0.0)).sum::<f64>() / num_tasks as f64;
@@ -742,27 +816,14 @@ pub fn run(
     }
     let accuracy_on_reconstructions = match &mut replay {
         Replay::Adaptive(_, Some(stack)) if stack.layers().iter().all(|l| l.is_frozen()) => {
-            let deepest = stack.layers().len();
             let mut accs = Vec::with_capacity(tests.len());
             for test in &tests {
-                let idx: Vec<usize> = (0..test.len()).collect();
-                let mut correct = 0usize;
-                for chunk in idx.chunks(500) {
-                    let (x, y) =
-                        test.tensors_at(chunk, qcl_data::Normalization::Symmetric, &device)?;
-                    let (outs, _) = stack.forward(&x, false)?;
-                    let xr = stack.decode_codes(deepest, &outs[deepest - 1].indices)?;
-                    let pred: Vec<u32> = net.forward(&xr)?.argmax(1)?.to_vec1()?;
-                    let y: Vec<u32> = y.to_vec1()?;
-                    correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();
-                }
-                accs.push(correct as f64 / test.len().max(1) as f64);
+                accs.push(accuracy(&net, test, Some(&mut *stack), &device)?);
             }
             Some(accs)
         }
         _ => None,
     };
-    let _ = DType::F32;
     Ok(RunResult {
         config: config.clone(),
         accuracy: matrix.rows().to_vec(),

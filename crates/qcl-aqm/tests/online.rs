@@ -1,6 +1,6 @@
 //! The online loop on the committed Fashion-MNIST fixture (small streams).
 
-use qcl_aqm::online::{run, Method, OnlineConfig};
+use qcl_aqm::online::{run, ClassifierInput, Method, OnlineConfig};
 use qcl_continual::{Scenario, SplitParams};
 use qcl_tensor::Error;
 
@@ -90,4 +90,54 @@ fn a_budget_below_the_model_cost_is_refused() {
         run(&s, &c, None),
         Err(Error::InvalidParameter { .. })
     ));
+}
+
+#[test]
+fn decoded_input_tests_through_the_module_and_changes_training_only_after_the_freeze() {
+    let s = scenario();
+    let mut config = small(Method::Aqm, 392_000);
+    config.classifier_input = ClassifierInput::Decoded;
+    let decoded = run(&s, &config, None).unwrap();
+    let frozen_at = decoded.freeze_steps[0].unwrap();
+    // With every module frozen at the end, the last row is measured on test images passed
+    // through the module: exactly the reconstructed-image diagnostic.
+    let recon = decoded.accuracy_on_reconstructions.as_ref().unwrap();
+    let last = &decoded.accuracy[4];
+    for (a, r) in last.iter().zip(recon) {
+        assert_eq!(a.unwrap(), *r);
+    }
+    assert_eq!(
+        decoded.freeze_steps,
+        run(&s, &config, None).unwrap().freeze_steps
+    );
+    // The reference run is the same stream; it differs only once incoming images are decoded.
+    config.classifier_input = ClassifierInput::Raw;
+    let raw = run(&s, &config, None).unwrap();
+    assert_eq!(raw.freeze_steps[0], Some(frozen_at));
+    assert_ne!(raw.accuracy, decoded.accuracy);
+    // Modules and memory do not depend on the classifier.
+    assert_eq!(raw.memory_curve, decoded.memory_curve);
+    assert_eq!(raw.drift, decoded.drift);
+
+    // A module that never freezes: decoded input is the reference run, bit for bit.
+    let mut never = small(Method::Aqm, 392_000);
+    never.stack.layers[0].recon_threshold = 1e-9;
+    never.samples_per_task = Some(10);
+    let raw = run(&s, &never, None).unwrap();
+    assert!(raw.freeze_steps[0].is_none());
+    never.classifier_input = ClassifierInput::Decoded;
+    let decoded = run(&s, &never, None).unwrap();
+    assert_eq!(raw.accuracy, decoded.accuracy);
+}
+
+#[test]
+fn configs_without_classifier_input_read_as_the_reference() {
+    let config = small(Method::Aqm, 392_000);
+    let mut json = serde_json::to_value(&config).unwrap();
+    json.as_object_mut().unwrap().remove("classifier_input");
+    let back: OnlineConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back.classifier_input, ClassifierInput::Raw);
+    assert_eq!(back, config);
+    let decoded: ClassifierInput = serde_json::from_str("\"decoded\"").unwrap();
+    assert_eq!(decoded, ClassifierInput::Decoded);
 }

@@ -3,6 +3,7 @@
 //! Convention: every command takes `--json` and then prints exactly one JSON object on stdout,
 //! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
 
+mod aqm;
 mod bench;
 mod ecvq;
 mod pq;
@@ -53,6 +54,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+    /// Online learned continual compression (AQM) and its baselines: one stream.
+    Aqm {
+        #[command(subcommand)]
+        command: aqm::AqmCommand,
     },
     /// Weight product quantization (And the bit goes down): compress a model, evaluate files.
     Wpq {
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
         Command::Pq { command } => pq::run(command),
         Command::Ecvq(args) => ecvq::run_ecvq(args),
         Command::Bench { command } => bench::run(command),
+        Command::Aqm { command } => aqm::run_command(command),
         Command::Wpq { command } => wpq::run(command),
     };
     match result {

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_aqm::online::{run as run_online, Method, OnlineConfig, RunResult};
+use qcl_aqm::online::{run as run_online, ClassifierInput, Method, OnlineConfig, RunResult};
 use qcl_aqm::{QLayer, QLayerConfig};
 use qcl_continual::{Scenario, SplitParams};
 use qcl_data::{KnownDataset, SplitDataset};
@@ -49,6 +49,9 @@ pub struct Settings {
     pub stat_rate: f64,
     /// Budgets and parameter bytes of the AQM runs.
     pub aqm_budgets: Vec<(u64, u64)>,
+    /// Budgets and parameter bytes of the AQM runs whose classifier sees decoded images
+    /// ([`ClassifierInput::Decoded`]; not part of the spec).
+    pub decoded_budgets: Vec<(u64, u64)>,
     /// Training steps of the module throughput measurement (batch 128).
     pub bench_steps: usize,
 }
@@ -65,6 +68,7 @@ impl Settings {
                 test_per_class: Some(300),
                 stat_rate: 0.05,
                 aqm_budgets: vec![(B50, 1), (B20, 1), (B20, 4)],
+                decoded_budgets: vec![(B50, 1), (B20, 1)],
                 bench_steps: 10,
             },
             Mode::Full => Settings {
@@ -73,6 +77,7 @@ impl Settings {
                 test_per_class: None,
                 stat_rate: 0.01,
                 aqm_budgets: vec![(B50, 1), (B50, 4), (B20, 1), (B20, 4)],
+                decoded_budgets: vec![(B50, 1), (B20, 1)],
                 bench_steps: 30,
             },
         }
@@ -104,6 +109,16 @@ pub struct Cell {
     pub final_drift: Vec<Option<f64>>,
     /// AQM: final accuracy on test images passed through the frozen module, per seed.
     pub accuracy_on_reconstructions: Vec<f64>,
+}
+
+/// Name of the AQM runs with decoded classifier input.
+const DECODED: &str = "AQM, decoded input";
+
+fn method_name(method: Method, input: ClassifierInput) -> &'static str {
+    match (method, input) {
+        (Method::Aqm, ClassifierInput::Decoded) => DECODED,
+        _ => method.name(),
+    }
 }
 
 fn budget_name(b: u64) -> &'static str {
@@ -162,19 +177,25 @@ pub fn run_with(
     bar: &ProgressBar,
 ) -> Result<Outcome> {
     let scenario = Scenario::class_incremental(data, &SplitParams::default())?;
-    let mut jobs: Vec<(Method, u64, u64)> =
-        vec![(Method::FineTune, B50, 1), (Method::IidOnline, B50, 1)];
+    let raw = ClassifierInput::Raw;
+    let mut jobs: Vec<(Method, u64, u64, ClassifierInput)> = vec![
+        (Method::FineTune, B50, 1, raw),
+        (Method::IidOnline, B50, 1, raw),
+    ];
     for b in [B50, B20] {
-        jobs.push((Method::ErRaw, b, 1));
-        jobs.push((Method::RawAqm, b, 1));
+        jobs.push((Method::ErRaw, b, 1, raw));
+        jobs.push((Method::RawAqm, b, 1, raw));
     }
     for &(b, p) in &settings.aqm_budgets {
-        jobs.push((Method::Aqm, b, p));
+        jobs.push((Method::Aqm, b, p, raw));
+    }
+    for &(b, p) in &settings.decoded_budgets {
+        jobs.push((Method::Aqm, b, p, ClassifierInput::Decoded));
     }
     let mut cells: Vec<Cell> = jobs
         .iter()
-        .map(|&(m, b, p)| Cell {
-            method: m.name().into(),
+        .map(|&(m, b, p, input)| Cell {
+            method: method_name(m, input).into(),
             budget: if matches!(m, Method::FineTune | Method::IidOnline) {
                 "-".into()
             } else {
@@ -195,15 +216,16 @@ pub fn run_with(
     let mut kept: Vec<(String, RunResult)> = Vec::new();
     let started = Instant::now();
     for &seed in &settings.seeds {
-        for (j, &(method, budget, param_bytes)) in jobs.iter().enumerate() {
+        for (j, &(method, budget, param_bytes, input)) in jobs.iter().enumerate() {
+            let name = method_name(method, input);
             bar.set_message(format!(
-                "aqm: seed {seed}, {} {} {}B",
-                method.name(),
+                "aqm: seed {seed}, {name} {} {}B",
                 budget_name(budget),
                 param_bytes
             ));
             let mut config = OnlineConfig::fashion_mnist(method, budget);
             config.param_bytes = param_bytes;
+            config.classifier_input = input;
             config.samples_per_task = settings.samples_per_task;
             config.test_per_class = settings.test_per_class;
             config.seed = seed;
@@ -213,7 +235,7 @@ pub fn run_with(
             config.record_every = (steps / 20).max(1);
             config.drift_every = (steps / 4).max(1);
             let r = run_online(&scenario, &config, None)
-                .with_context(|| format!("{} at {budget} B, seed {seed}", method.name()))?;
+                .with_context(|| format!("{name} at {budget} B, seed {seed}"))?;
             let c = &mut cells[j];
             c.final_accuracy.push(r.final_accuracy);
             c.forgetting.push(r.forgetting.unwrap_or(f64::NAN));
@@ -230,7 +252,7 @@ pub fn run_with(
             }
             if seed == settings.seeds[0] {
                 kept.push((
-                    format!("{} {} {}B", method.name(), budget_name(budget), param_bytes),
+                    format!("{name} {} {}B", budget_name(budget), param_bytes),
                     r,
                 ));
             }
@@ -272,6 +294,8 @@ pub fn run_with(
         acc("iid-online", "-", 1),
     );
     let (er20, aqm20_4) = (acc("ER-raw", "B20", 1), acc("AQM", "B20", 4));
+    let (dec50, dec20) = (acc(DECODED, "B50", 1), acc(DECODED, "B20", 1));
+    let er20_1 = acc("ER-raw", "B20", 1);
     let order_b50 = ft < er50 && er50 < aqm50 && aqm50 < iid;
     let margin = aqm50 - er50;
     let b20_check = er20 > aqm20_4;
@@ -325,7 +349,7 @@ pub fn run_with(
                 "| {} | {} | {} | {:.1} ± {:.1} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
                 c.method,
                 c.budget,
-                if c.method == "AQM" {
+                if c.method.starts_with("AQM") {
                     c.param_bytes.to_string()
                 } else {
                     "–".into()
@@ -358,12 +382,18 @@ pub fn run_with(
          *Accuracy on reconstructed test images*: the final classifier on test images passed \
          through the frozen module (encoder, codebook, slow decoder), the kind of image it learnt \
          earlier tasks from; a value above the final accuracy measures the gap between decoded \
-         replay and the raw test images.\n\n\
+         replay and the raw test images. *{DECODED}*: the same runs (same modules, memory and \
+         drift) with `ClassifierInput::Decoded`: once the module is frozen the classifier is \
+         trained on incoming images decoded from their codes and tested on test images passed \
+         through the module, so that decoded-looking images stop meaning \"an old class\" (not \
+         part of the spec; the reference code trains on raw incoming images).\n\n\
          Targets:\n\n\
          - fine-tune < ER-raw < AQM < iid-online at B50: {t1} ({ft:.1} / {er50:.1} / {aqm50:.1} / {iid:.1} %); \
          AQM − ER-raw = {margin:+.1} points.\n\
          - ER-raw ahead of AQM at B20 with 4-byte parameters: {t2} ({er20:.1} vs {aqm20_4:.1} %).\n\
-         - AQM stores ≥ 5× as many samples as ER-raw at the end of B50: {t3} ({ratio:.1}×).\n\n\
+         - AQM stores ≥ 5× as many samples as ER-raw at the end of B50: {t3} ({ratio:.1}×).\n\
+         - Beside the targets, {DECODED} against ER-raw: {dec50:.1} vs {er50:.1} % at B50 \
+         ({dmargin:+.1} points), {dec20:.1} vs {er20_1:.1} % at B20 with 1-byte parameters.\n\n\
          Throughput: stream samples/s per run in the table (whole loop: modules, classifier, \
          memory; evaluation and drift excluded). One module's training throughput at batch 128 \
          (forward with the EMA quantizer, loss, backward, Adam): {module_sps:.0} samples/s; \
@@ -389,6 +419,10 @@ pub fn run_with(
         margin = 100.0 * margin,
         er20 = 100.0 * er20,
         aqm20_4 = 100.0 * aqm20_4,
+        dec50 = 100.0 * dec50,
+        dec20 = 100.0 * dec20,
+        er20_1 = 100.0 * er20_1,
+        dmargin = 100.0 * (dec50 - er50),
     );
 
     let acc_png = "aqm-accuracy.png";
@@ -413,6 +447,7 @@ pub fn run_with(
             "targets": {
                 "order_b50": order_b50, "aqm_minus_er_b50": margin, "er_beats_aqm_b20_4byte": b20_check,
                 "stored_ratio_b50": ratio,
+                "decoded_minus_er_b50": dec50 - er50,
             },
             "module_training_samples_per_second": module_sps,
             "fixed_codebook_model_samples_per_second": fixed_sps,
@@ -452,6 +487,8 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
             .map(|c| {
                 if c.method == "AQM" {
                     format!("{} {} {}B", c.method, c.budget, c.param_bytes)
+                } else if c.method == DECODED {
+                    format!("AQM-dec {} {}B", c.budget, c.param_bytes)
                 } else {
                     format!("{} {}", c.method, c.budget)
                 }
@@ -472,6 +509,7 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
                 "ER-raw" => COLOURS[1],
                 "raw-AQM" => COLOURS[2],
                 "AQM" => COLOURS[3],
+                DECODED => COLOURS[5],
                 _ => COLOURS[4],
             };
             let x = i as f64;
@@ -491,7 +529,12 @@ fn accuracy_plot(path: &Path, cells: &[Cell]) -> Result<()> {
 fn stored_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
     let chosen: Vec<&(String, RunResult)> = kept
         .iter()
-        .filter(|(n, _)| n.contains("B50 1B") && !n.starts_with("fine") && !n.starts_with("iid"))
+        .filter(|(n, _)| {
+            n.contains("B50 1B")
+                && !n.starts_with("fine")
+                && !n.starts_with("iid")
+                && !n.starts_with(DECODED)
+        })
         .collect();
     let max_step = chosen
         .iter()
@@ -559,7 +602,8 @@ fn stored_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
 fn drift_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
     let chosen: Vec<&(String, RunResult)> = kept
         .iter()
-        .filter(|(n, r)| n.starts_with("AQM") && !r.drift.is_empty())
+        // Decoded-input runs share the reference runs' modules, memory and drift.
+        .filter(|(n, r)| n.starts_with("AQM ") && !r.drift.is_empty())
         .collect();
     let max_step = chosen
         .iter()
@@ -667,16 +711,15 @@ mod tests {
             test_per_class: Some(5),
             stat_rate: 0.4,
             aqm_budgets: vec![(B50, 1)],
+            decoded_budgets: vec![(B50, 1)],
             bench_steps: 1,
         };
         let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
         let cells = outcome.figures["cells"].as_array().unwrap();
-        assert_eq!(cells.len(), 7);
-        assert!(
-            outcome.markdown.contains("| AQM | B50 | 1 |"),
-            "{}",
-            outcome.markdown
-        );
+        assert_eq!(cells.len(), 8);
+        for row in ["| AQM | B50 | 1 |", "| AQM, decoded input | B50 | 1 |"] {
+            assert!(outcome.markdown.contains(row), "{}", outcome.markdown);
+        }
         for (png, _) in &outcome.plots {
             let bytes = std::fs::read(out.path().join(png)).unwrap();
             assert!(bytes.starts_with(b"\x89PNG"), "{png}");
