@@ -1,26 +1,28 @@
 //! `qcl aqm run` on the fixture: one JSON object with the run's result, flags override the
 //! config file, and bad names or files are typed errors.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
-
-fn qcl(args: &[&str]) -> (bool, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcl"))
-        .args(args)
-        .output()
-        .expect("qcl runs");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("one JSON object: {stdout}"));
-    (out.status.success(), v)
-}
+use common::qcl;
 
 fn fixture() -> String {
-    format!(
-        "{}/../../fixtures/fashion-mnist.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    common::fixture("fashion-mnist.safetensors")
+}
+
+/// `qcl aqm run --config PATH --data FIXTURE --json EXTRA…`.
+fn run_config(path: &std::path::Path, extra: &[&str]) -> (bool, serde_json::Value) {
+    let data = fixture();
+    let mut args = vec![
+        "aqm",
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--data",
+        &data,
+        "--json",
+    ];
+    args.extend(extra);
+    qcl(&args)
 }
 
 #[test]
@@ -60,23 +62,11 @@ fn a_config_file_is_read_and_flags_override_it() {
     config.test_per_class = Some(4);
     let path = dir.path().join("stream.json");
     std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-    let data = fixture();
-    let args = [
-        "aqm",
-        "run",
-        "--config",
-        path.to_str().unwrap(),
-        "--data",
-        &data,
-        "--json",
-    ];
-    let (ok, v) = qcl(&args);
+    let (ok, v) = run_config(&path, &[]);
     assert!(ok, "{v}");
     assert_eq!(v["config"]["method"], "fine-tune");
     assert_eq!(v["stored_at_end"], 0);
-    let mut with_flag = args.to_vec();
-    with_flag.extend(["--method", "raw-aqm", "--budget", "7840"]);
-    let (ok, v) = qcl(&with_flag);
+    let (ok, v) = run_config(&path, &["--method", "raw-aqm", "--budget", "7840"]);
     assert!(ok, "{v}");
     assert_eq!(v["config"]["method"], "raw-aqm");
     assert_eq!(v["stored_at_end"], 10);
@@ -103,15 +93,7 @@ fn bad_names_and_files_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stream.json");
     std::fs::write(&path, "{\"method\": ").unwrap();
-    let (ok, v) = qcl(&[
-        "aqm",
-        "run",
-        "--config",
-        path.to_str().unwrap(),
-        "--data",
-        &data,
-        "--json",
-    ]);
+    let (ok, v) = run_config(&path, &[]);
     assert!(!ok);
     assert_eq!(v["error"]["kind"], "bad_file", "{v}");
 }

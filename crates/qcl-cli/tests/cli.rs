@@ -1,24 +1,9 @@
 //! The `qcl` binary: `--json` prints exactly one JSON object, on success and on failure.
 
-use std::process::Command;
+mod common;
 
+use common::{fixture, qcl_raw as qcl};
 use serde_json::Value;
-
-fn qcl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcl"))
-        .args(args)
-        .output()
-        .expect("qcl runs");
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-fn fixture(name: &str) -> String {
-    format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 #[test]
 fn data_info_json_describes_a_data_set_file() {

@@ -2,22 +2,11 @@
 //! size is the file's, the compressed file evaluates like the in-process result, and an
 //! architecture mismatch is a typed error.
 
-use std::process::Command;
+mod common;
 
+use common::qcl;
 use qcl_tensor::Seed;
 use qcl_wpq::{Arch, Model};
-use serde_json::Value;
-
-fn qcl(args: &[&str]) -> (bool, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcl"))
-        .args(args)
-        .output()
-        .expect("qcl runs");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("one JSON object: {stdout}"));
-    (out.status.success(), v)
-}
 
 #[test]
 fn compress_then_eval_a_model_file() {
@@ -35,10 +24,7 @@ fn compress_then_eval_a_model_file() {
     )
     .unwrap();
     let out = dir.path().join("out.safetensors");
-    let data = format!(
-        "{}/../../fixtures/fashion-mnist.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let data = common::fixture("fashion-mnist.safetensors");
     let (ok, v) = qcl(&[
         "wpq",
         "compress",

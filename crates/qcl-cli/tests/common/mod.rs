@@ -1,0 +1,32 @@
+//! Shared by the CLI test binaries: run `qcl`, read its one JSON object, find fixtures.
+#![allow(dead_code)] // each test binary uses a part
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `qcl args…`: (exit success, stdout, stderr).
+pub fn qcl_raw(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qcl"))
+        .args(args)
+        .output()
+        .expect("qcl runs");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Runs `qcl args…` (with `--json` among them): (exit success, the one JSON object on stdout).
+pub fn qcl(args: &[&str]) -> (bool, Value) {
+    let (ok, stdout, _) = qcl_raw(args);
+    let v =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("one JSON object: {stdout}"));
+    (ok, v)
+}
+
+/// Path of a committed fixture file.
+pub fn fixture(name: &str) -> String {
+    format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
