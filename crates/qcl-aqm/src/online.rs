@@ -252,7 +252,7 @@ fn stream_sets(scenario: &Scenario, config: &OnlineConfig, seed: Seed) -> Result
 /// `x` as the classifier of a decoded-input run sees it: through the deepest module and its
 /// slow decoder, when every module is frozen (else unchanged).
 fn through_frozen_stack(stack: &mut QStack, x: &Tensor) -> Result<Tensor> {
-    if !stack.layers().iter().all(|l| l.is_frozen()) {
+    if !stack.all_frozen() {
         return Ok(x.clone());
     }
     let deepest = stack.layers().len();
@@ -652,7 +652,7 @@ pub fn run(
         // Classifier: CE on incoming plus CE on replay, one SGD step.
         let x_cls = match (&replay, &stack_step) {
             (Replay::Adaptive(_, Some(stack)), Some(out))
-                if decoded_input && stack.layers().iter().all(|l| l.is_frozen()) =>
+                if decoded_input && stack.all_frozen() =>
             {
                 let deepest = stack.layers().len();
                 let codes = out.outputs[deepest - 1].indices.narrow(0, 0, batch.len())?;
@@ -815,7 +815,7 @@ pub fn run(
         freeze_steps.clear();
     }
     let accuracy_on_reconstructions = match &mut replay {
-        Replay::Adaptive(_, Some(stack)) if stack.layers().iter().all(|l| l.is_frozen()) => {
+        Replay::Adaptive(_, Some(stack)) if stack.all_frozen() => {
             let mut accs = Vec::with_capacity(tests.len());
             for test in &tests {
                 accs.push(accuracy(&net, test, Some(&mut *stack), &device)?);

@@ -184,6 +184,11 @@ impl QStack {
             .try_for_each(QLayer::update_ema_decoder)
     }
 
+    /// Every module is frozen (stored codes exist at every depth; nothing trains the codebooks).
+    pub fn all_frozen(&self) -> bool {
+        self.layers.iter().all(|l| l.is_frozen())
+    }
+
     /// Images from indices `(B, N, h, w)` of module `module` (1-based), through the slow
     /// decoders of it and every shallower module (spec §4.4 step 5).
     ///
