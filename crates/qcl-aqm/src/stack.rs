@@ -185,6 +185,14 @@ impl QStack {
     }
 
     /// Every module is frozen (stored codes exist at every depth; nothing trains the codebooks).
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use qcl_aqm::{QStack, StackConfig};
+    /// let stack = QStack::new(StackConfig::fashion_mnist(), 3.into(), &Device::Cpu)?;
+    /// assert!(!stack.all_frozen()); // a new module has not met its threshold yet
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
     pub fn all_frozen(&self) -> bool {
         self.layers.iter().all(|l| l.is_frozen())
     }
