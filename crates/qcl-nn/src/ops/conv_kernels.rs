@@ -421,6 +421,15 @@ impl<T: Float> PaddedScratch<T> {
 /// `y = conv(x, w)`: `x` is `n × c_in × h_in × w_in`, `w` is `c_out × k_dim`; returns
 /// `n × c_out × h_out × w_out`.
 pub(crate) fn conv_forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(y) = implicit::forward(g, x, w) {
+        return y;
+    }
+    conv_forward_explicit(g, x, w)
+}
+
+/// [`conv_forward`] by im2col and GEMM, on every CPU and dtype.
+pub(crate) fn conv_forward_explicit<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
     let (k_dim, hw_in, hw_out) = (g.k_dim(), g.hw_in(), g.hw_out());
     let mut y = uninit_vec::<T>(g.output_len());
     let chunks = chunk_count(g.n);
@@ -536,11 +545,23 @@ const WEIGHT_GRAD_CHUNKS: usize = 8;
 
 /// `dW = Σ_b dy_b · col(x_b)ᵀ`; returns `c_out × k_dim`.
 pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(dw) = implicit::weight_grad(g, x, dy) {
+        return dw;
+    }
+    conv_weight_grad_explicit(g, x, dy)
+}
+
+/// Partial sums of the weight gradient: a fixed number (not one per thread) keeps the result
+/// independent of the thread count, up to that many threads.
+fn weight_grad_chunks(g: &ConvGeometry) -> usize {
+    g.n.clamp(1, WEIGHT_GRAD_CHUNKS.max(rayon::current_num_threads()))
+}
+
+/// [`conv_weight_grad`] by im2col and GEMM, on every CPU and dtype.
+pub(crate) fn conv_weight_grad_explicit<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (k_dim, hw_in, hw_out) = (g.k_dim(), g.hw_in(), g.hw_out());
-    // A fixed number of partial sums (not one per thread) keeps the result independent of
-    // the thread count, up to that many threads.
-    let chunks =
-        g.n.clamp(1, WEIGHT_GRAD_CHUNKS.max(rayon::current_num_threads()));
+    let chunks = weight_grad_chunks(g);
     let threads = gemm_threads(chunk_count(g.n));
     let padded_rows = PaddedRows::new(g);
     let partials = map_chunks(g.n, chunks, |start, end| {
@@ -620,4 +641,72 @@ pub(crate) fn conv_weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
         }
     }
     total
+}
+
+/// Dispatch to the implicit-GEMM kernels of [`super::conv_implicit`]: `f32`, stride 1, AVX-512.
+#[cfg(target_arch = "x86_64")]
+mod implicit {
+    use std::any::TypeId;
+
+    use super::super::conv_implicit::{self, GroupLayout};
+    use super::super::cpu::{assume_init, chunk_count, for_each_chunk_mut, map_chunks, uninit_vec};
+    use super::{weight_grad_chunks, ConvGeometry, Float};
+
+    /// `x` as `f32` when `T` is `f32`.
+    fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
+        (TypeId::of::<T>() == TypeId::of::<f32>())
+            // SAFETY: `T` is `f32`.
+            .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    }
+
+    /// `v` as a `Vec<T>`, called only when `T` is `f32`.
+    fn from_f32<T: Float>(v: Vec<f32>) -> Vec<T> {
+        assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>());
+        let mut v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: `T` is `f32` (asserted), so pointer, length and capacity describe a valid
+        // `Vec<T>`; `v` is not dropped.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+    }
+
+    /// The layout when the implicit kernels apply to `g` with element type `T`.
+    fn layout<T: Float>(g: &ConvGeometry) -> Option<GroupLayout> {
+        if TypeId::of::<T>() != TypeId::of::<f32>() || !conv_implicit::available() {
+            return None;
+        }
+        GroupLayout::new(g)
+    }
+
+    pub(super) fn forward<T: Float>(g: &ConvGeometry, x: &[T], w: &[T]) -> Option<Vec<T>> {
+        let layout = layout::<T>(g)?;
+        let (x, w) = (as_f32(x)?, as_f32(w)?);
+        let packed = conv_implicit::packed_forward_weights(g, w);
+        let mut y = uninit_vec::<f32>(g.output_len());
+        let image_out = g.c_out * g.hw_out();
+        for_each_chunk_mut(&mut y, image_out, chunk_count(g.n), |first, out| {
+            conv_implicit::forward_chunk(g, &layout, x, &packed, first, out);
+        });
+        // SAFETY: `forward_chunk` writes every element of its images.
+        Some(from_f32(unsafe { assume_init(y) }))
+    }
+
+    pub(super) fn weight_grad<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Option<Vec<T>> {
+        let layout = layout::<T>(g)?;
+        let (x, dy) = (as_f32(x)?, as_f32(dy)?);
+        let partials = map_chunks(g.n, weight_grad_chunks(g), |start, end| {
+            let mut dw = vec![0.0f32; g.c_out * g.k_dim()];
+            conv_implicit::weight_grad_chunk(g, &layout, x, dy, (start, end), &mut dw);
+            dw
+        });
+        // Sum the partials in chunk order: deterministic for a thread count.
+        let mut parts = partials.into_iter();
+        let mut total = parts
+            .next()
+            .unwrap_or_else(|| vec![0.0; g.c_out * g.k_dim()]);
+        for part in parts {
+            for (t, p) in total.iter_mut().zip(&part) {
+                *t += *p;
+            }
+        }
+        Some(from_f32(total))
+    }
 }

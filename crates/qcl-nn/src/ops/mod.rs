@@ -5,6 +5,8 @@
 
 mod batch_norm;
 mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_implicit;
 mod conv_kernels;
 pub(crate) mod cpu;
 mod elementwise;
