@@ -1,14 +1,14 @@
 //! Implicit-GEMM kernels for stride-1 convolutions in `f32` on x86-64 with AVX-512.
 //!
-//! In the padded-rows layout ([`super::conv_kernels`]) row `r = (c, ki, kj)` of the column
-//! matrix is the contiguous slice `padded[off_r .. off_r + len]` of the zero-padded image, with
-//! `off_r = c·plane + ki·d·wp + kj·d`. So both GEMMs of a stride-1 convolution can read the
-//! padded image directly, with no column matrix and no GEMM packing copy:
+//! In the group layout ([`GroupLayout`]) row `r = (c, ki, kj)` of the column matrix of a group
+//! of images is the contiguous slice `buffer[off_r .. off_r + len]` of one zero-padded buffer.
+//! So both GEMMs of a stride-1 convolution can read that buffer directly, with no column matrix
+//! and no GEMM packing copy:
 //!
-//! - forward: `wide[co][j] = Σ_r W[co][r] · padded[off_r + j]`, an outer-product micro-kernel
+//! - forward: `wide[co][j] = Σ_r W[co][r] · buffer[off_r + j]`, an outer-product micro-kernel
 //!   over 48 pixels × 8 output channels (24 accumulator registers);
-//! - weight gradient: `dW[co][r] += Σ_j dy_wide[co][j] · padded[off_r + j]`, a dot-product
-//!   micro-kernel over 3 taps × 8 output channels, reduced across lanes once per group of images.
+//! - weight gradient: `dW[co][r] += Σ_j dy_wide[co][j] · buffer[off_r + j]`, a dot-product
+//!   micro-kernel over 3 taps × 8 output channels, reduced across lanes once per group.
 //!
 //! This removes the im2col and packing copies, which at ResNet-20's 16-channel 28×28 layers
 //! cost as much as the arithmetic: there the forward of a batch of 128 went from 4.0–4.5 ms to
