@@ -73,9 +73,10 @@ pub(crate) struct GroupLayout {
 }
 
 impl GroupLayout {
-    /// The layout of `g`, or `None` unless it is a stride-1 convolution.
+    /// The layout of `g`, or `None` unless it is a stride-1 convolution that is not pointwise
+    /// (a pointwise one needs no column matrix, and its GEMM beats copying into a layout).
     pub fn new(g: &ConvGeometry) -> Option<Self> {
-        if g.stride != 1 || (g.kh == 1 && g.kw == 1 && g.padding == 0) || g.n == 0 {
+        if g.stride != 1 || g.is_pointwise() || g.n == 0 {
             return None;
         }
         let p = g.padding;

@@ -90,7 +90,7 @@ impl ConvGeometry {
     }
 
     /// A 1×1, stride-1, unpadded convolution: the column matrix is the image itself.
-    fn is_pointwise(&self) -> bool {
+    pub fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
     /// Valid output columns `[lo, hi)` for kernel offset `off` (input column = `o·s + off`).
@@ -558,6 +558,19 @@ fn weight_grad_chunks(g: &ConvGeometry) -> usize {
     g.n.clamp(1, WEIGHT_GRAD_CHUNKS.max(rayon::current_num_threads()))
 }
 
+/// The sum of per-chunk partial weight gradients (each `len` long), added in chunk order so that
+/// the result is deterministic for a thread count.
+fn sum_in_chunk_order<T: Float>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    let mut parts = partials.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| vec![T::ZERO; len]);
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(&part) {
+            *t += *p;
+        }
+    }
+    total
+}
+
 /// [`conv_weight_grad`] by im2col and GEMM, on every CPU and dtype.
 pub(crate) fn conv_weight_grad_explicit<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (k_dim, hw_in, hw_out) = (g.k_dim(), g.hw_in(), g.hw_out());
@@ -623,16 +636,7 @@ pub(crate) fn conv_weight_grad_explicit<T: Float>(g: &ConvGeometry, x: &[T], dy:
         }
         dw
     });
-    // Sum the per-chunk partial gradients in chunk order: deterministic for a thread count.
-    let mut parts = partials.into_iter();
-    let mut total_t = parts
-        .next()
-        .unwrap_or_else(|| vec![T::ZERO; g.c_out * k_dim]);
-    for part in parts {
-        for (t, p) in total_t.iter_mut().zip(&part) {
-            *t += *p;
-        }
-    }
+    let total_t = sum_in_chunk_order(partials, g.c_out * k_dim);
     // Back from dWᵀ (k_dim × c_out) to dW (c_out × k_dim).
     let mut total = vec![T::ZERO; g.c_out * k_dim];
     for (kk, row) in total_t.chunks_exact(g.c_out).enumerate() {
@@ -650,7 +654,7 @@ mod implicit {
 
     use super::super::conv_implicit::{self, GroupLayout};
     use super::super::cpu::{assume_init, chunk_count, for_each_chunk_mut, map_chunks, uninit_vec};
-    use super::{weight_grad_chunks, ConvGeometry, Float};
+    use super::{sum_in_chunk_order, weight_grad_chunks, ConvGeometry, Float};
 
     /// `x` as `f32` when `T` is `f32`.
     fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
@@ -697,16 +701,6 @@ mod implicit {
             conv_implicit::weight_grad_chunk(g, &layout, x, dy, (start, end), &mut dw);
             dw
         });
-        // Sum the partials in chunk order: deterministic for a thread count.
-        let mut parts = partials.into_iter();
-        let mut total = parts
-            .next()
-            .unwrap_or_else(|| vec![0.0; g.c_out * g.k_dim()]);
-        for part in parts {
-            for (t, p) in total.iter_mut().zip(&part) {
-                *t += *p;
-            }
-        }
-        Some(from_f32(total))
+        Some(from_f32(sum_in_chunk_order(partials, g.c_out * g.k_dim())))
     }
 }
