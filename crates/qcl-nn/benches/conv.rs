@@ -2,8 +2,10 @@
 //! one whole training step of each.
 //!
 //! - `conv2d_forward` / `conv2d_backward`: ResNet-20's convolution shapes at batch 128 and the
-//!   VQ autoencoder's transposed convolution (32 → 1 channels, 14×14 → 28×28, kernel 4,
-//!   stride 2, padding 1). The backward case times the forward pass plus the backward pass of
+//!   VQ autoencoder's convolutions: the strided input layer (1 → 16 channels, 28×28 → 14×14,
+//!   kernel 4, stride 2, padding 1), its 3×3 and 1×1 layers at 14×14 and the transposed
+//!   output layer (32 → 1 channels, 14×14 → 28×28, kernel 4, stride 2, padding 1). The
+//!   backward case times the forward pass plus the backward pass of
 //!   `(y * g).sum_all()` for a fixed random `g`, with both `x` and `w` variables (so both
 //!   the input and the weight gradients are computed), through the public
 //!   `qcl_nn::ops::{conv2d, conv_transpose2d}`.
@@ -29,12 +31,16 @@ const CONV_BATCH: usize = 128;
 /// Images per training step in `train_step`.
 const STEP_BATCH: usize = 32;
 
-/// ResNet-20's 3×3 convolutions on 28×28 inputs: (c_in, c_out, input size, kernel, stride).
-const RESNET_SHAPES: [(usize, usize, usize, usize, usize); 4] = [
-    (16, 16, 28, 3, 1),
-    (16, 32, 28, 3, 2),
-    (32, 32, 14, 3, 1),
-    (64, 64, 7, 3, 1),
+/// (c_in, c_out, input size, kernel, stride, padding) of ResNet-20's 3×3 convolutions on
+/// 28×28 inputs, then of the VQ autoencoder's convolutions.
+const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (16, 16, 28, 3, 1, 1),
+    (16, 32, 28, 3, 2, 1),
+    (32, 32, 14, 3, 1, 1),
+    (64, 64, 7, 3, 1, 1),
+    (1, 16, 28, 4, 2, 1),
+    (16, 32, 14, 3, 1, 1),
+    (32, 32, 14, 1, 1, 0),
 ];
 
 #[derive(Clone, Copy)]
@@ -71,17 +77,17 @@ fn cases() -> Result<Vec<Case>> {
     let device = Device::Cpu;
     let mut rng = Seed(0).child_named("conv-bench").rng();
     let mut cases = Vec::new();
-    for (c_in, c_out, size, kernel, stride) in RESNET_SHAPES {
+    for (c_in, c_out, size, kernel, stride, padding) in CONV_SHAPES {
         let p = Conv2dParams {
             stride,
-            padding: kernel / 2,
+            padding,
             dilation: 1,
         };
         let x = rng.normal_tensor((CONV_BATCH, c_in, size, size), 0.0, 1.0, &device)?;
         let w = rng.normal_tensor((c_out, c_in, kernel, kernel), 0.0, 0.1, &device)?;
         let y_dims = conv2d(&x, &w, p)?.dims().to_vec();
         cases.push(Case {
-            name: format!("{c_in}-{c_out}_{size}x{size}_k{kernel}s{stride}"),
+            name: format!("{c_in}-{c_out}_{size}x{size}_k{kernel}s{stride}p{padding}"),
             op: Op::Conv(p),
             x: Var::from_tensor(&x)?,
             w: Var::from_tensor(&w)?,

@@ -4,8 +4,9 @@
 //! a CPU.
 //!
 //! - [`ops`]: convolution, transposed convolution, BatchNorm and ReLU as candle custom ops with
-//!   their own backward (on CPU, implicit GEMM for stride-1 `f32` convolutions with AVX-512
-//!   and im2col/col2im + GEMM otherwise; candle's kernels elsewhere).
+//!   their own backward (on CPU, implicit GEMM for `f32` convolutions with AVX-512, strided
+//!   ones through a polyphase split, and im2col/col2im + GEMM otherwise; candle's kernels
+//!   elsewhere).
 //! - [`layers`]: `Conv2d`, `ConvTranspose2d`, `Linear`, `BatchNorm2d`, residual blocks.
 //! - [`models`]: ResNet-20 for any input size and channel count, and the small CNNs of the specs.
 //! - [`optim`] and [`schedule`]: SGD (momentum, Nesterov, weight decay), Adam/AdamW, and

@@ -480,6 +480,34 @@ fn mse_loss_and_straight_through_match_candle() {
     assert!(grads.get(&q).is_none());
     let err = qcl_nn::ops::mse_loss(&a, &h).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+
+    // The fused straight-through ReLU equals the composition, value and gradient, bit for bit.
+    let fused = qcl_nn::ops::straight_through_relu(&h, &q).unwrap();
+    let composed = qcl_nn::ops::relu(&qcl_nn::ops::straight_through(&h, &q).unwrap()).unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(values(&fused), values(&composed));
+    assert!(values(&fused).iter().any(|&v| v == 0.0) && values(&fused).iter().any(|&v| v > 0.0));
+    let g_fused = fused
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_composed = composed
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        values(g_fused.get(&h).unwrap()),
+        values(g_composed.get(&h).unwrap())
+    );
+    assert!(g_fused.get(&q).is_none());
+    let err = qcl_nn::ops::straight_through_relu(&h, &a).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
 
 #[test]

@@ -24,6 +24,7 @@ mod device;
 mod error;
 mod io;
 mod nearest;
+mod planar;
 mod rng;
 
 pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
@@ -35,6 +36,7 @@ pub use nearest::{
     nearest_codes, nearest_codes_into, nearest_codes_into_finite, pairwise_squared_distances,
     squared_distance, top_k_codes, Nearest, DIRECT_MAX_DIM,
 };
+pub use planar::{nearest_codes_planar, PLANAR_MAX_CODES};
 pub use rng::{RngState, Seed, SeededRng};
 
 /// Re-export of candle-core, so that users need not align versions by hand.

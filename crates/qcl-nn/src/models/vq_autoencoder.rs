@@ -1,8 +1,9 @@
 use candle_core::{DType, Tensor};
 use qcl_tensor::{Error, Result};
+use rayon::prelude::*;
 
 use crate::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
-use crate::ops::{add_relu, mse_loss, relu, straight_through};
+use crate::ops::{add_relu, mse_loss, straight_through_relu};
 use crate::{Init, ParamPath};
 
 /// The AQM-style VQ autoencoder for `1×28×28` images (one module, downsampling 2, `C`
@@ -121,10 +122,10 @@ impl VqAutoencoder {
         let h = add_relu(&h, &self.r2.forward(&self.r1.forward_relu(&h)?)?)?;
         let (q, codes) = quantize_nchw(&h, &self.codebook)?;
         let commitment = mse_loss(&h, &q)?;
-        let g = relu(&straight_through(&h, &q)?)?;
+        let g = straight_through_relu(&h, &q)?;
         let reconstruction = self.dt.forward(&add_relu(
             &g,
-            &self.d2.forward(&relu(&self.d1.forward(&g)?)?)?,
+            &self.d2.forward(&self.d1.forward_relu(&g)?)?,
         )?)?;
         Ok(VqAutoencoderOutput {
             reconstruction,
@@ -140,29 +141,20 @@ fn quantize_nchw(h: &Tensor, codebook: &Tensor) -> Result<(Tensor, Vec<u32>)> {
     let (n, c, hh, ww) = h.dims4()?;
     let hw = hh * ww;
     let values: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    // NCHW → one C-vector per position.
-    let mut points = vec![0f32; values.len()];
-    for b in 0..n {
-        let image = &values[b * c * hw..(b + 1) * c * hw];
-        let out = &mut points[b * hw * c..(b + 1) * hw * c];
-        for ch in 0..c {
-            for p in 0..hw {
-                out[p * c + ch] = image[ch * hw + p];
-            }
-        }
-    }
     let book: Vec<f32> = codebook.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let nearest = qcl_tensor::nearest_codes(&points, &book, c, None)?;
+    // Searched in place, channels-first: no transposed copy of the feature map.
+    let nearest = qcl_tensor::nearest_codes_planar(&values, c, hw, &book, None)?;
     let mut quantized = vec![0f32; values.len()];
-    for b in 0..n {
-        let out = &mut quantized[b * c * hw..(b + 1) * c * hw];
-        for p in 0..hw {
-            let code = nearest.indices[b * hw + p] as usize;
-            for ch in 0..c {
-                out[ch * hw + p] = book[code * c + ch];
+    quantized
+        .par_chunks_mut(hw)
+        .enumerate()
+        .for_each(|(plane, out)| {
+            let (b, ch) = (plane / c, plane % c);
+            let codes = &nearest.indices[b * hw..(b + 1) * hw];
+            for (o, &code) in out.iter_mut().zip(codes) {
+                *o = book[code as usize * c + ch];
             }
-        }
-    }
+        });
     let q = Tensor::from_vec(quantized, (n, c, hh, ww), h.device())?.to_dtype(h.dtype())?;
     Ok((q, nearest.indices))
 }

@@ -187,8 +187,8 @@ fn use_custom_kernels(x: &Tensor) -> bool {
 ///
 /// `x` is `[n, c_in, h, w]`, `w` is `[c_out, c_in, kh, kw]`; the output is
 /// `[n, c_out, h_out, w_out]` with `h_out = ⌊(h + 2p − d(kh−1) − 1)/s⌋ + 1`. On the CPU with
-/// `f32`/`f64` this runs qcl's kernels forward and backward (implicit GEMM for stride-1 `f32`
-/// convolutions on AVX-512 CPUs, im2col + GEMM otherwise; the input gradient is skipped when
+/// `f32`/`f64` this runs qcl's kernels forward and backward (implicit GEMM for `f32` convolutions
+/// on AVX-512 CPUs, strided ones through a polyphase split; im2col + GEMM otherwise; the input gradient is skipped when
 /// `x` needs none); elsewhere it is candle's `conv2d`.
 ///
 /// ```

@@ -1,4 +1,5 @@
-//! Implicit-GEMM kernels for stride-1 convolutions in `f32` on x86-64 with AVX-512.
+//! Implicit-GEMM kernels for convolutions in `f32` on x86-64 with AVX-512: stride 1 directly,
+//! larger strides through a polyphase split of the input.
 //!
 //! In the group layout ([`GroupLayout`]) row `r = (c, ki, kj)` of the column matrix of a group
 //! of images is the contiguous slice `buffer[off_r .. off_r + len]` of one zero-padded buffer.
@@ -42,30 +43,39 @@ pub(crate) fn available() -> bool {
     super::cpu::has_avx512()
 }
 
-/// A group of images of a stride-1 convolution laid out so that every column-matrix row is
-/// one contiguous slice.
+/// A group of images of a convolution laid out so that every column-matrix row is one
+/// contiguous slice.
 ///
-/// Each channel plane stacks the group's images, row stride `width = w_in + pad_cols`, with
-/// `gap` zero rows above every image and below the last: the zero columns at the end of a row
-/// serve as the right padding of that row and the left padding of the next, and the zero rows
-/// as the bottom padding of one image and the top padding of the next. Output `(b, oy, ox)`
-/// then sits at grid position `j = (b·slot + oy)·width + ox`, and tap `r = (c, ki, kj)` reads
-/// `buffer[offsets[r] + j]`. Grid positions outside the images' outputs are computed and
-/// discarded.
+/// **Stride 1.** Each channel plane stacks the group's images, row stride `width = w_in +
+/// pad_cols`, with `gap` zero rows above every image and below the last: the zero columns at
+/// the end of a row serve as the right padding of that row and the left padding of the next,
+/// and the zero rows as the bottom padding of one image and the top padding of the next.
+/// Output `(b, oy, ox)` then sits at grid position `j = (b·slot + oy)·width + ox`, and tap
+/// `r = (c, ki, kj)` reads `buffer[offsets[r] + j]`. Grid positions outside the images'
+/// outputs are computed and discarded.
+///
+/// **Stride `s ≥ 2` (polyphase).** Every input channel is split into `s²` phase planes of the
+/// zero-padded image, `x_{a,b}[i, j] = x_pad[s·i + a, s·j + b]`, each stacked like a stride-1
+/// plane (row stride `⌈(w_in + 2p)/s⌉`, no gap: the padding is inside the phases). Tap
+/// `(c, ki, kj)` of output `(oy, ox)` reads `x_pad[s·oy + ki, s·ox + kj] = x_{ki mod s, kj mod
+/// s}[oy + ⌊ki/s⌋, ox + ⌊kj/s⌋]`: again one fixed offset per tap, so the same kernels compute
+/// a strided convolution as a stride-1 one over the phases, without reading a zero tap.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupLayout {
     /// Images per group.
     pub images: usize,
-    /// Row stride of a plane: `w_in + pad_cols`.
+    /// Row stride of a plane.
     width: usize,
-    /// Rows per image: `h_in + gap`.
+    /// Rows per image.
     slot: usize,
-    /// Zero rows between images (and above the first).
+    /// Zero rows between images (and above the first); 0 for phase planes.
     gap: usize,
-    /// Elements per channel plane: `(gap + images·slot)·width`.
+    /// Elements per plane: `(gap + images·slot)·width`.
     plane: usize,
     /// Zeros before the first plane, read by the left taps of the first row.
     lead: usize,
+    /// The convolution's stride: the phases per row and column of an input channel.
+    stride: usize,
     /// `offsets[r]` for every column-matrix row `r = (c·kh + ki)·kw + kj`.
     pub offsets: Vec<usize>,
     /// Elements of one group's buffer, with room after the last plane for the widest tile.
@@ -73,12 +83,24 @@ pub(crate) struct GroupLayout {
 }
 
 impl GroupLayout {
-    /// The layout of `g`, or `None` unless it is a stride-1 convolution that is not pointwise
-    /// (a pointwise one needs no column matrix, and its GEMM beats copying into a layout).
+    /// The layout of `g`, or `None` for shapes the GEMM path serves better: pointwise
+    /// convolutions (no column matrix to avoid; the GEMM beats copying into a layout), and
+    /// strided ones that are dilated or have a kernel smaller than the stride (whose phases
+    /// would be copied and never read).
     pub fn new(g: &ConvGeometry) -> Option<Self> {
-        if g.stride != 1 || g.is_pointwise() || g.n == 0 {
+        if g.is_pointwise() || g.n == 0 {
             return None;
         }
+        if g.stride == 1 {
+            Some(Self::stride_one(g))
+        } else if g.dilation == 1 && g.kh >= g.stride && g.kw >= g.stride {
+            Some(Self::phases(g))
+        } else {
+            None
+        }
+    }
+
+    fn stride_one(g: &ConvGeometry) -> Self {
         let p = g.padding;
         // Enough zero columns for the left and right overhang (`p` each side), and a grid
         // at least as wide as the output.
@@ -104,16 +126,55 @@ impl GroupLayout {
         // The last tap ends at `lead + (c_in−1)·plane + (gap − p + (kh−1)d)·width + (kw−1)d
         // − p + len`, within `lead + c_in·plane + (kw−1)d` since `h_out ≤ h_in + 2p − (kh−1)d`.
         let buffer_len = lead + g.c_in * plane + g.dilation * (g.kw - 1) + TILE_PIXELS;
-        Some(Self {
+        Self {
             images,
             width,
             slot,
             gap,
             plane,
             lead,
+            stride: 1,
             offsets,
             buffer_len,
-        })
+        }
+    }
+
+    fn phases(g: &ConvGeometry) -> Self {
+        let s = g.stride;
+        let width = (g.w_in + 2 * g.padding).div_ceil(s);
+        let slot = (g.h_in + 2 * g.padding).div_ceil(s);
+        let images = GROUP_PIXELS.div_ceil(slot * width).clamp(1, g.n);
+        let plane = images * slot * width;
+        let mut offsets = Vec::with_capacity(g.k_dim());
+        for c in 0..g.c_in {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let phase = (c * s + ki % s) * s + kj % s;
+                    offsets.push(phase * plane + (ki / s) * width + kj / s);
+                }
+            }
+        }
+        // A valid output reads phase row `oy + ⌊ki/s⌋ < slot` and column `ox + ⌊kj/s⌋ <
+        // width` (the padded image holds `s·oy + ki`), so the last tap of the last image ends
+        // inside the last plane plus `⌊(kw−1)/s⌋` and the tile rounding.
+        let buffer_len = g.c_in * s * s * plane + (g.kw - 1) / s + TILE_PIXELS;
+        Self {
+            images,
+            width,
+            slot,
+            gap: 0,
+            plane,
+            lead: 0,
+            stride: s,
+            offsets,
+            buffer_len,
+        }
+    }
+
+    /// The share of the output grid that is real output: `h_out·w_out / (slot·width)`. The
+    /// rest (padding rows and columns) is computed and discarded.
+    pub fn grid_efficiency(&self, g: &ConvGeometry) -> f64 {
+        (g.h_out * g.w_out) as f64 / (self.slot * self.width) as f64
     }
 
     /// Output-grid positions of a group of `count` images.
@@ -127,8 +188,13 @@ impl GroupLayout {
     }
 
     /// Copies `count` consecutive images (`x`, each `c_in × h_in × w_in`) into the group
-    /// buffer, whose zero rows, columns, lead and tail are never written.
+    /// buffer (split into phases for a strided layout), whose zero rows, columns, lead and
+    /// tail are never written.
     fn pad(&self, g: &ConvGeometry, x: &[f32], buffer: &mut [f32]) {
+        if self.stride > 1 {
+            self.split_phases(g, x, buffer);
+            return;
+        }
         let image_in = g.c_in * g.hw_in();
         for (b, image) in x.chunks_exact(image_in).enumerate() {
             for (c, src_plane) in image.chunks_exact(g.hw_in()).enumerate() {
@@ -141,6 +207,42 @@ impl GroupLayout {
                     dst_stride: self.width,
                 };
                 rows.copy(src_plane, &mut buffer[plane_start..]);
+            }
+        }
+    }
+
+    /// The strided layout's copy: input row `y` of channel `c` goes to row `(y + p) / s` of
+    /// the phases `((y + p) mod s, ·)`, its columns `x` to column `(x + p) / s` of phase
+    /// `(·, (x + p) mod s)`. Phase positions over the zero padding are never written.
+    fn split_phases(&self, g: &ConvGeometry, x: &[f32], buffer: &mut [f32]) {
+        let (s, p) = (self.stride, g.padding);
+        // For each column phase: the first phase column holding an input column, that input
+        // column, and how many it holds.
+        let columns: Vec<(usize, usize, usize)> = (0..s)
+            .map(|phase| {
+                let first = p.saturating_sub(phase).div_ceil(s);
+                let source = (s * first + phase) - p;
+                let count = g.w_in.saturating_sub(source).div_ceil(s);
+                (first, source, count)
+            })
+            .collect();
+        let image_in = g.c_in * g.hw_in();
+        for (b, image) in x.chunks_exact(image_in).enumerate() {
+            for (c, src_plane) in image.chunks_exact(g.hw_in()).enumerate() {
+                for (y, src_row) in src_plane.chunks_exact(g.w_in).enumerate() {
+                    let (row_phase, i) = ((y + p) % s, (y + p) / s);
+                    for (col_phase, &(first, source, count)) in columns.iter().enumerate() {
+                        if count == 0 {
+                            continue;
+                        }
+                        let phase = (c * s + row_phase) * s + col_phase;
+                        let start = phase * self.plane + (b * self.slot + i) * self.width + first;
+                        let dst = &mut buffer[start..start + count];
+                        for (d, v) in dst.iter_mut().zip(src_row[source..].iter().step_by(s)) {
+                            *d = *v;
+                        }
+                    }
+                }
             }
         }
     }
@@ -464,8 +566,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::conv_kernels::{
-        conv_forward, conv_forward_explicit, conv_weight_grad, conv_weight_grad_explicit,
-        ConvGeometry,
+        conv_forward, conv_forward_explicit, conv_input_grad, conv_input_grad_explicit,
+        conv_weight_grad, conv_weight_grad_explicit, ConvGeometry,
     };
     use super::*;
 
@@ -482,13 +584,26 @@ mod tests {
     }
 
     fn stride_one(
-        (n, c_in, c_out): (usize, usize, usize),
-        (h_in, w_in): (usize, usize),
-        (kh, kw): (usize, usize),
+        sizes: (usize, usize, usize),
+        image: (usize, usize),
+        kernel: (usize, usize),
         padding: usize,
         dilation: usize,
     ) -> Option<ConvGeometry> {
-        let out = |len: usize, k: usize| (len + 2 * padding).checked_sub(dilation * (k - 1));
+        strided(sizes, image, kernel, (1, padding, dilation))
+    }
+
+    fn strided(
+        (n, c_in, c_out): (usize, usize, usize),
+        (h_in, w_in): (usize, usize),
+        (kh, kw): (usize, usize),
+        (stride, padding, dilation): (usize, usize, usize),
+    ) -> Option<ConvGeometry> {
+        let out = |len: usize, k: usize| {
+            (len + 2 * padding)
+                .checked_sub(dilation * (k - 1) + 1)
+                .map(|span| span / stride + 1)
+        };
         Some(ConvGeometry {
             n,
             c_in,
@@ -497,11 +612,11 @@ mod tests {
             c_out,
             kh,
             kw,
-            stride: 1,
+            stride,
             padding,
             dilation,
-            h_out: out(h_in, kh).filter(|&v| v > 0)?,
-            w_out: out(w_in, kw).filter(|&v| v > 0)?,
+            h_out: out(h_in, kh)?,
+            w_out: out(w_in, kw)?,
         })
     }
 
@@ -524,10 +639,18 @@ mod tests {
         let forward_reference = conv_forward_explicit(g, &x, &w);
         let error = relative_error(&forward, &forward_reference);
         assert!(error < 1e-5, "forward {g:?}: {error}");
-        let dw = conv_weight_grad(g, &x, &dy);
+        let dx = conv_input_grad(g, &dy, &w);
+        let error = relative_error(&dx, &conv_input_grad_explicit(g, &dy, &w));
+        assert!(error < 1e-5, "input gradient {g:?}: {error}");
+        // The implicit kernel itself: the dispatch sends low-efficiency grids to the GEMM.
+        let layout = GroupLayout::new(g).unwrap();
+        let mut dw = vec![0.0; g.c_out * g.k_dim()];
+        weight_grad_chunk(g, &layout, &x, &dy, (0, g.n), &mut dw);
         let dw_reference = conv_weight_grad_explicit(g, &x, &dy);
         let error = relative_error(&dw, &dw_reference);
         assert!(error < 1e-5, "weight gradient {g:?}: {error}");
+        let error = relative_error(&conv_weight_grad(g, &x, &dy), &dw_reference);
+        assert!(error < 1e-5, "dispatched weight gradient {g:?}: {error}");
     }
 
     #[test]
@@ -547,11 +670,47 @@ mod tests {
     }
 
     #[test]
-    fn the_layout_is_for_stride_one_only() {
-        let mut g = stride_one((2, 1, 1), (5, 5), (3, 3), 1, 1).unwrap();
-        assert!(GroupLayout::new(&g).is_some());
-        g.stride = 2;
-        assert!(GroupLayout::new(&g).is_none());
+    fn strided_layouts_need_a_kernel_as_wide_as_the_stride_and_no_dilation() {
+        let g = strided((2, 1, 1), (5, 5), (3, 3), (2, 1, 1)).unwrap();
+        let layout = GroupLayout::new(&g).unwrap();
+        // 7×7 padded images in four 4×4 phases; tap (0, 2, 1) reads phase (0, 1) one row down.
+        assert_eq!((layout.width, layout.slot, layout.stride), (4, 4, 2));
+        assert_eq!(layout.offsets[2 * 3 + 1], layout.plane + layout.width);
+        assert!(
+            GroupLayout::new(&strided((2, 1, 1), (5, 5), (1, 1), (2, 0, 1)).unwrap()).is_none()
+        );
+        assert!(
+            GroupLayout::new(&strided((2, 1, 1), (9, 9), (3, 3), (2, 1, 2)).unwrap()).is_none()
+        );
+        assert!(
+            GroupLayout::new(&strided((2, 1, 1), (9, 9), (3, 2), (3, 1, 1)).unwrap()).is_none()
+        );
+    }
+
+    #[test]
+    fn the_phase_split_places_every_pixel_and_keeps_the_padding_zero() {
+        // One 5×5 image of values 1..=25, padding 1, stride 2: phases of the 7×7 padded image.
+        let g = strided((1, 1, 1), (5, 5), (3, 3), (2, 1, 1)).unwrap();
+        let layout = GroupLayout::new(&g).unwrap();
+        let x: Vec<f32> = (1..=25).map(|v| v as f32).collect();
+        let mut buffer = vec![0.0; layout.buffer_len];
+        layout.pad(&g, &x, &mut buffer);
+        for a in 0..2 {
+            for b in 0..2 {
+                for i in 0..layout.slot {
+                    for j in 0..layout.width {
+                        let (y, x_col) = ((2 * i + a) as isize - 1, (2 * j + b) as isize - 1);
+                        let expected = if (0..5).contains(&y) && (0..5).contains(&x_col) {
+                            (y * 5 + x_col + 1) as f32
+                        } else {
+                            0.0
+                        };
+                        let at = (a * 2 + b) * layout.plane + i * layout.width + j;
+                        assert_eq!(buffer[at], expected, "phase ({a}, {b}) at ({i}, {j})");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -570,6 +729,17 @@ mod tests {
         ] {
             let g = stride_one((37, c_in, c_out), (size, size), (3, 3), 1, 1).unwrap();
             check(&g, size as u64);
+        }
+        // ResNet-20's downsampling 3×3 convolutions and the VQ autoencoder's strided 4×4
+        // convolution (whose transpose is the decoder's output layer).
+        for (c_in, c_out, size, kernel) in [
+            (16, 32, 28, 3),
+            (32, 64, 14, 3),
+            (1, 16, 28, 4),
+            (1, 32, 28, 4),
+        ] {
+            let g = strided((37, c_in, c_out), (size, size), (kernel, kernel), (2, 1, 1)).unwrap();
+            check(&g, size as u64 + 1);
         }
     }
 
@@ -594,17 +764,17 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Forward and weight gradient equal the im2col + GEMM path for any stride-1 shape:
-        /// partial groups and tiles, channel counts off the tile size, padding wider than the
-        /// kernel, dilation, rectangular kernels and images.
+        /// Forward and weight gradient equal the im2col + GEMM path for any shape the layouts
+        /// take: partial groups and tiles, channel counts off the tile size, padding wider than
+        /// the kernel, dilation, rectangular kernels and images, strides 1 to 3.
         #[test]
         fn implicit_matches_the_gemm_path(
             n in 1usize..40, c_in in 1usize..6, c_out in 1usize..20,
             h in 1usize..12, w in 1usize..12, kh in 1usize..5, kw in 1usize..5,
-            padding in 0usize..4, dilation in 1usize..3, seed in 0u64..1000,
+            stride in 1usize..4, padding in 0usize..4, dilation in 1usize..3, seed in 0u64..1000,
         ) {
             prop_assume!(available());
-            let g = stride_one((n, c_in, c_out), (h, w), (kh, kw), padding, dilation);
+            let g = strided((n, c_in, c_out), (h, w), (kh, kw), (stride, padding, dilation));
             prop_assume!(g.is_some());
             let g = g.unwrap();
             prop_assume!(GroupLayout::new(&g).is_some());

@@ -20,7 +20,7 @@ use super::cpu::{
 const PAR_PIECE: usize = 1 << 16;
 
 /// Applies a slice kernel to `x` in parallel pieces.
-fn par_unary<T: Float>(x: &[T], kernel: fn(&[T], &mut [MaybeUninit<T>])) -> Vec<T> {
+pub(crate) fn par_unary<T: Float>(x: &[T], kernel: fn(&[T], &mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out = uninit_vec::<T>(x.len());
     out.par_chunks_mut(PAR_PIECE)
         .zip(x.par_chunks(PAR_PIECE))

@@ -5,7 +5,8 @@ use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
 use super::cpu::kernel_cpu_fwd;
-use super::cpu::{supported_dtype, BinaryKernel, Float};
+use super::cpu::{relu_slice, supported_dtype, BinaryKernel, Float};
+use super::elementwise::{par_unary, ReluGrad};
 
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() {
@@ -195,5 +196,71 @@ pub fn straight_through(input: &Tensor, quantized: &Tensor) -> Result<Tensor> {
             .apply_op2(&quantized.contiguous()?, StraightThrough)?)
     } else {
         Ok((input + (quantized - input)?.detach())?)
+    }
+}
+
+/// `max(quantized, 0)` forward, `grad · [output > 0]` to `input` backward.
+struct StraightThroughRelu;
+
+impl BinaryKernel for StraightThroughRelu {
+    fn run<T: Float>(&self, _input: &[T], quantized: &[T], _dims: &[usize]) -> Vec<T> {
+        par_unary(quantized, relu_slice)
+    }
+
+    fn output_shape(&self, _l1: &Layout, l2: &Layout) -> Shape {
+        l2.shape().clone()
+    }
+}
+
+impl CustomOp2 for StraightThroughRelu {
+    fn name(&self) -> &'static str {
+        "qcl-straight-through-relu"
+    }
+
+    kernel_cpu_fwd!(binary);
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _quantized: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if input.track_op() {
+            Some(grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?)
+        } else {
+            None
+        };
+        Ok((dx, None))
+    }
+}
+
+/// `relu(straight_through(input, quantized))` as one node, as a VQ-VAE decoder starts: the
+/// values `max(quantized, 0)`, and the gradient `∂L/∂y · [y > 0]` for `input`. It saves one
+/// full-size tensor and one backward node against the composition, with the same result.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let h = Var::new(&[0.3f32, -0.7], &Device::Cpu)?;
+/// let q = Tensor::new(&[0.5f32, -0.5], &Device::Cpu)?;
+/// let z = qcl_nn::ops::straight_through_relu(&h, &q)?;
+/// assert_eq!(z.to_vec1::<f32>()?, vec![0.5, 0.0]);
+/// let grads = (z * 3.0)?.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&h).unwrap().to_vec1::<f32>()?, vec![3.0, 0.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] unless both have the same shape.
+pub fn straight_through_relu(input: &Tensor, quantized: &Tensor) -> Result<Tensor> {
+    same_shape(input, quantized, "straight_through_relu operands")?;
+    if on_cpu(input, quantized) {
+        Ok(input
+            .contiguous()?
+            .apply_op2(&quantized.contiguous()?, StraightThroughRelu)?)
+    } else {
+        Ok(super::elementwise::relu(&straight_through(
+            input, quantized,
+        )?)?)
     }
 }

@@ -19,5 +19,5 @@ pub use conv::{
     Conv2dParams, ConvTranspose2dParams,
 };
 pub use elementwise::{add_channel_bias, add_relu, relu};
-pub use loss::{mse_loss, straight_through};
+pub use loss::{mse_loss, straight_through, straight_through_relu};
 pub use pool::max_pool2d;
