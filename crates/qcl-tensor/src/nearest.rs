@@ -69,7 +69,7 @@ fn validate(
 }
 
 /// Checks shapes, and finiteness of codes and bias; returns `(n, k)`.
-fn validate_shapes(
+pub(crate) fn validate_shapes(
     points: &[f32],
     codes: &[f32],
     dim: usize,

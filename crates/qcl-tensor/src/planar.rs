@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::nearest::Nearest;
+use crate::nearest::{validate_shapes, Nearest};
 use crate::{check_finite_slice, nearest_codes, squared_distance, Error, Result};
 
 /// Codes up to which the planar kernel runs; with more, the points are transposed and
@@ -66,32 +66,11 @@ pub fn nearest_codes_planar(
             actual: vec![values.len()],
         });
     }
-    if !codes.len().is_multiple_of(dim) {
-        return Err(Error::ShapeMismatch {
-            context: "codes".into(),
-            expected: format!("[*, {dim}]"),
-            actual: vec![codes.len()],
-        });
-    }
-    let k = codes.len() / dim;
+    // Codes, bias and their finiteness, as the row-major search checks them.
+    let (n, k) = validate_shapes(values, codes, dim, bias)?;
     if k > PLANAR_MAX_CODES {
         return nearest_codes(&to_points(values, dim, positions), codes, dim, bias);
     }
-    if k == 0 {
-        return Err(Error::EmptyInput("no codes to search".into()));
-    }
-    if let Some(b) = bias {
-        if b.len() != k {
-            return Err(Error::ShapeMismatch {
-                context: "bias".into(),
-                expected: format!("[{k}]"),
-                actual: vec![b.len()],
-            });
-        }
-        check_finite_slice("bias", b)?;
-    }
-    check_finite_slice("codes", codes)?;
-    let n = values.len() / dim;
     let mut found = Nearest {
         indices: vec![0; n],
         distances: vec![0.0; n],
