@@ -2,8 +2,10 @@
 //! blocks, no normalisation and no output activation.
 
 use candle_core::Tensor;
-use qcl_nn::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
-use qcl_nn::ops::{add_relu, relu};
+use qcl_nn::layers::{
+    residual_relu, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module,
+};
+use qcl_nn::ops::relu;
 use qcl_nn::ParamPath;
 use qcl_tensor::Result;
 
@@ -29,7 +31,7 @@ impl ResBlock {
     }
 
     fn forward_rectified(&self, h: &Tensor) -> Result<Tensor> {
-        add_relu(h, &self.conv1.forward(&self.conv3.forward_relu(h)?)?)
+        residual_relu(h, &self.conv3, &self.conv1)
     }
 }
 

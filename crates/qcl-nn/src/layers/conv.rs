@@ -62,7 +62,7 @@ impl Default for Conv2dConfig {
 }
 
 impl Conv2dConfig {
-    fn op_params(&self) -> Conv2dParams {
+    pub(crate) fn op_params(&self) -> Conv2dParams {
         Conv2dParams {
             stride: self.stride,
             padding: self.padding,

@@ -13,7 +13,7 @@ mod residual;
 pub use conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 pub use linear::Linear;
 pub use norm::{BatchNorm2d, BatchNormConfig};
-pub use residual::{BasicBlock, Shortcut};
+pub use residual::{residual_relu, BasicBlock, Shortcut};
 
 use candle_core::Tensor;
 use qcl_tensor::Result;

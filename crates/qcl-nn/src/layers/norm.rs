@@ -2,7 +2,7 @@ use candle_core::{Tensor, Var};
 use qcl_tensor::{Error, Result};
 
 use super::ModuleT;
-use crate::ops::{batch_norm_eval, batch_norm_train};
+use crate::ops::{batch_norm_eval, batch_norm_train, BatchStats};
 use crate::{Init, ParamPath};
 
 /// Hyperparameters of a [`BatchNorm2d`] (PyTorch's defaults: `eps` 1e-5, momentum 0.1).
@@ -122,6 +122,18 @@ impl BatchNorm2d {
             );
         }
         let (y, stats) = batch_norm_train(x, &self.weight, &self.bias, self.config.eps, relu)?;
+        self.update_running(&stats)?;
+        Ok(y)
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> BatchNormConfig {
+        self.config
+    }
+
+    /// Folds one training batch's statistics into the running estimates:
+    /// `running = (1 − momentum)·running + momentum·batch`, with the unbiased batch variance.
+    pub(crate) fn update_running(&self, stats: &BatchStats) -> Result<()> {
         let m = self.config.momentum;
         let update = |var: &Var, batch: &[f64]| -> Result<()> {
             let old: Vec<f64> = var
@@ -138,8 +150,7 @@ impl BatchNorm2d {
             Ok(())
         };
         update(&self.running_mean, &stats.mean)?;
-        update(&self.running_var, &stats.unbiased_variance())?;
-        Ok(y)
+        update(&self.running_var, &stats.unbiased_variance())
     }
 }
 

@@ -2,8 +2,10 @@ use candle_core::{DType, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use crate::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
-use crate::ops::{add_relu, mse_loss, straight_through_relu};
+use crate::layers::{
+    residual_relu, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module,
+};
+use crate::ops::{mse_loss, straight_through_relu};
 use crate::{Init, ParamPath};
 
 /// The AQM-style VQ autoencoder for `1×28×28` images (one module, downsampling 2, `C`
@@ -119,14 +121,11 @@ impl VqAutoencoder {
             });
         }
         let h = self.e2.forward_relu(&self.e1.forward_relu(x)?)?;
-        let h = add_relu(&h, &self.r2.forward(&self.r1.forward_relu(&h)?)?)?;
+        let h = residual_relu(&h, &self.r1, &self.r2)?;
         let (q, codes) = quantize_nchw(&h, &self.codebook)?;
         let commitment = mse_loss(&h, &q)?;
         let g = straight_through_relu(&h, &q)?;
-        let reconstruction = self.dt.forward(&add_relu(
-            &g,
-            &self.d2.forward(&self.d1.forward_relu(&g)?)?,
-        )?)?;
+        let reconstruction = self.dt.forward(&residual_relu(&g, &self.d1, &self.d2)?)?;
         Ok(VqAutoencoderOutput {
             reconstruction,
             commitment,

@@ -92,11 +92,55 @@ fn affine<T: Float>(x: &[T], dims: &[usize], scale: &[T], shift: &[T], relu: boo
 
 /// Statistics the forward pass used (filled by the forward pass in training mode).
 #[derive(Debug, Default)]
-struct Saved {
+pub(super) struct Saved {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     variance: Vec<f64>,
     count: usize,
+}
+
+impl Saved {
+    /// The batch statistics of `x` (`[n, c, …]`), with `1/√(σ² + ε)` per channel.
+    pub(super) fn of_batch<T: Float>(x: &[T], dims: &[usize], eps: f64) -> Self {
+        let (mean, variance) = channel_moments(x, dims);
+        Self {
+            inv_std: variance.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
+            mean,
+            variance,
+            count: dims[0] * dims[2..].iter().product::<usize>(),
+        }
+    }
+
+    /// The statistics as reported to callers (for the running estimates).
+    pub(super) fn batch_stats(&self) -> BatchStats {
+        BatchStats {
+            mean: self.mean.clone(),
+            variance: self.variance.clone(),
+            count: self.count,
+        }
+    }
+
+    /// `y = γ·(x − μ)/√(σ² + ε) + β` (then ReLU) with these statistics.
+    pub(super) fn normalise<T: Float>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        gamma: &[T],
+        beta: &[T],
+        relu: bool,
+    ) -> Vec<T> {
+        let scale: Vec<T> = (0..gamma.len())
+            .map(|c| T::from_f64_(gamma[c].to_f64_() * self.inv_std[c]))
+            .collect();
+        let shift: Vec<T> = (0..gamma.len())
+            .map(|c| {
+                T::from_f64_(
+                    beta[c].to_f64_() - self.mean[c] * gamma[c].to_f64_() * self.inv_std[c],
+                )
+            })
+            .collect();
+        affine(x, dims, &scale, &shift, relu)
+    }
 }
 
 /// The autograd node of a BatchNorm over `(x, γ, β)`.
@@ -112,26 +156,9 @@ impl BatchNormOp {
     fn forward<T: Float>(&self, x: &[T], dims: &[usize], gamma: &[T], beta: &[T]) -> Vec<T> {
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         if self.training {
-            let (mean, variance) = channel_moments(x, dims);
-            saved.inv_std = variance
-                .iter()
-                .map(|v| 1.0 / (v + self.eps).sqrt())
-                .collect();
-            saved.mean = mean;
-            saved.variance = variance;
-            saved.count = dims[0] * dims[2..].iter().product::<usize>();
+            *saved = Saved::of_batch(x, dims, self.eps);
         }
-        let scale: Vec<T> = (0..gamma.len())
-            .map(|c| T::from_f64_(gamma[c].to_f64_() * saved.inv_std[c]))
-            .collect();
-        let shift: Vec<T> = (0..gamma.len())
-            .map(|c| {
-                T::from_f64_(
-                    beta[c].to_f64_() - saved.mean[c] * gamma[c].to_f64_() * saved.inv_std[c],
-                )
-            })
-            .collect();
-        affine(x, dims, &scale, &shift, self.relu)
+        saved.normalise(x, dims, gamma, beta, self.relu)
     }
 }
 
@@ -198,81 +225,101 @@ struct BatchNormBackward<'a> {
 impl BatchNormBackward<'_> {
     fn input_gradient<T: Float>(&self, dy: &[T], x: &[T], y: &[T], dims: &[usize]) -> Vec<T> {
         let saved = self.op.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, c, inner) = layout(dims);
-        let relu = self.op.relu;
-        let (sum_g, sum_gx): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mean, inv) = (T::from_f64_(saved.mean[ch]), saved.inv_std[ch]);
-                let (mut sg, mut sgc) = (0.0, 0.0);
-                // With ReLU, mask the plane's gradient first (a vectorised select), so that the
-                // sums themselves are plain lanes.
-                let mut masked = if relu {
-                    uninit_vec::<T>(inner)
-                } else {
-                    Vec::new()
-                };
-                for b in 0..n {
-                    let r = (b * c + ch) * inner..(b * c + ch + 1) * inner;
-                    let (g, gc) = if relu {
-                        relu_grad_slice(&dy[r.clone()], &y[r.clone()], &mut masked);
-                        // SAFETY: `relu_grad_slice` wrote all `inner` elements.
-                        let g = unsafe {
-                            std::slice::from_raw_parts(masked.as_ptr().cast::<T>(), inner)
-                        };
-                        lane_grad_sums(g, &x[r], mean)
-                    } else {
-                        lane_grad_sums(&dy[r.clone()], &x[r], mean)
-                    };
-                    sg += g;
-                    sgc += gc;
-                }
-                (sg, sgc * inv)
-            })
-            .unzip();
-        let m = saved.count.max(1) as f64;
-        // Per channel: dx = a·g + b·(x − μ) + k, the x̂ term as an affine map of the centred x.
-        let mut coef_g = vec![T::ZERO; c];
-        let mut coef_x = vec![T::ZERO; c];
-        let mut centre = vec![T::ZERO; c];
-        let mut offset = vec![T::ZERO; c];
-        for ch in 0..c {
-            let a = self.gamma[ch] * saved.inv_std[ch];
-            coef_g[ch] = T::from_f64_(a);
-            if self.op.training {
-                coef_x[ch] = T::from_f64_(-a * saved.inv_std[ch] * sum_gx[ch] / m);
-                centre[ch] = T::from_f64_(saved.mean[ch]);
-                offset[ch] = T::from_f64_(-a * sum_g[ch] / m);
-            }
-        }
-        drop(saved);
-        let mut dx = uninit_vec::<T>(dy.len());
-        let image = c * inner;
-        if image > 0 {
-            for_each_chunk_mut(&mut dx, image, chunk_count(n), |first, out| {
-                for (i, dx_b) in out.chunks_mut(image).enumerate() {
-                    let base = (first + i) * image;
-                    for ch in 0..c {
-                        let coefficients = (coef_g[ch], coef_x[ch], centre[ch], offset[ch]);
-                        let r = base + ch * inner..base + (ch + 1) * inner;
-                        let dst = &mut dx_b[ch * inner..(ch + 1) * inner];
-                        affine_of_grad(
-                            &dy[r.clone()],
-                            &x[r.clone()],
-                            &y[r],
-                            coefficients,
-                            relu,
-                            dst,
-                        );
-                    }
-                }
-            });
-        }
+        let (dx, sum_g, sum_gx) = input_gradient(
+            dy,
+            x,
+            y,
+            dims,
+            &saved,
+            &self.gamma,
+            (self.op.relu, self.op.training),
+        );
         *self.sums.lock().unwrap_or_else(|e| e.into_inner()) = Some((sum_g, sum_gx));
-        // SAFETY: every plane of every image was written above (all of dx when image > 0,
-        // and dx is empty otherwise).
-        unsafe { assume_init(dx) }
+        dx
     }
+}
+
+/// `∂L/∂x` of a BatchNorm (+ ReLU) from `(dy, x, y)` and the statistics of its forward pass,
+/// with `(Σg, Σg·x̂)`, i.e. `(∂L/∂β, ∂L/∂γ)`. `y` is read only for the ReLU mask.
+pub(super) fn input_gradient<T: Float>(
+    dy: &[T],
+    x: &[T],
+    y: &[T],
+    dims: &[usize],
+    saved: &Saved,
+    gamma: &[f64],
+    (relu, training): (bool, bool),
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let (n, c, inner) = layout(dims);
+    let (sum_g, sum_gx): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mean, inv) = (T::from_f64_(saved.mean[ch]), saved.inv_std[ch]);
+            let (mut sg, mut sgc) = (0.0, 0.0);
+            // With ReLU, mask the plane's gradient first (a vectorised select), so that the
+            // sums themselves are plain lanes.
+            let mut masked = if relu {
+                uninit_vec::<T>(inner)
+            } else {
+                Vec::new()
+            };
+            for b in 0..n {
+                let r = (b * c + ch) * inner..(b * c + ch + 1) * inner;
+                let (g, gc) = if relu {
+                    relu_grad_slice(&dy[r.clone()], &y[r.clone()], &mut masked);
+                    // SAFETY: `relu_grad_slice` wrote all `inner` elements.
+                    let g =
+                        unsafe { std::slice::from_raw_parts(masked.as_ptr().cast::<T>(), inner) };
+                    lane_grad_sums(g, &x[r], mean)
+                } else {
+                    lane_grad_sums(&dy[r.clone()], &x[r], mean)
+                };
+                sg += g;
+                sgc += gc;
+            }
+            (sg, sgc * inv)
+        })
+        .unzip();
+    let m = saved.count.max(1) as f64;
+    // Per channel: dx = a·g + b·(x − μ) + k, the x̂ term as an affine map of the centred x.
+    let mut coef_g = vec![T::ZERO; c];
+    let mut coef_x = vec![T::ZERO; c];
+    let mut centre = vec![T::ZERO; c];
+    let mut offset = vec![T::ZERO; c];
+    for ch in 0..c {
+        let a = gamma[ch] * saved.inv_std[ch];
+        coef_g[ch] = T::from_f64_(a);
+        if training {
+            coef_x[ch] = T::from_f64_(-a * saved.inv_std[ch] * sum_gx[ch] / m);
+            centre[ch] = T::from_f64_(saved.mean[ch]);
+            offset[ch] = T::from_f64_(-a * sum_g[ch] / m);
+        }
+    }
+    let mut dx = uninit_vec::<T>(dy.len());
+    let image = c * inner;
+    if image > 0 {
+        for_each_chunk_mut(&mut dx, image, chunk_count(n), |first, out| {
+            for (i, dx_b) in out.chunks_mut(image).enumerate() {
+                let base = (first + i) * image;
+                for ch in 0..c {
+                    let coefficients = (coef_g[ch], coef_x[ch], centre[ch], offset[ch]);
+                    let r = base + ch * inner..base + (ch + 1) * inner;
+                    let dst = &mut dx_b[ch * inner..(ch + 1) * inner];
+                    affine_of_grad(
+                        &dy[r.clone()],
+                        &x[r.clone()],
+                        &y[r],
+                        coefficients,
+                        relu,
+                        dst,
+                    );
+                }
+            }
+        });
+    }
+    // SAFETY: every plane of every image was written above (all of dx when image > 0, and dx
+    // is empty otherwise).
+    (unsafe { assume_init(dx) }, sum_g, sum_gx)
 }
 
 impl TernaryKernel for BatchNormBackward<'_> {
@@ -370,12 +417,10 @@ pub fn batch_norm_train(
         let y = x
             .contiguous()?
             .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
-        let saved = saved.lock().unwrap_or_else(|e| e.into_inner());
-        let stats = BatchStats {
-            mean: saved.mean.clone(),
-            variance: saved.variance.clone(),
-            count: saved.count,
-        };
+        let stats = saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .batch_stats();
         return Ok((y, stats));
     }
     // Other devices and dtypes: candle's ops.

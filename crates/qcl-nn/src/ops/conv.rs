@@ -144,7 +144,7 @@ fn check_operands(
 }
 
 /// Checks shapes and parameters of `conv2d(x, w)` and returns its geometry.
-fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
+pub(super) fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
     let Operands {
         n,
         c_in,
@@ -154,28 +154,28 @@ fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry
         kh,
         kw,
     } = check_operands(x, w, (p.stride, p.dilation), false)?;
-    let span_h = p.dilation * (kh - 1) + 1;
-    let span_w = p.dilation * (kw - 1) + 1;
-    let (ph, pw) = (h_in + 2 * p.padding, w_in + 2 * p.padding);
-    if span_h > ph || span_w > pw {
-        return Err(Error::invalid_parameter(
-            "kernel",
-            format!("the kernel spans {span_h}×{span_w} but the padded input is only {ph}×{pw}"),
-        ));
-    }
-    Ok(ConvGeometry {
+    ConvGeometry::new(
         n,
         c_in,
-        h_in,
-        w_in,
+        (h_in, w_in),
         c_out,
-        kh,
-        kw,
-        stride: p.stride,
-        padding: p.padding,
-        dilation: p.dilation,
-        h_out: (ph - span_h) / p.stride + 1,
-        w_out: (pw - span_w) / p.stride + 1,
+        (kh, kw),
+        p.stride,
+        p.padding,
+        p.dilation,
+    )
+    .ok_or_else(|| {
+        let span = |k: usize| p.dilation * (k - 1) + 1;
+        Error::invalid_parameter(
+            "kernel",
+            format!(
+                "the kernel spans {}×{} but the padded input is only {}×{}",
+                span(kh),
+                span(kw),
+                h_in + 2 * p.padding,
+                w_in + 2 * p.padding
+            ),
+        )
     })
 }
 

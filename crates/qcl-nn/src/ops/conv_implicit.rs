@@ -599,25 +599,16 @@ mod tests {
         (kh, kw): (usize, usize),
         (stride, padding, dilation): (usize, usize, usize),
     ) -> Option<ConvGeometry> {
-        let out = |len: usize, k: usize| {
-            (len + 2 * padding)
-                .checked_sub(dilation * (k - 1) + 1)
-                .map(|span| span / stride + 1)
-        };
-        Some(ConvGeometry {
+        ConvGeometry::new(
             n,
             c_in,
-            h_in,
-            w_in,
+            (h_in, w_in),
             c_out,
-            kh,
-            kw,
+            (kh, kw),
             stride,
             padding,
             dilation,
-            h_out: out(h_in, kh)?,
-            w_out: out(w_in, kw)?,
-        })
+        )
     }
 
     /// The largest difference, relative to the reference's largest magnitude.

@@ -34,6 +34,46 @@ pub(crate) struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The convolution of `n` images of `c_in × h_in × w_in` with `c_out` kernels of
+    /// `kh × kw` (stride, padding, dilation as given): `h_out = ⌊(h_in + 2p − d(kh−1) − 1)/s⌋
+    /// + 1`, likewise `w_out`. `None` if the kernel spans more than the padded input or the
+    /// stride or dilation is 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        c_in: usize,
+        (h_in, w_in): (usize, usize),
+        c_out: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+    ) -> Option<Self> {
+        if stride == 0 || dilation == 0 || kh == 0 || kw == 0 {
+            return None;
+        }
+        let span_h = dilation * (kh - 1) + 1;
+        let span_w = dilation * (kw - 1) + 1;
+        let (ph, pw) = (h_in + 2 * padding, w_in + 2 * padding);
+        if span_h > ph || span_w > pw {
+            return None;
+        }
+        Some(Self {
+            n,
+            c_in,
+            h_in,
+            w_in,
+            c_out,
+            kh,
+            kw,
+            stride,
+            padding,
+            dilation,
+            h_out: (ph - span_h) / stride + 1,
+            w_out: (pw - span_w) / stride + 1,
+        })
+    }
+
     /// Rows of the column matrix: `c_in·kh·kw`.
     pub fn k_dim(&self) -> usize {
         self.c_in * self.kh * self.kw

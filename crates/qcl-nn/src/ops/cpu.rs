@@ -1,6 +1,6 @@
 //! Shared pieces of the CPU kernels: the element trait, storage access and work splitting.
 
-use candle_core::{CpuStorage, DType, Layout, Shape, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, WithDType};
 
 /// The float types the CPU kernels support (`f32`, `f64`).
 pub(crate) trait Float:
@@ -213,6 +213,26 @@ pub(crate) fn run_ternary(
     })
 }
 
+/// The contiguous host data of a tensor's storage.
+pub(crate) fn host<'a, T: Float>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    match storage {
+        Storage::Cpu(cpu) => slice::<T>(cpu, layout, "a fused op's backward"),
+        _ => candle_core::bail!("a fused op's backward needs CPU storage"),
+    }
+}
+
+/// `acc += v`, in parallel pieces.
+pub(crate) fn add_in_place<T: Float>(acc: &mut [T], v: &[T]) {
+    const PIECE: usize = 1 << 15;
+    use rayon::prelude::*;
+    acc.par_chunks_mut(PIECE)
+        .zip(v.par_chunks(PIECE))
+        .for_each(|(a, b)| add_assign_slice(a, b));
+}
+
 /// How many contiguous chunks to split `items` into: one per rayon thread, so that each core
 /// gets one large piece of work (fine-grained parallel loops cost more than they gain here).
 pub(crate) fn chunk_count(items: usize) -> usize {
@@ -408,6 +428,15 @@ simd_fn! {
         for ((d, a), b) in out.iter_mut().zip(a).zip(b) {
             let r = *a + *b;
             d.write(if r > T::ZERO { r } else { T::ZERO });
+        }
+    }
+}
+
+simd_fn! {
+    /// `acc[i] += v[i]`.
+    pub(crate) fn add_assign_slice<T: Float>(acc: &mut [T], v: &[T]) {
+        for (a, v) in acc.iter_mut().zip(v) {
+            *a += *v;
         }
     }
 }

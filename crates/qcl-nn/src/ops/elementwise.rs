@@ -102,7 +102,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `max(a + b, 0)` (the end of a residual block).
-struct AddRelu;
+pub(crate) struct AddRelu;
 
 impl BinaryKernel for AddRelu {
     fn run<T: Float>(&self, a: &[T], b: &[T], _dims: &[usize]) -> Vec<T> {

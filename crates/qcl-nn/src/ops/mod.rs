@@ -3,6 +3,7 @@
 //! Each public function checks its input (typed errors, never a panic), runs qcl's CPU kernels
 //! for `f32`/`f64` tensors on the CPU, and candle's own ops on other devices and dtypes.
 
+pub(crate) mod basic_block;
 mod batch_norm;
 mod conv;
 #[cfg(target_arch = "x86_64")]
@@ -10,8 +11,10 @@ mod conv_implicit;
 mod conv_kernels;
 pub(crate) mod cpu;
 mod elementwise;
+mod fused;
 mod loss;
 mod pool;
+pub(crate) mod residual_unit;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use conv::{

@@ -1,0 +1,113 @@
+//! The plumbing shared by fused nodes over `(x, flat parameters)`: dtype dispatch, host
+//! access to the tensors in the backward pass, and the gradient tensors.
+//!
+//! Fusing a sub-network into one node matters on the CPU because candle's backward pass gives
+//! every edge between two nodes a fresh zero tensor and an addition (`zeros_like` + `add`, on
+//! the calling thread while the worker threads wait) before the gradient moves on; at the
+//! sizes of this workspace's models that was a seventh of a training step. A fused node keeps
+//! its intermediate tensors to itself, so the only edges left are its input and one flat
+//! vector of its parameters (whose pieces are small).
+
+use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+
+use super::cpu::{host, slice, Float};
+
+/// A sub-network over an input `x` and the concatenation `flat` of its parameters.
+pub(crate) trait FusedNode {
+    /// The node's name in errors.
+    const NAME: &'static str;
+
+    /// The output, keeping what the backward pass needs.
+    fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T>;
+
+    /// `(∂L/∂x if wanted, ∂L/∂flat)` from the output `y` and its gradient `dy`.
+    ///
+    /// # Errors
+    /// When no forward pass of this dtype kept its intermediates.
+    fn backward<T: Float>(
+        &self,
+        inputs: (&[T], &[T]),
+        output: (&[T], &[T]),
+        want_dx: bool,
+    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)>;
+}
+
+/// The `cpu_fwd` of a [`FusedNode`].
+pub(crate) fn cpu_forward<N: FusedNode>(
+    node: &N,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> candle_core::Result<CpuStorage> {
+    let name = N::NAME;
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(
+            node.forward(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?),
+        ),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(
+            node.forward(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?),
+        ),
+        _ => candle_core::bail!("{name}: only matching f32 or f64 operands are supported"),
+    })
+}
+
+/// The `bwd` of a [`FusedNode`]: gradients for `x` (if it tracks) and `flat`.
+pub(crate) fn backward<N: FusedNode>(
+    node: &N,
+    (x, flat): (&Tensor, &Tensor),
+    (res, grad): (&Tensor, &Tensor),
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    match x.dtype() {
+        DType::F32 => typed::<N, f32>(node, (x, flat), (res, &grad)),
+        DType::F64 => typed::<N, f64>(node, (x, flat), (res, &grad)),
+        other => candle_core::bail!("{}: unsupported dtype {other:?}", N::NAME),
+    }
+}
+
+fn typed<N: FusedNode, T: Float>(
+    node: &N,
+    (x, flat): (&Tensor, &Tensor),
+    (res, grad): (&Tensor, &Tensor),
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (flat_storage, flat_layout) = flat.storage_and_layout();
+    let (y_storage, y_layout) = res.storage_and_layout();
+    let (dy_storage, dy_layout) = grad.storage_and_layout();
+    let (dx, dflat) = node.backward(
+        (
+            host::<T>(&x_storage, x_layout)?,
+            host::<T>(&flat_storage, flat_layout)?,
+        ),
+        (
+            host::<T>(&y_storage, y_layout)?,
+            host::<T>(&dy_storage, dy_layout)?,
+        ),
+        x.track_op(),
+    )?;
+    let dx = dx
+        .map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+        .transpose()?;
+    let dflat = if flat.track_op() {
+        Some(Tensor::from_vec(dflat, flat.shape(), flat.device())?)
+    } else {
+        None
+    };
+    Ok((dx, dflat))
+}
+
+/// The concatenation of `parts` (each flattened), and the range each one takes in it.
+pub(crate) fn flatten_parameters(
+    parts: &[&Tensor],
+) -> qcl_tensor::Result<(Tensor, Vec<std::ops::Range<usize>>)> {
+    let mut ranges = Vec::with_capacity(parts.len());
+    let mut end = 0;
+    for t in parts {
+        ranges.push(end..end + t.elem_count());
+        end += t.elem_count();
+    }
+    let flat = parts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((Tensor::cat(&flat, 0)?, ranges))
+}
