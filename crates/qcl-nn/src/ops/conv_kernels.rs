@@ -35,9 +35,9 @@ pub(crate) struct ConvGeometry {
 
 impl ConvGeometry {
     /// The convolution of `n` images of `c_in × h_in × w_in` with `c_out` kernels of
-    /// `kh × kw` (stride, padding, dilation as given): `h_out = ⌊(h_in + 2p − d(kh−1) − 1)/s⌋
-    /// + 1`, likewise `w_out`. `None` if the kernel spans more than the padded input or the
-    /// stride or dilation is 0.
+    /// `kh × kw` (stride, padding, dilation as given), whose output height is
+    /// `h_out = ⌊(h_in + 2p − d(kh−1) − 1)/s⌋ + 1` (likewise `w_out`). `None` if the kernel
+    /// spans more than the padded input or the stride or dilation is 0.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         n: usize,
