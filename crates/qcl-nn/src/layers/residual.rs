@@ -227,6 +227,24 @@ mod tests {
                 var.set(&v.to_dtype(dtype).unwrap()).unwrap();
             }
         }
+        outcome(&store, &[n, c_in, size, size], dtype, seed, |x| {
+            if fused {
+                block.forward_t(x, true)
+            } else {
+                block.forward_separate_t(x, true)
+            }
+        })
+    }
+
+    /// Runs `forward` on a seeded normal input of `x_dims` and returns its output, the input
+    /// and parameter gradients of `Σ y·r` (seeded normal `r`), and the buffers afterwards.
+    fn outcome(
+        store: &ParamStore,
+        x_dims: &[usize],
+        dtype: DType,
+        seed: u64,
+        forward: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Step {
         let mut rng = qcl_tensor::Seed(seed).rng();
         let mut normal = |dims: &[usize]| {
             rng.normal_tensor(dims, 0.0, 1.0, &Device::Cpu)
@@ -234,19 +252,10 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap()
         };
-        let x = Var::from_tensor(&normal(&[n, c_in, size, size])).unwrap();
-        let y = if fused {
-            block.forward_t(x.as_tensor(), true).unwrap()
-        } else {
-            block.forward_separate_t(x.as_tensor(), true).unwrap()
-        };
+        let x = Var::from_tensor(&normal(x_dims)).unwrap();
+        let y = forward(x.as_tensor()).unwrap();
         let r = normal(y.dims());
-        outcome(&store, &x, &y, &r)
-    }
-
-    /// Output, input gradient, parameter gradients (of `Σ y·r`) and buffers afterwards.
-    fn outcome(store: &ParamStore, x: &Var, y: &Tensor, r: &Tensor) -> Step {
-        let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let params = store
             .trainable()
             .into_iter()
@@ -263,7 +272,7 @@ mod tests {
             .map(|(_, var)| values(var.as_tensor()))
             .collect();
         (
-            values(y),
+            values(&y),
             values(grads.get(x.as_tensor()).unwrap()),
             params,
             buffers,
@@ -286,21 +295,13 @@ mod tests {
         };
         let first = Conv2d::new(&root.pp("r1"), c, m, 3, same).unwrap();
         let second = Conv2d::new(&root.pp("r2"), m, c, 1, Conv2dConfig::default()).unwrap();
-        let mut rng = qcl_tensor::Seed(seed).rng();
-        let mut normal = |dims: &[usize]| {
-            rng.normal_tensor(dims, 0.0, 1.0, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        };
-        let x = Var::from_tensor(&normal(&[n, c, size, size])).unwrap();
-        let y = if fused {
-            residual_relu(x.as_tensor(), &first, &second).unwrap()
-        } else {
-            residual_relu_separate(x.as_tensor(), &first, &second).unwrap()
-        };
-        let r = normal(y.dims());
-        outcome(&store, &x, &y, &r)
+        outcome(&store, &[n, c, size, size], dtype, seed, |x| {
+            if fused {
+                residual_relu(x, &first, &second)
+            } else {
+                residual_relu_separate(x, &first, &second)
+            }
+        })
     }
 
     fn assert_same_step(fused: Step, separate: Step) {

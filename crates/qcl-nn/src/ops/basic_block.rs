@@ -9,15 +9,15 @@ use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 use qcl_tensor::Result;
 
 use super::batch_norm::{self, BatchStats, Saved};
-use super::conv::{conv_geometry, Conv2dParams};
+use super::conv::{conv_geometry, following_geometry, Conv2dParams};
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
 use super::cpu::{add_in_place, supported_dtype, BinaryKernel, Float};
 use super::elementwise::{AddRelu, ReluGrad};
-use super::fused::{self, flatten_parameters, FusedNode};
+use super::fused::{flatten_parameters, fused_custom_op, FusedNode};
 
 /// One BatchNorm of a block: `γ`, `β` (both `[c_out]`) and `ε`.
 #[derive(Debug, Clone, Copy)]
@@ -146,23 +146,12 @@ impl BasicBlockOp {
         ranges: Vec<Range<usize>>,
     ) -> Result<Option<Self>> {
         let conv1 = conv_geometry(x, p.conv1.weight, p.conv1.params)?;
-        let (c_out, kh, kw) = p.conv2.weight.dims4().map(|(o, _, h, w)| (o, h, w))?;
-        if p.conv2.weight.dim(1)? != conv1.c_out || c_out != conv1.c_out {
-            return Ok(None);
-        }
-        let q = p.conv2.params;
-        let Some(conv2) = ConvGeometry::new(
-            conv1.n,
-            conv1.c_out,
-            (conv1.h_out, conv1.w_out),
-            c_out,
-            (kh, kw),
-            q.stride,
-            q.padding,
-            q.dilation,
-        ) else {
+        let Some(conv2) = following_geometry(&conv1, p.conv2.weight, p.conv2.params)? else {
             return Ok(None);
         };
+        if conv2.c_out != conv1.c_out {
+            return Ok(None);
+        }
         let out = [conv2.n, conv2.c_out, conv2.h_out, conv2.w_out];
         let shortcut = match &p.shortcut {
             Some(s) => {
@@ -203,6 +192,10 @@ impl BasicBlockOp {
 
 impl FusedNode for BasicBlockOp {
     const NAME: &'static str = "qcl-basic-block";
+
+    fn output_shape(&self, _x: &Layout) -> Shape {
+        Shape::from(self.out_dims().to_vec())
+    }
 
     fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
         let dims = self.out_dims();
@@ -316,29 +309,4 @@ impl FusedNode for BasicBlockOp {
     }
 }
 
-impl CustomOp2 for BasicBlockOp {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = fused::cpu_forward(self, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from(self.out_dims().to_vec())))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        flat: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fused::backward(self, (x, flat), (res, grad))
-    }
-}
+fused_custom_op!(BasicBlockOp);

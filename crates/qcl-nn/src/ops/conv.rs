@@ -179,6 +179,30 @@ pub(super) fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<C
     })
 }
 
+/// The geometry of a convolution with weight `w` applied to the output of convolution
+/// `prev`, or `None` if `w`'s input channels differ from `prev`'s output channels or its kernel
+/// does not fit the padded input.
+pub(super) fn following_geometry(
+    prev: &ConvGeometry,
+    w: &Tensor,
+    p: Conv2dParams,
+) -> Result<Option<ConvGeometry>> {
+    let (c_out, c_in, kh, kw) = w.dims4()?;
+    if c_in != prev.c_out {
+        return Ok(None);
+    }
+    Ok(ConvGeometry::new(
+        prev.n,
+        prev.c_out,
+        (prev.h_out, prev.w_out),
+        c_out,
+        (kh, kw),
+        p.stride,
+        p.padding,
+        p.dilation,
+    ))
+}
+
 fn use_custom_kernels(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && supported_dtype(x.dtype())
 }

@@ -8,7 +8,7 @@
 //! its intermediate tensors to itself, so the only edges left are its input and one flat
 //! vector of its parameters (whose pieces are small).
 
-use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 use super::cpu::{host, slice, Float};
 
@@ -16,6 +16,9 @@ use super::cpu::{host, slice, Float};
 pub(crate) trait FusedNode {
     /// The node's name in errors.
     const NAME: &'static str;
+
+    /// The shape of the output for an input of layout `x`.
+    fn output_shape(&self, x: &Layout) -> Shape;
 
     /// The output, keeping what the backward pass needs.
     fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T>;
@@ -31,6 +34,40 @@ pub(crate) trait FusedNode {
         want_dx: bool,
     ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)>;
 }
+
+/// Implements candle's `CustomOp2` for a [`FusedNode`] over `(x, flat)`.
+macro_rules! fused_custom_op {
+    ($node:ty) => {
+        impl candle_core::CustomOp2 for $node {
+            fn name(&self) -> &'static str {
+                <Self as $crate::ops::fused::FusedNode>::NAME
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                let out = $crate::ops::fused::cpu_forward(self, (s1, l1), (s2, l2))?;
+                Ok((out, $crate::ops::fused::FusedNode::output_shape(self, l1)))
+            }
+
+            fn bwd(
+                &self,
+                x: &candle_core::Tensor,
+                flat: &candle_core::Tensor,
+                res: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+            ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
+            {
+                $crate::ops::fused::backward(self, (x, flat), (res, grad))
+            }
+        }
+    };
+}
+pub(crate) use fused_custom_op;
 
 /// The `cpu_fwd` of a [`FusedNode`].
 pub(crate) fn cpu_forward<N: FusedNode>(

@@ -9,14 +9,14 @@ use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 use qcl_tensor::Result;
 
-use super::conv::{conv_geometry, Conv2dParams};
+use super::conv::{conv_geometry, following_geometry, Conv2dParams};
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
 use super::cpu::{add_in_place, supported_dtype, BinaryKernel, Float, UnaryKernel};
 use super::elementwise::{add_bias_in_place, AddRelu, ChannelSum, ReluGrad};
-use super::fused::{self, flatten_parameters, FusedNode};
+use super::fused::{flatten_parameters, fused_custom_op, FusedNode};
 
 /// One convolution of the unit: weight `[c_out, c_in, kh, kw]`, bias `[c_out]`.
 #[derive(Debug, Clone, Copy)]
@@ -52,21 +52,10 @@ pub(crate) fn residual_unit(
         return Ok(None);
     }
     let g1 = conv_geometry(x, first.weight, first.params)?;
-    let (c_out, c_in, kh, kw) = second.weight.dims4()?;
-    let q = second.params;
-    let Some(g2) = ConvGeometry::new(
-        g1.n,
-        g1.c_out,
-        (g1.h_out, g1.w_out),
-        c_out,
-        (kh, kw),
-        q.stride,
-        q.padding,
-        q.dilation,
-    ) else {
+    let Some(g2) = following_geometry(&g1, second.weight, second.params)? else {
         return Ok(None);
     };
-    if c_in != g1.c_out || [g2.n, g2.c_out, g2.h_out, g2.w_out] != x.dims() {
+    if [g2.n, g2.c_out, g2.h_out, g2.w_out] != x.dims() {
         return Ok(None);
     }
     let (flat, ranges) =
@@ -97,6 +86,10 @@ impl ResidualUnitOp {
 
 impl FusedNode for ResidualUnitOp {
     const NAME: &'static str = "qcl-residual-unit";
+
+    fn output_shape(&self, x: &Layout) -> Shape {
+        x.shape().clone()
+    }
 
     fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
         let (g1, g2) = (&self.first, &self.second);
@@ -147,29 +140,4 @@ impl FusedNode for ResidualUnitOp {
     }
 }
 
-impl CustomOp2 for ResidualUnitOp {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = fused::cpu_forward(self, (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        flat: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fused::backward(self, (x, flat), (res, grad))
-    }
-}
+fused_custom_op!(ResidualUnitOp);
