@@ -15,6 +15,11 @@ fn random(seed: u64, shape: &[usize]) -> Tensor {
         .unwrap()
 }
 
+/// The gradients of `Σ y·r` (a loss that weighs every output differently).
+fn weighted_gradients(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    y.mul(r).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     a.sub(b)
@@ -235,7 +240,7 @@ proptest! {
                 if relu_after { y.relu().unwrap() } else { y }
             };
             let r = random(seed + 3, y.dims()).to_dtype(dtype).unwrap();
-            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = weighted_gradients(&y, &r);
             let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             (f32_of(&y), f32_of(grads.get(&xv).unwrap()), f32_of(grads.get(&gv).unwrap()), f32_of(grads.get(&bv).unwrap()))
         };
@@ -327,14 +332,8 @@ fn relu_and_bias_gradients() {
         .relu()
         .unwrap();
     assert_close(&y, &reference, "forward");
-    let g1 = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = reference
-        .mul(&r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g1 = weighted_gradients(&y, &r);
+    let g2 = weighted_gradients(&reference, &r);
     assert_close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), "x gradient");
     assert_close(g1.get(&b).unwrap(), g2.get(&b).unwrap(), "bias gradient");
 }
@@ -435,14 +434,8 @@ fn add_relu_matches_candle_with_both_gradients() {
     let y = qcl_nn::ops::add_relu(&a, &b).unwrap();
     let reference = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
     assert_close(&y, &reference, "forward");
-    let g1 = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = reference
-        .mul(&r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g1 = weighted_gradients(&y, &r);
+    let g2 = weighted_gradients(&reference, &r);
     assert_close(g1.get(&a).unwrap(), g2.get(&a).unwrap(), "a gradient");
     assert_close(g1.get(&b).unwrap(), g2.get(&b).unwrap(), "b gradient");
     let err = qcl_nn::ops::add_relu(&a, &random(24, &[2, 3, 5, 4])).unwrap_err();
@@ -475,7 +468,7 @@ fn mse_loss_and_straight_through_match_candle() {
         z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         q.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
-    let grads = z.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = weighted_gradients(&z, &r);
     assert_close(grads.get(&h).unwrap(), &r, "straight-through gradient");
     assert!(grads.get(&q).is_none());
     let err = qcl_nn::ops::mse_loss(&a, &h).unwrap_err();
@@ -487,20 +480,8 @@ fn mse_loss_and_straight_through_match_candle() {
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(values(&fused), values(&composed));
     assert!(values(&fused).contains(&0.0) && values(&fused).iter().any(|&v| v > 0.0));
-    let g_fused = fused
-        .mul(&r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g_composed = composed
-        .mul(&r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_fused = weighted_gradients(&fused, &r);
+    let g_composed = weighted_gradients(&composed, &r);
     assert_eq!(
         values(g_fused.get(&h).unwrap()),
         values(g_composed.get(&h).unwrap())
@@ -547,20 +528,8 @@ fn fused_bias_matches_a_separate_bias_for_both_convolutions() {
     for (fused, separate, weight) in cases {
         assert_close(&fused, &separate, "value");
         let r = random(45, fused.dims());
-        let g1 = fused
-            .mul(&r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = separate
-            .mul(&r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_gradients(&fused, &r);
+        let g2 = weighted_gradients(&separate, &r);
         for (t, what) in [
             (x.as_tensor(), "x"),
             (b.as_tensor(), "bias"),
@@ -591,20 +560,8 @@ fn fused_conv_relu_matches_conv_then_relu() {
             .unwrap();
         assert_close(&fused, &separate, "value");
         let r = random(54, fused.dims());
-        let g1 = fused
-            .mul(&r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = separate
-            .mul(&r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_gradients(&fused, &r);
+        let g2 = weighted_gradients(&separate, &r);
         assert_close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), "x gradient");
         assert_close(g1.get(&w).unwrap(), g2.get(&w).unwrap(), "w gradient");
         if bias.is_some() {
