@@ -5,7 +5,6 @@
 //! that costs). As one node it runs the same kernels in the same order, so its output and
 //! gradients equal the separate ops' bit for bit.
 
-use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +16,7 @@ use super::conv::{conv_geometry, following_geometry, Conv2dParams};
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
 use super::cpu::{add_in_place, supported_dtype, BinaryKernel, Float};
 use super::elementwise::{AddRelu, ReluGrad};
-use super::fused::{flatten_parameters, fused_custom_op, FusedNode};
+use super::fused::{flatten_parameters, fused_custom_op, FusedNode, Kept};
 
 /// One BatchNorm of a block: `γ`, `β` (both `[c_out]`) and `ε`.
 #[derive(Debug, Clone, Copy)]
@@ -84,46 +83,26 @@ pub(crate) fn basic_block_train(
     let Some(op) = BasicBlockOp::new(x, p, ranges)? else {
         return Ok(None);
     };
-    let saved = op.saved.clone();
+    let stats = op.stats.clone();
     let y = x.contiguous()?.apply_op2(&flat, op)?;
-    let stats = saved
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(|kept| kept.stats())
-        .ok_or_else(|| {
-            qcl_tensor::Error::invalid_parameter(
-                "basic block",
-                "the fused forward pass left no batch statistics",
-            )
-        })?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    if stats.len() != 2 + usize::from(p.shortcut.is_some()) {
+        return Err(qcl_tensor::Error::invalid_parameter(
+            "basic block",
+            "the fused forward pass left no batch statistics",
+        ));
+    }
     Ok(Some((y, stats)))
-}
-
-/// What the forward pass keeps for the backward pass (for `f32` or `f64`).
-trait Intermediates: Any + Send {
-    fn stats(&self) -> Vec<BatchStats>;
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// The pre-normalisation outputs of the convolutions, the first ReLU's output, and the
 /// statistics of each BatchNorm (`bn₁`, `bn₂`, shortcut).
-struct Kept<T> {
+struct Intermediates<T> {
     z1: Vec<T>,
     a1: Vec<T>,
     z2: Vec<T>,
     zs: Vec<T>,
     norms: Vec<Saved>,
-}
-
-impl<T: Float> Intermediates for Kept<T> {
-    fn stats(&self) -> Vec<BatchStats> {
-        self.norms.iter().map(Saved::batch_stats).collect()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 /// The fused node over `(x, flat parameters)`.
@@ -135,7 +114,10 @@ struct BasicBlockOp {
     eps: [f64; 3],
     /// Ranges in the flat parameter vector: `w₁, γ₁, β₁, w₂, γ₂, β₂[, w_s, γ_s, β_s]`.
     ranges: Vec<Range<usize>>,
-    saved: Arc<Mutex<Option<Box<dyn Intermediates>>>>,
+    saved: Kept,
+    /// The batch statistics of the last forward pass (`bn₁`, `bn₂`, shortcut), for the
+    /// running estimates.
+    stats: Arc<Mutex<Vec<BatchStats>>>,
 }
 
 impl BasicBlockOp {
@@ -174,7 +156,8 @@ impl BasicBlockOp {
                 p.shortcut.map_or(0.0, |s| s.norm.eps),
             ],
             ranges,
-            saved: Arc::new(Mutex::new(None)),
+            saved: Kept::default(),
+            stats: Arc::default(),
         }))
     }
 
@@ -188,61 +171,15 @@ impl BasicBlockOp {
     fn param<'a, T>(&self, flat: &'a [T], i: usize) -> &'a [T] {
         &flat[self.ranges[i].clone()]
     }
-}
 
-impl FusedNode for BasicBlockOp {
-    const NAME: &'static str = "qcl-basic-block";
-
-    fn output_shape(&self, _x: &Layout) -> Shape {
-        Shape::from(self.out_dims().to_vec())
-    }
-
-    fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
-        let dims = self.out_dims();
-        let z1 = conv_forward(&self.conv1, x, self.param(flat, 0));
-        let bn1 = Saved::of_batch(&z1, &dims, self.eps[0]);
-        let a1 = bn1.normalise(&z1, &dims, self.param(flat, 1), self.param(flat, 2), true);
-        let z2 = conv_forward(&self.conv2, &a1, self.param(flat, 3));
-        let bn2 = Saved::of_batch(&z2, &dims, self.eps[1]);
-        let h = bn2.normalise(&z2, &dims, self.param(flat, 4), self.param(flat, 5), false);
-        let mut norms = vec![bn1, bn2];
-        let (y, zs) = match &self.shortcut {
-            Some(g) => {
-                let zs = conv_forward(g, x, self.param(flat, 6));
-                let bn = Saved::of_batch(&zs, &dims, self.eps[2]);
-                let s = bn.normalise(&zs, &dims, self.param(flat, 7), self.param(flat, 8), false);
-                norms.push(bn);
-                (AddRelu.run(&h, &s, &dims), zs)
-            }
-            None => (AddRelu.run(&h, x, &dims), Vec::new()),
-        };
-        let kept = Kept {
-            z1,
-            a1,
-            z2,
-            zs,
-            norms,
-        };
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(kept));
-        y
-    }
-
-    fn backward<T: Float>(
+    /// [`FusedNode::backward`] given what the forward pass kept.
+    fn backward_with<T: Float>(
         &self,
+        kept: &Intermediates<T>,
         (x, flat): (&[T], &[T]),
         (y, dy): (&[T], &[T]),
         want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(kept) = saved
-            .as_ref()
-            .and_then(|k| k.as_any().downcast_ref::<Kept<T>>())
-        else {
-            candle_core::bail!(
-                "{}: backward without a forward pass of this dtype",
-                Self::NAME
-            );
-        };
+    ) -> (Option<Vec<T>>, Vec<T>) {
         let dims = self.out_dims();
         let gamma =
             |i: usize| -> Vec<f64> { self.param(flat, i).iter().map(|v| v.to_f64_()).collect() };
@@ -305,7 +242,57 @@ impl FusedNode for BasicBlockOp {
                 }
             }
         }
-        Ok((dx, dflat))
+        (dx, dflat)
+    }
+}
+
+impl FusedNode for BasicBlockOp {
+    const NAME: &'static str = "qcl-basic-block";
+
+    fn output_shape(&self, _x: &Layout) -> Shape {
+        Shape::from(self.out_dims().to_vec())
+    }
+
+    fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
+        let dims = self.out_dims();
+        let z1 = conv_forward(&self.conv1, x, self.param(flat, 0));
+        let bn1 = Saved::of_batch(&z1, &dims, self.eps[0]);
+        let a1 = bn1.normalise(&z1, &dims, self.param(flat, 1), self.param(flat, 2), true);
+        let z2 = conv_forward(&self.conv2, &a1, self.param(flat, 3));
+        let bn2 = Saved::of_batch(&z2, &dims, self.eps[1]);
+        let h = bn2.normalise(&z2, &dims, self.param(flat, 4), self.param(flat, 5), false);
+        let mut norms = vec![bn1, bn2];
+        let (y, zs) = match &self.shortcut {
+            Some(g) => {
+                let zs = conv_forward(g, x, self.param(flat, 6));
+                let bn = Saved::of_batch(&zs, &dims, self.eps[2]);
+                let s = bn.normalise(&zs, &dims, self.param(flat, 7), self.param(flat, 8), false);
+                norms.push(bn);
+                (AddRelu.run(&h, &s, &dims), zs)
+            }
+            None => (AddRelu.run(&h, x, &dims), Vec::new()),
+        };
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
+            norms.iter().map(Saved::batch_stats).collect();
+        self.saved.store(Intermediates {
+            z1,
+            a1,
+            z2,
+            zs,
+            norms,
+        });
+        y
+    }
+
+    fn backward<T: Float>(
+        &self,
+        (x, flat): (&[T], &[T]),
+        (y, dy): (&[T], &[T]),
+        want_dx: bool,
+    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
+        self.saved.with(Self::NAME, |kept: &Intermediates<T>| {
+            self.backward_with(kept, (x, flat), (y, dy), want_dx)
+        })
     }
 }
 

@@ -12,6 +12,34 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 use super::cpu::{host, slice, Float};
 
+/// What a fused node's forward pass keeps for its backward pass: one value whose type depends
+/// on the dtype (`Vec<f32>` or `Vec<f64>` parts), so it is stored type-erased.
+#[derive(Default)]
+pub(crate) struct Kept(std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+
+impl Kept {
+    /// Replaces the kept value.
+    pub fn store<V: std::any::Any + Send>(&self, value: V) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(value));
+    }
+
+    /// `f` of the kept value.
+    ///
+    /// # Errors
+    /// When no forward pass kept a value of type `V` (i.e. of this dtype).
+    pub fn with<V: std::any::Any, R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&V) -> R,
+    ) -> candle_core::Result<R> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match kept.as_ref().and_then(|v| v.downcast_ref::<V>()) {
+            Some(v) => Ok(f(v)),
+            None => candle_core::bail!("{name}: backward without a forward pass of this dtype"),
+        }
+    }
+}
+
 /// A sub-network over an input `x` and the concatenation `flat` of its parameters.
 pub(crate) trait FusedNode {
     /// The node's name in errors.

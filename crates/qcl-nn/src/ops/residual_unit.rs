@@ -5,9 +5,7 @@
 //! node it runs the same kernels in the same order, so its output and gradients equal the
 //! separate ops' bit for bit.
 
-use std::any::Any;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 
 use candle_core::{Layout, Shape, Tensor};
 use qcl_tensor::Result;
@@ -16,7 +14,7 @@ use super::conv::{conv_geometry, following_geometry, Conv2dParams};
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
 use super::cpu::{add_in_place, supported_dtype, BinaryKernel, Float, UnaryKernel};
 use super::elementwise::{add_bias_in_place, AddRelu, ChannelSum, ReluGrad};
-use super::fused::{flatten_parameters, fused_custom_op, FusedNode};
+use super::fused::{flatten_parameters, fused_custom_op, FusedNode, Kept};
 
 /// One convolution of the unit: weight `[c_out, c_in, kh, kw]`, bias `[c_out]`.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +62,7 @@ pub(crate) fn residual_unit(
         first: g1,
         second: g2,
         ranges,
-        saved: Arc::new(Mutex::new(None)),
+        saved: Kept::default(),
     };
     Ok(Some(x.contiguous()?.apply_op2(&flat, op)?))
 }
@@ -75,46 +73,22 @@ struct ResidualUnitOp {
     second: ConvGeometry,
     ranges: Vec<Range<usize>>,
     /// The first convolution's rectified output, `Vec<f32>` or `Vec<f64>`.
-    saved: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
+    saved: Kept,
 }
 
 impl ResidualUnitOp {
     fn param<'a, T>(&self, flat: &'a [T], i: usize) -> &'a [T] {
         &flat[self.ranges[i].clone()]
     }
-}
 
-impl FusedNode for ResidualUnitOp {
-    const NAME: &'static str = "qcl-residual-unit";
-
-    fn output_shape(&self, x: &Layout) -> Shape {
-        x.shape().clone()
-    }
-
-    fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
-        let (g1, g2) = (&self.first, &self.second);
-        let mut a = conv_forward(g1, x, self.param(flat, 0));
-        add_bias_in_place(&mut a, self.param(flat, 1), g1.hw_out(), true);
-        let mut r = conv_forward(g2, &a, self.param(flat, 2));
-        add_bias_in_place(&mut r, self.param(flat, 3), g2.hw_out(), false);
-        let y = AddRelu.run(x, &r, &[]);
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(a));
-        y
-    }
-
-    fn backward<T: Float>(
+    /// [`FusedNode::backward`] given the first convolution's rectified output `a`.
+    fn backward_with<T: Float>(
         &self,
+        a: &[T],
         (x, flat): (&[T], &[T]),
         (y, dy): (&[T], &[T]),
         want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(a) = saved.as_ref().and_then(|a| a.downcast_ref::<Vec<T>>()) else {
-            candle_core::bail!(
-                "{}: backward without a forward pass of this dtype",
-                Self::NAME
-            );
-        };
+    ) -> (Option<Vec<T>>, Vec<T>) {
         let (g1, g2) = (&self.first, &self.second);
         let dims1 = [g1.n, g1.c_out, g1.h_out, g1.w_out];
         let dims2 = [g2.n, g2.c_out, g2.h_out, g2.w_out];
@@ -136,7 +110,37 @@ impl FusedNode for ResidualUnitOp {
         for part in [dw1, db1, dw2, db2] {
             dflat.extend(part);
         }
-        Ok((dx, dflat))
+        (dx, dflat)
+    }
+}
+
+impl FusedNode for ResidualUnitOp {
+    const NAME: &'static str = "qcl-residual-unit";
+
+    fn output_shape(&self, x: &Layout) -> Shape {
+        x.shape().clone()
+    }
+
+    fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T> {
+        let (g1, g2) = (&self.first, &self.second);
+        let mut a = conv_forward(g1, x, self.param(flat, 0));
+        add_bias_in_place(&mut a, self.param(flat, 1), g1.hw_out(), true);
+        let mut r = conv_forward(g2, &a, self.param(flat, 2));
+        add_bias_in_place(&mut r, self.param(flat, 3), g2.hw_out(), false);
+        let y = AddRelu.run(x, &r, &[]);
+        self.saved.store(a);
+        y
+    }
+
+    fn backward<T: Float>(
+        &self,
+        (x, flat): (&[T], &[T]),
+        (y, dy): (&[T], &[T]),
+        want_dx: bool,
+    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
+        self.saved.with(Self::NAME, |a: &Vec<T>| {
+            self.backward_with(a, (x, flat), (y, dy), want_dx)
+        })
     }
 }
 
