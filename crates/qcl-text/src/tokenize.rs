@@ -39,9 +39,9 @@ impl TokenBatch {
         self.lengths.is_empty()
     }
 
-    /// Padded sequence length.
+    /// Padded sequence length (the second dimension of `input_ids`).
     pub fn seq_len(&self) -> usize {
-        self.lengths.iter().copied().max().unwrap_or(0)
+        self.input_ids.dims().get(1).copied().unwrap_or(0)
     }
 
     /// Flat indices `b·seq + t` of the real tokens, row by row: the rows of a `[batch·seq, _]`
