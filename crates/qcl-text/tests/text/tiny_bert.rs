@@ -1,14 +1,12 @@
 //! The tiny randomly initialised BERT of `fixtures/tiny-bert` against sentence-transformers'
 //! embeddings of it, and the tapped forward against candle-transformers' `BertModel`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::{bits, fixtures, max_abs_diff, reference};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{bits, fixtures, max_abs_diff, reference};
 use qcl_tensor::{Error, SafetensorsFile};
 use qcl_text::{
     row_cosines, EmbedOptions, SentenceConfig, SentenceEncoder, SentenceTokenizer, LAYER_LINEARS,

@@ -1,10 +1,8 @@
 //! The WordNet reader on the committed excerpt and on malformed lines, and the seeded split.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::fixtures;
+use crate::common::fixtures;
 use proptest::prelude::*;
 use qcl_tensor::{Error, Seed};
 use qcl_text::wordnet::{

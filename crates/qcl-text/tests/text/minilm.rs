@@ -2,10 +2,8 @@
 //! sentence-transformers computed in PyTorch (`fixtures/minilm/reference.json`). Skipped, with
 //! a message, when the model has not been fetched (as in CI).
 
-mod common;
-
+use crate::common::{bits, data_dir, fixtures, max_abs_diff, reference};
 use candle_core::{Device, Tensor};
-use common::{bits, data_dir, fixtures, max_abs_diff, reference};
 use qcl_text::{row_cosines, EmbedOptions, SentenceEncoder};
 
 fn minilm() -> Option<SentenceEncoder> {
