@@ -33,6 +33,14 @@ pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
 pub type Tap<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 
 /// Every tensor `BertModel` loads, with its shape, by name relative to the model's prefix.
+///
+/// ```
+/// let config = qcl_text::SentenceConfig::from_folder("../../fixtures/tiny-bert")?;
+/// let shapes = qcl_text::bert::bert_tensor_shapes(&config.bert);
+/// assert_eq!(shapes.len(), 5 + 2 * 16); // embeddings, then 16 tensors per layer
+/// assert_eq!(shapes[0], ("embeddings.word_embeddings.weight".to_string(), vec![333, 32]));
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
 pub fn bert_tensor_shapes(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let mut out = vec![
@@ -166,6 +174,27 @@ struct TappedLayer {
 }
 
 /// BERT's forward pass with a tap before every Linear (see the module documentation).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use qcl_text::{BertWeights, SentenceConfig, TappedBert};
+/// let dir = std::path::Path::new("../../fixtures/tiny-bert");
+/// let config = SentenceConfig::from_folder(dir)?;
+/// let bytes = std::fs::read(dir.join("model.safetensors"))?;
+/// let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)?;
+/// let weights = BertWeights::from_var_builder(&vb, &config.bert)?;
+/// let tapped = TappedBert::new(&weights, &config.bert);
+/// let tokenizer = qcl_text::SentenceTokenizer::from_file(dir.join("tokenizer.json"), 20)?;
+/// let batch = tokenizer.encode(&["a dog"], &Device::Cpu)?;
+/// let mut widths = Vec::new();
+/// let hidden = tapped.forward(&batch, &mut |_, x| {
+///     widths.push(x.dims().last().copied().unwrap_or(0));
+///     Ok(())
+/// })?;
+/// assert_eq!(hidden.dims(), [1, 4, 32]);
+/// assert_eq!(widths[..7], [4, 32, 32, 32, 32, 32, 64]); // 4 token ids, then layer 0
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct TappedBert {
     prefix: String,
     word: Embedding,
