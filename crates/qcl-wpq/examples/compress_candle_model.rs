@@ -113,7 +113,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let quantized =
             Mlp::new(CompressedCheckpoint::load(&path)?.var_builder(DType::F32, &dev)?)?;
 
-        let bits = out.checkpoint.bits();
+        let bits = out.checkpoint.bits()?;
         println!(
             "{objective:?}: {:.2} bits per weight (codebooks included), file {file_bytes} bytes, \
              test accuracy {:.3}",

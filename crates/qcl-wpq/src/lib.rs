@@ -92,8 +92,7 @@ pub use layout::{clamp_centroids, index_bits, LayerGeometry, LayerKind, Layout};
 pub use metric::Metric;
 pub use model::{distillation_loss, Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
 pub use objective::{
-    finetune_codebooks, quantize_pq, Evidence, PqOutcome, PqParams, Quadratic,
-    MAX_FINETUNE_UNKNOWNS,
+    finetune_codebooks, quantize_pq, Evidence, PqOutcome, PqParams, Quadratic, MAX_DENSE_UNKNOWNS,
 };
 pub use pq_tensor::{PqTensor, Sharing};
 pub use scalar::{gptq, rtn, ScalarCodes, ScalarParams, ScalarTensor};

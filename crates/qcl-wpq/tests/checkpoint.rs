@@ -141,7 +141,8 @@ fn save_load_is_bit_identical_and_deterministic() {
     let head = vb.get((8, 16), "head.weight").unwrap();
     assert_eq!(head.dtype(), DType::F32);
     // Bits: the report sums its tensors; PQ codebooks are counted.
-    let bits = c.bits();
+    let bits = c.bits().unwrap();
+    assert_eq!(bits.file_bytes, bytes.len() as u64);
     assert_eq!(bits.tensors.len(), 5);
     let fc1 = bits.tensors["fc1.weight"];
     // 384 subvectors × 4 bits + 2 codebooks × 16 × 2 fp16 values.

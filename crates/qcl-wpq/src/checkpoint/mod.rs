@@ -137,6 +137,8 @@ pub struct BitsReport {
     pub compressed: TensorBits,
     /// Bytes of the tensors kept as they were.
     pub untouched_bytes: u64,
+    /// Size of the file, bytes (header, byte-aligned parts and every tensor).
+    pub file_bytes: u64,
 }
 
 impl BitsReport {
@@ -145,8 +147,8 @@ impl BitsReport {
         self.compressed.bits_per_weight()
     }
 
-    /// Payload bytes: compressed bits (rounded up per tensor part to whole bytes is not
-    /// counted) plus the untouched bytes; the file adds its header and byte padding.
+    /// Ideal payload bytes: the compressed bits / 8 plus the untouched bytes (the file adds
+    /// its header and pads each part to whole bytes).
     pub fn payload_bytes(&self) -> f64 {
         self.compressed.total() as f64 / 8.0 + self.untouched_bytes as f64
     }
@@ -227,8 +229,12 @@ impl CompressedCheckpoint {
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
 
-    /// Bits accounting per compressed tensor and in total.
-    pub fn bits(&self) -> BitsReport {
+    /// Bits accounting per compressed tensor and in total, and the file's size (the file is
+    /// serialised in memory to measure it).
+    ///
+    /// # Errors
+    /// As [`CompressedCheckpoint::to_bytes`].
+    pub fn bits(&self) -> Result<BitsReport> {
         let tensors: BTreeMap<String, TensorBits> = self
             .compressed
             .iter()
@@ -236,7 +242,7 @@ impl CompressedCheckpoint {
             .collect();
         let mut compressed = TensorBits::default();
         tensors.values().for_each(|b| compressed.add(b));
-        BitsReport {
+        Ok(BitsReport {
             tensors,
             compressed,
             untouched_bytes: self
@@ -244,6 +250,7 @@ impl CompressedCheckpoint {
                 .values()
                 .map(|t| t.bytes().len() as u64)
                 .sum(),
-        }
+            file_bytes: self.to_bytes()?.len() as u64,
+        })
     }
 }

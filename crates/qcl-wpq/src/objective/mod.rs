@@ -16,6 +16,6 @@ mod pq;
 mod quadratic;
 
 pub(crate) use feedback::{feedback_pq, feedback_scalar, inverse_factor, PqCodebooks};
-pub use finetune::{finetune_codebooks, MAX_FINETUNE_UNKNOWNS};
+pub use finetune::{finetune_codebooks, MAX_DENSE_UNKNOWNS};
 pub use pq::{quantize_pq, Evidence, PqOutcome, PqParams};
 pub use quadratic::Quadratic;
