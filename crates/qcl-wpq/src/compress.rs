@@ -1,4 +1,4 @@
-//! The whole-network procedure of "And the bit goes down" (Stock et al., ICLR 2020, §3) on
+//! The whole-network procedure of "And the bit goes down" (Stock et al., ICLR 2020) on
 //! FMNet: layer by layer, inputs recorded from the student, product quantization of the layer's
 //! weight (through [`quantize_pq`]), layer-wise distillation with CentroidSGD, then global
 //! fine-tuning of every codebook.

@@ -1,6 +1,6 @@
 //! A weight-quantized FMNet: its quantized layers and float rest, stored as a compressed
 //! checkpoint ([`crate::CHECKPOINT_FORMAT`], the architecture in its metadata), and the size
-//! accounting of "And the bit goes down" (Stock et al., ICLR 2020, §4.1: ideal index bits,
+//! accounting of "And the bit goes down" (Stock et al., ICLR 2020: ideal index bits,
 //! fp16 codebooks, fp32 rest).
 
 use std::collections::BTreeMap;

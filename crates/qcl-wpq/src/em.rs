@@ -1,5 +1,5 @@
 //! Activation-aware k-means of one layer's subvectors ("And the bit goes down", Stock et al.,
-//! ICLR 2020, §3.1).
+//! ICLR 2020).
 //!
 //! Each iteration draws a fresh sample of input patches (or uses one fixed metric), builds the
 //! pooled Gram matrix `G = Σ_b X_bᵀX_b`, and runs the E-step on the shared nearest-code kernel
@@ -102,7 +102,7 @@ pub struct EmParams {
     pub k: usize,
     /// EM iterations.
     pub iterations: usize,
-    /// Standard deviation of the empty-cluster split (spec: 1e-8; raised to 1e-6 of the split
+    /// Standard deviation of the empty-cluster split (the paper's 1e-8, raised to 1e-6 of the split
     /// centroid's largest coordinate when that is below f32 resolution).
     pub epsilon: f32,
     /// Seed of the initialisation, the row samples and the repairs.
@@ -134,7 +134,7 @@ pub struct EmOutcome {
     pub repairs: usize,
 }
 
-/// Activation-aware EM (the paper's §3.1) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
+/// Activation-aware EM (the paper's) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
 /// centroids per group (`groups[j]` < `n_groups`; all zero for one shared codebook).
 ///
 /// ```

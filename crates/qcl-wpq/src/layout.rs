@@ -1,5 +1,5 @@
-//! How a layer's weight is cut into subvectors ("And the bit goes down", Stock et al. 2020,
-//! §2; the channel-major layout of a fork).
+//! How a layer's weight is cut into subvectors ("And the bit goes down", Stock et al., ICLR
+//! 2020; the channel-major layout of a fork).
 //!
 //! A layer computes `y = x·M` with `M ∈ R^{D×O}`. `M` is cut into `m = D/d` slabs of `d`
 //! consecutive rows; every column of every slab is one subvector, and subvector `j = b·O + o`
@@ -323,7 +323,7 @@ impl LayerGeometry {
     }
 }
 
-/// `K_layer = min(K_flag, largest power of two strictly below n_sv/4)` (spec §2), powers
+/// `K_layer = min(K_flag, largest power of two strictly below n_sv/4)` (the paper's clamp), powers
 /// searched in `2^0 … 2^15`.
 ///
 /// ```

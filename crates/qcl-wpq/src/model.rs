@@ -431,7 +431,7 @@ impl Model {
         Ok(())
     }
 
-    /// Folds every BatchNorm into its convolution (spec §9, Fusion): `s = γ/√(σ²+ε)`,
+    /// Folds every BatchNorm into its convolution (a fork's Fusion variant): `s = γ/√(σ²+ε)`,
     /// `W' = s·W`, `b' = β − s·μ`. The result is an [`Arch::FmNet`] model with the same
     /// eval-mode outputs. A model without BatchNorm is returned as a copy.
     ///

@@ -1,5 +1,5 @@
 //! A product-quantized weight: codebook(s) of `K` subvectors of length `d` and one code per
-//! subvector (the representation of "And the bit goes down", Stock et al., ICLR 2020, §2).
+//! subvector (the representation of "And the bit goes down", Stock et al., ICLR 2020).
 
 use candle_core::Tensor;
 use qcl_tensor::{Error, Result};

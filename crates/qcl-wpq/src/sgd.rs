@@ -1,10 +1,10 @@
 //! CentroidSGD: momentum SGD of shared centroids ("And the bit goes down", Stock et al.,
-//! ICLR 2020, §3.2).
+//! ICLR 2020).
 
 use candle_core::{Device, Tensor, Var};
 use qcl_tensor::{Error, Result};
 
-/// CentroidSGD (spec §5) in centroid space: the gradient of the codebook (sum over members,
+/// CentroidSGD in centroid space: the gradient of the codebook (sum over members,
 /// from autograd through the gather) is divided by the member counts (`mean_grad`), then
 /// torch-SGD momentum with weight decay updates the centroids. Without counts it is plain
 /// momentum SGD (used for the fused biases).
