@@ -8,7 +8,7 @@ use indicatif::ProgressBar;
 use qcl_data::SplitDataset;
 use qcl_tensor::{Error, Result, SafetensorsFile};
 use qcl_wpq::{
-    compress, evaluate, Arch, CompressConfig, CompressedModel, Model, COMPRESSED_FORMAT,
+    compress, evaluate, Arch, CompressConfig, CompressedModel, Model, CHECKPOINT_FORMAT,
 };
 use serde_json::json;
 
@@ -25,13 +25,13 @@ pub enum WpqCommand {
         /// Its architecture: `fmnet` or `fmnet-bn`.
         #[arg(long)]
         arch: String,
-        /// A JSON file of `CompressConfig` fields (missing fields take the spec's defaults).
+        /// A JSON file of `CompressConfig` fields (missing fields take their defaults).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Training images for activations and distillation (labels unused).
         #[arg(long, default_value = "data/fashion-mnist.safetensors")]
         data: PathBuf,
-        /// Where to write the compressed model.
+        /// Where to write the compressed model (a compressed checkpoint, `qcl-wpq-checkpoint/1`).
         #[arg(long)]
         out: PathBuf,
     },
@@ -91,7 +91,7 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
                 "layers": outcome.layers,
             });
             let text = format!(
-                "compressed {} → {} ({file_bytes} bytes, {:.1}× by file, {:.1}× by the spec's formula) in {:.1} s\n\
+                "compressed {} → {} ({file_bytes} bytes, {:.1}× by file, {:.1}× by the paper's accounting) in {:.1} s\n\
                  test accuracy {acc:.2} % (teacher {teacher_acc:.2} %)\n",
                 model.display(),
                 out.display(),
@@ -105,7 +105,7 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
             let expected = arch.as_deref().map(Arch::from_name).transpose()?;
             let file = SafetensorsFile::open(model)?;
             let compressed =
-                file.metadata().get("format").map(String::as_str) == Some(COMPRESSED_FORMAT);
+                file.metadata().get("format").map(String::as_str) == Some(CHECKPOINT_FORMAT);
             let dense = if compressed {
                 CompressedModel::load(model, expected)?.to_model()?
             } else {

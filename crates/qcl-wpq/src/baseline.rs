@@ -1,6 +1,6 @@
-//! Uniform per-output-channel scalar quantization, the baseline of spec §10 (run 7):
-//! symmetric, `2^b` levels evenly spaced on `[−s, s]` with `s` the channel's largest
-//! magnitude, applied to the layers weight PQ quantizes; no fine-tuning.
+//! FMNet's uniform per-output-channel scalar baseline: symmetric, `2^b` levels evenly spaced on
+//! `[−s, s]` with `s` the channel's largest magnitude, applied to the layers weight PQ
+//! quantizes; no fine-tuning. (Checkpoints use [`crate::scalar`]'s grids.)
 
 use candle_core::{Device, Tensor};
 use qcl_tensor::{Error, Result};
@@ -58,7 +58,7 @@ pub fn uniform_quantize(model: &Model, bits: u32) -> Result<Model> {
     Ok(out)
 }
 
-/// Size of [`uniform_quantize`]'s result by the spec's accounting: `bits` per quantized
+/// Size of [`uniform_quantize`]'s result by the paper's accounting: `bits` per quantized
 /// weight, one fp32 scale per output channel, every other parameter fp32.
 pub fn uniform_size(model: &Model, bits: u32) -> SizeReport {
     let arch = model.arch();

@@ -1,156 +1,30 @@
-//! Quantized layers, the compressed model, its file (spec §6, §7) and size accounting.
-//!
-//! File (safetensors, format [`COMPRESSED_FORMAT`]): three blobs — `codebooks` (f16, every
-//! layer's `[groups·K, d]` codebook in turn), `assignments` (u8, every layer's indices bit-packed
-//! with `⌈log2 K⌉` bits each by qcl-pq's `PackedCodes`, each layer byte-aligned) and `floats`
-//! (f32: stem, biases, BatchNorm γ/β and running statistics) — and JSON metadata describing each
-//! layer (geometry, K, groups, offsets) and each float tensor (shape, offset). Blobs keep the
-//! header small, so the file is close to the ideal size.
+//! A weight-quantized FMNet: its quantized layers and float rest, stored as a compressed
+//! checkpoint ([`crate::CHECKPOINT_FORMAT`], the architecture in its metadata), and the size
+//! accounting of "And the bit goes down" (Stock et al., ICLR 2020: ideal index bits,
+//! fp16 codebooks, fp32 rest).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use qcl_pq::PackedCodes;
-use qcl_tensor::{Error, Result, SafetensorsFile};
+use qcl_tensor::{Error, Result};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{index_bits, LayerGeometry, Layout};
-use crate::model::{file_arch, Arch, Model};
+use crate::checkpoint::{CompressedCheckpoint, CompressedTensor, Encoding, RawTensor};
+use crate::model::{Arch, Model};
+use crate::pq_tensor::PqTensor;
 
-/// File format tag of a compressed model.
-pub const COMPRESSED_FORMAT: &str = "qcl-wpq-compressed/1";
-
-/// One weight-quantized layer: codebook(s) and assignments.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One weight-quantized layer of FMNet.
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedLayer {
     /// Layer name (`conv1`); the weight is `<name>.weight`.
     pub name: String,
-    /// Shape, layout and block size.
-    pub geometry: LayerGeometry,
-    /// Centroids per codebook.
-    pub k: usize,
-    /// Number of codebooks (1, or one per input-channel block for Subspace).
-    pub n_groups: usize,
-    /// `[n_groups·K, d]` row-major.
-    #[serde(skip)]
-    pub centroids: Vec<f32>,
-    /// Index (within its group's codebook) of every subvector, slab-major.
-    #[serde(skip)]
-    pub assignments: Vec<u32>,
+    /// Its quantized weight.
+    pub pq: PqTensor,
 }
 
-impl QuantizedLayer {
-    /// Checks that sizes agree and every index is below `K`.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] or [`Error::CorruptStream`] naming the layer.
-    pub fn validate(&self) -> Result<()> {
-        let d = self.geometry.block;
-        if self.centroids.len() != self.n_groups * self.k * d {
-            return Err(Error::ShapeMismatch {
-                context: format!("centroids of {}", self.name),
-                expected: format!("[{}, {d}]", self.n_groups * self.k),
-                actual: vec![self.centroids.len()],
-            });
-        }
-        if self.assignments.len() != self.geometry.n_subvectors() {
-            return Err(Error::ShapeMismatch {
-                context: format!("assignments of {}", self.name),
-                expected: format!("[{}]", self.geometry.n_subvectors()),
-                actual: vec![self.assignments.len()],
-            });
-        }
-        if let Some(i) = self.assignments.iter().position(|&a| a as usize >= self.k) {
-            return Err(Error::CorruptStream {
-                context: format!("assignments of {}", self.name),
-                reason: format!(
-                    "index {} at {i} is not below K = {}",
-                    self.assignments[i], self.k
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Row of every subvector in the stacked `[n_groups·K, d]` codebook.
-    pub fn global_codes(&self) -> Vec<u32> {
-        let (_, groups) = self.geometry.groups(self.n_groups > 1);
-        self.assignments
-            .iter()
-            .zip(groups)
-            .map(|(&a, g)| (g * self.k) as u32 + a)
-            .collect()
-    }
-
-    /// The decoded weight, row-major in the layer's weight shape.
-    ///
-    /// # Errors
-    /// As [`QuantizedLayer::validate`].
-    pub fn decode(&self) -> Result<Vec<f32>> {
-        self.validate()?;
-        let d = self.geometry.block;
-        let sub: Vec<f32> = self
-            .global_codes()
-            .iter()
-            .flat_map(|&c| {
-                self.centroids[c as usize * d..(c as usize + 1) * d]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        self.geometry.roll(&sub)
-    }
-
-    /// The decoded weight built from `centroids` (a `[n_groups·K, d]` tensor, e.g. a trainable
-    /// var) with differentiable gathers, so autograd gives each centroid the sum of its members'
-    /// gradients.
-    ///
-    /// # Errors
-    /// A candle error for a codebook of the wrong shape.
-    pub fn decode_tensor(&self, centroids: &Tensor) -> Result<Tensor> {
-        let dev = centroids.device();
-        let codes = Tensor::from_vec(self.global_codes(), self.assignments.len(), dev)?;
-        let sub = centroids.index_select(&codes, 0)?.flatten_all()?;
-        let perm = self.geometry.permutation();
-        let mut inverse = vec![0u32; perm.len()];
-        for (i, &p) in perm.iter().enumerate() {
-            inverse[p] = i as u32;
-        }
-        let inverse = Tensor::from_vec(inverse, perm.len(), dev)?;
-        Ok(sub
-            .index_select(&inverse, 0)?
-            .reshape(self.geometry.kind.weight_shape())?)
-    }
-
-    /// Member count of every centroid (`[n_groups·K]`).
-    pub fn cluster_sizes(&self) -> Vec<usize> {
-        let mut counts = vec![0usize; self.n_groups * self.k];
-        self.global_codes()
-            .iter()
-            .for_each(|&c| counts[c as usize] += 1);
-        counts
-    }
-
-    /// Ideal index bytes `n_sv·log2(K)/8` (spec §6, fractional bits allowed).
-    pub fn index_bytes(&self) -> f64 {
-        self.geometry.n_subvectors() as f64 * (self.k as f64).log2() / 8.0
-    }
-
-    /// Codebook bytes `groups·K·d·2` (fp16).
-    pub fn codebook_bytes(&self) -> usize {
-        self.n_groups * self.k * self.geometry.block * 2
-    }
-
-    /// Rounds the centroids to fp16 precision (what the file stores).
-    pub fn round_to_f16(&mut self) {
-        for c in &mut self.centroids {
-            *c = half::f16::from_f32(*c).to_f32();
-        }
-    }
-}
-
-/// Sizes of a compressed model (spec §6), bytes.
+/// Sizes of a compressed model, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SizeReport {
     /// fp32 bytes of every trainable parameter of the uncompressed model.
@@ -167,7 +41,9 @@ pub struct SizeReport {
     pub ratio: f64,
 }
 
-/// Size by the spec's formula (§6) from the layers and the float parameter count.
+/// Size by the paper's accounting from the layers `(n_sv, K, d, codebooks)` and the float
+/// parameter count: `n_sv·log2(K)/8` index bytes (fractional bits allowed), `K·d·2` bytes per
+/// fp16 codebook, 4 bytes per float parameter.
 ///
 /// ```
 /// use qcl_wpq::size_report;
@@ -175,7 +51,6 @@ pub struct SizeReport {
 /// let r = size_report(4.0 * 73_728.0, &[(8_192, 256, 9, 1)], 0);
 /// assert_eq!(r.index, 8_192.0);
 /// assert_eq!(r.codebooks, 4_608.0);
-/// # let _ = r;
 /// ```
 pub fn size_report(
     uncompressed_bytes: f64,
@@ -202,10 +77,6 @@ pub fn size_report(
     }
 }
 
-/// Per-layer metadata in the file: `[name, layout, block, K, groups]` (the shape comes from
-/// the architecture, the offsets from the order).
-type LayerMeta = (String, Layout, usize, usize, usize);
-
 /// A weight-quantized model: quantized layers plus every tensor that stays float.
 #[derive(Debug, Clone)]
 pub struct CompressedModel {
@@ -218,20 +89,124 @@ pub struct CompressedModel {
 }
 
 impl CompressedModel {
-    /// The dense model: decoded weights plus the float tensors.
+    /// The compressed checkpoint: each quantized layer's weight as a PQ tensor, the floats as
+    /// they are, the architecture's name under the metadata key `arch`.
     ///
     /// # Errors
-    /// As [`QuantizedLayer::decode`], and an architecture mismatch from [`Model::from_tensors`].
-    pub fn to_model(&self) -> Result<Model> {
-        let mut values = self.floats.clone();
+    /// A candle error.
+    pub fn to_checkpoint(&self) -> Result<CompressedCheckpoint> {
+        let mut out = CompressedCheckpoint::default();
         for layer in &self.layers {
-            let w = layer.decode()?;
-            values.insert(
+            out.compressed.insert(
                 format!("{}.weight", layer.name),
-                Tensor::from_vec(w, layer.geometry.kind.weight_shape(), &Device::Cpu)?,
+                CompressedTensor {
+                    dtype: Dtype::F32,
+                    shape: layer.pq.geometry.kind.weight_shape(),
+                    encoding: Encoding::Pq(layer.pq.clone()),
+                },
             );
         }
-        Model::from_tensors(self.arch, values)
+        for (name, t) in &self.floats {
+            out.untouched.insert(
+                name.clone(),
+                RawTensor::from_tensor(&t.to_dtype(DType::F32)?)?,
+            );
+        }
+        out.metadata
+            .insert("arch".into(), self.arch.name().to_string());
+        Ok(out)
+    }
+
+    /// The model stored in `checkpoint`; with `expected`, its architecture must be that one.
+    /// `path` is used in messages.
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] for a missing architecture, a missing, extra or wrongly shaped
+    /// quantized layer or float tensor; [`Error::InvalidParameter`] for an architecture
+    /// mismatch.
+    pub fn from_checkpoint(
+        checkpoint: &CompressedCheckpoint,
+        path: &Path,
+        expected: Option<Arch>,
+    ) -> Result<Self> {
+        let bad = |reason: String| Error::bad_file(path, reason);
+        let arch = Arch::from_name(
+            checkpoint
+                .metadata
+                .get("arch")
+                .ok_or_else(|| bad("no `arch` metadata".into()))?,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if let Some(e) = expected.filter(|e| *e != arch) {
+            return Err(Error::invalid_parameter(
+                "arch",
+                format!(
+                    "architecture mismatch: asked for `{}`, {} holds `{}`",
+                    e.name(),
+                    path.display(),
+                    arch.name()
+                ),
+            ));
+        }
+        let mut layers = Vec::new();
+        let mut quantized = Vec::new();
+        for spec in arch.layers().into_iter().filter(|l| l.quantized) {
+            let name = format!("{}.weight", spec.name);
+            let pq = match checkpoint.compressed.get(&name).map(|t| &t.encoding) {
+                Some(Encoding::Pq(pq)) if pq.geometry.kind == spec.kind => pq.clone(),
+                _ => return Err(bad(format!("missing quantized layer `{}`", spec.name))),
+            };
+            layers.push(QuantizedLayer {
+                name: spec.name.to_string(),
+                pq,
+            });
+            quantized.push(name);
+        }
+        if let Some(extra) = checkpoint
+            .compressed
+            .keys()
+            .find(|k| !quantized.contains(k))
+        {
+            return Err(bad(format!(
+                "`{extra}` is not a quantized layer of `{}`",
+                arch.name()
+            )));
+        }
+        let mut floats = BTreeMap::new();
+        for (name, shape, _) in arch.tensor_specs() {
+            if quantized.contains(&name) {
+                continue;
+            }
+            let raw = checkpoint
+                .untouched
+                .get(&name)
+                .filter(|t| t.shape() == shape.as_slice() && t.dtype() == Dtype::F32)
+                .ok_or_else(|| bad(format!("missing or misshapen float tensor `{name}`")))?;
+            floats.insert(name, raw.to_tensor(&Device::Cpu)?);
+        }
+        if let Some(extra) = checkpoint
+            .untouched
+            .keys()
+            .find(|k| !floats.contains_key(*k))
+        {
+            return Err(bad(format!(
+                "`{extra}` is not a tensor of `{}`",
+                arch.name()
+            )));
+        }
+        Ok(CompressedModel {
+            arch,
+            layers,
+            floats,
+        })
+    }
+
+    /// The dense model, rebuilt from the decompressed tensors.
+    ///
+    /// # Errors
+    /// As [`PqTensor::decode`], and an architecture mismatch from [`Model::from_tensors`].
+    pub fn to_model(&self) -> Result<Model> {
+        Model::from_tensors(self.arch, self.to_checkpoint()?.tensors(&Device::Cpu)?)
     }
 
     /// Number of trainable float parameters (running statistics excluded).
@@ -243,12 +218,16 @@ impl CompressedModel {
             .sum()
     }
 
-    /// Size by the spec's formula against an uncompressed model of `uncompressed_params`.
+    /// Size by the paper's accounting against an uncompressed model of `uncompressed_params`.
     pub fn size(&self, uncompressed_params: usize) -> SizeReport {
         let layers: Vec<_> = self
             .layers
             .iter()
-            .map(|l| (l.geometry.n_subvectors(), l.k, l.geometry.block, l.n_groups))
+            .map(|l| {
+                let g = &l.pq.geometry;
+                let groups = l.pq.centroids.len() / (l.pq.k * g.block).max(1);
+                (g.n_subvectors(), l.pq.k, g.block, groups)
+            })
             .collect();
         size_report(
             4.0 * uncompressed_params as f64,
@@ -257,205 +236,23 @@ impl CompressedModel {
         )
     }
 
-    /// Writes the file atomically and returns its size in bytes. Centroids are stored as fp16
-    /// (call [`QuantizedLayer::round_to_f16`] first to make the in-memory model match).
+    /// Writes the compressed checkpoint atomically and returns its size in bytes. Centroids are
+    /// stored as fp16 (round them first, as [`crate::compress`] does, for the in-memory model to
+    /// match the file).
     ///
     /// # Errors
-    /// As [`QuantizedLayer::validate`], [`Error::Io`] on write failure.
+    /// As [`CompressedCheckpoint::save`].
     pub fn save(&self, path: impl AsRef<Path>) -> Result<u64> {
-        let mut codebooks: Vec<half::f16> = Vec::new();
-        let mut assign: Vec<u8> = Vec::new();
-        let mut metas: Vec<LayerMeta> = Vec::new();
-        for layer in &self.layers {
-            layer.validate()?;
-            let bits = index_bits(layer.k);
-            let packed = PackedCodes::pack(&layer.assignments, layer.assignments.len(), bits)?;
-            metas.push((
-                layer.name.clone(),
-                layer.geometry.layout,
-                layer.geometry.block,
-                layer.k,
-                layer.n_groups,
-            ));
-            codebooks.extend(layer.centroids.iter().map(|&c| half::f16::from_f32(c)));
-            assign.extend_from_slice(packed.bytes());
-        }
-        let mut floats: Vec<f32> = Vec::new();
-        for (name, shape) in float_specs(self.arch, &self.layers) {
-            let t = self.floats.get(&name).ok_or_else(|| {
-                Error::invalid_parameter("floats", format!("no float tensor `{name}`"))
-            })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    context: name,
-                    expected: format!("{shape:?}"),
-                    actual: t.dims().to_vec(),
-                });
-            }
-            floats.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-        }
-        let dev = Device::Cpu;
-        let (n_cb, n_as, n_fl) = (codebooks.len(), assign.len(), floats.len());
-        let codebooks = Tensor::from_vec(codebooks, n_cb, &dev)?;
-        let assign = Tensor::from_vec(assign, n_as, &dev)?;
-        let floats = Tensor::from_vec(floats, n_fl, &dev)?;
-        let layers_json = serde_json::to_string(&metas)
-            .map_err(|e| Error::invalid_parameter("metadata", e.to_string()))?;
-        let meta = BTreeMap::from([
-            ("format".to_string(), COMPRESSED_FORMAT.to_string()),
-            ("arch".to_string(), self.arch.name().to_string()),
-            ("layers".to_string(), layers_json),
-        ]);
-        let path = path.as_ref();
-        qcl_tensor::write_safetensors(
-            path,
-            &[
-                ("codebooks", &codebooks),
-                ("assignments", &assign),
-                ("floats", &floats),
-            ],
-            &meta,
-        )?;
-        std::fs::metadata(path)
-            .map(|m| m.len())
-            .map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })
+        self.to_checkpoint()?.save(path)
     }
 
     /// Reads a file written by [`CompressedModel::save`]. With `expected`, the file's
     /// architecture must be that one.
     ///
     /// # Errors
-    /// [`Error::BadFile`] for a foreign file or metadata, a missing layer or float tensor, or
-    /// blobs shorter than the metadata says (truncated assignments); [`Error::InvalidParameter`]
-    /// for an architecture mismatch; [`Error::CorruptStream`] for an index not below `K`.
+    /// As [`CompressedCheckpoint::load`] and [`CompressedModel::from_checkpoint`].
     pub fn load(path: impl AsRef<Path>, expected: Option<Arch>) -> Result<CompressedModel> {
         let path = path.as_ref();
-        let file = SafetensorsFile::open(path)?;
-        file.require_format(COMPRESSED_FORMAT, "a qcl-wpq compressed model")?;
-        let bad = |reason: String| Error::bad_file(path, reason);
-        let arch = file_arch(&file, path, expected)?;
-        let metas: Vec<LayerMeta> = serde_json::from_str(
-            file.metadata()
-                .get("layers")
-                .ok_or_else(|| bad("no `layers` metadata".into()))?,
-        )
-        .map_err(|e| bad(format!("foreign `layers` metadata: {e}")))?;
-        let read = |name: &str, dtype: DType| -> Result<Tensor> {
-            let t = file.tensor(name, &Device::Cpu)?;
-            if t.dtype() != dtype {
-                return Err(Error::DTypeMismatch {
-                    context: format!("`{name}` of {}", path.display()),
-                    expected: dtype,
-                    actual: t.dtype(),
-                });
-            }
-            Ok(t)
-        };
-        let codebooks: Vec<f32> = read("codebooks", DType::F16)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let assign: Vec<u8> = read("assignments", DType::U8)?.to_vec1()?;
-        let floats: Vec<f32> = read("floats", DType::F32)?.to_vec1()?;
-        // Every quantized layer of the architecture must be there, once, in order.
-        let wanted: Vec<&str> = arch
-            .layers()
-            .iter()
-            .filter(|l| l.quantized)
-            .map(|l| l.name)
-            .collect();
-        let found: Vec<&str> = metas.iter().map(|m| m.0.as_str()).collect();
-        if let Some(missing) = wanted.iter().find(|w| !found.contains(w)) {
-            return Err(bad(format!("missing quantized layer `{missing}`")));
-        }
-        let mut layers = Vec::new();
-        let (mut cb_offset, mut as_offset) = (0usize, 0usize);
-        for (name, layout, block, k, n_groups) in metas {
-            let spec = arch
-                .layers()
-                .into_iter()
-                .find(|l| l.name == name && l.quantized)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "layer `{name}` is not a quantized layer of `{}`",
-                        arch.name()
-                    ))
-                })?;
-            let geometry = LayerGeometry::new(spec.kind, layout, block)
-                .map_err(|e| bad(format!("layer `{name}`: {e}")))?;
-            if k == 0 || n_groups == 0 || n_groups != geometry.groups(n_groups > 1).0 {
-                return Err(bad(format!(
-                    "layer `{name}`: inconsistent K or codebook count"
-                )));
-            }
-            let bits = index_bits(k);
-            let n_cb = n_groups * k * block;
-            if cb_offset + n_cb > codebooks.len() {
-                return Err(bad(format!("codebook of `{name}` is truncated")));
-            }
-            let centroids = codebooks[cb_offset..cb_offset + n_cb].to_vec();
-            cb_offset += n_cb;
-            let n_sv = geometry.n_subvectors();
-            let n_bytes = (n_sv * bits as usize).div_ceil(8);
-            if as_offset + n_bytes > assign.len() {
-                return Err(bad(format!(
-                    "assignments of `{name}` are truncated: need {n_bytes} bytes at offset \
-                     {as_offset}, the file holds {}",
-                    assign.len()
-                )));
-            }
-            let packed = PackedCodes::from_bytes(
-                assign[as_offset..as_offset + n_bytes].to_vec(),
-                1,
-                n_sv,
-                bits,
-            )?;
-            as_offset += n_bytes;
-            let layer = QuantizedLayer {
-                name,
-                geometry,
-                k,
-                n_groups,
-                centroids,
-                assignments: packed.unpack(),
-            };
-            layer.validate()?;
-            layers.push(layer);
-        }
-        if cb_offset != codebooks.len() || as_offset != assign.len() {
-            return Err(bad("codebook or assignment blob has trailing bytes".into()));
-        }
-        let mut float_map = BTreeMap::new();
-        let mut offset = 0;
-        for (name, shape) in float_specs(arch, &layers) {
-            let n: usize = shape.iter().product();
-            if offset + n > floats.len() {
-                return Err(bad(format!("float tensor `{name}` is truncated")));
-            }
-            float_map.insert(
-                name,
-                Tensor::from_vec(floats[offset..offset + n].to_vec(), shape, &Device::Cpu)?,
-            );
-            offset += n;
-        }
-        if offset != floats.len() {
-            return Err(bad("float blob has trailing values".into()));
-        }
-        Ok(CompressedModel {
-            arch,
-            layers,
-            floats: float_map,
-        })
+        Self::from_checkpoint(&CompressedCheckpoint::load(path)?, path, expected)
     }
-}
-
-/// The float tensors of `arch` given its quantized layers, in file order.
-fn float_specs(arch: Arch, layers: &[QuantizedLayer]) -> Vec<(String, Vec<usize>)> {
-    arch.tensor_specs()
-        .into_iter()
-        .filter(|(name, _, _)| !layers.iter().any(|l| *name == format!("{}.weight", l.name)))
-        .map(|(name, shape, _)| (name, shape))
-        .collect()
 }

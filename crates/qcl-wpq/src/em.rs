@@ -1,25 +1,32 @@
-//! Activation-aware k-means of one layer's subvectors (spec §3).
+//! Activation-aware k-means of one layer's subvectors ("And the bit goes down", Stock et al.,
+//! ICLR 2020).
 //!
-//! Each iteration draws a fresh sample of input patches, builds the pooled Gram matrix
-//! `G = Σ_b X_bᵀX_b`, and runs the E-step on the shared nearest-code kernel in the space where
-//! `G` is Euclidean ([`Metric`]), the empty-cluster repair, and the M-step (member mean projected
-//! on the excited directions).
+//! Each iteration draws a fresh sample of input patches (or uses one fixed metric), builds the
+//! pooled Gram matrix `G = Σ_b X_bᵀX_b`, and runs the E-step on the shared nearest-code kernel
+//! in the space where `G` is Euclidean ([`Metric`]), the empty-cluster repair, and the M-step
+//! (member mean, weighted by per-subvector weights when given, projected on the excited
+//! directions).
 
 use qcl_tensor::{nearest_codes, Error, Result, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
 
 use crate::metric::Metric;
 
-/// Which distance the E-step minimises.
+/// What weight product quantization minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Objective {
     /// `‖W − Ŵ‖²`: plain k-means on the subvectors (`G = I`, the paper's naive PQ).
     Naive,
-    /// `‖X(W − Ŵ)‖²` with the layer's recorded inputs (the paper's method).
+    /// `‖X(W − Ŵ)‖²` with the layer's recorded inputs, approximated block by block with the
+    /// pooled Gram matrix of the input slabs (the paper's method).
     #[default]
     ActivationAware,
+    /// The codebook of [`Objective::ActivationAware`], then codes chosen column block by column
+    /// block with each block's error pushed onto the blocks not yet quantized through the
+    /// inverse Hessian of the inputs (GPTQ, Frantar et al. 2023; GPTVQ, van Baalen et al. 2024).
+    ErrorFeedback,
 }
 
 /// Input patches of a layer, sampled with replacement (rows of `M`'s order, length `D`).
@@ -95,7 +102,7 @@ pub struct EmParams {
     pub k: usize,
     /// EM iterations.
     pub iterations: usize,
-    /// Standard deviation of the empty-cluster split (spec: 1e-8; raised to 1e-6 of the split
+    /// Standard deviation of the empty-cluster split (the paper's 1e-8, raised to 1e-6 of the split
     /// centroid's largest coordinate when that is below f32 resolution).
     pub epsilon: f32,
     /// Seed of the initialisation, the row samples and the repairs.
@@ -127,7 +134,7 @@ pub struct EmOutcome {
     pub repairs: usize,
 }
 
-/// Activation-aware EM (spec §3) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
+/// Activation-aware EM (the paper's) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
 /// centroids per group (`groups[j]` < `n_groups`; all zero for one shared codebook).
 ///
 /// ```
@@ -151,6 +158,72 @@ pub fn activation_aware_em(
     n_groups: usize,
     init: Option<&[f32]>,
     source: MetricSource<'_>,
+    params: EmParams,
+) -> Result<EmOutcome> {
+    em(
+        subvectors,
+        d,
+        (groups, n_groups),
+        init,
+        source,
+        None,
+        params,
+    )
+}
+
+/// [`activation_aware_em`] with a weight per subvector: the M-step takes weighted member means
+/// and the logged objective is weighted (an embedding table whose rows are weighted by token
+/// frequency).
+///
+/// ```
+/// use qcl_wpq::{weighted_em, EmParams, MetricSource};
+/// // Two points, one centroid: the weighted mean, three times closer to the heavier point.
+/// let out = weighted_em(&[0.0, 4.0], 1, &[0, 0], 1, None, MetricSource::Identity, &[3.0, 1.0],
+///     EmParams { k: 1, iterations: 2, ..Default::default() })?;
+/// assert_eq!(out.centroids, vec![1.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`activation_aware_em`], and [`Error::InvalidParameter`] for weights that are not one
+/// finite non-negative value per subvector.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_em(
+    subvectors: &[f32],
+    d: usize,
+    groups: &[usize],
+    n_groups: usize,
+    init: Option<&[f32]>,
+    source: MetricSource<'_>,
+    weights: &[f32],
+    params: EmParams,
+) -> Result<EmOutcome> {
+    if weights.len() != subvectors.len() / d.max(1)
+        || weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+    {
+        return Err(Error::invalid_parameter(
+            "weights",
+            "need one finite, non-negative weight per subvector",
+        ));
+    }
+    em(
+        subvectors,
+        d,
+        (groups, n_groups),
+        init,
+        source,
+        Some(weights),
+        params,
+    )
+}
+
+fn em(
+    subvectors: &[f32],
+    d: usize,
+    (groups, n_groups): (&[usize], usize),
+    init: Option<&[f32]>,
+    source: MetricSource<'_>,
+    weights: Option<&[f32]>,
     params: EmParams,
 ) -> Result<EmOutcome> {
     if d == 0 || !subvectors.len().is_multiple_of(d) {
@@ -215,6 +288,12 @@ pub fn activation_aware_em(
                 .collect()
         })
         .collect();
+    let group_weights: Option<Vec<Vec<f32>>> = weights.map(|w| {
+        members
+            .iter()
+            .map(|m| m.iter().map(|&j| w[j]).collect())
+            .collect()
+    });
     let mut sample_rng = params.seed.child_named("rows").rng();
     let mut repair_rng = params.seed.child_named("repair").rng();
     // The metric of the source; a sampled one draws its patch rows from `rng`.
@@ -249,19 +328,31 @@ pub fn activation_aware_em(
                 &mut repair_rng,
             )?;
             repairs += fixed;
-            m_step(&group_points[g], &assign, codebook, &metric, d);
+            let w = group_weights.as_ref().map(|w| w[g].as_slice());
+            m_step(&group_points[g], w, &assign, codebook, &metric, d);
             for (&j, &a) in m.iter().zip(&assign) {
                 assignments[j] = a;
             }
         }
-        objective.push(surrogate_objective(
-            subvectors,
-            &centroids,
-            &assignments,
-            groups,
-            k,
-            &eval_metric,
-        ));
+        objective.push(match weights {
+            None => surrogate_objective(
+                subvectors,
+                &centroids,
+                &assignments,
+                groups,
+                k,
+                &eval_metric,
+            ),
+            Some(w) => weighted_objective(
+                subvectors,
+                &centroids,
+                &assignments,
+                groups,
+                k,
+                &eval_metric,
+                w,
+            ),
+        });
     }
     if params.iterations == 0 {
         // Assignments of the initial codebook, so the outcome is always consistent.
@@ -329,24 +420,43 @@ fn e_step_with_repair(
     Ok((assign, repairs))
 }
 
-/// M-step: each non-empty cluster's centroid becomes the projected mean of its members.
-fn m_step(points: &[f32], assign: &[u32], codebook: &mut [f32], metric: &Metric, d: usize) {
+/// M-step: each non-empty cluster's centroid becomes the projected (weighted) mean of its
+/// members; a cluster whose members all weigh zero keeps its centroid.
+fn m_step(
+    points: &[f32],
+    weights: Option<&[f32]>,
+    assign: &[u32],
+    codebook: &mut [f32],
+    metric: &Metric,
+    d: usize,
+) {
     let k = codebook.len() / d;
     let mut sums = vec![0f64; k * d];
-    let mut counts = vec![0usize; k];
-    for (p, &a) in points.chunks_exact(d).zip(assign) {
+    let mut counts = vec![0f64; k];
+    for (i, (p, &a)) in points.chunks_exact(d).zip(assign).enumerate() {
         let a = a as usize;
-        counts[a] += 1;
-        for (s, v) in sums[a * d..(a + 1) * d].iter_mut().zip(p) {
-            *s += f64::from(*v);
+        match weights {
+            None => {
+                counts[a] += 1.0;
+                for (s, v) in sums[a * d..(a + 1) * d].iter_mut().zip(p) {
+                    *s += f64::from(*v);
+                }
+            }
+            Some(w) => {
+                let w = f64::from(w[i]);
+                counts[a] += w;
+                for (s, v) in sums[a * d..(a + 1) * d].iter_mut().zip(p) {
+                    *s += w * f64::from(*v);
+                }
+            }
         }
     }
     for c in 0..k {
-        if counts[c] == 0 {
+        if counts[c] <= 0.0 {
             continue;
         }
         let mean = &mut sums[c * d..(c + 1) * d];
-        mean.iter_mut().for_each(|v| *v /= counts[c] as f64);
+        mean.iter_mut().for_each(|v| *v /= counts[c]);
         metric.project(mean);
         for (o, v) in codebook[c * d..(c + 1) * d].iter_mut().zip(mean.iter()) {
             *o = *v as f32;
@@ -375,6 +485,31 @@ pub fn surrogate_objective(
         })
         .sum::<f64>()
         / n as f64
+}
+
+/// `Σ_j w_j (u_j − c_{a_j})ᵀ G (u_j − c_{a_j}) / Σ_j w_j`.
+fn weighted_objective(
+    subvectors: &[f32],
+    centroids: &[f32],
+    assignments: &[u32],
+    groups: &[usize],
+    k: usize,
+    metric: &Metric,
+    weights: &[f32],
+) -> f64 {
+    let d = metric.dim();
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    subvectors
+        .chunks_exact(d)
+        .zip(assignments)
+        .zip(groups)
+        .zip(weights)
+        .map(|(((u, &a), &g), &w)| {
+            let c = (g * k + a as usize) * d;
+            f64::from(w) * metric.distance(u, &centroids[c..c + d])
+        })
+        .sum::<f64>()
+        / total.max(f64::MIN_POSITIVE)
 }
 
 /// Per-cluster member counts of one group's assignments.

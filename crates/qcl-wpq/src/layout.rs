@@ -1,4 +1,5 @@
-//! How a layer's weight is cut into subvectors (spec §1, §9).
+//! How a layer's weight is cut into subvectors ("And the bit goes down", Stock et al., ICLR
+//! 2020; the channel-major layout of a fork).
 //!
 //! A layer computes `y = x·M` with `M ∈ R^{D×O}`. `M` is cut into `m = D/d` slabs of `d`
 //! consecutive rows; every column of every slab is one subvector, and subvector `j = b·O + o`
@@ -133,6 +134,90 @@ impl LayerGeometry {
         })
     }
 
+    /// The geometry of a weight of `shape`: `[rows, cols]` is a linear layer (`rows` outputs,
+    /// `cols` inputs; an embedding table is one too, a row per token), `[c_out, c_in, kh, kw]`
+    /// a convolution.
+    ///
+    /// ```
+    /// use qcl_wpq::{LayerGeometry, LayerKind, Layout};
+    /// let g = LayerGeometry::from_shape(&[384, 1536], Layout::Spatial, 4)?;
+    /// assert_eq!(g.kind, LayerKind::Linear { out: 384, inp: 1536 });
+    /// assert!(LayerGeometry::from_shape(&[384], Layout::Spatial, 4).is_err());
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for a rank other than 2 or 4; as [`LayerGeometry::new`].
+    pub fn from_shape(shape: &[usize], layout: Layout, block: usize) -> Result<Self> {
+        let kind = match *shape {
+            [out, inp] => LayerKind::Linear { out, inp },
+            [c_out, c_in, kh, kw] => LayerKind::Conv {
+                c_out,
+                c_in,
+                kh,
+                kw,
+            },
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    context: "weight".into(),
+                    expected: "a 2-D [rows, cols] or 4-D [c_out, c_in, kh, kw] weight".into(),
+                    actual: shape.to_vec(),
+                })
+            }
+        };
+        LayerGeometry::new(kind, layout, block)
+    }
+
+    /// `order[n]` = patch position of the `n`-th input of a filter in its natural row-major
+    /// order `(c_in, kh, kw)` (the identity for [`Layout::Spatial`]).
+    pub fn patch_order(&self) -> Vec<usize> {
+        let (_, c_n, kh, kw) = self.kind.dims();
+        let mut order = Vec::with_capacity(self.in_dim());
+        for c in 0..c_n {
+            for y in 0..kh {
+                for x in 0..kw {
+                    order.push(self.patch_position(c, y, x));
+                }
+            }
+        }
+        order
+    }
+
+    /// The weight as the matrix `[O, D]` whose row `o` holds output `o`'s weights in patch
+    /// order, so that subvector `(b, o)` is `matrix[o, b·d .. (b+1)·d]`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for a weight of the wrong size.
+    pub fn to_matrix(&self, weight: &[f32]) -> Result<Vec<f32>> {
+        self.check_len("weight", weight.len())?;
+        let d_in = self.in_dim();
+        let order = self.patch_order();
+        let mut matrix = vec![0f32; weight.len()];
+        for (src, dst) in weight.chunks_exact(d_in).zip(matrix.chunks_exact_mut(d_in)) {
+            for (n, &r) in order.iter().enumerate() {
+                dst[r] = src[n];
+            }
+        }
+        Ok(matrix)
+    }
+
+    /// The inverse of [`LayerGeometry::to_matrix`].
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for the wrong number of values.
+    pub fn from_matrix(&self, matrix: &[f32]) -> Result<Vec<f32>> {
+        self.check_len("matrix", matrix.len())?;
+        let d_in = self.in_dim();
+        let order = self.patch_order();
+        let mut weight = vec![0f32; matrix.len()];
+        for (src, dst) in matrix.chunks_exact(d_in).zip(weight.chunks_exact_mut(d_in)) {
+            for (n, &r) in order.iter().enumerate() {
+                dst[n] = src[r];
+            }
+        }
+        Ok(weight)
+    }
+
     /// `D`, the length of one input patch.
     pub fn in_dim(&self) -> usize {
         let (_, c, kh, kw) = self.kind.dims();
@@ -238,7 +323,7 @@ impl LayerGeometry {
     }
 }
 
-/// `K_layer = min(K_flag, largest power of two strictly below n_sv/4)` (spec §2), powers
+/// `K_layer = min(K_flag, largest power of two strictly below n_sv/4)` (the paper's clamp), powers
 /// searched in `2^0 … 2^15`.
 ///
 /// ```

@@ -1,4 +1,5 @@
-//! The E-step metric `(u − c)ᵀ G (u − c)` made Euclidean, and the M-step projection (spec §3).
+//! The E-step metric `(u − c)ᵀ G (u − c)` made Euclidean, and the M-step projection
+//! ("And the bit goes down", Stock et al., ICLR 2020).
 //!
 //! `G = V Λ Vᵀ` (eigendecomposition in f64); `T = Λ₊^{1/2} Vᵀ` maps points so that
 //! `‖T(u − c)‖² = (u − c)ᵀ G (u − c)` exactly up to the dropped eigenvalues (below `1e-10·max`),
@@ -26,7 +27,7 @@ pub struct Metric {
     identity: bool,
 }
 
-/// Relative threshold below which an eigenvalue of `G` counts as zero (spec §3).
+/// Relative threshold below which an eigenvalue of `G` counts as zero.
 pub const EIGEN_TOLERANCE: f64 = 1e-10;
 
 impl Metric {

@@ -1,4 +1,4 @@
-//! FMNet (spec §10) and its BatchNorm variant on qcl-nn's fast ops, with named parameters so
+//! FMNet (a small Fashion-MNIST CNN) and its BatchNorm variant on qcl-nn's fast ops, with named parameters so
 //! that any weight can be replaced by a decoded (or differentiable codebook-built) tensor.
 
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ pub const BN_MOMENTUM: f64 = 0.1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
-    /// FMNet: conv-bias-ReLU layers (spec §10).
+    /// FMNet: conv-bias-ReLU layers.
     #[serde(rename = "fmnet")]
     FmNet,
     /// FMNet with conv (no bias) → BatchNorm → ReLU.
@@ -431,7 +431,7 @@ impl Model {
         Ok(())
     }
 
-    /// Folds every BatchNorm into its convolution (spec §9, Fusion): `s = γ/√(σ²+ε)`,
+    /// Folds every BatchNorm into its convolution (a fork's Fusion variant): `s = γ/√(σ²+ε)`,
     /// `W' = s·W`, `b' = β − s·μ`. The result is an [`Arch::FmNet`] model with the same
     /// eval-mode outputs. A model without BatchNorm is returned as a copy.
     ///
@@ -521,6 +521,37 @@ impl Model {
             .map(|n| Ok((n.clone(), file.tensor(n, &Device::Cpu)?)))
             .collect::<Result<_>>()?;
         Model::from_tensors(arch, values)
+    }
+}
+
+/// candle-nn's view of FMNet: `forward_t(x, train)` gives the logits, BatchNorm using batch
+/// statistics when `train` (the running statistics are not updated; [`Model::forward`] returns
+/// the batch statistics for [`Model::update_running_stats`]).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::ModuleT;
+/// use qcl_wpq::{Arch, Model};
+/// let model = Model::new(Arch::FmNetBn, qcl_tensor::Seed::new(1))?;
+/// let x = Tensor::ones((2, 1, 28, 28), DType::F32, &Device::Cpu)?;
+/// let eval = model.forward_t(&x, false)?;
+/// let train = model.forward_t(&x, true)?;
+/// assert_eq!(eval.dims(), &[2, 10]);
+/// // Two identical images: batch statistics differ from the running ones.
+/// assert_ne!(eval.to_vec2::<f32>()?, train.to_vec2::<f32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+impl candle_nn::ModuleT for Model {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward(
+            xs,
+            ForwardOptions {
+                train,
+                ..Default::default()
+            },
+        )
+        .map(|f| f.logits)
+        .map_err(candle_core::Error::wrap)
     }
 }
 

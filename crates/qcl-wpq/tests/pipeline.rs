@@ -12,7 +12,7 @@ use qcl_wpq::compress::FMNIST_NORMALIZATION;
 use qcl_wpq::{
     compress, evaluate, index_bits, train_teacher, uniform_quantize, uniform_size, Arch,
     CompressConfig, CompressedModel, ForwardOptions, Layout, Model, Objective, TeacherConfig,
-    COMPRESSED_FORMAT,
+    CHECKPOINT_FORMAT,
 };
 
 fn fixture() -> SplitDataset {
@@ -81,7 +81,7 @@ fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
         assert_eq!(l.em_objective.len(), 4);
         assert!(l.output_error_after_em.is_finite());
     }
-    // Spec §10's K = 64 plan: 15,128 bytes, 20.9×.
+    // FMNet with K = 64 everywhere: 15,128 bytes, 20.9×.
     let size = out.compressed.size(out.uncompressed_params);
     assert_eq!(out.uncompressed_params * 4, 316_328);
     assert!((size.total - 15_128.0).abs() < 1e-6, "{size:?}");
@@ -91,27 +91,27 @@ fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
     let path = dir.path().join("c.safetensors");
     let bytes = out.compressed.save(&path).unwrap();
     assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
-    // The file is the ideal size plus a small header.
+    // The file is the ideal size plus its header (a name, dtype, shape and offsets per stored
+    // tensor, and the metadata of every compressed one).
     assert!(
-        bytes as f64 >= size.total && (bytes as f64) < size.total + 1024.0,
+        bytes as f64 >= size.total && (bytes as f64) < size.total + 3072.0,
         "{bytes} vs {}",
         size.total
     );
     let file = SafetensorsFile::open(&path).unwrap();
-    let packed: usize = out
-        .compressed
-        .layers
-        .iter()
-        .map(|l| (l.assignments.len() * index_bits(l.k) as usize).div_ceil(8))
-        .sum();
-    assert_eq!(file.info("assignments").unwrap().shape, vec![packed]);
-    assert_eq!(file.info("codebooks").unwrap().dtype, DType::F16);
+    assert_eq!(file.metadata()["format"], CHECKPOINT_FORMAT);
+    for l in &out.compressed.layers {
+        let packed = (l.pq.assignments.len() * index_bits(l.pq.k) as usize).div_ceil(8);
+        let codes = file.info(&format!("{}.weight#codes", l.name)).unwrap();
+        assert_eq!((codes.dtype, codes.shape), (DType::U8, vec![packed]));
+        let book = file.info(&format!("{}.weight#codebooks", l.name)).unwrap();
+        assert_eq!(book.dtype, DType::F16);
+    }
 
     let loaded = CompressedModel::load(&path, Some(Arch::FmNet)).unwrap();
     for (a, b) in loaded.layers.iter().zip(&out.compressed.layers) {
-        assert_eq!(a.assignments, b.assignments);
-        assert_eq!(a.centroids, b.centroids);
-        assert_eq!(a.decode().unwrap(), b.decode().unwrap());
+        assert_eq!(a.pq, b.pq);
+        assert_eq!(a.pq.decode().unwrap(), b.pq.decode().unwrap());
     }
     let in_memory = out.compressed.to_model().unwrap();
     let reloaded = loaded.to_model().unwrap();
@@ -130,9 +130,13 @@ fn compression_is_deterministic_and_naive_differs() {
     let a = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
     let b = compress(&teacher, &data.train, &cfg, &ProgressBar::hidden()).unwrap();
     for (x, y) in a.compressed.layers.iter().zip(&b.compressed.layers) {
-        assert_eq!(x.assignments, y.assignments);
-        assert_eq!(x.centroids, y.centroids);
+        assert_eq!(x.pq, y.pq);
     }
+    // Same seed, same file bytes.
+    assert_eq!(
+        a.compressed.to_checkpoint().unwrap().to_bytes().unwrap(),
+        b.compressed.to_checkpoint().unwrap().to_bytes().unwrap()
+    );
     let acc_a = evaluate(&a.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
     let acc_b = evaluate(&b.compressed.to_model().unwrap(), &data.test, Some(100)).unwrap();
     assert_eq!(acc_a, acc_b);
@@ -141,15 +145,32 @@ fn compression_is_deterministic_and_naive_differs() {
         &data.train,
         &CompressConfig {
             objective: Objective::Naive,
-            ..cfg
+            ..cfg.clone()
         },
         &ProgressBar::hidden(),
     )
     .unwrap();
     assert_ne!(
-        naive.compressed.layers[0].assignments,
-        a.compressed.layers[0].assignments
+        naive.compressed.layers[0].pq.assignments,
+        a.compressed.layers[0].pq.assignments
     );
+    // Error feedback through the same procedure: other codes, same codebook sizes.
+    let feedback = compress(
+        &teacher,
+        &data.train,
+        &CompressConfig {
+            objective: Objective::ErrorFeedback,
+            ..cfg
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let (f, m) = (
+        &feedback.compressed.layers[0].pq,
+        &a.compressed.layers[0].pq,
+    );
+    assert_eq!(f.centroids.len(), m.centroids.len());
+    assert_ne!(f.assignments, m.assignments);
 }
 
 #[test]
@@ -169,7 +190,7 @@ fn global_learning_rate_drops_follow_the_schedule() {
             .compressed
             .layers
             .iter()
-            .map(|l| l.centroids.clone())
+            .map(|l| l.pq.centroids.clone())
             .collect::<Vec<_>>()
     };
     // Forty tenfold drops from the first step leave a rate far below any f32 update: the same
@@ -228,7 +249,7 @@ fn fork_variants_run_and_keep_their_layouts() {
         .compressed
         .layers
         .iter()
-        .all(|l| l.geometry.layout == Layout::ChannelMajor));
+        .all(|l| l.pq.geometry.layout == Layout::ChannelMajor));
     let sub = CompressConfig {
         per_slab_codebooks: true,
         ..change
@@ -237,8 +258,8 @@ fn fork_variants_run_and_keep_their_layouts() {
     // conv1: 16 input channels in blocks of 8 → 2 codebooks of K/d = 8 centroids.
     assert_eq!(
         (
-            out.compressed.layers[0].n_groups,
-            out.compressed.layers[0].k
+            out.compressed.layers[0].pq.n_groups().unwrap(),
+            out.compressed.layers[0].pq.k
         ),
         (2, 8)
     );
@@ -247,13 +268,13 @@ fn fork_variants_run_and_keep_their_layouts() {
     out.compressed.save(&path).unwrap();
     let back = CompressedModel::load(&path, None).unwrap();
     assert_eq!(
-        back.layers[0].decode().unwrap(),
-        out.compressed.layers[0].decode().unwrap()
+        back.layers[0].pq.decode().unwrap(),
+        out.compressed.layers[0].pq.decode().unwrap()
     );
 }
 
 #[test]
-fn uniform_baseline_sizes_match_the_spec() {
+fn uniform_baseline_sizes_match_the_paper_accounting() {
     let model = Model::new(Arch::FmNet, Seed::new(1)).unwrap();
     assert!((uniform_size(&model, 4).ratio - 7.43).abs() < 0.01);
     assert!((uniform_size(&model, 2).ratio - 13.80).abs() < 0.01);
@@ -313,12 +334,16 @@ fn bad_files_are_typed_errors() {
     assert_eq!(err.kind(), "bad_file");
 
     // Missing layer.
-    rewrite(&good, &bad, |_, meta| {
-        let layers: Vec<serde_json::Value> = serde_json::from_str(&meta["layers"]).unwrap();
+    rewrite(&good, &bad, |tensors, meta| {
+        let mut layers: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(&meta["qcl.tensors"]).unwrap();
+        layers.remove("fc.weight");
         meta.insert(
-            "layers".into(),
-            serde_json::to_string(&layers[..5]).unwrap(),
+            "qcl.tensors".into(),
+            serde_json::to_string(&layers).unwrap(),
         );
+        tensors.remove("fc.weight#codes");
+        tensors.remove("fc.weight#codebooks");
     });
     let err = CompressedModel::load(&bad, None).unwrap_err();
     assert!(
@@ -328,7 +353,7 @@ fn bad_files_are_typed_errors() {
 
     // Foreign metadata.
     rewrite(&good, &bad, |_, meta| {
-        meta.insert("layers".into(), "{\"something\": 1}".into());
+        meta.insert("qcl.tensors".into(), "{\"something\": 1}".into());
     });
     let err = CompressedModel::load(&bad, None).unwrap_err();
     assert_eq!(err.kind(), "bad_file");
@@ -339,13 +364,13 @@ fn bad_files_are_typed_errors() {
     assert!(CompressedModel::load(&bad, None)
         .unwrap_err()
         .to_string()
-        .contains(COMPRESSED_FORMAT));
+        .contains(CHECKPOINT_FORMAT));
 
-    // Truncated assignments.
+    // Truncated codes.
     rewrite(&good, &bad, |tensors, _| {
-        let a = tensors["assignments"].clone();
+        let a = tensors["conv3.weight#codes"].clone();
         let n = a.dim(0).unwrap();
-        tensors.insert("assignments".into(), a.narrow(0, 0, n - 10).unwrap());
+        tensors.insert("conv3.weight#codes".into(), a.narrow(0, 0, n - 10).unwrap());
     });
     let err = CompressedModel::load(&bad, None).unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");

@@ -1,4 +1,5 @@
-//! Invariants of spec §11 as property and unit tests.
+//! Invariants of the paper's method (layouts, EM, CentroidSGD, size accounting, im2col, BN
+//! folding) as property and unit tests.
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
@@ -7,7 +8,7 @@ use qcl_wpq::compress::LayerInputs;
 use qcl_wpq::{
     activation_aware_em, clamp_centroids, distillation_loss, e_step, pooled_gram, size_report,
     surrogate_objective, Arch, CentroidSgd, EmParams, ForwardOptions, LayerGeometry, LayerKind,
-    Layout, Metric, MetricSource, Model, QuantizedLayer,
+    Layout, Metric, MetricSource, Model, PqTensor, Sharing,
 };
 
 fn geometry_strategy() -> impl Strategy<Value = (LayerGeometry, Vec<f32>)> {
@@ -51,7 +52,7 @@ fn geometry_strategy() -> impl Strategy<Value = (LayerGeometry, Vec<f32>)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-    /// §11.1: roll(unroll(W)) == W bit-exactly for every layout and block size.
+    /// roll(unroll(W)) == W bit-exactly for every layout and block size.
     #[test]
     fn reshape_round_trip((g, w) in geometry_strategy()) {
         let u = g.unroll(&w).unwrap();
@@ -61,7 +62,7 @@ proptest! {
                         w.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 
-    /// §11.3: K is a power of two, ≤ K_flag and < n_sv/4.
+    /// K is a power of two, ≤ K_flag and < n_sv/4.
     #[test]
     fn k_clamp(k_pow in 0u32..12, n_sv in 5usize..200_000) {
         let k_flag = 1usize << k_pow;
@@ -73,7 +74,7 @@ proptest! {
         prop_assert!(2 * k > k_flag || 8 * k >= n_sv);
     }
 
-    /// §11.2 and §11.6: assignments in range, no empty cluster, and with a fixed metric the
+    /// Assignments in range, no empty cluster, and with a fixed metric the
     /// surrogate objective never increases.
     #[test]
     fn em_assignments_valid_and_objective_monotone(seed in 0u64..1000, k_pow in 1u32..4) {
@@ -95,7 +96,7 @@ proptest! {
         }
     }
 
-    /// §11.4: the E-step's choice minimises (u − c)ᵀG(u − c) (brute force), and the
+    /// The E-step's choice minimises (u − c)ᵀG(u − c) (brute force), and the
     /// G-expansion equals the explicit ‖X̃(u − c)‖².
     #[test]
     fn e_step_is_optimal(seed in 0u64..1000) {
@@ -127,7 +128,7 @@ proptest! {
         prop_assert_eq!(plain, direct);
     }
 
-    /// §11.7: CentroidSGD keeps every cluster tied (bit-exact), and lr = 0 changes nothing.
+    /// CentroidSGD keeps every cluster tied (bit-exact), and lr = 0 changes nothing.
     #[test]
     fn centroid_sgd_keeps_clusters_tied(seed in 0u64..1000, lr in prop::sample::select(vec![0.0, 0.05])) {
         let g = LayerGeometry::new(LayerKind::Conv { c_out: 4, c_in: 4, kh: 3, kw: 3 }, Layout::Spatial, 9).unwrap();
@@ -135,11 +136,11 @@ proptest! {
         let mut rng = Seed::new(seed).rng();
         let mut assignments: Vec<u32> = (0..16).map(|j| (j % k) as u32).collect();
         rng.shuffle(&mut assignments);
-        let layer = QuantizedLayer { name: "l".into(), geometry: g.clone(), k, n_groups: 1,
+        let layer = PqTensor { geometry: g.clone(), k, sharing: Sharing::Layer,
             centroids: rng.normal_vec(k * 9, 0.0, 1.0), assignments };
         let var = Var::from_tensor(&Tensor::from_vec(layer.centroids.clone(), (k, 9), &Device::Cpu).unwrap()).unwrap();
         let before = layer.decode().unwrap();
-        let mut opt = CentroidSgd::new(Some(&layer.cluster_sizes()), lr, 0.9, 1e-4).unwrap();
+        let mut opt = CentroidSgd::new(Some(&layer.cluster_sizes().unwrap()), lr, 0.9, 1e-4).unwrap();
         let target = Tensor::from_vec(rng.normal_vec(g.n_weights(), 0.0, 1.0), g.kind.weight_shape(), &Device::Cpu).unwrap();
         for _ in 0..3 {
             let w = layer.decode_tensor(var.as_tensor()).unwrap();
@@ -161,16 +162,15 @@ proptest! {
     }
 }
 
-/// §5: the centroid-space update equals averaging the dense weight gradient over each
+/// The centroid-space update equals averaging the dense weight gradient over each
 /// cluster's members.
 #[test]
 fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
     let g = LayerGeometry::new(LayerKind::Linear { out: 3, inp: 8 }, Layout::Spatial, 4).unwrap();
-    let layer = QuantizedLayer {
-        name: "fc".into(),
+    let layer = PqTensor {
         geometry: g.clone(),
         k: 2,
-        n_groups: 1,
+        sharing: Sharing::Layer,
         centroids: vec![1., 2., 3., 4., -1., 0., 1., 0.5],
         assignments: vec![0, 1, 1, 0, 0, 1],
     };
@@ -198,7 +198,7 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
         .unwrap();
     let sub = g.unroll(&dense).unwrap();
     let mut mean = vec![0f32; 8];
-    let counts = layer.cluster_sizes();
+    let counts = layer.cluster_sizes().unwrap();
     for (j, &a) in layer.assignments.iter().enumerate() {
         for t in 0..4 {
             mean[a as usize * 4 + t] += sub[j * 4 + t] / counts[a as usize] as f32;
@@ -227,7 +227,7 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
     }
 }
 
-/// §11.5: with full-rank inputs the M-step gives the member mean; a never-excited input
+/// With full-rank inputs the M-step gives the member mean; a never-excited input
 /// direction gives a zero coordinate.
 #[test]
 fn m_step_mean_and_null_space() {
@@ -291,7 +291,7 @@ fn m_step_mean_and_null_space() {
     }
 }
 
-/// §11.12: a weight built from a codebook C* and assignments a* is a fixed point of EM
+/// A weight built from a codebook C* and assignments a* is a fixed point of EM
 /// initialised at C*, for any full-rank G.
 #[test]
 fn em_fixed_point() {
@@ -339,7 +339,7 @@ fn em_fixed_point() {
     }
 }
 
-/// §11.8: the size formula reproduces the released ResNet-18 files (28.9× and 43.3×).
+/// The size formula reproduces the released ResNet-18 files (28.9× and 43.3×).
 #[test]
 fn resnet18_golden_ratios() {
     // (c_in, c_out, kernel) of every quantized layer; the fc is 512 → 1000.
@@ -401,7 +401,7 @@ fn resnet18_golden_ratios() {
     }
 }
 
-/// §11.10: conv2d(x, W) equals im2col(x)·M in both layouts.
+/// conv2d(x, W) equals im2col(x)·M in both layouts.
 #[test]
 fn im2col_identity() {
     let mut rng = Seed::new(3).rng();
@@ -464,7 +464,7 @@ fn im2col_identity() {
     }
 }
 
-/// §11.11: the folded conv gives the conv → BN (eval) output to 1e-5.
+/// The folded conv gives the conv → BN (eval) output to 1e-5.
 #[test]
 fn bn_folding_matches() {
     let model = Model::new(Arch::FmNetBn, Seed::new(2)).unwrap();
@@ -516,7 +516,7 @@ fn bn_folding_matches() {
     }
 }
 
-/// §11.12: the distillation loss is ≥ 0 and 0 for identical logits.
+/// The distillation loss is ≥ 0 and 0 for identical logits.
 #[test]
 fn distillation_loss_non_negative_and_zero_at_teacher() {
     let mut rng = Seed::new(8).rng();

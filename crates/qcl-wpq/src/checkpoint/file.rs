@@ -1,0 +1,497 @@
+//! The compressed checkpoint file.
+//!
+//! One safetensors file, format [`CHECKPOINT_FORMAT`]:
+//!
+//! - every untouched tensor under its own name, dtype and bytes;
+//! - for a compressed tensor `name`: `name#codebooks` (f16 `[G·K, d]`) and `name#codes` (u8,
+//!   indices bit-packed by qcl-pq's `PackedCodes`, `⌈log2 K⌉` bits each, slab-major) for PQ;
+//!   `name#codes` (u8, `bits` per weight, row-major), `name#scales` and `name#zeros` (f16
+//!   `[rows, groups]`) for scalar grids; `name#fp16` for fp16;
+//! - metadata: `format`, `qcl.tensors` (JSON object, sorted by name: method, dtype, shape and
+//!   the method's parameters per compressed tensor) and the application's own keys.
+//!
+//! The header is written with sorted keys and the data in a fixed order (by alignment, then
+//! name), so the same checkpoint always gives the same bytes. The reader checks every bound
+//! against the metadata before allocating.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::f16;
+use qcl_pq::PackedCodes;
+use qcl_tensor::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use super::{CompressedCheckpoint, CompressedTensor, Encoding, RawTensor};
+use crate::layout::{index_bits, LayerGeometry, Layout};
+use crate::pq_tensor::{PqTensor, Sharing};
+use crate::scalar::{ScalarCodes, ScalarTensor, MAX_SCALAR_BITS};
+
+/// File format tag of a compressed checkpoint.
+pub const CHECKPOINT_FORMAT: &str = "qcl-wpq-checkpoint/1";
+/// Largest number of weights of one compressed tensor a file may declare.
+pub const MAX_WEIGHTS: usize = 1 << 32;
+/// Largest block size `d` a file may declare.
+const MAX_BLOCK: usize = 1 << 12;
+const TENSORS_KEY: &str = "qcl.tensors";
+const SEPARATOR: char = '#';
+
+/// What the metadata says about one compressed tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+enum TensorMeta {
+    Fp16 {
+        dtype: Dtype,
+        shape: Vec<usize>,
+    },
+    Scalar {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bits: u32,
+        group: usize,
+    },
+    Pq {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        layout: Layout,
+        d: usize,
+        k: usize,
+        sharing: Sharing,
+        bits: u32,
+    },
+}
+
+/// One stored tensor: name, dtype, shape, bytes.
+type Part<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+
+fn f16_bytes(values: &[f16]) -> Cow<'static, [u8]> {
+    Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+fn packed(codes: &[u32], bits: u32) -> Result<Cow<'static, [u8]>> {
+    Ok(Cow::Owned(
+        PackedCodes::pack(codes, codes.len(), bits)?
+            .bytes()
+            .to_vec(),
+    ))
+}
+
+fn bad_name(name: &str) -> Error {
+    Error::invalid_parameter(
+        "tensors",
+        format!("tensor name `{name}` is empty, reserved or holds `{SEPARATOR}`"),
+    )
+}
+
+impl CompressedCheckpoint {
+    /// The file's bytes (the same checkpoint always gives the same bytes).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a name holding `#`, a tensor both compressed and
+    /// untouched, or a reserved metadata key; as [`PqTensor::validate`] and
+    /// [`ScalarTensor::validate`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut parts: Vec<Part<'_>> = Vec::new();
+        for (name, t) in &self.untouched {
+            if name.is_empty() || name.contains(SEPARATOR) || name == "__metadata__" {
+                return Err(bad_name(name));
+            }
+            if self.compressed.contains_key(name) {
+                return Err(Error::invalid_parameter(
+                    "tensors",
+                    format!("`{name}` is both compressed and untouched"),
+                ));
+            }
+            parts.push((
+                name.clone(),
+                t.dtype(),
+                t.shape().to_vec(),
+                Cow::Borrowed(t.bytes()),
+            ));
+        }
+        let mut metas = BTreeMap::new();
+        for (name, t) in &self.compressed {
+            if name.is_empty() || name.contains(SEPARATOR) || name == "__metadata__" {
+                return Err(bad_name(name));
+            }
+            let (meta, mut own) = encode(name, t)?;
+            metas.insert(name.clone(), meta);
+            parts.append(&mut own);
+        }
+        let mut metadata = self.metadata.clone();
+        for key in ["format", TENSORS_KEY] {
+            if metadata.contains_key(key) {
+                return Err(Error::invalid_parameter(
+                    "metadata",
+                    format!("key `{key}` is reserved"),
+                ));
+            }
+        }
+        metadata.insert("format".into(), CHECKPOINT_FORMAT.into());
+        metadata.insert(
+            TENSORS_KEY.into(),
+            serde_json::to_string(&metas)
+                .map_err(|e| Error::invalid_parameter("metadata", e.to_string()))?,
+        );
+        serialize(&metadata, parts)
+    }
+
+    /// Writes the file atomically and returns its size in bytes.
+    ///
+    /// # Errors
+    /// As [`CompressedCheckpoint::to_bytes`]; [`Error::Io`].
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<u64> {
+        let bytes = self.to_bytes()?;
+        qcl_tensor::write_atomic(path, &bytes)?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Reads a file written by [`CompressedCheckpoint::save`].
+    ///
+    /// # Errors
+    /// [`Error::Io`]; as [`CompressedCheckpoint::from_bytes`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses a file's bytes; `path` is used in messages only.
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] for a truncated or foreign file, foreign metadata, a missing,
+    /// unexpected or wrongly shaped part, an absurd shape, `K`, `d` or bit width, or a
+    /// non-finite codebook or scale; [`Error::CorruptStream`] for an index not below `K`.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref();
+        let bad = |reason: String| Error::bad_file(path, reason);
+        let parsed = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
+        let mut metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default();
+        match metadata.remove("format") {
+            Some(f) if f == CHECKPOINT_FORMAT => {}
+            other => {
+                return Err(bad(format!(
+                    "not a qcl-wpq compressed checkpoint: format {other:?}, expected \
+                     `{CHECKPOINT_FORMAT}`"
+                )))
+            }
+        }
+        let metas: BTreeMap<String, TensorMeta> = serde_json::from_str(
+            &metadata
+                .remove(TENSORS_KEY)
+                .ok_or_else(|| bad(format!("no `{TENSORS_KEY}` metadata")))?,
+        )
+        .map_err(|e| bad(format!("foreign `{TENSORS_KEY}` metadata: {e}")))?;
+        let mut views: BTreeMap<String, (Dtype, Vec<usize>, &[u8])> = parsed
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data())))
+            .collect();
+        let mut compressed = BTreeMap::new();
+        for (name, meta) in metas {
+            let t = decode(&name, &meta, &mut views).map_err(|e| match e {
+                Error::BadFile { reason, .. } => bad(format!("tensor `{name}`: {reason}")),
+                other => crate::calibration::named(&name, other),
+            })?;
+            compressed.insert(name, t);
+        }
+        let mut untouched = BTreeMap::new();
+        for (name, (dtype, shape, data)) in views {
+            if name.contains(SEPARATOR) || compressed.contains_key(&name) {
+                return Err(bad(format!("unexpected tensor `{name}`")));
+            }
+            let raw = RawTensor::new(dtype, shape, data.to_vec())
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            untouched.insert(name, raw);
+        }
+        Ok(CompressedCheckpoint {
+            compressed,
+            untouched,
+            metadata,
+        })
+    }
+}
+
+fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Part<'a>>)> {
+    let (dtype, shape) = (t.dtype, t.shape.clone());
+    let part = |suffix: &str, dtype, shape, bytes| {
+        (format!("{name}{SEPARATOR}{suffix}"), dtype, shape, bytes)
+    };
+    let mismatch = |what: &str, actual: Vec<usize>| Error::ShapeMismatch {
+        context: format!("{what} of `{name}`"),
+        expected: format!("{:?}", t.shape),
+        actual,
+    };
+    Ok(match &t.encoding {
+        Encoding::Fp16(v) => {
+            if v.len() != t.shape.iter().product::<usize>() {
+                return Err(mismatch("fp16 values", vec![v.len()]));
+            }
+            let parts = vec![part("fp16", Dtype::F16, shape.clone(), f16_bytes(v))];
+            (TensorMeta::Fp16 { dtype, shape }, parts)
+        }
+        Encoding::Scalar(s) => {
+            s.validate()?;
+            if s.shape != t.shape {
+                return Err(mismatch("scalar codes", s.shape.clone()));
+            }
+            let (rows, per_row) = (s.matrix_dims().0, s.groups_per_row());
+            let codes = packed(&s.codes.codes, s.bits)?;
+            let parts = vec![
+                part("codes", Dtype::U8, vec![codes.len()], codes),
+                part(
+                    "scales",
+                    Dtype::F16,
+                    vec![rows, per_row],
+                    f16_bytes(&s.codes.scales),
+                ),
+                part(
+                    "zeros",
+                    Dtype::F16,
+                    vec![rows, per_row],
+                    f16_bytes(&s.codes.zeros),
+                ),
+            ];
+            let meta = TensorMeta::Scalar {
+                dtype,
+                shape,
+                bits: s.bits,
+                group: s.group,
+            };
+            (meta, parts)
+        }
+        Encoding::Pq(p) => {
+            p.validate()?;
+            if p.geometry.kind.weight_shape() != t.shape {
+                return Err(mismatch("PQ geometry", p.geometry.kind.weight_shape()));
+            }
+            let (d, bits) = (p.geometry.block, index_bits(p.k));
+            let book: Vec<f16> = p.centroids.iter().map(|&c| f16::from_f32(c)).collect();
+            let codes = packed(&p.assignments, bits)?;
+            let parts = vec![
+                part(
+                    "codebooks",
+                    Dtype::F16,
+                    vec![book.len() / d, d],
+                    f16_bytes(&book),
+                ),
+                part("codes", Dtype::U8, vec![codes.len()], codes),
+            ];
+            let meta = TensorMeta::Pq {
+                dtype,
+                shape,
+                layout: p.geometry.layout,
+                d,
+                k: p.k,
+                sharing: p.sharing,
+                bits,
+            };
+            (meta, parts)
+        }
+    })
+}
+
+/// Safetensors bytes with a sorted header; data ordered by alignment, then name.
+fn serialize(metadata: &BTreeMap<String, String>, mut parts: Vec<Part<'_>>) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        dtype: Dtype,
+        shape: &'a [usize],
+        data_offsets: (usize, usize),
+    }
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Header<'a> {
+        Metadata(&'a BTreeMap<String, String>),
+        Tensor(Entry<'a>),
+    }
+    parts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut header: BTreeMap<&str, Header<'_>> = BTreeMap::new();
+    header.insert("__metadata__", Header::Metadata(metadata));
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in &parts {
+        let end = offset + bytes.len();
+        let entry = Entry {
+            dtype: *dtype,
+            shape,
+            data_offsets: (offset, end),
+        };
+        if header.insert(name, Header::Tensor(entry)).is_some() {
+            return Err(bad_name(name));
+        }
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header)
+        .map_err(|e| Error::invalid_parameter("metadata", e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    for (_, _, _, bytes) in &parts {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
+}
+
+type Views<'a> = BTreeMap<String, (Dtype, Vec<usize>, &'a [u8])>;
+
+/// Removes part `suffix` of `name` from `views`, checking its dtype and shape.
+fn take<'a>(
+    views: &mut Views<'a>,
+    name: &str,
+    suffix: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<&'a [u8]> {
+    let key = format!("{name}{SEPARATOR}{suffix}");
+    let (found_dtype, found_shape, data) = views
+        .remove(&key)
+        .ok_or_else(|| Error::bad_file("", format!("missing tensor `{key}`")))?;
+    if found_dtype != dtype || found_shape != shape {
+        return Err(Error::bad_file(
+            "",
+            format!(
+                "`{key}` is {found_dtype:?} {found_shape:?}, expected {dtype:?} {shape:?} \
+                 (truncated or inconsistent with the metadata)"
+            ),
+        ));
+    }
+    Ok(data)
+}
+
+fn read_f16(data: &[u8], what: &str) -> Result<Vec<f16>> {
+    let values: Vec<f16> = data
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::bad_file(
+            "",
+            format!("{what} value {i} is not finite"),
+        ));
+    }
+    Ok(values)
+}
+
+fn unpack(data: &[u8], n: usize, bits: u32) -> Result<Vec<u32>> {
+    Ok(PackedCodes::from_bytes(data.to_vec(), 1, n, bits)?.unpack())
+}
+
+/// Checks a declared shape and returns its number of elements.
+fn numel(shape: &[usize]) -> Result<usize> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n {
+        Some(n) if (1..=MAX_WEIGHTS).contains(&n) && (1..=8).contains(&shape.len()) => Ok(n),
+        _ => Err(Error::bad_file(
+            "",
+            format!("absurd shape {shape:?} (at most {MAX_WEIGHTS} weights)"),
+        )),
+    }
+}
+
+fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<CompressedTensor> {
+    let bad = |reason: String| Error::bad_file("", reason);
+    let (dtype, shape, encoding) = match meta {
+        TensorMeta::Fp16 { dtype, shape } => {
+            numel(shape)?;
+            let values = take(views, name, "fp16", Dtype::F16, shape)?;
+            let values = values
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            (*dtype, shape, Encoding::Fp16(values))
+        }
+        TensorMeta::Scalar {
+            dtype,
+            shape,
+            bits,
+            group,
+        } => {
+            let n = numel(shape)?;
+            if !(1..=MAX_SCALAR_BITS).contains(bits) || *group == 0 {
+                return Err(bad(format!("absurd bits {bits} or group {group}")));
+            }
+            let (rows, cols) = (shape[0], n / shape[0]);
+            let per_row = cols.div_ceil(*group);
+            let codes = take(
+                views,
+                name,
+                "codes",
+                Dtype::U8,
+                &[(n * *bits as usize).div_ceil(8)],
+            )?;
+            let scales = take(views, name, "scales", Dtype::F16, &[rows, per_row])?;
+            let zeros = take(views, name, "zeros", Dtype::F16, &[rows, per_row])?;
+            let tensor = ScalarTensor {
+                shape: shape.clone(),
+                bits: *bits,
+                group: (*group).min(cols),
+                codes: ScalarCodes {
+                    codes: unpack(codes, n, *bits)?,
+                    scales: read_f16(scales, "scale")?,
+                    zeros: read_f16(zeros, "zero")?,
+                },
+            };
+            (*dtype, shape, Encoding::Scalar(tensor))
+        }
+        TensorMeta::Pq {
+            dtype,
+            shape,
+            layout,
+            d,
+            k,
+            sharing,
+            bits,
+        } => {
+            numel(shape)?;
+            if *k == 0 || *k > 1 << 16 || *bits != index_bits(*k) || *d > MAX_BLOCK {
+                return Err(bad(format!("absurd K = {k}, d = {d} or bits = {bits}")));
+            }
+            let geometry = LayerGeometry::from_shape(shape, *layout, *d)
+                .map_err(|e| bad(format!("geometry: {e}")))?;
+            // The codes' size bounds every allocation below by the file's size.
+            let n_sv = geometry.n_subvectors();
+            let codes = take(
+                views,
+                name,
+                "codes",
+                Dtype::U8,
+                &[(n_sv * *bits as usize).div_ceil(8)],
+            )?;
+            let (groups, _) = sharing
+                .groups(&geometry)
+                .map_err(|e| bad(format!("sharing: {e}")))?;
+            let rows = groups
+                .checked_mul(*k)
+                .filter(|r| r.checked_mul(*d).is_some_and(|n| n <= MAX_WEIGHTS))
+                .ok_or_else(|| bad(format!("absurd codebook {groups}×{k}×{d}")))?;
+            let book = take(views, name, "codebooks", Dtype::F16, &[rows, *d])?;
+            let tensor = PqTensor {
+                geometry,
+                k: *k,
+                sharing: *sharing,
+                centroids: read_f16(book, "codebook")?
+                    .iter()
+                    .map(|c| c.to_f32())
+                    .collect(),
+                assignments: unpack(codes, n_sv, *bits)?,
+            };
+            tensor.validate()?;
+            (*dtype, shape, Encoding::Pq(tensor))
+        }
+    };
+    Ok(CompressedTensor {
+        dtype,
+        shape: shape.clone(),
+        encoding,
+    })
+}

@@ -1,0 +1,299 @@
+//! Product quantization of one weight under each objective.
+
+use qcl_tensor::{nearest_codes, Error, Result, Seed};
+use serde::{Deserialize, Serialize};
+
+use crate::calibration::LayerStats;
+use crate::em::{
+    activation_aware_em, weighted_em, EmParams, MetricSource, Objective, PatchSampler,
+};
+use crate::layout::{LayerGeometry, Layout};
+use crate::metric::Metric;
+use crate::objective::{feedback_pq, finetune_codebooks, inverse_factor, PqCodebooks, Quadratic};
+use crate::pq_tensor::{PqTensor, Sharing};
+
+/// Largest `K` (codes are stored in at most 16 bits).
+pub const MAX_CENTROIDS: usize = 1 << 16;
+
+/// Every knob of product quantization of one weight, with defaults.
+///
+/// ```
+/// use qcl_wpq::{Objective, PqParams};
+/// let p: PqParams = serde_json::from_str(r#"{"d": 2, "k": 256, "objective": "error_feedback"}"#)?;
+/// assert_eq!(p, PqParams::new(2, 256, Objective::ErrorFeedback));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PqParams {
+    /// Block size `d`: consecutive weights of a row per subvector.
+    pub d: usize,
+    /// Centroids per codebook `K` (at most the subvectors of a codebook, at most 2^16).
+    pub k: usize,
+    /// What the codes and codebook minimise.
+    pub objective: Objective,
+    /// Subvector layout of a 4-D convolution weight (ignored for 2-D weights).
+    pub layout: Layout,
+    /// Which subvectors share a codebook.
+    pub sharing: Sharing,
+    /// k-means (EM) iterations.
+    pub em_iterations: usize,
+    /// Least-squares codebook fine-tunes on the output error, with a code reassignment between
+    /// two (0: none).
+    pub finetune_rounds: usize,
+    /// Ridge of the fine-tune toward the current codebook, relative to `trace(M)/n`.
+    pub ridge: f64,
+    /// Hessian damping `λ = damp·mean(diag H)` of error feedback.
+    pub damp: f64,
+    /// Columns per lazy batch update of error feedback.
+    pub block_columns: usize,
+}
+
+impl Default for PqParams {
+    fn default() -> Self {
+        PqParams {
+            d: 4,
+            k: 256,
+            objective: Objective::ActivationAware,
+            layout: Layout::Spatial,
+            sharing: Sharing::Layer,
+            em_iterations: 30,
+            finetune_rounds: 0,
+            ridge: 1e-4,
+            damp: 0.01,
+            block_columns: 128,
+        }
+    }
+}
+
+impl PqParams {
+    /// Block size `d`, `k` centroids, `objective`, other knobs at their defaults.
+    pub fn new(d: usize, k: usize, objective: Objective) -> Self {
+        PqParams {
+            d,
+            k,
+            objective,
+            ..Default::default()
+        }
+    }
+}
+
+/// What the objective knows about a layer's inputs.
+#[derive(Clone, Copy)]
+pub enum Evidence<'a> {
+    /// Nothing (naive PQ only).
+    None,
+    /// Recorded statistics ([`crate::Calibration`]).
+    Stats(&'a LayerStats),
+    /// Input patches resampled at every EM iteration (the paper's procedure; activation-aware
+    /// PQ without fine-tuning only).
+    Sampled {
+        /// The layer's recorded inputs.
+        sampler: &'a dyn PatchSampler,
+        /// Patches per iteration.
+        patch_rows: usize,
+    },
+}
+
+/// Result of [`quantize_pq`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PqOutcome {
+    /// The quantized weight. Centroids are those of the last step, not yet rounded to fp16
+    /// (the file stores fp16: see [`PqTensor::round_to_f16`]).
+    pub tensor: PqTensor,
+    /// The EM surrogate objective after each iteration.
+    pub em_objective: Vec<f64>,
+    /// Empty clusters repaired by EM.
+    pub repairs: usize,
+    /// Relative output error after each fine-tune round.
+    pub finetune_error: Vec<f64>,
+}
+
+/// Product quantization of `weight` (row-major `shape`, 2-D or 4-D) by `params`.
+///
+/// ```
+/// use qcl_tensor::Seed;
+/// use qcl_wpq::{quantize_pq, Evidence, Objective, PqParams};
+/// let w: Vec<f32> = (0..64).map(|i| ((i * 7) % 11) as f32).collect();
+/// let out = quantize_pq(&w, &[8, 8], &PqParams::new(2, 4, Objective::Naive), Evidence::None,
+///     Seed::new(0))?;
+/// assert_eq!(out.tensor.decode()?.len(), 64);
+/// // Activation-aware PQ needs recorded inputs.
+/// let aware = PqParams::new(2, 4, Objective::ActivationAware);
+/// assert!(quantize_pq(&w, &[8, 8], &aware, Evidence::None, Seed::new(0)).is_err());
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for a shape that is not 2-D or 4-D or does not fit `weight`,
+/// [`Error::InvalidParameter`] for `d` not dividing the input dimension or `K` larger than a
+/// codebook's subvectors, [`Error::NonFinite`] for NaN or infinite weights,
+/// [`Error::EmptyInput`] when the objective needs calibration that is absent or empty.
+pub fn quantize_pq(
+    weight: &[f32],
+    shape: &[usize],
+    params: &PqParams,
+    evidence: Evidence<'_>,
+    seed: Seed,
+) -> Result<PqOutcome> {
+    let geometry = LayerGeometry::from_shape(shape, params.layout, params.d)?;
+    qcl_tensor::check_finite_slice("weight", weight)?;
+    let sub = geometry.unroll(weight)?;
+    let (k, d) = (params.k, params.d);
+    if k == 0 || k > MAX_CENTROIDS {
+        return Err(Error::invalid_parameter(
+            "k",
+            format!("must be in 1..={MAX_CENTROIDS}, got {k}"),
+        ));
+    }
+    let (n_groups, groups) = params.sharing.groups(&geometry)?;
+    let objective = params.objective;
+    let missing = || {
+        Error::EmptyInput(format!(
+            "{objective:?} PQ needs calibration inputs recorded for this weight"
+        ))
+    };
+    let quad = match evidence {
+        Evidence::Stats(s) => Some(Quadratic::from_stats(s, &geometry)?),
+        _ => None,
+    };
+    let aware = objective != Objective::Naive;
+    let metric = match (&quad, aware) {
+        (Some(q), true) => q
+            .pooled_gram(d)
+            .map(|g| Metric::from_gram(&g, d))
+            .transpose()?,
+        _ => None,
+    };
+    let source = match (aware, &metric, evidence) {
+        (false, _, _) => MetricSource::Identity,
+        (true, Some(m), _) => MetricSource::Fixed(m),
+        (
+            true,
+            None,
+            Evidence::Sampled {
+                sampler,
+                patch_rows,
+            },
+        ) if objective == Objective::ActivationAware => MetricSource::Sampled {
+            sampler,
+            patch_rows,
+        },
+        // Token-weighted rows: Euclidean subvectors, weighted means.
+        (true, None, _) if quad.is_some() => MetricSource::Identity,
+        _ => return Err(missing()),
+    };
+    let em_params = EmParams {
+        k,
+        iterations: params.em_iterations,
+        seed,
+        ..Default::default()
+    };
+    let rows = geometry.out_dim();
+    let sub_weights: Option<Vec<f32>> = quad
+        .as_ref()
+        .and_then(Quadratic::row_weights)
+        .filter(|_| aware)
+        .map(|w| (0..sub.len() / d).map(|j| w[j % rows] as f32).collect());
+    let em = match &sub_weights {
+        Some(w) => weighted_em(&sub, d, &groups, n_groups, None, source, w, em_params)?,
+        None => activation_aware_em(&sub, d, &groups, n_groups, None, source, em_params)?,
+    };
+    let mut tensor = PqTensor {
+        geometry,
+        k,
+        sharing: params.sharing,
+        centroids: em.centroids,
+        assignments: em.assignments,
+    };
+    let matrix = tensor.geometry.to_matrix(weight)?;
+    let reassign = Reassign {
+        objective,
+        metric: metric.as_ref(),
+        factor: match (&quad, objective) {
+            (Some(q), Objective::ErrorFeedback) => Some(inverse_factor(q, params.damp)?),
+            (None, Objective::ErrorFeedback) => return Err(missing()),
+            _ => None,
+        },
+        block_columns: params.block_columns,
+    };
+    if objective == Objective::ErrorFeedback {
+        tensor.round_to_f16();
+        reassign.run(&sub, &matrix, &groups, &mut tensor)?;
+    }
+    let mut finetune_error = Vec::new();
+    if params.finetune_rounds > 0 {
+        let ft_quad = match (&quad, aware) {
+            (_, false) => Quadratic::identity(tensor.geometry.in_dim()),
+            (Some(q), true) => q.clone(),
+            (None, true) => return Err(missing()),
+        };
+        for round in 0..params.finetune_rounds {
+            if round > 0 {
+                tensor.round_to_f16();
+                reassign.run(&sub, &matrix, &groups, &mut tensor)?;
+            }
+            finetune_codebooks(weight, &mut tensor, &ft_quad, params.ridge)?;
+            let decoded = tensor.geometry.to_matrix(&tensor.decode()?)?;
+            finetune_error.push(ft_quad.relative_error(&matrix, &decoded)?);
+        }
+    }
+    Ok(PqOutcome {
+        tensor,
+        em_objective: em.objective,
+        repairs: em.repairs,
+        finetune_error,
+    })
+}
+
+/// The objective's own code assignment for a fixed codebook.
+struct Reassign<'a> {
+    objective: Objective,
+    metric: Option<&'a Metric>,
+    factor: Option<faer::Mat<f64>>,
+    block_columns: usize,
+}
+
+impl Reassign<'_> {
+    fn run(
+        &self,
+        sub: &[f32],
+        matrix: &[f32],
+        groups: &[usize],
+        tensor: &mut PqTensor,
+    ) -> Result<()> {
+        let (k, d) = (tensor.k, tensor.geometry.block);
+        if let (Objective::ErrorFeedback, Some(u)) = (self.objective, &self.factor) {
+            tensor.assignments = feedback_pq(
+                matrix,
+                tensor.geometry.out_dim(),
+                u,
+                &PqCodebooks {
+                    d,
+                    k,
+                    centroids: &tensor.centroids,
+                    groups,
+                },
+                self.block_columns,
+            )?;
+            return Ok(());
+        }
+        let n_groups = tensor.centroids.len() / (k * d);
+        for g in 0..n_groups {
+            let members: Vec<usize> = (0..groups.len()).filter(|&j| groups[j] == g).collect();
+            let points: Vec<f32> = members
+                .iter()
+                .flat_map(|&j| sub[j * d..(j + 1) * d].iter().copied())
+                .collect();
+            let book = &tensor.centroids[g * k * d..(g + 1) * k * d];
+            let found = match self.metric {
+                Some(m) => nearest_codes(&m.transform(&points), &m.transform(book), d, None)?,
+                None => nearest_codes(&points, book, d, None)?,
+            };
+            for (&j, &a) in members.iter().zip(&found.indices) {
+                tensor.assignments[j] = a;
+            }
+        }
+        Ok(())
+    }
+}
