@@ -158,9 +158,19 @@ impl QLayer {
         self.ema.is_some()
     }
 
-    /// The quantizer (K' codes once frozen).
+    /// The quantizer (K' codes once frozen): a candle `ModuleT` like the encoder and decoder.
     pub fn quantizer(&self) -> &VectorQuantizer {
         &self.quantizer
+    }
+
+    /// The encoder, a candle [`Module`] (`x → z_e`).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The live decoder, a candle [`Module`] (`z_q → x̂`).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     /// Codes per codebook now: K, or K' after trimming.
