@@ -12,7 +12,7 @@
 //! [`Error::InvalidParameter`].
 //!
 //! ```
-//! use candle_core::{Device, Tensor, Var};
+//! use candle_core::{Device, Module, Tensor, Var};
 //! use qcl_continual::{ActivationQuantizer, WeightQuantizer};
 //! let w = Var::new(&[0.3f32, -0.1, 0.8, -0.6, 0.05, 0.2], &Device::Cpu)?;
 //! let qw = WeightQuantizer::new(4)?.quantize(w.as_tensor())?; // faithful, σ0 = 0.5
@@ -517,7 +517,7 @@ mod tests {
         let run = |fused: bool| {
             let x = Var::new(values.as_slice(), &Device::Cpu).unwrap();
             let y = if fused {
-                q.forward(x.as_tensor()).unwrap()
+                q.apply(x.as_tensor()).unwrap()
             } else {
                 q.forward_graph(x.as_tensor()).unwrap()
             };
