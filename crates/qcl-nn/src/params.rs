@@ -386,8 +386,8 @@ impl ParamStore {
 fn from_candle_init(init: candle_nn::Init, shape: &Shape) -> Init {
     use candle_nn::init::NormalOrUniform;
     match init {
-        candle_nn::Init::Const(v) if v == 0.0 => Init::Zeros,
-        candle_nn::Init::Const(v) if v == 1.0 => Init::Ones,
+        candle_nn::Init::Const(0.0) => Init::Zeros,
+        candle_nn::Init::Const(1.0) => Init::Ones,
         candle_nn::Init::Const(v) => Init::Const(v),
         candle_nn::Init::Randn { mean, stdev } => Init::Normal { mean, std: stdev },
         candle_nn::Init::Uniform { lo, up } => Init::Uniform { low: lo, high: up },

@@ -90,6 +90,9 @@ fn sorted(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
+/// One optimizer step of the candle-nn side, from a loss.
+type CandleStep = Box<dyn FnMut(&Tensor)>;
+
 fn shapes() -> impl Strategy<Value = Vec<Vec<usize>>> {
     prop::collection::vec(prop::collection::vec(1usize..4, 1..3), 1..4)
 }
@@ -106,7 +109,7 @@ proptest! {
         let varmap = var_map_copy(&store);
         let sgd = SgdParams { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 1e-3, ..Default::default() };
         let adam_params = AdamParams { lr: 0.01, weight_decay: WeightDecay::Decoupled(0.1), ..Default::default() };
-        let (mut ours, mut theirs): (Box<dyn Optimizer>, Box<dyn FnMut(&Tensor)>) = if adam {
+        let (mut ours, mut theirs): (Box<dyn Optimizer>, CandleStep) = if adam {
             let mut candle_side = <Adam as candle_nn::Optimizer>::new(varmap.all_vars(), adam_params).unwrap();
             (
                 Box::new(Adam::new(store.trainable(), adam_params).unwrap()),
