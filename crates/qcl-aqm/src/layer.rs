@@ -104,7 +104,7 @@ impl QLayer {
             seed: seed.child_named("vq"),
             ..VectorQuantizerConfig::new(c, config.codes)
         };
-        let quantizer = VectorQuantizer::new(&root.pp("vq"), vq_config)?;
+        let quantizer = VectorQuantizer::from_param_path(&root.pp("vq"), vq_config)?;
         let optimizer = Adam::new(
             store.trainable(),
             AdamParams {
@@ -158,9 +158,19 @@ impl QLayer {
         self.ema.is_some()
     }
 
-    /// The quantizer (K' codes once frozen).
+    /// The quantizer (K' codes once frozen): a candle `ModuleT` like the encoder and decoder.
     pub fn quantizer(&self) -> &VectorQuantizer {
         &self.quantizer
+    }
+
+    /// The encoder, a candle [`Module`] (`x → z_e`).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The live decoder, a candle [`Module`] (`z_q → x̂`).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     /// Codes per codebook now: K, or K' after trimming.
@@ -210,7 +220,7 @@ impl QLayer {
             self.stats.train_steps += 1;
         }
         let z_e = self.encoder.forward(x)?;
-        let out = self.quantizer.forward(&z_e, train)?;
+        let out = self.quantizer.quantize(&z_e, train)?;
         let q = out.quantized.detach();
         let reconstruction = self.decoder.forward(&out.quantized)?;
         Ok(LayerForward {
@@ -350,7 +360,7 @@ impl QLayer {
             commitment_weight: self.config.commit_coef,
             ..VectorQuantizerConfig::new(self.config.channels, codes)
         };
-        VectorQuantizer::new(&store.root(&self.device).pp("vq"), config)
+        VectorQuantizer::from_param_path(&store.root(&self.device).pp("vq"), config)
     }
 
     fn new_ema_decoder(&self) -> Result<(ParamStore, Decoder)> {

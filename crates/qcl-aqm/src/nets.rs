@@ -99,7 +99,7 @@ impl Encoder {
 }
 
 impl Module for Encoder {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.second.forward_relu(&self.first.forward_relu(x)?)?;
         for b in &self.blocks {
             h = b.forward_rectified(&h)?;
@@ -146,7 +146,7 @@ impl Decoder {
 }
 
 impl Module for Decoder {
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = relu(z)?;
         for b in &self.blocks {
             h = b.forward_rectified(&h)?;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use qcl_nn::ops::{conv2d, Conv2dParams};
 use qcl_tensor::{Error, Result, SafetensorsFile, Seed};
 
@@ -549,7 +549,9 @@ impl SvdFactors {
 }
 
 /// A convolution whose weight is `N·diag(|s|)·C` reshaped to `(n_out, c_in, k, k)` and
-/// applied as **one** convolution with qcl-nn's fast op (spec §2). No bias.
+/// applied as **one** convolution with qcl-nn's fast op (spec §2). No bias. As a candle
+/// `Module` it runs every component ([`SvdConv2d::forward_train`]); [`SvdConv2d::for_task`]
+/// gives a finished task's `Module`.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -652,9 +654,15 @@ impl SvdConv2d {
     pub fn forward_task(&self, x: &Tensor, task: usize) -> Result<Tensor> {
         self.conv_with(x, &self.factors.task_weight(task)?)
     }
+
+    /// The layer fixed to finished task `task`, a candle `Module` ([`ForTask`]).
+    pub fn for_task(&self, task: usize) -> ForTask<'_, Self> {
+        ForTask::new(self, task)
+    }
 }
 
-/// A fully connected layer `y = x·Wᵀ` with `W = N·diag(|s|)·C` (`[out, in]`), no bias.
+/// A fully connected layer `y = x·Wᵀ` with `W = N·diag(|s|)·C` (`[out, in]`), no bias. As a
+/// candle `Module` it runs every component; [`SvdLinear::for_task`] gives a finished task's.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -731,6 +739,75 @@ impl SvdLinear {
     /// [`Error::InvalidParameter`] for a task never trained; shape errors as above.
     pub fn forward_task(&self, x: &Tensor, task: usize) -> Result<Tensor> {
         self.apply(x, &self.factors.task_weight(task)?)
+    }
+
+    /// The layer fixed to finished task `task`, a candle `Module` ([`ForTask`]).
+    pub fn for_task(&self, task: usize) -> ForTask<'_, Self> {
+        ForTask::new(self, task)
+    }
+}
+
+/// A view of a layer or model fixed to finished task `task`: a candle [`Module`] running the
+/// task's own weights (for a layer, its first `k_task` components; for a
+/// [`TaskIncrementalModel`](crate::TaskIncrementalModel), its trunk and head in evaluation
+/// mode). Made by `for_task`.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use qcl_cacl::SvdLinear;
+/// let mut fc = SvdLinear::new(16, 8, qcl_tensor::Seed::new(0), &Device::Cpu)?;
+/// fc.factors_mut().finish_task(1e-3, qcl_cacl::Growth::Fixed)?;
+/// let x = Tensor::ones((3, 16), DType::F32, &Device::Cpu)?;
+/// let task0 = fc.for_task(0);
+/// assert_eq!(task0.forward(&x)?.to_vec2::<f32>()?, fc.forward_task(&x, 0)?.to_vec2::<f32>()?);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ForTask<'a, M> {
+    model: &'a M,
+    task: usize,
+}
+
+impl<'a, M> ForTask<'a, M> {
+    /// `model` fixed to finished task `task`.
+    pub fn new(model: &'a M, task: usize) -> Self {
+        ForTask { model, task }
+    }
+
+    /// The task.
+    pub fn task(&self) -> usize {
+        self.task
+    }
+
+    /// The layer or model.
+    pub fn model(&self) -> &'a M {
+        self.model
+    }
+}
+
+impl Module for SvdConv2d {
+    /// [`SvdConv2d::forward_train`]: every component.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_train(x)?)
+    }
+}
+
+impl Module for ForTask<'_, SvdConv2d> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.model.forward_task(x, self.task)?)
+    }
+}
+
+impl Module for SvdLinear {
+    /// [`SvdLinear::forward_train`]: every component.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_train(x)?)
+    }
+}
+
+impl Module for ForTask<'_, SvdLinear> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.model.forward_task(x, self.task)?)
     }
 }
 

@@ -33,7 +33,7 @@ mod regularizers;
 mod size;
 mod train;
 
-pub use factors::{SvdConv2d, SvdFactors, SvdLinear, TaskRankUpdate};
+pub use factors::{ForTask, SvdConv2d, SvdFactors, SvdLinear, TaskRankUpdate};
 pub use net::{
     CaclParams, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIncrementalModel,
     CHECKPOINT_FORMAT,

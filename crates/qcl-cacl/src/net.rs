@@ -11,7 +11,7 @@ use qcl_nn::{Init, ParamStore};
 use qcl_tensor::{write_safetensors, Error, Result, SafetensorsFile, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
 
-use crate::factors::{ranks_json, SvdConv2d, TaskRankUpdate};
+use crate::factors::{ranks_json, ForTask, SvdConv2d, TaskRankUpdate};
 use crate::rank::Growth;
 use crate::regularizers::{hoyer, orthogonality};
 use crate::size::{dense_conv_parameters, parameter_count, FactoredLayerSize, SizeInputs};
@@ -129,6 +129,21 @@ pub trait TaskIncrementalModel {
     fn eval_logits(&self, x: &Tensor, task: usize) -> Result<Tensor>;
     /// Model size in parameters as the spec counts it (§5).
     fn size_parameters(&self) -> u64;
+
+    /// The model fixed to finished task `task`: a candle `Module` computing
+    /// [`eval_logits`](TaskIncrementalModel::eval_logits) for that task.
+    fn for_task(&self, task: usize) -> ForTask<'_, Self>
+    where
+        Self: Sized,
+    {
+        ForTask::new(self, task)
+    }
+}
+
+impl<M: TaskIncrementalModel> candle_core::Module for ForTask<'_, M> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.model().eval_logits(x, self.task())?)
+    }
 }
 
 /// Inverted dropout with a mask drawn from `rng` (so runs are reproducible).

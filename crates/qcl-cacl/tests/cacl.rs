@@ -400,3 +400,36 @@ fn finishing_tasks_prunes_freezes_and_grows() {
     let vars = f.trainable_vars("x");
     assert_eq!(vars[1].1.as_tensor().dims(), &[f.free()]);
 }
+
+/// Layers and models as candle `Module`s: every component for a layer, a finished task's own
+/// weights and head through `for_task`, typed errors through candle's error.
+#[test]
+fn for_task_views_are_candle_modules() {
+    use candle_core::Module;
+    let mut conv = SvdConv2d::new(2, 4, 3, Conv2dParams::default(), Seed::new(1), &CPU).unwrap();
+    let x = random(&[2, 2, 6, 6], 2);
+    let all = conv.forward(&x).unwrap();
+    assert_eq!(max_abs_diff(&all, &conv.forward_train(&x).unwrap()), 0.0);
+    conv.factors_mut().finish_task(1e-3, Growth::Fixed).unwrap();
+    let task0 = conv.for_task(0).forward(&x).unwrap();
+    assert_eq!(
+        max_abs_diff(&task0, &conv.forward_task(&x, 0).unwrap()),
+        0.0
+    );
+    let err = Error::from(conv.for_task(3).forward(&x).unwrap_err());
+    assert_eq!(err.kind(), "invalid_parameter");
+
+    let mut net = DenseNet::new(NetConfig::net_svd_s(), Seed::new(0), &CPU).unwrap();
+    net.begin_task(0, 2).unwrap();
+    net.finish_task().unwrap();
+    let images = random(&[3, 1, 28, 28], 4);
+    let logits = net.for_task(0).forward(&images).unwrap();
+    assert_eq!(
+        max_abs_diff(&logits, &net.eval_logits(&images, 0).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        Error::from(net.for_task(1).forward(&images).unwrap_err()).kind(),
+        "invalid_parameter"
+    );
+}

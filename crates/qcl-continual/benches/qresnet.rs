@@ -3,7 +3,7 @@
 //! 4-bit weights and activations, for the reproduction's widths (16/32/64) and the quick
 //! widths (8/16/32). Throughput is reported in images per second.
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, ModuleT, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qcl_continual::ball::cross_entropy;
 use qcl_continual::{QResNet, QResNetConfig};

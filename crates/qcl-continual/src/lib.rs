@@ -14,7 +14,9 @@
 //! - [`buffer`]: replay buffers with a capacity in items and in bytes and stable item ids —
 //!   [`ReservoirBuffer`] (Vitter's algorithm R), [`ClassBalancedBuffer`] (AQM's eviction from
 //!   the largest class), [`PerTaskBuffer`] (LifeQuant's random δ of each task) — behind the
-//!   [`ReplayBuffer`] trait, with replay batches restricted by a [`Filter`] on classes and tasks.
+//!   [`ReplayBuffer`] trait, with replay batches restricted by a [`Filter`] on classes and tasks;
+//!   buffers of candle `Tensor`s draw stacked `(items, labels)` batches
+//!   ([`ReplayBuffer::sample_batch`]; example `examples/replay_tensors.rs`).
 //! - [`ball`]: LifeQuant's Balanced Lifelong Learning loss — [`ClassHistogram`] and
 //!   [`ClassStatistics`] of `D_t ∪ R_{<t}` (weights `w_c = 1/(K·p_c + 1)`), [`BallLoss`] in the
 //!   three [`BallMode`]s (the paper's linear prior, the code's additive and multiplicative
@@ -66,6 +68,7 @@ pub mod scenario;
 pub mod strategy;
 
 pub use ball::{BallLoss, BallMode, ClassHistogram, ClassStatistics};
+pub use buffer::stack_entries;
 pub use buffer::{
     BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,

@@ -209,6 +209,7 @@ impl QBlock {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use qcl_continual::{QResNet, QResNetConfig};
+/// use qcl_nn::layers::ModuleT;
 /// let store = qcl_nn::ParamStore::new(0);
 /// let mut net = QResNet::new(&store.root(&Device::Cpu), &QResNetConfig::smoke())?;
 /// let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?;
@@ -364,15 +365,6 @@ impl QResNet {
         }
         Ok(h.mean((2, 3))?)
     }
-
-    /// Logits `[n, num_classes]`. `train` selects batch statistics (and updates the running
-    /// ones) in every BatchNorm.
-    ///
-    /// # Errors
-    /// As [`QResNet::features_t`].
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.fc.forward(&self.features_t(x, train)?)
-    }
 }
 
 impl FeatureHead for QResNet {
@@ -381,12 +373,14 @@ impl FeatureHead for QResNet {
     }
 
     fn head(&self, features: &Tensor) -> Result<Tensor> {
-        self.fc.forward(features)
+        Ok(self.fc.forward(features)?)
     }
 }
 
+/// Logits `[n, num_classes]`. `train` selects batch statistics (and updates the running ones)
+/// in every BatchNorm. Errors as [`QResNet::features_t`], carried by candle's error type.
 impl ModuleT for QResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        QResNet::forward_t(self, x, train)
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.fc.forward(&self.features_t(x, train)?)
     }
 }

@@ -12,7 +12,7 @@
 //! [`Error::InvalidParameter`].
 //!
 //! ```
-//! use candle_core::{Device, Tensor, Var};
+//! use candle_core::{Device, Module, Tensor, Var};
 //! use qcl_continual::{ActivationQuantizer, WeightQuantizer};
 //! let w = Var::new(&[0.3f32, -0.1, 0.8, -0.6, 0.05, 0.2], &Device::Cpu)?;
 //! let qw = WeightQuantizer::new(4)?.quantize(w.as_tensor())?; // faithful, σ0 = 0.5
@@ -298,6 +298,7 @@ impl WeightQuantizer {
 ///
 /// ```
 /// use candle_core::{Device, Var};
+/// use candle_core::Module;
 /// let x = Var::new(&[-0.3f32, 0.4, 1.5], &Device::Cpu)?;
 /// let y = qcl_continual::ActivationQuantizer::new(4)?.forward(x.as_tensor())?;
 /// assert_eq!(y.to_vec1::<f32>()?, vec![0.0, 6.0 / 15.0, 1.0]);
@@ -321,14 +322,14 @@ impl ActivationQuantizer {
         Ok(Self { bits })
     }
 
-    /// `Qa(x)` on the graph.
+    /// `Qa(x)` on the graph (what [`Module::forward`](candle_core::Module::forward) runs).
     ///
     /// Activations are not checked for NaN/inf (that would cost a host read per layer and
     /// forward pass); a NaN stays NaN. Weights are checked, in [`WeightQuantizer::quantize`].
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a bad bit width; a candle error for a non-float tensor.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         check_bits(self.bits)?;
         if self.bits == IDENTITY_BITS {
             return Ok(x.clone());
@@ -348,6 +349,14 @@ impl ActivationQuantizer {
         let value = round_value(&x.detach().clamp(0.0, 1.0)?, self.bits)?;
         let grad_path = (x * inside_mask(x, 0.0, 1.0)?)?;
         straight_through(&grad_path, &value)
+    }
+}
+
+/// `Qa` as a candle [`Module`](candle_core::Module): errors are qcl's, carried by candle's
+/// error type (`qcl_tensor::Error::from` gives them back typed).
+impl candle_core::Module for ActivationQuantizer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.apply(x)?)
     }
 }
 
@@ -508,7 +517,7 @@ mod tests {
         let run = |fused: bool| {
             let x = Var::new(values.as_slice(), &Device::Cpu).unwrap();
             let y = if fused {
-                q.forward(x.as_tensor()).unwrap()
+                q.apply(x.as_tensor()).unwrap()
             } else {
                 q.forward_graph(x.as_tensor()).unwrap()
             };

@@ -22,7 +22,7 @@ impl FeatureHead for LinearHead {
         Ok(x.clone())
     }
     fn head(&self, features: &Tensor) -> qcl_tensor::Result<Tensor> {
-        self.0.forward(features)
+        Ok(self.0.forward(features)?)
     }
 }
 

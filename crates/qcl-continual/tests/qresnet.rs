@@ -445,7 +445,7 @@ fn bad_configuration_and_input_are_typed_errors() {
 
     let three_channel = Tensor::zeros((1, 3, 28, 28), candle_core::DType::F32, &DEV).unwrap();
     assert!(matches!(
-        net.forward_t(&three_channel, false).unwrap_err(),
+        Error::from(net.forward_t(&three_channel, false).unwrap_err()),
         Error::ShapeMismatch { .. }
     ));
     let flat = Tensor::zeros((1, 784), candle_core::DType::F32, &DEV).unwrap();

@@ -1,6 +1,6 @@
 //! Unit tests of the quantizers: exact values, ties, the standardisation's Jacobian, errors.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Module, Tensor, Var};
 use qcl_continual::{round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer};
 use qcl_nn::layers::{Conv2d, Conv2dConfig};
 use qcl_nn::ParamStore;
@@ -263,7 +263,9 @@ fn bad_bit_widths_are_refused() {
             Err(Error::InvalidParameter { .. })
         ));
         assert!(matches!(
-            ActivationQuantizer { bits }.forward(&t(&[0.5])),
+            ActivationQuantizer { bits }
+                .forward(&t(&[0.5]))
+                .map_err(Error::from),
             Err(Error::InvalidParameter { .. })
         ));
     }

@@ -1,6 +1,6 @@
 //! Property tests of the quantizers: LifeQuant spec §11, items 1–8.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Module, Tensor, Var};
 use proptest::prelude::*;
 use qcl_continual::{round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer};
 

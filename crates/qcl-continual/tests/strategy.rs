@@ -45,7 +45,7 @@ impl LinearModel {
 }
 
 impl ModuleT for LinearModel {
-    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         self.0.forward(&x.flatten_from(1)?)
     }
 }

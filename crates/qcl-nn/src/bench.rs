@@ -174,7 +174,7 @@ pub fn training_step(model: BenchModel, batch: usize, seed: u64) -> Result<Train
             let ae = VqAutoencoder::new(&root, 32, 16)?;
             let mut opt = Sgd::new(store.trainable(), sgd)?;
             Box::new(move || {
-                let out = ae.forward(&x)?;
+                let out = ae.forward_with_codes(&x)?;
                 let loss =
                     (crate::ops::mse_loss(&out.reconstruction, &x)? + (out.commitment * 2.0)?)?;
                 opt.step(&loss.backward()?)?;

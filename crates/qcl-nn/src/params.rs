@@ -7,11 +7,12 @@
 //! initialisation draws from `seed.child_named(full_name)`, so a parameter's initial value
 //! depends only on the store's seed and its name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use qcl_tensor::{Error, Result, SafetensorsFile, Seed};
 
 /// Whether the optimizer updates a stored tensor.
@@ -60,13 +61,13 @@ pub enum Init {
     },
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    var: Var,
-    kind: ParamKind,
-}
-
 /// The parameters and buffers of one model, by name.
+///
+/// The variables live in a [`candle_nn::VarMap`], shared with [`ParamStore::var_map`]: a
+/// candle user sees (and can save, load or optimise) every qcl parameter there, and a
+/// variable added to that map later is a trainable parameter of the store. The store adds
+/// what a `VarMap` lacks: sorted iteration, buffers (tracked, saved, never handed to
+/// optimizers) and seeded initialisation by name.
 ///
 /// Cloning is cheap and shares the storage (like `candle_nn::VarMap`).
 ///
@@ -79,35 +80,93 @@ struct Entry {
 /// assert_eq!(w.dims(), &[3, 4]);
 /// assert_eq!(store.trainable().len(), 1);
 /// assert_eq!(store.trainable()[0].0, "fc.weight");
+/// // The same variable, seen from candle-nn.
+/// assert_eq!(store.var_map().all_vars().len(), 1);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ParamStore {
-    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    vars: VarMap,
+    buffers: Arc<Mutex<BTreeSet<String>>>,
     seed: Seed,
+}
+
+impl std::fmt::Debug for ParamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamStore")
+            .field("names", &self.names())
+            .field("seed", &self.seed)
+            .finish()
+    }
 }
 
 /// Metadata `format` value of a parameter file.
 pub const PARAMS_FORMAT: &str = "qcl-params/1";
 
+/// A lock that a panic elsewhere cannot make unusable: every update under it is a single
+/// insert, so a poisoned lock still guards a consistent map.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl ParamStore {
     /// An empty store whose random initialisations derive from `seed`.
     pub fn new(seed: impl Into<Seed>) -> Self {
+        Self::from_var_map(VarMap::new(), seed)
+    }
+
+    /// A store over the variables of a candle-nn `VarMap` (shared, not copied): those it holds
+    /// are trainable parameters, new ones are created in it, initialised from `seed` by name.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use qcl_nn::ParamStore;
+    /// let varmap = candle_nn::VarMap::new();
+    /// let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let _fc = candle_nn::linear(4, 2, vb.pp("fc"))?;
+    /// let store = ParamStore::from_var_map(varmap.clone(), 0);
+    /// let names: Vec<String> = store.trainable().into_iter().map(|(n, _)| n).collect();
+    /// assert_eq!(names, ["fc.bias", "fc.weight"]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    pub fn from_var_map(vars: VarMap, seed: impl Into<Seed>) -> Self {
         Self {
-            entries: Arc::new(Mutex::new(BTreeMap::new())),
+            vars,
+            buffers: Arc::new(Mutex::new(BTreeSet::new())),
             seed: seed.into(),
         }
+    }
+
+    /// The candle-nn `VarMap` holding this store's variables (a handle sharing them, including
+    /// those created later; buffers included, since a `VarMap` has no other kind).
+    pub fn var_map(&self) -> VarMap {
+        self.vars.clone()
+    }
+
+    /// A candle-nn `VarBuilder` (dtype `f32` unless changed with `set_dtype`) that creates
+    /// candle-nn layers' variables in this store as trainable parameters, drawn from the
+    /// store's seed by name like every qcl parameter, and returns existing ones as they are.
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use qcl_nn::ParamStore;
+    /// let a = ParamStore::new(3);
+    /// let fc = candle_nn::linear(4, 2, a.var_builder(&Device::Cpu).pp("fc"))?;
+    /// let b = ParamStore::new(3);
+    /// let again = candle_nn::linear(4, 2, b.var_builder(&Device::Cpu).pp("fc"))?;
+    /// let x = Tensor::ones((1, 4), candle_core::DType::F32, &Device::Cpu)?;
+    /// // Same seed, same name: same weights.
+    /// assert_eq!(fc.forward(&x)?.to_vec2::<f32>()?, again.forward(&x)?.to_vec2::<f32>()?);
+    /// assert_eq!(a.trainable().len(), 2);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
     }
 
     /// The seed random initialisation derives from.
     pub fn seed(&self) -> Seed {
         self.seed
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        // A panic while holding the lock cannot leave the map half-updated (every update is
-        // a single insert), so a poisoned lock is still safe to use.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The root path, creating `f32` tensors on `device`.
@@ -118,6 +177,32 @@ impl ParamStore {
             device: device.clone(),
             dtype: DType::F32,
         }
+    }
+
+    /// Every stored name, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(self.vars.data()).keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Every variable with its kind, sorted by name.
+    fn sorted(&self) -> Vec<(String, Var, ParamKind)> {
+        let vars = lock(self.vars.data());
+        let buffers = lock(&self.buffers);
+        let mut all: Vec<(String, Var, ParamKind)> = vars
+            .iter()
+            .map(|(n, v)| {
+                let kind = if buffers.contains(n) {
+                    ParamKind::Buffer
+                } else {
+                    ParamKind::Trainable
+                };
+                (n.clone(), v.clone(), kind)
+            })
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Trainable parameters, sorted by name.
@@ -131,34 +216,43 @@ impl ParamStore {
     }
 
     fn of_kind(&self, kind: ParamKind) -> Vec<(String, Var)> {
-        self.lock()
-            .iter()
-            .filter(|(_, e)| e.kind == kind)
-            .map(|(n, e)| (n.clone(), e.var.clone()))
+        self.sorted()
+            .into_iter()
+            .filter(|(_, _, k)| *k == kind)
+            .map(|(n, v, _)| (n, v))
             .collect()
     }
 
     /// Every stored tensor with its kind, sorted by name.
     pub fn all(&self) -> Vec<(String, Var, ParamKind)> {
-        self.lock()
-            .iter()
-            .map(|(n, e)| (n.clone(), e.var.clone(), e.kind))
-            .collect()
+        self.sorted()
     }
 
     /// The variable stored under `name`, if any.
     pub fn get(&self, name: &str) -> Option<Var> {
-        self.lock().get(name).map(|e| e.var.clone())
+        lock(self.vars.data()).get(name).cloned()
+    }
+
+    /// The kind of the variable stored under `name`, if any.
+    pub fn kind(&self, name: &str) -> Option<ParamKind> {
+        let vars = lock(self.vars.data());
+        vars.contains_key(name).then(|| {
+            if lock(&self.buffers).contains(name) {
+                ParamKind::Buffer
+            } else {
+                ParamKind::Trainable
+            }
+        })
     }
 
     /// Number of stored tensors.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        lock(self.vars.data()).len()
     }
 
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        lock(self.vars.data()).is_empty()
     }
 
     /// Total number of trainable scalars.
@@ -171,9 +265,9 @@ impl ParamStore {
     /// # Errors
     /// A candle error if a copy fails.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.lock()
-            .iter()
-            .map(|(n, e)| Ok((n.clone(), e.var.as_tensor().copy()?.detach())))
+        self.sorted()
+            .into_iter()
+            .map(|(n, v, _)| Ok((n, v.as_tensor().copy()?.detach())))
             .collect()
     }
 
@@ -184,22 +278,24 @@ impl ParamStore {
     /// [`Error::MissingTensor`] for a stored name absent from `values`,
     /// [`Error::InvalidParameter`] for an extra name, [`Error::ShapeMismatch`] for a shape.
     pub fn load_tensors(&self, values: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
-        let entries = self.lock();
-        for (name, entry) in entries.iter() {
+        let vars = lock(self.vars.data());
+        let mut entries: Vec<(&String, &Var)> = vars.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for &(name, var) in &entries {
             let value = values.get(name).ok_or_else(|| Error::MissingTensor {
                 name: name.clone(),
                 path: source.to_path_buf(),
                 available: values.keys().cloned().collect(),
             })?;
-            if value.dims() != entry.var.dims() {
+            if value.dims() != var.dims() {
                 return Err(Error::ShapeMismatch {
                     context: format!("parameter `{name}` loaded from {}", source.display()),
-                    expected: format!("{:?}", entry.var.dims()),
+                    expected: format!("{:?}", var.dims()),
                     actual: value.dims().to_vec(),
                 });
             }
         }
-        if let Some(extra) = values.keys().find(|n| !entries.contains_key(*n)) {
+        if let Some(extra) = values.keys().find(|n| !vars.contains_key(*n)) {
             return Err(Error::invalid_parameter(
                 "parameters",
                 format!(
@@ -208,11 +304,11 @@ impl ParamStore {
                 ),
             ));
         }
-        for (name, entry) in entries.iter() {
+        for (name, var) in entries {
             let value = values[name]
-                .to_dtype(entry.var.dtype())?
-                .to_device(entry.var.device())?;
-            entry.var.set(&value)?;
+                .to_dtype(var.dtype())?
+                .to_device(var.device())?;
+            var.set(&value)?;
         }
         Ok(())
     }
@@ -255,31 +351,105 @@ impl ParamStore {
         init: Init,
         kind: ParamKind,
     ) -> Result<Var> {
-        let mut entries = self.lock();
-        if let Some(existing) = entries.get(&name) {
-            if existing.var.shape() != &shape || existing.kind != kind {
+        let mut vars = lock(self.vars.data());
+        let mut buffers = lock(&self.buffers);
+        if let Some(existing) = vars.get(&name) {
+            let existing_kind = if buffers.contains(&name) {
+                ParamKind::Buffer
+            } else {
+                ParamKind::Trainable
+            };
+            if existing.shape() != &shape || existing_kind != kind {
                 return Err(Error::invalid_parameter(
                     "name",
                     format!(
-                        "`{name}` already exists with shape {:?} ({:?}); asked for {:?} ({kind:?})",
-                        existing.var.dims(),
-                        existing.kind,
+                        "`{name}` already exists with shape {:?} ({existing_kind:?}); asked for {:?} ({kind:?})",
+                        existing.dims(),
                         shape.dims()
                     ),
                 ));
             }
-            return Ok(existing.var.clone());
+            return Ok(existing.clone());
         }
         let tensor = init_tensor(self.seed.child_named(&name), &shape, dtype, device, init)?;
         let var = Var::from_tensor(&tensor)?;
-        entries.insert(
-            name,
-            Entry {
-                var: var.clone(),
-                kind,
-            },
-        );
+        if kind == ParamKind::Buffer {
+            buffers.insert(name.clone());
+        }
+        vars.insert(name, var.clone());
         Ok(var)
+    }
+}
+
+/// candle-nn's initialisation hints as qcl's [`Init`], with PyTorch's Kaiming rule
+/// (`std = gain/√fan`, uniform bound `√3·std`) computed as candle-nn does.
+fn from_candle_init(init: candle_nn::Init, shape: &Shape) -> Init {
+    use candle_nn::init::NormalOrUniform;
+    match init {
+        candle_nn::Init::Const(0.0) => Init::Zeros,
+        candle_nn::Init::Const(1.0) => Init::Ones,
+        candle_nn::Init::Const(v) => Init::Const(v),
+        candle_nn::Init::Randn { mean, stdev } => Init::Normal { mean, std: stdev },
+        candle_nn::Init::Uniform { lo, up } => Init::Uniform { low: lo, high: up },
+        candle_nn::Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape).max(1) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => {
+                    let bound = 3f64.sqrt() * std;
+                    Init::Uniform {
+                        low: -bound,
+                        high: bound,
+                    }
+                }
+                NormalOrUniform::Normal => Init::Normal { mean: 0.0, std },
+            }
+        }
+    }
+}
+
+/// The store as a candle-nn `VarBuilder` backend ([`ParamStore::var_builder`]): `get` creates
+/// a trainable parameter (seeded by name) or returns the stored one.
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let init = from_candle_init(init, &shape);
+        let var = self.get_or_create(
+            name.to_string(),
+            shape,
+            dtype,
+            device,
+            init,
+            ParamKind::Trainable,
+        )?;
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.get(name) {
+            Some(var) => var.as_tensor().to_dtype(dtype)?.to_device(device),
+            None => Err(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        ParamStore::get(self, name).is_some()
     }
 }
 

@@ -33,6 +33,28 @@ use qcl_tensor::{Error, Result};
 pub trait LrSchedule {
     /// The learning rate at epoch or step `t` (counted from 0).
     fn lr_at(&self, t: usize) -> f64;
+
+    /// Sets `optimizer`'s learning rate to [`lr_at(t)`](LrSchedule::lr_at) and returns it: a
+    /// qcl schedule driving any candle-nn optimizer (candle's own `AdamW`/`SGD`, or qcl's
+    /// [`Sgd`](crate::optim::Sgd)/[`Adam`](crate::optim::Adam)).
+    ///
+    /// ```
+    /// use candle_nn::{Optimizer, ParamsAdamW};
+    /// use qcl_nn::schedule::{LrSchedule, StepLr};
+    /// let schedule = StepLr::new(0.1, 10, 0.5)?;
+    /// let mut opt = candle_nn::AdamW::new(vec![], ParamsAdamW::default())?;
+    /// assert_eq!(schedule.apply(25, &mut opt), 0.025);
+    /// assert_eq!(opt.learning_rate(), 0.025);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    fn apply<O: candle_nn::Optimizer>(&self, t: usize, optimizer: &mut O) -> f64
+    where
+        Self: Sized,
+    {
+        let lr = self.lr_at(t);
+        optimizer.set_learning_rate(lr);
+        lr
+    }
 }
 
 impl<S: LrSchedule + ?Sized> LrSchedule for &S {

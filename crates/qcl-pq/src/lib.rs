@@ -10,6 +10,13 @@
 //!   centroids with any number of threads.
 //! - [`ProductQuantizer`] ([`ProductQuantizerParams`]): bit-packed [`PackedCodes`], decode, ADC search.
 //!
+//! Two faces, one kernel: the slice methods (`fit`, `assign`, `train`, `encode`, ...) take
+//! row-major `f32` rows; their `*_tensor` twins (`fit_tensor`, `assign_tensor`,
+//! `train_tensor`, `encode_tensor`, `search_tensor`, `centroids_tensor`, ...) take and return
+//! candle tensors (`[n, d]` points of any float dtype; `u32` indices and codes, `f32` centroids
+//! and distances) and give the same results bit for bit. `examples/tensor_kmeans_pq.rs` runs
+//! both families on a tensor.
+//!
 //! ```
 //! use qcl_pq::{KMeans, KMeansParams};
 //! use qcl_tensor::Seed;
@@ -24,6 +31,7 @@ mod kmeans;
 mod minibatch;
 mod packing;
 mod pq;
+mod tensor;
 pub mod workloads;
 
 pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT};

@@ -65,6 +65,11 @@ impl MiniBatchKMeans {
         &self.centroids
     }
 
+    /// Dimension of the points.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     /// Total weight each centroid has absorbed.
     pub fn counts(&self) -> &[f64] {
         &self.counts

@@ -131,6 +131,49 @@ pub fn check_finite(context: &str, tensor: &Tensor) -> Result<()> {
     }
 }
 
+/// The rows of a float matrix `[n, d]` as row-major `f32` values on the host, with `n` and
+/// `d`: how the tensor APIs of qcl's quantizers hand a tensor to their slice kernels. Any float
+/// dtype is accepted and converted (`f64` rounds to nearest); the tensor may be on any device
+/// and strided. Finiteness is left to the kernel that reads the values.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[1f64, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu)?;
+/// let (values, n, d) = qcl_tensor::matrix_f32("points", &x)?;
+/// assert_eq!((n, d), (2, 3));
+/// assert_eq!(values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// assert!(qcl_tensor::matrix_f32("points", &x.flatten_all()?).is_err()); // rank 1
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for a rank other than 2, [`Error::DTypeMismatch`] for an integer
+/// dtype.
+pub fn matrix_f32(context: &str, tensor: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
+    let (n, d) = match *tensor.dims() {
+        [n, d] => (n, d),
+        _ => {
+            return Err(Error::ShapeMismatch {
+                context: context.to_string(),
+                expected: "[n, d]".into(),
+                actual: tensor.dims().to_vec(),
+            })
+        }
+    };
+    if !tensor.dtype().is_float() {
+        return Err(Error::DTypeMismatch {
+            context: context.to_string(),
+            expected: DType::F32,
+            actual: tensor.dtype(),
+        });
+    }
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((values, n, d))
+}
+
 /// Checks that every value of a slice is finite.
 ///
 /// ```

@@ -3,7 +3,21 @@
 //! Every qcl crate returns [`Result<T>`](Result). Each variant names the problem and carries
 //! what a user needs to fix it (both shapes, the index of the bad value, the file and why it was
 //! refused), so that bad input never becomes a panic deep inside a kernel.
+//!
+//! **candle interop.** A qcl error converts into a [`candle_core::Error`] (so qcl code runs
+//! inside candle-nn's `Module`, `Optimizer` and `VarBuilder` traits) and back, and a qcl error
+//! that travelled through candle comes back as the same typed variant:
+//!
+//! ```
+//! use qcl_tensor::Error;
+//! let typed = Error::invalid_parameter("k", "must be at least 1");
+//! let through_candle: candle_core::Error = typed.into();
+//! let back = Error::from(through_candle);
+//! assert_eq!(back.kind(), "invalid_parameter");
+//! assert!(matches!(back, Error::InvalidParameter { ref name, .. } if name == "k"));
+//! ```
 
+use std::fmt;
 use std::path::PathBuf;
 
 use candle_core::DType;
@@ -12,7 +26,10 @@ use candle_core::DType;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Everything that can go wrong in qcl.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same text as `Display` (candle prints a wrapped error with `{:?}`, and
+/// `main() -> Result<..>` does too), so the message reads the same everywhere.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A tensor or array has a shape other than the one required.
@@ -124,7 +141,58 @@ pub enum Error {
 
     /// An error raised inside candle.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A qcl error as a candle error: [`Error::Candle`] gives back the candle error it holds; every
+/// other variant travels as candle's `WrappedContext` (the one wrapper candle can give back
+/// typed), so that `From<candle_core::Error>` recovers it.
+impl From<Error> for candle_core::Error {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Candle(inner) => inner,
+            other => {
+                let context = format!("qcl error `{}`", other.kind());
+                candle_core::Error::WrappedContext {
+                    wrapped: Box::new(other),
+                    context,
+                }
+            }
+        }
+    }
+}
+
+/// A candle error as a qcl error: a qcl error that travelled through candle (wrapped by the
+/// conversion above, possibly inside backtrace layers) comes back as its own variant; any
+/// other candle error becomes [`Error::Candle`], unchanged.
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        unwrap_qcl(error).unwrap_or_else(Error::Candle)
+    }
+}
+
+/// The qcl error inside `error` (under any number of `WithBacktrace` layers), or `error` as it
+/// was.
+fn unwrap_qcl(error: candle_core::Error) -> std::result::Result<Error, candle_core::Error> {
+    match error {
+        candle_core::Error::WithBacktrace { inner, backtrace } => {
+            unwrap_qcl(*inner).map_err(|inner| candle_core::Error::WithBacktrace {
+                inner: Box::new(inner),
+                backtrace,
+            })
+        }
+        candle_core::Error::WrappedContext { wrapped, context } => match wrapped.downcast() {
+            Ok(qcl) => Ok(*qcl),
+            Err(wrapped) => Err(candle_core::Error::WrappedContext { wrapped, context }),
+        },
+        other => Err(other),
+    }
 }
 
 impl Error {
@@ -177,5 +245,141 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::backtrace::Backtrace;
+
+    fn with_backtrace(e: candle_core::Error) -> candle_core::Error {
+        candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(Backtrace::disabled()),
+        }
+    }
+
+    /// One error of every variant but `Candle` and `Io`, from the generated fields.
+    fn typed(variant: usize, text: String, n: usize, value: f64) -> Error {
+        match variant {
+            0 => Error::ShapeMismatch {
+                context: text.clone(),
+                expected: format!("[{n}]"),
+                actual: vec![n, n + 1],
+            },
+            1 => Error::DTypeMismatch {
+                context: text,
+                expected: DType::F32,
+                actual: DType::U8,
+            },
+            2 => Error::NonFinite {
+                context: text,
+                index: n,
+                value,
+            },
+            3 => Error::EmptyInput(text),
+            4 => Error::invalid_parameter(text, format!("got {n}")),
+            5 => Error::InvalidRecord {
+                source_name: text,
+                index: n,
+                reason: "short".into(),
+            },
+            6 => Error::bad_file(text, "truncated"),
+            7 => Error::corrupt_stream(text, "padding"),
+            8 => Error::MissingTensor {
+                name: text,
+                path: "f.safetensors".into(),
+                available: vec!["a".into()],
+            },
+            _ => Error::DeviceUnavailable {
+                requested: text,
+                reason: "no cuda".into(),
+            },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn typed_errors_round_trip_through_candle(
+            variant in 0usize..10,
+            text in "[a-z ]{0,12}",
+            n in 0usize..1000,
+            value in prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY)],
+            layers in 0usize..3,
+        ) {
+            let original = typed(variant, text, n, value);
+            let (kind, message) = (original.kind(), original.to_string());
+            let mut through: candle_core::Error = original.into();
+            for _ in 0..layers {
+                through = with_backtrace(through);
+            }
+            let back = Error::from(through);
+            prop_assert_eq!(back.kind(), kind);
+            prop_assert_eq!(back.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn io_errors_round_trip_with_their_source() {
+        let original = Error::io("x.bin", std::io::Error::other("disk full"));
+        let back = Error::from(with_backtrace(original.into()));
+        match back {
+            Error::Io { path, source } => {
+                assert_eq!(path, PathBuf::from("x.bin"));
+                assert_eq!(source.to_string(), "disk full");
+            }
+            other => panic!("expected an I/O error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn plain_candle_errors_stay_candle_errors() {
+        let candle = candle_core::Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu)
+            .and_then(|t| t.reshape(4))
+            .unwrap_err();
+        let message = candle.to_string();
+        let qcl = Error::from(candle);
+        assert_eq!(qcl.kind(), "candle");
+        assert_eq!(qcl.to_string(), message);
+        // And back: the candle error itself, not a wrapper around it.
+        let again: candle_core::Error = qcl.into();
+        assert!(!matches!(again, candle_core::Error::WrappedContext { .. }));
+        assert_eq!(again.to_string(), message);
+        // Foreign wrapped errors under a backtrace layer are kept as they were.
+        let foreign = with_backtrace(candle_core::Error::WrappedContext {
+            wrapped: Box::new(std::io::Error::other("elsewhere")),
+            context: "ctx".into(),
+        });
+        let qcl = Error::from(foreign);
+        assert_eq!(qcl.kind(), "candle");
+        assert!(qcl.to_string().contains("elsewhere"), "{qcl}");
+    }
+
+    #[test]
+    fn a_qcl_error_raised_inside_a_candle_closure_comes_back_typed() {
+        use candle_core::Module;
+        let layer = |_: &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
+            Err(Error::EmptyInput("nothing to quantize".into()).into())
+        };
+        let run = || -> Result<candle_core::Tensor> {
+            let x = candle_core::Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu)?;
+            Ok(layer.forward(&x)?)
+        };
+        match run() {
+            Err(Error::EmptyInput(what)) => assert_eq!(what, "nothing to quantize"),
+            other => panic!("expected the typed error back, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn debug_reads_like_display() {
+        let e = Error::invalid_parameter("k", "must be at least 1");
+        assert_eq!(format!("{e:?}"), e.to_string());
+        assert_eq!(
+            format!("{e:?}"),
+            "invalid parameter `k`: must be at least 1"
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! - [`Seed`] / [`SeededRng`]: seeded random streams with independent children;
 //! - [`SafetensorsFile`] / [`write_safetensors`] / [`write_atomic`]: validated reads and
 //!   atomic writes;
-//! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation;
+//! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation; [`matrix_f32`]: a
+//!   `[n, d]` tensor as the `f32` rows the slice kernels take;
 //! - [`nearest_codes`] / [`top_k_codes`]: the exact nearest-code kernel every quantizer uses.
 //!
 //! ```
@@ -28,7 +29,9 @@ mod planar;
 mod rng;
 
 pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
-pub use check::{check_finite, check_finite_slice, check_shape, format_shape_pattern, TensorSpec};
+pub use check::{
+    check_finite, check_finite_slice, check_shape, format_shape_pattern, matrix_f32, TensorSpec,
+};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};

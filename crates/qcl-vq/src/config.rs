@@ -13,6 +13,63 @@ pub const MAX_CODES: usize = 1 << 16;
 /// used less than once per batch on average.
 pub const DEFAULT_DEAD_CODE_THRESHOLD: f64 = 1.0;
 
+/// Which axis of the input holds the C channels.
+///
+/// The channel axis splits into the codebooks' groups; every other axis indexes vectors, in
+/// row-major order. The index tensor has the input's shape with the channel axis of size N
+/// (the number of codebooks) instead of C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelAxis {
+    /// Axis 1 for rank-4 inputs `(B, C, H, W)` (candle's image layout), the last axis for
+    /// every other rank (`(B, T, C)` sequences, `(B, C)` rows, any `[.., C]`) (default).
+    #[default]
+    Auto,
+    /// Axis 1 for every rank ≥ 2: `(B, C, ...)` with any number of trailing axes (the only
+    /// axis for rank 1).
+    ChannelsFirst,
+    /// The last axis for every rank: `[.., C]`.
+    ChannelsLast,
+}
+
+impl ChannelAxis {
+    /// The channel axis of an input (or index tensor) of rank `rank ≥ 1`.
+    ///
+    /// ```
+    /// use qcl_vq::ChannelAxis;
+    /// assert_eq!(ChannelAxis::Auto.resolve(4), Some(1));
+    /// assert_eq!(ChannelAxis::Auto.resolve(3), Some(2));
+    /// assert_eq!(ChannelAxis::ChannelsFirst.resolve(3), Some(1));
+    /// assert_eq!(ChannelAxis::ChannelsLast.resolve(4), Some(3));
+    /// assert_eq!(ChannelAxis::Auto.resolve(0), None);
+    /// ```
+    pub fn resolve(self, rank: usize) -> Option<usize> {
+        match (self, rank) {
+            (_, 0) => None,
+            (ChannelAxis::Auto, 4) => Some(1),
+            (ChannelAxis::ChannelsFirst, r) => Some(r.min(2) - 1),
+            (_, r) => Some(r - 1),
+        }
+    }
+
+    /// The name used in saved files: `auto`, `channels_first` or `channels_last`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelAxis::Auto => "auto",
+            ChannelAxis::ChannelsFirst => "channels_first",
+            ChannelAxis::ChannelsLast => "channels_last",
+        }
+    }
+
+    /// The shape pattern this axis accepts, for error messages (`c` = the channel count).
+    pub(crate) fn pattern(self, c: usize) -> String {
+        match self {
+            ChannelAxis::Auto => format!("[B, {c}, H, W] or [..., {c}]"),
+            ChannelAxis::ChannelsFirst => format!("[B, {c}, ...]"),
+            ChannelAxis::ChannelsLast => format!("[..., {c}]"),
+        }
+    }
+}
+
 /// How the codebook moves during training.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CodebookUpdate {
@@ -81,9 +138,10 @@ impl CodebookUpdate {
 /// The configuration of a [`VectorQuantizer`](crate::VectorQuantizer), in the style of faiss's
 /// `ClusteringParameters`: every knob named, each with a default ([`VectorQuantizerConfig::new`]).
 ///
-/// The input has `dim` = C channels, split into `codebooks` = N contiguous groups of
-/// D = C / N channels (channel `n·D + d` belongs to codebook n); each group of each position is
-/// quantised to the nearest of the `codes` = K rows of its own codebook.
+/// The input has `dim` = C channels on its [`channel_axis`](Self::channel_axis), split into
+/// `codebooks` = N contiguous groups of D = C / N channels (channel `n·D + d` belongs to
+/// codebook n); each group of each position is quantised to the nearest of the `codes` = K rows
+/// of its own codebook.
 ///
 /// ```
 /// use qcl_vq::{CodebookUpdate, VectorQuantizerConfig};
@@ -105,6 +163,9 @@ pub struct VectorQuantizerConfig {
     /// C, the channels of the input; a multiple of `codebooks` (no default: see
     /// [`VectorQuantizerConfig::new`]).
     pub dim: usize,
+    /// Which input axis holds the C channels (default [`ChannelAxis::Auto`]: axis 1 of
+    /// `(B, C, H, W)`, the last axis of any other shape).
+    pub channel_axis: ChannelAxis,
     /// How the codebook learns (default [`CodebookUpdate::Ema`] with decay 0.99, ε 1e-5).
     pub update: CodebookUpdate,
     /// β ≥ 0, the weight of the commitment loss `mean((z_e − sg(q))²)` in
@@ -127,7 +188,8 @@ pub struct VectorQuantizerConfig {
     /// [`CodebookUpdate::Gradient`] mode (default 0.99). Unused in the other modes.
     pub usage_decay: f64,
     /// Seed of the k-means initialisation and of dead-code revival (default 0). The initial
-    /// codebook `U(−1/K, 1/K)` comes, like every parameter, from the `ParamStore`'s seed.
+    /// codebook `U(−1/K, 1/K)` comes from the builder: a `ParamStore` (or its `var_builder`)
+    /// draws it from its seed by name, a plain candle-nn `VarMap` from candle's generator.
     pub seed: Seed,
 }
 
@@ -138,6 +200,7 @@ impl VectorQuantizerConfig {
             codebooks: 1,
             codes,
             dim,
+            channel_axis: ChannelAxis::Auto,
             update: CodebookUpdate::default(),
             commitment_weight: 0.25,
             kmeans_init: false,
@@ -228,6 +291,7 @@ impl VectorQuantizerConfig {
         put("codebooks", self.codebooks.to_string());
         put("codes", self.codes.to_string());
         put("dim", self.dim.to_string());
+        put("channel_axis", self.channel_axis.name().to_string());
         put("update", self.update.name().to_string());
         if let CodebookUpdate::Ema { decay, eps } = self.update {
             put("decay", format!("{decay:?}"));
@@ -274,6 +338,18 @@ impl VectorQuantizerConfig {
                 ))
             }
         };
+        // Files written before the knob existed hold the default.
+        let channel_axis = match meta.get("channel_axis").map(String::as_str) {
+            None | Some("auto") => ChannelAxis::Auto,
+            Some("channels_first") => ChannelAxis::ChannelsFirst,
+            Some("channels_last") => ChannelAxis::ChannelsLast,
+            Some(other) => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("metadata `channel_axis` is `{other}`, not auto, channels_first or channels_last"),
+                ))
+            }
+        };
         let dead_code_threshold = match meta.get("dead_code_threshold").map(String::as_str) {
             Some("none") => None,
             _ => Some(get(meta, path, "dead_code_threshold")?),
@@ -282,6 +358,7 @@ impl VectorQuantizerConfig {
             codebooks: get(meta, path, "codebooks")?,
             codes: get(meta, path, "codes")?,
             dim: get(meta, path, "dim")?,
+            channel_axis,
             update,
             commitment_weight: get(meta, path, "commitment_weight")?,
             kmeans_init: get(meta, path, "kmeans_init")?,
@@ -334,6 +411,7 @@ mod tests {
     fn metadata_round_trips_every_field() {
         let config = VectorQuantizerConfig {
             codebooks: 2,
+            channel_axis: ChannelAxis::ChannelsLast,
             update: CodebookUpdate::Ema {
                 decay: 0.6,
                 eps: 1.0 / 3.0,

@@ -1,32 +1,41 @@
 //! The vector-quantization layer.
+//!
+//! This file holds the layer with its constructors, the forward pass, the state updates'
+//! orchestration, encode/decode and save/load: one type whose parts share private helpers
+//! (the per-codebook kernels live in `layout` and `update`), hence over 600 lines.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::VarBuilder;
 use qcl_nn::ops::{mse_loss, straight_through};
 use qcl_nn::{Init, ParamPath};
 use qcl_pq::{KMeans, KMeansInit, KMeansParams};
 use qcl_tensor::{
-    check_finite_slice, nearest_codes_into_finite, Error, Result, SafetensorsFile, Seed, TensorSpec,
+    check_finite_slice, nearest_codes_into_finite, Error, Result, SafetensorsFile, TensorSpec,
 };
 
 use crate::config::{CodebookUpdate, VectorQuantizerConfig, DEFAULT_DEAD_CODE_THRESHOLD};
+use crate::layout::{index_values, Geometry, InputLayout};
 use crate::packed::PackedIndices;
+use crate::update::{ema_update, histogram, revive};
 use crate::usage::{CodeUsage, UsageStats};
 
 /// Metadata `format` value of a saved [`VectorQuantizer`].
 pub const QUANTIZER_FORMAT: &str = "qcl-vq/1";
 
-/// What one [`VectorQuantizer::forward`] produces.
+/// What one [`VectorQuantizer::quantize`] produces.
 #[derive(Debug, Clone)]
 pub struct VqOutput {
     /// `z_q`: the quantised input, with the input's shape, dtype and device. Its value is the
     /// nearest codebook rows (the codebook as it was before this call's update), its gradient
     /// the identity to the input (straight-through, `z_e + sg(q − z_e)`).
     pub quantized: Tensor,
-    /// The chosen code of every vector, `u32`: `(B, N, H, W)` for a `(B, C, H, W)` input,
-    /// `(B, T, N)` for a `(B, T, C)` one.
+    /// The chosen code of every vector, `u32`: the input's shape with N (the number of
+    /// codebooks) on the channel axis: `(B, N, H, W)` for a `(B, C, H, W)` input, `(B, T, N)`
+    /// for `(B, T, C)`, `(B, N)` for `(B, C)`.
     pub indices: Tensor,
     /// `mean((z_e − sg(q))²)` over all input elements (unweighted; gradient to the input only).
     pub commitment_loss: Tensor,
@@ -43,49 +52,67 @@ pub struct VqOutput {
 /// EMA (Razavi et al. 2019), gradient or frozen codebook updates, commitment loss,
 /// straight-through output, optional k-means initialisation and dead-code revival.
 ///
-/// For an input `z_e` of shape `(B, C, H, W)` (feature maps) or `(B, T, C)` (sequences), the
-/// channels split into N groups of D = C / N (channel `n·D + d` belongs to codebook n), and
-/// every group vector `v` of every position is replaced by its nearest codebook row
+/// For an input `z_e` with C channels on its channel axis ([`ChannelAxis`](crate::ChannelAxis):
+/// by default axis 1 of `(B, C, H, W)` feature maps and the last axis of any other shape, such
+/// as `(B, T, C)` sequences or `(B, C)` rows), the channels split into N groups of D = C / N
+/// (channel `n·D + d` belongs to codebook n), and every group vector `v` of every position is
+/// replaced by its nearest codebook row
 ///
 /// ```text
 /// idx = argmin_k ‖v − E[n,k]‖²   (exact, ties to the lowest k: qcl_tensor::nearest_codes)
 /// q   = E[n, idx]
 /// ```
 ///
+/// **A candle-nn layer.** [`VectorQuantizer::new`] takes the configuration and a candle-nn
+/// `VarBuilder` (last, as candle-nn's constructors do); the layer implements
+/// [`ModuleT`](candle_core::ModuleT), whose output is the straight-through `z_q`, and keeps
+/// the whole [`VqOutput`] of its last call ([`last_output`](Self::last_output),
+/// [`last_loss`](Self::last_loss)) for the loss and telemetry. Inside `candle_nn::seq()`, which
+/// takes `Module`s, wrap it in [`qcl_nn::layers::WithMode`].
+///
 /// **State.** The codebook `E [N,K,D]`, the running counts `c [N,K]`, the EMA sums
-/// `w [N,K,D]` (EMA mode) and a step counter live in the [`ParamStore`](qcl_nn::ParamStore)
-/// of the `ParamPath` given to [`VectorQuantizer::new`], under `codebook`, `counts`, `sums`
-/// and `steps`: buffers, except the codebook in [`CodebookUpdate::Gradient`] mode, which is
-/// a trainable parameter for the caller's optimizer. Checkpoints and `ParamStore::save`
-/// therefore include the quantizer. Initially `E ~ U(−1/K, 1/K)`, `c = 0`, `w = E` (AQM).
-/// Training changes the state, which is why [`VectorQuantizer::forward`] takes `&mut self`;
-/// [`encode`](VectorQuantizer::encode) and [`decode`](VectorQuantizer::decode) only read it.
-/// Like the store itself, a clone shares the state (it is a second handle, not a copy).
+/// `w [N,K,D]` (EMA mode) and a step counter (`u32`) are variables named `codebook`, `counts`,
+/// `sums` and `steps` under the builder's prefix: in the user's `VarMap` (saved with it), or in
+/// a [`ParamStore`](qcl_nn::ParamStore) ([`from_param_path`](Self::from_param_path)) as
+/// buffers, except the codebook in [`CodebookUpdate::Gradient`] mode, which is a trainable
+/// parameter for the caller's optimizer. Initially `E ~ U(−1/K, 1/K)`, `c = 0`, `w = E` (AQM).
+/// In EMA and frozen modes nothing of the state enters the autograd graph, so an optimizer
+/// stepping every variable of the `VarMap` (candle-nn's `AdamW` over `varmap.all_vars()`)
+/// never moves it; only the layer's own training updates do. Training updates the variables in
+/// place through `&self` ([`quantize`](Self::quantize) with `train`); a clone shares the state
+/// and the last output (it is a second handle, not a copy), and one quantizer is not meant to
+/// be trained from two threads at once.
 ///
 /// **Speed.** Assignment, EMA and revival run on the host in plain loops over one gathered
-/// `[B·H·W, D]` `f32` slice per codebook (the nearest-code kernel is multi-threaded); only
+/// `[M, D]` `f32` slice per codebook (the nearest-code kernel is multi-threaded); only
 /// the outputs are built as tensors.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
-/// use qcl_nn::ParamStore;
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
 /// use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
 ///
-/// let store = ParamStore::new(0);
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
 /// let config = VectorQuantizerConfig { codebooks: 2, ..VectorQuantizerConfig::new(8, 16) };
-/// let mut vq = VectorQuantizer::new(&store.root(&Device::Cpu).pp("vq"), config)?;
+/// let vq = VectorQuantizer::new(config, vb.pp("vq"))?;
+/// assert_eq!(varmap.all_vars().len(), 4); // codebook, counts, sums, steps
 /// let z_e = Tensor::randn(0f32, 1.0, (4, 8, 5, 5), &Device::Cpu)?;
-/// let out = vq.forward(&z_e, true)?; // EMA update of the codebook
-/// assert_eq!(out.quantized.dims(), &[4, 8, 5, 5]);
+/// let z_q = vq.forward_t(&z_e, true)?; // EMA update of the codebook
+/// assert_eq!(z_q.dims(), &[4, 8, 5, 5]);
+/// let out = vq.last_output().expect("one call made");
 /// assert_eq!(out.indices.dims(), &[4, 2, 5, 5]);
 /// // Decoding the indices gives the forward value again (with the pre-update codebook; here
 /// // we encode again with the updated one).
 /// let indices = vq.encode(&z_e)?;
-/// let again = vq.forward(&z_e, false)?;
+/// let again = vq.quantize(&z_e, false)?;
 /// assert_eq!(
 ///     vq.decode(&indices)?.flatten_all()?.to_vec1::<f32>()?,
 ///     again.quantized.flatten_all()?.to_vec1::<f32>()?
 /// );
+/// // Rows `[B, C]` work the same way.
+/// let rows = vq.quantize(&Tensor::randn(0f32, 1.0, (6, 8), &Device::Cpu)?, false)?;
+/// assert_eq!(rows.indices.dims(), &[6, 2]);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -96,207 +123,15 @@ pub struct VectorQuantizer {
     sums: Option<Var>,
     steps: Var,
     device: Device,
-}
-
-/// How an input's vectors are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InputLayout {
-    /// `(B, C, H, W)`: `spatial = H·W` positions per sample, channels outside positions.
-    Maps {
-        batch: usize,
-        height: usize,
-        width: usize,
-    },
-    /// `(B, T, C)`: channels innermost.
-    Sequence { batch: usize, len: usize },
-}
-
-impl InputLayout {
-    fn batch(self) -> usize {
-        match self {
-            InputLayout::Maps { batch, .. } | InputLayout::Sequence { batch, .. } => batch,
-        }
-    }
-
-    /// Positions per sample.
-    fn spatial(self) -> usize {
-        match self {
-            InputLayout::Maps { height, width, .. } => height * width,
-            InputLayout::Sequence { len, .. } => len,
-        }
-    }
-
-    /// Vectors per codebook, `B·S`.
-    fn vectors(self) -> usize {
-        self.batch() * self.spatial()
-    }
-
-    fn input_shape(self, channels: usize) -> Vec<usize> {
-        match self {
-            InputLayout::Maps {
-                batch,
-                height,
-                width,
-            } => vec![batch, channels, height, width],
-            InputLayout::Sequence { batch, len } => vec![batch, len, channels],
-        }
-    }
-
-    fn index_shape(self, codebooks: usize) -> Vec<usize> {
-        match self {
-            InputLayout::Maps {
-                batch,
-                height,
-                width,
-            } => vec![batch, codebooks, height, width],
-            InputLayout::Sequence { batch, len } => vec![batch, len, codebooks],
-        }
-    }
-}
-
-/// The layout of an index tensor, `(B, N, H, W)` or `(B, T, N)`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct IndexLayout {
-    layout: InputLayout,
-    codebooks: usize,
-}
-
-impl IndexLayout {
-    /// The codebook of flat index position `i`.
-    pub(crate) fn codebook_of(&self, i: usize) -> usize {
-        match self.layout {
-            InputLayout::Maps { .. } => (i / self.layout.spatial()) % self.codebooks,
-            InputLayout::Sequence { .. } => i % self.codebooks,
-        }
-    }
-}
-
-/// The values of a `u32` index tensor `(B, N, H, W)` or `(B, T, N)` with `codebooks` = N.
-pub(crate) fn index_values(indices: &Tensor, codebooks: usize) -> Result<(Vec<u32>, IndexLayout)> {
-    if indices.dtype() != DType::U32 {
-        return Err(Error::DTypeMismatch {
-            context: "indices".into(),
-            expected: DType::U32,
-            actual: indices.dtype(),
-        });
-    }
-    let dims = indices.dims();
-    let layout = match *dims {
-        [batch, n, height, width] if n == codebooks => InputLayout::Maps {
-            batch,
-            height,
-            width,
-        },
-        [batch, len, n] if n == codebooks => InputLayout::Sequence { batch, len },
-        _ => {
-            return Err(Error::ShapeMismatch {
-                context: "indices".into(),
-                expected: format!("[B, {codebooks}, H, W] or [B, T, {codebooks}]"),
-                actual: dims.to_vec(),
-            })
-        }
-    };
-    let values = indices.flatten_all()?.to_vec1::<u32>()?;
-    Ok((values, IndexLayout { layout, codebooks }))
-}
-
-/// Channel geometry of a quantizer applied to one input layout.
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    layout: InputLayout,
-    codebooks: usize,
-    code_dim: usize,
-}
-
-impl Geometry {
-    fn channels(&self) -> usize {
-        self.codebooks * self.code_dim
-    }
-
-    /// Codebook `n`'s vectors of `values` (input layout) as rows `[B·S, D]`, row `b·S + p`.
-    fn gather(&self, values: &[f32], n: usize, out: &mut Vec<f32>) {
-        let (d_len, c, s) = (self.code_dim, self.channels(), self.layout.spatial());
-        out.clear();
-        out.resize(self.layout.vectors() * d_len, 0.0);
-        match self.layout {
-            InputLayout::Maps { batch, .. } => {
-                for b in 0..batch {
-                    let rows = &mut out[b * s * d_len..(b + 1) * s * d_len];
-                    for d in 0..d_len {
-                        let plane = &values[(b * c + n * d_len + d) * s..][..s];
-                        for (p, &v) in plane.iter().enumerate() {
-                            rows[p * d_len + d] = v;
-                        }
-                    }
-                }
-            }
-            InputLayout::Sequence { .. } => {
-                for (row, src) in out.chunks_exact_mut(d_len).zip(values.chunks_exact(c)) {
-                    row.copy_from_slice(&src[n * d_len..(n + 1) * d_len]);
-                }
-            }
-        }
-    }
-
-    /// Writes codebook `n`'s rows `book[idx[i]]` (`book` = `[K, D]`) into `out` (input layout).
-    fn scatter(&self, book: &[f32], idx: &[u32], n: usize, out: &mut [f32]) {
-        let (d_len, c, s) = (self.code_dim, self.channels(), self.layout.spatial());
-        match self.layout {
-            InputLayout::Maps { batch, .. } => {
-                for b in 0..batch {
-                    let codes = &idx[b * s..(b + 1) * s];
-                    for d in 0..d_len {
-                        let plane = &mut out[(b * c + n * d_len + d) * s..][..s];
-                        for (o, &k) in plane.iter_mut().zip(codes) {
-                            *o = book[k as usize * d_len + d];
-                        }
-                    }
-                }
-            }
-            InputLayout::Sequence { .. } => {
-                for (dst, &k) in out.chunks_exact_mut(c).zip(idx) {
-                    dst[n * d_len..(n + 1) * d_len]
-                        .copy_from_slice(&book[k as usize * d_len..(k as usize + 1) * d_len]);
-                }
-            }
-        }
-    }
-
-    /// Codebook `n`'s indices in the index tensor's layout.
-    fn put_indices(&self, idx: &[u32], n: usize, out: &mut [u32]) {
-        let (nb, s) = (self.codebooks, self.layout.spatial());
-        match self.layout {
-            InputLayout::Maps { batch, .. } => {
-                for b in 0..batch {
-                    out[(b * nb + n) * s..][..s].copy_from_slice(&idx[b * s..(b + 1) * s]);
-                }
-            }
-            InputLayout::Sequence { .. } => {
-                for (i, &k) in idx.iter().enumerate() {
-                    out[i * nb + n] = k;
-                }
-            }
-        }
-    }
-
-    /// Codebook `n`'s indices read from the index tensor's layout.
-    fn take_indices(&self, all: &[u32], n: usize) -> Vec<u32> {
-        let (nb, s) = (self.codebooks, self.layout.spatial());
-        match self.layout {
-            InputLayout::Maps { batch, .. } => (0..batch)
-                .flat_map(|b| all[(b * nb + n) * s..][..s].iter().copied())
-                .collect(),
-            InputLayout::Sequence { .. } => all.iter().skip(n).step_by(nb).copied().collect(),
-        }
-    }
+    last: Arc<Mutex<Option<VqOutput>>>,
 }
 
 /// Assignment of one batch: per codebook, its gathered vectors and their codes.
 struct Assignment {
     geometry: Geometry,
-    /// Per codebook, `[B·S, D]`.
+    /// Per codebook, `[M, D]`.
     points: Vec<Vec<f32>>,
-    /// Per codebook, `[B·S]`.
+    /// Per codebook, `[M]`.
     codes: Vec<Vec<u32>>,
 }
 
@@ -311,13 +146,73 @@ fn set_var(var: &Var, values: Vec<f32>) -> Result<()> {
 }
 
 impl VectorQuantizer {
-    /// A quantizer whose state lives under `path` (created on first use, reused if the store
-    /// already holds it with the same shapes).
+    /// A quantizer whose state is created through a candle-nn `VarBuilder` (`f32` whatever
+    /// the builder's dtype, `u32` for `steps`): with a `VarMap`-backed builder the variables are
+    /// the map's own (shared, updated in place, saved with the map), and a map that already
+    /// holds them (e.g. loaded from a checkpoint) is reused as it is. The initial codebook
+    /// `U(−1/K, 1/K)` comes from the builder (seeded by name with
+    /// [`ParamStore::var_builder`](qcl_nn::ParamStore::var_builder)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a bad configuration (see
+    /// [`VectorQuantizerConfig::validate`]); the builder's errors (e.g. a stored variable of
+    /// another shape), typed when the builder is qcl's.
+    pub fn new(config: VectorQuantizerConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let (n, k, d) = (config.codebooks, config.codes, config.code_dim());
+        let bound = 1.0 / k as f64;
+        let uniform = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let zeros = candle_nn::Init::Const(0.0);
+        let get = |shape: &[usize], name: &str, init, dtype| -> Result<Var> {
+            let t = vb.get_with_hints_dtype(shape, name, init, dtype)?;
+            // A variable already (VarMap-backed builders): shared, not copied.
+            Ok(Var::from_tensor(&t)?)
+        };
+        let fresh_sums = !vb.contains_tensor("sums");
+        let codebook = get(&[n, k, d], "codebook", uniform, DType::F32)?;
+        let counts = get(&[n, k], "counts", zeros, DType::F32)?;
+        let sums = match config.update {
+            CodebookUpdate::Ema { .. } => {
+                let sums = get(&[n, k, d], "sums", zeros, DType::F32)?;
+                if fresh_sums {
+                    // w = E at initialisation (AQM).
+                    sums.set(&codebook.as_tensor().copy()?)?;
+                }
+                Some(sums)
+            }
+            _ => None,
+        };
+        let steps = get(&[1], "steps", zeros, DType::U32)?;
+        let device = vb.device().clone();
+        Ok(Self::with_state(
+            config, codebook, counts, sums, steps, device,
+        ))
+    }
+
+    /// A quantizer whose state lives under `path` in a qcl [`ParamStore`](qcl_nn::ParamStore)
+    /// (created on first use, reused if the store already holds it with the same shapes): the
+    /// counts, sums and step counter as buffers, the codebook as a buffer too except in
+    /// [`CodebookUpdate::Gradient`] mode, where it is a trainable parameter.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use qcl_nn::ParamStore;
+    /// use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
+    /// let store = ParamStore::new(0);
+    /// let vq = VectorQuantizer::from_param_path(&store.root(&Device::Cpu).pp("vq"), VectorQuantizerConfig::new(4, 8))?;
+    /// assert_eq!(store.buffers().len(), 4);
+    /// let out = vq.quantize(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?, true)?;
+    /// assert_eq!(out.indices.dims(), &[3, 1]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a bad configuration (see
     /// [`VectorQuantizerConfig::validate`]) or a name already used with another shape or kind.
-    pub fn new(path: &ParamPath, config: VectorQuantizerConfig) -> Result<Self> {
+    pub fn from_param_path(path: &ParamPath, config: VectorQuantizerConfig) -> Result<Self> {
         config.validate()?;
         let (n, k, d) = (config.codebooks, config.codes, config.code_dim());
         let bound = 1.0 / k as f64;
@@ -352,14 +247,33 @@ impl VectorQuantizer {
         let steps = path
             .with_dtype(DType::U32)
             .buffer("steps", 1, Init::Zeros)?;
-        Ok(VectorQuantizer {
+        Ok(Self::with_state(
             config,
             codebook,
             counts,
             sums,
             steps,
-            device: path.device().clone(),
-        })
+            path.device().clone(),
+        ))
+    }
+
+    fn with_state(
+        config: VectorQuantizerConfig,
+        codebook: Var,
+        counts: Var,
+        sums: Option<Var>,
+        steps: Var,
+        device: Device,
+    ) -> Self {
+        VectorQuantizer {
+            config,
+            codebook,
+            counts,
+            sums,
+            steps,
+            device,
+            last: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// The configuration.
@@ -456,23 +370,12 @@ impl VectorQuantizer {
 
     /// Checks an input and returns its layout and values as `f32` (row-major).
     fn input(&self, x: &Tensor) -> Result<(Geometry, Vec<f32>)> {
-        let c = self.config.dim;
-        let expected = || format!("[B, {c}, H, W] or [B, T, {c}]");
-        let layout = match *x.dims() {
-            [batch, ch, height, width] if ch == c => InputLayout::Maps {
-                batch,
-                height,
-                width,
-            },
-            [batch, len, ch] if ch == c => InputLayout::Sequence { batch, len },
-            _ => {
-                return Err(Error::ShapeMismatch {
-                    context: "vector quantizer input".into(),
-                    expected: expected(),
-                    actual: x.dims().to_vec(),
-                })
-            }
-        };
+        let layout = InputLayout::new(
+            x.dims(),
+            self.config.channel_axis,
+            self.config.dim,
+            "vector quantizer input",
+        )?;
         if !matches!(
             x.dtype(),
             DType::F16 | DType::BF16 | DType::F32 | DType::F64
@@ -510,7 +413,7 @@ impl VectorQuantizer {
     }
 
     /// Gathers the vectors of every codebook.
-    fn gather_all(&self, geometry: Geometry, values: &[f32]) -> Vec<Vec<f32>> {
+    fn gather_all(&self, geometry: &Geometry, values: &[f32]) -> Vec<Vec<f32>> {
         (0..self.config.codebooks)
             .map(|n| {
                 let mut points = Vec::new();
@@ -551,16 +454,16 @@ impl VectorQuantizer {
         })
     }
 
-    /// The code of every vector of `x`: `u32` `(B, N, H, W)` for a `(B, C, H, W)` input,
-    /// `(B, T, N)` for a `(B, T, C)` one.
+    /// The code of every vector of `x`: `u32`, the input's shape with N on the channel axis
+    /// (`(B, N, H, W)` for a `(B, C, H, W)` input, `(B, T, N)` for `(B, T, C)`).
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] for another rank or channel count, [`Error::DTypeMismatch`]
+    /// [`Error::ShapeMismatch`] for a channel axis without C channels (or a scalar), [`Error::DTypeMismatch`]
     /// for a non-float input, [`Error::NonFinite`] for NaN or infinity (naming the flat
     /// position), [`Error::EmptyInput`] for an input without vectors.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         let (geometry, values) = self.input(x)?;
-        let points = self.gather_all(geometry, &values);
+        let points = self.gather_all(&geometry, &values);
         let book = host_f32(self.codebook.as_tensor())?;
         let assignment = self.assign(geometry, points, &book)?;
         self.index_tensor(&assignment)
@@ -575,7 +478,7 @@ impl VectorQuantizer {
     }
 
     fn index_tensor(&self, a: &Assignment) -> Result<Tensor> {
-        let shape = a.geometry.layout.index_shape(self.config.codebooks);
+        let shape = a.geometry.layout.shape_with(self.config.codebooks);
         let mut all = vec![0u32; shape.iter().product()];
         for (n, idx) in a.codes.iter().enumerate() {
             a.geometry.put_indices(idx, n, &mut all);
@@ -583,15 +486,16 @@ impl VectorQuantizer {
         Ok(Tensor::from_vec(all, shape, &self.device)?)
     }
 
-    /// The codebook rows of `indices` (`(B, N, H, W)` or `(B, T, N)`, `u32`), re-interleaved
-    /// into `(B, C, H, W)` or `(B, T, C)`, `f32`: exactly the values of
-    /// [`VqOutput::quantized`] for the codebook as it is now.
+    /// The codebook rows of `indices` (`u32`, as [`encode`](Self::encode) returns them: N on
+    /// the channel axis), re-interleaved into the input's shape (C on the channel axis), `f32`:
+    /// exactly the values of [`VqOutput::quantized`] for the codebook as it is now.
     ///
     /// # Errors
-    /// [`Error::DTypeMismatch`] for non-`u32` indices, [`Error::ShapeMismatch`] for another
-    /// rank or codebook axis, [`Error::InvalidParameter`] for an index ≥ K.
+    /// [`Error::DTypeMismatch`] for non-`u32` indices, [`Error::ShapeMismatch`] for a channel
+    /// axis without N entries, [`Error::InvalidParameter`] for an index ≥ K.
     pub fn decode(&self, indices: &Tensor) -> Result<Tensor> {
-        let (values, index_layout) = index_values(indices, self.config.codebooks)?;
+        let (values, layout) =
+            index_values(indices, self.config.codebooks, self.config.channel_axis)?;
         let k = self.config.codes;
         if let Some(i) = values.iter().position(|&v| v as usize >= k) {
             return Err(Error::invalid_parameter(
@@ -603,12 +507,12 @@ impl VectorQuantizer {
             ));
         }
         let geometry = Geometry {
-            layout: index_layout.layout,
+            layout,
             codebooks: self.config.codebooks,
             code_dim: self.config.code_dim(),
         };
         let book = host_f32(self.codebook.as_tensor())?;
-        let shape = geometry.layout.input_shape(self.config.dim);
+        let shape = geometry.layout.shape_with(self.config.dim);
         let mut out = vec![0f32; shape.iter().product()];
         let kd = k * geometry.code_dim;
         for n in 0..self.config.codebooks {
@@ -637,16 +541,17 @@ impl VectorQuantizer {
         self.decode(&packed.to_tensor(&self.device)?)
     }
 
-    /// Quantises `x` (`(B, C, H, W)` or `(B, T, C)`); with `train`, then updates the state:
-    /// the k-means initialisation (first training call, if configured; it happens before the
-    /// assignment), the EMA or usage update, dead-code revival, the step counter. Without
-    /// `train`, or in a frozen mode, nothing changes.
+    /// Quantises `x` (C channels on the channel axis, any other axes); with `train`, then
+    /// updates the state: the k-means initialisation (first training call, if configured; it
+    /// happens before the assignment), the EMA or usage update, dead-code revival, the step
+    /// counter. Without `train`, or in a frozen mode, nothing changes. The output is also kept
+    /// as [`last_output`](Self::last_output); [`ModuleT::forward_t`] returns its `quantized`.
     ///
     /// # Errors
     /// As [`encode`](Self::encode); a candle error.
-    pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<VqOutput> {
+    pub fn quantize(&self, x: &Tensor, train: bool) -> Result<VqOutput> {
         let (geometry, values) = self.input(x)?;
-        let points = self.gather_all(geometry, &values);
+        let points = self.gather_all(&geometry, &values);
         drop(values);
         let update = train && !self.config.update.is_frozen();
         let step = self.steps()?;
@@ -655,10 +560,11 @@ impl VectorQuantizer {
         }
         let book = host_f32(self.codebook.as_tensor())?;
         let assignment = self.assign(geometry, points, &book)?;
+        let geometry = &assignment.geometry;
         let (k, d) = (self.config.codes, geometry.code_dim);
 
         // The forward value, from the codebook as it was before this call's update.
-        let shape = geometry.layout.input_shape(self.config.dim);
+        let shape = geometry.layout.shape_with(self.config.dim);
         let mut q_host = vec![0f32; shape.iter().product()];
         for (n, idx) in assignment.codes.iter().enumerate() {
             geometry.scatter(&book[n * k * d..(n + 1) * k * d], idx, n, &mut q_host);
@@ -692,7 +598,7 @@ impl VectorQuantizer {
                 vec![0; self.config.codebooks],
             )
         };
-        Ok(VqOutput {
+        let output = VqOutput {
             quantized,
             indices,
             commitment_loss,
@@ -703,6 +609,26 @@ impl VectorQuantizer {
                 dead_codes,
                 revived_codes,
             },
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(output.clone());
+        Ok(output)
+    }
+
+    /// The output of the last [`quantize`](Self::quantize) or
+    /// [`forward_t`](ModuleT::forward_t) call (of this quantizer or a clone), if any: the loss
+    /// to add to the model's, the indices and the usage statistics of that batch.
+    pub fn last_output(&self) -> Option<VqOutput> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The [`VqOutput::loss`] of the last call: `β·commitment + codebook loss`, what to add
+    /// to the model's loss after a [`forward_t`](ModuleT::forward_t).
+    ///
+    /// # Errors
+    /// [`Error::EmptyInput`] before the first call.
+    pub fn last_loss(&self) -> Result<Tensor> {
+        self.last_output().map(|o| o.loss).ok_or_else(|| {
+            Error::EmptyInput("no vector-quantizer call yet, so no loss to return".into())
         })
     }
 
@@ -743,7 +669,7 @@ impl VectorQuantizer {
 
     /// The EMA (or usage) update and revival; returns dead and revived codes per codebook.
     fn update_state(
-        &mut self,
+        &self,
         a: &Assignment,
         histogram: &[u64],
         mut book: Vec<f32>,
@@ -815,7 +741,7 @@ impl VectorQuantizer {
     /// batch's vectors (per codebook; when
     /// the batch has fewer than K vectors, the remaining codes are copies of batch vectors
     /// drawn at random), and sets the counts to the cluster sizes (and `w = E·c`).
-    fn kmeans_init(&mut self, points: &[Vec<f32>]) -> Result<()> {
+    fn kmeans_init(&self, points: &[Vec<f32>]) -> Result<()> {
         let (k, d) = (self.config.codes, self.config.code_dim());
         let mut book = Vec::with_capacity(self.config.codebooks * k * d);
         let mut counts = Vec::with_capacity(self.config.codebooks * k);
@@ -870,7 +796,7 @@ impl VectorQuantizer {
     /// use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("vq.safetensors");
-    /// let vq = VectorQuantizer::new(&ParamStore::new(1).root(&Device::Cpu), VectorQuantizerConfig::new(4, 8))?;
+    /// let vq = VectorQuantizer::from_param_path(&ParamStore::new(1).root(&Device::Cpu), VectorQuantizerConfig::new(4, 8))?;
     /// vq.save(&path)?;
     /// let back = VectorQuantizer::load(&path, &ParamStore::new(2).root(&Device::Cpu))?;
     /// assert_eq!(back.config(), vq.config());
@@ -899,13 +825,13 @@ impl VectorQuantizer {
     }
 
     /// Reads a quantizer written by [`save`](Self::save), placing its state under `path` (as
-    /// [`new`](Self::new) would, then overwriting it with the file's).
+    /// [`from_param_path`](Self::from_param_path) would, then overwriting it with the file's).
     ///
     /// # Errors
     /// [`Error::Io`]; [`Error::BadFile`] for a truncated or foreign file or a bad
     /// configuration; [`Error::MissingTensor`], [`Error::ShapeMismatch`],
     /// [`Error::DTypeMismatch`], [`Error::NonFinite`] for a state that does not fit the
-    /// configuration; the errors of [`new`](Self::new).
+    /// configuration; the errors of [`from_param_path`](Self::from_param_path).
     pub fn load(file: impl AsRef<Path>, path: &ParamPath) -> Result<Self> {
         let file_path = file.as_ref();
         let file = SafetensorsFile::open(file_path)?;
@@ -929,7 +855,7 @@ impl VectorQuantizer {
             }
             _ => None,
         };
-        let vq = VectorQuantizer::new(path, config)?;
+        let vq = VectorQuantizer::from_param_path(path, config)?;
         let dev = vq.device.clone();
         vq.codebook.set(&codebook.to_device(&dev)?)?;
         vq.counts.set(&counts.to_device(&dev)?)?;
@@ -941,105 +867,13 @@ impl VectorQuantizer {
     }
 }
 
-/// Per codebook and code, the number of vectors assigned, `[N·K]`.
-fn histogram(codes: &[Vec<u32>], k: usize) -> Vec<u64> {
-    let mut hist = vec![0u64; codes.len() * k];
-    for (n, idx) in codes.iter().enumerate() {
-        let h = &mut hist[n * k..(n + 1) * k];
-        for &i in idx {
-            h[i as usize] += 1;
-        }
+/// The quantizer as a candle-nn layer: `forward_t(x, train)` is
+/// [`quantize(x, train)`](VectorQuantizer::quantize)'s straight-through `quantized` (training
+/// updates the state when `train`); the rest of that call's [`VqOutput`] is
+/// [`last_output`](VectorQuantizer::last_output). qcl's typed errors travel in candle's error
+/// (`qcl_tensor::Error::from` gives them back).
+impl ModuleT for VectorQuantizer {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.quantize(x, train)?.quantized)
     }
-    hist
-}
-
-/// One EMA step of one codebook (see [`CodebookUpdate::Ema`]), computed in `f64` and stored
-/// in `f32`; `E = w / c` from the stored values, so the identity holds exactly.
-#[allow(clippy::too_many_arguments)]
-fn ema_update(
-    points: &[f32],
-    codes: &[u32],
-    hist: &[u64],
-    decay: f64,
-    eps: f64,
-    counts: &mut [f32],
-    sums: &mut [f32],
-    codebook: &mut [f32],
-) {
-    let k = counts.len();
-    let d = sums.len() / k;
-    let mut assigned = vec![0f64; k * d];
-    for (v, &i) in points.chunks_exact(d).zip(codes) {
-        for (s, &x) in assigned[i as usize * d..(i as usize + 1) * d]
-            .iter_mut()
-            .zip(v)
-        {
-            *s += f64::from(x);
-        }
-    }
-    let mut c: Vec<f64> = counts
-        .iter()
-        .zip(hist)
-        .map(|(&c, &h)| decay * f64::from(c) + (1.0 - decay) * h as f64)
-        .collect();
-    let total: f64 = c.iter().sum();
-    let scale = total / (total + k as f64 * eps);
-    for (stored, c) in counts.iter_mut().zip(&mut c) {
-        *c = (*c + eps) * scale;
-        *stored = *c as f32;
-    }
-    for (code, &count) in counts.iter().enumerate() {
-        let range = code * d..(code + 1) * d;
-        for ((w, e), &s) in sums[range.clone()]
-            .iter_mut()
-            .zip(&mut codebook[range.clone()])
-            .zip(&assigned[range])
-        {
-            *w = (decay * f64::from(*w) + (1.0 - decay) * s) as f32;
-            *e = *w / count;
-        }
-    }
-}
-
-/// Gives every code of one codebook whose count is below `threshold` a distinct vector of
-/// the batch (drawn from `seed`; with more dead codes than vectors, the rest are drawn with
-/// replacement) and the count `threshold` (in EMA mode `w = v·c` and `E = w / c`).
-/// Returns how many codes were revived.
-fn revive(
-    points: &[f32],
-    d: usize,
-    threshold: f32,
-    seed: Seed,
-    counts: &mut [f32],
-    mut sums: Option<&mut [f32]>,
-    codebook: &mut [f32],
-) -> Result<usize> {
-    let dead: Vec<usize> = (0..counts.len())
-        .filter(|&k| counts[k] < threshold)
-        .collect();
-    if dead.is_empty() {
-        return Ok(0);
-    }
-    let m = points.len() / d;
-    let mut rng = seed.rng();
-    let mut rows = rng.sample_indices(m, dead.len().min(m))?;
-    while rows.len() < dead.len() {
-        rows.push(rng.below(m)?);
-    }
-    for (&code, &row) in dead.iter().zip(&rows) {
-        let v = &points[row * d..(row + 1) * d];
-        let e = &mut codebook[code * d..(code + 1) * d];
-        counts[code] = threshold;
-        match sums.as_deref_mut() {
-            Some(w) => {
-                let w = &mut w[code * d..(code + 1) * d];
-                for ((w, e), &x) in w.iter_mut().zip(e.iter_mut()).zip(v) {
-                    *w = x * threshold;
-                    *e = *w / threshold;
-                }
-            }
-            None => e.copy_from_slice(v),
-        }
-    }
-    Ok(dead.len())
 }

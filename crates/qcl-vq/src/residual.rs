@@ -1,6 +1,9 @@
 //! Residual vector quantization: quantizers applied to successive residuals.
 
-use candle_core::Tensor;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{ModuleT, Tensor};
+use candle_nn::VarBuilder;
 use qcl_nn::ops::straight_through;
 use qcl_nn::ParamPath;
 use qcl_tensor::{Error, Result};
@@ -9,7 +12,7 @@ use crate::packed::PackedIndices;
 use crate::quantizer::{VectorQuantizer, VqOutput};
 use crate::VectorQuantizerConfig;
 
-/// What one [`ResidualVq::forward`] produces.
+/// What one [`ResidualVq::quantize`] produces.
 #[derive(Debug, Clone)]
 pub struct ResidualVqOutput {
     /// `Σ_i q_i` with the input's shape and dtype, gradient the identity to the input
@@ -38,7 +41,10 @@ impl ResidualVqOutput {
 /// Each stage is a full [`VectorQuantizer`] (own mode, codebooks, revival) whose
 /// commitment loss reaches the input through its residual. When every codebook of every
 /// stage contains the zero vector, the reconstruction error cannot grow with depth (the
-/// nearest code is never farther than zero).
+/// nearest code is never farther than zero). Like a single quantizer, it is built from a
+/// candle-nn `VarBuilder` (stage `i` under `vb.pp(i)`) or a qcl `ParamPath`, and is a candle
+/// [`ModuleT`] whose output is `z_q`, the rest of the call kept as
+/// [`last_output`](Self::last_output).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -46,9 +52,9 @@ impl ResidualVqOutput {
 /// use qcl_vq::{ResidualVq, VectorQuantizerConfig};
 ///
 /// let store = ParamStore::new(0);
-/// let mut rvq = ResidualVq::uniform(&store.root(&Device::Cpu).pp("rvq"), &VectorQuantizerConfig::new(4, 8), 3)?;
+/// let rvq = ResidualVq::uniform(&VectorQuantizerConfig::new(4, 8), 3, store.var_builder(&Device::Cpu).pp("rvq"))?;
 /// let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &Device::Cpu)?;
-/// let out = rvq.forward(&x, false)?;
+/// let out = rvq.quantize(&x, false)?;
 /// let indices = out.indices();
 /// assert_eq!(indices.len(), 3);
 /// let full = rvq.decode(&indices)?;
@@ -60,51 +66,104 @@ impl ResidualVqOutput {
 #[derive(Debug, Clone)]
 pub struct ResidualVq {
     stages: Vec<VectorQuantizer>,
+    last: Arc<Mutex<Option<ResidualVqOutput>>>,
+}
+
+/// Checks that there is a stage and that all stages read the same channels the same way.
+fn check_stages(configs: &[VectorQuantizerConfig]) -> Result<()> {
+    let Some(first) = configs.first() else {
+        return Err(Error::invalid_parameter(
+            "stages",
+            "need at least one stage",
+        ));
+    };
+    if let Some(other) = configs
+        .iter()
+        .find(|c| (c.dim, c.channel_axis) != (first.dim, first.channel_axis))
+    {
+        return Err(Error::invalid_parameter(
+            "dim",
+            format!(
+                "every stage quantises the same channels on the same axis; got {} ({:?}) and {} ({:?})",
+                first.dim, first.channel_axis, other.dim, other.channel_axis
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `depth` copies of `config`, copy `i` seeded with `config.seed.child(i)`.
+fn uniform_configs(config: &VectorQuantizerConfig, depth: usize) -> Vec<VectorQuantizerConfig> {
+    (0..depth)
+        .map(|i| VectorQuantizerConfig {
+            seed: config.seed.child(i as u64),
+            ..config.clone()
+        })
+        .collect()
 }
 
 impl ResidualVq {
-    /// One stage per configuration, stage `i`'s state under `path.pp(i)`. All stages must
-    /// quantise the same number of channels.
+    /// One stage per configuration, stage `i`'s state created through `vb.pp(i)` (see
+    /// [`VectorQuantizer::new`]). All stages must quantise the same channels on the same axis.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for no stage or differing `dim`s, and the errors of
-    /// [`VectorQuantizer::new`].
-    pub fn new(path: &ParamPath, configs: &[VectorQuantizerConfig]) -> Result<Self> {
-        let Some(first) = configs.first() else {
-            return Err(Error::invalid_parameter(
-                "stages",
-                "need at least one stage",
-            ));
-        };
-        if let Some(other) = configs.iter().find(|c| c.dim != first.dim) {
-            return Err(Error::invalid_parameter(
-                "dim",
-                format!(
-                    "every stage quantises the same channels; got {} and {}",
-                    first.dim, other.dim
-                ),
-            ));
-        }
+    /// [`Error::InvalidParameter`] for no stage or differing `dim`s or channel axes, and the
+    /// errors of [`VectorQuantizer::new`].
+    pub fn new(configs: &[VectorQuantizerConfig], vb: VarBuilder) -> Result<Self> {
+        check_stages(configs)?;
         let stages = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| VectorQuantizer::new(&path.pp(i), c.clone()))
+            .map(|(i, c)| VectorQuantizer::new(c.clone(), vb.pp(i)))
             .collect::<Result<_>>()?;
-        Ok(ResidualVq { stages })
+        Ok(Self::from_stages(stages))
     }
 
     /// `depth` stages of the same configuration, stage `i` seeded with `config.seed.child(i)`.
     ///
     /// # Errors
     /// As [`ResidualVq::new`].
-    pub fn uniform(path: &ParamPath, config: &VectorQuantizerConfig, depth: usize) -> Result<Self> {
-        let configs: Vec<VectorQuantizerConfig> = (0..depth)
-            .map(|i| VectorQuantizerConfig {
-                seed: config.seed.child(i as u64),
-                ..config.clone()
-            })
-            .collect();
-        Self::new(path, &configs)
+    pub fn uniform(config: &VectorQuantizerConfig, depth: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new(&uniform_configs(config, depth), vb)
+    }
+
+    /// As [`new`](Self::new), stage `i`'s state under `path.pp(i)` of a qcl `ParamStore`
+    /// (see [`VectorQuantizer::from_param_path`]).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn from_param_path(path: &ParamPath, configs: &[VectorQuantizerConfig]) -> Result<Self> {
+        check_stages(configs)?;
+        let stages = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| VectorQuantizer::from_param_path(&path.pp(i), c.clone()))
+            .collect::<Result<_>>()?;
+        Ok(Self::from_stages(stages))
+    }
+
+    /// As [`uniform`](Self::uniform), under `path` of a qcl `ParamStore`.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn uniform_from_param_path(
+        path: &ParamPath,
+        config: &VectorQuantizerConfig,
+        depth: usize,
+    ) -> Result<Self> {
+        Self::from_param_path(path, &uniform_configs(config, depth))
+    }
+
+    fn from_stages(stages: Vec<VectorQuantizer>) -> Self {
+        ResidualVq {
+            stages,
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The output of the last [`quantize`](Self::quantize) (or `forward_t`) call, if any.
+    pub fn last_output(&self) -> Option<ResidualVqOutput> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The stages, in order.
@@ -125,14 +184,14 @@ impl ResidualVq {
     /// Quantises `x` stage by stage (each stage updates itself when `train`).
     ///
     /// # Errors
-    /// As [`VectorQuantizer::forward`].
-    pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<ResidualVqOutput> {
+    /// As [`VectorQuantizer::quantize`].
+    pub fn quantize(&self, x: &Tensor, train: bool) -> Result<ResidualVqOutput> {
         let mut residual = x.clone();
         let mut total: Option<Tensor> = None;
         let mut loss: Option<Tensor> = None;
         let mut outputs = Vec::with_capacity(self.stages.len());
-        for stage in &mut self.stages {
-            let out = stage.forward(&residual, train)?;
+        for stage in &self.stages {
+            let out = stage.quantize(&residual, train)?;
             let q = out.quantized.detach();
             residual = (residual - &q)?;
             total = Some(match total {
@@ -146,14 +205,16 @@ impl ResidualVq {
             outputs.push(out);
         }
         let total = total.expect("at least one stage");
-        Ok(ResidualVqOutput {
+        let output = ResidualVqOutput {
             quantized: straight_through(x, &total)?,
             loss: loss.expect("at least one stage"),
             stages: outputs,
-        })
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(output.clone());
+        Ok(output)
     }
 
-    /// Every stage's indices for `x` (as [`ResidualVq::forward`] without training would
+    /// Every stage's indices for `x` (as [`ResidualVq::quantize`] without training would
     /// choose them).
     ///
     /// # Errors
@@ -243,5 +304,14 @@ impl ResidualVq {
             ));
         }
         self.decode(&tensors)
+    }
+}
+
+/// Residual VQ as a candle-nn layer: `forward_t(x, train)` is
+/// [`quantize(x, train)`](ResidualVq::quantize)'s straight-through `quantized`; the rest is
+/// [`last_output`](ResidualVq::last_output).
+impl ModuleT for ResidualVq {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.quantize(x, train)?.quantized)
     }
 }

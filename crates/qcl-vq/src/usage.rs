@@ -3,6 +3,9 @@
 use candle_core::Tensor;
 use qcl_tensor::{Error, Result};
 
+use crate::config::ChannelAxis;
+use crate::layout::index_values;
+
 /// Perplexity `exp(−Σ_k p_k·log(p_k + 1e-10))` of a histogram, `p_k = h_k / Σ h` (the
 /// effective number of codes in use: K for a uniform histogram, 1 when one code takes all).
 /// An empty histogram has perplexity 1.
@@ -67,17 +70,27 @@ impl CodeUsage {
     }
 
     /// Adds the indices of one batch: a `u32` tensor shaped as
-    /// [`VectorQuantizer::encode`](crate::VectorQuantizer::encode) returns it, `(B, N, H, W)`
-    /// or `(B, T, N)`.
+    /// [`VectorQuantizer::encode`](crate::VectorQuantizer::encode) returns it for the default
+    /// [`ChannelAxis::Auto`]: `(B, N, H, W)`, or N on the last axis of any other rank.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] for another rank or codebook axis, [`Error::DTypeMismatch`]
-    /// for a non-`u32` tensor, [`Error::InvalidParameter`] for an index ≥ K.
+    /// [`Error::ShapeMismatch`] for a codebook axis without N entries,
+    /// [`Error::DTypeMismatch`] for a non-`u32` tensor, [`Error::InvalidParameter`] for an
+    /// index ≥ K.
     pub fn add(&mut self, indices: &Tensor) -> Result<()> {
-        let (values, layout) = crate::quantizer::index_values(indices, self.codebooks)?;
+        self.add_along(indices, ChannelAxis::Auto)
+    }
+
+    /// [`add`](Self::add) for indices whose codebook axis is `axis` (that of a quantizer
+    /// configured with [`VectorQuantizerConfig::channel_axis`](crate::VectorQuantizerConfig::channel_axis)).
+    ///
+    /// # Errors
+    /// As [`add`](Self::add).
+    pub fn add_along(&mut self, indices: &Tensor, axis: ChannelAxis) -> Result<()> {
+        let (values, layout) = index_values(indices, self.codebooks, axis)?;
         let mut added = self.counts.clone();
         for (i, &code) in values.iter().enumerate() {
-            let n = layout.codebook_of(i);
+            let n = layout.channel_of(i);
             if code as usize >= self.codes {
                 return Err(Error::invalid_parameter(
                     "indices",

@@ -96,7 +96,9 @@ impl Problem {
 
     /// A quantizer; on a grid problem its codebook is drawn from the grid too.
     fn quantizer(&self, store: &ParamStore) -> VectorQuantizer {
-        let mut vq = VectorQuantizer::new(&store.root(&DEV).pp("vq"), self.config.clone()).unwrap();
+        let mut vq =
+            VectorQuantizer::from_param_path(&store.root(&DEV).pp("vq"), self.config.clone())
+                .unwrap();
         if self.grid {
             let c = &self.config;
             let shape = (c.codebooks, c.codes, c.code_dim());
@@ -168,10 +170,10 @@ proptest! {
     #[test]
     fn indices_are_the_nearest_codes(problem in problem()) {
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         let x = problem.input(0);
         let book = flat_f32(&vq.codebook().unwrap());
-        let out = vq.forward(&x, true).unwrap();
+        let out = vq.quantize(&x, true).unwrap();
         let c = &problem.config;
         let (k, d) = (c.codes, c.code_dim());
         let expected_shape = if problem.sequence() {
@@ -207,21 +209,21 @@ proptest! {
     #[test]
     fn decode_of_encode_is_the_forward_value(problem in problem()) {
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         for step in 0..3 {
             let x = problem.input(step);
             let before = vq.codebook().unwrap();
-            let out = vq.forward(&x, true).unwrap();
+            let out = vq.quantize(&x, true).unwrap();
             // A frozen copy of the pre-update codebook decodes the indices.
             let probe_store = ParamStore::new(0);
-            let mut probe = VectorQuantizer::new(
+            let mut probe = VectorQuantizer::from_param_path(
                 &probe_store.root(&DEV),
                 VectorQuantizerConfig { update: CodebookUpdate::Frozen, ..problem.config.clone() },
             ).unwrap();
             probe.set_codebook(&before).unwrap();
             prop_assert_eq!(flat_f32(&probe.decode(&out.indices).unwrap()), flat_f32(&out.quantized));
 
-            let eval = vq.forward(&x, false).unwrap();
+            let eval = vq.quantize(&x, false).unwrap();
             let encoded = vq.encode(&x).unwrap();
             prop_assert_eq!(flat_u32(&encoded), flat_u32(&eval.indices));
             prop_assert_eq!(flat_f32(&vq.decode(&encoded).unwrap()), flat_f32(&eval.quantized));
@@ -235,10 +237,10 @@ proptest! {
     #[test]
     fn straight_through_gradient_is_identity(problem in problem(), train in any::<bool>()) {
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         let x = Var::from_tensor(&problem.input(0)).unwrap();
         let weights = problem.input(1);
-        let out = vq.forward(x.as_tensor(), train).unwrap();
+        let out = vq.quantize(x.as_tensor(), train).unwrap();
         let grads = (out.quantized * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         let g = grads.get(x.as_tensor()).expect("a gradient reaches the input");
         prop_assert_eq!(flat_f32(g), flat_f32(&weights));
@@ -258,12 +260,12 @@ proptest! {
         };
         let problem = Problem { config, ..problem };
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         let (nb, k, d) = (problem.config.codebooks, problem.config.codes, problem.config.code_dim());
         let vectors_per_codebook = problem.shape.iter().product::<usize>() / problem.config.dim;
         for step in 0..3 {
             let before = flat_f32(&vq.counts().unwrap());
-            vq.forward(&problem.input(step), true).unwrap();
+            vq.quantize(&problem.input(step), true).unwrap();
             let after = flat_f32(&vq.counts().unwrap());
             let sums = flat_f32(&vq.sums().unwrap().unwrap());
             let book = flat_f32(&vq.codebook().unwrap());
@@ -300,10 +302,10 @@ proptest! {
         };
         let problem = Problem { config, ..problem };
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         let snapshot = store.tensors().unwrap();
         for step in 0..3 {
-            vq.forward(&problem.input(step), true).unwrap();
+            vq.quantize(&problem.input(step), true).unwrap();
         }
         for ((name, a), (_, b)) in snapshot.iter().zip(store.tensors().unwrap()) {
             let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
@@ -329,9 +331,9 @@ proptest! {
         };
         let problem = Problem { config, ..problem };
         let store = ParamStore::new(problem.seed);
-        let mut vq = problem.quantizer(&store);
+        let vq = problem.quantizer(&store);
         let x = problem.input(0);
-        let out = vq.forward(&x, false).unwrap();
+        let out = vq.quantize(&x, false).unwrap();
         let trainable = store.trainable();
         prop_assert_eq!(trainable.len(), 1);
         let (name, var) = &trainable[0];
@@ -362,10 +364,10 @@ proptest! {
         let problem = Problem { config, ..problem };
         let run = || {
             let store = ParamStore::new(problem.seed);
-            let mut vq = problem.quantizer(&store);
+            let vq = problem.quantizer(&store);
             let mut outputs = Vec::new();
             for step in 0..3 {
-                let out = vq.forward(&problem.input(step), true).unwrap();
+                let out = vq.quantize(&problem.input(step), true).unwrap();
                 outputs.push((flat_f32(&out.quantized), flat_u32(&out.indices), out.stats));
             }
             let state: Vec<Vec<f64>> = store
@@ -479,7 +481,7 @@ proptest! {
         };
         let (nb, k, d) = (config.codebooks, config.codes, config.code_dim());
         let store = ParamStore::new(problem.seed);
-        let mut rvq = ResidualVq::uniform(&store.root(&DEV).pp("rvq"), &config, depth).unwrap();
+        let mut rvq = ResidualVq::uniform_from_param_path(&store.root(&DEV).pp("rvq"), &config, depth).unwrap();
         for (i, stage) in rvq.stages_mut().iter_mut().enumerate() {
             // Codes shrinking with depth, as residuals do, and one zero row per codebook.
             let scale = 0.5f32.powi(i as i32);
@@ -504,7 +506,7 @@ proptest! {
             previous = err;
         }
         // The forward value is the full-depth decode.
-        let out = rvq.forward(&x, false).unwrap();
+        let out = rvq.quantize(&x, false).unwrap();
         prop_assert_eq!(flat_f32(&out.quantized), flat_f32(&rvq.decode(&indices).unwrap()));
     }
 }

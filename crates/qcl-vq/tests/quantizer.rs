@@ -22,7 +22,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn quantizer(config: VectorQuantizerConfig) -> (ParamStore, VectorQuantizer) {
     let store = ParamStore::new(3);
-    let vq = VectorQuantizer::new(&store.root(&DEV).pp("vq"), config).unwrap();
+    let vq = VectorQuantizer::from_param_path(&store.root(&DEV).pp("vq"), config).unwrap();
     (store, vq)
 }
 
@@ -59,7 +59,7 @@ fn ema_step_matches_the_formulas_worked_by_hand() {
         .unwrap();
     // Vectors 1, 2 → code 0; 9 → code 1.
     let x = Tensor::new(&[[[1f32], [2.0], [9.0]]], &DEV).unwrap();
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.quantize(&x, true).unwrap();
     assert_eq!(flat(&out.quantized), vec![0.0, 0.0, 10.0]);
     assert_eq!(out.stats.batch.histogram(0), &[2, 1]);
     // c = 0.5·0 + 0.5·[2, 1] = [1, 0.5]; s = 1.5; c ← (c + 0.1)·1.5 / (1.5 + 2·0.1).
@@ -110,7 +110,7 @@ fn gradient_mode_codebook_is_trainable_and_learns() {
         update: CodebookUpdate::Gradient,
         ..VectorQuantizerConfig::new(2, 4)
     };
-    let (store, mut vq) = quantizer(config);
+    let (store, vq) = quantizer(config);
     assert_eq!(store.trainable().len(), 1);
     let mut adam = Adam::new(
         store.trainable(),
@@ -124,7 +124,7 @@ fn gradient_mode_codebook_is_trainable_and_learns() {
     let x = (clustered(1, 1, 64, 2) + 5.0).unwrap();
     let mut losses = Vec::new();
     for _ in 0..30 {
-        let out = vq.forward(&x, true).unwrap();
+        let out = vq.quantize(&x, true).unwrap();
         let loss = out.codebook_loss.unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         adam.backward_step(&loss).unwrap();
@@ -150,9 +150,9 @@ fn loss_is_weighted_commitment_plus_codebook_loss() {
             commitment_weight: 2.0,
             ..VectorQuantizerConfig::new(3, 5)
         };
-        let (_store, mut vq) = quantizer(config);
+        let (_store, vq) = quantizer(config);
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &DEV).unwrap();
-        let out = vq.forward(&x, false).unwrap();
+        let out = vq.quantize(&x, false).unwrap();
         let commit = out.commitment_loss.to_scalar::<f32>().unwrap();
         let direct = (&x - &out.quantized)
             .unwrap()
@@ -177,13 +177,13 @@ fn loss_is_weighted_commitment_plus_codebook_loss() {
 
 #[test]
 fn f64_input_gives_f64_output_with_the_codebook_values() {
-    let (_store, mut vq) = quantizer(VectorQuantizerConfig::new(4, 8));
+    let (_store, vq) = quantizer(VectorQuantizerConfig::new(4, 8));
     let x = Tensor::randn(0f64, 1.0, (2, 4, 3, 3), &DEV).unwrap();
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.quantize(&x, true).unwrap();
     assert_eq!(out.quantized.dtype(), DType::F64);
     assert_eq!(out.loss.dtype(), DType::F64);
     let decoded = flat(&vq.encode(&x).and_then(|i| vq.decode(&i)).unwrap());
-    let again = flat(&vq.forward(&x, false).unwrap().quantized);
+    let again = flat(&vq.quantize(&x, false).unwrap().quantized);
     assert_eq!(decoded, again);
 }
 
@@ -225,7 +225,7 @@ fn bad_configurations_are_typed_errors() {
     ];
     for config in bad {
         assert_eq!(
-            kind(VectorQuantizer::new(&root, config.clone())),
+            kind(VectorQuantizer::from_param_path(&root, config.clone())),
             "invalid_parameter",
             "{config:?}"
         );
@@ -240,21 +240,25 @@ fn bad_inputs_are_typed_errors() {
         ..VectorQuantizerConfig::new(4, 3)
     });
     let wrong_channels = Tensor::zeros((2, 5, 3, 3), DType::F32, &DEV).unwrap();
-    let wrong_rank = Tensor::zeros((4, 4), DType::F32, &DEV).unwrap();
+    // A scalar has no channel axis; rows `[B, C]` need C on their last axis, and so does any
+    // rank other than 4 under the default `ChannelAxis::Auto`.
+    let wrong_rank = Tensor::new(0f32, &DEV).unwrap();
+    let wrong_rows = Tensor::zeros((4, 5), DType::F32, &DEV).unwrap();
     let rank5 = Tensor::zeros((1, 4, 2, 2, 2), DType::F32, &DEV).unwrap();
     let integers = Tensor::zeros((2, 4, 3, 3), DType::U32, &DEV).unwrap();
     let empty = Tensor::zeros((0, 4, 3, 3), DType::F32, &DEV).unwrap();
-    assert_eq!(kind(vq.forward(&wrong_channels, true)), "shape_mismatch");
-    assert_eq!(kind(vq.forward(&wrong_rank, true)), "shape_mismatch");
-    assert_eq!(kind(vq.forward(&rank5, true)), "shape_mismatch");
+    assert_eq!(kind(vq.quantize(&wrong_channels, true)), "shape_mismatch");
+    assert_eq!(kind(vq.quantize(&wrong_rank, true)), "shape_mismatch");
+    assert_eq!(kind(vq.quantize(&wrong_rows, true)), "shape_mismatch");
+    assert_eq!(kind(vq.quantize(&rank5, true)), "shape_mismatch");
     assert_eq!(kind(vq.encode(&wrong_channels)), "shape_mismatch");
-    assert_eq!(kind(vq.forward(&integers, true)), "dtype_mismatch");
-    assert_eq!(kind(vq.forward(&empty, true)), "empty_input");
+    assert_eq!(kind(vq.quantize(&integers, true)), "dtype_mismatch");
+    assert_eq!(kind(vq.quantize(&empty, true)), "empty_input");
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut v = vec![0.5f32; 2 * 4 * 9];
         v[37] = bad;
         let x = Tensor::from_vec(v, (2, 4, 3, 3), &DEV).unwrap();
-        match vq.forward(&x, true) {
+        match vq.quantize(&x, true) {
             Err(Error::NonFinite { index, .. }) => assert_eq!(index, 37),
             other => panic!("expected NonFinite, got {other:?}"),
         }
@@ -393,22 +397,22 @@ fn saved_quantizer_resumes_bit_identically() {
                 .unwrap()
         })
         .collect();
-    let (_store, mut straight) = quantizer(config.clone());
+    let (_store, straight) = quantizer(config.clone());
     for x in &inputs {
-        straight.forward(x, true).unwrap();
+        straight.quantize(x, true).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vq.safetensors");
-    let (_store2, mut first) = quantizer(config);
+    let (_store2, first) = quantizer(config);
     for x in &inputs[..2] {
-        first.forward(x, true).unwrap();
+        first.quantize(x, true).unwrap();
     }
     first.save(&path).unwrap();
     let other = ParamStore::new(99);
-    let mut resumed = VectorQuantizer::load(&path, &other.root(&DEV).pp("vq")).unwrap();
+    let resumed = VectorQuantizer::load(&path, &other.root(&DEV).pp("vq")).unwrap();
     assert_eq!(resumed.steps().unwrap(), 2);
     for x in &inputs[2..] {
-        resumed.forward(x, true).unwrap();
+        resumed.quantize(x, true).unwrap();
     }
     for (a, b) in [
         (straight.codebook(), resumed.codebook()),
@@ -493,20 +497,20 @@ fn quantizer_files_with_a_foreign_state_are_refused() {
 #[test]
 fn revival_keeps_codes_in_use() {
     let run = |threshold: Option<f64>| {
-        let (_store, mut vq) = quantizer(VectorQuantizerConfig {
+        let (_store, vq) = quantizer(VectorQuantizerConfig {
             dead_code_threshold: threshold,
             ..VectorQuantizerConfig::new(3, 32)
         });
         let mut last = None;
         for step in 0..40 {
             let x = clustered(step, 32, 256, 3);
-            last = Some(vq.forward(&x, true).unwrap());
+            last = Some(vq.quantize(&x, true).unwrap());
         }
         let test = clustered(1000, 32, 256, 3);
         let mut usage = CodeUsage::new(1, 32);
         usage.add(&vq.encode(&test).unwrap()).unwrap();
         let mse = vq
-            .forward(&test, false)
+            .quantize(&test, false)
             .unwrap()
             .commitment_loss
             .to_scalar::<f32>()
@@ -535,13 +539,13 @@ fn revival_keeps_codes_in_use() {
 #[test]
 fn revived_codes_are_batch_vectors() {
     // K = 8 fresh codes: after the first update every unused code is below threshold 1.
-    let (_store, mut vq) = quantizer(VectorQuantizerConfig {
+    let (_store, vq) = quantizer(VectorQuantizerConfig {
         dead_code_threshold: Some(1.0),
         update: CodebookUpdate::Gradient,
         ..VectorQuantizerConfig::new(2, 8)
     });
     let x = clustered(5, 3, 30, 2);
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.quantize(&x, true).unwrap();
     let revived = out.stats.revived_codes[0];
     assert!(revived >= 5, "{:?}", out.stats);
     let points = flat(&x);
@@ -568,27 +572,27 @@ fn revived_codes_are_batch_vectors() {
     rows.dedup();
     assert_eq!(rows.len(), revived);
     // Another revival seed draws other vectors.
-    let (_s, mut other) = quantizer(VectorQuantizerConfig {
+    let (_s, other) = quantizer(VectorQuantizerConfig {
         dead_code_threshold: Some(1.0),
         update: CodebookUpdate::Gradient,
         seed: Seed::new(1),
         ..VectorQuantizerConfig::new(2, 8)
     });
-    other.forward(&x, true).unwrap();
+    other.quantize(&x, true).unwrap();
     assert_ne!(flat(&other.codebook().unwrap()), book);
 }
 
 #[test]
 fn kmeans_initialisation_covers_the_clusters_of_the_first_batch() {
     let run = |kmeans_init: bool| {
-        let (_store, mut vq) = quantizer(VectorQuantizerConfig {
+        let (_store, vq) = quantizer(VectorQuantizerConfig {
             kmeans_init,
             update: CodebookUpdate::Gradient, // so that only the initialisation moves codes
             ..VectorQuantizerConfig::new(4, 8)
         });
         let x = clustered(9, 8, 400, 4);
-        let first = vq.forward(&x, true).unwrap();
-        let eval = vq.forward(&x, false).unwrap();
+        let first = vq.quantize(&x, true).unwrap();
+        let eval = vq.quantize(&x, false).unwrap();
         (first, eval, vq)
     };
     let (first, eval, vq) = run(true);
@@ -601,13 +605,13 @@ fn kmeans_initialisation_covers_the_clusters_of_the_first_batch() {
     let (first_random, _, _) = run(false);
     assert!(first_random.commitment_loss.to_scalar::<f32>().unwrap() > 10.0);
     // Fewer vectors than codes: the extra codes copy batch vectors.
-    let (_store, mut small) = quantizer(VectorQuantizerConfig {
+    let (_store, small) = quantizer(VectorQuantizerConfig {
         kmeans_init: true,
         update: CodebookUpdate::Gradient,
         ..VectorQuantizerConfig::new(4, 8)
     });
     let x = clustered(2, 3, 5, 4);
-    let out = small.forward(&x, true).unwrap();
+    let out = small.quantize(&x, true).unwrap();
     assert!(out.commitment_loss.to_scalar::<f32>().unwrap() < 1e-9);
 }
 
@@ -615,11 +619,11 @@ fn kmeans_initialisation_covers_the_clusters_of_the_first_batch() {
 fn freezing_stops_updates_and_is_refused_in_gradient_mode() {
     let (store, mut vq) = quantizer(VectorQuantizerConfig::new(2, 4));
     let x = clustered(3, 4, 40, 2);
-    vq.forward(&x, true).unwrap();
+    vq.quantize(&x, true).unwrap();
     vq.freeze().unwrap();
     assert_eq!(vq.config().update, CodebookUpdate::Frozen);
     let before = store.tensors().unwrap();
-    vq.forward(&x, true).unwrap();
+    vq.quantize(&x, true).unwrap();
     for ((name, a), (_, b)) in before.iter().zip(store.tensors().unwrap()) {
         assert_eq!(
             a.to_dtype(DType::F64)
@@ -646,12 +650,12 @@ fn freezing_stops_updates_and_is_refused_in_gradient_mode() {
 
 #[test]
 fn telemetry_counts_dead_codes_and_batch_usage() {
-    let (_store, mut vq) = quantizer(VectorQuantizerConfig::new(2, 16));
+    let (_store, vq) = quantizer(VectorQuantizerConfig::new(2, 16));
     let x = clustered(4, 2, 100, 2);
     // Before training every count is 0 < 1: all dead.
-    let eval = vq.forward(&x, false).unwrap();
+    let eval = vq.quantize(&x, false).unwrap();
     assert_eq!(eval.stats.dead_codes, vec![16]);
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.quantize(&x, true).unwrap();
     let used = out.stats.used_codes()[0];
     assert!((1..=2).contains(&used), "{used}");
     assert_eq!(out.stats.batch.total(), 100);
@@ -665,23 +669,29 @@ fn telemetry_counts_dead_codes_and_batch_usage() {
 fn residual_vq_validates_and_trains() {
     let store = ParamStore::new(0);
     let root = store.root(&DEV);
-    assert_eq!(kind(ResidualVq::new(&root, &[])), "invalid_parameter");
+    assert_eq!(
+        kind(ResidualVq::from_param_path(&root, &[])),
+        "invalid_parameter"
+    );
     let mixed = [
         VectorQuantizerConfig::new(4, 8),
         VectorQuantizerConfig::new(2, 8),
     ];
-    assert_eq!(kind(ResidualVq::new(&root, &mixed)), "invalid_parameter");
+    assert_eq!(
+        kind(ResidualVq::from_param_path(&root, &mixed)),
+        "invalid_parameter"
+    );
     let config = VectorQuantizerConfig {
         dead_code_threshold: Some(1.0),
         ..VectorQuantizerConfig::new(2, 16)
     };
-    let mut rvq = ResidualVq::uniform(&root.pp("rvq"), &config, 3).unwrap();
+    let rvq = ResidualVq::uniform_from_param_path(&root.pp("rvq"), &config, 3).unwrap();
     assert_eq!(rvq.depth(), 3);
     assert_eq!(rvq.stages()[2].config().seed, Seed::new(0).child(2));
     let names: Vec<String> = store.buffers().into_iter().map(|(n, _)| n).collect();
     assert!(names.contains(&"rvq.2.codebook".to_string()), "{names:?}");
     for step in 0..20 {
-        rvq.forward(&clustered(step, 40, 200, 2), true).unwrap();
+        rvq.quantize(&clustered(step, 40, 200, 2), true).unwrap();
     }
     let test = clustered(77, 40, 200, 2);
     let indices = rvq.encode(&test).unwrap();
@@ -710,7 +720,7 @@ fn residual_vq_validates_and_trains() {
     assert_eq!(kind(rvq.decode(&four)), "invalid_parameter");
     // The stages' losses reach the input.
     let x = candle_core::Var::from_tensor(&test).unwrap();
-    let out = rvq.forward(x.as_tensor(), false).unwrap();
+    let out = rvq.quantize(x.as_tensor(), false).unwrap();
     let grads = out.loss.backward().unwrap();
     assert!(grads.get(x.as_tensor()).is_some());
 }
@@ -721,15 +731,15 @@ fn param_store_files_carry_the_quantizer_state() {
         dead_code_threshold: Some(1.0),
         ..VectorQuantizerConfig::new(2, 8)
     };
-    let (store, mut vq) = quantizer(config.clone());
+    let (store, vq) = quantizer(config.clone());
     for step in 0..3 {
-        vq.forward(&clustered(step, 5, 60, 2), true).unwrap();
+        vq.quantize(&clustered(step, 5, 60, 2), true).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     store.save(&path).unwrap();
     let other = ParamStore::new(42);
-    let restored = VectorQuantizer::new(&other.root(&DEV).pp("vq"), config).unwrap();
+    let restored = VectorQuantizer::from_param_path(&other.root(&DEV).pp("vq"), config).unwrap();
     assert_ne!(
         flat(&restored.codebook().unwrap()),
         flat(&vq.codebook().unwrap())

@@ -130,7 +130,7 @@ impl VqAutoencoder {
             dr1: Conv2d::new(&path.pp("dr1"), c, c, 3, same3)?,
             dr2: Conv2d::new(&path.pp("dr2"), c, c, 1, one)?,
             dt: ConvTranspose2d::new(&path.pp("dt"), c, 1, 4, up)?,
-            vq: VectorQuantizer::new(&path.pp("vq"), vq)?,
+            vq: VectorQuantizer::from_param_path(&path.pp("vq"), vq)?,
         })
     }
 
@@ -151,7 +151,7 @@ impl VqAutoencoder {
 
     fn forward(&mut self, x: &Tensor, train: bool) -> Result<(Tensor, VqOutput)> {
         let z_e = self.encode(x)?;
-        let out = self.vq.forward(&z_e, train)?;
+        let out = self.vq.quantize(&z_e, train)?;
         Ok((self.decode(&out.quantized)?, out))
     }
 }

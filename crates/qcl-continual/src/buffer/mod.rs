@@ -23,9 +23,29 @@
 //! Insertion, removal by id and eviction cost O(1) apart from O(log G) map look-ups in the
 //! number G of (class, task) groups (and, for class-balanced eviction, a scan of the classes);
 //! sampling `k` items costs O(k log G + G).
+//!
+//! **Tensors.** A buffer of candle `Tensor`s (each charged its elements × dtype size) draws
+//! training batches directly: [`ReplayBuffer::sample_batch`] returns the drawn items stacked
+//! into one tensor and their labels as a `u32` tensor.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use qcl_continual::{Capacity, Filter, ReplayBuffer, ReservoirBuffer};
+//! use qcl_tensor::Seed;
+//! let mut buffer = ReservoirBuffer::new(Capacity::bytes(64 * 16), Seed::new(0))?;
+//! for i in 0..100u32 {
+//!     let x = Tensor::full(i as f32, 4, &Device::Cpu)?; // one feature vector [4]
+//!     buffer.insert(i % 3, 0, x)?;
+//! }
+//! assert_eq!(buffer.len(), 64); // 64 items of 16 bytes
+//! let (x, y) = buffer.sample_batch(8, &Filter::all(), &mut Seed::new(1).rng())?;
+//! assert_eq!((x.dims(), y.dims()), (&[8, 4][..], &[8][..]));
+//! # Ok::<(), qcl_tensor::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 
+use candle_core::Tensor;
 use qcl_tensor::{Error, Result, SeededRng};
 
 mod class_balanced;
@@ -72,6 +92,76 @@ impl BufferItem for Vec<f32> {
     fn size_bytes(&self) -> usize {
         std::mem::size_of_val(self.as_slice())
     }
+}
+
+/// A candle tensor, charged its elements × the dtype's size: the payload of a compact tensor.
+///
+/// A view into a larger tensor (`x.get(i)`, `x.narrow(..)`) shares, and keeps alive, that
+/// tensor's whole storage; store `force_contiguous()` copies when the byte capacity must bound
+/// the memory actually held.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use qcl_continual::BufferItem;
+/// assert_eq!(Tensor::zeros((3, 28, 28), DType::F32, &Device::Cpu)?.size_bytes(), 3 * 784 * 4);
+/// assert_eq!(Tensor::zeros(784, DType::U8, &Device::Cpu)?.size_bytes(), 784);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+impl BufferItem for Tensor {
+    fn size_bytes(&self) -> usize {
+        self.elem_count() * self.dtype().size_in_bytes()
+    }
+}
+
+/// Drawn entries as one batch: their items stacked along a new first axis, their labels
+/// `u32 [k]`, both on the items' device.
+///
+/// # Errors
+/// [`Error::EmptyInput`] for no entries; [`Error::ShapeMismatch`] / [`Error::DTypeMismatch`]
+/// naming the first item whose shape or dtype differs from the first one's;
+/// [`Error::InvalidParameter`] for items on different devices.
+pub fn stack_entries<T: AsRef<Tensor>>(entries: &[&Entry<T>]) -> Result<(Tensor, Tensor)> {
+    let Some(first) = entries.first() else {
+        return Err(Error::EmptyInput(
+            "no stored entry admitted by the filter, so no replay batch".into(),
+        ));
+    };
+    let reference = first.item.as_ref();
+    let mut items = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let item = entry.item.as_ref();
+        let context = || format!("replay item {} (label {})", entry.id.0, entry.label);
+        if item.dims() != reference.dims() {
+            return Err(Error::ShapeMismatch {
+                context: context(),
+                expected: format!("{:?}, the shape of item {}", reference.dims(), first.id.0),
+                actual: item.dims().to_vec(),
+            });
+        }
+        if item.dtype() != reference.dtype() {
+            return Err(Error::DTypeMismatch {
+                context: context(),
+                expected: reference.dtype(),
+                actual: item.dtype(),
+            });
+        }
+        if !item.device().same_device(reference.device()) {
+            return Err(Error::invalid_parameter(
+                "replay items",
+                format!(
+                    "{} is on {:?}, item {} on {:?}",
+                    context(),
+                    item.device(),
+                    first.id.0,
+                    reference.device()
+                ),
+            ));
+        }
+        items.push(item);
+    }
+    let labels: Vec<u32> = entries.iter().map(|e| e.label).collect();
+    let labels = Tensor::from_vec(labels, entries.len(), reference.device())?;
+    Ok((Tensor::stack(&items, 0)?, labels))
 }
 
 /// A raw `u8` image (any layout, NCHW for qcl's data sets), charged one byte per value.
@@ -394,6 +484,42 @@ pub trait ReplayBuffer<T: BufferItem> {
         filter: &Filter,
         rng: &mut SeededRng,
     ) -> Vec<&Entry<T>>;
+
+    /// [`sample`](ReplayBuffer::sample) as one batch, for buffers of tensors: the drawn items
+    /// stacked along a new first axis (`[k, ..item shape]`) and their labels `u32 [k]`, with
+    /// `k = min(n, admitted)`.
+    ///
+    /// # Errors
+    /// As [`stack_entries`]: [`Error::EmptyInput`] when the filter admits nothing (an empty
+    /// buffer), typed errors for items of differing shapes, dtypes or devices.
+    fn sample_batch(
+        &self,
+        n: usize,
+        filter: &Filter,
+        rng: &mut SeededRng,
+    ) -> Result<(Tensor, Tensor)>
+    where
+        T: AsRef<Tensor>,
+    {
+        stack_entries(&self.sample(n, filter, rng))
+    }
+
+    /// [`sample_class_balanced`](ReplayBuffer::sample_class_balanced) as one batch (see
+    /// [`sample_batch`](ReplayBuffer::sample_batch)).
+    ///
+    /// # Errors
+    /// As [`sample_batch`](ReplayBuffer::sample_batch).
+    fn sample_class_balanced_batch(
+        &self,
+        n: usize,
+        filter: &Filter,
+        rng: &mut SeededRng,
+    ) -> Result<(Tensor, Tensor)>
+    where
+        T: AsRef<Tensor>,
+    {
+        stack_entries(&self.sample_class_balanced(n, filter, rng))
+    }
 
     /// Number of stored entries per class (classes with none are absent).
     fn class_counts(&self) -> &BTreeMap<u32, usize>;

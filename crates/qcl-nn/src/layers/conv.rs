@@ -180,8 +180,8 @@ impl Conv2d {
 }
 
 impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with_weight(x, &self.weight)
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_with_weight(x, &self.weight)?)
     }
 }
 
@@ -269,9 +269,9 @@ impl ConvTranspose2d {
 }
 
 impl Module for ConvTranspose2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let c = self.config;
-        conv_transpose2d_with_bias(
+        Ok(conv_transpose2d_with_bias(
             x,
             &self.weight,
             self.bias.as_ref(),
@@ -281,6 +281,6 @@ impl Module for ConvTranspose2d {
                 output_padding: c.output_padding,
                 dilation: c.dilation,
             },
-        )
+        )?)
     }
 }

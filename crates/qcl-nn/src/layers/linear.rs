@@ -61,8 +61,8 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (out_f, in_f) = self.weight.dims2()?;
         if x.rank() != 2 || x.dim(1)? != in_f {
             return Err(Error::ShapeMismatch {
@@ -76,5 +76,11 @@ impl Module for Linear {
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, out_f))?)?),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.apply(x)?)
     }
 }

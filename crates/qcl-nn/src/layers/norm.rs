@@ -155,7 +155,7 @@ impl BatchNorm2d {
 }
 
 impl ModuleT for BatchNorm2d {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.apply(x, train, false)
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.apply(x, train, false)?)
     }
 }

@@ -122,7 +122,13 @@ impl BasicBlock {
 impl ModuleT for BasicBlock {
     /// In training mode on the CPU the block is one fused autograd node (same values and
     /// gradients as the separate ops, without candle's per-edge gradient bookkeeping).
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.apply(x, train)?)
+    }
+}
+
+impl BasicBlock {
+    fn apply(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             if let Some(params) = self.fused_params() {
                 if let Some((y, stats)) = basic_block_train(x, &params)? {
@@ -229,7 +235,7 @@ mod tests {
         }
         outcome(&store, &[n, c_in, size, size], dtype, seed, |x| {
             if fused {
-                block.forward_t(x, true)
+                block.apply(x, true)
             } else {
                 block.forward_separate_t(x, true)
             }

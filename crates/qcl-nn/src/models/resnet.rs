@@ -153,7 +153,7 @@ impl ResNet {
 }
 
 impl ModuleT for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.fc.forward(&self.features_t(x, train)?)
     }
 }

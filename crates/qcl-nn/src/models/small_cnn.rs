@@ -60,7 +60,13 @@ impl SmallCnn {
 }
 
 impl Module for SmallCnn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.apply(x)?)
+    }
+}
+
+impl SmallCnn {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if x.dims()[1..] != [self.in_channels, self.size, self.size] {
             return Err(Error::ShapeMismatch {
                 context: "small CNN input".into(),
@@ -71,6 +77,6 @@ impl Module for SmallCnn {
         let h = max_pool2d(&self.conv1.forward_relu(x)?, 2, 2)?;
         let h = max_pool2d(&self.conv2.forward_relu(&h)?, 2, 2)?;
         let h = relu(&self.fc1.forward(&h.flatten_from(1)?)?)?;
-        self.fc2.forward(&h)
+        Ok(self.fc2.forward(&h)?)
     }
 }

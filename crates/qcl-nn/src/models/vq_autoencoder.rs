@@ -23,9 +23,13 @@ use crate::{Init, ParamPath};
 /// use candle_core::{Device, Tensor};
 /// let store = qcl_nn::ParamStore::new(0);
 /// let ae = qcl_nn::models::VqAutoencoder::new(&store.root(&Device::Cpu), 32, 16)?;
-/// let out = ae.forward(&Tensor::rand(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?)?;
+/// let x = Tensor::rand(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?;
+/// let out = ae.forward_with_codes(&x)?;
 /// assert_eq!(out.reconstruction.dims(), &[2, 1, 28, 28]);
 /// assert_eq!(out.codes.len(), 2 * 14 * 14);
+/// // As a candle `Module`, the model is its reconstruction.
+/// use qcl_nn::layers::Module;
+/// assert_eq!(ae.forward(&x)?.dims(), &[2, 1, 28, 28]);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -40,7 +44,7 @@ pub struct VqAutoencoder {
     codebook: Tensor,
 }
 
-/// What one [`VqAutoencoder::forward`] produces.
+/// What one [`VqAutoencoder::forward_with_codes`] produces.
 #[derive(Debug, Clone)]
 pub struct VqAutoencoderOutput {
     /// Decoded images, `[n, 1, 28, 28]`.
@@ -108,11 +112,12 @@ impl VqAutoencoder {
         })
     }
 
-    /// Encode, quantise and decode a batch `[n, 1, 28, 28]`.
+    /// Encode, quantise and decode a batch `[n, 1, h, w]` (even `h`, `w`): the reconstruction
+    /// with the commitment loss and the codes ([`Module::forward`] is the reconstruction alone).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] for other input shapes.
-    pub fn forward(&self, x: &Tensor) -> Result<VqAutoencoderOutput> {
+    pub fn forward_with_codes(&self, x: &Tensor) -> Result<VqAutoencoderOutput> {
         if x.rank() != 4 || x.dim(1)? != 1 || x.dim(2)? % 2 == 1 || x.dim(3)? % 2 == 1 {
             return Err(Error::ShapeMismatch {
                 context: "vq autoencoder input".into(),
@@ -131,6 +136,12 @@ impl VqAutoencoder {
             commitment,
             codes,
         })
+    }
+}
+
+impl Module for VqAutoencoder {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_with_codes(x)?.reconstruction)
     }
 }
 

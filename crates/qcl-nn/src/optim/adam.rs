@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
 use qcl_tensor::{Error, Result};
 
-use super::{check_non_negative, NamedVars, Optimizer, OptimizerState};
+use super::{
+    check_non_negative, impl_candle_optimizer, IntoNamedVars, NamedVars, Optimizer, OptimizerState,
+};
 
 /// How [`Adam`] decays weights. Always an explicit choice: the default is [`WeightDecay::None`].
 ///
@@ -163,20 +166,30 @@ const EXP_AVG_SQ: &str = "exp_avg_sq";
 const STEP: &str = "step";
 
 impl Adam {
-    /// An optimizer over `vars` (e.g. [`ParamStore::trainable`](crate::ParamStore::trainable)).
+    /// An optimizer over `vars`: [`ParamStore::trainable`](crate::ParamStore::trainable), a
+    /// `&VarMap`, or `varmap.all_vars()` (see [`IntoNamedVars`]).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for bad hyperparameters (see [`AdamParams::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: Vec<(String, Var)>, params: AdamParams) -> Result<Self> {
+    pub fn new(vars: impl IntoNamedVars, params: AdamParams) -> Result<Self> {
         params.validate()?;
-        let vars = NamedVars::new(vars)?;
+        let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Adam {
             moments: vec![None; vars.len()],
             vars,
             params,
             steps: 0,
         })
+    }
+
+    /// An optimizer over the float variables of a candle-nn `VarMap` (those it holds now),
+    /// sorted by name so that its state is the same from run to run.
+    ///
+    /// # Errors
+    /// As [`Adam::new`].
+    pub fn from_var_map(vars: &VarMap, params: AdamParams) -> Result<Self> {
+        Self::new(vars, params)
     }
 
     /// The hyperparameters (with the current learning rate).
@@ -354,3 +367,5 @@ impl Optimizer for Adam {
         Ok(())
     }
 }
+
+impl_candle_optimizer!(Adam, AdamParams);

@@ -1,8 +1,13 @@
-//! Optimizers over a [`ParamStore`](crate::ParamStore)'s trainable variables.
+//! Optimizers over named variables: a [`ParamStore`](crate::ParamStore)'s trainable
+//! parameters or a candle-nn `VarMap`'s variables.
 //!
-//! Every optimizer implements [`Optimizer`]: one update per [`Optimizer::step`] from a
-//! candle `GradStore`, a settable learning rate (driven by a [`crate::schedule`]), and its
-//! whole state as named tensors plus scalars so that a checkpoint can restore it exactly.
+//! Every optimizer implements candle-nn's [`candle_nn::Optimizer`] (so `backward_step`, and
+//! any code generic over candle-nn optimizers, work with it) and qcl's [`Optimizer`]: one
+//! update per [`Optimizer::step`] from a candle `GradStore`, a settable learning rate (driven
+//! by a [`crate::schedule`]), and its whole state as named tensors plus scalars so that a
+//! checkpoint can restore it exactly. Constructors take anything [`IntoNamedVars`]: named
+//! variables (`store.trainable()`), a `&VarMap` (its float variables, sorted by name), or bare
+//! `Var`s (`varmap.all_vars()`, named by position).
 //!
 //! - [`Sgd`]: stochastic gradient descent with momentum, dampening, Nesterov momentum and L2
 //!   weight decay, with PyTorch's `torch.optim.SGD` semantics.
@@ -26,11 +31,29 @@
 //! assert_eq!(sgd.steps_taken(), 1);
 //! # Ok::<(), qcl_tensor::Error>(())
 //! ```
+//!
+//! The same optimizer stepping a candle-nn model's `VarMap`:
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{Optimizer, VarBuilder, VarMap};
+//! use qcl_nn::optim::{Adam, AdamParams};
+//!
+//! let varmap = VarMap::new();
+//! let fc = candle_nn::linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+//! let mut adam = Adam::from_var_map(&varmap, AdamParams { lr: 0.01, ..Default::default() })?;
+//! let x = Tensor::ones((4, 3), DType::F32, &Device::Cpu)?;
+//! let before = fc.forward(&x)?.sum_all()?.to_scalar::<f32>()?;
+//! adam.backward_step(&fc.forward(&x)?.sum_all()?)?; // candle-nn's trait method
+//! assert!(fc.forward(&x)?.sum_all()?.to_scalar::<f32>()? < before);
+//! # Ok::<(), qcl_tensor::Error>(())
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
 use qcl_tensor::{Error, Result};
 
 mod adam;
@@ -99,7 +122,14 @@ impl OptimizerState {
     }
 }
 
-/// A first-order optimizer.
+/// A first-order optimizer whose state can be saved and restored.
+///
+/// Kept beside [`candle_nn::Optimizer`] (which qcl's optimizers implement too) because
+/// candle-nn's trait lacks two things qcl's training needs: the whole optimizer state
+/// ([`state`](Optimizer::state)/[`load_state`](Optimizer::load_state)), so that a resumed run
+/// ends bit-identical to an uninterrupted one, and dynamic dispatch (candle-nn's trait is
+/// `Sized`; [`crate::train::TrainLoop`] holds a `&mut dyn Optimizer`). In scope together, the
+/// two traits' `step` and learning-rate methods need a path (`Optimizer::step(&mut opt, &g)`).
 pub trait Optimizer {
     /// Apply one update from `grads`; parameters without a gradient are left unchanged (and
     /// their state is not advanced).
@@ -140,6 +170,76 @@ pub trait Optimizer {
         self.step(&grads)
     }
 }
+
+/// What an optimizer can be built over: named variables.
+///
+/// - `Vec<(String, Var)>`: as given (e.g. [`ParamStore::trainable`](crate::ParamStore::trainable));
+///   names must be unique and every variable a float.
+/// - `&VarMap`: the map's float variables, sorted by name, so state names (and with them
+///   checkpoints) do not depend on the map's hash order.
+/// - `Vec<Var>`: the float variables (as candle-nn's optimizers filter them), named by their
+///   position `"0"`, `"1"`, …; updates do not depend on the order, but saved states do, so
+///   prefer `&VarMap` when the state is saved (`VarMap::all_vars` has no fixed order).
+pub trait IntoNamedVars {
+    /// The variables with their names.
+    fn into_named_vars(self) -> Vec<(String, Var)>;
+}
+
+impl IntoNamedVars for Vec<(String, Var)> {
+    fn into_named_vars(self) -> Vec<(String, Var)> {
+        self
+    }
+}
+
+impl IntoNamedVars for &VarMap {
+    fn into_named_vars(self) -> Vec<(String, Var)> {
+        let data = self.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut vars: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(_, v)| v.dtype().is_float())
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        vars.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+}
+
+impl IntoNamedVars for Vec<Var> {
+    fn into_named_vars(self) -> Vec<(String, Var)> {
+        self.into_iter()
+            .filter(|v| v.dtype().is_float())
+            .enumerate()
+            .map(|(i, v)| (i.to_string(), v))
+            .collect()
+    }
+}
+
+/// Implements [`candle_nn::Optimizer`] for a qcl optimizer by delegating to its inherent
+/// constructor and to qcl's [`Optimizer`] (errors travel as candle errors and come back typed).
+macro_rules! impl_candle_optimizer {
+    ($ty:ty, $params:ty) => {
+        impl candle_nn::Optimizer for $ty {
+            type Config = $params;
+
+            fn new(vars: Vec<Var>, config: $params) -> candle_core::Result<Self> {
+                Ok(<$ty>::new(vars, config)?)
+            }
+
+            fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+                Ok(<$ty as crate::optim::Optimizer>::step(self, grads)?)
+            }
+
+            fn learning_rate(&self) -> f64 {
+                <$ty as crate::optim::Optimizer>::learning_rate(self)
+            }
+
+            fn set_learning_rate(&mut self, lr: f64) {
+                <$ty as crate::optim::Optimizer>::set_learning_rate(self, lr)
+            }
+        }
+    };
+}
+pub(crate) use impl_candle_optimizer;
 
 /// Checks a hyperparameter that must be finite and `>= 0`.
 pub(crate) fn check_non_negative(name: &str, value: f64) -> Result<()> {

@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
 use qcl_tensor::{Error, Result};
 
-use super::{check_non_negative, NamedVars, Optimizer, OptimizerState};
+use super::{
+    check_non_negative, impl_candle_optimizer, IntoNamedVars, NamedVars, Optimizer, OptimizerState,
+};
 
 /// Hyperparameters of [`Sgd`], as in `torch.optim.SGD`.
 ///
@@ -115,20 +118,30 @@ const KIND: &str = "sgd";
 const MOMENTUM: &str = "momentum";
 
 impl Sgd {
-    /// An optimizer over `vars` (e.g. [`ParamStore::trainable`](crate::ParamStore::trainable)).
+    /// An optimizer over `vars`: [`ParamStore::trainable`](crate::ParamStore::trainable), a
+    /// `&VarMap`, or `varmap.all_vars()` (see [`IntoNamedVars`]).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for bad hyperparameters (see [`SgdParams::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: Vec<(String, Var)>, params: SgdParams) -> Result<Self> {
+    pub fn new(vars: impl IntoNamedVars, params: SgdParams) -> Result<Self> {
         params.validate()?;
-        let vars = NamedVars::new(vars)?;
+        let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Sgd {
             momentum_buffers: vec![None; vars.len()],
             vars,
             params,
             steps: 0,
         })
+    }
+
+    /// An optimizer over the float variables of a candle-nn `VarMap` (those it holds now),
+    /// sorted by name so that its state is the same from run to run.
+    ///
+    /// # Errors
+    /// As [`Sgd::new`].
+    pub fn from_var_map(vars: &VarMap, params: SgdParams) -> Result<Self> {
+        Self::new(vars, params)
     }
 
     /// The hyperparameters (with the current learning rate).
@@ -244,3 +257,5 @@ impl Optimizer for Sgd {
         Ok(())
     }
 }
+
+impl_candle_optimizer!(Sgd, SgdParams);
