@@ -103,6 +103,7 @@ impl CompressedModel {
                     dtype: Dtype::F32,
                     shape: layer.pq.geometry.kind.weight_shape(),
                     encoding: Encoding::Pq(layer.pq.clone()),
+                    outliers: None,
                 },
             );
         }

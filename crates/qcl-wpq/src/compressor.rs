@@ -13,7 +13,7 @@ use crate::checkpoint::{
 };
 use crate::layout::{LayerGeometry, Layout};
 use crate::objective::{quantize_pq, Evidence, PqParams, Quadratic};
-use crate::scalar::{gptq, rtn, ScalarParams};
+use crate::scalar::{scalar_with_outliers, ScalarParams};
 use crate::select::Plan;
 
 /// How one tensor is compressed.
@@ -42,9 +42,10 @@ impl Method {
     /// Whether the method cannot run without recorded calibration for the tensor.
     pub fn needs_calibration(&self) -> bool {
         match self {
-            Method::Fp16 | Method::Rtn(_) => false,
+            Method::Fp16 => false,
+            Method::Rtn(p) => p.outliers.is_requested(),
             Method::Gptq(_) => true,
-            Method::Pq(p) => p.objective != crate::Objective::Naive,
+            Method::Pq(p) => p.objective != crate::Objective::Naive || p.outliers.is_requested(),
         }
     }
 }
@@ -68,6 +69,9 @@ pub struct TensorReport {
     pub em_objective: Vec<f64>,
     /// Relative output error after each codebook fine-tune (PQ).
     pub finetune_error: Vec<f64>,
+    /// Step toward the least-squares codebook each fine-tune took (PQ; see
+    /// [`crate::FinetuneGuard`]).
+    pub finetune_steps: Vec<f64>,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -146,33 +150,40 @@ fn compress_inner(
         (Some(s), Ok(g)) => Some(Quadratic::from_stats(s, &g)?),
         _ => None,
     };
-    let mut em_objective = Vec::new();
-    let mut finetune_error = Vec::new();
-    let encoding = match method {
-        Method::Fp16 => Encoding::Fp16(values.iter().map(|&v| half::f16::from_f32(v)).collect()),
-        Method::Rtn(p) => Encoding::Scalar(rtn(&values, &shape, p)?),
-        Method::Gptq(p) => {
-            let q = quad.as_ref().ok_or_else(|| Error::ShapeMismatch {
-                context: "weight".into(),
-                expected: "a 2-D or 4-D weight for GPTQ".into(),
-                actual: shape.clone(),
-            })?;
-            Encoding::Scalar(gptq(&values, &shape, p, q)?)
+    let (mut em_objective, mut finetune_error, mut finetune_steps) = (vec![], vec![], vec![]);
+    let (encoding, outliers) = match method {
+        Method::Fp16 => (
+            Encoding::Fp16(values.iter().map(|&v| half::f16::from_f32(v)).collect()),
+            None,
+        ),
+        Method::Rtn(p) | Method::Gptq(p) => {
+            let feedback = matches!(method, Method::Gptq(_));
+            if feedback && quad.is_none() {
+                return Err(Error::ShapeMismatch {
+                    context: "weight".into(),
+                    expected: "a 2-D or 4-D weight for GPTQ".into(),
+                    actual: shape.clone(),
+                });
+            }
+            let (t, outliers) = scalar_with_outliers(&values, &shape, p, quad.as_ref(), feedback)?;
+            (Encoding::Scalar(t), outliers)
         }
         Method::Pq(p) => {
             let evidence = stats.map_or(Evidence::None, Evidence::Stats);
             let out = quantize_pq(&values, &shape, p, evidence, seed)?;
             em_objective = out.em_objective;
             finetune_error = out.finetune_error;
+            finetune_steps = out.finetune_steps;
             let mut t = out.tensor;
             t.round_to_f16();
-            Encoding::Pq(t)
+            (Encoding::Pq(t), out.outliers)
         }
     };
     let compressed = CompressedTensor {
         dtype: tensor.dtype(),
         shape: shape.clone(),
         encoding,
+        outliers,
     };
     let decoded = compressed.decode()?;
     let norm: f64 = values.iter().map(|&v| f64::from(v).powi(2)).sum();
@@ -193,6 +204,7 @@ fn compress_inner(
         output_error,
         em_objective,
         finetune_error,
+        finetune_steps,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((compressed, report))

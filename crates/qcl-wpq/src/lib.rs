@@ -73,13 +73,17 @@ pub mod pq_tensor;
 pub mod scalar;
 pub mod select;
 pub mod sgd;
+pub mod staged;
 pub mod teacher;
 
 pub use baseline::{uniform_quantize, uniform_size};
-pub use calibration::{Calibration, ConvInput, InputStats, LayerStats, TokenStats};
+pub use calibration::{
+    Calibration, ConvInput, InputStats, LayerStats, TokenStats, CALIBRATION_FORMAT,
+    DEFAULT_SAMPLE_ROWS,
+};
 pub use checkpoint::{
-    BitsReport, Checkpoint, CompressedCheckpoint, CompressedTensor, Encoding, RawTensor,
-    TensorBits, CHECKPOINT_FORMAT,
+    BitsReport, Checkpoint, CompressedCheckpoint, CompressedTensor, Encoding, ExactColumns,
+    RawTensor, TensorBits, CHECKPOINT_FORMAT,
 };
 pub use compress::{compress, CompressConfig, CompressOutcome, LayerReport};
 pub use compressed::{size_report, CompressedModel, QuantizedLayer, SizeReport};
@@ -92,10 +96,12 @@ pub use layout::{clamp_centroids, index_bits, LayerGeometry, LayerKind, Layout};
 pub use metric::Metric;
 pub use model::{distillation_loss, Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
 pub use objective::{
-    finetune_codebooks, quantize_pq, Evidence, PqOutcome, PqParams, Quadratic, MAX_DENSE_UNKNOWNS,
+    finetune_codebooks, quantize_pq, Evidence, FinetuneGuard, OutlierColumns, PqOutcome, PqParams,
+    Quadratic, GUARD_STEPS, MAX_DENSE_UNKNOWNS,
 };
 pub use pq_tensor::{PqTensor, Sharing};
 pub use scalar::{gptq, rtn, ScalarCodes, ScalarParams, ScalarTensor};
 pub use select::{Pattern, Plan, Rule};
 pub use sgd::CentroidSgd;
+pub use staged::compress_checkpoint_staged;
 pub use teacher::{evaluate, train_teacher, TeacherConfig, FMNIST_NORMALIZATION};

@@ -12,7 +12,8 @@ use half::f16;
 use qcl_tensor::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::objective::{inverse_factor, Quadratic};
+use crate::checkpoint::ExactColumns;
+use crate::objective::{inverse_factor, ColumnSplit, Compensation, OutlierColumns, Quadratic};
 
 /// Largest number of bits per scalar code.
 pub const MAX_SCALAR_BITS: u32 = 8;
@@ -29,6 +30,10 @@ pub struct ScalarParams {
     pub damp: f64,
     /// Columns per lazy batch update (error feedback only).
     pub block_columns: usize,
+    /// Input columns of a 2-D weight kept exactly in fp16 (needs recorded inputs; applied by
+    /// [`crate::compress_tensor`], GPTQ ordering them last and storing their compensated
+    /// values as error-feedback PQ does).
+    pub outliers: OutlierColumns,
 }
 
 impl Default for ScalarParams {
@@ -38,6 +43,7 @@ impl Default for ScalarParams {
             group: Some(128),
             damp: 0.01,
             block_columns: 128,
+            outliers: OutlierColumns::None,
         }
     }
 }
@@ -306,4 +312,74 @@ pub fn gptq(
         group,
         codes,
     })
+}
+
+/// Round-to-nearest (`feedback = false`) or GPTQ of `weight` with `params.outliers` kept
+/// exactly: the grids then cover the other columns (a `[rows, cols − s]` tensor), and GPTQ
+/// orders the outlier columns last and stores their optimal values given the quantized
+/// columns (see [`crate::objective`]).
+pub(crate) fn scalar_with_outliers(
+    weight: &[f32],
+    shape: &[usize],
+    params: &ScalarParams,
+    quad: Option<&Quadratic>,
+    feedback: bool,
+) -> Result<(ScalarTensor, Option<ExactColumns>)> {
+    let needs_quad = || {
+        quad.ok_or_else(|| {
+            Error::EmptyInput("the method needs calibration inputs and none were recorded".into())
+        })
+    };
+    if !params.outliers.is_requested() {
+        let t = if feedback {
+            gptq(weight, shape, params, needs_quad()?)?
+        } else {
+            rtn(weight, shape, params)?
+        };
+        return Ok((t, None));
+    }
+    let quad = needs_quad()?;
+    let (rows, cols) = match (shape, quad.gram()) {
+        (&[rows, cols], Some(_)) if quad.width() == cols => (rows, cols),
+        _ => {
+            return Err(Error::invalid_parameter(
+                "outliers",
+                format!(
+                    "outlier columns need a 2-D weight with recorded float inputs of its width, \
+                     got shape {shape:?}"
+                ),
+            ))
+        }
+    };
+    matrix_of(weight, shape)?;
+    let g = quad.gram().unwrap_or_default();
+    let diag: Vec<f64> = (0..cols).map(|i| g[i * cols + i]).collect();
+    let split = ColumnSplit::new(cols, params.outliers.select(&diag, 1)?);
+    let q = split.rest.len();
+    let w_r = split.gather(weight, &split.rest);
+    let w_o = split.gather(weight, &split.outliers);
+    let (tensor, exact) = if feedback {
+        let u = inverse_factor(&split.permuted(quad)?, params.damp)?;
+        let u = u.submatrix(0, 0, q, q).to_owned();
+        let group = params.group_for(q)?;
+        let codes = crate::objective::feedback_scalar(
+            &w_r,
+            rows,
+            &u,
+            (params.bits, group),
+            params.block_columns,
+        );
+        let t = ScalarTensor {
+            shape: vec![rows, q],
+            bits: params.bits,
+            group,
+            codes,
+        };
+        let values = Compensation::new(&split, quad)?.values(&w_r, &w_o, &t.decode()?);
+        (t, values)
+    } else {
+        (rtn(&w_r, &[rows, q], params)?, w_o)
+    };
+    let columns = split.outliers.iter().map(|&c| c as u32).collect();
+    Ok((tensor, Some(ExactColumns::new(columns, &exact))))
 }

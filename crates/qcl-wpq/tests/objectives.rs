@@ -38,6 +38,7 @@ fn correlated_stats(width: usize, rows: usize, seed: u64) -> (LayerStats, Vec<f6
         gram: gram.clone(),
         rows: rows as u64,
         conv: None,
+        sample: Vec::new(),
     });
     (stats, gram)
 }
@@ -50,6 +51,7 @@ fn identity_stats(width: usize) -> LayerStats {
         gram,
         rows: 3,
         conv: None,
+        sample: Vec::new(),
     })
 }
 

@@ -7,6 +7,9 @@
 //!   indices bit-packed by qcl-pq's `PackedCodes`, `⌈log2 K⌉` bits each, slab-major) for PQ;
 //!   `name#codes` (u8, `bits` per weight, row-major), `name#scales` and `name#zeros` (f16
 //!   `[rows, groups]`) for scalar grids; `name#fp16` for fp16;
+//! - with `s` exact outlier columns (metadata `outliers: s`): `name#outlier_columns` (u32
+//!   `[s]`, strictly ascending) and `name#outlier_values` (f16 `[rows, s]`), the PQ or scalar
+//!   parts then encoding the `[rows, cols − s]` weight of the other columns;
 //! - metadata: `format`, `qcl.tensors` (JSON object, sorted by name: method, dtype, shape and
 //!   the method's parameters per compressed tensor) and the application's own keys.
 //!
@@ -24,7 +27,7 @@ use qcl_tensor::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use super::{CompressedCheckpoint, CompressedTensor, Encoding, RawTensor};
+use super::{CompressedCheckpoint, CompressedTensor, Encoding, ExactColumns, RawTensor};
 use crate::layout::{index_bits, LayerGeometry, Layout};
 use crate::pq_tensor::{PqTensor, Sharing};
 use crate::scalar::{ScalarCodes, ScalarTensor, MAX_SCALAR_BITS};
@@ -51,6 +54,8 @@ enum TensorMeta {
         shape: Vec<usize>,
         bits: u32,
         group: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        outliers: usize,
     },
     Pq {
         dtype: Dtype,
@@ -60,11 +65,17 @@ enum TensorMeta {
         k: usize,
         sharing: Sharing,
         bits: u32,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        outliers: usize,
     },
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// One stored tensor: name, dtype, shape, bytes.
-type Part<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+pub(crate) type Part<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
 
 fn f16_bytes(values: &[f16]) -> Cow<'static, [u8]> {
     Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -231,7 +242,20 @@ fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Pa
         expected: format!("{:?}", t.shape),
         actual,
     };
-    Ok(match &t.encoding {
+    let (inner, outliers) = match (&t.outliers, t.shape.as_slice(), &t.encoding) {
+        (None, _, _) => (t.shape.clone(), 0),
+        (Some(e), &[rows, cols], Encoding::Scalar(_) | Encoding::Pq(_)) => {
+            e.validate(rows, cols)?;
+            (vec![rows, cols - e.columns.len()], e.columns.len())
+        }
+        (Some(_), _, _) => {
+            return Err(Error::invalid_parameter(
+                "outliers",
+                format!("`{name}`: outlier columns need a 2-D PQ or scalar tensor"),
+            ))
+        }
+    };
+    let (meta, mut parts) = match &t.encoding {
         Encoding::Fp16(v) => {
             if v.len() != t.shape.iter().product::<usize>() {
                 return Err(mismatch("fp16 values", vec![v.len()]));
@@ -241,7 +265,7 @@ fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Pa
         }
         Encoding::Scalar(s) => {
             s.validate()?;
-            if s.shape != t.shape {
+            if s.shape != inner {
                 return Err(mismatch("scalar codes", s.shape.clone()));
             }
             let (rows, per_row) = (s.matrix_dims().0, s.groups_per_row());
@@ -266,12 +290,13 @@ fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Pa
                 shape,
                 bits: s.bits,
                 group: s.group,
+                outliers,
             };
             (meta, parts)
         }
         Encoding::Pq(p) => {
             p.validate()?;
-            if p.geometry.kind.weight_shape() != t.shape {
+            if p.geometry.kind.weight_shape() != inner {
                 return Err(mismatch("PQ geometry", p.geometry.kind.weight_shape()));
             }
             let (d, bits) = (p.geometry.block, index_bits(p.k));
@@ -294,14 +319,36 @@ fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Pa
                 k: p.k,
                 sharing: p.sharing,
                 bits,
+                outliers,
             };
             (meta, parts)
         }
-    })
+    };
+    if let Some(e) = &t.outliers {
+        let s = e.columns.len();
+        let columns: Vec<u8> = e.columns.iter().flat_map(|c| c.to_le_bytes()).collect();
+        parts.push(part(
+            "outlier_columns",
+            Dtype::U32,
+            vec![s],
+            Cow::Owned(columns),
+        ));
+        let values = f16_bytes(&e.values);
+        parts.push(part(
+            "outlier_values",
+            Dtype::F16,
+            vec![t.shape[0], s],
+            values,
+        ));
+    }
+    Ok((meta, parts))
 }
 
 /// Safetensors bytes with a sorted header; data ordered by alignment, then name.
-fn serialize(metadata: &BTreeMap<String, String>, mut parts: Vec<Part<'_>>) -> Result<Vec<u8>> {
+pub(crate) fn serialize(
+    metadata: &BTreeMap<String, String>,
+    mut parts: Vec<Part<'_>>,
+) -> Result<Vec<u8>> {
     #[derive(Serialize)]
     struct Entry<'a> {
         dtype: Dtype,
@@ -342,10 +389,10 @@ fn serialize(metadata: &BTreeMap<String, String>, mut parts: Vec<Part<'_>>) -> R
     Ok(out)
 }
 
-type Views<'a> = BTreeMap<String, (Dtype, Vec<usize>, &'a [u8])>;
+pub(crate) type Views<'a> = BTreeMap<String, (Dtype, Vec<usize>, &'a [u8])>;
 
 /// Removes part `suffix` of `name` from `views`, checking its dtype and shape.
-fn take<'a>(
+pub(crate) fn take<'a>(
     views: &mut Views<'a>,
     name: &str,
     suffix: &str,
@@ -400,7 +447,7 @@ fn numel(shape: &[usize]) -> Result<usize> {
 
 fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<CompressedTensor> {
     let bad = |reason: String| Error::bad_file("", reason);
-    let (dtype, shape, encoding) = match meta {
+    let (dtype, shape, encoding, s_out) = match meta {
         TensorMeta::Fp16 { dtype, shape } => {
             numel(shape)?;
             let values = take(views, name, "fp16", Dtype::F16, shape)?;
@@ -408,19 +455,21 @@ fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<Compre
                 .chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]))
                 .collect();
-            (*dtype, shape, Encoding::Fp16(values))
+            (*dtype, shape, Encoding::Fp16(values), 0)
         }
         TensorMeta::Scalar {
             dtype,
             shape,
             bits,
             group,
+            outliers,
         } => {
-            let n = numel(shape)?;
+            let inner = inner_shape(shape, *outliers)?;
+            let n = numel(&inner)?;
             if !(1..=MAX_SCALAR_BITS).contains(bits) || *group == 0 {
                 return Err(bad(format!("absurd bits {bits} or group {group}")));
             }
-            let (rows, cols) = (shape[0], n / shape[0]);
+            let (rows, cols) = (inner[0], n / inner[0]);
             let per_row = cols.div_ceil(*group);
             let codes = take(
                 views,
@@ -432,7 +481,7 @@ fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<Compre
             let scales = take(views, name, "scales", Dtype::F16, &[rows, per_row])?;
             let zeros = take(views, name, "zeros", Dtype::F16, &[rows, per_row])?;
             let tensor = ScalarTensor {
-                shape: shape.clone(),
+                shape: inner,
                 bits: *bits,
                 group: (*group).min(cols),
                 codes: ScalarCodes {
@@ -441,7 +490,7 @@ fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<Compre
                     zeros: read_f16(zeros, "zero")?,
                 },
             };
-            (*dtype, shape, Encoding::Scalar(tensor))
+            (*dtype, shape, Encoding::Scalar(tensor), *outliers)
         }
         TensorMeta::Pq {
             dtype,
@@ -451,12 +500,14 @@ fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<Compre
             k,
             sharing,
             bits,
+            outliers,
         } => {
-            numel(shape)?;
+            let inner = inner_shape(shape, *outliers)?;
+            numel(&inner)?;
             if *k == 0 || *k > 1 << 16 || *bits != index_bits(*k) || *d > MAX_BLOCK {
                 return Err(bad(format!("absurd K = {k}, d = {d} or bits = {bits}")));
             }
-            let geometry = LayerGeometry::from_shape(shape, *layout, *d)
+            let geometry = LayerGeometry::from_shape(&inner, *layout, *d)
                 .map_err(|e| bad(format!("geometry: {e}")))?;
             // The codes' size bounds every allocation below by the file's size.
             let n_sv = geometry.n_subvectors();
@@ -486,12 +537,41 @@ fn decode(name: &str, meta: &TensorMeta, views: &mut Views<'_>) -> Result<Compre
                 assignments: unpack(codes, n_sv, *bits)?,
             };
             tensor.validate()?;
-            (*dtype, shape, Encoding::Pq(tensor))
+            (*dtype, shape, Encoding::Pq(tensor), *outliers)
+        }
+    };
+    let outliers = match s_out {
+        0 => None,
+        s => {
+            let columns = take(views, name, "outlier_columns", Dtype::U32, &[s])?;
+            let values = take(views, name, "outlier_values", Dtype::F16, &[shape[0], s])?;
+            let exact = ExactColumns {
+                columns: columns
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                values: read_f16(values, "outlier value")?,
+            };
+            exact.validate(shape[0], shape[1])?;
+            Some(exact)
         }
     };
     Ok(CompressedTensor {
         dtype,
         shape: shape.clone(),
         encoding,
+        outliers,
     })
+}
+
+/// The shape of the columns a scalar or PQ encoding holds beside `s` outlier columns.
+fn inner_shape(shape: &[usize], s: usize) -> Result<Vec<usize>> {
+    match *shape {
+        _ if s == 0 => Ok(shape.to_vec()),
+        [rows, cols] if s < cols => Ok(vec![rows, cols - s]),
+        _ => Err(Error::bad_file(
+            "",
+            format!("{s} outlier columns do not fit a weight of shape {shape:?}"),
+        )),
+    }
 }

@@ -1,7 +1,7 @@
 //! Compressed checkpoints: every compressed tensor with its codes, every other tensor exactly as
 //! it was, one safetensors file ([`CHECKPOINT_FORMAT`]), and bits accounting.
 
-mod file;
+pub(crate) mod file;
 mod raw;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +29,93 @@ pub enum Encoding {
     Pq(PqTensor),
 }
 
+/// Input columns of a 2-D weight stored exactly in fp16 beside a quantized encoding of the
+/// other columns (see [`crate::OutlierColumns`]).
+///
+/// ```
+/// use qcl_wpq::ExactColumns;
+/// // A 2×3 weight whose column 1 is exact; the encoding holds columns 0 and 2.
+/// let exact = ExactColumns::new(vec![1], &[5.0, 6.0]);
+/// assert_eq!(exact.merge(&[1.0, 2.0, 3.0, 4.0], 3)?, vec![1.0, 5.0, 2.0, 3.0, 6.0, 4.0]);
+/// assert_eq!(exact.bits(), 2 * 16 + 32);
+/// assert!(ExactColumns::new(vec![3], &[5.0, 6.0]).validate(2, 3).is_err());
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExactColumns {
+    /// Column indices, strictly ascending.
+    pub columns: Vec<u32>,
+    /// Their values, `[rows, columns.len()]` row-major.
+    pub values: Vec<half::f16>,
+}
+
+impl ExactColumns {
+    /// Columns `columns` with the values `[rows, s]` (rounded to fp16).
+    pub fn new(columns: Vec<u32>, values: &[f32]) -> Self {
+        ExactColumns {
+            columns,
+            values: values.iter().map(|&v| half::f16::from_f32(v)).collect(),
+        }
+    }
+
+    /// Stored bits: 16 per value and 32 per column index.
+    pub fn bits(&self) -> u64 {
+        16 * self.values.len() as u64 + 32 * self.columns.len() as u64
+    }
+
+    /// Checks the indices against a `[rows, cols]` weight.
+    ///
+    /// # Errors
+    /// [`qcl_tensor::Error::CorruptStream`] for indices that are not strictly ascending, not
+    /// below `cols` or leave no column to quantize; [`qcl_tensor::Error::ShapeMismatch`] for
+    /// the wrong number of values.
+    pub fn validate(&self, rows: usize, cols: usize) -> Result<()> {
+        let s = self.columns.len();
+        let ascending = self.columns.windows(2).all(|w| w[0] < w[1]);
+        if s == 0 || s >= cols || !ascending || self.columns.iter().any(|&c| c as usize >= cols) {
+            return Err(qcl_tensor::Error::corrupt_stream(
+                "outlier columns",
+                format!(
+                    "indices {:?} are not strictly ascending below {cols} with a column left",
+                    &self.columns[..s.min(8)]
+                ),
+            ));
+        }
+        if self.values.len() != rows * s {
+            return Err(qcl_tensor::Error::ShapeMismatch {
+                context: "outlier values".into(),
+                expected: format!("[{rows}, {s}]"),
+                actual: vec![self.values.len()],
+            });
+        }
+        Ok(())
+    }
+
+    /// The `[rows, cols]` weight from the other columns' values `rest` (`[rows, cols − s]`).
+    ///
+    /// # Errors
+    /// As [`ExactColumns::validate`]; [`qcl_tensor::Error::ShapeMismatch`] for `rest` of the
+    /// wrong size.
+    pub fn merge(&self, rest: &[f32], cols: usize) -> Result<Vec<f32>> {
+        let s = self.columns.len();
+        let rows = self.values.len().checked_div(s).unwrap_or(0);
+        self.validate(rows, cols)?;
+        if rest.len() != rows * (cols - s) {
+            return Err(qcl_tensor::Error::ShapeMismatch {
+                context: "quantized columns".into(),
+                expected: format!("[{rows}, {}]", cols - s),
+                actual: vec![rest.len()],
+            });
+        }
+        let split = crate::objective::ColumnSplit::new(
+            cols,
+            self.columns.iter().map(|&c| c as usize).collect(),
+        );
+        let exact: Vec<f32> = self.values.iter().map(|v| v.to_f32()).collect();
+        Ok(split.merge(rest, &exact))
+    }
+}
+
 /// A compressed tensor: its original dtype and shape, and its encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompressedTensor {
@@ -36,8 +123,11 @@ pub struct CompressedTensor {
     pub dtype: Dtype,
     /// Its shape.
     pub shape: Vec<usize>,
-    /// The stored form.
+    /// The stored form (of the columns not in `outliers`, when there are any).
     pub encoding: Encoding,
+    /// Input columns of a 2-D weight kept exactly; `encoding` then holds a `[rows, cols − s]`
+    /// weight of the other columns.
+    pub outliers: Option<ExactColumns>,
 }
 
 impl CompressedTensor {
@@ -45,12 +135,21 @@ impl CompressedTensor {
     ///
     /// # Errors
     /// [`qcl_tensor::Error::CorruptStream`] or [`qcl_tensor::Error::ShapeMismatch`] for codes
-    /// that do not fit their codebooks or grids.
+    /// that do not fit their codebooks or grids, or outlier columns that do not fit the shape.
     pub fn decode(&self) -> Result<Vec<f32>> {
-        match &self.encoding {
-            Encoding::Fp16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-            Encoding::Scalar(s) => s.decode(),
-            Encoding::Pq(p) => p.decode(),
+        let inner = match &self.encoding {
+            Encoding::Fp16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Encoding::Scalar(s) => s.decode()?,
+            Encoding::Pq(p) => p.decode()?,
+        };
+        match (&self.outliers, self.shape.as_slice()) {
+            (None, _) => Ok(inner),
+            (Some(e), &[_, cols]) => e.merge(&inner, cols),
+            (Some(_), shape) => Err(qcl_tensor::Error::ShapeMismatch {
+                context: "outlier columns".into(),
+                expected: "a 2-D weight".into(),
+                actual: shape.to_vec(),
+            }),
         }
     }
 
@@ -75,11 +174,21 @@ impl CompressedTensor {
             index_bits,
             codebook_bits,
             scale_bits,
+            outlier_bits: self.outliers.as_ref().map_or(0, ExactColumns::bits),
         }
     }
 
-    /// A short name of the encoding (`fp16`, `int4 g128`, `pq d4 K256`).
+    /// A short name of the encoding (`fp16`, `int4 g128`, `pq d4 K256`, `pq d2 K256 +8 fp16
+    /// cols`).
     pub fn label(&self) -> String {
+        let base = self.base_label();
+        match &self.outliers {
+            Some(e) => format!("{base} +{} fp16 cols", e.columns.len()),
+            None => base,
+        }
+    }
+
+    fn base_label(&self) -> String {
         match &self.encoding {
             Encoding::Fp16(_) => "fp16".into(),
             Encoding::Scalar(s) => {
@@ -107,12 +216,14 @@ pub struct TensorBits {
     pub codebook_bits: u64,
     /// Bits of fp16 scales and zeros.
     pub scale_bits: u64,
+    /// Bits of exact outlier columns: fp16 values and 32-bit indices.
+    pub outlier_bits: u64,
 }
 
 impl TensorBits {
     /// All stored bits.
     pub fn total(&self) -> u64 {
-        self.index_bits + self.codebook_bits + self.scale_bits
+        self.index_bits + self.codebook_bits + self.scale_bits + self.outlier_bits
     }
 
     /// `total / weights`.
@@ -125,6 +236,7 @@ impl TensorBits {
         self.index_bits += other.index_bits;
         self.codebook_bits += other.codebook_bits;
         self.scale_bits += other.scale_bits;
+        self.outlier_bits += other.outlier_bits;
     }
 }
 

@@ -4,12 +4,14 @@ use qcl_tensor::{nearest_codes, Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::LayerStats;
+use crate::checkpoint::ExactColumns;
 use crate::em::{
     activation_aware_em, weighted_em, EmParams, MetricSource, Objective, PatchSampler,
 };
-use crate::layout::{LayerGeometry, Layout};
+use crate::layout::Layout;
 use crate::metric::Metric;
-use crate::objective::{feedback_pq, finetune_codebooks, inverse_factor, PqCodebooks, Quadratic};
+use crate::objective::layer::{Finetune, Layer};
+use crate::objective::{feedback_pq, FinetuneGuard, OutlierColumns, PqCodebooks, Quadratic};
 use crate::pq_tensor::{PqTensor, Sharing};
 
 /// Largest `K` (codes are stored in at most 16 bits).
@@ -47,6 +49,10 @@ pub struct PqParams {
     pub damp: f64,
     /// Columns per lazy batch update of error feedback.
     pub block_columns: usize,
+    /// Input columns kept exactly in fp16 (2-D weights with recorded inputs).
+    pub outliers: OutlierColumns,
+    /// How far the codebook fine-tune is trusted.
+    pub guard: FinetuneGuard,
 }
 
 impl Default for PqParams {
@@ -62,6 +68,8 @@ impl Default for PqParams {
             ridge: 1e-4,
             damp: 0.01,
             block_columns: 128,
+            outliers: OutlierColumns::None,
+            guard: FinetuneGuard::HeldOut,
         }
     }
 }
@@ -107,9 +115,19 @@ pub struct PqOutcome {
     pub repairs: usize,
     /// Relative output error after each fine-tune round.
     pub finetune_error: Vec<f64>,
+    /// The input columns kept exactly (with [`PqParams::outliers`]); `tensor` covers the rest.
+    pub outliers: Option<ExactColumns>,
+    /// Step taken toward the least-squares codebook in each fine-tune round (1 without a
+    /// guard; 0 when the guard kept the codebook; see [`FinetuneGuard`]).
+    pub finetune_steps: Vec<f64>,
 }
 
 /// Product quantization of `weight` (row-major `shape`, 2-D or 4-D) by `params`.
+///
+/// With [`PqParams::outliers`] the chosen input columns of a 2-D weight are kept exactly and
+/// the returned tensor covers the other columns (see [`crate::objective`]); its centroids are
+/// then already rounded to fp16, because the outlier values of error feedback compensate the
+/// codebook as stored.
 ///
 /// ```
 /// use qcl_tensor::Seed;
@@ -126,9 +144,11 @@ pub struct PqOutcome {
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] for a shape that is not 2-D or 4-D or does not fit `weight`,
-/// [`Error::InvalidParameter`] for `d` not dividing the input dimension or `K` larger than a
-/// codebook's subvectors, [`Error::NonFinite`] for NaN or infinite weights,
-/// [`Error::EmptyInput`] when the objective needs calibration that is absent or empty.
+/// [`Error::InvalidParameter`] for `d` not dividing the input dimension (without outlier
+/// columns), `K` larger than a codebook's subvectors, outlier columns of a 4-D weight or an
+/// embedding table, or a guarded fine-tune without a row sample; [`Error::NonFinite`] for NaN
+/// or infinite weights; [`Error::EmptyInput`] when the objective or the outlier rule needs
+/// calibration that is absent or empty.
 pub fn quantize_pq(
     weight: &[f32],
     shape: &[usize],
@@ -136,9 +156,7 @@ pub fn quantize_pq(
     evidence: Evidence<'_>,
     seed: Seed,
 ) -> Result<PqOutcome> {
-    let geometry = LayerGeometry::from_shape(shape, params.layout, params.d)?;
     qcl_tensor::check_finite_slice("weight", weight)?;
-    let sub = geometry.unroll(weight)?;
     let (k, d) = (params.k, params.d);
     if k == 0 || k > MAX_CENTROIDS {
         return Err(Error::invalid_parameter(
@@ -146,19 +164,14 @@ pub fn quantize_pq(
             format!("must be in 1..={MAX_CENTROIDS}, got {k}"),
         ));
     }
+    let layer = Layer::new(weight, shape, params, evidence)?;
+    let geometry = layer.geometry.clone();
+    let sub = geometry.unroll(&layer.weight)?;
     let (n_groups, groups) = params.sharing.groups(&geometry)?;
     let objective = params.objective;
-    let missing = || {
-        Error::EmptyInput(format!(
-            "{objective:?} PQ needs calibration inputs recorded for this weight"
-        ))
-    };
-    let quad = match evidence {
-        Evidence::Stats(s) => Some(Quadratic::from_stats(s, &geometry)?),
-        _ => None,
-    };
+    let quad = layer.quad_rest.as_ref();
     let aware = objective != Objective::Naive;
-    let metric = match (&quad, aware) {
+    let metric = match (quad, aware) {
         (Some(q), true) => q
             .pooled_gram(d)
             .map(|g| Metric::from_gram(&g, d))
@@ -181,7 +194,7 @@ pub fn quantize_pq(
         },
         // Token-weighted rows: Euclidean subvectors, weighted means.
         (true, None, _) if quad.is_some() => MetricSource::Identity,
-        _ => return Err(missing()),
+        _ => return Err(missing(objective)),
     };
     let em_params = EmParams {
         k,
@@ -191,7 +204,6 @@ pub fn quantize_pq(
     };
     let rows = geometry.out_dim();
     let sub_weights: Option<Vec<f32>> = quad
-        .as_ref()
         .and_then(Quadratic::row_weights)
         .filter(|_| aware)
         .map(|w| (0..sub.len() / d).map(|j| w[j % rows] as f32).collect());
@@ -206,13 +218,13 @@ pub fn quantize_pq(
         centroids: em.centroids,
         assignments: em.assignments,
     };
-    let matrix = tensor.geometry.to_matrix(weight)?;
+    let matrix = tensor.geometry.to_matrix(&layer.weight)?;
     let reassign = Reassign {
         objective,
         metric: metric.as_ref(),
-        factor: match (&quad, objective) {
-            (Some(q), Objective::ErrorFeedback) => Some(inverse_factor(q, params.damp)?),
-            (None, Objective::ErrorFeedback) => return Err(missing()),
+        factor: match (&layer.quad, objective) {
+            (Some(q), Objective::ErrorFeedback) => Some(layer.feedback_factor(q, params.damp)?),
+            (None, Objective::ErrorFeedback) => return Err(missing(objective)),
             _ => None,
         },
         block_columns: params.block_columns,
@@ -221,29 +233,27 @@ pub fn quantize_pq(
         tensor.round_to_f16();
         reassign.run(&sub, &matrix, &groups, &mut tensor)?;
     }
-    let mut finetune_error = Vec::new();
-    if params.finetune_rounds > 0 {
-        let ft_quad = match (&quad, aware) {
-            (_, false) => Quadratic::identity(tensor.geometry.in_dim()),
-            (Some(q), true) => q.clone(),
-            (None, true) => return Err(missing()),
-        };
-        for round in 0..params.finetune_rounds {
-            if round > 0 {
-                tensor.round_to_f16();
-                reassign.run(&sub, &matrix, &groups, &mut tensor)?;
-            }
-            finetune_codebooks(weight, &mut tensor, &ft_quad, params.ridge)?;
-            let decoded = tensor.geometry.to_matrix(&tensor.decode()?)?;
-            finetune_error.push(ft_quad.relative_error(&matrix, &decoded)?);
-        }
-    }
+    let (finetune_error, finetune_steps) = if params.finetune_rounds > 0 {
+        let finetune = Finetune::new(&layer, params)?;
+        finetune.rounds(&mut tensor, |t| reassign.run(&sub, &matrix, &groups, t))?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let outliers = layer.exact_columns(&mut tensor)?;
     Ok(PqOutcome {
         tensor,
+        outliers,
         em_objective: em.objective,
         repairs: em.repairs,
         finetune_error,
+        finetune_steps,
     })
+}
+
+fn missing(objective: Objective) -> Error {
+    Error::EmptyInput(format!(
+        "{objective:?} PQ needs calibration inputs recorded for this weight"
+    ))
 }
 
 /// The objective's own code assignment for a fixed codebook.

@@ -5,8 +5,18 @@
 //! inputs is all weight compression needs to know about them. [`Calibration`] accumulates `H`
 //! (f64) and the row count per weight name; for an embedding table it counts token ids instead,
 //! because the output error of a lookup is `Σ_token count · ‖w_token − ŵ_token‖²`.
+//!
+//! Beside `H` it keeps a uniform sample of the recorded rows themselves (bottom-k by a hash of
+//! the row's position, so the sample does not depend on how the rows were batched): `H` weighs
+//! every token by its squared size and a few massive-activation tokens can dominate it, while
+//! the sample lets the codebook fine-tune check its result token by token on rows it did not
+//! fit (see [`crate::FinetuneGuard`]).
 
-use std::collections::BTreeMap;
+mod file;
+
+pub use file::CALIBRATION_FORMAT;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Tensor};
@@ -38,6 +48,16 @@ pub struct InputStats {
     pub rows: u64,
     /// The convolution's geometry, `None` for a linear layer.
     pub conv: Option<ConvInput>,
+    /// A uniform sample of the recorded rows, `[n, D]` row-major (`n` at most the recorder's
+    /// [`Calibration::sample_rows`]; empty when none were kept).
+    pub sample: Vec<f32>,
+}
+
+impl InputStats {
+    /// Rows in [`InputStats::sample`].
+    pub fn sample_len(&self) -> usize {
+        self.sample.len().checked_div(self.width).unwrap_or(0)
+    }
 }
 
 /// Recorded token ids of an embedding table.
@@ -94,21 +114,88 @@ impl LayerStats {
 /// assert!(calib.record("fc.weight", &Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu)?).is_err());
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Calibration {
-    layers: Mutex<BTreeMap<String, LayerStats>>,
+    state: Mutex<State>,
+    sample_rows: usize,
+    only: Option<BTreeSet<String>>,
+}
+
+/// Rows of each layer's input kept by default ([`Calibration::sample_rows`]).
+pub const DEFAULT_SAMPLE_ROWS: usize = 1024;
+
+#[derive(Debug, Default)]
+struct State {
+    layers: BTreeMap<String, LayerStats>,
+    /// Sample keys of every layer with float inputs, ascending, one per sampled row.
+    keys: BTreeMap<String, Vec<u64>>,
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Calibration {
+            state: Mutex::new(State::default()),
+            sample_rows: DEFAULT_SAMPLE_ROWS,
+            only: None,
+        }
+    }
 }
 
 impl Calibration {
-    /// An empty recorder.
+    /// An empty recorder keeping [`DEFAULT_SAMPLE_ROWS`] rows of each layer's input.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, LayerStats>> {
+    /// The same recorder keeping up to `rows` sampled rows per layer (0: none).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use qcl_wpq::{Calibration, LayerStats};
+    /// let calib = Calibration::new().with_sample_rows(2);
+    /// calib.record("fc.weight", &Tensor::randn(0f32, 1.0, (5, 3), &Device::Cpu)?)?;
+    /// let Some(LayerStats::Inputs(s)) = calib.stats("fc.weight") else { unreachable!() };
+    /// assert_eq!((s.rows, s.sample_len()), (5, 2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_sample_rows(mut self, rows: usize) -> Self {
+        self.sample_rows = rows;
+        self
+    }
+
+    /// A recorder that keeps only the weights in `names` and ignores every other recording,
+    /// so that a forward pass that taps every layer costs nothing for the others.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use qcl_wpq::Calibration;
+    /// let calib = Calibration::new().restricted_to(["b.weight"]);
+    /// let x = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+    /// calib.record("a.weight", &x)?;
+    /// calib.record("b.weight", &x)?;
+    /// assert_eq!(calib.names(), ["b.weight"]);
+    /// assert!(!calib.wants("a.weight"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn restricted_to<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.only = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Rows of each layer's input kept in [`InputStats::sample`].
+    pub fn sample_rows(&self) -> usize {
+        self.sample_rows
+    }
+
+    /// Whether recordings of `name` are kept (see [`Calibration::restricted_to`]).
+    pub fn wants(&self, name: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(name))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in another recording thread leaves the map consistent (entries are replaced
         // whole), so a poisoned lock is still usable.
-        self.layers.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records the input `x` of the weight `name`: a float tensor whose last dimension is the
@@ -122,6 +209,9 @@ impl Calibration {
     /// [`Error::InvalidParameter`] for a negative id, or ids recorded for a weight that had
     /// float inputs (and the reverse).
     pub fn record(&self, name: &str, x: &Tensor) -> Result<()> {
+        if !self.wants(name) {
+            return Ok(());
+        }
         match x.dtype() {
             DType::U8 | DType::U32 | DType::I64 | DType::I32 | DType::I16 => {
                 self.record_ids(name, x)
@@ -159,6 +249,9 @@ impl Calibration {
     /// smaller than the kernel, [`Error::InvalidParameter`] for a zero kernel or stride, or a
     /// geometry other than the earlier recordings'.
     pub fn record_conv(&self, name: &str, x: &Tensor, conv: ConvInput) -> Result<()> {
+        if !self.wants(name) {
+            return Ok(());
+        }
         let patches = im2col(x, conv).map_err(|e| named(name, e))?;
         self.add_gram(name, &patches, Some(conv))
     }
@@ -187,18 +280,21 @@ impl Calibration {
         } else {
             x.t()?.matmul(x)?.flatten_all()?.to_vec1()?
         };
-        let mut layers = self.lock();
+        let mut state = self.lock();
+        let State { layers, keys } = &mut *state;
         match layers.get_mut(name) {
             None => {
-                layers.insert(
-                    name.to_string(),
-                    LayerStats::Inputs(InputStats {
-                        width,
-                        gram,
-                        rows: rows as u64,
-                        conv,
-                    }),
-                );
+                let mut s = InputStats {
+                    width,
+                    gram,
+                    rows: 0,
+                    conv,
+                    sample: Vec::new(),
+                };
+                let kept = keys.entry(name.to_string()).or_default();
+                self.add_sample(name, &mut s, kept, &values, rows);
+                s.rows = rows as u64;
+                layers.insert(name.to_string(), LayerStats::Inputs(s));
             }
             Some(LayerStats::Inputs(s)) => {
                 if s.width != width {
@@ -218,6 +314,8 @@ impl Calibration {
                     ));
                 }
                 s.gram.iter_mut().zip(&gram).for_each(|(a, b)| *a += b);
+                let kept = keys.entry(name.to_string()).or_default();
+                self.add_sample(name, s, kept, &values, rows);
                 s.rows += rows as u64;
             }
             Some(LayerStats::Tokens(_)) => {
@@ -228,6 +326,54 @@ impl Calibration {
             }
         }
         Ok(())
+    }
+
+    /// Adds the rows `values` (`[rows, width]`, numbered from `s.rows` on) to the bottom-k
+    /// sample: each row's key is a hash of the weight name and its position, and the rows of
+    /// the `sample_rows` smallest keys are kept, in key order.
+    fn add_sample(
+        &self,
+        name: &str,
+        s: &mut InputStats,
+        kept: &mut Vec<u64>,
+        values: &[f64],
+        rows: usize,
+    ) {
+        let cap = self.sample_rows;
+        let width = s.width;
+        let salt = name_hash(name);
+        let threshold = match kept.last() {
+            Some(&last) if kept.len() >= cap => last,
+            _ => u64::MAX,
+        };
+        let mut fresh: Vec<(u64, usize)> = (0..rows)
+            .map(|r| (row_key(salt, s.rows + r as u64), r))
+            .filter(|&(k, _)| k < threshold)
+            .collect();
+        if cap == 0 || fresh.is_empty() {
+            return;
+        }
+        if fresh.len() > cap {
+            fresh.select_nth_unstable(cap - 1);
+            fresh.truncate(cap);
+        }
+        let mut entries: Vec<(u64, Vec<f32>)> = kept
+            .iter()
+            .zip(s.sample.chunks_exact(width))
+            .map(|(&k, r)| (k, r.to_vec()))
+            .collect();
+        let before = entries.len();
+        for (key, r) in fresh {
+            let row = &values[r * width..(r + 1) * width];
+            entries.push((key, row.iter().map(|&v| v as f32).collect()));
+        }
+        if entries.len() == before {
+            return;
+        }
+        entries.sort_by_key(|(k, _)| *k);
+        entries.truncate(cap);
+        *kept = entries.iter().map(|(k, _)| *k).collect();
+        s.sample = entries.into_iter().flat_map(|(_, r)| r).collect();
     }
 
     fn record_ids(&self, name: &str, ids: &Tensor) -> Result<()> {
@@ -242,8 +388,9 @@ impl Calibration {
             })?;
             *counts.entry(id).or_insert(0u64) += 1;
         }
-        let mut layers = self.lock();
-        let entry = layers
+        let mut state = self.lock();
+        let entry = state
+            .layers
             .entry(name.to_string())
             .or_insert_with(|| LayerStats::Tokens(TokenStats::default()));
         match entry {
@@ -263,23 +410,60 @@ impl Calibration {
 
     /// A copy of what was recorded for `name`.
     pub fn stats(&self, name: &str) -> Option<LayerStats> {
-        self.lock().get(name).cloned()
+        self.lock().layers.get(name).cloned()
     }
 
     /// The recorded weight names, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().layers.keys().cloned().collect()
     }
 
     /// Whether nothing was recorded.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().layers.is_empty()
     }
 
-    /// Adds statistics computed elsewhere (e.g. restored from disk), replacing any for `name`.
+    /// Adds statistics computed elsewhere, replacing any for `name` (rows recorded for `name`
+    /// afterwards fill its sample up without displacing the inserted rows).
     pub fn insert(&self, name: &str, stats: LayerStats) {
-        self.lock().insert(name.to_string(), stats);
+        let mut state = self.lock();
+        // The inserted sample's rows get the smallest keys: they stay in the sample.
+        let keys = match &stats {
+            LayerStats::Inputs(s) => (0..s.sample_len() as u64).collect(),
+            LayerStats::Tokens(_) => Vec::new(),
+        };
+        state.keys.insert(name.to_string(), keys);
+        state.layers.insert(name.to_string(), stats);
     }
+
+    fn keys(&self, name: &str) -> Vec<u64> {
+        self.lock().keys.get(name).cloned().unwrap_or_default()
+    }
+
+    fn insert_with_keys(&self, name: &str, stats: LayerStats, keys: Vec<u64>) {
+        let mut state = self.lock();
+        state.keys.insert(name.to_string(), keys);
+        state.layers.insert(name.to_string(), stats);
+    }
+}
+
+/// FNV-1a of a weight name (the salt of its rows' sample keys).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Sample key of row `row` of the weight whose name hashes to `salt`.
+fn row_key(salt: u64, row: u64) -> u64 {
+    mix(salt ^ mix(row.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 
 /// Prefixes an error's message with the weight it concerns.
