@@ -112,7 +112,7 @@ struct ReproduceArgs {
     list: bool,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -221,11 +221,13 @@ fn main() -> Result<()> {
                 data::run(&data_options(None, false, &missing_text))
                     .context("preparing the text data")?;
             }
-            let ctx = Context {
-                data_dir: cli.data_dir.clone(),
-                out_dir: args.out.clone(),
+            let args_line: Vec<String> = std::env::args().skip(1).collect();
+            let ctx = Context::new(
+                cli.data_dir.clone(),
+                args.out.clone(),
                 mode,
-            };
+                reproduce::command_line(&args_line),
+            );
             reproduce::run(&args.names, &ctx)?;
         }
     }

@@ -29,6 +29,69 @@ pub struct Context {
     pub out_dir: PathBuf,
     /// Quick or full.
     pub mode: Mode,
+    /// The workspace's commit (`git rev-parse HEAD`, `-dirty` when tracked files changed),
+    /// recorded in every result file.
+    pub commit: String,
+    /// The command line that produced the results (`cargo xtask reproduce ...`).
+    pub command: String,
+}
+
+impl Context {
+    /// A context for `command`, with the workspace's current commit.
+    pub fn new(data_dir: PathBuf, out_dir: PathBuf, mode: Mode, command: String) -> Self {
+        Context {
+            data_dir,
+            out_dir,
+            mode,
+            commit: git_commit(&crate::workspace_root()),
+            command,
+        }
+    }
+}
+
+/// `git rev-parse HEAD` of the repository at `root`, with `-dirty` appended when a tracked file
+/// differs from it (untracked files do not count, as for `git describe --dirty`); `unknown`
+/// without git or outside a repository.
+pub fn git_commit(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) else {
+        return "unknown".into();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if changes.is_empty() => head,
+        _ => format!("{head}-dirty"),
+    }
+}
+
+/// `cargo xtask` followed by `args`, each quoted for a POSIX shell when it needs it, so that
+/// the line can be pasted back into a terminal.
+pub fn command_line<S: AsRef<str>>(args: &[S]) -> String {
+    let mut line = String::from("cargo xtask");
+    for arg in args {
+        let arg = arg.as_ref();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+        line.push(' ');
+        if plain {
+            line.push_str(arg);
+        } else {
+            line.push('\'');
+            line.push_str(&arg.replace('\'', "'\\''"));
+            line.push('\'');
+        }
+    }
+    line
 }
 
 /// What an experiment produced.
@@ -81,6 +144,12 @@ pub struct ResultFile {
     pub mode: Mode,
     /// Wall time of the run in seconds.
     pub seconds: f64,
+    /// The commit the results were produced at (see [`git_commit`]).
+    #[serde(default)]
+    pub commit: String,
+    /// The exact command that produced them.
+    #[serde(default)]
+    pub command: String,
     /// One-line summary.
     pub summary: String,
     /// PNG files with captions.
@@ -150,6 +219,8 @@ fn write_outputs(
         description: experiment.description.into(),
         mode: ctx.mode,
         seconds,
+        commit: ctx.commit.clone(),
+        command: ctx.command.clone(),
         summary: outcome.summary,
         plots: outcome.plots,
         figures: outcome.figures,
@@ -157,12 +228,13 @@ fn write_outputs(
     let json = serde_json::to_vec_pretty(&file)?;
     qcl_tensor::write_atomic(ctx.out_dir.join(format!("{}.json", experiment.name)), &json)?;
     let mut md = format!(
-        "# {}\n\n{}\n\nMode `{}`, {:.1} s. Regenerate with `cargo xtask reproduce {}`.\n\n{}\n",
+        "# {}\n\n{}\n\nMode `{}`, {:.1} s, commit `{}`. Produced by `{}`.\n\n{}\n",
         experiment.name,
         experiment.description,
         mode_name(ctx.mode),
         seconds,
-        experiment.name,
+        file.commit,
+        file.command,
         outcome.markdown.trim_end()
     );
     for (png, caption) in &file.plots {
@@ -223,11 +295,12 @@ pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
         qcl_data::KnownDataset::FashionMnist,
     ))
     .unwrap();
-    let ctx = Context {
-        data_dir: fixtures,
-        out_dir: out.path().to_path_buf(),
-        mode: Mode::Quick,
-    };
+    let ctx = Context::new(
+        fixtures,
+        out.path().to_path_buf(),
+        Mode::Quick,
+        "cargo xtask reproduce".into(),
+    );
     (out, ctx, data)
 }
 
@@ -238,12 +311,13 @@ mod tests {
     #[test]
     fn datasets_experiment_runs_on_the_fixtures_and_the_report_links_it() {
         let out = tempfile::tempdir().unwrap();
-        let ctx = Context {
+        let ctx = Context::new(
             // The fixtures have the data files' names, so they stand in for `data/`.
-            data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
-            out_dir: out.path().to_path_buf(),
-            mode: Mode::Quick,
-        };
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
+            out.path().to_path_buf(),
+            Mode::Quick,
+            command_line(&["reproduce", "datasets", "--out", "/tmp/a b"]),
+        );
         run(&["datasets".to_string()], &ctx).unwrap();
         let result: ResultFile =
             serde_json::from_slice(&std::fs::read(out.path().join("datasets.json")).unwrap())
@@ -259,6 +333,16 @@ mod tests {
         }
         let md = std::fs::read_to_string(out.path().join("datasets.md")).unwrap();
         assert!(md.contains("| 9 | Ankle boot | 100 | 20 |"), "{md}");
+        // Provenance: the commit and the command, in the JSON and the Markdown header.
+        assert_eq!(
+            result.command,
+            "cargo xtask reproduce datasets --out '/tmp/a b'"
+        );
+        assert!(!result.commit.is_empty());
+        assert!(
+            md.contains(&format!("commit `{}`", result.commit)) && md.contains(&result.command),
+            "{md}"
+        );
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(report.contains("[datasets](datasets.md)"), "{report}");
         // No temporary files are left behind.
@@ -272,13 +356,47 @@ mod tests {
     #[test]
     fn unknown_experiment_is_an_error_naming_the_known_ones() {
         let out = tempfile::tempdir().unwrap();
-        let ctx = Context {
-            data_dir: out.path().to_path_buf(),
-            out_dir: out.path().to_path_buf(),
-            mode: Mode::Quick,
-        };
+        let ctx = Context::new(
+            out.path().to_path_buf(),
+            out.path().to_path_buf(),
+            Mode::Quick,
+            "cargo xtask reproduce nope".into(),
+        );
         let err = run(&["nope".to_string()], &ctx).unwrap_err();
         assert!(err.to_string().contains("datasets"), "{err}");
+    }
+
+    #[test]
+    fn command_lines_quote_what_a_shell_would_split() {
+        assert_eq!(
+            command_line(&["reproduce", "minilm", "--quick"]),
+            "cargo xtask reproduce minilm --quick"
+        );
+        assert_eq!(
+            command_line(&["--out", "a b", "it's", ""]),
+            "cargo xtask --out 'a b' 'it'\\''s' ''"
+        );
+    }
+
+    #[test]
+    fn commit_is_a_hash_or_unknown() {
+        let root = crate::workspace_root();
+        let commit = git_commit(&root);
+        let hash = commit.trim_end_matches("-dirty");
+        assert!(
+            commit == "unknown" || (hash.len() == 40 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+            "{commit}"
+        );
+        let outside = tempfile::tempdir().unwrap();
+        assert_eq!(git_commit(outside.path()), "unknown");
+    }
+
+    #[test]
+    fn result_files_without_provenance_still_read() {
+        let old = r#"{"experiment": "x", "description": "d", "mode": "quick", "seconds": 1.0,
+            "summary": "s", "plots": [], "figures": {}}"#;
+        let file: ResultFile = serde_json::from_str(old).unwrap();
+        assert_eq!((file.commit.as_str(), file.command.as_str()), ("", ""));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod aqm;
 mod bench;
 mod ecvq;
 mod pq;
+mod text;
 mod wpq;
 
 use std::path::{Path, PathBuf};
@@ -60,10 +61,17 @@ enum Command {
         #[command(subcommand)]
         command: aqm::AqmCommand,
     },
-    /// Weight product quantization (And the bit goes down): compress a model, evaluate files.
+    /// Weight compression: product quantization (And the bit goes down) of FMNet, and of any
+    /// checkpoint by name rules (PQ, round-to-nearest, GPTQ, fp16); evaluate files.
     Wpq {
         #[command(subcommand)]
         command: wpq::WpqCommand,
+    },
+    /// Sentence embeddings with a sentence-transformers BERT model (own or compressed weights)
+    /// and calibration recording for weight compression.
+    Text {
+        #[command(subcommand)]
+        command: text::TextCommand,
     },
 }
 
@@ -128,6 +136,7 @@ fn main() -> ExitCode {
         Command::Bench { command } => bench::run(command),
         Command::Aqm { command } => aqm::run_command(command),
         Command::Wpq { command } => wpq::run(command),
+        Command::Text { command } => text::run(command),
     };
     match result {
         Ok(report) => {

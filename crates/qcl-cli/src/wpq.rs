@@ -1,14 +1,18 @@
 //! `qcl wpq`: weight product quantization of a trained model ("And the bit goes down") and
 //! evaluation of dense or compressed model files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::Subcommand;
-use indicatif::ProgressBar;
+use indicatif::{ProgressBar, ProgressStyle};
+use qcl_cli::method_spec::parse_rule;
+use qcl_cli::{calibration_file, sha256_file, CHECKPOINT_SHA256_KEY};
 use qcl_data::SplitDataset;
 use qcl_tensor::{Error, Result, SafetensorsFile};
 use qcl_wpq::{
-    compress, evaluate, Arch, CompressConfig, CompressedModel, Model, CHECKPOINT_FORMAT,
+    compress, compress_checkpoint, evaluate, Arch, Calibration, Checkpoint, CompressConfig,
+    CompressedModel, Model, Plan, CHECKPOINT_FORMAT,
 };
 use serde_json::json;
 
@@ -35,6 +39,37 @@ pub enum WpqCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Compress the weights of any safetensors checkpoint selected by name patterns, each by
+    /// its rule's METHOD, into one compressed checkpoint (`qcl-wpq-checkpoint/1`) whose
+    /// tensors decompress into a candle-nn `VarBuilder`; every other tensor is kept bit for bit.
+    /// Prints the bits per weight (codebooks and scales counted) and the file's size.
+    ///
+    /// METHOD: `fp16`; `int<B>` (per channel, e.g. `int8`); `rtn` or `gptq` with `bits`,
+    /// `group` (a number or `channel`), `damp`, `block_columns` (default int4 g128); `pq` with
+    /// `d`, `k`, `objective` (`naive`, `activation-aware`, `error-feedback`), `finetune`
+    /// (rounds), `em-iterations`, `sharing` (`layer`, `channel-block`, `rows(N)`), `layout`,
+    /// `ridge`, `damp`, `block-columns` (default d4 K256 activation-aware). Keys follow the
+    /// name after `:`, separated by `,`: `pq:d=2,k=256,objective=error-feedback,finetune=1`.
+    CompressCheckpoint {
+        /// The checkpoint (safetensors, any float dtype).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// `PATTERN=METHOD`, repeatable, first match wins: `*` matches any run of characters
+        /// (dots included), `?` one; tensors no rule matches stay as they are. A rule that
+        /// matches no tensor is an error.
+        #[arg(long = "rule", required = true)]
+        rules: Vec<String>,
+        /// Layer inputs recorded on this checkpoint (`qcl text calibrate`), needed by GPTQ and
+        /// by activation-aware and error-feedback PQ.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Seed of every random choice (k-means starts); the same seed gives the same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to write the compressed checkpoint.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Test accuracy of a dense or compressed model file.
     Eval {
         /// The model file (dense or compressed).
@@ -51,6 +86,13 @@ pub enum WpqCommand {
 
 pub fn run(command: &WpqCommand) -> Result<Report> {
     match command {
+        WpqCommand::CompressCheckpoint {
+            checkpoint,
+            rules,
+            calibration,
+            seed,
+            out,
+        } => compress_any(checkpoint, rules, calibration.as_deref(), *seed, out),
         WpqCommand::Compress {
             model,
             arch,
@@ -131,4 +173,85 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
             Ok(Report { json, text })
         }
     }
+}
+
+/// The calibration in `path`, checked to have been recorded on the checkpoint whose SHA-256 is
+/// `checkpoint_sha256`.
+fn read_calibration(path: &Path, checkpoint: &Path, checkpoint_sha256: &str) -> Result<Calibration> {
+    let (calibration, metadata) = calibration_file::load(path)?;
+    match metadata.get(CHECKPOINT_SHA256_KEY) {
+        Some(recorded) if recorded != checkpoint_sha256 => Err(Error::bad_file(
+            checkpoint,
+            format!(
+                "sha256 {checkpoint_sha256} differs from {recorded}, the checkpoint the \
+                 calibration {} was recorded on",
+                path.display()
+            ),
+        )),
+        _ => Ok(calibration),
+    }
+}
+
+fn compress_any(
+    checkpoint_path: &Path,
+    rules: &[String],
+    calibration: Option<&Path>,
+    seed: u64,
+    out: &Path,
+) -> Result<Report> {
+    let started = Instant::now();
+    let rules = rules
+        .iter()
+        .map(|r| parse_rule(r))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = Plan::new(rules).with_seed(seed);
+    let checkpoint = Checkpoint::open(checkpoint_path)?;
+    let sha256 = sha256_file(checkpoint_path)?;
+    let calibration = match calibration {
+        Some(path) => read_calibration(path, checkpoint_path, &sha256)?,
+        None => Calibration::new(),
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("compressing {bar:30} {pos}/{len} tensors [{elapsed}] {msg}")
+            .expect("valid template"),
+    );
+    let mut compressed = compress_checkpoint(&checkpoint, &plan, &calibration, &bar)?;
+    bar.finish_and_clear();
+    let plan_json = serde_json::to_string(&plan)
+        .map_err(|e| Error::invalid_parameter("rules", e.to_string()))?;
+    let metadata = &mut compressed.checkpoint.metadata;
+    metadata.insert(CHECKPOINT_SHA256_KEY.into(), sha256.clone());
+    metadata.insert("qcl.plan".into(), plan_json);
+    let bits = compressed.checkpoint.bits()?;
+    let file_bytes = compressed.checkpoint.save(out)?;
+    let input_bytes = std::fs::metadata(checkpoint_path)
+        .map_err(|e| Error::io(checkpoint_path, e))?
+        .len();
+    let seconds = started.elapsed().as_secs_f64();
+    let json = json!({
+        "command": "wpq compress-checkpoint",
+        "checkpoint": checkpoint_path,
+        "checkpoint_sha256": sha256,
+        "out": out,
+        "plan": plan,
+        "input_bytes": input_bytes,
+        "file_bytes": file_bytes,
+        "ratio": input_bytes as f64 / file_bytes as f64,
+        "compressed_tensors": compressed.reports.len(),
+        "bits_per_weight": bits.bits_per_weight(),
+        "bits": bits,
+        "tensors": compressed.reports,
+        "seconds": seconds,
+    });
+    let text = format!(
+        "compressed {} tensors of {} → {} ({file_bytes} bytes, {:.2}× smaller; {:.3} bits per \
+         compressed weight, codebooks and scales counted) in {seconds:.1} s\n",
+        compressed.reports.len(),
+        checkpoint_path.display(),
+        out.display(),
+        input_bytes as f64 / file_bytes as f64,
+        bits.bits_per_weight(),
+    );
+    Ok(Report { json, text })
 }

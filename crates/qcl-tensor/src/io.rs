@@ -74,7 +74,8 @@ pub fn write_atomic_with(
     })
 }
 
-/// Writes named tensors and string metadata to a safetensors file, atomically.
+/// Writes named tensors and string metadata to a safetensors file, atomically. The header's
+/// keys are sorted, so the same tensors and metadata always give the same bytes.
 ///
 /// ```
 /// use std::collections::BTreeMap;
@@ -115,7 +116,37 @@ pub fn write_safetensors(
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     let bytes = safetensors::tensor::serialize(host.iter().map(|(n, t)| (*n, t)), Some(meta))
         .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
+    let bytes = with_sorted_header(&bytes)
+        .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
+}
+
+/// The same safetensors bytes with the header's keys sorted. safetensors keeps the metadata in
+/// a `HashMap`, whose order changes from one run to the next; sorted, the same tensors and
+/// metadata always give the same bytes.
+fn with_sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let too_short = || "shorter than its header".to_string();
+    let len: [u8; 8] = bytes.get(..8).ok_or_else(too_short)?.try_into().expect("8 bytes");
+    let end = usize::try_from(u64::from_le_bytes(len))
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(too_short)?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    if let Some(meta) = header.get_mut("__metadata__") {
+        // Through a BTreeMap, so that the keys are sorted whatever serde_json's map type is.
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
+        *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 /// Dtype and shape of a stored tensor.
@@ -331,6 +362,30 @@ fn candle_dtype(dtype: StDtype) -> Option<DType> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_tensors_and_metadata_give_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[7u32, 8, 9], &Device::Cpu).unwrap();
+        let meta: BTreeMap<String, String> =
+            (0..12).map(|i| (format!("key{i}"), format!("value \"{i}\""))).collect();
+        let files: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let path = dir.path().join(format!("{i}.safetensors"));
+                write_safetensors(&path, &[("w", &w), ("b", &b)], &meta).unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert!(files.windows(2).all(|f| f[0] == f[1]));
+        let file = SafetensorsFile::open(dir.path().join("0.safetensors")).unwrap();
+        assert_eq!(file.metadata(), &meta);
+        let back = file.tensor("w", &Device::Cpu).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert_eq!(file.tensor("b", &Device::Cpu).unwrap().to_vec1::<u32>().unwrap(), [7, 8, 9]);
+        assert!(with_sorted_header(&[1, 0]).is_err());
+        assert!(with_sorted_header(&[255, 0, 0, 0, 0, 0, 0, 0, b'{']).is_err());
+    }
 
     fn sample_file(dir: &Path) -> Result<PathBuf> {
         let path = dir.join("s.safetensors");

@@ -277,6 +277,54 @@ impl SentenceEncoder {
         self.pool(&hidden, batch)
     }
 
+    /// Runs [`forward_tapped`](Self::forward_tapped) over `texts` in batches of
+    /// [`EmbedOptions::batch_size`] (grouped by length as [`embed`](Self::embed) groups them),
+    /// for calibration: `tap` sees every Linear's input on every real token of every text.
+    /// `bar` advances by one per text. Returns the number of real tokens seen.
+    ///
+    /// ```
+    /// use indicatif::ProgressBar;
+    /// use qcl_text::SentenceEncoder;
+    /// let encoder = SentenceEncoder::from_folder("../../fixtures/tiny-bert", &candle_core::Device::Cpu)?;
+    /// let mut rows = 0;
+    /// let tokens = encoder.tap_texts(&["the cat sat on the mat.", "a dog"], &ProgressBar::hidden(),
+    ///     &mut |name, x| {
+    ///         if name == "encoder.layer.0.intermediate.dense.weight" {
+    ///             rows += x.dim(0)?;
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// assert_eq!((tokens, rows), (9 + 4, 9 + 4));
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a batch size of zero; whatever `tap` returns; as
+    /// [`tokenize`](Self::tokenize).
+    pub fn tap_texts(&self, texts: &[&str], bar: &ProgressBar, tap: &mut Tap<'_>) -> Result<u64> {
+        if self.options.batch_size == 0 {
+            return Err(Error::invalid_parameter("batch_size", "must be positive"));
+        }
+        let mut tokens = 0u64;
+        for chunk in self.batch_order(texts).chunks(self.options.batch_size) {
+            let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let batch = self.tokenize(&batch_texts)?;
+            tokens += batch.valid_positions().len() as u64;
+            self.forward_tapped(&batch, tap)?;
+            bar.inc(chunk.len() as u64);
+        }
+        Ok(tokens)
+    }
+
+    /// The order texts are batched in: longest first when [`EmbedOptions::sort_by_length`].
+    fn batch_order(&self, texts: &[&str]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        if self.options.sort_by_length {
+            order.sort_by_key(|&i| std::cmp::Reverse(texts[i].chars().count()));
+        }
+        order
+    }
+
     /// Embeddings `[texts.len(), dim]` of `texts`, in order, computed in batches of
     /// [`EmbedOptions::batch_size`] with a progress bar (see [`EmbedOptions`]). No texts give a
     /// `[0, dim]` tensor.
@@ -284,6 +332,29 @@ impl SentenceEncoder {
     /// # Errors
     /// [`Error::InvalidParameter`] for a batch size of zero; as [`tokenize`](Self::tokenize).
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
+        let bar = progress_bar(texts.len(), self.options.progress);
+        let out = self.embed_with_progress(texts, &bar);
+        bar.finish_and_clear();
+        out
+    }
+
+    /// [`embed`](Self::embed) advancing the caller's progress bar by one per text (its length
+    /// and style are left to the caller; [`EmbedOptions::progress`] is not consulted). The
+    /// embeddings are the same bytes as `embed`'s.
+    ///
+    /// ```
+    /// use indicatif::ProgressBar;
+    /// use qcl_text::SentenceEncoder;
+    /// let encoder = SentenceEncoder::from_folder("../../fixtures/tiny-bert", &candle_core::Device::Cpu)?;
+    /// let bar = ProgressBar::hidden();
+    /// let e = encoder.embed_with_progress(&["a dog", "the cat sat"], &bar)?;
+    /// assert_eq!((e.dims(), bar.position()), (&[2, 32][..], 2));
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`embed`](Self::embed).
+    pub fn embed_with_progress(&self, texts: &[&str], bar: &ProgressBar) -> Result<Tensor> {
         let options = &self.options;
         if options.batch_size == 0 {
             return Err(Error::invalid_parameter("batch_size", "must be positive"));
@@ -291,11 +362,7 @@ impl SentenceEncoder {
         if texts.is_empty() {
             return Ok(Tensor::zeros((0, self.dim()), DType::F32, &self.device)?);
         }
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        if options.sort_by_length {
-            order.sort_by_key(|&i| std::cmp::Reverse(texts[i].chars().count()));
-        }
-        let bar = progress_bar(texts.len(), options.progress);
+        let order = self.batch_order(texts);
         let mut parts = Vec::with_capacity(texts.len().div_ceil(options.batch_size));
         for chunk in order.chunks(options.batch_size) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
@@ -303,7 +370,6 @@ impl SentenceEncoder {
             parts.push(self.forward(&batch)?);
             bar.inc(chunk.len() as u64);
         }
-        bar.finish_and_clear();
         let sorted = Tensor::cat(&parts, 0)?;
         if !options.sort_by_length {
             return Ok(sorted);

@@ -638,11 +638,12 @@ mod tests {
     #[ignore = "trains a teacher and compresses it several times (minutes in debug)"]
     fn runs_on_the_fixture_and_writes_its_results() {
         let out = tempfile::tempdir().unwrap();
-        let ctx = Context {
-            data_dir: out.path().to_path_buf(),
-            out_dir: out.path().to_path_buf(),
-            mode: Mode::Quick,
-        };
+        let ctx = Context::new(
+            out.path().to_path_buf(),
+            out.path().to_path_buf(),
+            Mode::Quick,
+            "cargo xtask reproduce wpq".into(),
+        );
         let data = SplitDataset::load(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/fashion-mnist.safetensors"),
         )
