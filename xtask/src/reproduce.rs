@@ -129,6 +129,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::lifequant::EXPERIMENT,
         experiments::aqm::EXPERIMENT,
         experiments::wpq::EXPERIMENT,
+        experiments::minilm::EXPERIMENT,
         experiments::cacl::EXPERIMENT,
     ]
 }
@@ -384,7 +385,8 @@ mod tests {
         let commit = git_commit(&root);
         let hash = commit.trim_end_matches("-dirty");
         assert!(
-            commit == "unknown" || (hash.len() == 40 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+            commit == "unknown"
+                || (hash.len() == 40 && hash.chars().all(|c| c.is_ascii_hexdigit())),
             "{commit}"
         );
         let outside = tempfile::tempdir().unwrap();
@@ -406,7 +408,7 @@ mod tests {
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
             report.contains(
-                "Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm, wpq, cacl"
+                "Not run yet: datasets, kmeans, training, vq, ecvq, lifequant, aqm, wpq, minilm, cacl"
             ),
             "{report}"
         );

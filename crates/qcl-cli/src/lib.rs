@@ -1,8 +1,7 @@
 //! The parts of the `qcl` command that other tools reuse: the METHOD syntax of
-//! `qcl wpq compress-checkpoint --rule PATTERN=METHOD` and the calibration file that
-//! `qcl text calibrate` writes.
+//! `qcl wpq compress-checkpoint --rule PATTERN=METHOD` and the checkpoint hash that ties a
+//! calibration file or a compressed checkpoint to the model it was made from.
 
-pub mod calibration_file;
 pub mod method_spec;
 
 use std::io::Read as _;

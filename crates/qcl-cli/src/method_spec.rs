@@ -12,8 +12,10 @@
 //! - `int<B>`: `rtn:bits=B,group=channel` (so `int8` is int8 per channel); takes the same keys.
 //! - `pq`: product quantization; keys are the fields of [`qcl_wpq::PqParams`] (`d`, `k`,
 //!   `objective`, `layout`, `sharing`, `em_iterations`, `finetune_rounds`, `ridge`, `damp`,
-//!   `block_columns`, and any field added to it later), defaults d4 K256 activation-aware.
-//!   `finetune` abbreviates `finetune_rounds`.
+//!   `block_columns`, `outliers`, `guard`, and any field added to it later), defaults d4 K256
+//!   activation-aware. `finetune` abbreviates `finetune_rounds`; `outliers=top(8)` keeps the 8
+//!   input columns of largest second moment exactly (also for `rtn` and `gptq`);
+//!   `guard=off` trusts the least-squares codebook fine-tune without the held-out check.
 //!
 //! Keys and word values may use `-` for `_` (`objective=error-feedback`). A value is a number,
 //! `true`/`false`, `none`/`channel` (no value), `name(x)` for a variant with a value
@@ -29,6 +31,9 @@
 //! assert_eq!(parse_method("gptq:bits=3,group=128")?, Method::Gptq(ScalarParams::new(3, Some(128))));
 //! let rule = parse_rule("encoder.layer.*.dense.weight=rtn:bits=4,group=32")?;
 //! assert!(rule.pattern.matches("encoder.layer.0.output.dense.weight"));
+//! let m = parse_method("pq:d=2,k=64,objective=error-feedback,outliers=top(8),guard=off")?;
+//! let Method::Pq(p) = m else { unreachable!() };
+//! assert_eq!((p.outliers, p.guard), (qcl_wpq::OutlierColumns::Top(8), qcl_wpq::FinetuneGuard::Off));
 //! assert!(parse_method("pq:q=3").is_err()); // unknown key
 //! # Ok::<(), qcl_tensor::Error>(())
 //! ```
@@ -66,7 +71,10 @@ pub fn parse_method(spec: &str) -> Result<Method> {
         None => (spec.trim(), ""),
     };
     let mut fields = Map::new();
-    for pair in split_top_level(keys).into_iter().filter(|p| !p.trim().is_empty()) {
+    for pair in split_top_level(keys)
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+    {
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| bad(format!("`{pair}` is not KEY=VALUE")))?;
@@ -159,10 +167,7 @@ mod tests {
             parse_method("rtn").unwrap(),
             Method::Rtn(ScalarParams::default())
         );
-        assert_eq!(
-            parse_method("pq").unwrap(),
-            Method::Pq(PqParams::default())
-        );
+        assert_eq!(parse_method("pq").unwrap(), Method::Pq(PqParams::default()));
         assert_eq!(
             parse_method("int4:group=32").unwrap(),
             Method::Rtn(ScalarParams::new(4, Some(32)))
@@ -171,8 +176,9 @@ mod tests {
             parse_method("rtn:bits=8,group=channel").unwrap(),
             Method::Rtn(ScalarParams::new(8, None))
         );
-        let p = parse_method("pq:d=4,k=16,objective=naive,sharing=rows(2),ridge=0.5,em-iterations=3")
-            .unwrap();
+        let p =
+            parse_method("pq:d=4,k=16,objective=naive,sharing=rows(2),ridge=0.5,em-iterations=3")
+                .unwrap();
         assert_eq!(
             p,
             Method::Pq(PqParams {

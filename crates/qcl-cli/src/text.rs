@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use qcl_cli::{calibration_file, sha256_file, CHECKPOINT_SHA256_KEY};
+use qcl_cli::{sha256_file, CHECKPOINT_SHA256_KEY};
 use qcl_tensor::{Error, Result};
 use qcl_text::{SentenceConfig, SentenceEncoder, SentenceTokenizer};
 use qcl_wpq::{Calibration, CompressedCheckpoint};
@@ -174,7 +174,7 @@ fn calibrate(model: &Path, input: &Path, out: &Path, limit: Option<usize>) -> Re
         ("qcl.texts".to_string(), refs.len().to_string()),
         ("qcl.tokens".to_string(), tokens.to_string()),
     ]);
-    let file_bytes = calibration_file::save(&calibration, &metadata, out)?;
+    let file_bytes = calibration.save_with(out, &metadata)?;
     let layers = calibration.names();
     let seconds = started.elapsed().as_secs_f64();
     let json = json!({

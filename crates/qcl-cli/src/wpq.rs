@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use qcl_cli::method_spec::parse_rule;
-use qcl_cli::{calibration_file, sha256_file, CHECKPOINT_SHA256_KEY};
+use qcl_cli::{sha256_file, CHECKPOINT_SHA256_KEY};
 use qcl_data::SplitDataset;
 use qcl_tensor::{Error, Result, SafetensorsFile};
 use qcl_wpq::{
@@ -48,7 +48,9 @@ pub enum WpqCommand {
     /// `group` (a number or `channel`), `damp`, `block_columns` (default int4 g128); `pq` with
     /// `d`, `k`, `objective` (`naive`, `activation-aware`, `error-feedback`), `finetune`
     /// (rounds), `em-iterations`, `sharing` (`layer`, `channel-block`, `rows(N)`), `layout`,
-    /// `ridge`, `damp`, `block-columns` (default d4 K256 activation-aware). Keys follow the
+    /// `ridge`, `damp`, `block-columns`, `outliers` (`top(N)`: N input columns kept in fp16,
+    /// also for rtn and gptq), `guard` (`held-out`, `off`) (default d4 K256 activation-aware).
+    /// Keys follow the
     /// name after `:`, separated by `,`: `pq:d=2,k=256,objective=error-feedback,finetune=1`.
     CompressCheckpoint {
         /// The checkpoint (safetensors, any float dtype).
@@ -177,8 +179,12 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
 
 /// The calibration in `path`, checked to have been recorded on the checkpoint whose SHA-256 is
 /// `checkpoint_sha256`.
-fn read_calibration(path: &Path, checkpoint: &Path, checkpoint_sha256: &str) -> Result<Calibration> {
-    let (calibration, metadata) = calibration_file::load(path)?;
+fn read_calibration(
+    path: &Path,
+    checkpoint: &Path,
+    checkpoint_sha256: &str,
+) -> Result<Calibration> {
+    let (calibration, metadata) = Calibration::load_with_metadata(path)?;
     match metadata.get(CHECKPOINT_SHA256_KEY) {
         Some(recorded) if recorded != checkpoint_sha256 => Err(Error::bad_file(
             checkpoint,

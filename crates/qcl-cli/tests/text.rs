@@ -35,7 +35,14 @@ fn calibrate(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&texts, TEXTS).unwrap();
     let calib = dir.join("calib.safetensors");
     let (ok, v) = qcl(&[
-        "text", "calibrate", "--model", &tiny_bert(), "--input", s(&texts), "--out", s(&calib),
+        "text",
+        "calibrate",
+        "--model",
+        &tiny_bert(),
+        "--input",
+        s(&texts),
+        "--out",
+        s(&calib),
         "--json",
     ]);
     assert!(ok, "{v}");
@@ -61,8 +68,17 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     let dir = tempfile::tempdir().unwrap();
     let (texts, calib) = calibrate(dir.path());
     let (ok, c) = qcl(&[
-        "text", "calibrate", "--model", &tiny_bert(), "--input", s(&texts), "--limit", "2",
-        "--out", s(&dir.path().join("c2")), "--json",
+        "text",
+        "calibrate",
+        "--model",
+        &tiny_bert(),
+        "--input",
+        s(&texts),
+        "--limit",
+        "2",
+        "--out",
+        s(&dir.path().join("c2")),
+        "--json",
     ]);
     assert!(ok, "{c}");
     assert_eq!(c["texts"], 2);
@@ -77,7 +93,10 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     assert_eq!(v["file_bytes"].as_u64().unwrap(), file_bytes);
     assert_eq!(v["bits"]["file_bytes"].as_u64().unwrap(), file_bytes);
     assert_eq!(v["compressed_tensors"], 12);
-    assert!(v["tensors"][0]["output_error"].as_f64().unwrap() < 1.0, "{v}");
+    assert!(
+        v["tensors"][0]["output_error"].as_f64().unwrap() < 1.0,
+        "{v}"
+    );
     // Same seed, same bytes.
     let again = dir.path().join("again.safetensors");
     assert!(compress(&weights, &LINEAR_RULES, &calib_flag, &again).0);
@@ -85,11 +104,21 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
 
     // The CLI's embeddings of the compressed file are the library's, bit for bit.
     let (ok, e) = qcl(&[
-        "text", "embed", "--model", &tiny_bert(), "--compressed", s(&out), "--input", s(&texts),
+        "text",
+        "embed",
+        "--model",
+        &tiny_bert(),
+        "--compressed",
+        s(&out),
+        "--input",
+        s(&texts),
         "--json",
     ]);
     assert!(ok, "{e}");
-    assert_eq!((e["count"].as_u64(), e["dim"].as_u64()), (Some(3), Some(32)));
+    assert_eq!(
+        (e["count"].as_u64(), e["dim"].as_u64()),
+        (Some(3), Some(32))
+    );
     let dir_path = Path::new(&tiny_bert()).to_path_buf();
     let config = qcl_text::SentenceConfig::from_folder(&dir_path).unwrap();
     let tokenizer = qcl_text::SentenceTokenizer::from_file(
@@ -113,7 +142,13 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
 
     // The uncompressed model gives other, nearby embeddings.
     let (ok, plain) = qcl(&[
-        "text", "embed", "--model", &tiny_bert(), "--input", s(&texts), "--json",
+        "text",
+        "embed",
+        "--model",
+        &tiny_bert(),
+        "--input",
+        s(&texts),
+        "--json",
     ]);
     assert!(ok, "{plain}");
     let plain = embeddings_of(&plain);
@@ -126,13 +161,25 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     // --out writes the same values to a safetensors file, and standard input works.
     let file = dir.path().join("e.safetensors");
     let mut child = Command::new(env!("CARGO_BIN_EXE_qcl"))
-        .args(["text", "embed", "--model", &tiny_bert(), "--compressed", s(&out)])
+        .args([
+            "text",
+            "embed",
+            "--model",
+            &tiny_bert(),
+            "--compressed",
+            s(&out),
+        ])
         .args(["--input", "-", "--out", s(&file), "--json"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(TEXTS.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(TEXTS.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
     let v: Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -179,12 +226,8 @@ fn other_model(dir: &Path) -> PathBuf {
     let bias = tensors.get_mut("embeddings.LayerNorm.bias").unwrap();
     *bias = (&*bias + 0.5).unwrap();
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    qcl_tensor::write_safetensors(
-        dst.join("model.safetensors"),
-        &refs,
-        &Default::default(),
-    )
-    .unwrap();
+    qcl_tensor::write_safetensors(dst.join("model.safetensors"), &refs, &Default::default())
+        .unwrap();
     dst
 }
 
@@ -201,13 +244,33 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
     let weights = format!("{}/model.safetensors", tiny_bert());
     let out = dir.path().join("out.safetensors");
     for (rule, kind, needle) in [
-        ("decoder.*=fp16", "invalid_parameter", "pattern `decoder.*` matches no tensor"),
-        ("pooler.dense.weight=fp16", "invalid_parameter", "unknown tensor name `pooler.dense.weight`"),
+        (
+            "decoder.*=fp16",
+            "invalid_parameter",
+            "pattern `decoder.*` matches no tensor",
+        ),
+        (
+            "pooler.dense.weight=fp16",
+            "invalid_parameter",
+            "unknown tensor name `pooler.dense.weight`",
+        ),
         ("encoder.*[0]=fp16", "invalid_parameter", "unknown pattern"),
         ("encoder.*.weight", "invalid_parameter", "PATTERN=METHOD"),
-        ("*.dense.weight=zstd", "invalid_parameter", "unknown method `zstd`"),
-        ("*.dense.weight=pq:d=2,kk=4", "invalid_parameter", "unknown field `kk`"),
-        ("*.dense.weight=pq:d=5,k=4,objective=naive", "invalid_parameter", "divide"),
+        (
+            "*.dense.weight=zstd",
+            "invalid_parameter",
+            "unknown method `zstd`",
+        ),
+        (
+            "*.dense.weight=pq:d=2,kk=4",
+            "invalid_parameter",
+            "unknown field `kk`",
+        ),
+        (
+            "*.dense.weight=pq:d=5,k=4,objective=naive",
+            "invalid_parameter",
+            "divide",
+        ),
         ("*.self.*.weight=gptq", "empty_input", "needs calibration"),
     ] {
         let (ok, v) = compress(&weights, &[rule], &[], &out);
@@ -218,20 +281,32 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
     // A calibration recorded on another checkpoint.
     let other = other_model(dir.path());
     let other_weights = other.join("model.safetensors");
-    let (ok, v) = compress(s(&other_weights), &LINEAR_RULES, &["--calibration", s(&calib)], &out);
+    let (ok, v) = compress(
+        s(&other_weights),
+        &LINEAR_RULES,
+        &["--calibration", s(&calib)],
+        &out,
+    );
     assert!(!ok);
     assert_error(&v, "bad_file", "the calibration");
     // A calibration file that is not one.
     let (ok, v) = compress(&weights, &LINEAR_RULES, &["--calibration", &weights], &out);
     assert!(!ok);
-    assert_error(&v, "bad_file", "not a calibration file");
+    assert_error(&v, "bad_file", "not a qcl-wpq calibration");
     assert!(!out.exists());
 
     // A compressed file used with another model's folder, or a file that is not compressed.
     assert!(compress(&weights, &LINEAR_RULES[1..], &[], &out).0);
     let embed = |model: &str, compressed: &str, input: &str| {
         qcl(&[
-            "text", "embed", "--model", model, "--compressed", compressed, "--input", input,
+            "text",
+            "embed",
+            "--model",
+            model,
+            "--compressed",
+            compressed,
+            "--input",
+            input,
             "--json",
         ])
     };
@@ -250,7 +325,14 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
         assert_error(&v, "empty_input", "holds no text");
         let calib2 = dir.path().join("c2.safetensors");
         let (ok, v) = qcl(&[
-            "text", "calibrate", "--model", &tiny_bert(), "--input", input, "--out", s(&calib2),
+            "text",
+            "calibrate",
+            "--model",
+            &tiny_bert(),
+            "--input",
+            input,
+            "--out",
+            s(&calib2),
             "--json",
         ]);
         assert!(!ok);
@@ -259,8 +341,17 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
     }
     // A model folder without a model.
     let (ok, v) = qcl(&[
-        "text", "embed", "--model", s(dir.path()), "--input", s(&texts), "--json",
+        "text",
+        "embed",
+        "--model",
+        s(dir.path()),
+        "--input",
+        s(&texts),
+        "--json",
     ]);
     assert!(!ok);
-    assert!(v["error"]["kind"] == "io" || v["error"]["kind"] == "bad_file", "{v}");
+    assert!(
+        v["error"]["kind"] == "io" || v["error"]["kind"] == "bad_file",
+        "{v}"
+    );
 }

@@ -126,7 +126,11 @@ pub fn write_safetensors(
 /// metadata always give the same bytes.
 fn with_sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
     let too_short = || "shorter than its header".to_string();
-    let len: [u8; 8] = bytes.get(..8).ok_or_else(too_short)?.try_into().expect("8 bytes");
+    let len: [u8; 8] = bytes
+        .get(..8)
+        .ok_or_else(too_short)?
+        .try_into()
+        .expect("8 bytes");
     let end = usize::try_from(u64::from_le_bytes(len))
         .ok()
         .and_then(|n| n.checked_add(8))
@@ -368,8 +372,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[7u32, 8, 9], &Device::Cpu).unwrap();
-        let meta: BTreeMap<String, String> =
-            (0..12).map(|i| (format!("key{i}"), format!("value \"{i}\""))).collect();
+        let meta: BTreeMap<String, String> = (0..12)
+            .map(|i| (format!("key{i}"), format!("value \"{i}\"")))
+            .collect();
         let files: Vec<Vec<u8>> = (0..4)
             .map(|i| {
                 let path = dir.path().join(format!("{i}.safetensors"));
@@ -382,7 +387,13 @@ mod tests {
         assert_eq!(file.metadata(), &meta);
         let back = file.tensor("w", &Device::Cpu).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        assert_eq!(file.tensor("b", &Device::Cpu).unwrap().to_vec1::<u32>().unwrap(), [7, 8, 9]);
+        assert_eq!(
+            file.tensor("b", &Device::Cpu)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap(),
+            [7, 8, 9]
+        );
         assert!(with_sorted_header(&[1, 0]).is_err());
         assert!(with_sorted_header(&[255, 0, 0, 0, 0, 0, 0, 0, b'{']).is_err());
     }

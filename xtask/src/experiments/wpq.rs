@@ -1,5 +1,5 @@
 //! `wpq`: "And the bit goes down" weight product quantization of FMNet on Fashion-MNIST
-//! (weight_pq spec §10, runs 1-10): teacher, activation-aware vs naive PQ with and without
+//! (the scaled-down runs 1-10 of the experiment table): teacher, activation-aware vs naive PQ with and without
 //! layer-wise / global distillation, uniform per-channel scalar baselines, and the fork's
 //! Fusion, ChangeDim and Subspace variants; accuracy against the size ratio.
 
@@ -85,7 +85,7 @@ impl Settings {
 /// One point of the table and the plot.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
-    /// Run number of spec §10 (e.g. "4").
+    /// Run number in the experiment table (e.g. "4").
     pub run: String,
     /// Method.
     pub name: String,
@@ -502,13 +502,13 @@ pub fn run_with(
         .collect();
     let c = &settings.compress;
     let markdown = format!(
-        "Teacher FMNet (spec §10), {} epochs of Adam on the 60,000 training images: {teacher_acc:.2} % \
+        "Teacher FMNet, {} epochs of Adam on the 60,000 training images: {teacher_acc:.2} % \
          on the first {} test images{}. Quantized: every layer but the stem, K = 64, d = 9 \
          (3×3), 4 (1×1, fc); inputs recorded from the student on {} training images, {} EM \
          iterations with ≈ {} unrolled rows each; layer-wise fine-tuning {} steps per layer \
          (CentroidSGD lr {}, momentum {}, wd {}), global fine-tuning {} steps (lr {}), batch {}, \
          KL distillation to the teacher (labels unused). Ratio = fp32 bytes of every parameter ÷ \
-         (ideal index bits + fp16 codebooks + fp32 rest), spec §6; the file column is the real \
+         (ideal index bits + fp16 codebooks + fp32 rest), as the paper counts; the file column is the real \
          size of the written safetensors file (first seed). PQ runs are repeated for the \
          quantization seeds {:?} (input samples, k-means start, batch order; one teacher) and \
          give mean ± std over seeds; times are means. Uniform baselines: symmetric, 2^b levels per \

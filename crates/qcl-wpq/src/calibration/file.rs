@@ -204,7 +204,11 @@ impl Calibration {
     ///
     /// # Errors
     /// As [`Calibration::to_bytes_with`]; [`Error::Io`].
-    pub fn save_with(&self, path: impl AsRef<Path>, metadata: &BTreeMap<String, String>) -> Result<u64> {
+    pub fn save_with(
+        &self,
+        path: impl AsRef<Path>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<u64> {
         let bytes = self.to_bytes_with(metadata)?;
         qcl_tensor::write_atomic(path, &bytes)?;
         Ok(bytes.len() as u64)

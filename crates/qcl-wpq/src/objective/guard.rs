@@ -163,3 +163,70 @@ pub(crate) fn hold_out(stats: &InputStats) -> Result<(InputStats, Vec<f32>)> {
     }
     Ok((fit, rows))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn stats(rows: &[Vec<f32>], sample: usize) -> InputStats {
+        let width = rows[0].len();
+        let mut gram = vec![0f64; width * width];
+        for x in rows {
+            for i in 0..width {
+                for j in 0..width {
+                    gram[i * width + j] += f64::from(x[i]) * f64::from(x[j]);
+                }
+            }
+        }
+        InputStats {
+            width,
+            gram,
+            rows: rows.len() as u64,
+            conv: None,
+            sample: rows[..sample].iter().flatten().copied().collect(),
+        }
+    }
+
+    proptest! {
+        /// Holding rows out takes exactly their `xᵀx` off `H` and their count off the rows,
+        /// and never holds out more than half.
+        #[test]
+        fn hold_out_removes_exactly_the_held_rows(
+            rows in prop::collection::vec(prop::collection::vec(-3.0f32..3.0, 3), 2..12),
+            sample in 0usize..12,
+        ) {
+            let sample = sample.min(rows.len());
+            let all = stats(&rows, sample);
+            match hold_out(&all) {
+                Ok((fit, held)) => {
+                    let n = held.len() / 3;
+                    prop_assert!(n >= 1 && n <= rows.len() / 2 && n <= sample);
+                    prop_assert_eq!(fit.rows, rows.len() as u64 - n as u64);
+                    let expected = stats(&rows[n..], 0);
+                    for (a, b) in fit.gram.iter().zip(&expected.gram) {
+                        prop_assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{} vs {}", a, b);
+                    }
+                }
+                Err(e) => {
+                    let invalid = matches!(e, Error::InvalidParameter { .. });
+                    prop_assert!(invalid, "{:?}", e);
+                    prop_assert!(sample == 0 || rows.len() < 2);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scores_are_zero_for_the_reference_and_grow_with_the_error() {
+        let x = [1.0f32, 0.0, 0.0, 1.0, 2.0, 2.0];
+        let w = [1.0f32, 2.0, 3.0, 4.0];
+        let held = HeldOut::new(&x, 2, &w);
+        let exact = held.score(&w);
+        assert_eq!((exact.total, exact.token_mean), (0.0, 0.0));
+        let off = held.score(&[1.0, 2.0, 3.0, 5.0]);
+        let further = held.score(&[1.0, 2.0, 3.0, 6.0]);
+        assert!(off.total > 0.0 && further.total > off.total);
+        assert!(off.accepts(&further) && !further.accepts(&off) && !off.accepts(&off));
+    }
+}
