@@ -243,24 +243,36 @@ pub fn compress_checkpoint(
     let seed = Seed::new(plan.seed);
     for (name, rule) in chosen {
         bar.set_message(name.clone());
-        let raw = out
-            .untouched
-            .remove(&name)
-            .ok_or_else(|| Error::invalid_parameter("tensors", format!("no tensor `{name}`")))?;
-        let stats = calibration.stats(&name);
-        let (t, report) = compress_tensor(
-            &name,
-            &raw,
-            &plan.rules[rule].method,
-            stats.as_ref(),
-            seed.child_named(&name),
-        )?;
-        out.compressed.insert(name, t);
-        reports.push(report);
+        let method = &plan.rules[rule].method;
+        reports.push(compress_into(&mut out, name, method, calibration, seed)?);
         bar.inc(1);
     }
     Ok(Compressed {
         checkpoint: out,
         reports,
     })
+}
+
+/// Moves the untouched tensor `name` of `out` into its compressed tensors, compressed by
+/// `method` with the inputs `calibration` recorded for it, and returns its report.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] when `out` holds no untouched tensor `name`; as
+/// [`compress_tensor`].
+pub(crate) fn compress_into(
+    out: &mut CompressedCheckpoint,
+    name: String,
+    method: &Method,
+    calibration: &Calibration,
+    seed: Seed,
+) -> Result<TensorReport> {
+    let raw = out
+        .untouched
+        .remove(&name)
+        .ok_or_else(|| Error::invalid_parameter("tensors", format!("no tensor `{name}`")))?;
+    let stats = calibration.stats(&name);
+    let (t, report) =
+        compress_tensor(&name, &raw, method, stats.as_ref(), seed.child_named(&name))?;
+    out.compressed.insert(name, t);
+    Ok(report)
 }

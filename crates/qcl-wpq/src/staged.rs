@@ -10,7 +10,7 @@ use qcl_tensor::{Error, Result, Seed};
 
 use crate::calibration::Calibration;
 use crate::checkpoint::{Checkpoint, CompressedCheckpoint};
-use crate::compressor::{compress_tensor, Compressed};
+use crate::compressor::{compress_into, Compressed};
 use crate::select::{Pattern, Plan};
 
 /// Compresses every tensor of `checkpoint` that `plan` selects, stage by stage: the tensors of
@@ -95,19 +95,8 @@ where
         }
         for (name, rule) in stage {
             bar.set_message(name.clone());
-            let raw = out.untouched.remove(&name).ok_or_else(|| {
-                Error::invalid_parameter("tensors", format!("no tensor `{name}`"))
-            })?;
-            let stats = calibration.stats(&name);
-            let (t, report) = compress_tensor(
-                &name,
-                &raw,
-                &plan.rules[rule].method,
-                stats.as_ref(),
-                seed.child_named(&name),
-            )?;
-            out.compressed.insert(name, t);
-            reports.push(report);
+            let method = &plan.rules[rule].method;
+            reports.push(compress_into(&mut out, name, method, &calibration, seed)?);
             bar.inc(1);
         }
     }

@@ -19,11 +19,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use qcl_tensor::{Error, Result};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::{Calibration, ConvInput, InputStats, LayerStats, TokenStats};
-use crate::checkpoint::file::{serialize, take, Part, Views};
+use crate::checkpoint::file::{open_format, serialize, take, Part, Views};
 
 /// File format tag of a saved [`Calibration`].
 pub const CALIBRATION_FORMAT: &str = "qcl-wpq-calibration/1";
@@ -221,17 +221,7 @@ impl Calibration {
     pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<(Self, BTreeMap<String, String>)> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let calib = Self::from_bytes(path, &bytes)?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a complete safetensors file ({e})")))?;
-        let metadata = header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, _)| !is_reserved(k))
-            .collect();
-        Ok((calib, metadata))
+        Self::parse(path, &bytes)
     }
 
     /// Reads a file written by [`Calibration::save`].
@@ -251,21 +241,14 @@ impl Calibration {
     /// unexpected or wrongly shaped part, an absurd width, a non-finite value, sample keys
     /// out of order, or token counts that do not add up to the recorded rows.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
-        let path = path.as_ref();
+        Self::parse(path.as_ref(), bytes).map(|(calib, _)| calib)
+    }
+
+    /// The calibration in a file's bytes and the application's metadata in it.
+    fn parse(path: &Path, bytes: &[u8]) -> Result<(Self, BTreeMap<String, String>)> {
         let bad = |reason: String| Error::bad_file(path, reason);
-        let parsed = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        match metadata.get("format") {
-            Some(f) if f == CALIBRATION_FORMAT => {}
-            other => {
-                return Err(bad(format!(
-                    "not a qcl-wpq calibration: format {other:?}, expected `{CALIBRATION_FORMAT}`"
-                )))
-            }
-        }
+        let (parsed, mut metadata) =
+            open_format(path, bytes, CALIBRATION_FORMAT, "qcl-wpq calibration")?;
         let sample_rows: usize = metadata
             .get(SAMPLE_ROWS_KEY)
             .and_then(|v| v.parse().ok())
@@ -290,7 +273,8 @@ impl Calibration {
         if let Some(name) = views.keys().next() {
             return Err(bad(format!("unexpected tensor `{name}`")));
         }
-        Ok(calib)
+        metadata.retain(|k, _| !is_reserved(k));
+        Ok((calib, metadata))
     }
 }
 

@@ -178,24 +178,12 @@ impl CompressedCheckpoint {
     pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
         let path = path.as_ref();
         let bad = |reason: String| Error::bad_file(path, reason);
-        let parsed = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
-        let mut metadata: BTreeMap<String, String> = header
-            .metadata()
-            .clone()
-            .map(|m| m.into_iter().collect())
-            .unwrap_or_default();
-        match metadata.remove("format") {
-            Some(f) if f == CHECKPOINT_FORMAT => {}
-            other => {
-                return Err(bad(format!(
-                    "not a qcl-wpq compressed checkpoint: format {other:?}, expected \
-                     `{CHECKPOINT_FORMAT}`"
-                )))
-            }
-        }
+        let (parsed, mut metadata) = open_format(
+            path,
+            bytes,
+            CHECKPOINT_FORMAT,
+            "qcl-wpq compressed checkpoint",
+        )?;
         let metas: BTreeMap<String, TensorMeta> = serde_json::from_str(
             &metadata
                 .remove(TENSORS_KEY)
@@ -342,6 +330,35 @@ fn encode<'a>(name: &str, t: &'a CompressedTensor) -> Result<(TensorMeta, Vec<Pa
         ));
     }
     Ok((meta, parts))
+}
+
+/// Parses a safetensors file of format `format` (`what` names it in messages) and returns its
+/// tensors and its metadata without the `format` key; `path` is used in messages only.
+///
+/// # Errors
+/// [`Error::BadFile`] for a truncated or foreign file, or another `format`.
+pub(crate) fn open_format<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    format: &str,
+    what: &str,
+) -> Result<(SafeTensors<'a>, BTreeMap<String, String>)> {
+    let bad = |reason: String| Error::bad_file(path, reason);
+    let parsed = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a complete safetensors file ({e})")))?;
+    let mut metadata: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    match metadata.remove("format") {
+        Some(f) if f == format => Ok((parsed, metadata)),
+        other => Err(bad(format!(
+            "not a {what}: format {other:?}, expected `{format}`"
+        ))),
+    }
 }
 
 /// Safetensors bytes with a sorted header; data ordered by alignment, then name.

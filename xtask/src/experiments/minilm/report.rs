@@ -322,8 +322,12 @@ fn pm((m, s): (f64, f64), digits: usize, seeds: usize) -> String {
 fn markdown(rows: &[Row], targets: &[Target], ctx: &Context, settings: &Settings) -> String {
     let mut md = format!(
         "all-MiniLM-L6-v2, {} calibration glosses ({} tokens, recorded in {:.1} s), {} evaluation \
-         glosses, {} queries, top-{}; naive, activation-aware and error-feedback PQ at d2 K256 over {} seed(s) (mean ± std), every other arm one seed. Bits per weight count codebooks, \
-         scales and outlier columns over the compressed tensors (the 36 encoder Linear weights, \
+         glosses, {} queries, top-{}; naive, activation-aware and error-feedback PQ at d2 K256 over \
+         {} seed(s) (mean ± std), every other arm one seed. `ef+outliers+ft`: error-feedback PQ, \
+         the input columns whose second moment is ≥ 20× the median's (at most 8 per layer) kept \
+         in fp16, then two least-squares codebook fine-tunes on the output error, each checked \
+         on held-out rows, with the codes reassigned between them. Bits per weight count \
+         codebooks, scales and outlier columns over the compressed tensors (the 36 encoder Linear weights, \
          or every weight for the whole-model rows); file sizes are the compressed safetensors \
          files, against {} bytes for the original fp32 file.\n\n",
         settings.calibration,
