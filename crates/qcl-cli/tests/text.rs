@@ -34,19 +34,18 @@ fn calibrate(dir: &Path) -> (PathBuf, PathBuf) {
     let texts = dir.join("texts.txt");
     std::fs::write(&texts, TEXTS).unwrap();
     let calib = dir.join("calib.safetensors");
-    let (ok, v) = qcl(&[
-        "text",
-        "calibrate",
-        "--model",
-        &tiny_bert(),
-        "--input",
-        s(&texts),
-        "--out",
-        s(&calib),
-        "--json",
-    ]);
+    let (ok, v) = text_calibrate(s(&texts), &calib, &[]);
     assert!(ok, "{v}");
     (texts, calib)
+}
+
+/// `qcl text calibrate` of the tiny BERT over `input` into `out`, with `extra` flags.
+fn text_calibrate(input: &str, out: &Path, extra: &[&str]) -> (bool, Value) {
+    let model = tiny_bert();
+    let mut args = vec!["text", "calibrate", "--model", &model, "--input", input];
+    args.extend(extra);
+    args.extend(["--out", s(out), "--json"]);
+    qcl(&args)
 }
 
 fn compress(checkpoint: &str, rules: &[&str], extra: &[&str], out: &Path) -> (bool, Value) {
@@ -67,19 +66,7 @@ fn embeddings_of(v: &Value) -> Vec<Vec<f32>> {
 fn calibrate_compress_and_embed_with_the_compressed_file() {
     let dir = tempfile::tempdir().unwrap();
     let (texts, calib) = calibrate(dir.path());
-    let (ok, c) = qcl(&[
-        "text",
-        "calibrate",
-        "--model",
-        &tiny_bert(),
-        "--input",
-        s(&texts),
-        "--limit",
-        "2",
-        "--out",
-        s(&dir.path().join("c2")),
-        "--json",
-    ]);
+    let (ok, c) = text_calibrate(s(&texts), &dir.path().join("c2"), &["--limit", "2"]);
     assert!(ok, "{c}");
     assert_eq!(c["texts"], 2);
     assert_eq!(c["layers"].as_array().unwrap().len(), 1 + 6 * 2);
@@ -324,17 +311,7 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
         assert!(!ok);
         assert_error(&v, "empty_input", "holds no text");
         let calib2 = dir.path().join("c2.safetensors");
-        let (ok, v) = qcl(&[
-            "text",
-            "calibrate",
-            "--model",
-            &tiny_bert(),
-            "--input",
-            input,
-            "--out",
-            s(&calib2),
-            "--json",
-        ]);
+        let (ok, v) = text_calibrate(input, &calib2, &[]);
         assert!(!ok);
         assert_error(&v, "empty_input", "holds no text");
         assert!(!calib2.exists());

@@ -12,6 +12,17 @@ use qcl_wpq::{
     Pattern, Plan, PqParams, Rule, ScalarParams, GUARD_STEPS,
 };
 
+/// `quantize_pq` of a `[rows, cols]` weight with recorded input statistics.
+fn pq_with_stats(
+    w: &[f32],
+    shape: [usize; 2],
+    params: &PqParams,
+    stats: &LayerStats,
+    seed: u64,
+) -> qcl_tensor::Result<qcl_wpq::PqOutcome> {
+    quantize_pq(w, &shape, params, Evidence::Stats(stats), Seed::new(seed))
+}
+
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     Seed::new(seed)
         .rng()
@@ -106,7 +117,7 @@ proptest! {
             outliers: OutlierColumns::Top(s),
             ..PqParams::new(2, 4, Objective::ErrorFeedback)
         };
-        let out = quantize_pq(&w, &[rows, cols], &params, Evidence::Stats(&stats), Seed::new(seed)).unwrap();
+        let out = pq_with_stats(&w, [rows, cols], &params, &stats, seed).unwrap();
         let exact = out.outliers.clone().unwrap();
         prop_assert!(exact.columns.contains(&3));
         let rest = out.tensor.decode().unwrap();
@@ -161,14 +172,7 @@ fn outlier_columns_rescue_a_layer_with_a_massive_feature() {
             outliers,
             ..PqParams::new(2, 8, Objective::ErrorFeedback)
         };
-        let out = quantize_pq(
-            &w,
-            &[rows, cols],
-            &params,
-            Evidence::Stats(&stats),
-            Seed::new(3),
-        )
-        .unwrap();
+        let out = pq_with_stats(&w, [rows, cols], &params, &stats, 3).unwrap();
         let rest = out.tensor.decode().unwrap();
         let approx = match &out.outliers {
             Some(e) => e.merge(&rest, cols).unwrap(),
@@ -189,14 +193,7 @@ fn outlier_columns_rescue_a_layer_with_a_massive_feature() {
         },
         ..PqParams::new(2, 8, Objective::ErrorFeedback)
     };
-    let out = quantize_pq(
-        &w,
-        &[rows, cols],
-        &params,
-        Evidence::Stats(&stats),
-        Seed::new(3),
-    )
-    .unwrap();
+    let out = pq_with_stats(&w, [rows, cols], &params, &stats, 3).unwrap();
     let columns = out.outliers.unwrap().columns;
     assert_eq!(columns.len(), 2);
     assert!(columns.contains(&7));
@@ -326,14 +323,7 @@ fn guarded_finetune_takes_only_the_documented_steps() {
             finetune_rounds: 2,
             ..PqParams::new(2, 8, Objective::ErrorFeedback)
         };
-        let out = quantize_pq(
-            &w,
-            &[rows, cols],
-            &params,
-            Evidence::Stats(&stats),
-            Seed::new(1),
-        )
-        .unwrap();
+        let out = pq_with_stats(&w, [rows, cols], &params, &stats, 1).unwrap();
         assert_eq!(out.finetune_steps.len(), 2);
         for step in &out.finetune_steps {
             match guard {
@@ -352,14 +342,7 @@ fn guarded_finetune_takes_only_the_documented_steps() {
         finetune_rounds: 1,
         ..PqParams::new(2, 8, Objective::ErrorFeedback)
     };
-    let e = quantize_pq(
-        &w,
-        &[rows, cols],
-        &params,
-        Evidence::Stats(&stats),
-        Seed::new(1),
-    )
-    .unwrap_err();
+    let e = pq_with_stats(&w, [rows, cols], &params, &stats, 1).unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { .. }), "{e:?}");
 }
 
