@@ -12,6 +12,8 @@ use qcl_tensor::{
 };
 use rayon::prelude::*;
 
+use crate::bounds::{BoundedAssign, KMeansAlgorithm};
+
 /// Value of the `format` metadata key of a saved k-means model.
 pub const KMEANS_FORMAT: &str = "qcl-kmeans/1";
 
@@ -58,6 +60,9 @@ pub struct KMeansParams {
     pub seed: Seed,
     /// Show a progress bar on standard error (default false).
     pub show_progress: bool,
+    /// Assignment step: plain, or with Hamerly/Yinyang distance bounds (default
+    /// [`KMeansAlgorithm::Auto`]); every choice gives the same result.
+    pub algorithm: KMeansAlgorithm,
 }
 
 impl KMeansParams {
@@ -72,6 +77,7 @@ impl KMeansParams {
             max_points_per_centroid: Some(256),
             seed: Seed::new(1234),
             show_progress: false,
+            algorithm: KMeansAlgorithm::Auto,
         }
     }
 
@@ -134,6 +140,11 @@ pub struct KMeans {
     pub lloyd_seconds: f64,
     /// Empty clusters repaired by splitting (kept run).
     pub empty_cluster_repairs: usize,
+    /// Share of the `n·k` point–centroid distances computed at each iteration's assignment
+    /// step (kept run): 1 for plain Lloyd, less where distance bounds skip centroids.
+    pub distance_share: Vec<f64>,
+    /// Bytes of distance bounds held during training (0 for plain Lloyd).
+    pub bound_bytes: usize,
 }
 
 /// Checks data and weights; returns `n`.
@@ -299,6 +310,11 @@ impl KMeans {
                 "objective_history".to_string(),
                 serde_json::to_string(&self.objective_history).expect("floats serialise"),
             ),
+            (
+                "distance_share".to_string(),
+                serde_json::to_string(&self.distance_share).expect("floats serialise"),
+            ),
+            ("bound_bytes".to_string(), self.bound_bytes.to_string()),
         ]);
         write_safetensors(path, &[("centroids", &centroids)], &metadata)
     }
@@ -335,6 +351,11 @@ impl KMeans {
             iterations: parse("iterations") as usize,
             lloyd_seconds: parse("lloyd_seconds"),
             empty_cluster_repairs: parse("empty_cluster_repairs") as usize,
+            distance_share: meta
+                .get("distance_share")
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            bound_bytes: parse("bound_bytes") as usize,
         })
     }
 }
@@ -367,10 +388,13 @@ fn lloyd(
         bar.set_message(format!("{}/{}", run + 1, params.n_init));
         bar
     });
+    let mut step = AssignStep::new(data, dim, &centroids, params)?;
+    let mut distance_share = Vec::with_capacity(params.max_iter);
+    let mut previous = Vec::new();
     let mut iterations = 0;
     for _ in 0..params.max_iter {
-        // The data was checked once by `fit`.
-        nearest_codes_into_finite(data, &centroids, dim, None, &mut indices, &mut distances)?;
+        let computed = step.assign(data, &centroids, dim, &mut indices, &mut distances)?;
+        distance_share.push(computed as f64 / (n as f64 * k as f64));
         let objective = match weights {
             None => distances.iter().map(|&v| f64::from(v)).sum::<f64>() / total_weight,
             Some(w) => {
@@ -393,6 +417,7 @@ fn lloyd(
         if converged || objective == 0.0 {
             break;
         }
+        previous.clone_from(&centroids);
         let cluster_weights = update_centroids(
             data,
             dim,
@@ -403,6 +428,7 @@ fn lloyd(
             &mut partials,
         );
         repairs += repair_empty_clusters(&mut centroids, dim, cluster_weights);
+        step.centroids_moved(&previous, &centroids);
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -415,7 +441,85 @@ fn lloyd(
         iterations,
         lloyd_seconds: 0.0,
         empty_cluster_repairs: repairs,
+        distance_share,
+        bound_bytes: step.bound_bytes(),
     })
+}
+
+/// The assignment step of one Lloyd run.
+enum AssignStep {
+    Plain,
+    Bounded(BoundedAssign),
+}
+
+impl AssignStep {
+    /// The step `params.algorithm` names for these points and initial centroids; Yinyang's
+    /// groups come from a short plain k-means of the centroids.
+    fn new(data: &[f32], dim: usize, centroids: &[f32], params: &KMeansParams) -> Result<Self> {
+        let n = data.len() / dim;
+        let k = params.k;
+        let Some(t) = params.algorithm.groups(k, dim) else {
+            return Ok(AssignStep::Plain);
+        };
+        let group_of = if t <= 1 {
+            vec![0; k]
+        } else {
+            let grouping = KMeansParams {
+                max_iter: 5,
+                max_points_per_centroid: None,
+                seed: params.seed.child(u64::MAX),
+                algorithm: KMeansAlgorithm::Lloyd,
+                ..KMeansParams::new(t)
+            };
+            let groups = KMeans::fit(centroids, dim, None, &grouping)?;
+            compact_labels(groups.assign(centroids)?.indices)
+        };
+        Ok(AssignStep::Bounded(BoundedAssign::new(n, dim, group_of)))
+    }
+
+    /// Assigns every point; returns how many point–centroid distances were computed.
+    fn assign(
+        &mut self,
+        data: &[f32],
+        centroids: &[f32],
+        dim: usize,
+        indices: &mut [u32],
+        distances: &mut [f32],
+    ) -> Result<u64> {
+        match self {
+            AssignStep::Plain => {
+                // The data was checked once by `fit`.
+                nearest_codes_into_finite(data, centroids, dim, None, indices, distances)?;
+                Ok((indices.len() * (centroids.len() / dim)) as u64)
+            }
+            AssignStep::Bounded(state) => state.assign(data, centroids, indices, distances),
+        }
+    }
+
+    fn centroids_moved(&mut self, old: &[f32], new: &[f32]) {
+        if let AssignStep::Bounded(state) = self {
+            state.centroids_moved(old, new);
+        }
+    }
+
+    fn bound_bytes(&self) -> usize {
+        match self {
+            AssignStep::Plain => 0,
+            AssignStep::Bounded(state) => state.bound_bytes(),
+        }
+    }
+}
+
+/// Labels renumbered `0, 1, …` in order of first appearance, so that no group is empty.
+pub(crate) fn compact_labels(labels: Vec<u32>) -> Vec<u32> {
+    let mut map = BTreeMap::new();
+    labels
+        .into_iter()
+        .map(|l| {
+            let next = map.len() as u32;
+            *map.entry(l).or_insert(next)
+        })
+        .collect()
 }
 
 /// Moves each centroid to the weighted mean of its points; returns each cluster's weight.

@@ -5,7 +5,9 @@
 //!
 //! - [`KMeans`] with [`KMeansParams`] (every knob named, with faiss-like defaults): random or
 //!   greedy k-means++ initialisation, Lloyd iterations with optional early stop, sample weights,
-//!   empty-cluster repair, restarts, subsampling, the objective history, progress;
+//!   empty-cluster repair, restarts, subsampling, the objective history, progress; an
+//!   assignment step with Hamerly or Yinyang distance bounds ([`KMeansAlgorithm`]) that skips
+//!   most distances and still returns plain Lloyd's assignments bit for bit;
 //!   [`MiniBatchKMeans`] for data that arrives in batches. The same seed gives the same
 //!   centroids with any number of threads.
 //! - [`ProductQuantizer`] ([`ProductQuantizerParams`]): bit-packed [`PackedCodes`], decode, ADC search.
@@ -27,6 +29,7 @@
 //! # Ok::<(), qcl_tensor::Error>(())
 //! ```
 
+mod bounds;
 mod kmeans;
 mod minibatch;
 mod packing;
@@ -34,6 +37,7 @@ mod pq;
 mod tensor;
 pub mod workloads;
 
+pub use bounds::KMeansAlgorithm;
 pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT};
 pub use minibatch::MiniBatchKMeans;
 pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, PQ_FORMAT};

@@ -1,7 +1,7 @@
 //! k-means: invariants from the spec, determinism, bad input.
 
 use proptest::prelude::*;
-use qcl_pq::{KMeans, KMeansInit, KMeansParams, MiniBatchKMeans};
+use qcl_pq::{KMeans, KMeansAlgorithm, KMeansInit, KMeansParams, MiniBatchKMeans};
 use qcl_tensor::{Error, Seed};
 
 /// `centres` Gaussian blobs in `dim` dimensions, `per` points each.
@@ -235,4 +235,32 @@ fn mini_batch_converges_to_the_blobs() {
         "mini {mse_mini} vs full {mse_full}"
     );
     assert!(MiniBatchKMeans::from_first_batch(&data[..4], 2, 3, Seed(0)).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Hamerly, Yinyang and the automatic choice give plain Lloyd's run bit for bit: the
+    /// objective after every iteration, the final centroids and the assignments, on data with
+    /// planted duplicates and ties (a coarse grid) and with empty clusters to repair.
+    #[test]
+    fn every_algorithm_gives_plain_lloyds_run(seed in any::<u64>(), n in 20usize..300, dim in 1usize..40, k in 2usize..40) {
+        let k = k.min(n);
+        let mut rng = Seed(seed).rng();
+        let mut data: Vec<f32> = rng.uniform_vec(n * dim, -2.0, 2.0).into_iter().map(|v| v.round()).collect();
+        data.copy_within(0..dim * (n / 3), dim * (n - n / 3));
+        let run = |algorithm| {
+            let params = KMeansParams { max_iter: 12, max_points_per_centroid: None, seed: Seed(seed), algorithm, ..KMeansParams::new(k) };
+            KMeans::fit(&data, dim, None, &params).unwrap()
+        };
+        let plain = run(KMeansAlgorithm::Lloyd);
+        for algorithm in [KMeansAlgorithm::Auto, KMeansAlgorithm::Hamerly, KMeansAlgorithm::Yinyang { groups: 3 }] {
+            let other = run(algorithm);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&other.objective_history), bits(&plain.objective_history), "{:?}", algorithm);
+            prop_assert_eq!(&other.centroids, &plain.centroids);
+            prop_assert_eq!(other.assign(&data).unwrap().indices, plain.assign(&data).unwrap().indices);
+            prop_assert!(other.distance_share.iter().all(|&s| s > 0.0 && s <= 1.0 + 1e-9));
+        }
+    }
 }

@@ -9,7 +9,9 @@
 //!   atomic writes;
 //! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation; [`matrix_f32`]: a
 //!   `[n, d]` tensor as the `f32` rows the slice kernels take;
-//! - [`nearest_codes`] / [`top_k_codes`]: the exact nearest-code kernel every quantizer uses.
+//! - [`nearest_codes`] / [`top_k_codes`]: the exact nearest-code kernel every quantizer uses;
+//!   [`ExactCodes`] and [`squared_distances_to_codes`]: the same definition for chosen
+//!   points and codes, as bound-based k-means needs it.
 //!
 //! ```
 //! use qcl_tensor::{device, Seed, TensorSpec};
@@ -27,6 +29,7 @@ mod io;
 mod nearest;
 mod planar;
 mod rng;
+mod two_nearest;
 
 pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
 pub use check::{
@@ -36,11 +39,13 @@ pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
 pub use nearest::{
-    nearest_codes, nearest_codes_into, nearest_codes_into_finite, pairwise_squared_distances,
-    squared_distance, top_k_codes, Nearest, DIRECT_MAX_DIM,
+    nearest_codes, nearest_codes_into, nearest_codes_into_finite, nearest_codes_with_group_bounds,
+    pairwise_squared_distances, squared_distance, squared_distances_to_codes, top_k_codes, Nearest,
+    DIRECT_MAX_DIM,
 };
 pub use planar::{nearest_codes_planar, PLANAR_MAX_CODES};
 pub use rng::{RngState, Seed, SeededRng};
+pub use two_nearest::{ExactCodes, TwoNearest};
 
 /// Re-export of candle-core, so that users need not align versions by hand.
 pub use candle_core;

@@ -56,6 +56,160 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     acc
 }
 
+/// Independent sums computed side by side by [`exact_eight`].
+const EIGHT: usize = 8;
+
+/// [`squared_distance`] of eight `(x, c)` pairs of equal length: eight independent sums, each
+/// accumulated over dimensions in order exactly as the definition does, so that the dependency
+/// chain of one sum no longer sets the pace.
+#[inline]
+fn exact_eight(xs: [&[f32]; EIGHT], cs: [&[f32]; EIGHT]) -> [f32; EIGHT] {
+    let d = xs[0].len();
+    let mut acc = [0f32; EIGHT];
+    for i in 0..d {
+        for l in 0..EIGHT {
+            let diff = xs[l][i] - cs[l][i];
+            acc[l] += diff * diff;
+        }
+    }
+    acc
+}
+
+/// The exact squared distance ([`squared_distance`]) of every point to one given code,
+/// `out[p] = ‖x_p − c_{codes_of[p]}‖²`: the error of an assignment made earlier, or the
+/// distance a bound-based search needs to the code a point held before.
+///
+/// ```
+/// let points = [0.0, 0.0, 3.0, 4.0];
+/// let codes = [0.0, 1.0, 3.0, 0.0];
+/// let mut out = [0.0; 2];
+/// qcl_tensor::squared_distances_to_codes(&points, &codes, 2, &[1, 0], &mut out)?;
+/// assert_eq!(out, [9.0, 18.0]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`nearest_codes_into_finite`] (points are not checked for finiteness), and
+/// [`Error::InvalidParameter`] for a code index out of range.
+pub fn squared_distances_to_codes(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    codes_of: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
+    let (n, k) = validate_shapes(points, codes, dim, None)?;
+    for (name, len) in [("codes_of", codes_of.len()), ("out", out.len())] {
+        if len != n {
+            return Err(Error::ShapeMismatch {
+                context: name.into(),
+                expected: format!("[{n}]"),
+                actual: vec![len],
+            });
+        }
+    }
+    if let Some(p) = codes_of.iter().position(|&j| j as usize >= k) {
+        return Err(Error::invalid_parameter(
+            "codes_of",
+            format!("point {p} names code {} of {k}", codes_of[p]),
+        ));
+    }
+    points
+        .par_chunks(PARALLEL_CHUNK * dim)
+        .zip(codes_of.par_chunks(PARALLEL_CHUNK))
+        .zip(out.par_chunks_mut(PARALLEL_CHUNK))
+        .for_each(|((pts, of), dst)| {
+            for ((xs, js), values) in pts
+                .chunks(EIGHT * dim)
+                .zip(of.chunks(EIGHT))
+                .zip(dst.chunks_mut(EIGHT))
+            {
+                let last = js.len() - 1;
+                let sums = exact_eight(
+                    std::array::from_fn(|l| &xs[l.min(last) * dim..(l.min(last) + 1) * dim]),
+                    std::array::from_fn(|l| {
+                        let j = js[l.min(last)] as usize;
+                        &codes[j * dim..(j + 1) * dim]
+                    }),
+                );
+                values.copy_from_slice(&sums[..js.len()]);
+            }
+        });
+    Ok(())
+}
+
+/// [`nearest_codes_into_finite`] that also bounds, per point `p` and group `g` of codes, the
+/// distance to every code of `g` other than the nearest: `lower[p·groups + g] ≤ D(x_p, j)` for
+/// every `j` with `group_of[j] = g` and `j ≠ indices[p]` (`+∞` for a group with no such code).
+/// The bounds come from the GEMM screening scores, so they cost almost nothing beyond the
+/// search; bound-based k-means starts from them. For `dim ≤` [`DIRECT_MAX_DIM`] the codes are
+/// screened by GEMM too, to have the scores.
+///
+/// ```
+/// use qcl_tensor::nearest_codes_with_group_bounds;
+/// let points = [0.0, 0.0];
+/// let codes = [1.0, 0.0, 3.0, 0.0, 0.0, 2.0];
+/// let (mut idx, mut dist, mut lower) = ([0u32; 1], [0f32; 1], [0f32; 2]);
+/// nearest_codes_with_group_bounds(&points, &codes, 2, &[0, 1, 0], 2, &mut idx, &mut dist, &mut lower)?;
+/// assert_eq!((idx[0], dist[0]), (0, 1.0));
+/// assert!(lower[0] <= 4.0 && lower[0] > 3.9); // code 2, the other member of group 0
+/// assert!(lower[1] <= 9.0 && lower[1] > 8.9); // code 1
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`nearest_codes_into_finite`]; [`Error::ShapeMismatch`] for `group_of` not one group per
+/// code or `lower` not `n·groups` long; [`Error::InvalidParameter`] for a group `≥ groups`.
+#[allow(clippy::too_many_arguments)]
+pub fn nearest_codes_with_group_bounds(
+    points: &[f32],
+    codes: &[f32],
+    dim: usize,
+    group_of: &[u32],
+    groups: usize,
+    indices: &mut [u32],
+    distances: &mut [f32],
+    lower: &mut [f32],
+) -> Result<()> {
+    let (n, k) = validate_shapes(points, codes, dim, None)?;
+    for (name, len, expected) in [
+        ("group_of", group_of.len(), k),
+        ("indices", indices.len(), n),
+        ("distances", distances.len(), n),
+        ("lower", lower.len(), n * groups),
+    ] {
+        if len != expected {
+            return Err(Error::ShapeMismatch {
+                context: name.into(),
+                expected: format!("[{expected}]"),
+                actual: vec![len],
+            });
+        }
+    }
+    if let Some(&g) = group_of.iter().find(|&&g| g as usize >= groups) {
+        return Err(Error::invalid_parameter(
+            "group_of",
+            format!("group {g} of {groups}"),
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let screen = GemmCodes::new(codes, dim, k, None);
+    let tile = screen.tile_points();
+    points
+        .par_chunks(tile * dim)
+        .zip(indices.par_chunks_mut(tile))
+        .zip(distances.par_chunks_mut(tile))
+        .zip(lower.par_chunks_mut(tile * groups))
+        .for_each(|(((pts, idx), dst), low)| {
+            with_scratch(tile * k, |scratch| {
+                screen.search_tile_grouped(pts, scratch, (idx, dst), group_of, low)
+            })
+        });
+    Ok(())
+}
+
 /// Checks shapes and finiteness; returns `(n, k)`.
 fn validate(
     points: &[f32],
@@ -828,31 +982,63 @@ impl<'a> GemmCodes<'a> {
         })
     }
 
-    /// Exact `D(x_p, j)` for each `(p, j)` pair, eight pairs at a time: eight independent
-    /// sums, each accumulated over dimensions in order exactly as [`squared_distance`] does,
-    /// so that the dependency chain of one sum no longer sets the pace.
-    fn exact_pairs(&self, points: &[f32], pairs: &[(u32, u32)], out: &mut [f32]) {
-        const GROUP: usize = 8;
-        let d = self.set.dim;
-        for (group, values) in pairs.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
-            let pick = |l: usize| group[l.min(group.len() - 1)];
-            let xs: [&[f32]; GROUP] = std::array::from_fn(|l| {
-                let p = pick(l).0 as usize;
-                &points[p * d..(p + 1) * d]
-            });
-            let cs: [&[f32]; GROUP] = std::array::from_fn(|l| {
-                let j = pick(l).1 as usize;
-                &self.set.codes[j * d..(j + 1) * d]
-            });
-            let mut acc = [0f32; GROUP];
-            for i in 0..d {
-                for l in 0..GROUP {
-                    let diff = xs[l][i] - cs[l][i];
-                    acc[l] += diff * diff;
+    /// [`search_tile`](Self::search_tile), and per point and group a lower bound on the
+    /// distance to every code of the group but the nearest: the smallest screening score,
+    /// plus `‖x‖²`, minus twice the margin (0 where a score overflowed).
+    fn search_tile_grouped(
+        &self,
+        points: &[f32],
+        scratch: &mut [f32],
+        found: (&mut [u32], &mut [f32]),
+        group_of: &[u32],
+        lower: &mut [f32],
+    ) {
+        let (d, k) = (self.set.dim, self.set.k);
+        let (indices, distances) = found;
+        self.search_tile(points, scratch, indices, distances);
+        let t = lower.len() / indices.len().max(1);
+        for (p, x) in points.chunks(d).enumerate() {
+            let x_squared = x.iter().map(|v| v * v).sum::<f32>();
+            let slack = 2.0 * self.set.margin(x_squared.sqrt());
+            let bounds = &mut lower[p * t..(p + 1) * t];
+            bounds.fill(f32::INFINITY);
+            for (j, (&score, &g)) in scratch[p * k..(p + 1) * k].iter().zip(group_of).enumerate() {
+                if j as u32 != indices[p] {
+                    let slot = &mut bounds[g as usize];
+                    *slot = if score.is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        slot.min(score)
+                    };
                 }
             }
+            for b in bounds.iter_mut() {
+                if b.is_finite() {
+                    *b = (*b + x_squared - slack).max(0.0);
+                } else if *b == f32::NEG_INFINITY {
+                    *b = 0.0;
+                }
+            }
+        }
+    }
+
+    /// Exact `D(x_p, j)` for each `(p, j)` pair, eight pairs at a time ([`exact_eight`]).
+    fn exact_pairs(&self, points: &[f32], pairs: &[(u32, u32)], out: &mut [f32]) {
+        let d = self.set.dim;
+        for (group, values) in pairs.chunks(EIGHT).zip(out.chunks_mut(EIGHT)) {
+            let pick = |l: usize| group[l.min(group.len() - 1)];
+            let sums = exact_eight(
+                std::array::from_fn(|l| {
+                    let p = pick(l).0 as usize;
+                    &points[p * d..(p + 1) * d]
+                }),
+                std::array::from_fn(|l| {
+                    let j = pick(l).1 as usize;
+                    &self.set.codes[j * d..(j + 1) * d]
+                }),
+            );
             for (l, value) in values.iter_mut().enumerate() {
-                *value = acc[l] + self.set.bias.map_or(0.0, |b| b[group[l].1 as usize]);
+                *value = sums[l] + self.set.bias.map_or(0.0, |b| b[group[l].1 as usize]);
             }
         }
     }
@@ -985,6 +1171,50 @@ mod tests {
                 all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 let want: Vec<u32> = all.iter().take(top).map(|a| a.1).collect();
                 prop_assert_eq!(&got.indices[p * top..(p + 1) * top], want.as_slice());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Distances to given codes are the definition's, bit for bit, in every position of
+        /// the eight-wide groups (including a partial last group).
+        #[test]
+        fn distances_to_given_codes_are_the_definition(seed in any::<u64>(), n in 1usize..40, k in 1usize..12, dim in 1usize..50) {
+            let (points, codes) = data(seed, n, k, dim, seed % 2 == 0);
+            let codes_of: Vec<u32> = (0..n).map(|p| ((p as u64 * 7 + seed) % k as u64) as u32).collect();
+            let mut out = vec![0f32; n];
+            squared_distances_to_codes(&points, &codes, dim, &codes_of, &mut out).unwrap();
+            for p in 0..n {
+                let j = codes_of[p] as usize;
+                prop_assert_eq!(out[p].to_bits(), squared_distance(&points[p * dim..(p + 1) * dim], &codes[j * dim..(j + 1) * dim]).to_bits());
+            }
+            let mut bad = codes_of.clone();
+            bad[n - 1] = k as u32;
+            prop_assert!(squared_distances_to_codes(&points, &codes, dim, &bad, &mut out).is_err());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// The search with group bounds finds what the plain search finds, and every bound is
+        /// at most the distance to each member of its group other than the nearest.
+        #[test]
+        fn group_bounds_hold(seed in any::<u64>(), n in 1usize..30, k in 1usize..40, dim in 1usize..70, t in 1usize..5) {
+            let (points, codes) = data(seed, n, k, dim, seed % 2 == 0);
+            let group_of: Vec<u32> = (0..k).map(|j| (j % t) as u32).collect();
+            let (mut idx, mut dist, mut lower) = (vec![0u32; n], vec![0f32; n], vec![0f32; n * t]);
+            nearest_codes_with_group_bounds(&points, &codes, dim, &group_of, t, &mut idx, &mut dist, &mut lower).unwrap();
+            let plain = nearest_codes(&points, &codes, dim, None).unwrap();
+            prop_assert_eq!(&idx, &plain.indices);
+            prop_assert_eq!(&dist, &plain.distances);
+            for p in 0..n {
+                for j in 0..k {
+                    if j as u32 != idx[p] {
+                        let exact = squared_distance(&points[p * dim..(p + 1) * dim], &codes[j * dim..(j + 1) * dim]);
+                        prop_assert!(lower[p * t + j % t] <= exact, "p {} j {}: {} > {}", p, j, lower[p * t + j % t], exact);
+                    }
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
-//! `kmeans`: time per Lloyd iteration and final mse on the three workloads of the k-means
-//! issue, against faiss — measured side by side when `QCL_FAISS_PYTHON` names a Python with
-//! faiss-cpu (running `../shared/bench/faiss_kmeans.py`, alternating with ours), otherwise the
-//! faiss figures quoted from the issue (faiss-cpu 1.15, 2 threads, this machine kind).
+//! `kmeans`: Lloyd's k-means on the three workloads of the k-means issue, plain and with
+//! distance bounds (Hamerly/Yinyang, [`KMeansAlgorithm::Auto`]), against faiss measured side by
+//! side in the same run when `QCL_FAISS_PYTHON` names a Python with faiss-cpu (running
+//! `../shared/bench/faiss_kmeans.py`, alternating with ours); without it the faiss columns stay
+//! empty. Reports time per iteration over 10 iterations, time to convergence, the share of
+//! distances computed per iteration, the memory of the bounds, and checks that the bounded run
+//! gives plain Lloyd's result bit for bit.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,7 @@ use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
 use qcl_data::{KnownDataset, SplitDataset};
-use qcl_pq::{KMeans, KMeansParams};
+use qcl_pq::{KMeans, KMeansAlgorithm, KMeansParams};
 use qcl_tensor::Seed;
 use serde_json::json;
 
@@ -23,35 +26,35 @@ use crate::reproduce::{Context, Experiment, Mode, Outcome};
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
     name: "kmeans",
-    description:
-        "k-means seconds per Lloyd iteration and final mse on three workloads (weight blocks, \
-                  a Gaussian mixture, Fashion-MNIST pixels), every point used, against faiss.",
+    description: "k-means seconds per Lloyd iteration and to convergence on three workloads \
+                  (weight blocks, a Gaussian mixture, Fashion-MNIST pixels), plain and with \
+                  distance bounds, every point used, against faiss.",
     needs_data: true,
     run,
 };
 
+/// Relative objective change below which a run has converged (or 100 iterations).
+const TOLERANCE: f64 = 1e-4;
+/// Iterations at most of the convergence runs.
+const MAX_ITER: usize = 100;
+
 struct Workload {
     name: &'static str,
     k: usize,
-    /// faiss s/iter quoted in the issue (faiss-cpu 1.15, 2 threads, 10 iterations).
-    faiss_quoted: f64,
 }
 
 const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "weight-blocks",
         k: 256,
-        faiss_quoted: 0.150,
     },
     Workload {
         name: "gaussian-mixture",
         k: 1024,
-        faiss_quoted: 0.652,
     },
     Workload {
         name: "fashion-mnist-pixels",
         k: 256,
-        faiss_quoted: 0.727,
     },
 ];
 
@@ -83,13 +86,6 @@ fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, usize)> {
     Ok((path, data, d))
 }
 
-/// One side-by-side measurement.
-#[derive(Default, Clone)]
-struct Timing {
-    seconds_per_iter: Vec<f64>,
-    mse: f64,
-}
-
 fn run_faiss(
     python: &str,
     script: &Path,
@@ -115,119 +111,278 @@ fn run_faiss(
     ))
 }
 
+/// The median of `v` (0 for none).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Whether two runs ended with the same objective at every iteration and the same centroids,
+/// bit for bit, and assign every point alike.
+fn identical(a: &KMeans, b: &KMeans, data: &[f32]) -> Result<bool> {
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let cbits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    Ok(bits(&a.objective_history) == bits(&b.objective_history)
+        && cbits(&a.centroids) == cbits(&b.centroids)
+        && a.assign(data)?.indices == b.assign(data)?.indices)
+}
+
+/// One workload's measurements.
+struct Measured {
+    lloyd: Vec<f64>,
+    bounded: Vec<f64>,
+    faiss: Vec<f64>,
+    faiss_mse: Option<f64>,
+    bounded_model: KMeans,
+    lloyd_model: KMeans,
+}
+
+/// `repeats` rounds of plain Lloyd, bounded Lloyd and faiss, alternating; seconds per
+/// iteration of each.
+fn measure(
+    data: &[f32],
+    d: usize,
+    k: usize,
+    iters: usize,
+    repeats: usize,
+    faiss: Option<(&str, &Path, &Path)>,
+) -> Result<Measured> {
+    let params = |algorithm, max_iter, tolerance| KMeansParams {
+        max_iter,
+        tolerance,
+        max_points_per_centroid: None,
+        seed: Seed::new(0),
+        algorithm,
+        ..KMeansParams::new(k)
+    };
+    let (mut lloyd, mut bounded, mut faiss_s) = (Vec::new(), Vec::new(), Vec::new());
+    let mut faiss_mse = None;
+    let mut models = None;
+    for _ in 0..repeats {
+        let plain = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Lloyd, iters, 0.0))?;
+        lloyd.push(plain.lloyd_seconds / plain.iterations as f64);
+        let fast = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Auto, iters, 0.0))?;
+        bounded.push(fast.lloyd_seconds / fast.iterations as f64);
+        if let Some((python, script, file)) = faiss {
+            let (s, mse) = run_faiss(python, script, file, k, iters)?;
+            faiss_s.push(s);
+            faiss_mse = Some(mse);
+        }
+        models = Some((plain, fast));
+    }
+    let (lloyd_model, bounded_model) = models.context("at least one round")?;
+    Ok(Measured {
+        lloyd,
+        bounded,
+        faiss: faiss_s,
+        faiss_mse,
+        bounded_model,
+        lloyd_model,
+    })
+}
+
+/// Runs to convergence (relative change < [`TOLERANCE`] or [`MAX_ITER`] iterations), plain
+/// and bounded: `(iterations, plain seconds, bounded seconds, identical)`.
+fn converge(data: &[f32], d: usize, k: usize) -> Result<(usize, f64, f64, bool, Vec<f64>)> {
+    let params = |algorithm| KMeansParams {
+        max_iter: MAX_ITER,
+        tolerance: TOLERANCE,
+        max_points_per_centroid: None,
+        seed: Seed::new(0),
+        algorithm,
+        ..KMeansParams::new(k)
+    };
+    let plain = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Lloyd))?;
+    let fast = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Auto))?;
+    let same = identical(&plain, &fast, data)?;
+    Ok((
+        fast.iterations,
+        plain.lloyd_seconds,
+        fast.lloyd_seconds,
+        same,
+        fast.distance_share,
+    ))
+}
+
+fn faiss_script(ctx: &Context) -> PathBuf {
+    let script = ctx.data_dir.join("../../shared/bench/faiss_kmeans.py");
+    if script.is_file() {
+        script
+    } else {
+        PathBuf::from("../shared/bench/faiss_kmeans.py")
+    }
+}
+
+fn ratio(ours: f64, faiss: f64) -> String {
+    if faiss > 0.0 {
+        format!("{:.2}", ours / faiss)
+    } else {
+        "–".into()
+    }
+}
+
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let iters = 10;
     let repeats = match ctx.mode {
-        Mode::Quick => 2,
-        Mode::Full => 5,
+        Mode::Quick => 3,
+        Mode::Full => 7,
     };
     let faiss_python = std::env::var("QCL_FAISS_PYTHON").ok();
-    let faiss_script = ctx.data_dir.join("../../shared/bench/faiss_kmeans.py");
-    let faiss_script = if faiss_script.is_file() {
-        faiss_script
-    } else {
-        PathBuf::from("../shared/bench/faiss_kmeans.py")
-    };
-    let mut rows = String::new();
+    let script = faiss_script(ctx);
+    let (mut rows, mut conv_rows) = (String::new(), String::new());
     let mut figures = serde_json::Map::new();
-    let mut curves: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut curves = Vec::new();
+    let mut shares = Vec::new();
     let mut ratios = Vec::new();
     for w in &WORKLOADS {
         bar.set_message(format!("kmeans: {}", w.name));
         let (file, data, d) = workload(ctx, w.name)?;
         let n = data.len() / d;
-        let params = KMeansParams {
-            max_iter: iters,
-            max_points_per_centroid: None,
-            seed: Seed::new(0),
-            ..KMeansParams::new(w.k)
-        };
-        let mut ours = Timing::default();
-        let mut faiss = Timing::default();
-        let mut history = Vec::new();
-        for _ in 0..repeats {
-            let model = KMeans::fit(&data, d, None, &params)?;
-            ours.seconds_per_iter
-                .push(model.lloyd_seconds / model.iterations as f64);
-            ours.mse = model.mse(&data)?;
-            history = model.objective_history.clone();
-            if let Some(python) = &faiss_python {
-                let (s, mse) = run_faiss(python, &faiss_script, &file, w.k, iters)?;
-                faiss.seconds_per_iter.push(s);
-                faiss.mse = mse;
-            }
-        }
-        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-        let ours_s = best(&ours.seconds_per_iter);
-        let (faiss_s, faiss_source) = if faiss.seconds_per_iter.is_empty() {
-            (w.faiss_quoted, "quoted")
-        } else {
-            (best(&faiss.seconds_per_iter), "measured")
-        };
-        let ratio = ours_s / faiss_s;
-        ratios.push(ratio);
-        let mse_vs = if faiss.seconds_per_iter.is_empty() {
-            "–".to_string()
-        } else {
-            format!("{:+.2}%", (ours.mse / faiss.mse - 1.0) * 100.0)
-        };
+        let faiss = faiss_python
+            .as_deref()
+            .map(|py| (py, script.as_path(), file.as_path()));
+        let m = measure(&data, d, w.k, iters, repeats, faiss)?;
+        let same = identical(&m.lloyd_model, &m.bounded_model, &data)?;
+        let (lloyd_s, bounded_s, faiss_s) =
+            (median(&m.lloyd), median(&m.bounded), median(&m.faiss));
+        let groups = KMeansAlgorithm::Auto.groups(w.k, d);
+        let model = &m.bounded_model;
+        let mean_share = model.distance_share[1..].iter().sum::<f64>() / (iters - 1) as f64;
+        let (bound_mb, data_mb) = (
+            model.bound_bytes as f64 / 1e6,
+            (data.len() * 4) as f64 / 1e6,
+        );
+        let mse = model.mse(&data)?;
         rows.push_str(&format!(
-            "| {} | {n} × {d} | {} | {ours_s:.4} | {faiss_s:.4} ({faiss_source}) | {ratio:.2} | {:.2} | {:.6e} | {} | {mse_vs} |\n",
+            "| {} | {n} × {d} | {} | {} | {lloyd_s:.4} | {bounded_s:.4} | {} | {} | {} | {:.1}% | {bound_mb:.1} / {data_mb:.1} | {} | {mse:.6e} | {} |\n",
             w.name,
             w.k,
-            ours_s / w.faiss_quoted,
-            ours.mse,
-            if faiss.seconds_per_iter.is_empty() { "–".to_string() } else { format!("{:.6e}", faiss.mse) },
+            groups.map_or("plain".into(), |t| if t == 1 { "Hamerly".to_string() } else { format!("Yinyang t = {t}") }),
+            if m.faiss.is_empty() { "–".into() } else { format!("{faiss_s:.4}") },
+            ratio(bounded_s, faiss_s),
+            ratio(lloyd_s, faiss_s),
+            mean_share * 100.0,
+            if same { "yes" } else { "**no**" },
+            m.faiss_mse.map_or("–".into(), |v| format!("{v:.6e}")),
+        ));
+        if !m.faiss.is_empty() {
+            ratios.push(bounded_s / faiss_s);
+        }
+        bar.set_message(format!("kmeans: {} to convergence", w.name));
+        let (conv_iters, plain_t, bounded_t, conv_same, conv_share) = converge(&data, d, w.k)?;
+        // faiss has no early stop: its time to the same point is its time per iteration times
+        // the iterations plain Lloyd needs from this start.
+        let faiss_t = faiss_s * conv_iters as f64;
+        conv_rows.push_str(&format!(
+            "| {} | {conv_iters} | {plain_t:.3} | {bounded_t:.3} | {} | {} | {:.1}% | {} |\n",
+            w.name,
+            if m.faiss.is_empty() {
+                "–".into()
+            } else {
+                format!("{faiss_t:.3}")
+            },
+            ratio(bounded_t, faiss_t),
+            conv_share.last().copied().unwrap_or(1.0) * 100.0,
+            if conv_same { "yes" } else { "**no**" },
         ));
         figures.insert(
             w.name.into(),
             json!({
-                "n": n, "d": d, "k": w.k, "iters": iters,
-                "ours_seconds_per_iter": ours.seconds_per_iter,
-                "ours_mse": ours.mse,
-                "faiss_seconds_per_iter": if faiss.seconds_per_iter.is_empty() { json!([w.faiss_quoted]) } else { json!(faiss.seconds_per_iter) },
-                "faiss_source": faiss_source,
-                "faiss_mse": if faiss.seconds_per_iter.is_empty() { serde_json::Value::Null } else { json!(faiss.mse) },
-                "ratio_ours_over_faiss": ratio,
-                "ratio_ours_over_quoted_faiss": ours_s / w.faiss_quoted,
-                "objective_history": history,
+                "n": n, "d": d, "k": w.k, "iters": iters, "repeats": repeats,
+                "groups": groups,
+                "lloyd_seconds_per_iter": m.lloyd,
+                "bounded_seconds_per_iter": m.bounded,
+                "faiss_seconds_per_iter": m.faiss,
+                "ratio_bounded_over_faiss": (faiss_s > 0.0).then(|| bounded_s / faiss_s),
+                "ratio_lloyd_over_faiss": (faiss_s > 0.0).then(|| lloyd_s / faiss_s),
+                "distance_share": model.distance_share,
+                "bound_bytes": model.bound_bytes,
+                "data_bytes": data.len() * 4,
+                "identical_to_lloyd": same,
+                "mse": mse,
+                "faiss_mse": m.faiss_mse,
+                "objective_history": model.objective_history,
+                "convergence": {
+                    "iterations": conv_iters, "lloyd_seconds": plain_t, "bounded_seconds": bounded_t,
+                    "faiss_seconds_estimated": (faiss_s > 0.0).then_some(faiss_t),
+                    "identical_to_lloyd": conv_same, "distance_share": conv_share,
+                },
             }),
         );
-        curves.push((w.name.to_string(), history));
+        curves.push((w.name.to_string(), model.objective_history.clone()));
+        shares.push((w.name.to_string(), conv_share));
     }
-    let png = "kmeans-objective.png";
-    objective_plot(&ctx.out_dir.join(png), &curves)?;
+    let objective_png = "kmeans-objective.png";
+    let share_png = "kmeans-distance-share.png";
+    line_plot(
+        &ctx.out_dir.join(objective_png),
+        "k-means objective / first iteration's",
+        "relative objective",
+        &curves,
+        true,
+    )?;
+    line_plot(
+        &ctx.out_dir.join(share_png),
+        "share of point-centroid distances computed",
+        "share",
+        &shares,
+        false,
+    )?;
     let markdown = format!(
-        "Lloyd iterations: {iters}, every point used, random init (seed 0), 2 threads; best of {repeats} runs. \
-         `ratio` = our s/iter ÷ faiss s/iter (target ≤ 0.5). faiss is *measured* side by side (alternating) \
-         when `QCL_FAISS_PYTHON` names a Python with faiss-cpu, else *quoted* from the issue.\n\n\
-         `ratio vs quoted` divides by the faiss figures quoted in the issue (0.150, 0.652, 0.727 s/iter).\n\n\
-         | workload | n × d | k | ours s/iter | faiss s/iter | ratio | ratio vs quoted | ours mse | faiss mse | mse vs faiss |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n{rows}"
+        "Lloyd iterations from random init (seed 0), every point used, 2 threads; median of {repeats} \
+         rounds, each running plain Lloyd, bounded Lloyd (`KMeansAlgorithm::Auto`) and faiss in turn. \
+         faiss is measured side by side when `QCL_FAISS_PYTHON` names a Python with faiss-cpu; \
+         otherwise its columns are empty. `share` is the mean share of the n·k distances the bounded \
+         run computed in iterations 2–10; `bounds` is their memory against the data's (MB). \
+         `identical`: the bounded run's objective at every iteration, final centroids and \
+         assignments equal plain Lloyd's bit for bit (checked in this run).\n\n\
+         | workload | n × d | k | bounds | Lloyd s/iter | bounded s/iter | faiss s/iter | bounded ÷ faiss | Lloyd ÷ faiss | share | bounds / data MB | identical | mse | faiss mse |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
+         Time to convergence (relative objective change < {TOLERANCE:e}, or {MAX_ITER} iterations), one run each. \
+         faiss has no early stop: its time is its measured s/iter times the iterations Lloyd needed \
+         from this start. `last share`: distances computed at the last iteration.\n\n\
+         | workload | iterations | Lloyd s | bounded s | faiss s (est.) | bounded ÷ faiss | last share | identical |\n\
+         |---|---|---|---|---|---|---|---|\n{conv_rows}"
     );
     Ok(Outcome {
         summary: format!(
-            "s/iter ratio ours/faiss: {}",
-            ratios
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "bounded s/iter ÷ faiss: {}",
+            if ratios.is_empty() { "faiss not measured".to_string() } else {
+                ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ")
+            }
         ),
         figures: serde_json::Value::Object(figures),
         markdown,
-        plots: vec![(
-            png.into(),
-            "objective (mean squared distance) per Lloyd iteration, relative to the first".into(),
-        )],
+        plots: vec![
+            (objective_png.into(), "objective (mean squared distance) per Lloyd iteration, relative to the first".into()),
+            (share_png.into(), "share of the n·k distances the bounded run computed, per iteration, until convergence".into()),
+        ],
     })
 }
 
-fn objective_plot(path: &Path, curves: &[(String, Vec<f64>)]) -> Result<()> {
-    let iters = curves.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
+/// Curves per workload against the Lloyd iteration, each divided by its first value when
+/// `relative`.
+fn line_plot(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    curves: &[(String, Vec<f64>)],
+    relative: bool,
+) -> Result<()> {
+    let iters = curves
+        .iter()
+        .map(|(_, c)| c.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
     plot::png(path, (760, 420), |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption("k-means objective / first iteration's", ("sans-serif", 20))
+            .caption(caption, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -235,7 +390,7 @@ fn objective_plot(path: &Path, curves: &[(String, Vec<f64>)]) -> Result<()> {
         chart
             .configure_mesh()
             .x_desc("Lloyd iteration")
-            .y_desc("relative objective")
+            .y_desc(y_desc)
             .draw()?;
         let colours = [
             RGBColor(31, 119, 180),
@@ -243,7 +398,11 @@ fn objective_plot(path: &Path, curves: &[(String, Vec<f64>)]) -> Result<()> {
             RGBColor(44, 160, 44),
         ];
         for ((name, curve), colour) in curves.iter().zip(colours) {
-            let first = curve.first().copied().unwrap_or(1.0);
+            let first = if relative {
+                curve.first().copied().unwrap_or(1.0)
+            } else {
+                1.0
+            };
             chart
                 .draw_series(LineSeries::new(
                     curve.iter().enumerate().map(|(i, v)| (i + 1, v / first)),
