@@ -99,6 +99,8 @@ pub(crate) struct BoundedAssign {
     shrink_squared: f32,
     /// Above this predicted share of distances a step searches plainly instead.
     plain_above: f64,
+    /// Share of distances the last bounded step computed (1 after a plain step).
+    last_share: f64,
     /// Plain steps taken in a row for that reason; at [`GIVE_UP_AFTER`] the bounds are
     /// dropped and every later step is plain.
     plain_fallbacks: usize,
@@ -135,6 +137,7 @@ impl BoundedAssign {
                 PLAIN_ABOVE
             },
             plain_fallbacks: 0,
+            last_share: 1.0,
             first: true,
         }
     }
@@ -183,11 +186,15 @@ impl BoundedAssign {
         if !self.first {
             squared_distances_to_codes(data, centroids, d, indices, distances)?;
         }
-        if self.first || self.predicted_share(distances, &drift) > self.plain_above {
+        // The prediction costs a pass over the bounds: skipped while bounded steps stay well
+        // below the cut-off.
+        let predict = self.last_share > self.plain_above / 2.0;
+        if self.first || (predict && self.predicted_share(distances, &drift) > self.plain_above) {
             // Plain search is cheaper: take it, and start the bounds afresh.
             if !self.first {
                 self.plain_fallbacks += 1;
             }
+            self.last_share = 1.0;
             self.first = false;
             return self.initialize(data, centroids, indices, distances);
         }
@@ -225,6 +232,7 @@ impl BoundedAssign {
         for c in counts {
             computed += c?;
         }
+        self.last_share = computed as f64 / (n as f64 * self.group_of.len() as f64);
         Ok(computed)
     }
 }

@@ -195,6 +195,10 @@ pub fn nearest_codes_with_group_bounds(
     if n == 0 {
         return Ok(());
     }
+    let mut members = vec![Vec::new(); groups];
+    for (j, &g) in group_of.iter().enumerate() {
+        members[g as usize].push(j as u32);
+    }
     let screen = GemmCodes::new(codes, dim, k, None);
     let tile = screen.tile_points();
     points
@@ -204,7 +208,7 @@ pub fn nearest_codes_with_group_bounds(
         .zip(lower.par_chunks_mut(tile * groups))
         .for_each(|(((pts, idx), dst), low)| {
             with_scratch(tile * k, |scratch| {
-                screen.search_tile_grouped(pts, scratch, (idx, dst), group_of, low)
+                screen.search_tile_grouped(pts, scratch, (idx, dst), &members, low)
             })
         });
     Ok(())
@@ -990,34 +994,38 @@ impl<'a> GemmCodes<'a> {
         points: &[f32],
         scratch: &mut [f32],
         found: (&mut [u32], &mut [f32]),
-        group_of: &[u32],
+        members: &[Vec<u32>],
         lower: &mut [f32],
     ) {
         let (d, k) = (self.set.dim, self.set.k);
         let (indices, distances) = found;
         self.search_tile(points, scratch, indices, distances);
-        let t = lower.len() / indices.len().max(1);
+        let t = members.len();
         for (p, x) in points.chunks(d).enumerate() {
             let x_squared = x.iter().map(|v| v * v).sum::<f32>();
             let slack = 2.0 * self.set.margin(x_squared.sqrt());
-            let bounds = &mut lower[p * t..(p + 1) * t];
-            bounds.fill(f32::INFINITY);
-            for (j, (&score, &g)) in scratch[p * k..(p + 1) * k].iter().zip(group_of).enumerate() {
-                if j as u32 != indices[p] {
-                    let slot = &mut bounds[g as usize];
-                    *slot = if score.is_nan() {
-                        f32::NEG_INFINITY
-                    } else {
-                        slot.min(score)
-                    };
-                }
-            }
-            for b in bounds.iter_mut() {
-                if b.is_finite() {
-                    *b = (*b + x_squared - slack).max(0.0);
-                } else if *b == f32::NEG_INFINITY {
-                    *b = 0.0;
-                }
+            let row = &scratch[p * k..(p + 1) * k];
+            for (bound, group) in lower[p * t..(p + 1) * t].iter_mut().zip(members) {
+                // A gather per group, without branches; NaN (overflow) propagates to no bound.
+                let smallest =
+                    group
+                        .iter()
+                        .filter(|&&j| j != indices[p])
+                        .fold(f32::INFINITY, |m, &j| {
+                            let v = row[j as usize];
+                            if v.is_nan() || m.is_nan() {
+                                f32::NAN
+                            } else {
+                                m.min(v)
+                            }
+                        });
+                *bound = if smallest.is_nan() {
+                    0.0
+                } else if smallest.is_finite() {
+                    (smallest + x_squared - slack).max(0.0)
+                } else {
+                    smallest
+                };
             }
         }
     }

@@ -93,12 +93,15 @@ fn run_faiss(
     k: usize,
     iters: usize,
 ) -> Result<(f64, f64)> {
-    let out = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(script)
         .arg(file)
-        .args(["x", &k.to_string(), &iters.to_string(), "2"])
-        .output()
-        .context("running faiss")?;
+        .args(["x", &k.to_string(), &iters.to_string(), "2"]);
+    if let Some(core) = openblas_core() {
+        command.env("OPENBLAS_CORETYPE", core);
+    }
+    let out = command.output().context("running faiss")?;
     anyhow::ensure!(
         out.status.success(),
         "faiss failed: {}",
@@ -109,6 +112,25 @@ fn run_faiss(
         v["seconds_per_iter"].as_f64().context("seconds_per_iter")?,
         v["mse"].as_f64().context("mse")?,
     ))
+}
+
+/// The OpenBLAS kernel faiss is run with, unless the caller set `OPENBLAS_CORETYPE`: the
+/// OpenBLAS that faiss-cpu's wheel bundles does not recognise every recent CPU and falls back
+/// to a generic core (Prescott) whose GEMM is several times slower, which would flatter us.
+fn openblas_core() -> Option<&'static str> {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return Some("SkylakeX");
+        }
+        if is_x86_feature_detected!("avx2") {
+            return Some("Haswell");
+        }
+    }
+    None
 }
 
 /// The median of `v` (0 for none).
@@ -336,8 +358,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let markdown = format!(
         "Lloyd iterations from random init (seed 0), every point used, 2 threads; median of {repeats} \
          rounds, each running plain Lloyd, bounded Lloyd (`KMeansAlgorithm::Auto`) and faiss in turn. \
-         faiss is measured side by side when `QCL_FAISS_PYTHON` names a Python with faiss-cpu; \
-         otherwise its columns are empty. `share` is the mean share of the n·k distances the bounded \
+         faiss is measured side by side when `QCL_FAISS_PYTHON` names a Python with faiss-cpu \
+         (OpenBLAS kernel: {}); otherwise its columns are empty. `share` is the mean share of the n·k distances the bounded \
          run computed in iterations 2–10; `bounds` is their memory against the data's (MB). \
          `identical`: the bounded run's objective at every iteration, final centroids and \
          assignments equal plain Lloyd's bit for bit (checked in this run).\n\n\
@@ -347,7 +369,11 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
          faiss has no early stop: its time is its measured s/iter times the iterations Lloyd needed \
          from this start. `last share`: distances computed at the last iteration.\n\n\
          | workload | iterations | Lloyd s | bounded s | faiss s (est.) | bounded ÷ faiss | last share | identical |\n\
-         |---|---|---|---|---|---|---|---|\n{conv_rows}"
+         |---|---|---|---|---|---|---|---|\n{conv_rows}",
+        openblas_core().map_or_else(
+            || format!("`OPENBLAS_CORETYPE` as set by the caller: {:?}", std::env::var("OPENBLAS_CORETYPE").ok()),
+            |core| format!("`OPENBLAS_CORETYPE={core}`, since the bundled OpenBLAS may not recognise this CPU"),
+        ),
     );
     Ok(Outcome {
         summary: format!(
