@@ -598,3 +598,52 @@ fn ecvq_refuses_bad_lambda_and_unknown_sources() {
     ]);
     assert_eq!(kind, "invalid_parameter");
 }
+
+#[test]
+fn kmeans_algorithms_agree_and_report_their_distance_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("points.safetensors");
+    let points = qcl_tensor::Seed(5).rng().normal_vec(600 * 3, 0.0, 1.0);
+    write_f32(&input, &[("x", 600, &points)]);
+    let input = input.to_str().unwrap();
+    let mut centroids = Vec::new();
+    for algorithm in ["lloyd", "hamerly", "yinyang", "auto"] {
+        let out = dir.path().join(format!("{algorithm}.safetensors"));
+        let report = qcl_json(&[
+            "kmeans",
+            "--input",
+            input,
+            "--tensor",
+            "x",
+            "--k",
+            "24",
+            "--iters",
+            "8",
+            "--seed",
+            "3",
+            "--algorithm",
+            algorithm,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(report["algorithm"], algorithm);
+        let share: Vec<f64> = serde_json::from_value(report["distance_share"].clone()).unwrap();
+        assert_eq!(share.len(), report["iters"].as_u64().unwrap() as usize);
+        assert!(
+            share.iter().all(|&s| s > 0.0 && s <= 1.0 + 1e-9),
+            "{report}"
+        );
+        if algorithm == "lloyd" {
+            assert!(share.iter().all(|&s| s == 1.0));
+            assert_eq!(report["bound_bytes"], 0);
+        }
+        centroids.push(
+            read_tensor(out.to_str().unwrap(), "centroids")
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+    }
+    assert!(centroids.windows(2).all(|w| w[0] == w[1]));
+}
