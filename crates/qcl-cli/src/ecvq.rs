@@ -64,6 +64,9 @@ pub struct EcvqArgs {
 }
 
 pub fn run_ecvq(args: &EcvqArgs) -> Result<Report> {
+    if let Some(out) = &args.out {
+        qcl_tensor::check_output(out, &[])?;
+    }
     let source: Source = args.source.parse()?;
     let method: Method = args.method.parse()?;
     if args.eval_samples == 0 {

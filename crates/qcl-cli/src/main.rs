@@ -145,27 +145,31 @@ fn main() -> ExitCode {
         Command::Wpq { command } => wpq::run(command),
         Command::Text { command } => text::run(command),
     };
-    match result {
-        Ok(report) => {
-            if cli.json {
-                println!("{}", report.json);
-            } else {
-                print!("{}", report.text);
-            }
-            ExitCode::SUCCESS
-        }
+    let (text, code) = match result {
+        Ok(report) if cli.json => (format!("{}\n", report.json), ExitCode::SUCCESS),
+        Ok(report) => (report.text, ExitCode::SUCCESS),
+        Err(e) if cli.json => (
+            format!(
+                "{}\n",
+                json!({"error": {"kind": e.kind(), "message": e.to_string()}})
+            ),
+            ExitCode::FAILURE,
+        ),
         Err(e) => {
-            if cli.json {
-                println!(
-                    "{}",
-                    json!({"error": {"kind": e.kind(), "message": e.to_string()}})
-                );
-            } else {
-                eprintln!("error: {e}");
-            }
-            ExitCode::FAILURE
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    print_quietly(&text);
+    code
+}
+
+/// Prints to standard output; a reader that went away (`qcl … | head`) ends the output
+/// quietly instead of a panic.
+fn print_quietly(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// A command's result in both forms.
@@ -199,6 +203,9 @@ fn read_rows(path: &Path, name: &str) -> Result<(usize, usize, Vec<f32>)> {
 }
 
 fn kmeans(args: &KmeansArgs) -> Result<Report> {
+    if let Some(out) = &args.out {
+        qcl_tensor::check_output(out, &[&args.input])?;
+    }
     let (n, d, data) = read_rows(&args.input, &args.tensor)?;
     let params = qcl_pq::KMeansParams {
         max_iter: args.iters,

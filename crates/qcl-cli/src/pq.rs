@@ -114,6 +114,7 @@ pub fn run(command: &PqCommand) -> Result<Report> {
 }
 
 fn train(args: &TrainArgs) -> Result<Report> {
+    qcl_tensor::check_output(&args.out, &[&args.input])?;
     let (n, d, data) = read_rows(&args.input, &args.tensor)?;
     let params = ProductQuantizerParams {
         max_iter: args.iters,
@@ -146,6 +147,7 @@ fn train(args: &TrainArgs) -> Result<Report> {
 }
 
 fn encode(args: &EncodeArgs) -> Result<Report> {
+    qcl_tensor::check_output(&args.out, &[&args.pq, &args.input])?;
     let pq = ProductQuantizer::load(&args.pq)?;
     let (n, _, data) = read_dim(&args.input, &args.tensor, &pq)?;
     let start = Instant::now();
@@ -165,6 +167,7 @@ fn encode(args: &EncodeArgs) -> Result<Report> {
 }
 
 fn decode(args: &DecodeArgs) -> Result<Report> {
+    qcl_tensor::check_output(&args.out, &[&args.pq, &args.codes])?;
     let pq = ProductQuantizer::load(&args.pq)?;
     let codes = load_codes(&args.codes, &pq, &args.pq)?;
     let decoded = pq.decode(&codes)?;

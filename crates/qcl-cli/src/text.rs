@@ -70,13 +70,23 @@ pub fn run(command: &TextCommand) -> Result<Report> {
             input,
             out,
             limit,
-        } => calibrate(model, input, out, *limit),
+        } => {
+            qcl_tensor::check_output(out, &[input])?;
+            calibrate(model, input, out, *limit)
+        }
         TextCommand::Embed {
             model,
             compressed,
             input,
             out,
-        } => embed(model, compressed.as_deref(), input, out.as_deref()),
+        } => {
+            if let Some(out) = out {
+                let mut inputs = vec![input.as_path()];
+                inputs.extend(compressed.as_deref());
+                qcl_tensor::check_output(out, &inputs)?;
+            }
+            embed(model, compressed.as_deref(), input, out.as_deref())
+        }
     }
 }
 

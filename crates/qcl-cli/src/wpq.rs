@@ -94,7 +94,12 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
             calibration,
             seed,
             out,
-        } => compress_any(checkpoint, rules, calibration.as_deref(), *seed, out),
+        } => {
+            let mut inputs = vec![checkpoint.as_path()];
+            inputs.extend(calibration.as_deref());
+            qcl_tensor::check_output(out, &inputs)?;
+            compress_any(checkpoint, rules, calibration.as_deref(), *seed, out)
+        }
         WpqCommand::Compress {
             model,
             arch,
@@ -102,6 +107,9 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
             data,
             out,
         } => {
+            let mut inputs = vec![model.as_path(), data.as_path()];
+            inputs.extend(config.as_deref());
+            qcl_tensor::check_output(out, &inputs)?;
             let arch = Arch::from_name(arch)?;
             let teacher = Model::load(model, Some(arch))?;
             let cfg: CompressConfig = match config {

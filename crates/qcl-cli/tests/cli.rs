@@ -647,3 +647,46 @@ fn kmeans_algorithms_agree_and_report_their_distance_share() {
     }
     assert!(centroids.windows(2).all(|w| w[0] == w[1]));
 }
+
+#[test]
+fn out_naming_an_input_or_a_directory_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("points.safetensors");
+    let points = qcl_tensor::Seed(6).rng().normal_vec(100 * 2, 0.0, 1.0);
+    write_f32(&input, &[("x", 100, &points)]);
+    let before = std::fs::read(&input).unwrap();
+    let path = input.to_str().unwrap();
+    for out in [path, dir.path().to_str().unwrap()] {
+        let (kind, message) = qcl_error(&[
+            "kmeans", "--input", path, "--tensor", "x", "--k", "4", "--out", out,
+        ]);
+        assert_eq!(kind, "invalid_parameter", "{message}");
+        assert!(message.contains("refusing"), "{message}");
+        let (kind, _) = qcl_error(&[
+            "pq", "train", "--input", path, "--tensor", "x", "--m", "1", "--nbits", "2", "--out",
+            out,
+        ]);
+        assert_eq!(kind, "invalid_parameter");
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
+#[test]
+fn a_reader_that_went_away_ends_the_output_quietly() {
+    // The pipe's read end is closed before qcl writes: every write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_qcl"))
+        .args(["--json", "data", "info", &fixture("mnist.safetensors")])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        output.status.code().is_some_and(|c| c == 0),
+        "{:?} {stderr}",
+        output.status
+    );
+}

@@ -3,7 +3,11 @@
 //! Reading refuses truncated and foreign files with [`Error::BadFile`] and checks each tensor
 //! against a [`TensorSpec`]. Writing goes to a temporary file in the same directory, is synced,
 //! then renamed over the target, so a crash or a full disk never leaves a half-written file
-//! under the final name and never destroys the previous version.
+//! under the final name and never destroys the previous version. The writer refuses a target
+//! that exists and is not a regular file (a directory, FIFO, socket or device), writes through
+//! a symbolic link to the file it points to (the link stays), keeps the replaced file's
+//! permissions, and removes the temporaries that killed writes to the same target left behind.
+//! [`check_output`] also refuses a target that is one of a command's inputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -30,6 +34,8 @@ use crate::{Error, Result, TensorSpec};
 ///
 /// # Errors
 /// [`Error::Io`] naming the file; the target is then untouched and no temporary is left.
+/// [`Error::InvalidParameter`] for a target that exists and is not a regular file, or a
+/// dangling symbolic link.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |file| file.write_all(bytes))
 }
@@ -43,7 +49,8 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let path = path.as_ref();
+    let path = resolve_target(path.as_ref())?;
+    let path = path.as_path();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -55,16 +62,21 @@ pub fn write_atomic_with(
             Error::invalid_parameter("path", format!("{} names no file", path.display()))
         })?
         .to_string_lossy();
+    sweep_stale_temporaries(&parent, &file_name);
     let temp = parent.join(format!(
         ".{file_name}.{}-{}.tmp",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
+    let previous = fs::metadata(path).ok();
     let result = (|| {
         let file = fs::File::create(&temp)?;
         let mut writer = std::io::BufWriter::new(file);
         fill(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
+        if let Some(previous) = &previous {
+            file.set_permissions(previous.permissions())?;
+        }
         file.sync_all()?;
         fs::rename(&temp, path)
     })();
@@ -72,6 +84,118 @@ pub fn write_atomic_with(
         let _ = fs::remove_file(&temp);
         Error::io(path, e)
     })
+}
+
+/// Refuses an output `target` that exists and is not a regular file, or that is the same file
+/// (same device and inode, through any link) as one of `inputs`; commands call it before they
+/// start, so that `--out` naming an input fails at once and leaves the input untouched.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let input = dir.path().join("in.safetensors");
+/// std::fs::write(&input, b"data")?;
+/// assert!(qcl_tensor::check_output(&input, &[input.as_path()]).is_err());
+/// assert!(qcl_tensor::check_output(dir.path(), &[]).is_err()); // a directory
+/// qcl_tensor::check_output(&dir.path().join("new.safetensors"), &[input.as_path()])?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] (`out`) naming the target and the reason.
+pub fn check_output(target: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(meta) = fs::metadata(target) else {
+        return Ok(()); // nothing there yet (or a dangling link, which the writer refuses)
+    };
+    if !meta.is_file() {
+        return Err(Error::invalid_parameter(
+            "out",
+            format!(
+                "{} exists and is not a regular file (a directory, FIFO, socket or device): \
+                 refusing to replace it",
+                target.display()
+            ),
+        ));
+    }
+    for input in inputs {
+        if fs::metadata(input).is_ok_and(|m| same_file(&m, &meta)) {
+            return Err(Error::invalid_parameter(
+                "out",
+                format!(
+                    "{} is also an input of this command ({}): refusing to overwrite it",
+                    target.display(),
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.len() == b.len() && a.modified().ok() == b.modified().ok()
+}
+
+/// The file a write to `path` should replace: `path` itself, or the file a symbolic link
+/// points to; refuses existing non-regular files and dangling links.
+fn resolve_target(path: &Path) -> Result<PathBuf> {
+    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let target = if is_link {
+        fs::canonicalize(path).map_err(|e| {
+            Error::invalid_parameter(
+                "out",
+                format!("{} is a symbolic link to nothing ({e})", path.display()),
+            )
+        })?
+    } else {
+        path.to_path_buf()
+    };
+    check_output(&target, &[])?;
+    Ok(target)
+}
+
+/// Removes `.NAME.<pid>-<n>.tmp` files of `file_name` in `dir` whose process is gone (killed
+/// writes); temporaries of live processes stay.
+fn sweep_stale_temporaries(dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}.");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split_once('-')
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id runs (Linux: `/proc/<pid>`; elsewhere assumed alive, so
+/// nothing is swept).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
 }
 
 /// Writes named tensors and string metadata to a safetensors file, atomically. The header's
@@ -366,6 +490,75 @@ fn candle_dtype(dtype: StDtype) -> Option<DType> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_writer_refuses_special_files_and_follows_links() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        // A directory and a FIFO are refused and left alone.
+        assert!(matches!(
+            write_atomic(dir.path(), b"x"),
+            Err(Error::InvalidParameter { .. })
+        ));
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            assert!(matches!(
+                write_atomic(&fifo, b"x"),
+                Err(Error::InvalidParameter { .. })
+            ));
+            assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        }
+        // Permissions of a replaced file are kept.
+        let file = dir.path().join("kept.bin");
+        fs::write(&file, b"old").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&file, b"new").unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"new");
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        // A link stays a link; the file it points to gets the bytes.
+        let link = dir.path().join("link.bin");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        write_atomic(&link, b"through").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&file).unwrap(), b"through");
+        // A dangling link is refused.
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nothing"), &dangling).unwrap();
+        assert!(write_atomic(&dangling, b"x").is_err());
+        // An input named as the output is refused, through a link too.
+        assert!(check_output(&link, &[file.as_path()]).is_err());
+        assert!(check_output(&dir.path().join("fresh"), &[file.as_path()]).is_ok());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn temporaries_of_killed_writes_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid that cannot exist (above the kernel's limit) and our own, live one.
+        let dead = dir.path().join(".out.bin.4194305-0.tmp");
+        let live = dir
+            .path()
+            .join(format!(".out.bin.{}-99.tmp", std::process::id()));
+        let other = dir.path().join(".other.bin.4194305-0.tmp");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        write_atomic(dir.path().join("out.bin"), b"done").unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(
+            other.exists(),
+            "only the target's own temporaries are swept"
+        );
+    }
 
     #[test]
     fn same_tensors_and_metadata_give_the_same_bytes() {

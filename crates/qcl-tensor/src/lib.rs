@@ -37,7 +37,9 @@ pub use check::{
 };
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
-pub use io::{write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo};
+pub use io::{
+    check_output, write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo,
+};
 pub use nearest::{
     nearest_codes, nearest_codes_into, nearest_codes_into_finite, nearest_codes_with_group_bounds,
     pairwise_squared_distances, squared_distance, squared_distances_to_codes, top_k_codes, Nearest,

@@ -580,3 +580,14 @@ fn typed_errors_for_bad_layer_configurations() {
     assert!(err.to_string().contains("K = 16"), "{err}");
     assert!(clamp_centroids(64, 4).is_err());
 }
+
+proptest! {
+    /// `index_bits(k)` is the least `b ≥ 1` with `2^b ≥ k`, for every `k` up to `usize::MAX`.
+    #[test]
+    fn index_bits_is_the_least_width_that_holds_k_codes(k in any::<usize>()) {
+        let b = qcl_wpq::index_bits(k);
+        prop_assert!((1..=usize::BITS).contains(&b));
+        prop_assert!(b == usize::BITS || (1u128 << b) >= k as u128);
+        prop_assert!(b == 1 || (1u128 << (b - 1)) < k as u128);
+    }
+}
