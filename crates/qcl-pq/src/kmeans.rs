@@ -1,4 +1,7 @@
 //! k-means (Lloyd) on the exact nearest-code kernel of qcl-tensor.
+//!
+//! (Over 600 lines: the model, its parameters, both initialisations, the Lloyd loop with its
+//! update and repair, and save/load are one unit; about 130 lines are tests.)
 
 use std::collections::BTreeMap;
 use std::path::Path;

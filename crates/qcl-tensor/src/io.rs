@@ -1,5 +1,8 @@
 //! Validated safetensors I/O and atomic file writes.
 //!
+//! (Over 600 lines: the one writer and the validated reader share their file rules; a third is
+//! tests.)
+//!
 //! Reading refuses truncated and foreign files with [`Error::BadFile`] and checks each tensor
 //! against a [`TensorSpec`]. Writing goes to a temporary file in the same directory, is synced,
 //! then renamed over the target, so a crash or a full disk never leaves a half-written file

@@ -17,6 +17,9 @@
 //!   a proven rounding margin of the best is re-scored exactly.
 //!
 //! Points are processed in fixed tiles in parallel (rayon); no `n × k` matrix is materialised.
+//!
+//! (Over 600 lines: the direct and GEMM kernels, top-k, the grouped bounds and their shared
+//! exact re-check must agree bit for bit, so they live together; a third is tests.)
 
 use rayon::prelude::*;
 
