@@ -690,3 +690,23 @@ fn a_reader_that_went_away_ends_the_output_quietly() {
         output.status
     );
 }
+
+#[test]
+fn out_of_range_kmeans_counts_are_typed_errors() {
+    let mnist = fixture("mnist.safetensors");
+    let huge = "18446744073709551615";
+    for (k, iters) in [("4", huge), (huge, "10")] {
+        let (kind, message) = qcl_error(&[
+            "kmeans",
+            "--input",
+            &mnist,
+            "--tensor",
+            "train.images",
+            "--k",
+            k,
+            "--iters",
+            iters,
+        ]);
+        assert_eq!(kind, "invalid_parameter", "k {k} iters {iters}: {message}");
+    }
+}

@@ -62,7 +62,7 @@ impl KMeansAlgorithm {
             KMeansAlgorithm::Hamerly => Some(1),
             KMeansAlgorithm::Yinyang { groups } => Some(groups.clamp(1, k.max(1))),
             KMeansAlgorithm::Auto if k <= 20 || dim < 2 => Some(1),
-            KMeansAlgorithm::Auto => Some(((k + 5) / 10).clamp(2, dim)),
+            KMeansAlgorithm::Auto => Some((k / 10 + usize::from(k % 10 >= 5)).clamp(2, dim)),
         }
     }
 }

@@ -20,6 +20,12 @@ use crate::bounds::{BoundedAssign, KMeansAlgorithm};
 /// Value of the `format` metadata key of a saved k-means model.
 pub const KMEANS_FORMAT: &str = "qcl-kmeans/1";
 
+/// Largest `max_iter` accepted: far beyond any convergence, small enough to allocate for.
+pub const MAX_ITERATIONS: usize = 1_000_000;
+
+/// Largest `n_init` accepted.
+pub const MAX_RESTARTS: usize = 10_000;
+
 /// Relative perturbation used to split a cluster when repairing an empty one (faiss's value).
 const SPLIT_EPS: f32 = 1.0 / 1024.0;
 
@@ -46,12 +52,12 @@ pub enum KMeansInit {
 pub struct KMeansParams {
     /// Number of centroids.
     pub k: usize,
-    /// Lloyd iterations at most (default 25, as faiss).
+    /// Lloyd iterations at most (default 25, as faiss; at most [`MAX_ITERATIONS`]).
     pub max_iter: usize,
     /// Initialisation (default [`KMeansInit::Random`]).
     pub init: KMeansInit,
     /// Restarts from different seeds; the run with the lowest final objective is kept
-    /// (default 1).
+    /// (default 1; at most [`MAX_RESTARTS`]).
     pub n_init: usize,
     /// Stop when the objective's relative decrease between iterations falls below this
     /// (default 0: always run `max_iter` iterations, as faiss).
@@ -94,8 +100,17 @@ impl KMeansParams {
                 format!("k = {} is larger than the number of points n = {n}", self.k),
             ));
         }
-        if self.n_init == 0 {
-            return Err(Error::invalid_parameter("n_init", "must be at least 1"));
+        if self.max_iter > MAX_ITERATIONS {
+            return Err(Error::invalid_parameter(
+                "max_iter",
+                format!("must be at most {MAX_ITERATIONS}, got {}", self.max_iter),
+            ));
+        }
+        if self.n_init == 0 || self.n_init > MAX_RESTARTS {
+            return Err(Error::invalid_parameter(
+                "n_init",
+                format!("must be in 1..={MAX_RESTARTS}, got {}", self.n_init),
+            ));
         }
         if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
             return Err(Error::invalid_parameter(

@@ -38,6 +38,6 @@ mod tensor;
 pub mod workloads;
 
 pub use bounds::KMeansAlgorithm;
-pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT};
+pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
 pub use minibatch::MiniBatchKMeans;
 pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, PQ_FORMAT};

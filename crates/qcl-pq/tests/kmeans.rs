@@ -183,6 +183,24 @@ fn bad_input_is_a_typed_error() {
         ..KMeansParams::new(1)
     };
     assert!(KMeans::fit(&data, 1, None, &params).is_err());
+    // Out-of-range counts are refused before anything is allocated or looped over.
+    for params in [
+        KMeansParams {
+            max_iter: usize::MAX,
+            ..KMeansParams::new(1)
+        },
+        KMeansParams {
+            n_init: usize::MAX,
+            ..KMeansParams::new(1)
+        },
+        KMeansParams::new(usize::MAX),
+    ] {
+        assert!(matches!(
+            KMeans::fit(&data, 1, None, &params),
+            Err(Error::InvalidParameter { .. })
+        ));
+    }
+    assert!(KMeansAlgorithm::Auto.groups(usize::MAX, 9).is_some());
 }
 
 #[test]
