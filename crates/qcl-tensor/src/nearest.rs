@@ -211,7 +211,7 @@ pub fn nearest_codes_with_group_bounds(
         .zip(lower.par_chunks_mut(tile * groups))
         .for_each(|(((pts, idx), dst), low)| {
             with_scratch(tile * k, |scratch| {
-                screen.search_tile_grouped(pts, scratch, (idx, dst), &members, low)
+                screen.search_tile_grouped(pts, scratch, (idx, dst), (group_of, &members), low)
             })
         });
     Ok(())
@@ -997,7 +997,7 @@ impl<'a> GemmCodes<'a> {
         points: &[f32],
         scratch: &mut [f32],
         found: (&mut [u32], &mut [f32]),
-        members: &[Vec<u32>],
+        (group_of, members): (&[u32], &[Vec<u32>]),
         lower: &mut [f32],
     ) {
         let (d, k) = (self.set.dim, self.set.k);
@@ -1008,28 +1008,33 @@ impl<'a> GemmCodes<'a> {
             let x_squared = x.iter().map(|v| v * v).sum::<f32>();
             let slack = 2.0 * self.set.margin(x_squared.sqrt());
             let row = &scratch[p * k..(p + 1) * k];
-            for (bound, group) in lower[p * t..(p + 1) * t].iter_mut().zip(members) {
-                // A gather per group, without branches; NaN (overflow) propagates to no bound.
-                let smallest =
-                    group
-                        .iter()
-                        .filter(|&&j| j != indices[p])
-                        .fold(f32::INFINITY, |m, &j| {
-                            let v = row[j as usize];
-                            if v.is_nan() || m.is_nan() {
-                                f32::NAN
-                            } else {
-                                m.min(v)
-                            }
-                        });
-                *bound = if smallest.is_nan() {
-                    0.0
-                } else if smallest.is_finite() {
+            let bounds = &mut lower[p * t..(p + 1) * t];
+            // An overflowed (NaN) score anywhere: no bounds for this point.
+            if row.iter().any(|v| v.is_nan()) {
+                bounds.fill(0.0);
+                continue;
+            }
+            let to_bound = |smallest: f32| {
+                if smallest.is_finite() {
                     (smallest + x_squared - slack).max(0.0)
                 } else {
                     smallest
-                };
+                }
+            };
+            for (bound, group) in bounds.iter_mut().zip(members) {
+                // One gather per group, without branches.
+                let smallest = group
+                    .iter()
+                    .fold(f32::INFINITY, |m, &j| m.min(row[j as usize]));
+                *bound = to_bound(smallest);
             }
+            // The nearest code's own group: its bound leaves that code out.
+            let own = group_of[indices[p] as usize] as usize;
+            let smallest = members[own]
+                .iter()
+                .filter(|&&j| j != indices[p])
+                .fold(f32::INFINITY, |m, &j| m.min(row[j as usize]));
+            bounds[own] = to_bound(smallest);
         }
     }
 
