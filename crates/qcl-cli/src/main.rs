@@ -124,10 +124,11 @@ fn main() -> ExitCode {
             // Usage errors follow the `--json` convention too; help and version print as usual.
             let wants_json = std::env::args().any(|a| a == "--json");
             if wants_json && e.use_stderr() {
-                println!(
-                    "{}",
-                    json!({"error": {"kind": "usage", "message": e.render().to_string().trim()}})
-                );
+                let message = e.render().to_string();
+                print_quietly(&format!(
+                    "{}\n",
+                    json!({"error": {"kind": "usage", "message": message.trim()}})
+                ));
                 return ExitCode::from(2);
             }
             e.exit();

@@ -6,7 +6,7 @@
 //! the centroids move by `δ_j`, `ℓ_g` drops by `max_{j∈g} δ_j` (triangle inequality). At each
 //! step the exact distance `s_a` to the point's previous centroid is computed (the objective
 //! needs it anyway); a group whose bound proves that every member is *strictly* farther than
-//! `s_a` is skipped, the others are searched by the exact kernel of `qcl-tensor`, and the best
+//! the best candidate so far (at most `s_a`) is skipped, the others are searched by the exact kernel of `qcl-tensor`, and the best
 //! of the searched centroids and the previous one wins, ties to the lowest index. With `t = 1`
 //! this is Hamerly's single lower bound.
 //!
@@ -76,9 +76,9 @@ const F64_SLACK: f64 = 1.0 / (1u64 << 50) as f64;
 /// kernel (d ≤ 32, weight blocks), measured on the k-means benchmark's workloads: a bounded
 /// step pays when it computes less than these shares.
 const PLAIN_ABOVE: f64 = 0.3;
+const PLAIN_ABOVE_SMALL_DIM: f64 = 0.2;
 /// Plain steps in a row after which the bounds are dropped: even fresh bounds did not pay.
 const GIVE_UP_AFTER: usize = 2;
-const PLAIN_ABOVE_SMALL_DIM: f64 = 0.2;
 /// `1 − 2⁻²⁰`: covers one `f32` rounding (at most `2⁻²⁴` relative) with room to spare.
 const SHRINK_ROOT: f32 = 1.0 - 1.0 / (1u32 << 20) as f32;
 
@@ -121,16 +121,16 @@ impl BoundedAssign {
             members[g as usize].push(j as u32);
         }
         let m = (dim + 2) as f64 * UNIT_ROUNDOFF;
+        let gamma = m / (1.0 - m) + F64_SLACK;
         BoundedAssign {
             dim,
             group_of,
             members,
             lower: vec![0.0; n * t],
             drift: vec![0.0; t],
-            gamma: m / (1.0 - m) + F64_SLACK,
+            gamma,
             epsilon: (3 * dim + 3) as f64 * f64::powi(2.0, -149),
-            shrink_squared: ((1.0 - 2.0f64.powi(-20)).powi(2) / (1.0 + m / (1.0 - m) + F64_SLACK))
-                as f32,
+            shrink_squared: ((1.0 - 2.0f64.powi(-20)).powi(2) / (1.0 + gamma)) as f32,
             plain_above: if dim <= DIRECT_MAX_DIM {
                 PLAIN_ABOVE_SMALL_DIM
             } else {
@@ -150,16 +150,8 @@ impl BoundedAssign {
     /// Records how far each centroid moved (from `old` to `new`, both `[k, dim]`).
     pub(crate) fn centroids_moved(&mut self, old: &[f32], new: &[f32]) {
         let d = self.dim;
-        // Relative error of the f64 distance itself, rounded up generously.
-        let inflate = 1.0 + (d + 4) as f64 * f64::EPSILON;
         for (j, (a, b)) in old.chunks(d).zip(new.chunks(d)).enumerate() {
-            let moved = a
-                .iter()
-                .zip(b)
-                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                * inflate;
+            let moved = distance_f64(a, b) * (1.0 + f64_relative_error(d));
             let g = self.group_of[j] as usize;
             self.drift[g] = self.drift[g].max(moved);
         }
@@ -317,9 +309,9 @@ impl Step<'_> {
         Ok(computed)
     }
 
-    /// Lowers every bound of the chunk by its group's drift ([`moved_bound`]) and returns the points that some
-    /// group may hold a better centroid for: those whose smallest bound does not exceed their
-    /// threshold (Yinyang's global filter).
+    /// Lowers every bound of the chunk by its group's drift ([`moved_bound`]) and returns the
+    /// points that some group may hold a better centroid for: those whose smallest bound does
+    /// not exceed their threshold (Yinyang's global filter).
     fn move_bounds(&self, lower: &mut [f32], t: usize, threshold: &[f32]) -> Vec<u32> {
         let m = threshold.len();
         let mut active = Vec::with_capacity(m);
@@ -438,21 +430,14 @@ impl BoundedAssign {
         nearest_codes_into_finite(data, centroids, d, None, indices, distances)?;
         // `apart[a·t + g] = min_{j∈g, j≠a} ‖c_a − c_j‖`, in f64, shrunk for its rounding, then
         // rounded down to f32.
-        let shrink = 1.0 - (d + 4) as f64 * f64::EPSILON;
+        let shrink = 1.0 - f64_relative_error(d);
         let mut apart = vec![f32::INFINITY; k * t];
         apart.par_chunks_mut(t).enumerate().for_each(|(a, row)| {
             let ca = &centroids[a * d..(a + 1) * d];
             for (j, cj) in centroids.chunks_exact(d).enumerate() {
                 if j != a {
                     let g = self.group_of[j] as usize;
-                    let dist = ca
-                        .iter()
-                        .zip(cj)
-                        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
-                        .sum::<f64>()
-                        .sqrt()
-                        * shrink;
-                    row[g] = row[g].min(round_down(dist));
+                    row[g] = row[g].min(round_down(distance_f64(ca, cj) * shrink));
                 }
             }
         });
@@ -472,6 +457,20 @@ impl BoundedAssign {
         self.lower = lower;
         Ok((indices.len() * k) as u64)
     }
+}
+
+/// `‖a − b‖` of two `f32` rows, in `f64`.
+fn distance_f64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// A generous bound on the relative error of [`distance_f64`] in `d` dimensions.
+fn f64_relative_error(d: usize) -> f64 {
+    (d + 4) as f64 * f64::EPSILON
 }
 
 /// A lower bound after its centroids moved by at most `drift`: `ℓ − δ` in `f32`, shrunk by 4

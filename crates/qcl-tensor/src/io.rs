@@ -52,7 +52,7 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let path = resolve_target(path.as_ref())?;
+    let (path, previous) = resolve_target(path.as_ref())?;
     let path = path.as_path();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -71,7 +71,6 @@ pub fn write_atomic_with(
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let previous = fs::metadata(path).ok();
     let result = (|| {
         let file = fs::File::create(&temp)?;
         let mut writer = std::io::BufWriter::new(file);
@@ -109,16 +108,7 @@ pub fn check_output(target: &Path, inputs: &[&Path]) -> Result<()> {
     let Ok(meta) = fs::metadata(target) else {
         return Ok(()); // nothing there yet (or a dangling link, which the writer refuses)
     };
-    if !meta.is_file() {
-        return Err(Error::invalid_parameter(
-            "out",
-            format!(
-                "{} exists and is not a regular file (a directory, FIFO, socket or device): \
-                 refusing to replace it",
-                target.display()
-            ),
-        ));
-    }
+    refuse_special_file(target, &meta)?;
     for input in inputs {
         if fs::metadata(input).is_ok_and(|m| same_file(&m, &meta)) {
             return Err(Error::invalid_parameter(
@@ -134,6 +124,21 @@ pub fn check_output(target: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an existing target that is not a regular file.
+fn refuse_special_file(target: &Path, meta: &fs::Metadata) -> Result<()> {
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(Error::invalid_parameter(
+        "out",
+        format!(
+            "{} exists and is not a regular file (a directory, FIFO, socket or device): \
+             refusing to replace it",
+            target.display()
+        ),
+    ))
+}
+
 #[cfg(unix)]
 fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -145,9 +150,9 @@ fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
     a.len() == b.len() && a.modified().ok() == b.modified().ok()
 }
 
-/// The file a write to `path` should replace: `path` itself, or the file a symbolic link
-/// points to; refuses existing non-regular files and dangling links.
-fn resolve_target(path: &Path) -> Result<PathBuf> {
+/// The file a write to `path` should replace (`path` itself, or the file a symbolic link points
+/// to) and its metadata if it exists; refuses existing non-regular files and dangling links.
+fn resolve_target(path: &Path) -> Result<(PathBuf, Option<fs::Metadata>)> {
     let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     let target = if is_link {
         fs::canonicalize(path).map_err(|e| {
@@ -159,8 +164,11 @@ fn resolve_target(path: &Path) -> Result<PathBuf> {
     } else {
         path.to_path_buf()
     };
-    check_output(&target, &[])?;
-    Ok(target)
+    let existing = fs::metadata(&target).ok();
+    if let Some(meta) = &existing {
+        refuse_special_file(&target, meta)?;
+    }
+    Ok((target, existing))
 }
 
 /// Removes `.NAME.<pid>-<n>.tmp` files of `file_name` in `dir` whose process is gone (killed

@@ -102,15 +102,7 @@ pub fn squared_distances_to_codes(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = validate_shapes(points, codes, dim, None)?;
-    for (name, len) in [("codes_of", codes_of.len()), ("out", out.len())] {
-        if len != n {
-            return Err(Error::ShapeMismatch {
-                context: name.into(),
-                expected: format!("[{n}]"),
-                actual: vec![len],
-            });
-        }
-    }
+    check_lengths(&[("codes_of", codes_of.len(), n), ("out", out.len(), n)])?;
     if let Some(p) = codes_of.iter().position(|&j| j as usize >= k) {
         return Err(Error::invalid_parameter(
             "codes_of",
@@ -175,20 +167,12 @@ pub fn nearest_codes_with_group_bounds(
     lower: &mut [f32],
 ) -> Result<()> {
     let (n, k) = validate_shapes(points, codes, dim, None)?;
-    for (name, len, expected) in [
+    check_lengths(&[
         ("group_of", group_of.len(), k),
         ("indices", indices.len(), n),
         ("distances", distances.len(), n),
         ("lower", lower.len(), n * groups),
-    ] {
-        if len != expected {
-            return Err(Error::ShapeMismatch {
-                context: name.into(),
-                expected: format!("[{expected}]"),
-                actual: vec![len],
-            });
-        }
-    }
+    ])?;
     if let Some(&g) = group_of.iter().find(|&&g| g as usize >= groups) {
         return Err(Error::invalid_parameter(
             "group_of",
@@ -215,6 +199,18 @@ pub fn nearest_codes_with_group_bounds(
             })
         });
     Ok(())
+}
+
+/// [`Error::ShapeMismatch`] for the first `(name, length, expected length)` that differs.
+pub(crate) fn check_lengths(buffers: &[(&str, usize, usize)]) -> Result<()> {
+    match buffers.iter().find(|(_, len, expected)| len != expected) {
+        Some(&(name, len, expected)) => Err(Error::ShapeMismatch {
+            context: name.into(),
+            expected: format!("[{expected}]"),
+            actual: vec![len],
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Checks shapes and finiteness; returns `(n, k)`.
@@ -355,15 +351,10 @@ fn search_into(
     indices: &mut [u32],
     distances: &mut [f32],
 ) -> Result<()> {
-    for (name, len) in [("indices", indices.len()), ("distances", distances.len())] {
-        if len != n {
-            return Err(Error::ShapeMismatch {
-                context: name.into(),
-                expected: format!("[{n}]"),
-                actual: vec![len],
-            });
-        }
-    }
+    check_lengths(&[
+        ("indices", indices.len(), n),
+        ("distances", distances.len(), n),
+    ])?;
     if n == 0 {
         return Ok(());
     }

@@ -174,14 +174,7 @@ fn measure(
     repeats: usize,
     faiss: Option<(&str, &Path, &Path)>,
 ) -> Result<Measured> {
-    let params = |algorithm, max_iter, tolerance| KMeansParams {
-        max_iter,
-        tolerance,
-        max_points_per_centroid: None,
-        seed: Seed::new(0),
-        algorithm,
-        ..KMeansParams::new(k)
-    };
+    let params = |algorithm, max_iter, tolerance| run_params(k, algorithm, max_iter, tolerance);
     let (mut lloyd, mut bounded, mut faiss_s) = (Vec::new(), Vec::new(), Vec::new());
     let mut faiss_mse = None;
     let mut models = None;
@@ -208,17 +201,28 @@ fn measure(
     })
 }
 
-/// Runs to convergence (relative change < [`TOLERANCE`] or [`MAX_ITER`] iterations), plain
-/// and bounded: `(iterations, plain seconds, bounded seconds, identical)`.
-fn converge(data: &[f32], d: usize, k: usize) -> Result<(usize, f64, f64, bool, Vec<f64>)> {
-    let params = |algorithm| KMeansParams {
-        max_iter: MAX_ITER,
-        tolerance: TOLERANCE,
+/// The parameters of every run here: every point, random init from seed 0.
+fn run_params(
+    k: usize,
+    algorithm: KMeansAlgorithm,
+    max_iter: usize,
+    tolerance: f64,
+) -> KMeansParams {
+    KMeansParams {
+        max_iter,
+        tolerance,
         max_points_per_centroid: None,
         seed: Seed::new(0),
         algorithm,
         ..KMeansParams::new(k)
-    };
+    }
+}
+
+/// Runs to convergence (relative change < [`TOLERANCE`] or [`MAX_ITER`] iterations), plain
+/// and bounded: `(iterations, plain seconds, bounded seconds, identical, the bounded run's
+/// distance share per iteration)`.
+fn converge(data: &[f32], d: usize, k: usize) -> Result<(usize, f64, f64, bool, Vec<f64>)> {
+    let params = |algorithm| run_params(k, algorithm, MAX_ITER, TOLERANCE);
     let plain = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Lloyd))?;
     let fast = KMeans::fit(data, d, None, &params(KMeansAlgorithm::Auto))?;
     let same = identical(&plain, &fast, data)?;
