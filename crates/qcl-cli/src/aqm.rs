@@ -71,10 +71,7 @@ pub fn run_command(command: &AqmCommand) -> Result<Report> {
         .transpose()?;
     let mut cfg = match config {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let bytes = crate::read_small_file(path)?;
             serde_json::from_slice(&bytes)
                 .map_err(|e| Error::bad_file(path, format!("not an AQM stream config: {e}")))?
         }

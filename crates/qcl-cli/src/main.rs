@@ -1,7 +1,10 @@
 //! `qcl`: the command-line face of the qcl crates.
 //!
 //! Convention: every command takes `--json` and then prints exactly one JSON object on stdout,
-//! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`, exit code 1).
+//! on success and on failure alike (`{"error": {"kind": ..., "message": ...}}`). Exit status:
+//! 0 success, 1 error (typed: bad input, missing file, ...), 2 usage error (unknown flag, a
+//! value out of its range), 70 a bug (kind `internal`), 141 standard output closed by its
+//! reader.
 
 mod aqm;
 mod bench;
@@ -134,18 +137,22 @@ fn main() -> ExitCode {
             e.exit();
         }
     };
-    let result = match &cli.command {
-        Command::Data {
-            command: DataCommand::Info { file },
-        } => data_info(file),
-        Command::Kmeans(args) => kmeans(args),
-        Command::Pq { command } => pq::run(command),
-        Command::Ecvq(args) => ecvq::run_ecvq(args),
-        Command::Bench { command } => bench::run(command),
-        Command::Aqm { command } => aqm::run_command(command),
-        Command::Wpq { command } => wpq::run(command),
-        Command::Text { command } => text::run(command),
+    let result = match run_catching_bugs(&cli.command) {
+        Ok(result) => result,
+        Err(bug) => return report_bug(&bug, cli.json),
     };
+    // What the readers want the user to know (a file loaded without checksum, say): on
+    // standard error, and in the JSON object as `notes`.
+    let notes = qcl_tensor::take_notes();
+    for note in &notes {
+        warn_quietly(&format!("note: {note}\n"));
+    }
+    let result = result.map(|mut report| {
+        if let (false, Some(object)) = (notes.is_empty(), report.json.as_object_mut()) {
+            object.insert("notes".into(), json!(notes));
+        }
+        report
+    });
     let (text, code) = match result {
         Ok(report) if cli.json => (format!("{}\n", report.json), ExitCode::SUCCESS),
         Ok(report) => (report.text, ExitCode::SUCCESS),
@@ -157,20 +164,107 @@ fn main() -> ExitCode {
             ExitCode::FAILURE,
         ),
         Err(e) => {
-            eprintln!("error: {e}");
+            warn_quietly(&format!("error: {e}\n"));
             return ExitCode::FAILURE;
         }
     };
-    print_quietly(&text);
-    code
+    if print_quietly(&text) {
+        code
+    } else {
+        ExitCode::from(EXIT_BROKEN_PIPE)
+    }
 }
 
+/// Runs the command; a panic (a bug: bad input gets typed errors) comes back as its message
+/// instead of unwinding out of `main`.
+fn run_catching_bugs(command: &Command) -> std::result::Result<Result<Report>, String> {
+    // Kept for the report below (once, in the command's format) instead of printed here.
+    static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut slot) = PANIC.lock() {
+            slot.get_or_insert_with(|| info.to_string());
+        }
+    }));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match command {
+        Command::Data {
+            command: DataCommand::Info { file },
+        } => data_info(file),
+        Command::Kmeans(args) => kmeans(args),
+        Command::Pq { command } => pq::run(command),
+        Command::Ecvq(args) => ecvq::run_ecvq(args),
+        Command::Bench { command } => bench::run(command),
+        Command::Aqm { command } => aqm::run_command(command),
+        Command::Wpq { command } => wpq::run(command),
+        Command::Text { command } => text::run(command),
+    }));
+    let _ = std::panic::take_hook();
+    outcome.map_err(|_| {
+        PANIC
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .unwrap_or_else(|| "a panic without a message".to_string())
+    })
+}
+
+/// Exit status of a bug (an internal error), as sysexits' `EX_SOFTWARE`.
+const EXIT_BUG: u8 = 70;
+
+/// Reports a bug: kind `internal` in the JSON object, or a line on standard error.
+fn report_bug(message: &str, as_json: bool) -> ExitCode {
+    let message = format!("qcl hit a bug ({message}); please report it with the command line");
+    if as_json {
+        print_quietly(&format!(
+            "{}\n",
+            json!({"error": {"kind": "internal", "message": message}})
+        ));
+    } else {
+        warn_quietly(&format!("error: {message}\n"));
+    }
+    ExitCode::from(EXIT_BUG)
+}
+
+/// Prints to standard error, ignoring a closed standard error (no panic).
+fn warn_quietly(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+/// Exit status when standard output's reader went away: 128 + SIGPIPE, as a shell reports a
+/// writer that the signal ended.
+const EXIT_BROKEN_PIPE: u8 = 141;
+
 /// Prints to standard output; a reader that went away (`qcl … | head`) ends the output
-/// quietly instead of a panic.
-fn print_quietly(text: &str) {
+/// quietly instead of a panic. Returns whether the text was written.
+fn print_quietly(text: &str) -> bool {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+/// Most bytes of a configuration file: the largest real one is a few hundred bytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The bytes of a small input file (a JSON configuration); an endless or huge input
+/// (`/dev/zero`) is refused after [`MAX_CONFIG_BYTES`] instead of filling the memory.
+///
+/// # Errors
+/// [`Error::Io`] if it cannot be read, [`Error::BadFile`] if it is larger than the limit.
+fn read_small_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!("more than the {MAX_CONFIG_BYTES} bytes a configuration may hold"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A command's result in both forms.

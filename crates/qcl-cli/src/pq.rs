@@ -1,22 +1,19 @@
 //! `qcl pq train|encode|decode|search`: product quantization of a tensor of a safetensors file.
 //!
-//! Codes live in their own safetensors file: tensor `codes` (`u8 [n, code_size]`, the bytes of
-//! [`PackedCodes`]) with metadata `format` = [`CODES_FORMAT`], `n`, `m`, `nbits` and `dim`.
+//! Codes live in their own safetensors file ([`ProductQuantizer::save_codes`]), which names the
+//! quantizer that made them; decoding or searching them with another quantizer is an error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Subcommand;
-use qcl_pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams};
-use qcl_tensor::{squared_distance, write_safetensors, Error, Result, SafetensorsFile, TensorSpec};
+use qcl_pq::{ProductQuantizer, ProductQuantizerParams};
+use qcl_tensor::{squared_distance, write_safetensors, Error, Result};
 use serde_json::json;
 
 use crate::{read_rows, Report};
-
-/// Value of the `format` metadata key of a codes file.
-pub const CODES_FORMAT: &str = "qcl-pq-codes/1";
 
 #[derive(Subcommand)]
 pub enum PqCommand {
@@ -153,7 +150,7 @@ fn encode(args: &EncodeArgs) -> Result<Report> {
     let start = Instant::now();
     let codes = pq.encode(&data)?;
     let seconds = start.elapsed().as_secs_f64();
-    save_codes(&args.out, &codes, pq.dim())?;
+    pq.save_codes(&codes, &args.out)?;
     let (code_size, bytes) = (codes.code_size(), codes.bytes().len());
     let out = args.out.display().to_string();
     let json = json!({
@@ -169,7 +166,7 @@ fn encode(args: &EncodeArgs) -> Result<Report> {
 fn decode(args: &DecodeArgs) -> Result<Report> {
     qcl_tensor::check_output(&args.out, &[&args.pq, &args.codes])?;
     let pq = ProductQuantizer::load(&args.pq)?;
-    let codes = load_codes(&args.codes, &pq, &args.pq)?;
+    let codes = pq.load_codes(&args.codes)?;
     let decoded = pq.decode(&codes)?;
     let (n, d) = (codes.n(), pq.dim());
     let x = Tensor::from_vec(decoded, (n, d), &Device::Cpu)?;
@@ -182,7 +179,7 @@ fn decode(args: &DecodeArgs) -> Result<Report> {
 
 fn search(args: &SearchArgs) -> Result<Report> {
     let pq = ProductQuantizer::load(&args.pq)?;
-    let codes = load_codes(&args.codes, &pq, &args.pq)?;
+    let codes = pq.load_codes(&args.codes)?;
     let (nq, _, queries) = read_dim(&args.queries, &args.tensor, &pq)?;
     let start = Instant::now();
     let found = pq.search(&queries, &codes, args.top_k)?;
@@ -214,60 +211,4 @@ fn read_dim(path: &Path, tensor: &str, pq: &ProductQuantizer) -> Result<(usize, 
         });
     }
     Ok((n, d, data))
-}
-
-/// Writes `codes` as a codes file (see the module documentation).
-fn save_codes(path: &Path, codes: &PackedCodes, dim: usize) -> Result<()> {
-    let tensor = Tensor::from_vec(
-        codes.bytes().to_vec(),
-        (codes.n(), codes.code_size()),
-        &Device::Cpu,
-    )?;
-    let metadata = BTreeMap::from([
-        ("format".to_string(), CODES_FORMAT.to_string()),
-        ("n".to_string(), codes.n().to_string()),
-        ("m".to_string(), codes.m().to_string()),
-        ("nbits".to_string(), codes.nbits().to_string()),
-        ("dim".to_string(), dim.to_string()),
-    ]);
-    write_safetensors(path, &[("codes", &tensor)], &metadata)
-}
-
-/// Reads a codes file and checks it was made for `pq` (read from `pq_path`).
-///
-/// # Errors
-/// [`Error::BadFile`] for a file that is not a codes file or has inconsistent metadata;
-/// [`Error::InvalidParameter`] if its `m`, `nbits` or `dim` differ from the quantizer's;
-/// [`Error::DTypeMismatch`] / [`Error::ShapeMismatch`] for a `codes` tensor other than
-/// `u8 [n, code_size]`.
-fn load_codes(path: &Path, pq: &ProductQuantizer, pq_path: &Path) -> Result<PackedCodes> {
-    let file = SafetensorsFile::open(path)?;
-    file.require_format(CODES_FORMAT, "a product-quantization codes file")?;
-    let n: usize = file.metadata_value("n")?;
-    let m: usize = file.metadata_value("m")?;
-    let nbits: u32 = file.metadata_value("nbits")?;
-    // `dim` is informative: older or hand-made files may lack it.
-    let dim: Option<usize> = file.metadata().get("dim").and_then(|v| v.parse().ok());
-    if m != pq.m() || nbits != pq.nbits() || dim.is_some_and(|dim| dim != pq.dim()) {
-        return Err(Error::invalid_parameter(
-            "codes",
-            format!(
-                "{} holds codes of m = {m}, nbits = {nbits}{}, but the quantizer {} has m = {}, nbits = {}, dim = {}; encode with that quantizer",
-                path.display(),
-                dim.map_or(String::new(), |dim| format!(", dim = {dim}")),
-                pq_path.display(),
-                pq.m(),
-                pq.nbits(),
-                pq.dim()
-            ),
-        ));
-    }
-    let spec = TensorSpec::new()
-        .dtype(DType::U8)
-        .shape(&[Some(n), Some(pq.code_size())]);
-    let bytes = file
-        .read("codes", &spec, &Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
-    PackedCodes::from_bytes(bytes, n, m, nbits)
 }

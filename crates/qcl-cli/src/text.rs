@@ -227,14 +227,21 @@ fn embed(
     });
     let text = match out {
         Some(path) => {
-            let metadata = BTreeMap::from([
+            // The inputs by content, not by path: the same inputs give the same bytes
+            // wherever they lie.
+            let mut metadata = BTreeMap::from([
                 ("format".to_string(), EMBEDDINGS_FORMAT.to_string()),
-                ("model".to_string(), model.display().to_string()),
                 (
-                    "compressed".to_string(),
-                    compressed.map_or(String::new(), |c| c.display().to_string()),
+                    CHECKPOINT_SHA256_KEY.to_string(),
+                    sha256_file(model.join("model.safetensors"))?,
                 ),
             ]);
+            if let Some(compressed) = compressed {
+                metadata.insert(
+                    "qcl.compressed.sha256".to_string(),
+                    sha256_file(compressed)?,
+                );
+            }
             qcl_tensor::write_safetensors(path, &[("embeddings", &embeddings)], &metadata)?;
             format!("{count} embeddings of {dim} values → {}\n", path.display())
         }

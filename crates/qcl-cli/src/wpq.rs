@@ -114,10 +114,7 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
             let teacher = Model::load(model, Some(arch))?;
             let cfg: CompressConfig = match config {
                 Some(path) => {
-                    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    let bytes = crate::read_small_file(path)?;
                     serde_json::from_slice(&bytes).map_err(|e| {
                         Error::bad_file(path, format!("not a compression config: {e}"))
                     })?

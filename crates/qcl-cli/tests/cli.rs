@@ -318,6 +318,38 @@ fn pq_errors_are_typed_json_objects() {
         ]);
         assert_eq!(kind, "invalid_parameter");
     }
+    // Codes of a quantizer of the same shape but other codebooks (another seed): refused by
+    // the fingerprint the codes file carries.
+    qcl_json(&[
+        "pq",
+        "train",
+        "--input",
+        &f.path("data.safetensors"),
+        "--tensor",
+        "x",
+        "--m",
+        "4",
+        "--nbits",
+        "4",
+        "--iters",
+        "10",
+        "--seed",
+        "8",
+        "--out",
+        &f.path("pq4-seed8.safetensors"),
+    ]);
+    let (kind, message) = qcl_error(&[
+        "pq",
+        "decode",
+        "--pq",
+        &f.path("pq4-seed8.safetensors"),
+        "--codes",
+        &f.path("codes4.safetensors"),
+        "--out",
+        &f.path("never.safetensors"),
+    ]);
+    assert_eq!(kind, "invalid_parameter", "{message}");
+    assert!(message.contains("made by sha256:"), "{message}");
     assert!(!std::path::Path::new(&f.path("never.safetensors")).exists());
 
     // Not a codes file: the quantizer itself, or a data file.
@@ -684,8 +716,9 @@ fn a_reader_that_went_away_ends_the_output_quietly() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // 141 = 128 + SIGPIPE, the status a shell shows for a writer whose reader went away.
     assert!(
-        output.status.code().is_some_and(|c| c == 0),
+        output.status.code().is_some_and(|c| c == 141),
         "{:?} {stderr}",
         output.status
     );

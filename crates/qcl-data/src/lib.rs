@@ -35,4 +35,4 @@ pub use dataset::{
     Batch, BatchOptions, BatchOrder, Batches, Dataset, ImageShape, Normalization, PixelStats,
     SplitDataset, DATASET_FORMAT,
 };
-pub use import::{ImportReport, KnownDataset};
+pub use import::{ImportReport, KnownDataset, MAX_DECOMPRESSED_BYTES};

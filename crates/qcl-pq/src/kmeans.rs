@@ -154,7 +154,8 @@ pub struct KMeans {
     pub objective_history: Vec<f64>,
     /// Lloyd iterations run (of the kept run).
     pub iterations: usize,
-    /// Wall time of the Lloyd iterations of all runs (not loading, sampling or initialisation).
+    /// Wall time of the Lloyd iterations of all runs (not loading, sampling or initialisation);
+    /// not saved (0 after [`load`](KMeans::load)), so that files of the same run are identical.
     pub lloyd_seconds: f64,
     /// Empty clusters repaired by splitting (kept run).
     pub empty_cluster_repairs: usize,
@@ -311,6 +312,7 @@ impl KMeans {
     }
 
     /// Writes the centroids (`centroids`, `f32 [k, dim]`) and the training record as metadata.
+    /// The wall time (`lloyd_seconds`) is not written: the same run gives the same bytes.
     ///
     /// # Errors
     /// [`Error::Io`] on write failure.
@@ -319,7 +321,6 @@ impl KMeans {
         let metadata = BTreeMap::from([
             ("format".to_string(), KMEANS_FORMAT.to_string()),
             ("iterations".to_string(), self.iterations.to_string()),
-            ("lloyd_seconds".to_string(), self.lloyd_seconds.to_string()),
             (
                 "empty_cluster_repairs".to_string(),
                 self.empty_cluster_repairs.to_string(),
@@ -367,7 +368,7 @@ impl KMeans {
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
             iterations: parse("iterations") as usize,
-            lloyd_seconds: parse("lloyd_seconds"),
+            lloyd_seconds: 0.0, // a wall time, not part of the file
             empty_cluster_repairs: parse("empty_cluster_repairs") as usize,
             distance_share: meta
                 .get("distance_share")

@@ -40,4 +40,4 @@ pub mod workloads;
 pub use bounds::KMeansAlgorithm;
 pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
 pub use minibatch::MiniBatchKMeans;
-pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, PQ_FORMAT};
+pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, CODES_FORMAT, PQ_FORMAT};

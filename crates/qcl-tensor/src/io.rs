@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
+use crate::integrity::{parsed_checksum, read_safetensors_bytes, verify_checksum, CHECKSUM_KEY};
 use crate::{Error, Result, TensorSpec};
 
 /// Writes `bytes` to `path` atomically: temporary file in the same directory, fsync, rename.
@@ -209,8 +210,10 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Writes named tensors and string metadata to a safetensors file, atomically. The header's
-/// keys are sorted, so the same tensors and metadata always give the same bytes.
+/// Writes named tensors and string metadata to a safetensors file, atomically, with the content
+/// checksum of [`CHECKSUM_KEY`] (a `checksum` entry of `metadata`, such as one copied from a
+/// file read before, is replaced by the true one). The header's keys are sorted, so the same
+/// tensors and metadata always give the same bytes.
 ///
 /// ```
 /// use std::collections::BTreeMap;
@@ -251,15 +254,21 @@ pub fn write_safetensors(
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     let bytes = safetensors::tensor::serialize(host.iter().map(|(n, t)| (*n, t)), Some(meta))
         .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
-    let bytes = with_sorted_header(&bytes)
+    drop(host);
+    let checksum = {
+        let parsed = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
+        parsed_checksum(&parsed, metadata)
+    };
+    let bytes = with_sorted_header(&bytes, &checksum)
         .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
 }
 
-/// The same safetensors bytes with the header's keys sorted. safetensors keeps the metadata in
-/// a `HashMap`, whose order changes from one run to the next; sorted, the same tensors and
-/// metadata always give the same bytes.
-fn with_sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// The same safetensors bytes with `checksum` added to the metadata and the header's keys
+/// sorted. safetensors keeps the metadata in a `HashMap`, whose order changes from one run to
+/// the next; sorted, the same tensors and metadata always give the same bytes.
+fn with_sorted_header(bytes: &[u8], checksum: &str) -> std::result::Result<Vec<u8>, String> {
     let too_short = || "shorter than its header".to_string();
     let len: [u8; 8] = bytes
         .get(..8)
@@ -273,12 +282,14 @@ fn with_sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
         .ok_or_else(too_short)?;
     let mut header: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
-    if let Some(meta) = header.get_mut("__metadata__") {
-        // Through a BTreeMap, so that the keys are sorted whatever serde_json's map type is.
-        let sorted: BTreeMap<String, String> =
-            serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
-        *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
-    }
+    let meta = header
+        .entry("__metadata__".to_string())
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    // Through a BTreeMap, so that the keys are sorted whatever serde_json's map type is.
+    let mut sorted: BTreeMap<String, String> =
+        serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
+    sorted.insert(CHECKSUM_KEY.to_string(), checksum.to_string());
+    *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
     let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
@@ -323,7 +334,7 @@ impl SafetensorsFile {
     /// holds a dtype qcl does not support.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = read_safetensors_bytes(path)?;
         Self::from_bytes(path, bytes)
     }
 
@@ -360,6 +371,7 @@ impl SafetensorsFile {
                 .clone()
                 .map(|m| m.into_iter().collect())
                 .unwrap_or_default();
+            verify_checksum(&path, &parsed, &metadata)?;
             (names, metadata)
         };
         Ok(SafetensorsFile {
@@ -588,7 +600,9 @@ mod tests {
             .collect();
         assert!(files.windows(2).all(|f| f[0] == f[1]));
         let file = SafetensorsFile::open(dir.path().join("0.safetensors")).unwrap();
-        assert_eq!(file.metadata(), &meta);
+        let mut read = file.metadata().clone();
+        assert!(read.remove(CHECKSUM_KEY).is_some());
+        assert_eq!(read, meta);
         let back = file.tensor("w", &Device::Cpu).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         assert_eq!(
@@ -598,8 +612,8 @@ mod tests {
                 .unwrap(),
             [7, 8, 9]
         );
-        assert!(with_sorted_header(&[1, 0]).is_err());
-        assert!(with_sorted_header(&[255, 0, 0, 0, 0, 0, 0, 0, b'{']).is_err());
+        assert!(with_sorted_header(&[1, 0], "crc32:0").is_err());
+        assert!(with_sorted_header(&[255, 0, 0, 0, 0, 0, 0, 0, b'{'], "crc32:0").is_err());
     }
 
     fn sample_file(dir: &Path) -> Result<PathBuf> {

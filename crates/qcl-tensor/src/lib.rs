@@ -5,8 +5,8 @@
 //! - [`Error`] / [`Result`]: the one error type every qcl crate returns;
 //! - [`DeviceSpec`] / [`device`]: device choice from a string (`cpu`, `cuda:1`, `metal`);
 //! - [`Seed`] / [`SeededRng`]: seeded random streams with independent children;
-//! - [`SafetensorsFile`] / [`write_safetensors`] / [`write_atomic`]: validated reads and
-//!   atomic writes;
+//! - [`SafetensorsFile`] / [`write_safetensors`] / [`write_atomic`]: validated, checksummed
+//!   reads and atomic writes; [`take_notes`]: what the readers want the user to know;
 //! - [`TensorSpec`], [`check_shape`], [`check_finite`]: input validation; [`matrix_f32`]: a
 //!   `[n, d]` tensor as the `f32` rows the slice kernels take;
 //! - [`nearest_codes`] / [`top_k_codes`]: the exact nearest-code kernel every quantizer uses;
@@ -25,6 +25,7 @@ mod alloc;
 mod check;
 mod device;
 mod error;
+mod integrity;
 mod io;
 mod nearest;
 mod planar;
@@ -37,6 +38,10 @@ pub use check::{
 };
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
+pub use integrity::{
+    content_checksum, note, read_safetensors_bytes, take_notes, verify_checksum, Fingerprint,
+    CHECKSUM_KEY,
+};
 pub use io::{
     check_output, write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo,
 };

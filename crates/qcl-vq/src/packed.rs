@@ -41,6 +41,8 @@ pub struct PackedIndices {
     bits: u32,
     /// `None` when nothing needs storing (K = 1 or no index at all).
     packed: Option<PackedCodes>,
+    /// Fingerprint of the quantizer that made the indices, when known.
+    quantizer: Option<String>,
 }
 
 /// Rows and indices per row of `shape`, and the total, checked for overflow.
@@ -110,6 +112,7 @@ impl PackedIndices {
             shape: shape.to_vec(),
             bits,
             packed,
+            quantizer: None,
         })
     }
 
@@ -170,6 +173,7 @@ impl PackedIndices {
             shape: shape.to_vec(),
             bits,
             packed,
+            quantizer: None,
         };
         if !codes.is_power_of_two() {
             if let Some(i) = result.unpack().iter().position(|&v| v as usize >= codes) {
@@ -180,6 +184,20 @@ impl PackedIndices {
             }
         }
         Ok(result)
+    }
+
+    /// The same indices marked as made by the quantizer of this fingerprint
+    /// ([`VectorQuantizer::fingerprint`](crate::VectorQuantizer::fingerprint)); saved with
+    /// them and checked by [`decode_packed`](crate::VectorQuantizer::decode_packed).
+    #[must_use]
+    pub fn made_by(mut self, fingerprint: impl Into<String>) -> Self {
+        self.quantizer = Some(fingerprint.into());
+        self
+    }
+
+    /// Fingerprint of the quantizer that made the indices, if recorded.
+    pub fn quantizer(&self) -> Option<&str> {
+        self.quantizer.as_deref()
     }
 
     /// K, the number of codes the indices point into.
@@ -267,6 +285,14 @@ impl PackedIndices {
             ("shape".to_string(), shape.join(",")),
             ("bits".to_string(), self.bits.to_string()),
         ]);
+        let meta = match &self.quantizer {
+            Some(quantizer) => {
+                let mut meta = meta;
+                meta.insert("quantizer".to_string(), quantizer.clone());
+                meta
+            }
+            None => meta,
+        };
         qcl_tensor::write_safetensors(path, &[("packed", &tensor)], &meta)
     }
 
@@ -293,8 +319,9 @@ impl PackedIndices {
             &Device::Cpu,
         )?;
         let bytes: Vec<u8> = tensor.to_vec1()?;
-        let packed = Self::from_bytes(bytes, &shape, codes)
+        let mut packed = Self::from_bytes(bytes, &shape, codes)
             .map_err(|e| Error::bad_file(path, format!("corrupted packed indices: {e}")))?;
+        packed.quantizer = file.metadata().get("quantizer").cloned();
         if packed.bits != bits {
             return Err(Error::bad_file(
                 path,

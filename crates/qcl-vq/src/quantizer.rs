@@ -474,7 +474,28 @@ impl VectorQuantizer {
     /// # Errors
     /// As [`encode`](Self::encode).
     pub fn encode_packed(&self, x: &Tensor) -> Result<PackedIndices> {
-        PackedIndices::from_tensor(&self.encode(x)?, self.config.codes)
+        Ok(
+            PackedIndices::from_tensor(&self.encode(x)?, self.config.codes)?
+                .made_by(self.fingerprint()?),
+        )
+    }
+
+    /// This quantizer's identity as it is now: a fingerprint of K, N, the dimension and the
+    /// codebook's values. [`encode_packed`](Self::encode_packed) stores it with the indices
+    /// and [`decode_packed`](Self::decode_packed) checks it, so that indices are never decoded
+    /// with a codebook other than the one that made them. Training changes the codebook and so
+    /// the fingerprint.
+    ///
+    /// # Errors
+    /// A candle error reading the codebook.
+    pub fn fingerprint(&self) -> Result<String> {
+        let book = host_f32(self.codebook.as_tensor())?;
+        Ok(qcl_tensor::Fingerprint::new(QUANTIZER_FORMAT)
+            .number(self.config.codes as u64)
+            .number(self.config.codebooks as u64)
+            .number(self.config.dim as u64)
+            .floats(&book)
+            .finish())
     }
 
     fn index_tensor(&self, a: &Assignment) -> Result<Tensor> {
@@ -522,12 +543,22 @@ impl VectorQuantizer {
         Ok(Tensor::from_vec(out, shape, &self.device)?)
     }
 
-    /// [`decode`](Self::decode) of bit-packed indices.
+    /// [`decode`](Self::decode) of bit-packed indices, checking that this quantizer, with its
+    /// codebook as it is now, made them (when they record a fingerprint). To decode indices
+    /// deliberately with a codebook that has changed since (a model trained further), use
+    /// `decode(&packed.to_tensor(device)?)`.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] if they point into another number of codes, and as
-    /// [`decode`](Self::decode).
+    /// [`Error::InvalidParameter`] if they point into another number of codes or another
+    /// quantizer made them, and as [`decode`](Self::decode).
     pub fn decode_packed(&self, packed: &PackedIndices) -> Result<Tensor> {
+        self.check_packed(packed)?;
+        self.decode(&packed.to_tensor(&self.device)?)
+    }
+
+    /// Checks that `packed` index this quantizer's K codes and, if they record a fingerprint,
+    /// that this quantizer (with its codebook as it is now) made them.
+    pub(crate) fn check_packed(&self, packed: &PackedIndices) -> Result<()> {
         if packed.codes() != self.config.codes {
             return Err(Error::invalid_parameter(
                 "packed indices",
@@ -538,7 +569,19 @@ impl VectorQuantizer {
                 ),
             ));
         }
-        self.decode(&packed.to_tensor(&self.device)?)
+        if let Some(made_by) = packed.quantizer() {
+            let this = self.fingerprint()?;
+            if made_by != this {
+                return Err(Error::invalid_parameter(
+                    "packed indices",
+                    format!(
+                        "another quantizer (or this one before its codebook changed) made them: \
+                         {made_by}, this one is {this}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Quantises `x` (C channels on the channel axis, any other axes); with `train`, then

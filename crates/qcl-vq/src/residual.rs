@@ -239,7 +239,9 @@ impl ResidualVq {
         self.encode(x)?
             .iter()
             .zip(&self.stages)
-            .map(|(idx, s)| PackedIndices::from_tensor(idx, s.config().codes))
+            .map(|(idx, s)| {
+                Ok(PackedIndices::from_tensor(idx, s.config().codes)?.made_by(s.fingerprint()?))
+            })
             .collect()
     }
 
@@ -280,16 +282,7 @@ impl ResidualVq {
             .iter()
             .zip(&self.stages)
             .map(|(p, s)| {
-                if p.codes() != s.config().codes {
-                    return Err(Error::invalid_parameter(
-                        "packed indices",
-                        format!(
-                            "they index {} codes, the stage has K = {}",
-                            p.codes(),
-                            s.config().codes
-                        ),
-                    ));
-                }
+                s.check_packed(p)?;
                 p.to_tensor(s.device())
             })
             .collect::<Result<Vec<_>>>()?;

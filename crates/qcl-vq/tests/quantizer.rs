@@ -382,6 +382,33 @@ fn packed_files_round_trip_and_refuse_truncated_or_foreign_files() {
 }
 
 #[test]
+fn packed_indices_name_their_quantizer_and_another_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = VectorQuantizerConfig::new(3, 8);
+    let (_store, vq) = quantizer(config.clone());
+    let x = clustered(1, 8, 64, 3);
+    vq.quantize(&x, true).unwrap();
+    let packed = vq.encode_packed(&x).unwrap();
+    assert_eq!(packed.quantizer(), Some(vq.fingerprint().unwrap().as_str()));
+    let path = dir.path().join("codes.safetensors");
+    packed.save(&path).unwrap();
+    let back = PackedIndices::load(&path).unwrap();
+    assert_eq!(back, packed);
+    assert_eq!(
+        flat(&vq.decode_packed(&back).unwrap()),
+        flat(&vq.decode(&vq.encode(&x).unwrap()).unwrap())
+    );
+    // The same shape with another codebook (another store seed), or this one trained further.
+    let store = ParamStore::new(4);
+    let other = VectorQuantizer::from_param_path(&store.root(&DEV).pp("vq"), config).unwrap();
+    assert_eq!(kind(other.decode_packed(&back)), "invalid_parameter");
+    vq.quantize(&clustered(2, 8, 64, 3), true).unwrap();
+    assert_eq!(kind(vq.decode_packed(&back)), "invalid_parameter");
+    // Decoding with the changed codebook on purpose still works, through `decode`.
+    assert!(vq.decode(&back.to_tensor(&DEV).unwrap()).is_ok());
+}
+
+#[test]
 fn saved_quantizer_resumes_bit_identically() {
     let config = VectorQuantizerConfig {
         codebooks: 2,

@@ -320,7 +320,8 @@ fn bad_recordings_are_typed_errors() {
 }
 
 /// Rewrites a file's tensors and metadata (tensor order and metadata order do not matter to
-/// the reader).
+/// the reader), with the checksum of the edited content, so that the reader's own checks are
+/// what refuses the edit.
 fn rewrite(
     bytes: &[u8],
     edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>),
@@ -338,6 +339,14 @@ fn rewrite(
         .clone()
         .unwrap();
     edit(&mut tensors, &mut meta);
+    let sorted: BTreeMap<String, String> = meta.clone().into_iter().collect();
+    let checksum = qcl_tensor::content_checksum(
+        tensors
+            .iter()
+            .map(|(n, (d, s, b))| (n.as_str(), *d, &s[..], &b[..])),
+        &sorted,
+    );
+    meta.insert(qcl_tensor::CHECKSUM_KEY.to_string(), checksum);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, (d, s, b))| {

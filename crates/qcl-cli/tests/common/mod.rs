@@ -7,8 +7,14 @@ use serde_json::Value;
 
 /// Runs `qcl args…`: (exit success, stdout, stderr).
 pub fn qcl_raw(args: &[&str]) -> (bool, String, String) {
+    qcl_with_env(args, &[])
+}
+
+/// Runs `qcl args…` with extra environment variables: (exit success, stdout, stderr).
+pub fn qcl_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_qcl"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("qcl runs");
     (

@@ -220,7 +220,7 @@ impl Calibration {
     /// As [`Calibration::load`].
     pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<(Self, BTreeMap<String, String>)> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = qcl_tensor::read_safetensors_bytes(path)?;
         Self::parse(path, &bytes)
     }
 
@@ -230,7 +230,7 @@ impl Calibration {
     /// [`Error::Io`]; as [`Calibration::from_bytes`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = qcl_tensor::read_safetensors_bytes(path)?;
         Self::from_bytes(path, &bytes)
     }
 

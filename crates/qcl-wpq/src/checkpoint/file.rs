@@ -165,7 +165,7 @@ impl CompressedCheckpoint {
     /// [`Error::Io`]; as [`CompressedCheckpoint::from_bytes`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = qcl_tensor::read_safetensors_bytes(path)?;
         Self::from_bytes(path, &bytes)
     }
 
@@ -353,6 +353,8 @@ pub(crate) fn open_format<'a>(
         .clone()
         .map(|m| m.into_iter().collect())
         .unwrap_or_default();
+    qcl_tensor::verify_checksum(path, &parsed, &metadata)?;
+    metadata.remove(qcl_tensor::CHECKSUM_KEY);
     match metadata.remove("format") {
         Some(f) if f == format => Ok((parsed, metadata)),
         other => Err(bad(format!(
@@ -379,8 +381,16 @@ pub(crate) fn serialize(
         Tensor(Entry<'a>),
     }
     parts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut metadata = metadata.clone();
+    let checksum = qcl_tensor::content_checksum(
+        parts
+            .iter()
+            .map(|(name, dtype, shape, bytes)| (&**name, *dtype, &shape[..], &bytes[..])),
+        &metadata,
+    );
+    metadata.insert(qcl_tensor::CHECKSUM_KEY.to_string(), checksum);
     let mut header: BTreeMap<&str, Header<'_>> = BTreeMap::new();
-    header.insert("__metadata__", Header::Metadata(metadata));
+    header.insert("__metadata__", Header::Metadata(&metadata));
     let mut offset = 0;
     for (name, dtype, shape, bytes) in &parts {
         let end = offset + bytes.len();

@@ -213,7 +213,7 @@ impl Checkpoint {
     /// [`Error::Io`], [`Error::BadFile`] for a truncated or foreign file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = qcl_tensor::read_safetensors_bytes(path)?;
         Self::from_bytes(path, &bytes)
     }
 
