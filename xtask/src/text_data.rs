@@ -31,7 +31,7 @@ pub struct Pin {
     pub max_bytes: u64,
 }
 
-fn pin(name: &str, sha256: &str, max_bytes: u64) -> Pin {
+pub(crate) fn pin(name: &str, sha256: &str, max_bytes: u64) -> Pin {
     Pin {
         name: name.into(),
         sha256: sha256.into(),
@@ -248,7 +248,7 @@ fn verify(path: &Path, bytes: &[u8], pin: &Pin) -> Result<()> {
 }
 
 /// Reads `path` if it is no larger than `pin.max_bytes`, and checks its hash.
-fn read_pinned(path: &Path, pin: &Pin) -> Result<Vec<u8>> {
+pub(crate) fn read_pinned(path: &Path, pin: &Pin) -> Result<Vec<u8>> {
     let bytes = qcl_text::config::read_bounded(path, pin.max_bytes)?;
     verify(path, &bytes, pin)?;
     Ok(bytes)

@@ -289,9 +289,10 @@ impl StackConfig {
     /// [`StackConfig::validate`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // A configuration is a few hundred bytes; 1 MiB bounds a mistaken path.
+        let bytes = qcl_tensor::read_bounded(path, 1 << 20)?;
         let config: StackConfig =
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+            serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, e.to_string()))?;
         config.validate()?;
         Ok(config)
     }

@@ -131,7 +131,18 @@ fn check_budget(config: &MemoryConfig, model_cost_params: u64) -> Result<()> {
             "must be at least 1",
         ));
     }
-    let cost = model_cost_params * config.param_bytes;
+    // Accounting is in bits: the budget must stay countable as such.
+    if config.budget_bytes > u64::MAX / 8 {
+        return Err(Error::invalid_parameter(
+            "budget_bytes",
+            format!(
+                "must be at most {} B, got {}",
+                u64::MAX / 8,
+                config.budget_bytes
+            ),
+        ));
+    }
+    let cost = model_cost_params.saturating_mul(config.param_bytes);
     if config.budget_bytes <= cost {
         return Err(Error::invalid_parameter(
             "budget_bytes",

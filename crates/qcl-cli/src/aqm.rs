@@ -28,16 +28,16 @@ pub enum AqmCommand {
         #[arg(long)]
         method: Option<String>,
         /// Memory budget in bytes (B50 on Fashion-MNIST: 392000; B20: 156800).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::flags::amount(1, 1 << 40))]
         budget: Option<u64>,
         /// Bytes charged per model parameter (1 or 4).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::flags::amount(1, 8))]
         param_bytes: Option<u64>,
         /// What the AQM classifier sees: `raw` (the reference) or `decoded`.
         #[arg(long)]
         classifier_input: Option<String>,
         /// Streamed images per task (default: all after the 10 % hold-out).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::flags::count(1, crate::flags::MAX_SAMPLES))]
         samples_per_task: Option<usize>,
         /// Seed of every random choice.
         #[arg(long)]

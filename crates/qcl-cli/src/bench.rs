@@ -24,14 +24,14 @@ pub struct TrainArgs {
     /// The model: `resnet20` (ResNet-20, cross-entropy) or `vq-ae` (the VQ autoencoder).
     #[arg(long)]
     model: String,
-    /// Images per step.
-    #[arg(long, default_value_t = 128)]
+    /// Images per step (1 to 4,096).
+    #[arg(long, default_value_t = 128, value_parser = crate::flags::count(1, 4096))]
     batch: usize,
-    /// Timed steps.
-    #[arg(long, default_value_t = 20)]
+    /// Timed steps (1 to 1,000,000).
+    #[arg(long, default_value_t = 20, value_parser = crate::flags::count(1, crate::flags::MAX_STEPS))]
     steps: usize,
-    /// Untimed warm-up steps before the timed ones.
-    #[arg(long, default_value_t = 3)]
+    /// Untimed warm-up steps before the timed ones (at most 1,000,000).
+    #[arg(long, default_value_t = 3, value_parser = crate::flags::count(0, crate::flags::MAX_STEPS))]
     warmup: usize,
     /// Seed of the weights and of the random batch.
     #[arg(long, default_value_t = 0)]

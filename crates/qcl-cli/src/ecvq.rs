@@ -19,35 +19,35 @@ pub struct EcvqArgs {
     #[arg(long, default_value = "vecvq")]
     method: String,
     /// Multiplier λ of the distortion in R + λ·D (larger λ, higher rate).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::positive(1e12))]
     lambda: f64,
-    /// Number of codes K.
-    #[arg(long, default_value_t = 256)]
+    /// Number of codes K (1 to 65,536).
+    #[arg(long, default_value_t = 256, value_parser = crate::flags::count(1, 65_536))]
     k: usize,
-    /// VECVQ optimizer steps.
-    #[arg(long, default_value_t = 10_000)]
+    /// VECVQ optimizer steps (at most 1,000,000).
+    #[arg(long, default_value_t = 10_000, value_parser = crate::flags::count(0, crate::flags::MAX_STEPS))]
     steps: usize,
-    /// VECVQ samples per step.
-    #[arg(long, default_value_t = 1024)]
+    /// VECVQ samples per step (1 to 2^20).
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::count(1, 1 << 20))]
     batch: usize,
     /// VECVQ initial learning rate (decayed ×0.1 at 50 %, ×0.01 at 75 %, ×0.001 at 87.5 %).
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, value_parser = crate::flags::positive(1e6))]
     lr: f64,
-    /// CLG training-set size.
-    #[arg(long, default_value_t = 200_000)]
+    /// CLG training-set size (1 to 2^28).
+    #[arg(long, default_value_t = 200_000, value_parser = crate::flags::count(1, crate::flags::MAX_SAMPLES))]
     train_samples: usize,
-    /// CLG entropy-constrained iterations at most.
-    #[arg(long, default_value_t = 200)]
+    /// CLG entropy-constrained iterations at most (1 to 1,000,000).
+    #[arg(long, default_value_t = 200, value_parser = crate::flags::count(1, crate::flags::MAX_STEPS))]
     iterations: usize,
     /// CLG start: `kmeans` (20 k-means iterations first) or `random` (random training
     /// vectors, equal lengths).
     #[arg(long, default_value = "kmeans", value_parser = ["kmeans", "random"])]
     init: String,
-    /// CLG restarts (the run with the lowest training objective is kept).
-    #[arg(long, default_value_t = 1)]
+    /// CLG restarts (the run with the lowest training objective is kept; 1 to 10,000).
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::count(1, 10_000))]
     restarts: usize,
-    /// Fresh evaluation samples.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Fresh evaluation samples (1 to 2^28).
+    #[arg(long, default_value_t = 1_000_000, value_parser = crate::flags::count(1, crate::flags::MAX_SAMPLES))]
     eval_samples: usize,
     /// Seed of the initialisation and the training samples.
     #[arg(long, default_value_t = 0)]

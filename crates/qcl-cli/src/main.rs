@@ -9,6 +9,7 @@
 mod aqm;
 mod bench;
 mod ecvq;
+mod flags;
 mod pq;
 mod text;
 mod wpq;
@@ -86,11 +87,11 @@ struct KmeansArgs {
     /// The tensor: `[n, ...]` of any numeric dtype, flattened to `[n, d]` in f32.
     #[arg(long)]
     tensor: String,
-    /// Number of centroids.
-    #[arg(long)]
+    /// Number of centroids (1 to 2^24).
+    #[arg(long, value_parser = flags::count(1, flags::MAX_CODES))]
     k: usize,
-    /// Lloyd iterations.
-    #[arg(long, default_value_t = 25)]
+    /// Lloyd iterations (1 to 1,000,000).
+    #[arg(long, default_value_t = 25, value_parser = flags::count(1, flags::MAX_STEPS))]
     iters: usize,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1234)]
@@ -103,7 +104,7 @@ struct KmeansArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "lloyd", "hamerly", "yinyang"])]
     algorithm: String,
     /// Centroid groups of `--algorithm yinyang` (default: k/10, at most d).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count(1, 65_536))]
     groups: Option<usize>,
     /// Write the centroids here (safetensors).
     #[arg(long)]
@@ -253,18 +254,7 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// # Errors
 /// [`Error::Io`] if it cannot be read, [`Error::BadFile`] if it is larger than the limit.
 fn read_small_file(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(Error::bad_file(
-            path,
-            format!("more than the {MAX_CONFIG_BYTES} bytes a configuration may hold"),
-        ));
-    }
-    Ok(bytes)
+    qcl_tensor::read_bounded(path, MAX_CONFIG_BYTES)
 }
 
 /// A command's result in both forms.
@@ -280,27 +270,15 @@ struct Report {
 /// [`Error::Io`] / [`Error::BadFile`] for the file, [`Error::MissingTensor`],
 /// [`Error::ShapeMismatch`] for a scalar.
 fn read_rows(path: &Path, name: &str) -> Result<(usize, usize, Vec<f32>)> {
-    let file = SafetensorsFile::open(path)?;
-    let tensor = file.tensor(name, &Device::Cpu)?;
-    let Some((&n, rest)) = tensor.dims().split_first() else {
-        return Err(Error::ShapeMismatch {
-            context: format!("`{name}` of {}", path.display()),
-            expected: "[n, ...]".into(),
-            actual: vec![],
-        });
-    };
-    let d = rest.iter().product();
-    let data: Vec<f32> = tensor
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((n, d, data))
+    // Streamed: only the tensor's own rows are held, not the file and a copy besides.
+    qcl_tensor::read_f32_rows(path, name)
 }
 
 fn kmeans(args: &KmeansArgs) -> Result<Report> {
     if let Some(out) = &args.out {
         qcl_tensor::check_output(out, &[&args.input])?;
     }
+    let baseline_rss = qcl_nn::bench::peak_rss_bytes();
     let (n, d, data) = read_rows(&args.input, &args.tensor)?;
     let params = qcl_pq::KMeansParams {
         max_iter: args.iters,
@@ -341,6 +319,8 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
         "groups": groups,
         "distance_share": model.distance_share,
         "bound_bytes": model.bound_bytes,
+        // Peak resident memory of loading and k-means above the process's start (Linux).
+        "memory": memory_report(baseline_rss, n * d * 4),
     });
     let share = model.distance_share.iter().sum::<f64>() / iters.max(1) as f64;
     let text = format!(
@@ -351,6 +331,20 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
         share * 100.0
     );
     Ok(Report { json, text })
+}
+
+/// The process's peak resident memory since `baseline` (its peak before the work), beside
+/// the size of the data it worked on.
+fn memory_report(baseline: Option<u64>, data_bytes: usize) -> Value {
+    let peak = qcl_nn::bench::peak_rss_bytes();
+    let above = baseline.zip(peak).map(|(b, p)| p.saturating_sub(b));
+    json!({
+        "data_bytes": data_bytes,
+        "baseline_peak_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "peak_above_baseline_bytes": above,
+        "peak_above_baseline_over_data": above.map(|a| a as f64 / data_bytes.max(1) as f64),
+    })
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -389,10 +383,15 @@ fn data_info(path: &PathBuf) -> Result<Report> {
             continue;
         }
         let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-        let classes = class_names
-            .as_ref()
-            .map(Vec::len)
-            .unwrap_or_else(|| labels.iter().max().map_or(0, |&m| m.max(0) as usize + 1));
+        // Without class names, the largest label sets the count, within a sane bound.
+        const MAX_CLASSES: i64 = 1 << 16;
+        let classes = match &class_names {
+            Some(names) => names.len(),
+            None => labels
+                .iter()
+                .max()
+                .map_or(0, |&m| m.clamp(-1, MAX_CLASSES) + 1) as usize,
+        };
         let mut counts = vec![0usize; classes];
         for &label in &labels {
             let slot = usize::try_from(label).ok().and_then(|l| counts.get_mut(l));

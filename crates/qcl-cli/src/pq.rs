@@ -36,14 +36,14 @@ pub struct TrainArgs {
     /// The tensor: `[n, ...]` of any numeric dtype, flattened to `[n, d]` in f32.
     #[arg(long)]
     tensor: String,
-    /// Number of sub-spaces; must divide d.
-    #[arg(long)]
+    /// Number of sub-spaces; must divide d (1 to 65,536).
+    #[arg(long, value_parser = crate::flags::count(1, 65_536))]
     m: usize,
     /// Bits per code, in 1..=16 (2^nbits centroids per sub-space).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::small(1, 16))]
     nbits: u32,
-    /// Lloyd iterations per sub-space.
-    #[arg(long, default_value_t = 25)]
+    /// Lloyd iterations per sub-space (1 to 1,000,000).
+    #[arg(long, default_value_t = 25, value_parser = crate::flags::count(1, crate::flags::MAX_STEPS))]
     iters: usize,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1234)]
@@ -96,8 +96,8 @@ pub struct SearchArgs {
     /// The queries' tensor: `[nq, ...]` flattening to `[nq, d]` with the quantizer's d.
     #[arg(long)]
     tensor: String,
-    /// Number of neighbours per query, in 1..=n.
-    #[arg(long)]
+    /// Number of neighbours per query, in 1..=n (at most 2^28).
+    #[arg(long, value_parser = crate::flags::count(1, crate::flags::MAX_SAMPLES))]
     top_k: usize,
 }
 

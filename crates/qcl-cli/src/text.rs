@@ -39,7 +39,7 @@ pub enum TextCommand {
         #[arg(long)]
         out: PathBuf,
         /// Use only the first N texts.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::flags::count(1, crate::flags::MAX_SAMPLES))]
         limit: Option<usize>,
     },
     /// Embed texts (mean pooling, L2 normalisation, as sentence-transformers does), with the

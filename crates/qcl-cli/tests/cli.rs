@@ -428,6 +428,7 @@ fn pq_errors_are_typed_json_objects() {
     assert_eq!(kind, "missing_tensor");
 
     // Bad training parameters: nbits 0 or 17, m not dividing d, more centroids than vectors.
+    // (Out of the flags' ranges, usage errors; the others need the data to judge.)
     for (m, nbits) in [("4", "0"), ("4", "17"), ("3", "4"), ("0", "4"), ("4", "9")] {
         let (kind, message) = qcl_error(&[
             "pq",
@@ -443,7 +444,12 @@ fn pq_errors_are_typed_json_objects() {
             "--out",
             &f.path("never.safetensors"),
         ]);
-        assert_eq!(kind, "invalid_parameter", "m {m}, nbits {nbits}: {message}");
+        let expected = if m == "0" || nbits == "0" || nbits == "17" {
+            "usage"
+        } else {
+            "invalid_parameter"
+        };
+        assert_eq!(kind, expected, "m {m}, nbits {nbits}: {message}");
     }
 
     // Vectors of another dimension than the quantizer's.
@@ -496,7 +502,13 @@ fn pq_errors_are_typed_json_objects() {
             "--top-k",
             k,
         ]);
-        assert_eq!(kind, "invalid_parameter", "top_k {k}");
+        // 0 is out of the flag's range; 301 is more than the 300 codes.
+        let expected = if k == "0" {
+            "usage"
+        } else {
+            "invalid_parameter"
+        };
+        assert_eq!(kind, expected, "top_k {k}");
     }
     assert!(!std::path::Path::new(&f.path("never.safetensors")).exists());
 }
@@ -545,9 +557,10 @@ fn bench_train_errors_are_typed_json_objects() {
     let (kind, message) = qcl_error(&["bench", "train", "--model", "resnet50"]);
     assert_eq!(kind, "invalid_parameter");
     assert!(message.contains("resnet50"), "{message}");
-    for (flag, value) in [("--batch", "0"), ("--steps", "0")] {
+    // Out of the flags' ranges: usage errors naming the flag.
+    for (flag, value) in [("--batch", "0"), ("--steps", "0"), ("--batch", "100000")] {
         let (kind, message) = qcl_error(&["bench", "train", "--model", "vq-ae", flag, value]);
-        assert_eq!(kind, "invalid_parameter", "{flag} {value}");
+        assert_eq!(kind, "usage", "{flag} {value}");
         assert!(message.contains(&flag[2..]), "{message}");
     }
     // Not a number at all: a usage error, still one JSON object.
@@ -620,7 +633,7 @@ fn ecvq_refuses_bad_lambda_and_unknown_sources() {
     for lambda in ["0", "-2", "nan", "inf"] {
         let flag = format!("--lambda={lambda}");
         let (kind, message) = qcl_error(&["ecvq", &flag, "--steps", "10", "--json"]);
-        assert_eq!(kind, "invalid_parameter", "{lambda}: {message}");
+        assert_eq!(kind, "usage", "{lambda}: {message}");
         assert!(message.contains("lambda"), "{message}");
     }
     let (kind, _) = qcl_error(&["ecvq", "--lambda", "1", "--source", "uniform", "--json"]);
@@ -628,7 +641,7 @@ fn ecvq_refuses_bad_lambda_and_unknown_sources() {
     let (kind, _) = qcl_error(&[
         "ecvq", "--lambda", "1", "--k", "0", "--steps", "10", "--json",
     ]);
-    assert_eq!(kind, "invalid_parameter");
+    assert_eq!(kind, "usage");
 }
 
 #[test]
@@ -740,6 +753,71 @@ fn out_of_range_kmeans_counts_are_typed_errors() {
             "--iters",
             iters,
         ]);
-        assert_eq!(kind, "invalid_parameter", "k {k} iters {iters}: {message}");
+        assert_eq!(kind, "usage", "k {k} iters {iters}: {message}");
+        assert!(
+            message.contains(if k == huge { "--k" } else { "--iters" }),
+            "{message}"
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn paths_that_are_not_utf8_work() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.safetensors");
+    let input = dir.path().join(name);
+    let data: Vec<f32> = (0..40 * 3).map(|i| (i % 7) as f32).collect();
+    let x = qcl_tensor::candle_core::Tensor::from_vec(
+        data,
+        (40, 3),
+        &qcl_tensor::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    qcl_tensor::write_safetensors(&input, &[("x", &x)], &Default::default()).unwrap();
+    let out = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"out-\xff.safetensors"));
+    let run = |args: Vec<&std::ffi::OsStr>| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qcl"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let s = std::ffi::OsStr::new;
+    let output = run(vec![
+        s("kmeans"),
+        s("--input"),
+        input.as_os_str(),
+        s("--tensor"),
+        s("x"),
+        s("--k"),
+        s("3"),
+        s("--out"),
+        out.as_os_str(),
+        s("--json"),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(qcl_pq::KMeans::load(&out).is_ok());
+    // Reading a file that is not a model, by a non-UTF-8 path: a typed error, no panic.
+    for args in [
+        vec![
+            s("wpq"),
+            s("eval"),
+            s("--model"),
+            input.as_os_str(),
+            s("--json"),
+        ],
+        vec![s("data"), s("info"), out.as_os_str(), s("--json")],
+    ] {
+        let output = run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let v: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(
+            output.status.code() == Some(1) || output.status.success(),
+            "{v}"
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::{Error, Result};
 pub const CHECKSUM_KEY: &str = "checksum";
 
 /// Largest safetensors header read (the safetensors crate's own limit).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Notes (not errors) collected for the caller to show, such as "loaded without verification".
 static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -84,10 +84,34 @@ pub fn content_checksum<'a>(
     tensors: impl IntoIterator<Item = (&'a str, safetensors::Dtype, &'a [usize], &'a [u8])>,
     metadata: &BTreeMap<String, String>,
 ) -> String {
-    let mut hasher = crc32fast::Hasher::new();
     let mut tensors: Vec<_> = tensors.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(b.0));
+    let mut hasher = ContentHasher::new();
     for (name, dtype, shape, data) in tensors {
+        hasher.tensor(name, dtype, shape, data.len() as u64);
+        hasher.data(data);
+    }
+    hasher.finish(metadata)
+}
+
+/// [`content_checksum`] fed piece by piece: each tensor in name order (its header, then its
+/// data in any number of pieces), then the metadata.
+pub(crate) struct ContentHasher(crc32fast::Hasher);
+
+impl ContentHasher {
+    pub(crate) fn new() -> Self {
+        ContentHasher(crc32fast::Hasher::new())
+    }
+
+    /// Starts the next tensor (in name order) of `len` data bytes.
+    pub(crate) fn tensor(
+        &mut self,
+        name: &str,
+        dtype: safetensors::Dtype,
+        shape: &[usize],
+        len: u64,
+    ) {
+        let hasher = &mut self.0;
         hasher.update(name.as_bytes());
         hasher.update(&[0]);
         hasher.update(format!("{dtype:?}").as_bytes());
@@ -95,16 +119,24 @@ pub fn content_checksum<'a>(
         for &dim in shape {
             hasher.update(&(dim as u64).to_le_bytes());
         }
-        hasher.update(&(data.len() as u64).to_le_bytes());
-        hasher.update(data);
+        hasher.update(&len.to_le_bytes());
     }
-    for (key, value) in metadata.iter().filter(|(k, _)| *k != CHECKSUM_KEY) {
-        hasher.update(key.as_bytes());
-        hasher.update(&[0]);
-        hasher.update(value.as_bytes());
-        hasher.update(&[0]);
+
+    /// The current tensor's next data bytes.
+    pub(crate) fn data(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
     }
-    format!("crc32:{:08x}", hasher.finalize())
+
+    /// Ends with the metadata (every entry but [`CHECKSUM_KEY`]): `crc32:<8 hex digits>`.
+    pub(crate) fn finish(mut self, metadata: &BTreeMap<String, String>) -> String {
+        for (key, value) in metadata.iter().filter(|(k, _)| *k != CHECKSUM_KEY) {
+            self.0.update(key.as_bytes());
+            self.0.update(&[0]);
+            self.0.update(value.as_bytes());
+            self.0.update(&[0]);
+        }
+        format!("crc32:{:08x}", self.0.finalize())
+    }
 }
 
 /// [`content_checksum`] of a parsed file.
@@ -192,15 +224,7 @@ pub fn verify_checksum(
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let Some(stored) = metadata.get(CHECKSUM_KEY) else {
-        if metadata
-            .get("format")
-            .is_some_and(|f| f.starts_with("qcl-"))
-        {
-            note(format!(
-                "{} has no checksum (written by an older qcl): loaded without verification",
-                path.display()
-            ));
-        }
+        note_unverified(path, metadata);
         return Ok(());
     };
     let computed = parsed_checksum(parsed, metadata);
@@ -214,6 +238,19 @@ pub fn verify_checksum(
         ));
     }
     Ok(())
+}
+
+/// Notes that a qcl file (`format` = `qcl-…`) without a checksum was loaded unverified.
+pub(crate) fn note_unverified(path: &Path, metadata: &BTreeMap<String, String>) {
+    if metadata
+        .get("format")
+        .is_some_and(|f| f.starts_with("qcl-"))
+    {
+        note(format!(
+            "{} has no checksum (written by an older qcl): loaded without verification",
+            path.display()
+        ));
+    }
 }
 
 /// Reads the bytes of a whole safetensors file, bounded by what its header declares: the 8-byte header
@@ -276,6 +313,35 @@ pub fn read_safetensors_bytes(path: &Path) -> Result<Vec<u8>> {
         return Err(Error::bad_file(
             path,
             format!("not a complete safetensors file: its header describes {total} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The bytes of `path`, refusing more than `limit`: an endless or huge input (`/dev/zero`, a
+/// mistaken path) ends with an error after `limit + 1` bytes instead of filling the memory.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("config.json");
+/// std::fs::write(&path, b"{}")?;
+/// assert_eq!(qcl_tensor::read_bounded(&path, 16)?, b"{}");
+/// assert!(qcl_tensor::read_bounded(&path, 1).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Io`] if it cannot be read, [`Error::BadFile`] if it holds more than `limit` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::bad_file(
+            path,
+            format!("larger than the {limit} bytes allowed"),
         ));
     }
     Ok(bytes)

@@ -4,7 +4,8 @@
 //! tests.)
 //!
 //! Reading refuses truncated and foreign files with [`Error::BadFile`] and checks each tensor
-//! against a [`TensorSpec`]. Writing goes to a temporary file in the same directory, is synced,
+//! against a [`TensorSpec`]. Writing goes to a temporary file in the same directory (unnamed,
+//! Linux's `O_TMPFILE`, until it is complete, where the file system offers it), is synced,
 //! then renamed over the target, so a crash or a full disk never leaves a half-written file
 //! under the final name and never destroys the previous version. The writer refuses a target
 //! that exists and is not a regular file (a directory, FIFO, socket or device), writes through
@@ -73,7 +74,12 @@ pub fn write_atomic_with(
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let file = fs::File::create(&temp)?;
+        // Unnamed until complete where the system allows it, so that a killed write leaves
+        // nothing behind; else named, and swept by a later write to the same target.
+        let (file, unnamed) = match unnamed_temporary(&parent) {
+            Some(file) => (file, true),
+            None => (fs::File::create(&temp)?, false),
+        };
         let mut writer = std::io::BufWriter::new(file);
         fill(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -81,12 +87,72 @@ pub fn write_atomic_with(
             file.set_permissions(previous.permissions())?;
         }
         file.sync_all()?;
-        fs::rename(&temp, path)
+        if unnamed {
+            name_temporary(file, &temp)?;
+        }
+        fs::rename(&temp, path)?;
+        // The rename itself reaches the disk with the directory (best effort: not every
+        // system can sync a directory).
+        let _ = fs::File::open(&parent).and_then(|d| d.sync_all());
+        Ok(())
     })();
-    result.map_err(|e| {
+    result.map_err(|e: std::io::Error| {
         let _ = fs::remove_file(&temp);
         Error::io(path, e)
     })
+}
+
+/// An unnamed file in `dir` (Linux's `O_TMPFILE`), or `None` where the system or the file
+/// system does not offer one.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn unnamed_temporary(dir: &Path) -> Option<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o666)
+        .open(dir)
+        .ok()
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn unnamed_temporary(_dir: &Path) -> Option<fs::File> {
+    None
+}
+
+/// Gives the complete unnamed file the name `temp` (a hard link through `/proc/self/fd`), or,
+/// where linking is not allowed, copies it there.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn name_temporary(mut file: fs::File, temp: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let target = std::ffi::CString::new(temp.as_os_str().as_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let linked = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    } == 0;
+    if !linked {
+        let mut copy = fs::File::create(temp)?;
+        copy.set_permissions(file.metadata()?.permissions())?;
+        file.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut file, &mut copy)?;
+        copy.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn name_temporary(_file: fs::File, _temp: &Path) -> std::io::Result<()> {
+    unreachable!("no unnamed temporaries here")
 }
 
 /// Refuses an output `target` that exists and is not a regular file, or that is the same file

@@ -30,6 +30,7 @@ mod io;
 mod nearest;
 mod planar;
 mod rng;
+mod rows;
 mod two_nearest;
 
 pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
@@ -39,8 +40,8 @@ pub use check::{
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use integrity::{
-    content_checksum, note, read_safetensors_bytes, take_notes, verify_checksum, Fingerprint,
-    CHECKSUM_KEY,
+    content_checksum, note, read_bounded, read_safetensors_bytes, take_notes, verify_checksum,
+    Fingerprint, CHECKSUM_KEY,
 };
 pub use io::{
     check_output, write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo,
@@ -52,6 +53,7 @@ pub use nearest::{
 };
 pub use planar::{nearest_codes_planar, PLANAR_MAX_CODES};
 pub use rng::{RngState, Seed, SeededRng};
+pub use rows::read_f32_rows;
 pub use two_nearest::{ExactCodes, TwoNearest};
 
 /// Re-export of candle-core, so that users need not align versions by hand.

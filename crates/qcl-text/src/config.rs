@@ -75,25 +75,7 @@ struct ModuleEntry {
     kind: String,
 }
 
-/// Reads a file of at most `limit` bytes.
-///
-/// # Errors
-/// [`Error::Io`] if it cannot be read, [`Error::BadFile`] if it is larger than `limit`.
-pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > limit {
-        return Err(Error::bad_file(
-            path,
-            format!("larger than the {limit} bytes allowed"),
-        ));
-    }
-    Ok(bytes)
-}
+pub use qcl_tensor::read_bounded;
 
 /// Parses the JSON file `path` (at most [`MAX_CONFIG_BYTES`]).
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

@@ -131,6 +131,36 @@ impl CompressConfig {
                 return Err(Error::invalid_parameter(name, "must be at least 1"));
             }
         }
+        // Upper bounds, checked before anything is allocated or looped over.
+        for (name, v, max) in [
+            ("block_conv", self.block_conv, 1 << 16),
+            ("block_pointwise", self.block_pointwise, 1 << 16),
+            ("block_linear", self.block_linear, 1 << 16),
+            ("centroids_conv", self.centroids_conv, crate::MAX_CENTROIDS),
+            (
+                "centroids_pointwise",
+                self.centroids_pointwise,
+                crate::MAX_CENTROIDS,
+            ),
+            (
+                "centroids_linear",
+                self.centroids_linear,
+                crate::MAX_CENTROIDS,
+            ),
+            ("em_iterations", self.em_iterations, crate::MAX_ROUNDS),
+            ("rows_per_iteration", self.rows_per_iteration, 1 << 28),
+            ("activation_images", self.activation_images, 1 << 20),
+            ("layer_steps", self.layer_steps, 1_000_000),
+            ("global_steps", self.global_steps, 1_000_000),
+            ("batch_size", self.batch_size, 1 << 16),
+        ] {
+            if v > max {
+                return Err(Error::invalid_parameter(
+                    name,
+                    format!("must be at most {max}, got {v}"),
+                ));
+            }
+        }
         for (name, v) in [
             ("layer_lr", self.layer_lr),
             ("global_lr", self.global_lr),

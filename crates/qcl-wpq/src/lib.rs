@@ -97,7 +97,7 @@ pub use metric::Metric;
 pub use model::{distillation_loss, Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
 pub use objective::{
     finetune_codebooks, quantize_pq, Evidence, FinetuneGuard, OutlierColumns, PqOutcome, PqParams,
-    Quadratic, GUARD_STEPS, MAX_DENSE_UNKNOWNS,
+    Quadratic, GUARD_STEPS, MAX_CENTROIDS, MAX_DENSE_UNKNOWNS, MAX_ROUNDS,
 };
 pub use pq_tensor::{PqTensor, Sharing};
 pub use scalar::{gptq, rtn, ScalarCodes, ScalarParams, ScalarTensor};

@@ -61,7 +61,8 @@ impl ScalarParams {
     /// The group size for rows of `cols` weights.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for bits outside `1..=8`, a zero group or batch.
+    /// [`Error::InvalidParameter`] for bits outside `1..=8`, a zero group or batch, a `damp`
+    /// that is not finite and `>= 0`, or a bad outlier rule.
     pub fn group_for(&self, cols: usize) -> Result<usize> {
         if !(1..=MAX_SCALAR_BITS).contains(&self.bits) {
             return Err(Error::invalid_parameter(
@@ -75,6 +76,13 @@ impl ScalarParams {
                 "must be at least 1",
             ));
         }
+        if !(self.damp.is_finite() && self.damp >= 0.0) {
+            return Err(Error::invalid_parameter(
+                "damp",
+                format!("must be finite and >= 0, got {}", self.damp),
+            ));
+        }
+        self.outliers.validate()?;
         match self.group {
             Some(0) => Err(Error::invalid_parameter("group", "must be at least 1")),
             Some(g) => Ok(g.min(cols)),

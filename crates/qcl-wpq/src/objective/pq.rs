@@ -84,7 +84,45 @@ impl PqParams {
             ..Default::default()
         }
     }
+
+    /// Checks the knobs: `K` in `1..=65536`, `d` and `block_columns` at least 1, at most
+    /// [`MAX_ROUNDS`] EM iterations and fine-tune rounds, `ridge` and `damp` finite and
+    /// `>= 0`, and the outlier rule.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming the first bad knob.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &str, why: String| Err(Error::invalid_parameter(name, why));
+        if self.k == 0 || self.k > MAX_CENTROIDS {
+            return bad(
+                "k",
+                format!("must be in 1..={MAX_CENTROIDS}, got {}", self.k),
+            );
+        }
+        for (name, v) in [("d", self.d), ("block_columns", self.block_columns)] {
+            if v == 0 {
+                return bad(name, "must be at least 1".into());
+            }
+        }
+        for (name, v) in [
+            ("em_iterations", self.em_iterations),
+            ("finetune_rounds", self.finetune_rounds),
+        ] {
+            if v > MAX_ROUNDS {
+                return bad(name, format!("must be at most {MAX_ROUNDS}, got {v}"));
+            }
+        }
+        for (name, v) in [("ridge", self.ridge), ("damp", self.damp)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(name, format!("must be finite and >= 0, got {v}"));
+            }
+        }
+        self.outliers.validate()
+    }
 }
+
+/// Most EM iterations or fine-tune rounds [`PqParams`] may ask for.
+pub const MAX_ROUNDS: usize = 10_000;
 
 /// What the objective knows about a layer's inputs.
 #[derive(Clone, Copy)]
@@ -157,13 +195,8 @@ pub fn quantize_pq(
     seed: Seed,
 ) -> Result<PqOutcome> {
     qcl_tensor::check_finite_slice("weight", weight)?;
+    params.validate()?;
     let (k, d) = (params.k, params.d);
-    if k == 0 || k > MAX_CENTROIDS {
-        return Err(Error::invalid_parameter(
-            "k",
-            format!("must be in 1..={MAX_CENTROIDS}, got {k}"),
-        ));
-    }
     let layer = Layer::new(weight, shape, params, evidence)?;
     let geometry = layer.geometry.clone();
     let sub = geometry.unroll(&layer.weight)?;
