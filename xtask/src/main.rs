@@ -54,6 +54,16 @@ enum Command {
     },
     /// Run experiments (all by default) and write their results and REPORT.md.
     Reproduce(ReproduceArgs),
+    /// (Used by the `memory` experiment.) Load tensor TENSOR of FILE as f32 rows, run STEP
+    /// (`load`, `lloyd` or `auto`: 10 k-means iterations with K centroids) and print the
+    /// process's peak memory as one JSON object.
+    #[command(hide = true)]
+    ProbeMemory {
+        file: String,
+        tensor: String,
+        k: usize,
+        step: String,
+    },
 }
 
 #[derive(Args)]
@@ -192,6 +202,12 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::ProbeMemory {
+            ref file,
+            ref tensor,
+            k,
+            ref step,
+        } => experiments::memory::probe(file, tensor, k, step)?,
         Command::Reproduce(ref args) => {
             if args.list {
                 for e in reproduce::registry() {

@@ -507,7 +507,10 @@ pub fn parse_idx_u8(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<u8>)>
             u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
         })
         .collect();
-    let expected = dims.iter().product::<usize>();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::bad_file(source, format!("IDX dimensions {dims:?} overflow")))?;
     let body = &bytes[header..];
     if body.len() != expected {
         return Err(Error::bad_file(

@@ -146,6 +146,11 @@ fn malformed_idx_files_are_bad_files() {
         ("foreign", b"PK\x03\x04 a zip file".to_vec()),
         ("float type", idx(0x0d, &[1], &[0, 0, 0, 0])),
         ("corrupt gzip", vec![0x1f, 0x8b, 1, 2, 3]),
+        // Dimensions whose product overflows (found by the bad-input suite).
+        (
+            "overflowing dims",
+            idx(8, &[u32::MAX, u32::MAX, u32::MAX], &[0]),
+        ),
     ];
     for (what, bytes) in cases {
         let err = parse_idx_u8(&bytes, what).unwrap_err();

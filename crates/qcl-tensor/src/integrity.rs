@@ -94,6 +94,16 @@ pub fn content_checksum<'a>(
     hasher.finish(metadata)
 }
 
+/// The checksum of a byte string, `crc32:<8 hex digits>`: for qcl's files that are not
+/// safetensors (JSON lists), stored beside their content.
+///
+/// ```
+/// assert_ne!(qcl_tensor::bytes_checksum(b"a"), qcl_tensor::bytes_checksum(b"b"));
+/// ```
+pub fn bytes_checksum(bytes: &[u8]) -> String {
+    format!("crc32:{:08x}", crc32fast::hash(bytes))
+}
+
 /// [`content_checksum`] fed piece by piece: each tensor in name order (its header, then its
 /// data in any number of pieces), then the metadata.
 pub(crate) struct ContentHasher(crc32fast::Hasher);

@@ -317,26 +317,59 @@ impl GlossList {
         list
     }
 
-    /// Writes the list as JSON, atomically.
+    /// Writes the list as JSON, atomically, with a `checksum` of its content
+    /// ([`qcl_tensor::bytes_checksum`] of the list's compact JSON) beside its fields.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let json = serde_json::to_vec(self)
-            .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
-        write_atomic(path, &json)
+        let path = path.as_ref();
+        let cannot = |e: serde_json::Error| Error::bad_file(path, format!("cannot serialise: {e}"));
+        let content = serde_json::to_vec(self).map_err(cannot)?;
+        let mut value: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&content).map_err(cannot)?;
+        value.insert(
+            "checksum".into(),
+            qcl_tensor::bytes_checksum(&content).into(),
+        );
+        write_atomic(path, &serde_json::to_vec(&value).map_err(cannot)?)
     }
 
-    /// Reads a list written by [`save`](Self::save), checking its format and counts.
+    /// Reads a list written by [`save`](Self::save), checking its checksum (a list without one
+    /// loads with a note), format and counts.
     ///
     /// # Errors
-    /// [`Error::Io`]; [`Error::BadFile`] for a file too large, not JSON, of another format,
-    /// or whose counts do not match its glosses.
+    /// [`Error::Io`]; [`Error::BadFile`] for a file too large, not JSON, damaged (checksum), of
+    /// another format, or whose counts do not match its glosses.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = read_bounded(path, MAX_GLOSS_LIST_BYTES)?;
-        let list: GlossList = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::bad_file(path, format!("not a gloss list: {e}")))?;
+        let not_a_list =
+            |e: serde_json::Error| Error::bad_file(path, format!("not a gloss list: {e}"));
+        let mut value: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&bytes).map_err(not_a_list)?;
+        let stored = value.remove("checksum");
+        let list: GlossList =
+            serde_json::from_value(serde_json::Value::Object(value)).map_err(not_a_list)?;
+        match stored.as_ref().and_then(|c| c.as_str()) {
+            Some(stored) => {
+                let computed =
+                    qcl_tensor::bytes_checksum(&serde_json::to_vec(&list).map_err(not_a_list)?);
+                if stored != computed {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "the content does not match its checksum (stored {stored}, \
+                             computed {computed}): the file is damaged or was edited"
+                        ),
+                    ));
+                }
+            }
+            None => qcl_tensor::note(format!(
+                "{} has no checksum (written by an older qcl): loaded without verification",
+                path.display()
+            )),
+        }
         if list.format != GLOSS_LIST_FORMAT {
             return Err(Error::bad_file(
                 path,

@@ -152,7 +152,9 @@ impl PackedIndices {
             }
             None
         } else {
-            let row_bits = per_row * bits as usize;
+            let row_bits = per_row.checked_mul(bits as usize).ok_or_else(|| {
+                Error::invalid_parameter("shape", format!("{shape:?} overflows at {bits} bits"))
+            })?;
             let spare = row_bits % 8;
             let packed = PackedCodes::from_bytes(bytes, rows, per_row, bits)?;
             if spare != 0 {

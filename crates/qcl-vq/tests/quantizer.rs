@@ -290,6 +290,15 @@ fn packed_streams_refuse_truncation_corruption_and_bad_parameters() {
     let packed = PackedIndices::pack(&[4, 0, 3, 1, 2, 4], &[2, 3], 5).unwrap();
     let bytes = packed.bytes().to_vec();
     assert_eq!(bytes.len(), 4);
+    // A shape whose row of indices overflows in bits (found by the bad-input suite).
+    assert_eq!(
+        kind(PackedIndices::from_bytes(
+            bytes.clone(),
+            &[1, usize::MAX / 2],
+            5
+        )),
+        "invalid_parameter"
+    );
     assert_eq!(
         kind(PackedIndices::from_bytes(bytes[..3].to_vec(), &[2, 3], 5)),
         "shape_mismatch"

@@ -38,12 +38,12 @@ const TOLERANCE: f64 = 1e-4;
 /// Iterations at most of the convergence runs.
 const MAX_ITER: usize = 100;
 
-struct Workload {
-    name: &'static str,
-    k: usize,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) k: usize,
 }
 
-const WORKLOADS: [Workload; 3] = [
+pub(crate) const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "weight-blocks",
         k: 256,
@@ -60,7 +60,7 @@ const WORKLOADS: [Workload; 3] = [
 
 /// The workload's `[n, d]` f32 matrix, also written to `data/kmeans-NAME.safetensors` (if
 /// absent) for the faiss side; returns the path, the points and `d`.
-fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, usize)> {
+pub(crate) fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, usize)> {
     let path = ctx.data_dir.join(format!("kmeans-{name}.safetensors"));
     let (data, d): (Vec<f32>, usize) = match name {
         "weight-blocks" => qcl_pq::workloads::weight_blocks(),

@@ -6,6 +6,7 @@ pub mod datasets;
 pub mod ecvq;
 pub mod kmeans;
 pub mod lifequant;
+pub mod memory;
 pub mod minilm;
 pub mod training;
 pub mod vq;

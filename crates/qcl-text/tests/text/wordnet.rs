@@ -58,13 +58,31 @@ fn a_gloss_list_round_trips_and_a_tampered_one_is_refused() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replacen("\"noun\":12", "\"noun\":13", 1)).unwrap();
     assert!(matches!(GlossList::load(&path), Err(Error::BadFile { .. })));
+    // The checksum catches an edit first; without a checksum (an older file) the format and
+    // the counts are still checked, and a file that passes loads with a note.
+    let at = text.find("\"checksum\":").unwrap();
+    let unsealed = format!("{}{}", &text[..at], &text[at + 28..]);
+    std::fs::write(&path, &unsealed).unwrap();
+    let _ = qcl_tensor::take_notes();
+    assert_eq!(GlossList::load(&path).unwrap(), list);
+    assert!(qcl_tensor::take_notes()
+        .iter()
+        .any(|n| n.contains("no checksum")));
+    std::fs::write(
+        &path,
+        unsealed.replace(qcl_text::wordnet::GLOSS_LIST_FORMAT, "other/1"),
+    )
+    .unwrap();
+    assert!(
+        matches!(GlossList::load(&path), Err(Error::BadFile { ref reason, .. }) if reason.contains("format"))
+    );
     std::fs::write(
         &path,
         text.replace(qcl_text::wordnet::GLOSS_LIST_FORMAT, "other/1"),
     )
     .unwrap();
     assert!(
-        matches!(GlossList::load(&path), Err(Error::BadFile { ref reason, .. }) if reason.contains("format"))
+        matches!(GlossList::load(&path), Err(Error::BadFile { ref reason, .. }) if reason.contains("checksum"))
     );
 }
 
