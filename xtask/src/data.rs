@@ -270,8 +270,14 @@ fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> 
     };
     bar.set_message(format!("{dataset}: writing"));
     let path = dataset_path(&options.data_dir, dataset);
+    // The file names its source without a path (the manifest keeps the path), so that the
+    // same IDX files give the same bytes wherever they lie.
+    let file_source = match source_sha {
+        Some(_) => source.clone(),
+        None => "the official IDX files".to_string(),
+    };
     let metadata = BTreeMap::from([
-        ("source".to_string(), source.clone()),
+        ("source".to_string(), file_source),
         ("records_read".to_string(), report.read.to_string()),
         (
             "records_skipped".to_string(),
