@@ -168,7 +168,9 @@ impl Checkpoint {
         put("step_in_epoch".into(), p.step_in_epoch.to_string());
         put("global_step".into(), p.global_step.to_string());
         put("epoch_loss_sum".into(), float_text(p.epoch_loss_sum));
-        put("epoch_seconds".into(), float_text(p.epoch_seconds));
+        // Wall times are not saved, so that the same run writes the same bytes: a resumed
+        // run's history reports 0 s for the epochs and part epoch before the resume.
+        put("epoch_seconds".into(), float_text(0.0));
         put("history".into(), history_text(&p.history)?);
         put("optim.kind".into(), self.optimizer.kind.clone());
         for (name, value) in &self.optimizer.scalars {
@@ -441,7 +443,7 @@ fn history_text(history: &[EpochRecord]) -> Result<String> {
                 float_text(r.train_loss),
                 r.metric.map_or_else(|| "none".to_string(), float_text),
                 float_text(r.lr),
-                float_text(r.seconds),
+                float_text(0.0), // wall time, not saved (see `Checkpoint::save`)
             ]
         })
         .collect();
