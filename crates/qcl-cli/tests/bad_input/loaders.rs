@@ -408,6 +408,82 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         Box::new(|p| qcl_wpq::Checkpoint::open(p).map(|_| ())),
     ));
 
+    let path = dir.join("aqm-state.safetensors");
+    let stack = qcl_aqm::QStack::new(
+        qcl_aqm::StackConfig::fashion_mnist(),
+        Seed::new(4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cost = stack.model_cost_params() as u64;
+    let config = qcl_aqm::MemoryConfig {
+        budget_bytes: cost + 40_000,
+        ..qcl_aqm::MemoryConfig::per_class(1, 10, 784)
+    };
+    let memory = qcl_aqm::AdaptiveMemory::new(config, 1, cost).unwrap();
+    qcl_aqm::state::save(&path, &stack, Seed::new(4), &memory).unwrap();
+    out.push(sample(
+        "AQM state",
+        path,
+        Box::new(|p| qcl_aqm::state::load(p, &Device::Cpu).map(|_| ())),
+    ));
+
+    let path = dir.join("cacl.safetensors");
+    let net = qcl_cacl::NetSvd::new(
+        qcl_cacl::NetConfig::net_svd_s(),
+        qcl_cacl::CaclParams::default(),
+        Seed::new(5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    net.save(&path).unwrap();
+    out.push(sample(
+        "CACL model",
+        path,
+        Box::new(|p| qcl_cacl::NetSvd::load(p, &Device::Cpu).map(|_| ())),
+    ));
+
+    let path = dir.join("training.ckpt.safetensors");
+    let train_store = qcl_nn::ParamStore::new(1);
+    let w = train_store
+        .root(&Device::Cpu)
+        .param(
+            "w",
+            (2, 3),
+            qcl_nn::Init::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+        )
+        .unwrap();
+    let mut sgd = qcl_nn::optim::Sgd::new(
+        train_store.trainable(),
+        qcl_nn::optim::SgdParams {
+            lr: 0.1,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    qcl_nn::optim::Optimizer::backward_step(&mut sgd, &w.sum_all().unwrap()).unwrap();
+    qcl_nn::train::Checkpoint::capture(&train_store, &sgd)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    out.push(sample(
+        "training checkpoint",
+        path,
+        Box::new(|p| {
+            let store = qcl_nn::ParamStore::new(9);
+            store
+                .root(&Device::Cpu)
+                .param("w", (2, 3), qcl_nn::Init::Zeros)?;
+            let mut sgd =
+                qcl_nn::optim::Sgd::new(store.trainable(), qcl_nn::optim::SgdParams::default())?;
+            qcl_nn::train::Checkpoint::load_into(p, &store, &mut sgd).map(|_| ())
+        }),
+    ));
+
     let path = dir.join("aqm.json");
     std::fs::copy(fixture("aqm/fashion_mnist.json"), &path).unwrap();
     out.push(Sample {
