@@ -126,10 +126,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // Usage errors follow the `--json` convention too; help and version print as usual.
-            let wants_json = std::env::args().any(|a| a == "--json");
+            let wants_json = std::env::args_os().any(|a| a == "--json");
             if wants_json && e.use_stderr() {
                 let message = e.render().to_string();
-                print_quietly(&format!(
+                let _ = print_quietly(&format!(
                     "{}\n",
                     json!({"error": {"kind": "usage", "message": message.trim()}})
                 ));
@@ -169,10 +169,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if print_quietly(&text) {
-        code
-    } else {
-        ExitCode::from(EXIT_BROKEN_PIPE)
+    match print_quietly(&text) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_BROKEN_PIPE),
+        Err(e) => {
+            warn_quietly(&format!("error: cannot write to standard output: {e}\n"));
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -186,6 +189,9 @@ fn run_catching_bugs(command: &Command) -> std::result::Result<Result<Report>, S
             slot.get_or_insert_with(|| info.to_string());
         }
     }));
+    if let Ok(mut slot) = PANIC.lock() {
+        *slot = None;
+    }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match command {
         Command::Data {
             command: DataCommand::Info { file },
@@ -215,7 +221,7 @@ const EXIT_BUG: u8 = 70;
 fn report_bug(message: &str, as_json: bool) -> ExitCode {
     let message = format!("qcl hit a bug ({message}); please report it with the command line");
     if as_json {
-        print_quietly(&format!(
+        let _ = print_quietly(&format!(
             "{}\n",
             json!({"error": {"kind": "internal", "message": message}})
         ));
@@ -235,14 +241,12 @@ fn warn_quietly(text: &str) {
 /// writer that the signal ended.
 const EXIT_BROKEN_PIPE: u8 = 141;
 
-/// Prints to standard output; a reader that went away (`qcl … | head`) ends the output
-/// quietly instead of a panic. Returns whether the text was written.
-fn print_quietly(text: &str) -> bool {
+/// Prints to standard output; a failed write (a reader that went away, `qcl … | head`, or a
+/// full disk) comes back as the error instead of a panic.
+fn print_quietly(text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .is_ok()
+    out.write_all(text.as_bytes()).and_then(|()| out.flush())
 }
 
 /// Most bytes of a configuration file: the largest real one is a few hundred bytes.

@@ -800,6 +800,20 @@ fn paths_that_are_not_utf8_work() {
     ]);
     assert!(output.status.success(), "{output:?}");
     assert!(qcl_pq::KMeans::load(&out).is_ok());
+    // A flag value that is not UTF-8 where text is needed: a usage error, one JSON object.
+    let output = run(vec![
+        s("kmeans"),
+        s("--input"),
+        input.as_os_str(),
+        s("--tensor"),
+        std::ffi::OsStr::from_bytes(b"\xff"),
+        s("--k"),
+        s("3"),
+        s("--json"),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let v: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "usage");
     // Reading a file that is not a model, by a non-UTF-8 path: a typed error, no panic.
     for args in [
         vec![

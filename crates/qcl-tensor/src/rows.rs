@@ -70,7 +70,11 @@ pub fn read_f32_rows(path: impl AsRef<Path>, name: &str) -> Result<(usize, usize
             actual: vec![],
         });
     };
-    let d: usize = rest.iter().product();
+    let d = rest
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .filter(|&d| n.checked_mul(d).is_some())
+        .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has an absurd shape")))?;
     let convert = converter(wanted.dtype).ok_or_else(|| {
         Error::bad_file(
             path,
@@ -161,7 +165,6 @@ fn read_header(file: &mut std::fs::File, path: &Path, size: u64) -> Result<Heade
     let data_len = size - 8 - header_len;
     let mut metadata = BTreeMap::new();
     let mut entries = BTreeMap::new();
-    let mut covered = 0u64;
     for (name, value) in header {
         if name == "__metadata__" {
             metadata = serde_json::from_value(value)
@@ -180,12 +183,23 @@ fn read_header(file: &mut std::fs::File, path: &Path, size: u64) -> Result<Heade
         {
             return Err(bad(format!("tensor `{name}` does not fit its data")));
         }
-        covered = covered.saturating_add(entry.end - entry.start);
         entries.insert(name, entry);
     }
-    if covered != data_len {
+    // The tensors tile the data exactly, one after the other, as safetensors requires.
+    let mut spans: Vec<(u64, u64)> = entries.values().map(|e| (e.start, e.end)).collect();
+    spans.sort_unstable();
+    let mut at = 0;
+    for (start, end) in spans {
+        if start != at {
+            return Err(bad(format!(
+                "its tensors overlap or leave a gap at byte {at}"
+            )));
+        }
+        at = end;
+    }
+    if at != data_len {
         return Err(bad(format!(
-            "its tensors cover {covered} of its {data_len} data bytes"
+            "its tensors cover {at} of its {data_len} data bytes"
         )));
     }
     Ok((8 + header_len, metadata, entries))
@@ -297,6 +311,29 @@ mod tests {
         assert!(matches!(
             read_f32_rows(&scalar, "s"),
             Err(Error::ShapeMismatch { .. })
+        ));
+        // Hand-made headers: overlapping tensors, and a shape whose row length overflows.
+        let raw = |header: &str, data: usize| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header.as_bytes());
+            bytes.extend(vec![0u8; data]);
+            std::fs::write(&bad, bytes).unwrap();
+        };
+        raw(
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+            8,
+        );
+        assert!(matches!(
+            read_f32_rows(&bad, "a"),
+            Err(Error::BadFile { .. })
+        ));
+        raw(
+            r#"{"a":{"dtype":"U8","shape":[0,8589934592,8589934592],"data_offsets":[0,0]}}"#,
+            0,
+        );
+        assert!(matches!(
+            read_f32_rows(&bad, "a"),
+            Err(Error::BadFile { .. })
         ));
         // The file reader agrees that the damaged file is damaged.
         std::fs::write(&bad, &damaged).unwrap();

@@ -34,6 +34,9 @@ pub const INDICES_FORMAT: &str = "qcl-vq-indices/1";
 /// assert!(PackedIndices::from_bytes(vec![0b111, 0, 0, 0], &[2, 3], 5).is_err());
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
+///
+/// Two values are equal when their indices and the quantizer fingerprint they record
+/// ([`made_by`](PackedIndices::made_by)) are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedIndices {
     codes: usize,

@@ -484,7 +484,9 @@ impl VectorQuantizer {
     /// codebook's values. [`encode_packed`](Self::encode_packed) stores it with the indices
     /// and [`decode_packed`](Self::decode_packed) checks it, so that indices are never decoded
     /// with a codebook other than the one that made them. Training changes the codebook and so
-    /// the fingerprint.
+    /// the fingerprint. It hashes the codebook (copied to the host) on every call, so
+    /// [`encode_packed`](Self::encode_packed) and [`decode_packed`](Self::decode_packed) cost
+    /// one codebook read each beyond the search.
     ///
     /// # Errors
     /// A candle error reading the codebook.
