@@ -835,3 +835,33 @@ fn paths_that_are_not_utf8_work() {
         );
     }
 }
+
+#[test]
+fn a_file_from_before_checksums_loads_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.safetensors");
+    let x =
+        qcl_tensor::candle_core::Tensor::new(&[1f32, 2.0], &qcl_tensor::candle_core::Device::Cpu)
+            .unwrap();
+    let meta = std::collections::BTreeMap::from([("format".to_string(), "qcl-test/1".to_string())]);
+    qcl_tensor::write_safetensors(&path, &[("x", &x)], &meta).unwrap();
+    // Rename the checksum key to one no reader knows: the file as an older qcl wrote it.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"checksum").unwrap();
+    bytes[at..at + 8].copy_from_slice(b"xhecksum");
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, stdout, stderr) = qcl(&["data", "info", path.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stdout}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let notes = v["notes"].as_array().unwrap();
+    assert!(notes[0].as_str().unwrap().contains("no checksum"), "{v}");
+    assert!(stderr.contains("note:"), "{stderr}");
+    // A damaged file is an error, not a note.
+    let last = bytes.len() - 1;
+    bytes[at..at + 8].copy_from_slice(b"checksum");
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (kind, message) = qcl_error(&["data", "info", path.to_str().unwrap()]);
+    assert_eq!(kind, "bad_file", "{message}");
+    assert!(message.contains("checksum"), "{message}");
+}
