@@ -104,3 +104,46 @@ fn compress_then_eval_a_model_file() {
         "{e}"
     );
 }
+
+#[test]
+fn a_model_with_a_nan_weight_is_refused_by_eval() {
+    use qcl_tensor::candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.safetensors");
+    Model::new(Arch::FmNet, Seed::new(1))
+        .unwrap()
+        .save(&model)
+        .unwrap();
+    // The same file with one weight set to NaN (and a valid checksum: the writer's own).
+    let file = qcl_tensor::SafetensorsFile::open(&model).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = file
+        .names()
+        .iter()
+        .map(|n| (n.clone(), file.tensor(n, &Device::Cpu).unwrap()))
+        .collect();
+    let (name, first) = tensors
+        .iter_mut()
+        .find(|(_, t)| t.dtype() == qcl_tensor::candle_core::DType::F32)
+        .unwrap();
+    let mut values = first.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[0] = f32::NAN;
+    *first = Tensor::from_vec(values, first.dims(), &Device::Cpu).unwrap();
+    let name = name.clone();
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    qcl_tensor::write_safetensors(&model, &refs, file.metadata()).unwrap();
+    let (ok, e) = qcl(&[
+        "wpq",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &common::fixture("fashion-mnist.safetensors"),
+        "--json",
+    ]);
+    assert!(!ok);
+    assert_eq!(e["error"]["kind"], "non_finite", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains(&name),
+        "{e}"
+    );
+}

@@ -515,10 +515,17 @@ impl Model {
         let file = SafetensorsFile::open(path.as_ref())?;
         file.require_format(MODEL_FORMAT, "a qcl-wpq model")?;
         let arch = file_arch(&file, path.as_ref(), expected)?;
+        // NaN or infinite weights would evaluate to garbage without a word: refused here.
         let values = file
             .names()
             .iter()
-            .map(|n| Ok((n.clone(), file.tensor(n, &Device::Cpu)?)))
+            .map(|n| {
+                let t = file.tensor(n, &Device::Cpu)?;
+                if t.dtype().is_float() {
+                    qcl_tensor::check_finite(&format!("`{n}` of {}", path.as_ref().display()), &t)?;
+                }
+                Ok((n.clone(), t))
+            })
             .collect::<Result<_>>()?;
         Model::from_tensors(arch, values)
     }
