@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use common::{fixture, qcl_with_env};
 use qcl_tensor::Seed;
-use qcl_wpq::{Arch, Model};
 
 /// Runs the command `args(out)` on 1 and on 2 threads, each into its own directory, and checks
 /// that both runs succeed and write identical, checksummed files.
@@ -118,17 +117,9 @@ fn ecvq_files_are_reproducible() {
 fn weight_compression_files_are_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");
-    Model::new(Arch::FmNet, Seed::new(1))
-        .unwrap()
-        .save(&model)
-        .unwrap();
+    common::write_fmnet(&model);
     let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"em_iterations": 1, "rows_per_iteration": 500, "activation_images": 8,
-            "layer_steps": 1, "global_steps": 1, "batch_size": 8, "seed": 4}"#,
-    )
-    .unwrap();
+    common::write_small_wpq_config(&config);
     let data = fixture("fashion-mnist.safetensors");
     same_bytes_on_1_and_2_threads(dir.path(), "fmnet.safetensors", |out| {
         strings(&[

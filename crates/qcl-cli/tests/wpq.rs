@@ -5,17 +5,12 @@
 mod common;
 
 use common::qcl;
-use qcl_tensor::Seed;
-use qcl_wpq::{Arch, Model};
 
 #[test]
 fn compress_then_eval_a_model_file() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");
-    Model::new(Arch::FmNet, Seed::new(1))
-        .unwrap()
-        .save(&model)
-        .unwrap();
+    common::write_fmnet(&model);
     let config = dir.path().join("config.json");
     std::fs::write(
         &config,
@@ -110,10 +105,7 @@ fn a_model_with_a_nan_weight_is_refused_by_eval() {
     use qcl_tensor::candle_core::{Device, Tensor};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");
-    Model::new(Arch::FmNet, Seed::new(1))
-        .unwrap()
-        .save(&model)
-        .unwrap();
+    common::write_fmnet(&model);
     // The same file with one weight set to NaN (and a valid checksum: the writer's own).
     let file = qcl_tensor::SafetensorsFile::open(&model).unwrap();
     let mut tensors: Vec<(String, Tensor)> = file

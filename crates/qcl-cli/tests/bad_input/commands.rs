@@ -178,10 +178,7 @@ impl Inputs {
             &out("codes.safetensors"),
         ]);
         assert_eq!(run(&args).code, Some(0));
-        qcl_wpq::Model::new(qcl_wpq::Arch::FmNet, Seed::new(1))
-            .unwrap()
-            .save(inputs.dir.path().join("fmnet.safetensors"))
-            .unwrap();
+        crate::common::write_fmnet(&inputs.dir.path().join("fmnet.safetensors"));
         std::fs::write(
             inputs.dir.path().join("texts.txt"),
             "the cat sat.\na dog ran\n",

@@ -363,10 +363,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     ));
 
     let path = dir.join("fmnet.safetensors");
-    qcl_wpq::Model::new(qcl_wpq::Arch::FmNet, Seed::new(1))
-        .unwrap()
-        .save(&path)
-        .unwrap();
+    crate::common::write_fmnet(&path);
     out.push(sample(
         "weight-PQ dense model",
         path,
@@ -560,17 +557,9 @@ fn command_samples(dir: &Path) -> Vec<Sample> {
     ));
 
     let model = dir.join("fmnet-teacher.safetensors");
-    qcl_wpq::Model::new(qcl_wpq::Arch::FmNet, Seed::new(1))
-        .unwrap()
-        .save(&model)
-        .unwrap();
+    crate::common::write_fmnet(&model);
     let config = dir.join("wpq.json");
-    std::fs::write(
-        &config,
-        r#"{"em_iterations": 1, "rows_per_iteration": 500, "activation_images": 8,
-            "layer_steps": 1, "global_steps": 1, "batch_size": 8, "seed": 4}"#,
-    )
-    .unwrap();
+    crate::common::write_small_wpq_config(&config);
     let path = dir.join("fmnet-compressed.safetensors");
     run(&[
         "wpq",

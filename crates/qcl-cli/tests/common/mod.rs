@@ -36,3 +36,22 @@ pub fn qcl(args: &[&str]) -> (bool, Value) {
 pub fn fixture(name: &str) -> String {
     format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Writes an FMNet model (seed 1) to `path`, the dense model the weight-PQ commands read.
+pub fn write_fmnet(path: &std::path::Path) {
+    qcl_wpq::Model::new(qcl_wpq::Arch::FmNet, qcl_tensor::Seed::new(1))
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+/// A `qcl wpq compress` configuration small enough for a test (1 EM iteration, 1 step each),
+/// written to `path`.
+pub fn write_small_wpq_config(path: &std::path::Path) {
+    std::fs::write(
+        path,
+        r#"{"em_iterations": 1, "rows_per_iteration": 500, "activation_images": 8,
+            "layer_steps": 1, "global_steps": 1, "batch_size": 8, "seed": 4}"#,
+    )
+    .unwrap();
+}
