@@ -125,17 +125,20 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // Usage errors follow the `--json` convention too; help and version print as usual.
+            // Usage errors, help and version follow the `--json` convention too.
             let wants_json = std::env::args_os().any(|a| a == "--json");
-            if wants_json && e.use_stderr() {
-                let message = e.render().to_string();
-                let _ = print_quietly(&format!(
-                    "{}\n",
-                    json!({"error": {"kind": "usage", "message": message.trim()}})
-                ));
-                return ExitCode::from(2);
+            if !wants_json {
+                e.exit();
             }
-            e.exit();
+            let message = e.render().to_string();
+            let (object, code) = if e.use_stderr() {
+                let error = json!({"kind": "usage", "message": message.trim()});
+                (json!({ "error": error }), ExitCode::from(2))
+            } else {
+                (json!({ "help": message.trim_end() }), ExitCode::SUCCESS)
+            };
+            let _ = print_quietly(&format!("{object}\n"));
+            return code;
         }
     };
     let result = match run_catching_bugs(&cli.command) {

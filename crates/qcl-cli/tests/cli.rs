@@ -865,3 +865,17 @@ fn a_file_from_before_checksums_loads_with_a_note() {
     assert_eq!(kind, "bad_file", "{message}");
     assert!(message.contains("checksum"), "{message}");
 }
+
+#[test]
+fn help_and_version_under_json_are_one_object() {
+    for args in [
+        &["--help", "--json"][..],
+        &["kmeans", "--help", "--json"],
+        &["--version", "--json"],
+    ] {
+        let (ok, stdout, _) = qcl(args);
+        assert!(ok, "{args:?}");
+        let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        assert!(!v["help"].as_str().unwrap().is_empty(), "{v}");
+    }
+}
