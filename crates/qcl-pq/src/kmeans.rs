@@ -563,30 +563,40 @@ pub(crate) fn update_centroids(
         .clamp(1, 64)
         .min(n.max(1));
     let chunk_len = n.div_ceil(chunks).max(1);
-    partials.resize_with(chunks, Vec::new);
-    partials.truncate(chunks);
-    assignment
-        .par_chunks(chunk_len)
-        .zip(partials.par_iter_mut())
-        .enumerate()
-        .for_each(|(c, (labels, acc))| {
-            acc.clear();
-            acc.resize(k * width, 0.0);
-            let first = c * chunk_len;
-            for (offset, &a) in labels.iter().enumerate() {
-                let i = first + offset;
-                let w = weights.map_or(1.0, |w| f64::from(w[i]));
-                let slot = &mut acc[a as usize * width..(a as usize + 1) * width];
-                for (s, &x) in slot[..dim].iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
-                    *s += w * f64::from(x);
-                }
-                slot[dim] += w;
-            }
-        });
+    let chunks = n.div_ceil(chunk_len);
+    // The chunks are summed a wave at a time into reused buffers and added in chunk order: the
+    // buffers hold one wave, not every chunk, and the wave's size (from the thread count)
+    // changes no bit of the result.
+    let wave = (2 * rayon::current_num_threads()).clamp(1, chunks.max(1));
+    partials.resize_with(wave, Vec::new);
+    partials.truncate(wave);
     let mut total = vec![0f64; k * width];
-    for partial in partials.iter() {
-        for (t, p) in total.iter_mut().zip(partial) {
-            *t += p;
+    for wave_start in (0..chunks).step_by(wave) {
+        let count = wave.min(chunks - wave_start);
+        assignment
+            .par_chunks(chunk_len)
+            .skip(wave_start)
+            .take(count)
+            .zip(partials[..count].par_iter_mut())
+            .enumerate()
+            .for_each(|(j, (labels, acc))| {
+                acc.clear();
+                acc.resize(k * width, 0.0);
+                let first = (wave_start + j) * chunk_len;
+                for (offset, &a) in labels.iter().enumerate() {
+                    let i = first + offset;
+                    let w = weights.map_or(1.0, |w| f64::from(w[i]));
+                    let slot = &mut acc[a as usize * width..(a as usize + 1) * width];
+                    for (s, &x) in slot[..dim].iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
+                        *s += w * f64::from(x);
+                    }
+                    slot[dim] += w;
+                }
+            });
+        for partial in &partials[..count] {
+            for (t, p) in total.iter_mut().zip(partial) {
+                *t += p;
+            }
         }
     }
     centroids
@@ -777,6 +787,63 @@ mod tests {
             }
             prop_assert!(w.iter().all(|&x| x > 0.0));
             prop_assert!(centroids.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    /// The definition the wave-by-wave sums must equal bit for bit: every chunk's sums in
+    /// point order, then the chunks added in order.
+    fn sums_by_definition(data: &[f32], dim: usize, labels: &[u32], k: usize) -> Vec<f32> {
+        let n = labels.len();
+        let width = dim + 1;
+        let chunks = ((32usize << 20) / (8 * k * width))
+            .clamp(1, 64)
+            .min(n.max(1));
+        let chunk_len = n.div_ceil(chunks).max(1);
+        let mut total = vec![0f64; k * width];
+        for (c, chunk) in labels.chunks(chunk_len).enumerate() {
+            let mut acc = vec![0f64; k * width];
+            for (o, &a) in chunk.iter().enumerate() {
+                let i = c * chunk_len + o;
+                let slot = &mut acc[a as usize * width..(a as usize + 1) * width];
+                for (s, &x) in slot[..dim].iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
+                    *s += f64::from(x);
+                }
+                slot[dim] += 1.0;
+            }
+            for (t, p) in total.iter_mut().zip(&acc) {
+                *t += p;
+            }
+        }
+        total
+            .chunks(width)
+            .flat_map(|s| {
+                s[..dim].iter().map(move |&v| {
+                    if s[dim] > 0.0 {
+                        (v / s[dim]) as f32
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Many chunks (small k and dim), on 1 and 3 threads: the definition's bits.
+        #[test]
+        fn wave_sums_equal_the_definition(seed in any::<u64>(), n in 1usize..3000, k in 1usize..6, dim in 1usize..4) {
+            let mut rng = Seed(seed).rng();
+            let data = rng.uniform_vec(n * dim, -1e3, 1e3);
+            let labels: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 ^ seed) % k as u64) as u32).collect();
+            let expected = sums_by_definition(&data, dim, &labels, k);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut centroids = vec![0f32; k * dim];
+                pool.install(|| update_centroids(&data, dim, None, &labels, k, &mut centroids, &mut Vec::new()));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&centroids), bits(&expected));
+            }
         }
     }
 
