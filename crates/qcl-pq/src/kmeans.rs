@@ -835,7 +835,7 @@ mod tests {
         fn wave_sums_equal_the_definition(seed in any::<u64>(), n in 1usize..3000, k in 1usize..6, dim in 1usize..4) {
             let mut rng = Seed(seed).rng();
             let data = rng.uniform_vec(n * dim, -1e3, 1e3);
-            let labels: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 ^ seed) % k as u64) as u32).collect();
+            let labels: Vec<u32> = (0..n).map(|i| (((i as u64 * 2654435761) ^ seed) % k as u64) as u32).collect();
             let expected = sums_by_definition(&data, dim, &labels, k);
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
