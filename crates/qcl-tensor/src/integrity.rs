@@ -104,6 +104,90 @@ pub fn bytes_checksum(bytes: &[u8]) -> String {
     format!("crc32:{:08x}", crc32fast::hash(bytes))
 }
 
+/// Safetensors bytes of raw tensors (name, dtype, shape, little-endian data) and string
+/// metadata, with the content checksum under [`CHECKSUM_KEY`] (a `checksum` entry of
+/// `metadata` is replaced): the header's keys sorted and the data ordered by alignment, then
+/// name, so the same tensors and metadata always give the same bytes. Every qcl writer of
+/// safetensors ends here; [`write_safetensors`](crate::write_safetensors) feeds it candle
+/// tensors.
+///
+/// ```
+/// use safetensors::Dtype;
+/// let meta = std::collections::BTreeMap::from([("format".to_string(), "mine/1".to_string())]);
+/// let bytes = qcl_tensor::serialize_safetensors([("w", Dtype::U8, &[2][..], &[1u8, 2][..])], &meta)?;
+/// let file = qcl_tensor::SafetensorsFile::from_bytes("mem", bytes)?; // checksum verified
+/// assert_eq!(file.metadata()["format"], "mine/1");
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for an empty or repeated name, or data whose length is not its
+/// dtype and shape's.
+pub fn serialize_safetensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, safetensors::Dtype, &'a [usize], &'a [u8])>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        dtype: safetensors::Dtype,
+        shape: &'a [usize],
+        data_offsets: (usize, usize),
+    }
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Header<'a> {
+        Metadata(&'a BTreeMap<String, String>),
+        Tensor(Entry<'a>),
+    }
+    let mut tensors: Vec<_> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut metadata = metadata.clone();
+    let checksum = content_checksum(tensors.iter().copied(), &metadata);
+    metadata.insert(CHECKSUM_KEY.to_string(), checksum);
+    let mut header: BTreeMap<&str, Header<'_>> = BTreeMap::new();
+    header.insert("__metadata__", Header::Metadata(&metadata));
+    let mut offset = 0;
+    for &(name, dtype, shape, bytes) in &tensors {
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize(), |a, &d| a.checked_mul(d));
+        if bits != Some(bytes.len() * 8) {
+            return Err(Error::invalid_parameter(
+                "tensors",
+                format!(
+                    "tensor `{name}` holds {} bytes, not its {dtype:?} {shape:?}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let entry = Entry {
+            dtype,
+            shape,
+            data_offsets: (offset, offset + bytes.len()),
+        };
+        if name.is_empty()
+            || name == "__metadata__"
+            || header.insert(name, Header::Tensor(entry)).is_some()
+        {
+            return Err(Error::invalid_parameter(
+                "tensors",
+                format!("tensor names must be unique and non-empty; `{name}` is not"),
+            ));
+        }
+        offset += bytes.len();
+    }
+    let mut json = serde_json::to_vec(&header)
+        .map_err(|e| Error::invalid_parameter("metadata", e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    for (_, _, _, bytes) in &tensors {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
+}
+
 /// [`content_checksum`] fed piece by piece: each tensor in name order (its header, then its
 /// data in any number of pieces), then the metadata.
 pub(crate) struct ContentHasher(crc32fast::Hasher);

@@ -13,16 +13,16 @@
 //! permissions, and removes the temporaries that killed writes to the same target left behind.
 //! [`check_output`] also refuses a target that is one of a command's inputs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
 
-use crate::integrity::{parsed_checksum, read_safetensors_bytes, verify_checksum, CHECKSUM_KEY};
+use crate::integrity::{read_safetensors_bytes, serialize_safetensors, verify_checksum};
 use crate::{Error, Result, TensorSpec};
 
 /// Writes `bytes` to `path` atomically: temporary file in the same directory, fsync, rename.
@@ -277,7 +277,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Writes named tensors and string metadata to a safetensors file, atomically, with the content
-/// checksum of [`CHECKSUM_KEY`] (a `checksum` entry of `metadata`, such as one copied from a
+/// checksum of [`CHECKSUM_KEY`](crate::CHECKSUM_KEY) (a `checksum` entry of `metadata`, such as one copied from a
 /// file read before, is replaced by the true one). The header's keys are sorted, so the same
 /// tensors and metadata always give the same bytes.
 ///
@@ -303,66 +303,23 @@ pub fn write_safetensors(
     tensors: &[(&str, &Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, _) in tensors {
-        if name.is_empty() || !seen.insert(*name) {
-            return Err(Error::invalid_parameter(
-                "tensors",
-                format!("tensor names must be unique and non-empty; `{name}` is not"),
-            ));
-        }
-    }
     // Contiguous host copies, because safetensors stores dense row-major bytes.
     let host: Vec<(&str, Tensor)> = tensors
         .iter()
         .map(|(name, t)| Ok((*name, t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let bytes = safetensors::tensor::serialize(host.iter().map(|(n, t)| (*n, t)), Some(meta))
-        .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
+    let raw: Vec<_> = host
+        .iter()
+        .map(|(name, t)| (*name, View::dtype(t), t.dims(), View::data(t)))
+        .collect();
+    let bytes = serialize_safetensors(
+        raw.iter()
+            .map(|(name, dtype, shape, data)| (*name, *dtype, *shape, &data[..])),
+        metadata,
+    )?;
+    drop(raw);
     drop(host);
-    let checksum = {
-        let parsed = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
-        parsed_checksum(&parsed, metadata)
-    };
-    let bytes = with_sorted_header(&bytes, &checksum)
-        .map_err(|e| Error::bad_file(path.as_ref(), format!("cannot serialise: {e}")))?;
     write_atomic(path, &bytes)
-}
-
-/// The same safetensors bytes with `checksum` added to the metadata and the header's keys
-/// sorted. safetensors keeps the metadata in a `HashMap`, whose order changes from one run to
-/// the next; sorted, the same tensors and metadata always give the same bytes.
-fn with_sorted_header(bytes: &[u8], checksum: &str) -> std::result::Result<Vec<u8>, String> {
-    let too_short = || "shorter than its header".to_string();
-    let len: [u8; 8] = bytes
-        .get(..8)
-        .ok_or_else(too_short)?
-        .try_into()
-        .expect("8 bytes");
-    let end = usize::try_from(u64::from_le_bytes(len))
-        .ok()
-        .and_then(|n| n.checked_add(8))
-        .filter(|&end| end <= bytes.len())
-        .ok_or_else(too_short)?;
-    let mut header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
-    let meta = header
-        .entry("__metadata__".to_string())
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    // Through a BTreeMap, so that the keys are sorted whatever serde_json's map type is.
-    let mut sorted: BTreeMap<String, String> =
-        serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
-    sorted.insert(CHECKSUM_KEY.to_string(), checksum.to_string());
-    *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
-    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
-    out.extend((json.len() as u64).to_le_bytes());
-    out.extend(json);
-    out.extend_from_slice(&bytes[end..]);
-    Ok(out)
 }
 
 /// Dtype and shape of a stored tensor.
@@ -667,7 +624,7 @@ mod tests {
         assert!(files.windows(2).all(|f| f[0] == f[1]));
         let file = SafetensorsFile::open(dir.path().join("0.safetensors")).unwrap();
         let mut read = file.metadata().clone();
-        assert!(read.remove(CHECKSUM_KEY).is_some());
+        assert!(read.remove(crate::CHECKSUM_KEY).is_some());
         assert_eq!(read, meta);
         let back = file.tensor("w", &Device::Cpu).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
@@ -678,8 +635,6 @@ mod tests {
                 .unwrap(),
             [7, 8, 9]
         );
-        assert!(with_sorted_header(&[1, 0], "crc32:0").is_err());
-        assert!(with_sorted_header(&[255, 0, 0, 0, 0, 0, 0, 0, b'{'], "crc32:0").is_err());
     }
 
     fn sample_file(dir: &Path) -> Result<PathBuf> {

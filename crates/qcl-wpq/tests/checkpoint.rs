@@ -339,24 +339,14 @@ fn rewrite(
         .clone()
         .unwrap();
     edit(&mut tensors, &mut meta);
-    let sorted: BTreeMap<String, String> = meta.clone().into_iter().collect();
-    let checksum = qcl_tensor::content_checksum(
+    let meta: BTreeMap<String, String> = meta.into_iter().collect();
+    qcl_tensor::serialize_safetensors(
         tensors
             .iter()
             .map(|(n, (d, s, b))| (n.as_str(), *d, &s[..], &b[..])),
-        &sorted,
-    );
-    meta.insert(qcl_tensor::CHECKSUM_KEY.to_string(), checksum);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (d, s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, Some(meta)).unwrap()
+        &meta,
+    )
+    .unwrap()
 }
 
 fn load(bytes: &[u8]) -> Error {

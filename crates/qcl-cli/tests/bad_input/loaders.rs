@@ -4,7 +4,7 @@
 //! entry dropped), which the loader's own checks must catch. Loading may fail with any typed
 //! error; it must not panic. Mutations are drawn by proptest from a fixed seed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -146,24 +146,13 @@ fn reseal(bytes: &[u8], m: &Mutation) -> Option<Vec<u8>> {
         }
         _ => unreachable!("raw mutations are applied in `apply`"),
     }
-    let checksum = qcl_tensor::content_checksum(
+    qcl_tensor::serialize_safetensors(
         tensors
             .iter()
             .map(|(n, (d, s, b))| (n.as_str(), *d, &s[..], &b[..])),
         &meta,
-    );
-    meta.insert(qcl_tensor::CHECKSUM_KEY.to_string(), checksum);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (d, s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta: HashMap<String, String> = meta.into_iter().collect();
-    safetensors::serialize(views, Some(meta)).ok()
+    )
+    .ok()
 }
 
 /// A loader: reads the file and uses what it read a little (so that a bad value is touched).

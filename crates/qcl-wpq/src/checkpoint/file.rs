@@ -363,57 +363,18 @@ pub(crate) fn open_format<'a>(
     }
 }
 
-/// Safetensors bytes with a sorted header; data ordered by alignment, then name.
+/// Safetensors bytes of the parts, checksummed, with a sorted header
+/// ([`qcl_tensor::serialize_safetensors`]).
 pub(crate) fn serialize(
     metadata: &BTreeMap<String, String>,
-    mut parts: Vec<Part<'_>>,
+    parts: Vec<Part<'_>>,
 ) -> Result<Vec<u8>> {
-    #[derive(Serialize)]
-    struct Entry<'a> {
-        dtype: Dtype,
-        shape: &'a [usize],
-        data_offsets: (usize, usize),
-    }
-    #[derive(Serialize)]
-    #[serde(untagged)]
-    enum Header<'a> {
-        Metadata(&'a BTreeMap<String, String>),
-        Tensor(Entry<'a>),
-    }
-    parts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut metadata = metadata.clone();
-    let checksum = qcl_tensor::content_checksum(
+    qcl_tensor::serialize_safetensors(
         parts
             .iter()
-            .map(|(name, dtype, shape, bytes)| (&**name, *dtype, &shape[..], &bytes[..])),
-        &metadata,
-    );
-    metadata.insert(qcl_tensor::CHECKSUM_KEY.to_string(), checksum);
-    let mut header: BTreeMap<&str, Header<'_>> = BTreeMap::new();
-    header.insert("__metadata__", Header::Metadata(&metadata));
-    let mut offset = 0;
-    for (name, dtype, shape, bytes) in &parts {
-        let end = offset + bytes.len();
-        let entry = Entry {
-            dtype: *dtype,
-            shape,
-            data_offsets: (offset, end),
-        };
-        if header.insert(name, Header::Tensor(entry)).is_some() {
-            return Err(bad_name(name));
-        }
-        offset = end;
-    }
-    let mut json = serde_json::to_vec(&header)
-        .map_err(|e| Error::invalid_parameter("metadata", e.to_string()))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend((json.len() as u64).to_le_bytes());
-    out.extend(json);
-    for (_, _, _, bytes) in &parts {
-        out.extend_from_slice(bytes);
-    }
-    Ok(out)
+            .map(|(name, dtype, shape, bytes)| (name.as_str(), *dtype, &shape[..], &bytes[..])),
+        metadata,
+    )
 }
 
 pub(crate) type Views<'a> = BTreeMap<String, (Dtype, Vec<usize>, &'a [u8])>;
