@@ -322,38 +322,52 @@ pub fn verify_checksum(
     parsed: &SafeTensors<'_>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    // Only qcl's own checksums are checked: another program's `checksum` entry, in its own
-    // scheme, is its business.
-    let Some(stored) = metadata
-        .get(CHECKSUM_KEY)
-        .filter(|c| c.starts_with("crc32:"))
-    else {
-        note_unverified(path, metadata);
-        return Ok(());
-    };
-    let computed = parsed_checksum(parsed, metadata);
-    if *stored != computed {
-        return Err(Error::bad_file(
-            path,
-            format!(
-                "the content does not match its checksum (stored {stored}, computed {computed}): \
-                 the file is damaged or was edited"
-            ),
-        ));
-    }
-    Ok(())
+    let is_qcl = metadata
+        .get("format")
+        .is_some_and(|f| f.starts_with("qcl-"));
+    check_stored_checksum(
+        path,
+        metadata.get(CHECKSUM_KEY).map(String::as_str),
+        || parsed_checksum(parsed, metadata),
+        is_qcl,
+    )
 }
 
-/// Notes that a qcl file (`format` = `qcl-…`) without a checksum was loaded unverified.
-pub(crate) fn note_unverified(path: &Path, metadata: &BTreeMap<String, String>) {
-    if metadata
-        .get("format")
-        .is_some_and(|f| f.starts_with("qcl-"))
-    {
-        note(format!(
-            "{} has no checksum (written by an older qcl): loaded without verification",
-            path.display()
-        ));
+/// The one judgement of a stored checksum, for every qcl format: a `crc32:` value must equal
+/// the content's (`computed`, only evaluated then); without one (or with another program's
+/// own scheme) the file loads, with a note when `is_qcl` (written by an older qcl).
+///
+/// # Errors
+/// [`Error::BadFile`] naming the file when the checksums differ.
+pub fn check_stored_checksum(
+    path: &Path,
+    stored: Option<&str>,
+    computed: impl FnOnce() -> String,
+    is_qcl: bool,
+) -> Result<()> {
+    match stored.filter(|c| c.starts_with("crc32:")) {
+        Some(stored) => {
+            let computed = computed();
+            if stored == computed {
+                return Ok(());
+            }
+            Err(Error::bad_file(
+                path,
+                format!(
+                    "the content does not match its checksum (stored {stored}, computed \
+                     {computed}): the file is damaged or was edited"
+                ),
+            ))
+        }
+        None => {
+            if is_qcl {
+                note(format!(
+                    "{} has no checksum (written by an older qcl): loaded without verification",
+                    path.display()
+                ));
+            }
+            Ok(())
+        }
     }
 }
 

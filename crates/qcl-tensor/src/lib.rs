@@ -40,8 +40,9 @@ pub use check::{
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use integrity::{
-    bytes_checksum, content_checksum, note, read_bounded, read_safetensors_bytes,
-    serialize_safetensors, take_notes, verify_checksum, Fingerprint, CHECKSUM_KEY,
+    bytes_checksum, check_stored_checksum, content_checksum, note, read_bounded,
+    read_safetensors_bytes, serialize_safetensors, take_notes, verify_checksum, Fingerprint,
+    CHECKSUM_KEY,
 };
 pub use io::{
     check_output, write_atomic, write_atomic_with, write_safetensors, SafetensorsFile, TensorInfo,

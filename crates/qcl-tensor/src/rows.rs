@@ -13,7 +13,7 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
-use crate::integrity::{note_unverified, ContentHasher, CHECKSUM_KEY, MAX_HEADER_BYTES};
+use crate::integrity::{check_stored_checksum, ContentHasher, CHECKSUM_KEY, MAX_HEADER_BYTES};
 use crate::{Error, Result};
 
 /// Bytes read at a time.
@@ -63,18 +63,7 @@ pub fn read_f32_rows(path: impl AsRef<Path>, name: &str) -> Result<(usize, usize
             available: entries.keys().cloned().collect(),
         });
     };
-    let Some((&n, rest)) = wanted.shape.split_first() else {
-        return Err(Error::ShapeMismatch {
-            context: format!("`{name}` of {}", path.display()),
-            expected: "[n, ...]".into(),
-            actual: vec![],
-        });
-    };
-    let d = rest
-        .iter()
-        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
-        .filter(|&d| n.checked_mul(d).is_some())
-        .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has an absurd shape")))?;
+    let (n, d) = rows_and_width(path, name, &wanted.shape)?;
     let convert = converter(wanted.dtype).ok_or_else(|| {
         Error::bad_file(
             path,
@@ -108,39 +97,41 @@ pub fn read_f32_rows(path: impl AsRef<Path>, name: &str) -> Result<(usize, usize
         }
     }
     let checksum = hasher.finish(&metadata);
-    match metadata.get(CHECKSUM_KEY) {
-        Some(stored) if *stored != checksum => Err(Error::bad_file(
-            path,
-            format!(
-                "the content does not match its checksum (stored {stored}, computed {checksum}): \
-                 the file is damaged or was edited"
-            ),
-        )),
-        Some(_) => Ok((n, d, rows)),
-        None => {
-            note_unverified(path, &metadata);
-            Ok((n, d, rows))
-        }
-    }
+    let is_qcl = metadata
+        .get("format")
+        .is_some_and(|f| f.starts_with("qcl-"));
+    let stored = metadata.get(CHECKSUM_KEY).map(String::as_str);
+    check_stored_checksum(path, stored, || checksum, is_qcl)?;
+    Ok((n, d, rows))
 }
 
 /// The slow path for inputs that are not regular files.
 fn via_whole_file(path: &Path, name: &str) -> Result<(usize, usize, Vec<f32>)> {
     let file = crate::SafetensorsFile::open(path)?;
     let tensor = file.tensor(name, &candle_core::Device::Cpu)?;
-    let Some((&n, rest)) = tensor.dims().split_first() else {
+    let (n, d) = rows_and_width(path, name, tensor.dims())?;
+    let rows = tensor
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((n, d, rows))
+}
+
+/// `[n, ...]` as `n` rows of `d` values (the product of the other dimensions).
+fn rows_and_width(path: &Path, name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    let Some((&n, rest)) = shape.split_first() else {
         return Err(Error::ShapeMismatch {
             context: format!("`{name}` of {}", path.display()),
             expected: "[n, ...]".into(),
             actual: vec![],
         });
     };
-    let d = rest.iter().product();
-    let rows = tensor
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((n, d, rows))
+    let d = rest
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .filter(|&d| n.checked_mul(d).is_some())
+        .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has an absurd shape")))?;
+    Ok((n, d))
 }
 
 /// Where the data starts, the metadata, and the tensors' entries by name.

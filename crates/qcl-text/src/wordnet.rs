@@ -351,25 +351,13 @@ impl GlossList {
         let stored = value.remove("checksum");
         let list: GlossList =
             serde_json::from_value(serde_json::Value::Object(value)).map_err(not_a_list)?;
-        match stored.as_ref().and_then(|c| c.as_str()) {
-            Some(stored) => {
-                let computed =
-                    qcl_tensor::bytes_checksum(&serde_json::to_vec(&list).map_err(not_a_list)?);
-                if stored != computed {
-                    return Err(Error::bad_file(
-                        path,
-                        format!(
-                            "the content does not match its checksum (stored {stored}, \
-                             computed {computed}): the file is damaged or was edited"
-                        ),
-                    ));
-                }
-            }
-            None => qcl_tensor::note(format!(
-                "{} has no checksum (written by an older qcl): loaded without verification",
-                path.display()
-            )),
-        }
+        let content = serde_json::to_vec(&list).map_err(not_a_list)?;
+        qcl_tensor::check_stored_checksum(
+            path,
+            stored.as_ref().and_then(|c| c.as_str()),
+            || qcl_tensor::bytes_checksum(&content),
+            true,
+        )?;
         if list.format != GLOSS_LIST_FORMAT {
             return Err(Error::bad_file(
                 path,
