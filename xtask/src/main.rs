@@ -62,6 +62,7 @@ enum Command {
         file: String,
         tensor: String,
         k: usize,
+        dim: usize,
         step: String,
     },
 }
@@ -206,8 +207,9 @@ fn main() -> Result<()> {
             ref file,
             ref tensor,
             k,
+            dim,
             ref step,
-        } => experiments::memory::probe(file, tensor, k, step)?,
+        } => experiments::memory::probe(file, tensor, k, dim, step)?,
         Command::Reproduce(ref args) => {
             if args.list {
                 for e in reproduce::registry() {

@@ -309,7 +309,6 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
         },
         ..qcl_pq::KMeansParams::new(args.k)
     };
-    let groups = params.algorithm.groups(args.k, d);
     let model = qcl_pq::KMeans::fit(&data, d, None, &params)?;
     let mse = model.mse(&data)?;
     if let Some(out) = &args.out {
@@ -323,7 +322,8 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
         "mse": mse,
         "objective_history": model.objective_history,
         "algorithm": args.algorithm,
-        "groups": groups,
+        // Groups of distance bounds used: 0 plain, 1 Hamerly.
+        "groups": model.bound_groups,
         "distance_share": model.distance_share,
         "bound_bytes": model.bound_bytes,
         // Peak resident memory of loading and k-means above the process's start (Linux).

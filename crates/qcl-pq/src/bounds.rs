@@ -19,18 +19,22 @@
 //! objective are bit for bit those of plain Lloyd.
 
 use qcl_tensor::{
-    nearest_codes_into_finite, nearest_codes_with_group_bounds, squared_distances_to_codes,
-    ExactCodes, Result, TwoNearest, DIRECT_MAX_DIM,
+    nearest_codes_with_group_bounds, squared_distances_to_codes, ExactCodes, Result, TwoNearest,
+    DIRECT_MAX_DIM,
 };
 use rayon::prelude::*;
+
+use crate::kmeans::nearest_in_blocks;
+use crate::points::Points;
 
 /// Which assignment step [`KMeans::fit`](crate::KMeans::fit) runs. All give the same
 /// assignments, centroids and objective; they differ in how many distances they compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KMeansAlgorithm {
     /// Chosen from `k` and the dimension: Hamerly for `k ≤ 20` or 1-D points, otherwise
-    /// Yinyang with `t = clamp(round(k/10), 2, dim)` groups (at most one bound per dimension,
-    /// so that the bounds never take more memory than the points).
+    /// Yinyang with `t = clamp(round(k/10), 2, dim)` groups, then at most as many as
+    /// [`KMeansParams::bound_memory_share`](crate::KMeansParams::bound_memory_share) allows
+    /// (plain Lloyd where not even one fits).
     #[default]
     Auto,
     /// Every point against every centroid at every iteration.
@@ -142,6 +146,11 @@ impl BoundedAssign {
         }
     }
 
+    /// Number of centroid groups `t`.
+    pub(crate) fn groups(&self) -> usize {
+        self.members.len()
+    }
+
     /// Bytes the bounds take (`n · t` floats).
     pub(crate) fn bound_bytes(&self) -> usize {
         self.lower.len() * std::mem::size_of::<f32>()
@@ -162,7 +171,7 @@ impl BoundedAssign {
     /// point–centroid distances were computed.
     pub(crate) fn assign(
         &mut self,
-        data: &[f32],
+        points: &Points,
         centroids: &[f32],
         indices: &mut [u32],
         distances: &mut [f32],
@@ -172,11 +181,20 @@ impl BoundedAssign {
         let drift: Vec<f32> = self.drift.iter().map(|&v| round_up(v)).collect();
         self.drift.iter_mut().for_each(|v| *v = 0.0);
         if self.plain_fallbacks >= GIVE_UP_AFTER {
-            nearest_codes_into_finite(data, centroids, d, None, indices, distances)?;
+            nearest_in_blocks(points, centroids, indices, distances)?;
             return Ok((n * self.group_of.len()) as u64);
         }
         if !self.first {
-            squared_distances_to_codes(data, centroids, d, indices, distances)?;
+            points.for_each_block(|first, rows| {
+                let range = first..first + rows.len() / d;
+                squared_distances_to_codes(
+                    rows,
+                    centroids,
+                    d,
+                    &indices[range.clone()],
+                    &mut distances[range],
+                )
+            })?;
         }
         // The prediction costs a pass over the bounds: skipped while bounded steps stay well
         // below the cut-off.
@@ -188,7 +206,7 @@ impl BoundedAssign {
             }
             self.last_share = 1.0;
             self.first = false;
-            return self.initialize(data, centroids, indices, distances);
+            return self.initialize(points, centroids, indices, distances);
         }
         self.plain_fallbacks = 0;
         let group_codes = self
@@ -212,18 +230,22 @@ impl BoundedAssign {
             group_codes: &group_codes,
             drift: &drift,
         };
-        let counts: Vec<Result<u64>> = data
-            .par_chunks(chunk * d)
-            .zip(indices.par_chunks_mut(chunk))
-            .zip(distances.par_chunks_mut(chunk))
-            .zip(lower.par_chunks_mut(chunk * t))
-            .map(|(((x, idx), dist), lower)| step.chunk(x, idx, dist, lower))
-            .collect();
-        self.lower = lower;
         let mut computed = n as u64;
-        for c in counts {
-            computed += c?;
-        }
+        points.for_each_block(|first, rows| {
+            let range = first..first + rows.len() / d;
+            let counts: Vec<Result<u64>> = rows
+                .par_chunks(chunk * d)
+                .zip(indices[range.clone()].par_chunks_mut(chunk))
+                .zip(distances[range.clone()].par_chunks_mut(chunk))
+                .zip(lower[range.start * t..range.end * t].par_chunks_mut(chunk * t))
+                .map(|(((x, idx), dist), lower)| step.chunk(x, idx, dist, lower))
+                .collect();
+            for c in counts {
+                computed += c?;
+            }
+            Ok(())
+        })?;
+        self.lower = lower;
         self.last_share = computed as f64 / (n as f64 * self.group_of.len() as f64);
         Ok(computed)
     }
@@ -400,7 +422,7 @@ impl BoundedAssign {
     /// `‖c_a − c_j‖ − ‖x − c_a‖` away from a point assigned to `a`.
     fn initialize(
         &mut self,
-        data: &[f32],
+        points: &Points,
         centroids: &[f32],
         indices: &mut [u32],
         distances: &mut [f32],
@@ -410,16 +432,19 @@ impl BoundedAssign {
         let k = self.group_of.len();
         if d > DIRECT_MAX_DIM {
             let mut lower = std::mem::take(&mut self.lower);
-            nearest_codes_with_group_bounds(
-                data,
-                centroids,
-                d,
-                &self.group_of,
-                t,
-                indices,
-                distances,
-                &mut lower,
-            )?;
+            points.for_each_block(|first, rows| {
+                let range = first..first + rows.len() / d;
+                nearest_codes_with_group_bounds(
+                    rows,
+                    centroids,
+                    d,
+                    &self.group_of,
+                    t,
+                    &mut indices[range.clone()],
+                    &mut distances[range.clone()],
+                    &mut lower[range.start * t..range.end * t],
+                )
+            })?;
             let state = &*self;
             lower
                 .par_iter_mut()
@@ -427,7 +452,7 @@ impl BoundedAssign {
             self.lower = lower;
             return Ok((indices.len() * k) as u64);
         }
-        nearest_codes_into_finite(data, centroids, d, None, indices, distances)?;
+        nearest_in_blocks(points, centroids, indices, distances)?;
         // `apart[a·t + g] = min_{j∈g, j≠a} ‖c_a − c_j‖`, in f64, shrunk for its rounding, then
         // rounded down to f32.
         let shrink = 1.0 - f64_relative_error(d);

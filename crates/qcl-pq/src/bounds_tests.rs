@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::kmeans::{repair_empty_clusters, update_centroids};
+use crate::points::Points;
 use proptest::prelude::*;
 use qcl_tensor::{nearest_codes, Seed};
 
@@ -39,6 +40,14 @@ proptest! {
     ) {
         let k = k.min(n);
         let (data, mut centroids) = planted(seed, n, dim, k);
+        // Half the cases read the points as a subset (every other row of a larger array, in
+        // small gathered blocks), as a subsampled k-means run does.
+        let interleaved: Vec<f32> = data.chunks(dim).flat_map(|r| [r.to_vec(), vec![f32::NAN; dim]]).flatten().collect();
+        let points = if seed % 4 < 2 {
+            Points::all(&data, dim)
+        } else {
+            Points::subset(&interleaved, dim, (0..n).map(|i| 2 * i).collect()).with_block_rows(1 + (seed % 13) as usize)
+        };
         let group_of: Vec<u32> = (0..k).map(|j| ((j * 5 + 1) % t.min(k)) as u32).collect();
         let group_of = crate::kmeans::compact_labels(group_of);
         let mut state = BoundedAssign::new(n, dim, group_of.clone());
@@ -50,12 +59,12 @@ proptest! {
         let (mut idx, mut dist) = (vec![0u32; n], vec![0f32; n]);
         let mut partials = Vec::new();
         for _ in 0..6 {
-            state.assign(&data, &centroids, &mut idx, &mut dist).unwrap();
+            state.assign(&points, &centroids, &mut idx, &mut dist).unwrap();
             let plain = nearest_codes(&data, &centroids, dim, None).unwrap();
             prop_assert_eq!(&idx, &plain.indices);
             prop_assert_eq!(&dist, &plain.distances);
             let old = centroids.clone();
-            let w = update_centroids(&data, dim, None, &idx, k, &mut centroids, &mut partials);
+            let w = update_centroids(&points, None, &idx, k, &mut centroids, &mut partials);
             repair_empty_clusters(&mut centroids, dim, w);
             state.centroids_moved(&old, &centroids);
             // Bounds, after the move, against the moved centroids (unless the state gave
@@ -97,17 +106,18 @@ fn bounds_skip_most_distances_on_separated_clusters() {
     let mut centroids = data[..20 * dim].to_vec();
     let group_of = (0..20).map(|j| (j % 4) as u32).collect();
     let mut state = BoundedAssign::new(2000, dim, group_of);
+    let points = Points::all(&data, dim);
     let (mut idx, mut dist) = (vec![0u32; 2000], vec![0f32; 2000]);
     let first = state
-        .assign(&data, &centroids, &mut idx, &mut dist)
+        .assign(&points, &centroids, &mut idx, &mut dist)
         .unwrap();
     assert_eq!(first, 2000 * 20);
     let old = centroids.clone();
-    let w = update_centroids(&data, dim, None, &idx, 20, &mut centroids, &mut Vec::new());
+    let w = update_centroids(&points, None, &idx, 20, &mut centroids, &mut Vec::new());
     repair_empty_clusters(&mut centroids, dim, w);
     state.centroids_moved(&old, &centroids);
     let second = state
-        .assign(&data, &centroids, &mut idx, &mut dist)
+        .assign(&points, &centroids, &mut idx, &mut dist)
         .unwrap();
     // Only the distance to the previous centroid, for (nearly) every point.
     assert!(second < 2000 * 2, "computed {second}");

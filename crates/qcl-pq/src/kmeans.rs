@@ -16,6 +16,7 @@ use qcl_tensor::{
 use rayon::prelude::*;
 
 use crate::bounds::{BoundedAssign, KMeansAlgorithm};
+use crate::points::Points;
 
 /// Value of the `format` metadata key of a saved k-means model.
 pub const KMEANS_FORMAT: &str = "qcl-kmeans/1";
@@ -72,6 +73,12 @@ pub struct KMeansParams {
     /// Assignment step: plain, or with Hamerly/Yinyang distance bounds (default
     /// [`KMeansAlgorithm::Auto`]); every choice gives the same result.
     pub algorithm: KMeansAlgorithm,
+    /// The most memory [`KMeansAlgorithm::Auto`] gives its distance bounds, as a share of the
+    /// data's own size (default 0.2): `t` groups on `m` training points take `4·m·t` bytes,
+    /// so `t` is capped at `⌊share · n·dim / m⌋`, and below one group the step is plain
+    /// (200,000 × 64 points with k = 1024 would otherwise hold 64 bounds per point, as much
+    /// memory as the points). Explicit Hamerly or Yinyang choices are not capped.
+    pub bound_memory_share: f64,
 }
 
 impl KMeansParams {
@@ -87,6 +94,7 @@ impl KMeansParams {
             seed: Seed::new(1234),
             show_progress: false,
             algorithm: KMeansAlgorithm::Auto,
+            bound_memory_share: 0.2,
         }
     }
 
@@ -115,6 +123,12 @@ impl KMeansParams {
         if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
             return Err(Error::invalid_parameter(
                 "tolerance",
+                "must be finite and >= 0",
+            ));
+        }
+        if !(self.bound_memory_share.is_finite() && self.bound_memory_share >= 0.0) {
+            return Err(Error::invalid_parameter(
+                "bound_memory_share",
                 "must be finite and >= 0",
             ));
         }
@@ -164,6 +178,8 @@ pub struct KMeans {
     pub distance_share: Vec<f64>,
     /// Bytes of distance bounds held during training (0 for plain Lloyd).
     pub bound_bytes: usize,
+    /// Centroid groups the distance bounds used (1: Hamerly; 0: plain Lloyd).
+    pub bound_groups: usize,
 }
 
 /// Checks data and weights; returns `n`.
@@ -233,42 +249,51 @@ impl KMeans {
         for run in 0..params.n_init {
             let seed = params.seed.child(run as u64);
             let mut rng = seed.rng();
-            // Subsample (sorted, so that point order is kept).
-            let (sample, sample_weights) = match params.max_points_per_centroid {
+            // Subsample (sorted, so that point order is kept), read in place: no copy.
+            let (points, sample_weights) = match params.max_points_per_centroid {
                 Some(m) if n > params.k.saturating_mul(m) => {
                     let mut chosen = rng.sample_indices(n, params.k * m)?;
                     chosen.sort_unstable();
-                    let rows: Vec<f32> = chosen
-                        .iter()
-                        .flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied())
-                        .collect();
                     let w = weights.map(|w| chosen.iter().map(|&i| w[i]).collect::<Vec<f32>>());
                     (
-                        std::borrow::Cow::Owned(rows),
+                        Points::subset(data, dim, chosen),
                         w.map(std::borrow::Cow::Owned),
                     )
                 }
                 _ => (
-                    std::borrow::Cow::Borrowed(data),
+                    Points::all(data, dim),
                     weights.map(std::borrow::Cow::Borrowed),
                 ),
             };
             let sample_weights = sample_weights.as_deref();
             let centroids = match params.init {
                 KMeansInit::Random => {
-                    let m = sample.len() / dim;
-                    let picked = rng.sample_indices(m, params.k)?;
+                    let picked = rng.sample_indices(points.len(), params.k)?;
                     picked
                         .iter()
-                        .flat_map(|&i| sample[i * dim..(i + 1) * dim].iter().copied())
+                        .flat_map(|&i| points.row(i).iter().copied())
                         .collect()
                 }
-                KMeansInit::KMeansPlusPlus => {
-                    kmeans_plus_plus(&sample, dim, sample_weights, params.k, &mut rng)?
-                }
+                // Seeding reads every point many times: it takes a subsample as one slice.
+                KMeansInit::KMeansPlusPlus => kmeans_plus_plus(
+                    &points.to_contiguous(),
+                    dim,
+                    sample_weights,
+                    params.k,
+                    &mut rng,
+                )?,
             };
             let started = Instant::now();
-            let model = lloyd(&sample, dim, sample_weights, centroids, params, run)?;
+            // Floats of bound memory Auto may use: a share of the caller's data.
+            let bound_budget = (params.bound_memory_share * data.len() as f64) as usize;
+            let model = lloyd(
+                &points,
+                sample_weights,
+                centroids,
+                params,
+                run,
+                bound_budget,
+            )?;
             lloyd_seconds += started.elapsed().as_secs_f64();
             let better = match &best {
                 None => true,
@@ -334,6 +359,7 @@ impl KMeans {
                 serde_json::to_string(&self.distance_share).expect("floats serialise"),
             ),
             ("bound_bytes".to_string(), self.bound_bytes.to_string()),
+            ("bound_groups".to_string(), self.bound_groups.to_string()),
         ]);
         write_safetensors(path, &[("centroids", &centroids)], &metadata)
     }
@@ -375,20 +401,21 @@ impl KMeans {
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
             bound_bytes: parse("bound_bytes") as usize,
+            bound_groups: parse("bound_groups") as usize,
         })
     }
 }
 
 /// Lloyd iterations from `centroids`.
 fn lloyd(
-    data: &[f32],
-    dim: usize,
+    points: &Points,
     weights: Option<&[f32]>,
     mut centroids: Vec<f32>,
     params: &KMeansParams,
     run: usize,
+    bound_budget: usize,
 ) -> Result<KMeans> {
-    let n = data.len() / dim;
+    let (n, dim) = (points.len(), points.dim());
     let k = params.k;
     let total_weight: f64 = weights.map_or(n as f64, |w| w.iter().map(|&v| f64::from(v)).sum());
     let mut indices = vec![0u32; n];
@@ -407,12 +434,12 @@ fn lloyd(
         bar.set_message(format!("{}/{}", run + 1, params.n_init));
         bar
     });
-    let mut step = AssignStep::new(data, dim, &centroids, params)?;
+    let mut step = AssignStep::new(n, dim, &centroids, params, bound_budget)?;
     let mut distance_share = Vec::with_capacity(params.max_iter);
     let mut previous = Vec::new();
     let mut iterations = 0;
     for _ in 0..params.max_iter {
-        let computed = step.assign(data, &centroids, dim, &mut indices, &mut distances)?;
+        let computed = step.assign(points, &centroids, &mut indices, &mut distances)?;
         distance_share.push(computed as f64 / (n as f64 * k as f64));
         let objective = match weights {
             None => distances.iter().map(|&v| f64::from(v)).sum::<f64>() / total_weight,
@@ -437,15 +464,8 @@ fn lloyd(
             break;
         }
         previous.clone_from(&centroids);
-        let cluster_weights = update_centroids(
-            data,
-            dim,
-            weights,
-            &indices,
-            k,
-            &mut centroids,
-            &mut partials,
-        );
+        let cluster_weights =
+            update_centroids(points, weights, &indices, k, &mut centroids, &mut partials);
         repairs += repair_empty_clusters(&mut centroids, dim, cluster_weights);
         step.centroids_moved(&previous, &centroids);
     }
@@ -462,6 +482,7 @@ fn lloyd(
         empty_cluster_repairs: repairs,
         distance_share,
         bound_bytes: step.bound_bytes(),
+        bound_groups: step.groups(),
     })
 }
 
@@ -472,14 +493,26 @@ enum AssignStep {
 }
 
 impl AssignStep {
-    /// The step `params.algorithm` names for these points and initial centroids; Yinyang's
-    /// groups come from a short plain k-means of the centroids.
-    fn new(data: &[f32], dim: usize, centroids: &[f32], params: &KMeansParams) -> Result<Self> {
-        let n = data.len() / dim;
+    /// The step `params.algorithm` names for `n` points and these initial centroids, `Auto`
+    /// within `bound_budget` floats of bounds; Yinyang's groups come from a short plain
+    /// k-means of the centroids.
+    fn new(
+        n: usize,
+        dim: usize,
+        centroids: &[f32],
+        params: &KMeansParams,
+        bound_budget: usize,
+    ) -> Result<Self> {
         let k = params.k;
-        let Some(t) = params.algorithm.groups(k, dim) else {
+        let Some(mut t) = params.algorithm.groups(k, dim) else {
             return Ok(AssignStep::Plain);
         };
+        if params.algorithm == KMeansAlgorithm::Auto {
+            t = t.min(bound_budget / n.max(1));
+            if t == 0 {
+                return Ok(AssignStep::Plain);
+            }
+        }
         let group_of = if t <= 1 {
             vec![0; k]
         } else {
@@ -499,19 +532,18 @@ impl AssignStep {
     /// Assigns every point; returns how many point–centroid distances were computed.
     fn assign(
         &mut self,
-        data: &[f32],
+        points: &Points,
         centroids: &[f32],
-        dim: usize,
         indices: &mut [u32],
         distances: &mut [f32],
     ) -> Result<u64> {
         match self {
             AssignStep::Plain => {
                 // The data was checked once by `fit`.
-                nearest_codes_into_finite(data, centroids, dim, None, indices, distances)?;
-                Ok((indices.len() * (centroids.len() / dim)) as u64)
+                nearest_in_blocks(points, centroids, indices, distances)?;
+                Ok((indices.len() * (centroids.len() / points.dim())) as u64)
             }
-            AssignStep::Bounded(state) => state.assign(data, centroids, indices, distances),
+            AssignStep::Bounded(state) => state.assign(points, centroids, indices, distances),
         }
     }
 
@@ -527,6 +559,34 @@ impl AssignStep {
             AssignStep::Bounded(state) => state.bound_bytes(),
         }
     }
+
+    fn groups(&self) -> usize {
+        match self {
+            AssignStep::Plain => 0,
+            AssignStep::Bounded(state) => state.groups(),
+        }
+    }
+}
+
+/// The plain kernel's nearest centroid of every point, a block of points at a time.
+pub(crate) fn nearest_in_blocks(
+    points: &Points,
+    centroids: &[f32],
+    indices: &mut [u32],
+    distances: &mut [f32],
+) -> Result<()> {
+    let dim = points.dim();
+    points.for_each_block(|first, rows| {
+        let range = first..first + rows.len() / dim;
+        nearest_codes_into_finite(
+            rows,
+            centroids,
+            dim,
+            None,
+            &mut indices[range.clone()],
+            &mut distances[range],
+        )
+    })
 }
 
 /// Labels renumbered `0, 1, …` in order of first appearance, so that no group is empty.
@@ -548,8 +608,7 @@ pub(crate) fn compact_labels(labels: Vec<u32>) -> Vec<u32> {
 /// on the thread count); each chunk sums its points per cluster in `f64`, in point order, and
 /// the chunks' sums are added in chunk order: the same result with any number of threads.
 pub(crate) fn update_centroids(
-    data: &[f32],
-    dim: usize,
+    points: &Points,
     weights: Option<&[f32]>,
     assignment: &[u32],
     k: usize,
@@ -557,7 +616,7 @@ pub(crate) fn update_centroids(
     partials: &mut Vec<Vec<f64>>,
 ) -> Vec<f64> {
     const PARTIAL_BUDGET_BYTES: usize = 32 << 20;
-    let n = assignment.len();
+    let (n, dim) = (assignment.len(), points.dim());
     let width = dim + 1; // the sums, then the weight
     let chunks = (PARTIAL_BUDGET_BYTES / (8 * k * width))
         .clamp(1, 64)
@@ -587,7 +646,7 @@ pub(crate) fn update_centroids(
                     let i = first + offset;
                     let w = weights.map_or(1.0, |w| f64::from(w[i]));
                     let slot = &mut acc[a as usize * width..(a as usize + 1) * width];
-                    for (s, &x) in slot[..dim].iter_mut().zip(&data[i * dim..(i + 1) * dim]) {
+                    for (s, &x) in slot[..dim].iter_mut().zip(points.row(i)) {
                         *s += w * f64::from(x);
                     }
                     slot[dim] += w;
@@ -840,7 +899,7 @@ mod tests {
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut centroids = vec![0f32; k * dim];
-                pool.install(|| update_centroids(&data, dim, None, &labels, k, &mut centroids, &mut Vec::new()));
+                pool.install(|| update_centroids(&Points::all(&data, dim), None, &labels, k, &mut centroids, &mut Vec::new()));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 prop_assert_eq!(bits(&centroids), bits(&expected));
             }
@@ -863,8 +922,7 @@ mod tests {
         let data = [0.0, 2.0, 10.0, 4.0];
         let mut centroids = vec![9.0, 9.0];
         let w = update_centroids(
-            &data,
-            1,
+            &Points::all(&data, 1),
             Some(&[1.0, 3.0, 1.0, 1.0]),
             &[0, 0, 1, 1],
             2,

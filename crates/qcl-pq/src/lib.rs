@@ -33,6 +33,7 @@ mod bounds;
 mod kmeans;
 mod minibatch;
 mod packing;
+mod points;
 mod pq;
 mod tensor;
 pub mod workloads;

@@ -282,3 +282,62 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_subsample_read_in_place_gives_every_algorithm_the_same_centroids() {
+    // Half of the points are drawn (k · 15 of 3,000); plain and bounded steps must agree.
+    let data = blobs(11, 100, 30, 8, 0.1);
+    let fit = |algorithm, bound_memory_share| {
+        let params = KMeansParams {
+            max_iter: 8,
+            max_points_per_centroid: Some(15),
+            // One seed per blob: the centroids settle at once and the bounds pay.
+            init: KMeansInit::KMeansPlusPlus,
+            algorithm,
+            bound_memory_share,
+            ..KMeansParams::new(100)
+        };
+        KMeans::fit(&data, 8, None, &params).unwrap()
+    };
+    let plain = fit(KMeansAlgorithm::Lloyd, 0.2);
+    assert_eq!(plain.bound_groups, 0);
+    for (algorithm, share) in [
+        (KMeansAlgorithm::Auto, 1.0),
+        (KMeansAlgorithm::Yinyang { groups: 20 }, 0.0),
+    ] {
+        let bounded = fit(algorithm, share);
+        assert_eq!(bounded.centroids, plain.centroids, "{algorithm:?}");
+        assert_eq!(bounded.objective_history, plain.objective_history);
+        assert!(bounded.bound_groups >= 1, "{algorithm:?}");
+        // The bounds skipped distances: the block-wise bounded step really ran.
+        let skipped = bounded.distance_share[1..].iter().any(|&s| s < 0.5);
+        assert!(skipped, "{algorithm:?} {:?}", bounded.distance_share);
+    }
+}
+
+#[test]
+fn auto_keeps_its_bounds_within_the_memory_share() {
+    let data = blobs(5, 40, 50, 16, 1.0);
+    let (n, dim) = (data.len() / 16, 16);
+    for share in [0.0, 0.05, 0.2, 1.0] {
+        let params = KMeansParams {
+            max_iter: 3,
+            bound_memory_share: share,
+            ..KMeansParams::new(40)
+        };
+        let model = KMeans::fit(&data, dim, None, &params).unwrap();
+        // Auto wants 4 groups here; the share allows ⌊share · dim⌋ bounds per point.
+        let allowed = ((share * (n * dim) as f64) as usize / n).min(4);
+        assert_eq!(model.bound_groups, allowed, "share {share}");
+        assert_eq!(model.bound_bytes, n * allowed * 4);
+        assert!(model.bound_bytes as f64 <= share * (data.len() * 4) as f64);
+    }
+    let bad = KMeansParams {
+        bound_memory_share: f64::NAN,
+        ..KMeansParams::new(4)
+    };
+    assert!(matches!(
+        KMeans::fit(&data, dim, None, &bad),
+        Err(Error::InvalidParameter { .. })
+    ));
+}

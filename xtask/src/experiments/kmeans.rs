@@ -276,8 +276,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
         let same = identical(&m.lloyd_model, &m.bounded_model, &data)?;
         let (lloyd_s, bounded_s, faiss_s) =
             (median(&m.lloyd), median(&m.bounded), median(&m.faiss));
-        let groups = KMeansAlgorithm::Auto.groups(w.k, d);
         let model = &m.bounded_model;
+        let groups = (model.bound_groups > 0).then_some(model.bound_groups);
         let mean_share = model.distance_share[1..].iter().sum::<f64>() / (iters - 1) as f64;
         let (bound_mb, data_mb) = (
             model.bound_bytes as f64 / 1e6,
