@@ -179,3 +179,28 @@ fn corrupted_states_are_typed_errors() {
         Err(Error::BadFile { .. })
     ));
 }
+
+#[test]
+fn saved_states_are_the_same_bytes_on_1_and_2_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            // The crate's parallel code follows the pool it runs in.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (stack, memory) = trained();
+                let path = dir.path().join(format!("aqm{threads}.safetensors"));
+                state::save(&path, &stack, 4.into(), &memory).unwrap();
+                std::fs::read(path).unwrap()
+            })
+        })
+        .collect();
+    assert!(
+        files[0] == files[1],
+        "1 and 2 threads saved different bytes"
+    );
+}

@@ -433,3 +433,46 @@ fn for_task_views_are_candle_modules() {
         "invalid_parameter"
     );
 }
+
+#[test]
+fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
+    let tasks = fixture_tasks(2, 48);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            // The crate's parallel code follows the pool it runs in.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut net = NetSvd::new(
+                    NetConfig::net_svd_s(),
+                    CaclParams::default(),
+                    Seed::new(5),
+                    &CPU,
+                )
+                .unwrap();
+                for (t, task) in tasks.iter().enumerate() {
+                    train_task(
+                        &mut net,
+                        t,
+                        task,
+                        &quick_config(),
+                        Seed::new(t as u64),
+                        None,
+                    )
+                    .unwrap();
+                }
+                let path = dir.path().join(format!("cacl{threads}.safetensors"));
+                net.save(&path).unwrap();
+                std::fs::read(path).unwrap()
+            })
+        })
+        .collect();
+    assert!(
+        files[0] == files[1],
+        "1 and 2 threads saved different bytes"
+    );
+}

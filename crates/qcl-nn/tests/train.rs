@@ -774,3 +774,25 @@ fn checkpoint_dtype_is_kept() {
     assert!(checkpoint.model.values().all(|t| t.dtype() == DType::F32));
     assert_eq!(checkpoint.model.len(), 5);
 }
+
+#[test]
+fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            let path = dir.path().join(format!("run{threads}.ckpt"));
+            // The crate's parallel code follows the pool it runs in.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| session(1, config(Some(&path), Some(4)), None).unwrap());
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    assert!(
+        files[0] == files[1],
+        "1 and 2 threads saved different bytes"
+    );
+}

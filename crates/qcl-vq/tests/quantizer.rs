@@ -795,3 +795,52 @@ fn param_store_files_carry_the_quantizer_state() {
         flat(&vq.sums().unwrap().unwrap())
     );
 }
+
+/// `work` on a pool of `threads` threads (the crate's parallel code follows the pool).
+fn on_threads<T: Send>(threads: usize, work: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(work)
+}
+
+#[test]
+fn quantizer_and_index_files_are_the_same_bytes_on_1_and_2_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<(Vec<u8>, Vec<u8>)> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            on_threads(threads, || {
+                let config = VectorQuantizerConfig {
+                    kmeans_init: true,
+                    dead_code_threshold: Some(0.5),
+                    ..VectorQuantizerConfig::new(4, 6)
+                };
+                let (_store, vq) = quantizer(config);
+                let x = clustered(7, 6, 96, 4);
+                for _ in 0..3 {
+                    vq.quantize(&x, true).unwrap();
+                }
+                let codes: Vec<u32> = vq
+                    .quantize(&x, false)
+                    .unwrap()
+                    .indices
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let packed = PackedIndices::pack(&codes, &[1, 96], 6).unwrap();
+                let (q, p) = (
+                    dir.path().join(format!("vq{threads}.safetensors")),
+                    dir.path().join(format!("codes{threads}.safetensors")),
+                );
+                vq.save(&q).unwrap();
+                packed.save(&p).unwrap();
+                (std::fs::read(q).unwrap(), std::fs::read(p).unwrap())
+            })
+        })
+        .collect();
+    assert!(files[0].0 == files[1].0, "quantizer files differ");
+    assert!(files[0].1 == files[1].1, "index files differ");
+}
