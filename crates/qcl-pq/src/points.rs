@@ -4,15 +4,19 @@
 //! A subsample is not copied out: on Fashion-MNIST (70,000 × 784, k = 256) the default subsample
 //! is 65,536 rows, and a copy would double the memory of the run. The steps that need rows in
 //! one slice (the nearest-code kernel, the distance bounds) take them a block at a time,
-//! gathered into one reused buffer of at most [`BLOCK_BYTES`]; every per-point computation
+//! gathered into one reused buffer of about [`BLOCK_BYTES`]; every per-point computation
 //! is the same whichever block a point falls in, so results do not depend on the blocks.
 
 use std::sync::Mutex;
 
+use rayon::prelude::*;
+
 use qcl_tensor::Result;
 
-/// Bytes of one gathered block of rows.
+/// Bytes of one gathered block of rows (at least [`BLOCK_MIN_ROWS`] rows).
 pub(crate) const BLOCK_BYTES: usize = 8 << 20;
+/// Rows of a block at least: enough tiles of the kernel for every thread.
+const BLOCK_MIN_ROWS: usize = 4096;
 
 /// Rows `[n, dim]` of a k-means run.
 pub(crate) struct Points<'a> {
@@ -33,7 +37,7 @@ impl<'a> Points<'a> {
             data,
             dim,
             subset: None,
-            block_rows: (BLOCK_BYTES / (4 * dim)).max(1),
+            block_rows: (BLOCK_BYTES / (4 * dim)).max(BLOCK_MIN_ROWS),
             block: Mutex::new(Vec::new()),
         }
     }
@@ -45,7 +49,7 @@ impl<'a> Points<'a> {
             data,
             dim,
             subset: Some(rows),
-            block_rows: (BLOCK_BYTES / (4 * dim)).max(1),
+            block_rows: (BLOCK_BYTES / (4 * dim)).max(BLOCK_MIN_ROWS),
             block: Mutex::new(Vec::new()),
         }
     }
@@ -92,7 +96,7 @@ impl<'a> Points<'a> {
 
     /// Calls `work(first, rows)` for consecutive blocks of points, `rows` holding points
     /// `first..first + rows.len() / dim`: all points at once without a subset, gathered blocks
-    /// of at most [`BLOCK_BYTES`] with one.
+    /// of about [`BLOCK_BYTES`] with one.
     pub(crate) fn for_each_block(
         &self,
         mut work: impl FnMut(usize, &[f32]) -> Result<()>,
@@ -104,10 +108,12 @@ impl<'a> Points<'a> {
         // Blocks are gathered by one caller at a time; a poisoned lock only held a buffer.
         let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
         for (b, chunk) in rows.chunks(self.block_rows).enumerate() {
-            block.clear();
-            for &r in chunk {
-                block.extend_from_slice(&self.data[r * d..(r + 1) * d]);
-            }
+            // Gathered by all threads: a serial copy would leave the others idle.
+            block.resize(chunk.len() * d, 0.0);
+            block
+                .par_chunks_mut(d)
+                .zip(chunk.par_iter())
+                .for_each(|(to, &r)| to.copy_from_slice(&self.data[r * d..(r + 1) * d]));
             work(b * self.block_rows, &block)?;
         }
         Ok(())
