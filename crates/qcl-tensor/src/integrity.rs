@@ -16,13 +16,11 @@ use std::sync::Mutex;
 
 use safetensors::tensor::SafeTensors;
 
+use crate::header::read_header;
 use crate::{Error, Result};
 
 /// Metadata key of the content checksum; the writer sets it (a caller's value is replaced).
 pub const CHECKSUM_KEY: &str = "checksum";
-
-/// Largest safetensors header read (the safetensors crate's own limit).
-pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Notes (not errors) collected for the caller to show, such as "loaded without verification".
 static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -393,21 +391,10 @@ pub fn read_safetensors_bytes(path: &Path) -> Result<Vec<u8>> {
     let mut file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     let size = meta.is_file().then_some(meta.len());
-    let mut prefix = [0u8; 8];
-    read_exactly(&mut file, &mut prefix, path)?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES || size.is_some_and(|s| 8 + header_len > s) {
-        return Err(Error::bad_file(
-            path,
-            format!("not a safetensors file: its header claims {header_len} bytes"),
-        ));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    read_exactly(&mut file, &mut header, path)?;
-    let data_len = declared_data_len(&header)
-        .map_err(|reason| Error::bad_file(path, format!("not a safetensors file: {reason}")))?;
-    let total = (8 + header_len)
-        .checked_add(data_len)
+    let header = read_header(&mut file, path, size)?;
+    let total = header
+        .data_start
+        .checked_add(header.data_len)
         .ok_or_else(|| too_large(path, u64::MAX))?;
     if let Some(size) = size.filter(|&s| s != total) {
         return Err(Error::bad_file(
@@ -420,11 +407,10 @@ pub fn read_safetensors_bytes(path: &Path) -> Result<Vec<u8>> {
     bytes
         .try_reserve_exact(total_usize)
         .map_err(|_| too_large(path, total))?;
-    bytes.extend_from_slice(&prefix);
-    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&header.raw);
     drop(header);
     (&mut file)
-        .take(data_len)
+        .take(total - bytes.len() as u64)
         .read_to_end(&mut bytes)
         .map_err(io)?;
     let mut extra = [0u8; 1];
@@ -471,39 +457,6 @@ fn too_large(path: &Path, total: u64) -> Error {
         path,
         format!("its header describes {total} bytes, more than this machine can hold"),
     )
-}
-
-/// Fills `buffer` from `reader`; a short input is a [`Error::BadFile`].
-fn read_exactly(reader: &mut impl Read, buffer: &mut [u8], path: &Path) -> Result<()> {
-    reader.read_exact(buffer).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::bad_file(
-                path,
-                "not a complete safetensors file (shorter than its header)",
-            )
-        } else {
-            Error::io(path, e)
-        }
-    })
-}
-
-/// The data length a safetensors header declares: the largest end offset of its tensors.
-fn declared_data_len(header: &[u8]) -> std::result::Result<u64, String> {
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("unreadable header ({e})"))?;
-    let mut end = 0u64;
-    for (name, entry) in header.iter().filter(|(name, _)| *name != "__metadata__") {
-        let offsets = entry
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .filter(|o| o.len() == 2)
-            .ok_or_else(|| format!("tensor `{name}` has no data offsets"))?;
-        let stop = offsets[1]
-            .as_u64()
-            .ok_or_else(|| format!("tensor `{name}` has a malformed data offset"))?;
-        end = end.max(stop);
-    }
-    Ok(end)
 }
 
 #[cfg(test)]

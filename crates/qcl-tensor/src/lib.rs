@@ -25,6 +25,7 @@ mod alloc;
 mod check;
 mod device;
 mod error;
+mod header;
 mod integrity;
 mod io;
 mod nearest;

@@ -7,25 +7,17 @@
 //! 1 MiB chunks, and only the wanted tensor's values are kept, converted to `f32` as they
 //! arrive. Loading an `[n, d]` `f32` tensor then costs its own size and one chunk.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use safetensors::Dtype;
 
-use crate::integrity::{check_stored_checksum, ContentHasher, CHECKSUM_KEY, MAX_HEADER_BYTES};
+use crate::header::{read_header, Header};
+use crate::integrity::{check_stored_checksum, ContentHasher, CHECKSUM_KEY};
 use crate::{Error, Result};
 
 /// Bytes read at a time.
 const CHUNK: usize = 1 << 20;
-
-/// A tensor's entry in the header.
-struct Entry {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    start: u64,
-    end: u64,
-}
 
 /// Tensor `name` of the safetensors file `path` (`[n, ...]`, any numeric dtype) as `n` rows of
 /// `d` `f32` values (`d` the product of the other dimensions, 1 for a vector), row-major; the
@@ -55,7 +47,22 @@ pub fn read_f32_rows(path: impl AsRef<Path>, name: &str) -> Result<(usize, usize
     if !size.is_file() {
         return via_whole_file(path, name);
     }
-    let (data_start, metadata, entries) = read_header(&mut file, path, size.len())?;
+    let Header {
+        data_start,
+        data_len,
+        metadata,
+        entries,
+        ..
+    } = read_header(&mut file, path, Some(size.len()))?;
+    if data_start + data_len != size.len() {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "not a safetensors file: its tensors cover {data_len} of its {} data bytes",
+                size.len() - data_start
+            ),
+        ));
+    }
     let Some(wanted) = entries.get(name) else {
         return Err(Error::MissingTensor {
             name: name.to_string(),
@@ -132,83 +139,6 @@ fn rows_and_width(path: &Path, name: &str, shape: &[usize]) -> Result<(usize, us
         .filter(|&d| n.checked_mul(d).is_some())
         .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has an absurd shape")))?;
     Ok((n, d))
-}
-
-/// Where the data starts, the metadata, and the tensors' entries by name.
-type Header = (u64, BTreeMap<String, String>, BTreeMap<String, Entry>);
-
-/// Reads and checks the header: the data's start, the metadata and the tensors' entries (each
-/// inside the data, its size matching its dtype and shape).
-fn read_header(file: &mut std::fs::File, path: &Path, size: u64) -> Result<Header> {
-    let bad = |reason: String| Error::bad_file(path, format!("not a safetensors file: {reason}"));
-    let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix)
-        .map_err(|_| bad("shorter than its header".into()))?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES || 8 + header_len > size {
-        return Err(bad(format!("its header claims {header_len} bytes")));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(|_| bad("shorter than its header".into()))?;
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header ({e})")))?;
-    let data_len = size - 8 - header_len;
-    let mut metadata = BTreeMap::new();
-    let mut entries = BTreeMap::new();
-    for (name, value) in header {
-        if name == "__metadata__" {
-            metadata = serde_json::from_value(value)
-                .map_err(|e| bad(format!("metadata that is not strings ({e})")))?;
-            continue;
-        }
-        let entry = entry(&name, value).map_err(bad)?;
-        let bits = entry
-            .shape
-            .iter()
-            .try_fold(entry.dtype.bitsize() as u64, |acc, &d| {
-                acc.checked_mul(d as u64)
-            });
-        let bytes = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
-        if entry.start > entry.end || entry.end > data_len || bytes != Some(entry.end - entry.start)
-        {
-            return Err(bad(format!("tensor `{name}` does not fit its data")));
-        }
-        entries.insert(name, entry);
-    }
-    // The tensors tile the data exactly, one after the other, as safetensors requires.
-    let mut spans: Vec<(u64, u64)> = entries.values().map(|e| (e.start, e.end)).collect();
-    spans.sort_unstable();
-    let mut at = 0;
-    for (start, end) in spans {
-        if start != at {
-            return Err(bad(format!(
-                "its tensors overlap or leave a gap at byte {at}"
-            )));
-        }
-        at = end;
-    }
-    if at != data_len {
-        return Err(bad(format!(
-            "its tensors cover {at} of its {data_len} data bytes"
-        )));
-    }
-    Ok((8 + header_len, metadata, entries))
-}
-
-/// A tensor's header entry `{"dtype", "shape", "data_offsets"}`.
-fn entry(name: &str, value: serde_json::Value) -> std::result::Result<Entry, String> {
-    let field = |key: &str| value.get(key).cloned().unwrap_or_default();
-    let bad = |e: serde_json::Error| format!("tensor `{name}`: {e}");
-    let dtype: Dtype = serde_json::from_value(field("dtype")).map_err(bad)?;
-    let shape: Vec<usize> = serde_json::from_value(field("shape")).map_err(bad)?;
-    let (start, end): (u64, u64) = serde_json::from_value(field("data_offsets")).map_err(bad)?;
-    Ok(Entry {
-        dtype,
-        shape,
-        start,
-        end,
-    })
 }
 
 /// Appends the `f32` values of little-endian `bytes` of a dtype to `out`. Chunks hold whole
