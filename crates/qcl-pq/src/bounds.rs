@@ -34,7 +34,8 @@ pub enum KMeansAlgorithm {
     /// Chosen from `k` and the dimension: Hamerly for `k ≤ 20` or 1-D points, otherwise
     /// Yinyang with `t = clamp(round(k/10), 2, dim)` groups, then at most as many as
     /// [`KMeansParams::bound_memory_share`](crate::KMeansParams::bound_memory_share) allows
-    /// (plain Lloyd where not even one fits).
+    /// (plain Lloyd where not even one fits: with the default share and every point used,
+    /// points of fewer than 5 dimensions; ask for [`KMeansAlgorithm::Hamerly`] there).
     #[default]
     Auto,
     /// Every point against every centroid at every iteration.

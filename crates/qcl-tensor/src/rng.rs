@@ -154,8 +154,8 @@ impl SeededRng {
             ));
         }
         // Partial Fisher-Yates. A few draws from many indices keep only the positions they
-        // displaced (O(k) memory instead of O(n): drawing 65,536 rows of 1.2 M costs 0.5 MB,
-        // not 9.6 MB); the same draws give the same indices either way.
+        // displaced (O(k) memory instead of O(n): drawing 65,536 rows of 1.2 M holds about
+        // 3 MB of map and result, not 9.6 MB); the same draws give the same indices either way.
         if k.saturating_mul(8) >= n {
             let mut order: Vec<usize> = (0..n).collect();
             for i in 0..k {

@@ -54,12 +54,13 @@ pub fn read_f32_rows(path: impl AsRef<Path>, name: &str) -> Result<(usize, usize
         entries,
         ..
     } = read_header(&mut file, path, Some(size.len()))?;
-    if data_start + data_len != size.len() {
+    // Checked: a crafted header can declare tensors of nearly 2^64 bytes in all.
+    if data_start.checked_add(data_len) != Some(size.len()) {
         return Err(Error::bad_file(
             path,
             format!(
                 "not a safetensors file: its tensors cover {data_len} of its {} data bytes",
-                size.len() - data_start
+                size.len().saturating_sub(data_start)
             ),
         ));
     }
@@ -172,6 +173,35 @@ mod tests {
 
     use super::*;
     use crate::{write_safetensors, SafetensorsFile};
+
+    #[test]
+    fn tensors_declaring_nearly_two_to_the_64_bytes_are_a_bad_file() {
+        // Eight u8 tensors of 2^61 − 1 bytes, end to end: they tile 2^64 − 8 bytes of "data".
+        let len = (1u64 << 61) - 1;
+        let entries: Vec<String> = (0..8u64)
+            .map(|i| {
+                format!(
+                    "\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{len}],\"data_offsets\":[{},{}]}}",
+                    i * len,
+                    (i + 1) * len
+                )
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            read_f32_rows(&path, "t0"),
+            Err(Error::BadFile { .. })
+        ));
+        assert!(matches!(
+            crate::read_safetensors_bytes(&path),
+            Err(Error::BadFile { .. })
+        ));
+    }
 
     /// The rows the whole-file reader gives.
     fn reference(path: &Path, name: &str) -> (usize, usize, Vec<f32>) {

@@ -132,7 +132,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
          baselines: the process's start, and the same process after a warm-up k-means (same \
          k and algorithm) on 4·k random points, which starts the threads, pages in the code \
          and sets up each thread's buffers: the difference is what running k-means costs \
-         whatever the data, and the second ratio is what the data costs. The target (≤ 1.3×) \
+         whatever the data (the warm-up's own 4·k·d points count in it), and the second \
+         ratio is what the data costs. The target (≤ 1.3×) \
          is judged on the second.\n",
     );
     let worst = |key: &str| {
