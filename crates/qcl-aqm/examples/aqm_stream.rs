@@ -1,4 +1,5 @@
-//! Runs one method of spec §11 on a Fashion-MNIST file and prints the result as JSON.
+//! Runs one method of docs/methods/aqm.md § Fashion-MNIST experiment on a Fashion-MNIST file
+//! and prints the result as JSON.
 //!
 //! `cargo run --release -p qcl-aqm --example aqm_stream -- DATA METHOD BUDGET [SAMPLES_PER_TASK] [PARAM_BYTES] [STAT_RATE]`
 

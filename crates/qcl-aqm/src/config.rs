@@ -1,11 +1,13 @@
-//! Configurations of modules and stacks (spec §2, §3, §6, §11), as serde/JSON.
+//! Configurations of modules and stacks (docs/methods/aqm.md § One module, § The stack,
+//! § Hyperparameters, § Fashion-MNIST experiment), as serde/JSON.
 
 use std::path::Path;
 
 use qcl_tensor::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// Which output of a module the next module encodes (spec §3, `input_kind`).
+/// Which output of a module the next module encodes (docs/methods/aqm.md § The stack,
+/// `input_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum InputKind {
@@ -16,7 +18,8 @@ pub enum InputKind {
     ZQ,
 }
 
-/// One quantization module (spec §2, yaml keys in brackets).
+/// One quantization module (docs/methods/aqm.md § One module; the reference code's yaml keys
+/// in brackets).
 ///
 /// ```
 /// let c = qcl_aqm::QLayerConfig::fashion_mnist();
@@ -93,8 +96,8 @@ fn default_true() -> bool {
 }
 
 impl QLayerConfig {
-    /// The Fashion-MNIST module of spec §11: ds 2, C 32, one ResBlock, 14×14 latent, N 1,
-    /// K 16, γ 0.6, β 2, Adam 1e-3, d_th 0.10.
+    /// The Fashion-MNIST module of docs/methods/aqm.md § Fashion-MNIST experiment: ds 2, C 32,
+    /// one ResBlock, 14×14 latent, N 1, K 16, γ 0.6, β 2, Adam 1e-3, d_th 0.10.
     pub fn fashion_mnist() -> Self {
         QLayerConfig {
             channels: 32,
@@ -116,7 +119,7 @@ impl QLayerConfig {
     }
 
     /// The CIFAR module of `cifar_20_final` (M = 20: N 1, d_th 0.5) or `cifar_50_final`
-    /// (M = 50: N 2, d_th 0.1), spec §6.
+    /// (M = 50: N 2, d_th 0.1), docs/methods/aqm.md § Hyperparameters.
     pub fn cifar(mem_per_class: usize) -> Self {
         let (codebooks, recon_threshold) = if mem_per_class <= 20 {
             (1, 0.5)
@@ -217,7 +220,8 @@ impl QLayerConfig {
     }
 }
 
-/// A stack of modules for images of one shape, plus the training knobs of spec §2.3 and §4.
+/// A stack of modules for images of one shape, plus the training knobs of
+/// docs/methods/aqm.md § Module loss and § The memory.
 ///
 /// ```
 /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/aqm/fashion_mnist.json");
@@ -232,13 +236,14 @@ pub struct StackConfig {
     pub image: [usize; 3],
     /// Modules from shallow to deep.
     pub layers: Vec<QLayerConfig>,
-    /// Count replayed samples twice in the module losses (HEAD quirk, spec §2.3/§10.2).
+    /// Count replayed samples twice in the module losses (a quirk of the reference code;
+    /// docs/methods/aqm.md § Module loss, § Paper and reference code).
     #[serde(default = "default_true")]
     pub double_count_replay: bool,
 }
 
 impl StackConfig {
-    /// One Fashion-MNIST module (spec §11).
+    /// One Fashion-MNIST module (docs/methods/aqm.md § Fashion-MNIST experiment).
     pub fn fashion_mnist() -> Self {
         StackConfig {
             image: [1, 28, 28],

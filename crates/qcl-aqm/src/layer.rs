@@ -1,5 +1,6 @@
-//! One adaptive quantization module (spec §2): encoder, EMA vector quantizer, decoder, its own
-//! Adam, threshold statistics, freezing with codebook trimming and the slow decoder copy.
+//! One adaptive quantization module (docs/methods/aqm.md § One module): encoder, EMA vector
+//! quantizer, decoder, its own Adam, threshold statistics, freezing with codebook trimming and
+//! the slow decoder copy.
 
 use candle_core::{DType, Device, Tensor};
 use qcl_nn::layers::Module;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::QLayerConfig;
 use crate::nets::{Decoder, Encoder};
 
-/// Running statistics of a module (spec §2.4).
+/// Running statistics of a module (docs/methods/aqm.md § Freezing and the slow decoder).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct LayerStats {
     /// `p`: EMA of the fraction of samples whose final reconstruction MSE is under `d_th`.
@@ -57,7 +58,8 @@ pub struct LayerForward {
 /// let out = layer.forward(&x, true)?;
 /// assert_eq!(out.indices.dims(), &[2, 1, 14, 14]);
 /// assert_eq!(out.reconstruction.dims(), x.dims());
-/// assert_eq!(layer.model_cost_params(), 15_216 + 10_817); // spec §11
+/// // Parameter counts of docs/methods/aqm.md § Fashion-MNIST experiment.
+/// assert_eq!(layer.model_cost_params(), 15_216 + 10_817);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 #[derive(Debug)]
@@ -187,20 +189,22 @@ impl QLayer {
         ]
     }
 
-    /// Bits of one stored sample, `N·h·w·⌈log2 K'⌉` (spec §3: `b_i = N·h·w·log2 K / 8` bytes).
+    /// Bits of one stored sample, `N·h·w·⌈log2 K'⌉` (`b_i` of docs/methods/aqm.md § The stack;
+    /// `b_i / 8` bytes).
     pub fn bits_per_sample(&self) -> u64 {
         let [n, h, w] = self.index_shape();
         (n * h * w) as u64 * u64::from(bits_for(self.current_codes()))
     }
 
-    /// Compression rate `C·H·W·8 / (N·h·w·log2 K)` against the raw `u8` input (spec §3).
+    /// Compression rate `C·H·W·8 / (N·h·w·log2 K)` against the raw `u8` input
+    /// (docs/methods/aqm.md § The stack).
     pub fn compression_rate(&self) -> f64 {
         let raw = (self.in_channels * self.input_hw[0] * self.input_hw[1] * 8) as f64;
         raw / self.bits_per_sample() as f64
     }
 
-    /// Parameters charged to the memory (spec §4.1): encoder + decoder, plus the slow decoder
-    /// copy once frozen. Codebooks are free.
+    /// Parameters charged to the memory (docs/methods/aqm.md § Budget): encoder + decoder, plus
+    /// the slow decoder copy once frozen. Codebooks are free.
     pub fn model_cost_params(&self) -> usize {
         let live = self.store.trainable_elements();
         live + self.ema.as_ref().map_or(0, |(s, _)| s.trainable_elements())
@@ -244,8 +248,9 @@ impl QLayer {
         }
     }
 
-    /// The module loss `Rec + β·commit` (spec §2.3) of a forward pass on `x`, whose last
-    /// `replayed` rows are replay; with `double_count_replay` those rows are counted again.
+    /// The module loss `Rec + β·commit` (docs/methods/aqm.md § Module loss) of a forward pass
+    /// on `x`, whose last `replayed` rows are replay; with `double_count_replay` those rows are
+    /// counted again.
     ///
     /// # Errors
     /// Candle errors; [`Error::InvalidParameter`] if `replayed` exceeds the batch.
@@ -307,9 +312,10 @@ impl QLayer {
         ok
     }
 
-    /// Freezes the codebook now (spec §2.4): trims it to `K' = 2^⌈log2 used⌉` (≥ 2, ≤ K) rows
-    /// of largest count, kept in ascending count order, stops its updates, and creates the
-    /// slow decoder copy. Nothing happens if already frozen.
+    /// Freezes the codebook now (docs/methods/aqm.md § Freezing and the slow decoder): trims it
+    /// to `K' = 2^⌈log2 used⌉` (≥ 2, ≤ K) rows of largest count, kept in ascending count
+    /// order, stops its updates, and creates the slow decoder copy. Nothing happens if already
+    /// frozen.
     ///
     /// # Errors
     /// Candle errors.
@@ -513,9 +519,9 @@ pub fn bits_for(codes: usize) -> u32 {
     }
 }
 
-/// The trimming rule of spec §2.4 on counts `[N, K]` (row-major): returns K' and, per codebook,
-/// the kept rows (the K' largest counts, in ascending count order; ties keep the lower index
-/// later, i.e. a stable sort).
+/// The trimming rule of docs/methods/aqm.md § Freezing and the slow decoder on counts `[N, K]`
+/// (row-major): returns K' and, per codebook, the kept rows (the K' largest counts, in
+/// ascending count order; ties keep the lower index later, i.e. a stable sort).
 ///
 /// ```
 /// let counts = [0.0, 5.0, 0.05, 2.0, 0.2, 0.0, 0.0, 0.0];

@@ -1,10 +1,10 @@
 //! # qcl-aqm
 //!
 //! Online learned continual compression with adaptive quantization modules (AQM; Caccia,
-//! Belilovsky, Caccia & Pineau, ICML 2020), following the project's spec: VQ autoencoder
-//! modules ([`QLayer`], [`QStack`]) trained online, an adaptive replay memory held under a
-//! byte budget ([`AdaptiveMemory`]), the online classification loop with drift measurement
-//! ([`online`]) and whole-state save/restore ([`state`]).
+//! Belilovsky, Caccia & Pineau, ICML 2020), as docs/methods/aqm.md describes it: VQ
+//! autoencoder modules ([`QLayer`], [`QStack`]) trained online, an adaptive replay memory held
+//! under a byte budget ([`AdaptiveMemory`]), the online classification loop with drift
+//! measurement ([`online`]) and whole-state save/restore ([`state`]).
 
 pub mod config;
 pub mod layer;

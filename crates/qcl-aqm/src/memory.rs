@@ -1,5 +1,6 @@
-//! The adaptive memory (spec §4): raw images (block 0) and codes of frozen modules (blocks
-//! 1..L) under one byte budget, on qcl-continual's byte-accounted [`ClassBalancedBuffer`]s.
+//! The adaptive memory (docs/methods/aqm.md § The memory): raw images (block 0) and codes of
+//! frozen modules (blocks 1..L) under one byte budget, on qcl-continual's byte-accounted
+//! [`ClassBalancedBuffer`]s.
 //!
 //! Accounting is kept in **bits** (one buffer "byte" of `BufferItem::size_bytes` is one bit
 //! here), so that codes of `log2 K'` bits per index are charged exactly even when a sample's
@@ -73,7 +74,7 @@ pub struct ReplayItem {
     pub sample: StoredSample,
 }
 
-/// Budget settings (spec §4.1, §10.5).
+/// Budget settings (docs/methods/aqm.md § Budget and § Paper and reference code).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MemoryConfig {
     /// Total budget in bytes (`mem_size · n_classes · C·H·W`).
@@ -296,7 +297,8 @@ impl AdaptiveMemory {
         Ok(())
     }
 
-    /// Insertion (spec §4.2) then eviction (§4.3) for one processed batch.
+    /// Insertion then eviction (docs/methods/aqm.md § Insertion, § Eviction) for one processed
+    /// batch.
     ///
     /// The batch rows are `incoming` followed by `replayed` (with their ids); `ok[m][row]`
     /// says whether module m+1's final reconstruction of the row is under its threshold and
@@ -382,7 +384,7 @@ impl AdaptiveMemory {
                     continue;
                 }
                 if row >= incoming.len() && replay_block[row - incoming.len()] != Some(0) {
-                    continue; // already compressed (never re-encoded, HEAD) or gone
+                    continue; // already compressed (never re-encoded, reference code) or gone
                 }
                 let sample = StoredSample {
                     payload: Payload::Codes(codes[m][row].clone()),
@@ -439,9 +441,9 @@ impl AdaptiveMemory {
         Ok(self.evict())
     }
 
-    /// Spec §4.3 (Rust rule): while over budget, take a class of maximal global count (ties
-    /// uniformly at random) and remove a uniformly random sample of it from the lowest block
-    /// that holds it.
+    /// Eviction (docs/methods/aqm.md § Eviction, our rule): while over budget, take a class of
+    /// maximal global count (ties uniformly at random) and remove a uniformly random sample of
+    /// it from the lowest block that holds it.
     pub fn evict(&mut self) -> Vec<Entry<StoredSample>> {
         let mut evicted = Vec::new();
         let capacity = self.capacity_bits();
@@ -470,10 +472,11 @@ impl AdaptiveMemory {
         evicted
     }
 
-    /// Replay sampling (spec §4.4): `n` labels drawn uniformly with replacement among classes
-    /// with a sample of a task other than `current_task`; each class's draws split over blocks
-    /// by a multinomial ∝ its eligible samples per block; distinct samples within a block
-    /// (fewer if the block has fewer). Items come in draw-independent order (class, block).
+    /// Replay sampling (docs/methods/aqm.md § Replay): `n` labels drawn uniformly with
+    /// replacement among classes with a sample of a task other than `current_task`; each
+    /// class's draws split over blocks by a multinomial ∝ its eligible samples per block;
+    /// distinct samples within a block (fewer if the block has fewer). Items come in
+    /// draw-independent order (class, block).
     pub fn sample(&mut self, n: usize, current_task: usize) -> Vec<ReplayItem> {
         // Eligible: task ≠ current. Tasks arrive in order, so that is tasks before it, plus
         // any later ones if a memory is reused.

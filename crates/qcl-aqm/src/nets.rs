@@ -1,5 +1,5 @@
-//! Encoder and decoder of one module (spec §2.1): convolutions with bias, ReLU, residual
-//! blocks, no normalisation and no output activation.
+//! Encoder and decoder of one module (docs/methods/aqm.md § Networks): convolutions with
+//! bias, ReLU, residual blocks, no normalisation and no output activation.
 
 use candle_core::Tensor;
 use qcl_nn::layers::{

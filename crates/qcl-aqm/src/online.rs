@@ -1,4 +1,5 @@
-//! The online classification loop (spec §5) with the baselines of §11, and drift measurement.
+//! The online classification loop (docs/methods/aqm.md § The online loop) with the baselines
+//! of its § Fashion-MNIST experiment, and drift measurement.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -22,7 +23,7 @@ use crate::config::StackConfig;
 use crate::memory::{AdaptiveMemory, IncomingSample, MemoryConfig, Payload, ReplayItem};
 use crate::stack::QStack;
 
-/// The compared methods (spec §11).
+/// The compared methods (docs/methods/aqm.md § Fashion-MNIST experiment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -30,7 +31,8 @@ pub enum Method {
     FineTune,
     /// Raw images in a reservoir (Vitter R) of `⌊budget / image bytes⌋` slots.
     ErRaw,
-    /// The §4 memory without any module (class-balanced eviction of raw images).
+    /// The adaptive memory (docs/methods/aqm.md § The memory) without any module
+    /// (class-balanced eviction of raw images).
     RawAqm,
     /// The full method.
     Aqm,
@@ -116,7 +118,8 @@ pub struct OnlineConfig {
 }
 
 impl OnlineConfig {
-    /// The spec §11 defaults for `method` at `budget_bytes` on Fashion-MNIST.
+    /// The defaults of docs/methods/aqm.md § Fashion-MNIST experiment for `method` at
+    /// `budget_bytes`.
     pub fn fashion_mnist(method: Method, budget_bytes: u64) -> Self {
         OnlineConfig {
             method,
@@ -151,7 +154,8 @@ pub struct MemoryPoint {
     pub capacity_bytes: f64,
 }
 
-/// One drift measurement (spec §5, `eval.py`).
+/// One drift measurement (docs/methods/aqm.md § The online loop; the reference code's
+/// `eval.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriftPoint {
     /// Steps done.
@@ -354,7 +358,8 @@ fn decode_adaptive(
 }
 
 /// Mean MSE of every stored code, decoded with the current slow decoders, against its
-/// original image (spec §5 drift); `sets[t]` is the streamed training set of task t.
+/// original image (drift, docs/methods/aqm.md § The online loop); `sets[t]` is the streamed
+/// training set of task t.
 ///
 /// # Errors
 /// Decoding errors; [`Error::InvalidParameter`] for a dataset index out of range.
@@ -419,7 +424,8 @@ pub fn measure_drift(
     })
 }
 
-/// Runs one method over the class-incremental `scenario` (spec §5, §11).
+/// Runs one method over the class-incremental `scenario` (docs/methods/aqm.md
+/// § The online loop, § Fashion-MNIST experiment).
 ///
 /// ```
 /// use qcl_aqm::online::{run, Method, OnlineConfig};

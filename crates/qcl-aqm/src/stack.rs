@@ -1,4 +1,5 @@
-//! A stack of modules (spec §3), each trained on its own loss, no gradient between modules.
+//! A stack of modules (docs/methods/aqm.md § The stack), each trained on its own loss, no
+//! gradient between modules.
 
 use candle_core::{Device, Tensor};
 use qcl_tensor::{Error, Result, Seed};
@@ -118,8 +119,9 @@ impl QStack {
         Ok((outputs, finals))
     }
 
-    /// One training step (spec §5 `stack.forward` + `stack.optimize`): forward pass, then
-    /// one Adam step per module on its own loss. The last `replayed` rows of `x` are replay.
+    /// One training step (docs/methods/aqm.md § The online loop; the reference code's
+    /// `stack.forward` + `stack.optimize`): forward pass, then one Adam step per module on its
+    /// own loss. The last `replayed` rows of `x` are replay.
     ///
     /// # Errors
     /// As [`forward`](Self::forward).
@@ -198,7 +200,7 @@ impl QStack {
     }
 
     /// Images from indices `(B, N, h, w)` of module `module` (1-based), through the slow
-    /// decoders of it and every shallower module (spec §4.4 step 5).
+    /// decoders of it and every shallower module (docs/methods/aqm.md § Replay).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a module id outside 1..=L; the decoding errors.

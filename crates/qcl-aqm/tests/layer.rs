@@ -1,4 +1,5 @@
-//! Modules and stacks: spec §2, §3 and the invariants 5–8, 12, 13 of §12.
+//! Modules and stacks: docs/methods/aqm.md § One module, § The stack, and items 5–8, 12, 13 of
+//! its § Invariants ("invariant N" below).
 
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
@@ -26,8 +27,9 @@ fn layer() -> QLayer {
 }
 
 #[test]
-fn parameter_counts_match_the_spec() {
-    // §11: encoder 15,216 + decoder 10,817; §6: CIFAR 147,750 + 105,003.
+fn parameter_counts_match_the_method() {
+    // Fashion-MNIST: encoder 15,216 + decoder 10,817 (docs/methods/aqm.md
+    // § Fashion-MNIST experiment); CIFAR (§ Hyperparameters there): 147,750 + 105,003.
     assert_eq!(layer().model_cost_params(), 26_033);
     let cifar = QLayer::new(QLayerConfig::cifar(20), 3, [32, 32], 1.into(), &Device::Cpu).unwrap();
     assert_eq!(cifar.model_cost_params(), 252_753);
@@ -35,7 +37,7 @@ fn parameter_counts_match_the_spec() {
 
 #[test]
 fn compression_rate_formula() {
-    // §12.12: CIFAR defaults give 24 (N = 1) and 12 (N = 2); FMNIST 8.
+    // Invariant 12: CIFAR defaults give 24 (N = 1) and 12 (N = 2); FMNIST 8.
     let c20 = QLayer::new(QLayerConfig::cifar(20), 3, [32, 32], 1.into(), &Device::Cpu).unwrap();
     let c50 = QLayer::new(QLayerConfig::cifar(50), 3, [32, 32], 1.into(), &Device::Cpu).unwrap();
     assert_eq!(c20.compression_rate(), 24.0);
@@ -234,7 +236,7 @@ fn bad_configurations_are_typed_errors() {
 }
 
 #[test]
-fn shipped_configs_load_and_match_the_spec() {
+fn shipped_configs_load_and_match_the_method() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/aqm");
     assert_eq!(
         StackConfig::load(format!("{dir}/fashion_mnist.json")).unwrap(),
@@ -290,7 +292,8 @@ fn two_module_stack_shapes_and_no_gradient_between_modules() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// §12.8: K' a power of two with max(2, used) ≤ K' ≤ K; the kept rows have the largest counts.
+    /// Invariant 8: K' a power of two with max(2, used) ≤ K' ≤ K; the kept rows have the
+    /// largest counts.
     #[test]
     fn trimming_keeps_the_highest_counts(counts in prop::collection::vec(prop_oneof![Just(0.0f32), 0.0f32..0.1, 0.1f32..50.0], 32)) {
         let (k, kept) = trim_plan(&counts, 2, 16);
@@ -309,7 +312,7 @@ proptest! {
         }
     }
 
-    /// §12.13: p stays in [0, 1].
+    /// Invariant 13: p stays in [0, 1].
     #[test]
     fn p_stays_in_unit_interval(batches in prop::collection::vec(prop::collection::vec(0.0f64..0.3, 1..6), 1..40)) {
         let mut l = layer();

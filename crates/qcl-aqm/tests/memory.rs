@@ -1,4 +1,5 @@
-//! The adaptive memory: spec §4 and the invariants 1–4, 9–11, 14 of §12.
+//! The adaptive memory: docs/methods/aqm.md § The memory and items 1–4, 9–11, 14 of its
+//! § Invariants ("invariant N" below).
 
 use std::collections::BTreeMap;
 
@@ -85,7 +86,7 @@ fn run_stream(
             }
         }
         let replay = mem.sample(s.replay, task);
-        // §12.11: replay batch ≤ n, only other tasks, distinct ids.
+        // Invariant 11: replay batch ≤ n, only other tasks, distinct ids.
         prop_assert!(replay.len() <= s.replay);
         prop_assert!(replay.iter().all(|r| r.task != task));
         let mut ids: Vec<ItemId> = replay.iter().map(|r| r.id).collect();
@@ -126,7 +127,7 @@ fn run_stream(
             .unwrap();
         let evicted_ids: Vec<ItemId> = evicted.iter().map(|e| e.id).collect();
 
-        // §12.9: each incoming sample went to the deepest frozen passing module, else raw.
+        // Invariant 9: each incoming sample went to the deepest frozen passing module, else raw.
         for row in 0..incoming.len() {
             let id = ItemId(first_new + row as u64);
             let expected = (1..=MODULES)
@@ -162,7 +163,8 @@ fn run_stream(
                 prop_assert_eq!(b, expected);
             }
         }
-        // §12.10: every evicted sample was of a class with maximal global count at the time.
+        // Invariant 10: every evicted sample was of a class with maximal global count at the
+        // time.
         let mut g = g_before_evict;
         for e in &evicted {
             let max = *g.values().max().unwrap();
@@ -176,7 +178,7 @@ fn run_stream(
             );
             *g.get_mut(&e.label).unwrap() -= 1;
         }
-        // §12.1, §12.2: budget, exact accounting, overshoot below one item.
+        // Invariants 1, 2: budget, exact accounting, overshoot below one item.
         let used = mem.used_bits();
         prop_assert!(used <= mem.capacity_bits());
         let exact: u64 = mem
@@ -191,7 +193,7 @@ fn run_stream(
             let max_b = *mem.block_bits().iter().max().unwrap();
             prop_assert!(used + max_b > mem.capacity_bits());
         }
-        // §12.3, §12.4: ids in one block only, identity fixed, nothing in unfrozen modules.
+        // Invariants 3, 4: ids in one block only, identity fixed, nothing in unfrozen modules.
         let mut seen = BTreeMap::new();
         for (b, e) in mem.all_entries() {
             prop_assert!(seen.insert(e.id, b).is_none(), "{:?} twice", e.id);
@@ -223,7 +225,7 @@ proptest! {
         run_stream(&steps, budget, 3)?;
     }
 
-    /// §12.14: the same seed gives the same memory.
+    /// Invariant 14: the same seed gives the same memory.
     #[test]
     fn same_seed_same_memory(steps in prop::collection::vec(step_strategy(), 1..20)) {
         let a = run_stream(&steps, 200, 9)?;

@@ -40,7 +40,8 @@ fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {
     );
     let last = a.memory_curve.last().unwrap();
     assert!(last.used_bytes <= last.capacity_bytes);
-    assert_eq!(a.model_cost_params, 36_850); // spec §11: AE + slow decoder
+    // AE + slow decoder, docs/methods/aqm.md § Fashion-MNIST experiment.
+    assert_eq!(a.model_cost_params, 36_850); // autoencoder + slow decoder
     assert_eq!(last.capacity_bytes, (392_000 - 36_850) as f64);
     // Every streamed sample fits as codes (98 B each): nothing is evicted, most are codes.
     assert_eq!(a.stored_at_end, 200);

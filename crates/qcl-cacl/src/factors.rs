@@ -1,4 +1,5 @@
-//! SVD-factored layers: `W = N·diag(|s|)·C` with per-task component ranges (spec §2, §4).
+//! SVD-factored layers: `W = N·diag(|s|)·C` with per-task component ranges
+//! (docs/methods/cacl.md § Factored layers, § Pruning by energy, § Growth).
 //!
 //! Components are stored as `[frozen prefix of earlier tasks | trainable slots of this
 //! task]`. The frozen prefix is plain tensors, so no optimizer can move it; only the
@@ -304,7 +305,7 @@ impl SvdFactors {
     }
 
     /// All `R` components `(N [n_out, R], s [R], C [R, d])`, frozen then trainable (the
-    /// regularizers cover both, spec §3).
+    /// regularizers cover both, docs/methods/cacl.md § Objective).
     ///
     /// # Errors
     /// A candle error from the concatenation.
@@ -387,9 +388,10 @@ impl SvdFactors {
         }
     }
 
-    /// Ends the current task (spec §4.2): prunes its new components by energy threshold
-    /// `epsilon`, freezes the kept ones in their original order behind the old prefix, and
-    /// re-initialises `free` fresh slots chosen by `growth` (pruned weights are discarded).
+    /// Ends the current task (docs/methods/cacl.md § Pruning by energy, § Growth): prunes its
+    /// new components by energy threshold `epsilon`, freezes the kept ones in their original
+    /// order behind the old prefix, and re-initialises `free` fresh slots chosen by `growth`
+    /// (pruned weights are discarded).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for ε outside (0, 1); [`Error::NonFinite`] for a diverged
@@ -549,9 +551,10 @@ impl SvdFactors {
 }
 
 /// A convolution whose weight is `N·diag(|s|)·C` reshaped to `(n_out, c_in, k, k)` and
-/// applied as **one** convolution with qcl-nn's fast op (spec §2). No bias. As a candle
-/// `Module` it runs every component ([`SvdConv2d::forward_train`]); [`SvdConv2d::for_task`]
-/// gives a finished task's `Module`.
+/// applied as **one** convolution with qcl-nn's fast op
+/// (docs/methods/cacl.md § Factored layers). No bias. As a candle `Module` it runs every
+/// component ([`SvdConv2d::forward_train`]); [`SvdConv2d::for_task`] gives a finished task's
+/// `Module`.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};

@@ -1,15 +1,16 @@
 //! # qcl-cacl
 //!
 //! Compression-aware continual learning with SVD-factored layers (CACL; Pavan Teja & Panda,
-//! arXiv 2009.01956), following `specs/cacl.md`.
+//! arXiv 2009.01956), documented in docs/methods/cacl.md.
 //!
 //! - [`SvdFactors`], [`SvdConv2d`], [`SvdLinear`]: weights `W = N·diag(|s|)·C` with per-task
 //!   component ranges — earlier tasks' components frozen as plain tensors, task `s`
 //!   evaluated with exactly its first `k_s` components; initialisation from a dense weight
 //!   by SVD (faer).
-//! - [`hoyer`], [`orthogonality`]: the regularizers of the objective (spec §3).
+//! - [`hoyer`], [`orthogonality`]: the regularizers of the objective (docs/methods/cacl.md
+//!   § Objective).
 //! - [`energy_prune`], [`growth_target`], [`free_slots`], [`initial_rank`]: the per-task
-//!   rank update (spec §4.2).
+//!   rank update (docs/methods/cacl.md § Pruning by energy, § Growth).
 //! - [`parameter_count`], [`model_size_mb`]: model size exactly as the reference counts it.
 //! - [`NetSvd`] (Net_SVD / Net_SVD-S), [`DenseNet`] (its dense twin), [`IndividualNets`],
 //!   the [`TaskIncrementalModel`] interface, [`train_task`] and [`run_arm`] (the arms CACL,

@@ -1,5 +1,5 @@
-//! Net_SVD (spec §2.1) with SVD-factored convolutions, its dense twin, and the multi-head
-//! task-incremental interface the training loop drives.
+//! Net_SVD (docs/methods/cacl.md § Networks) with SVD-factored convolutions, its dense twin,
+//! and the multi-head task-incremental interface the training loop drives.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,7 +34,8 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// Net_SVD-S of spec §9: 1×28×28 inputs, widths 16, 16, 32, 32, 64, dropout 0.15.
+    /// Net_SVD-S (docs/methods/cacl.md § Networks): 1×28×28 inputs, widths 16, 16, 32, 32, 64,
+    /// dropout 0.15.
     pub fn net_svd_s() -> Self {
         NetConfig {
             in_channels: 1,
@@ -127,7 +128,7 @@ pub trait TaskIncrementalModel {
     /// # Errors
     /// [`Error::InvalidParameter`] for a task never trained.
     fn eval_logits(&self, x: &Tensor, task: usize) -> Result<Tensor>;
-    /// Model size in parameters as the spec counts it (§5).
+    /// Model size in parameters as docs/methods/cacl.md § Model size counts it.
     fn size_parameters(&self) -> u64;
 
     /// The model fixed to finished task `task`: a candle `Module` computing
@@ -429,7 +430,7 @@ impl NetSvd {
         &self.updates
     }
 
-    /// The size inputs of spec §5 for the finished tasks.
+    /// The size inputs (docs/methods/cacl.md § Model size) for the finished tasks.
     pub fn size_inputs(&self) -> SizeInputs {
         SizeInputs {
             layers: self

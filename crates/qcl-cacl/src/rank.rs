@@ -1,5 +1,6 @@
 //! Rank bookkeeping: the initial capacity `r0`, energy-threshold pruning of a task's new
-//! components, and the growth rule that sizes the free slots for the next task (spec §2, §4.2).
+//! components, and the growth rule that sizes the free slots for the next task
+//! (docs/methods/cacl.md § Factored layers, § Pruning by energy, § Growth).
 
 use qcl_tensor::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -57,12 +58,14 @@ pub fn check_threshold(epsilon: f64) -> Result<()> {
     }
 }
 
-/// Energy-threshold pruning of one task's new singular values `v` (spec §4.2).
+/// Energy-threshold pruning of one task's new singular values `v`
+/// (docs/methods/cacl.md § Pruning by energy).
 ///
 /// Sort the energies `v_j²` in descending order, find the smallest `m` whose top-`m` energy
 /// reaches `(1 − ε)·E`, and keep every component with `|v_j| ≥ τ = |v|_(m−1)` and `v_j ≠ 0`.
 /// Returns the kept indices **in their original order**. `m` is clamped to `v.len()` so
-/// rounding can never run past the end (spec E10); an all-zero `v` keeps nothing.
+/// rounding can never run past the end (docs/methods/cacl.md § Pruning by energy); an
+/// all-zero `v` keeps nothing.
 ///
 /// ```
 /// // 99.99% of the energy sits in the 3.0 and 2.0 components.
@@ -121,7 +124,8 @@ pub enum Growth {
 }
 
 /// The growth target `g = ⌊min(mean_{u<t} k_u, r0)⌋` from the ranks `k_0..k_{t-1}` of the
-/// **previous** tasks (the current task's rank is recorded after this step; spec §4.2, §10.10).
+/// **previous** tasks (the current task's rank is recorded after this step;
+/// docs/methods/cacl.md § Growth, § Invariants the tests check).
 /// An empty history (t = 0) gives 0: no growth after the first task.
 ///
 /// ```
@@ -139,7 +143,8 @@ pub fn growth_target(previous_ranks: &[usize], r0: usize) -> usize {
 }
 
 /// Free slots after task `t` for a layer whose capacity was `capacity` and now uses `used`
-/// components, given the ranks `k_0..k_{t-1}` of the previous tasks (spec §4.2).
+/// components, given the ranks `k_0..k_{t-1}` of the previous tasks
+/// (docs/methods/cacl.md § Growth).
 ///
 /// ```
 /// use qcl_cacl::{free_slots, Growth};
@@ -205,7 +210,8 @@ mod tests {
         assert_eq!(energy_prune(&[], 3e-5).unwrap(), Vec::<usize>::new());
     }
 
-    /// Spec §10.10: the four saved runs, `free = capacity − k_19`, `free = max(pruned, g)`.
+    /// docs/methods/cacl.md § Invariants the tests check: the four saved runs of the original
+    /// code, `free = capacity − k_19`, `free = max(pruned, g)`.
     #[test]
     #[allow(clippy::needless_range_loop)] // five parallel per-layer tables
     fn growth_rule_matches_the_saved_runs() {

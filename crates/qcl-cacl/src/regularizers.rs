@@ -1,12 +1,12 @@
-//! The two regularizers of the CACL objective (spec §3): Hoyer sparsity of the singular
-//! values and the soft orthogonality of the factors, as candle graphs so autograd runs
-//! through them.
+//! The two regularizers of the CACL objective (docs/methods/cacl.md § Objective): Hoyer
+//! sparsity of the singular values and the soft orthogonality of the factors, as candle
+//! graphs so autograd runs through them.
 
 use candle_core::{DType, Tensor};
 use qcl_tensor::{Error, Result};
 
 /// `|x|` with the gradient `sign(x)` (0 at 0), unlike candle's `abs` whose gradient at 0 is 1
-/// (spec §2 [R]: d|s|/ds = sign(s), 0 at 0).
+/// (docs/methods/cacl.md § Paper and original code: d|s|/ds = sign(s), 0 at 0).
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};

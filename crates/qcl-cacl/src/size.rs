@@ -1,4 +1,5 @@
-//! Model-size accounting in MB, exactly as the reference's `mode_comp` (spec §5).
+//! Model-size accounting in MB, exactly as the reference's `mode_comp`
+//! (docs/methods/cacl.md § Model size).
 
 use qcl_tensor::{Error, Result};
 
@@ -25,11 +26,11 @@ pub struct SizeInputs {
     /// Number of tasks `T` (one stored rank per layer per task).
     pub tasks: usize,
     /// Whether to count the task identifiers `T·L` (the current formula; the stored
-    /// 5-sequence result predates them, spec E8).
+    /// 5-sequence result predates them; docs/methods/cacl.md § Model size).
     pub count_task_ids: bool,
 }
 
-/// Parameter count of `mode_comp` (spec §5):
+/// Parameter count of `mode_comp` (docs/methods/cacl.md § Model size):
 /// `Σ_l (d_l + n_out,l + 1)·K_l + Σ_heads (in·out + out) + Σ_BN 4·20·channels + T·L`.
 ///
 /// ```
@@ -50,7 +51,8 @@ pub fn parameter_count(inputs: &SizeInputs) -> u64 {
         .map(|l| ((l.d + l.n_out + 1) * l.used) as u64)
         .sum();
     let heads: u64 = inputs.heads.iter().map(|&(i, o)| (i * o + o) as u64).sum();
-    // The reference counts BN as 4·20·channels (20 tasks of stored statistics; spec E9).
+    // The reference counts BN as 4·20·channels (20 tasks of stored statistics;
+    // docs/methods/cacl.md § Model size).
     let bn: u64 = inputs
         .batch_norm_channels
         .iter()
@@ -135,7 +137,8 @@ mod tests {
             assert_eq!(parameter_count(&inputs), params);
             assert!((model_size_mb(&inputs).unwrap() - mb).abs() < 1e-9);
         }
-        // 5-sequence: 5 heads of 10 classes, with and without the task identifiers (E8).
+        // 5-sequence: 5 heads of 10 classes, with and without the task identifiers
+        // (docs/methods/cacl.md § Model size).
         let mut five = net_svd([42, 70, 46, 99, 147], 1024, 5, 10);
         assert!((model_size_mb(&five).unwrap() - 1.489204).abs() < 1e-9);
         five.count_task_ids = false;

@@ -1,5 +1,6 @@
-//! Multi-head task-incremental training (spec §4.1), evaluation (§4.3) and the arms of the
-//! scaled-down reproduction (§9): CACL, IND, FT, CACL-noHoyer, CACL-fixed.
+//! Multi-head task-incremental training, evaluation and the arms of the scaled-down
+//! reproduction: CACL, IND, FT, CACL-noHoyer, CACL-fixed
+//! (docs/methods/cacl.md § Training a task, § Evaluating a finished task, § Experiment).
 
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
@@ -14,8 +15,9 @@ use crate::net::{CaclParams, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIn
 use crate::rank::Growth;
 use crate::size::megabytes;
 
-/// Optimisation settings of one task (spec §4.1, §9): Adam (wd 0), fresh per task, and a
-/// multi-step learning-rate decay by γ at the start of the milestone epochs.
+/// Optimisation settings of one task (docs/methods/cacl.md § Training a task, § Experiment):
+/// Adam (wd 0), fresh per task, and a multi-step learning-rate decay by γ at the start of the
+/// milestone epochs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Epochs per task.
@@ -31,7 +33,8 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
-    /// Spec §9: 10 epochs, milestones [6, 9], γ 0.1, Adam 1e-3, batch 64.
+    /// docs/methods/cacl.md § Hyperparameters: 10 epochs, milestones [6, 9], γ 0.1, Adam 1e-3,
+    /// batch 64.
     fn default() -> Self {
         TrainConfig {
             epochs: 10,
@@ -193,7 +196,7 @@ pub fn task_accuracy<M: TaskIncrementalModel>(
     Ok(correct as f64 / data.len() as f64)
 }
 
-/// The compared methods of spec §9.
+/// The compared methods (docs/methods/cacl.md § Experiment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arm {
     /// CACL with λ_sp = 0.1 and growth.
@@ -259,7 +262,7 @@ pub struct ArmRun {
     pub average_accuracy: f64,
     /// Mean forgetting (Chaudhry et al.), as a fraction.
     pub forgetting: f64,
-    /// Size in parameters (spec §5).
+    /// Size in parameters (docs/methods/cacl.md § Model size).
     pub parameters: u64,
     /// Size in MB.
     pub megabytes: f64,
@@ -270,7 +273,8 @@ pub struct ArmRun {
     /// CACL only: capacity `R_l` after each task.
     pub capacities: Vec<Vec<usize>>,
     /// CACL only: whether every earlier task's test logits after the last task are
-    /// bit-identical to those right after its own pruning (H1).
+    /// bit-identical to those right after its own pruning (H1 of docs/methods/cacl.md
+    /// § Expected orderings).
     pub logits_bit_identical: Option<bool>,
     /// CACL only: fraction of each task's trainable slots that were pruned (all layers).
     pub pruned_fraction: Vec<f64>,

@@ -1,4 +1,5 @@
-//! Layers, networks, training, checkpoints and bad input of qcl-cacl (spec §10).
+//! Layers, networks, training, checkpoints and bad input of qcl-cacl
+//! (docs/methods/cacl.md § Invariants the tests check).
 
 use std::collections::BTreeMap;
 
@@ -94,7 +95,8 @@ fn learning_config() -> TrainConfig {
     }
 }
 
-/// Spec §10.2: an exact SVD round-trips, and the factored conv equals a dense conv.
+/// docs/methods/cacl.md § Invariants the tests check: an exact SVD round-trips, and the
+/// factored conv equals a dense conv.
 #[test]
 fn svd_initialisation_reconstructs_dense_weights_and_convolutions() {
     let w = random(&[8, 3, 3, 3], 1);
@@ -118,7 +120,7 @@ fn svd_initialisation_reconstructs_dense_weights_and_convolutions() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Spec §10.2 over shapes.
+    /// The SVD round trip of docs/methods/cacl.md § Invariants the tests check, over shapes.
     #[test]
     fn svd_round_trip(n_out in 1usize..12, d in 1usize..12, seed in 0u64..1000) {
         let w = random(&[n_out, d], seed);
@@ -126,7 +128,8 @@ proptest! {
         prop_assert!(max_abs_diff(&f.training_weight().unwrap(), &w) < 1e-5);
     }
 
-    /// Spec §10.3: sign flips and joint permutations of components change nothing.
+    /// docs/methods/cacl.md § Invariants the tests check: sign flips and joint permutations of
+    /// components change nothing.
     #[test]
     fn sign_and_permutation_gauge(r in 1usize..8, seed in 0u64..1000) {
         let (n, s, c) = (random(&[6, r], seed), random(&[r], seed + 1), random(&[r, 12], seed + 2));
@@ -151,8 +154,9 @@ proptest! {
     }
 }
 
-/// Spec §10.12, §10.13 and H1: after later tasks the frozen prefix, the heads and every
-/// earlier task's outputs are bit-identical; components beyond k_s are irrelevant to task s.
+/// docs/methods/cacl.md § Invariants the tests check and H1 (§ Expected orderings): after
+/// later tasks the frozen prefix, the heads and every earlier task's outputs are
+/// bit-identical; components beyond k_s are irrelevant to task s.
 #[test]
 fn earlier_tasks_are_frozen_bit_for_bit() {
     let tasks = fixture_tasks(3, 96);

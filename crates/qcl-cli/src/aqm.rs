@@ -1,4 +1,4 @@
-//! `qcl aqm`: one online continual-compression stream (AQM or a baseline of its spec) over the
+//! `qcl aqm`: one online continual-compression stream (AQM or one of its baselines) over the
 //! class-incremental split of a data set.
 
 use std::path::PathBuf;
@@ -20,8 +20,9 @@ pub enum AqmCommand {
     /// the classifier online under a byte budget; prints the accuracy matrix, final accuracy,
     /// forgetting, stored samples, drift and samples/s.
     Run {
-        /// A JSON file of `OnlineConfig` (default: the spec's Fashion-MNIST settings for
-        /// `--method` at `--budget`). The flags below override its fields.
+        /// A JSON file of `OnlineConfig` (default: the Fashion-MNIST settings of
+        /// docs/methods/aqm.md for `--method` at `--budget`). The flags below override its
+        /// fields.
         #[arg(long)]
         config: Option<PathBuf>,
         /// `aqm`, `er-raw`, `raw-aqm`, `fine-tune` or `iid-online`.

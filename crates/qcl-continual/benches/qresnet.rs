@@ -1,7 +1,7 @@
 //! `cargo bench -p qcl-continual --bench qresnet`: one SGD training step of LifeQuant's
-//! QResNet-8 (spec §10) on a batch of 128 random 1×28×28 images, at full precision and with
-//! 4-bit weights and activations, for the reproduction's widths (16/32/64) and the quick
-//! widths (8/16/32). Throughput is reported in images per second.
+//! QResNet-8 (docs/methods/lifequant.md § Network) on a batch of 128 random 1×28×28 images, at
+//! full precision and with 4-bit weights and activations, for the reproduction's widths
+//! (16/32/64) and the quick widths (8/16/32). Throughput is reported in images per second.
 
 use candle_core::{Device, ModuleT, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

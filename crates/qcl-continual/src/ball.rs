@@ -34,8 +34,9 @@ use candle_core::{DType, Tensor};
 use qcl_data::Dataset;
 use qcl_tensor::{Error, Result};
 
-/// Label counts of the multiset a task learns from, `D_t ∪ R_{<t}` (LifeQuant §5.1): add the
-/// current task's data and every replayed item, then ask for the [`ClassStatistics`].
+/// Label counts of the multiset a task learns from, `D_t ∪ R_{<t}` (docs/methods/lifequant.md
+/// § BaLL): add the current task's data and every replayed item, then ask for the
+/// [`ClassStatistics`].
 ///
 /// Every `add_*` method checks its whole input first, so an error leaves the counts unchanged.
 ///
@@ -144,7 +145,7 @@ impl ClassHistogram {
 }
 
 /// Per-class statistics of a task's training multiset and the BaLL coefficients derived from
-/// them (LifeQuant §5.1).
+/// them (docs/methods/lifequant.md § BaLL).
 ///
 /// With counts `n_c`, `N = Σ_c n_c`, `K = |{c : n_c > 0}|` and priors `p_c = n_c / N`:
 ///
@@ -254,8 +255,8 @@ impl ClassStatistics {
         })
     }
 
-    /// Statistics of the label multiset `D_t ∪ R_0 ∪ … ∪ R_{t−1}` (LifeQuant §5.1): the
-    /// current task's data and the replay sets of the earlier tasks.
+    /// Statistics of the label multiset `D_t ∪ R_0 ∪ … ∪ R_{t−1}` (docs/methods/lifequant.md
+    /// § BaLL): the current task's data and the replay sets of the earlier tasks.
     ///
     /// # Errors
     /// As [`ClassHistogram::add_labels`] and [`ClassHistogram::statistics`].
@@ -327,7 +328,7 @@ pub enum BallMode {
     /// The default: the paper-faithful pipeline trains on `D_t ∪ R_{<t}` with this mode,
     /// whose direction (frequent classes boosted during training, so rare replayed classes
     /// win at test time) matches the paper's stated purpose; the code's weights point the
-    /// other way (LifeQuant spec, discrepancy D5).
+    /// other way (docs/methods/lifequant.md § Paper versus code).
     #[default]
     PaperLinearPrior,
     /// The released code's additive form (ResNet-20 and ResNet-50 folders, MobileNet on

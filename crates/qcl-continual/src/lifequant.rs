@@ -1,30 +1,33 @@
 //! LifeQuant (Chen, Yang & Chen, ICCV 2023) as a [`Strategy`]: quantization-aware training
 //! over a task sequence with the ProxQ penalty and BaLL rebalancing of the replay data.
 //!
-//! Before task t ≥ 1 (spec §4): the anchor `θ*` is a snapshot of every trainable parameter,
-//! and the importance `F` is the batch-mean squared gradient, in evaluation mode, of the
-//! BaLL loss (or CE) over the replay memory `R_{<t}` (the reference code's ResNet-20 folder
-//! used the old tasks' *test* sets, spec D3; we use replay, as its other folders do). Each
-//! step then minimises `L_task + λ·Σ F ⊙ (θ − θ*)²` on the latent FP32 parameters, with
-//! the penalty's gradient in the loss as the reference does ([`PenaltyUpdate::Gradient`], the
-//! default) or by its proximal step after each optimizer step ([`PenaltyUpdate::Proximal`],
-//! stable for any λ: the explicit form diverges once `η·2λ·max F > 2(1 + μ)`, which the
-//! Fashion-MNIST reproduction meets at λ = 100 on the stem of one seed).
+//! Before task t ≥ 1 (docs/methods/lifequant.md § ProxQ): the anchor `θ*` is a snapshot of
+//! every trainable parameter, and the importance `F` is the batch-mean squared gradient, in
+//! evaluation mode, of the BaLL loss (or CE) over the replay memory `R_{<t}` (the reference
+//! code's ResNet-20 folder used the old tasks' *test* sets; we use replay, as its other folders
+//! do: docs/methods/lifequant.md § Paper versus code). Each step then minimises
+//! `L_task + λ·Σ F ⊙ (θ − θ*)²` on the latent FP32 parameters, with the penalty's gradient in
+//! the loss as the reference does ([`PenaltyUpdate::Gradient`], the default) or by its proximal
+//! step after each optimizer step ([`PenaltyUpdate::Proximal`], stable for any λ: the explicit
+//! form diverges once `η·2λ·max F > 2(1 + μ)`, which the Fashion-MNIST reproduction meets at
+//! λ = 100 on the stem of one seed).
 //!
-//! Two modes (spec §5.4), selectable:
+//! Two modes (docs/methods/lifequant.md § Paper versus code), selectable:
 //!
 //! - [`LifeQuantMode::Paper`] (the default): train on the shuffled union `D_t ∪ R_{<t}` with
 //!   BaLL;
 //! - [`LifeQuantMode::CodeFaithful`]: train on `D_t` with plain CE; replay and BaLL only shape
 //!   `F`, as in the released code.
 //!
-//! Optionally (spec §4, off by default, found only in the reference's MobileNet folder) the
-//! Fisher loss of each batch gains a quantization-noise term ([`QuantizationNoise`]), which
-//! needs a learner that exposes features and head ([`Learner::with_feature_head`]).
+//! Optionally (docs/methods/lifequant.md § ProxQ; off by default, found only in the
+//! reference's MobileNet folder) the Fisher loss of each batch gains a quantization-noise term
+//! ([`QuantizationNoise`]), which needs a learner that exposes features and head
+//! ([`Learner::with_feature_head`]).
 //!
-//! With λ = 0 and no replay the two modes are the same run (spec §11, item 21). The quantized
-//! network itself is [`crate::QResNet`]; its bit widths are set by the caller
-//! ([`crate::QResNet::set_bits`]) between the FP32, 8-bit and 4-bit phases.
+//! With λ = 0 and no replay the two modes are the same run (item 21 of
+//! docs/methods/lifequant.md § Tested invariants). The quantized network itself is
+//! [`crate::QResNet`]; its bit widths are set by the caller ([`crate::QResNet::set_bits`])
+//! between the FP32, 8-bit and 4-bit phases.
 //!
 //! ```
 //! use candle_core::Device;
@@ -62,7 +65,8 @@ use crate::strategy::{
     Learner, OptimizerStep, Strategy, TaskView,
 };
 
-/// Which data LifeQuant trains on and with which loss (spec §5.4).
+/// Which data LifeQuant trains on and with which loss (docs/methods/lifequant.md § Paper
+/// versus code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LifeQuantMode {
@@ -73,10 +77,10 @@ pub enum LifeQuantMode {
     CodeFaithful,
 }
 
-/// The optional quantization-noise term of the Fisher loss (spec §4, from the reference's
-/// MobileNet folder). For each Fisher batch with penultimate features `h` and logits
-/// `z = head(h)`, it draws `ε ~ U(−a, a)` elementwise, `a = activation_range / (2^bits − 1)`,
-/// `draws` times, and adds
+/// The optional quantization-noise term of the Fisher loss (docs/methods/lifequant.md § ProxQ;
+/// from the reference's MobileNet folder). For each Fisher batch with penultimate features `h`
+/// and logits `z = head(h)`, it draws `ε ~ U(−a, a)` elementwise,
+/// `a = activation_range / (2^bits − 1)`, `draws` times, and adds
 ///
 /// `(1 / (draws·B)) · Σ_r −log mean(log_softmax(head(h + ε_r)) ⊙ log_softmax(z))`
 ///
@@ -161,7 +165,8 @@ impl QuantizationNoise {
     }
 }
 
-/// Parameters of [`LifeQuant`], each with a default (spec §6).
+/// Parameters of [`LifeQuant`], each with a default (docs/methods/lifequant.md § Training
+/// and defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LifeQuantParams {
     /// Paper or code-faithful training data and loss (default paper).
@@ -176,7 +181,8 @@ pub struct LifeQuantParams {
     /// How the ProxQ penalty enters training (default [`PenaltyUpdate::Gradient`], the
     /// reference's loss term).
     pub update: PenaltyUpdate,
-    /// The quantization-noise term of the Fisher loss (default `None`, as the spec asks).
+    /// The quantization-noise term of the Fisher loss (default `None`: off, as
+    /// docs/methods/lifequant.md § ProxQ describes).
     pub quantization_noise: Option<QuantizationNoise>,
 }
 

@@ -7,17 +7,18 @@
 //!
 //! | metric | formula | source |
 //! |---|---|---|
-//! | [average accuracy](AccuracyMatrix::average_accuracy) | `ACC = 1/T Σ_j a[T−1][j]` | Lopez-Paz & Ranzato 2017; LifeQuant spec §7 |
+//! | [average accuracy](AccuracyMatrix::average_accuracy) | `ACC = 1/T Σ_j a[T−1][j]` | Lopez-Paz & Ranzato 2017; LifeQuant |
 //! | [average incremental accuracy](AccuracyMatrix::average_incremental_accuracy) | `1/T Σ_i (1/(i+1) Σ_{j≤i} a[i][j])` | Rebuffi et al. 2017 |
 //! | [backward transfer](AccuracyMatrix::backward_transfer) | `BWT = 1/(T−1) Σ_{j<T−1} (a[T−1][j] − a[j][j])` | Lopez-Paz & Ranzato 2017 |
 //! | [forward transfer](AccuracyMatrix::forward_transfer) | `FWT = 1/(T−1) Σ_{j≥1} (a[j−1][j] − b_j)` | Lopez-Paz & Ranzato 2017 |
-//! | [forgetting](AccuracyMatrix::forgetting) | `FGT = 1/(T−1) Σ_{j<T−1} (max_{l∈[j,T−2]} a[l][j] − a[T−1][j])` | Chaudhry et al. 2018; LifeQuant spec §7 |
+//! | [forgetting](AccuracyMatrix::forgetting) | `FGT = 1/(T−1) Σ_{j<T−1} (max_{l∈[j,T−2]} a[l][j] − a[T−1][j])` | Chaudhry et al. 2018; LifeQuant |
 //!
 //! `b_j` is the accuracy on task `j` of the randomly initialised model. Since the maximum in
 //! the forgetting includes `l = j`, `FGT ≥ −BWT` always, with equality when no task's accuracy
 //! ever rose above its value right after it was learned. Forgetting is not clamped: a task
 //! whose final accuracy beats every earlier one contributes a negative term, as in the
-//! original definition.
+//! original definition. LifeQuant's ACC and FGT are these two (docs/methods/lifequant.md
+//! § Metrics).
 
 use std::path::Path;
 
@@ -188,7 +189,7 @@ impl AccuracyMatrix {
     }
 
     /// Average accuracy after the last task, `ACC = 1/T Σ_j a[T−1][j]` (Lopez-Paz & Ranzato
-    /// 2017; the LifeQuant spec's ACC is the same).
+    /// 2017; LifeQuant's ACC is the same, docs/methods/lifequant.md § Metrics).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] if an entry of the last row is missing.
@@ -245,8 +246,9 @@ impl AccuracyMatrix {
 
     /// Per-task forgetting (Chaudhry et al. 2018) after the last task, for `j < T−1`:
     /// `f_j = max_{l∈[j,T−2]} a[l][j] − a[T−1][j]`, the drop from the best accuracy task `j`
-    /// had once learned. The maximum runs from `l = j` as in the LifeQuant spec §7 (before
-    /// task `j` is learned its accuracy measures nothing learned).
+    /// had once learned. The maximum runs from `l = j` as in LifeQuant's FGT
+    /// (docs/methods/lifequant.md § Metrics; before task `j` is learned its accuracy measures
+    /// nothing learned).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for fewer than two tasks or a missing lower-triangle entry.
@@ -263,7 +265,8 @@ impl AccuracyMatrix {
     }
 
     /// Average forgetting `FGT = 1/(T−1) Σ_{j<T−1} f_j` (see
-    /// [`forgetting_per_task`](Self::forgetting_per_task)); the LifeQuant spec's FGT.
+    /// [`forgetting_per_task`](Self::forgetting_per_task)); LifeQuant's FGT
+    /// (docs/methods/lifequant.md § Metrics).
     ///
     /// # Errors
     /// As [`forgetting_per_task`](Self::forgetting_per_task).

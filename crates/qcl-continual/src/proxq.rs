@@ -20,7 +20,8 @@
 //!
 //! ProxQ part 1, the fixed standard space, is the per-tensor standardisation inside
 //! [`crate::WeightQuantizer`]; the penalty itself acts on the latent full-precision
-//! parameters (conv weights, BN, head), as the reference code does (spec D4).
+//! parameters (conv weights, BN, head), as the reference code does
+//! (docs/methods/lifequant.md § Paper versus code).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};

@@ -1,5 +1,6 @@
-//! LifeQuant's quantized ResNet for 28×28 single-channel images, "QResNet-8" (spec §10): the
-//! `resnet20_quant` basic block of spec §2 with one block per stage.
+//! LifeQuant's quantized ResNet for 28×28 single-channel images, "QResNet-8": the
+//! `resnet20_quant` basic block of the paper's ResNet-20 with one block per stage
+//! (docs/methods/lifequant.md § Network).
 //!
 //! ```text
 //! stem   x → Qw-conv3×3(in→w0) → BN → Qa → ReLU
@@ -51,8 +52,8 @@ impl Default for QResNetConfig {
 }
 
 impl QResNetConfig {
-    /// QResNet-8 of spec §10: widths 16/32/64, 1 input channel, 10 classes, 4-bit weights
-    /// and activations, faithful weight grid.
+    /// QResNet-8 (docs/methods/lifequant.md § Network): widths 16/32/64, 1 input channel,
+    /// 10 classes, 4-bit weights and activations, faithful weight grid.
     pub fn qresnet8() -> Self {
         Self {
             widths: [16, 32, 64],
@@ -64,8 +65,8 @@ impl QResNetConfig {
         }
     }
 
-    /// The smoke/CI configuration of spec §10: as [`QResNetConfig::qresnet8`] with widths
-    /// 8/16/32.
+    /// The smoke/CI configuration (docs/methods/lifequant.md § Network): as
+    /// [`QResNetConfig::qresnet8`] with widths 8/16/32.
     pub fn smoke() -> Self {
         Self {
             widths: [8, 16, 32],
@@ -142,7 +143,7 @@ impl QConv {
     }
 }
 
-/// The quantized basic block of spec §2.
+/// The quantized basic block of the paper's ResNet-20 (docs/methods/lifequant.md § Network).
 #[derive(Debug, Clone)]
 struct QBlock {
     conv0: QConv,
@@ -197,8 +198,8 @@ impl QBlock {
     }
 }
 
-/// LifeQuant's "QResNet-8" for `[n, in_channels, h, w]` images (spec §10; 28×28 in the
-/// reproduction, any size whose last stage is at least 1×1 works).
+/// LifeQuant's "QResNet-8" for `[n, in_channels, h, w]` images (28×28 in the reproduction,
+/// any size whose last stage is at least 1×1 works; docs/methods/lifequant.md § Network).
 ///
 /// Parameter names under the path given to [`QResNet::new`]: `stem.conv.weight`, `stem.bn.*`,
 /// `stages.{s}.0.{conv0,conv1}.weight`, `stages.{s}.0.{bn0,bn1}.*`,
@@ -215,7 +216,8 @@ impl QBlock {
 /// let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?;
 /// let logits = net.forward_t(&x, true)?; // 4-bit weights and activations
 /// assert_eq!(logits.dims(), &[2, 10]);
-/// // Spec §10 trains task 0 in FP32, then 8 bits, then 4 bits, with the same weights.
+/// // The reproduction trains task 0 in FP32, then 8 bits, then 4 bits, with the same weights
+/// // (docs/methods/lifequant.md § Scaled-down experiment).
 /// net.set_bits(32, 32)?;
 /// assert_eq!(net.forward_t(&x, false)?.dims(), &[2, 10]);
 /// assert_eq!(net.quantized_weight_names().len(), 9); // stem + 2·3 convs + 2 skips

@@ -97,7 +97,8 @@ fn inside_mask(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
     Ok((x.ge(lo)?.to_dtype(x.dtype())? * x.le(hi)?.to_dtype(x.dtype())?)?)
 }
 
-/// The rounding primitive `q_k(u)` (LifeQuant §3.1, DoReFa's `quantize_k`):
+/// The rounding primitive `q_k(u)` (docs/methods/lifequant.md § Quantizers; DoReFa's
+/// `quantize_k`):
 ///
 /// - `k = 32`: `q_32(u) = u`;
 /// - `k = 1`: `q_1(u) = sign(u)` (with `sign(0) = 0`);
@@ -129,8 +130,8 @@ pub fn round_to_bits(u: &Tensor, bits: u32) -> Result<Tensor> {
     straight_through(u, &round_value(u, bits)?)
 }
 
-/// How the weight quantizer maps the standardised weights onto a grid (LifeQuant spec §3.2,
-/// discrepancy D1).
+/// How the weight quantizer maps the standardised weights onto a grid (Faithful vs Strict:
+/// docs/methods/lifequant.md § Quantizers, § Paper versus code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightQuantMode {
     /// As the reference code: `Qw(W) = q_k(Ŵ)` with no clamp. The standardised weights reach

@@ -94,7 +94,7 @@ impl Default for SplitParams {
 }
 
 /// Parameters of LifeQuant's lifelong class-shift generator (Chen, Yang & Chen, ICCV 2023;
-/// spec §1.1).
+/// docs/methods/lifequant.md § Lifelong class shift).
 ///
 /// With C classes, T tasks and diminish rate d: window `n = ⌊C / (1 + d·(T−1))⌋`, shift
 /// `s = ⌊n·d⌋`; task `i < T−1` owns classes `π[i·s .. i·s+n]` of a seeded class permutation π,
@@ -131,8 +131,9 @@ impl Default for LifelongParams {
 }
 
 impl LifelongParams {
-    /// The scaled-down reproduction on a 10-class set (spec §10): T = 3, d = 0.5 (n = 5,
-    /// s = 2: tasks {π0..π4}, {π2..π6}, {π4..π9}), 800 training images per class.
+    /// The scaled-down reproduction on a 10-class set (docs/methods/lifequant.md § Scaled-down
+    /// experiment): T = 3, d = 0.5 (n = 5, s = 2: tasks {π0..π4}, {π2..π6}, {π4..π9}), 800
+    /// training images per class.
     pub fn reproduction() -> Self {
         LifelongParams {
             diminish_rate: 0.5,
@@ -173,7 +174,7 @@ impl LifelongWindows {
     /// The windows for `num_classes` classes, `num_tasks` tasks and diminish rate `d`.
     ///
     /// The floors are taken on `f64` arithmetic, so the windows match the paper's benchmark
-    /// (the table of spec §1.1).
+    /// (docs/methods/lifequant.md § Lifelong class shift).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for no task, `d` outside the open interval (0, 1) (d = 1
@@ -429,11 +430,12 @@ impl Scenario {
         })
     }
 
-    /// LifeQuant's lifelong class-shift scenario (spec §1.1, §10): overlapping windows over a
-    /// seeded class permutation (see [`LifelongParams`], [`LifelongWindows`]). Task `i` holds
-    /// **all** train images of its classes (after the optional per-class subsample), so a class
-    /// shared by two tasks brings the same images into both; its test set is built the same
-    /// way from the test split. Labels stay global (one head over all classes), no task id.
+    /// LifeQuant's lifelong class-shift scenario (docs/methods/lifequant.md § Lifelong class
+    /// shift, § Scaled-down experiment): overlapping windows over a seeded class permutation
+    /// (see [`LifelongParams`], [`LifelongWindows`]). Task `i` holds **all** train images of
+    /// its classes (after the optional per-class subsample), so a class shared by two tasks
+    /// brings the same images into both; its test set is built the same way from the test
+    /// split. Labels stay global (one head over all classes), no task id.
     ///
     /// ```
     /// use qcl_continual::{LifelongParams, Scenario};
@@ -619,8 +621,9 @@ impl Scenario {
     }
 
     /// Classes seen in some task but absent from the last one (LifeQuant's orphan classes,
-    /// whose test accuracy after the last task measures forgetting of dropped classes, spec §7:
-    /// evaluate on `data.test.select_classes(&scenario.orphan_classes())`), sorted.
+    /// whose test accuracy after the last task measures forgetting of dropped classes,
+    /// docs/methods/lifequant.md § Metrics: evaluate on
+    /// `data.test.select_classes(&scenario.orphan_classes())`), sorted.
     pub fn orphan_classes(&self) -> Vec<u32> {
         let Some(last) = self.tasks.last() else {
             return Vec::new();

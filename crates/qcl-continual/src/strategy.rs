@@ -518,7 +518,7 @@ pub(crate) fn check_penalty(lambda: f64, fisher_batch_size: usize) -> Result<()>
 }
 
 /// The batch-level empirical Fisher diagonal of `loss` over `data` in evaluation mode:
-/// `F = (1/B)·Σ_b (∇θ L_b)²` over the `B` batches (LifeQuant §4).
+/// `F = (1/B)·Σ_b (∇θ L_b)²` over the `B` batches (docs/methods/lifequant.md § ProxQ).
 ///
 /// # Errors
 /// [`Error::EmptyInput`] for empty data; errors of the model or the loss.
@@ -711,7 +711,8 @@ impl TaskSchedule {
     }
 }
 
-/// Settings of [`ContinualTrainer`], each with a default (LifeQuant §6).
+/// Settings of [`ContinualTrainer`], each with a default (docs/methods/lifequant.md § Training
+/// and defaults).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainerConfig {
     /// Momentum (default 0.9).

@@ -1,4 +1,4 @@
-//! Property tests of BaLL (LifeQuant spec §11, items 12–16 and 19).
+//! Property tests of BaLL (docs/methods/lifequant.md § Tested invariants, items 12–16 and 19).
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,6 @@
-//! The optional quantization-noise term of LifeQuant's Fisher loss (spec §4): its value, its
-//! seeding, and the errors of a bad setting or a learner without a feature/head split.
+//! The optional quantization-noise term of LifeQuant's Fisher loss (docs/methods/lifequant.md
+//! § ProxQ): its value, its seeding, and the errors of a bad setting or a learner without a
+//! feature/head split.
 
 use std::path::PathBuf;
 

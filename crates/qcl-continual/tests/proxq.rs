@@ -43,7 +43,8 @@ fn penalty_value_by_hand() {
 }
 
 /// Gradient descent on a task loss pulling θ away from θ*: with λ > 0 the Fisher-weighted
-/// drift at the end is smaller than with λ = 0 (spec §10, H5, in miniature).
+/// drift at the end is smaller than with λ = 0 (H5 of docs/methods/lifequant.md § Expected
+/// orderings, in miniature).
 #[test]
 fn penalty_reduces_fisher_weighted_drift() {
     let run = |lambda: f64| {

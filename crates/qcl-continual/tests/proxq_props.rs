@@ -1,4 +1,5 @@
-//! Property tests of ProxQ and its Fisher estimate: LifeQuant spec §11, items 9–11.
+//! Property tests of ProxQ and its Fisher estimate: docs/methods/lifequant.md § Tested
+//! invariants, items 9–11.
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
@@ -83,7 +84,7 @@ fn shifted(c: &Case, alpha: f32) -> Vec<Vec<f32>> {
 }
 
 proptest! {
-    /// §11.9: P(θ*) = 0 and P ≥ 0 anywhere.
+    /// Item 9: P(θ*) = 0 and P ≥ 0 anywhere.
     #[test]
     fn zero_at_anchor_and_non_negative(c in case(), lambda in 0.0f64..200.0, alpha in -3.0f32..3.0) {
         let (pq, p) = prox(&c, lambda);
@@ -93,7 +94,7 @@ proptest! {
         prop_assert!(scalar(&pq.drift(&p).unwrap()) >= 0.0);
     }
 
-    /// §11.9: F = 0 (task 0) gives P ≡ 0.
+    /// Item 9: F = 0 (task 0) gives P ≡ 0.
     #[test]
     fn zero_fisher_gives_zero_penalty(c in case(), alpha in -3.0f32..3.0) {
         let p = params(&c.anchor[0], &c.anchor[1]);
@@ -102,7 +103,7 @@ proptest! {
         prop_assert_eq!(scalar(&pq.penalty(&p).unwrap()), 0.0);
     }
 
-    /// §11.10: P(θ* + αΔ) = α²·P(θ* + Δ).
+    /// Item 10: P(θ* + αΔ) = α²·P(θ* + Δ).
     #[test]
     fn quadratic_scaling(c in case(), alpha in -3.0f32..3.0, lambda in 0.1f64..200.0) {
         let (pq, p) = prox(&c, lambda);
@@ -114,7 +115,7 @@ proptest! {
         prop_assert!((scaled - want).abs() <= 1e-4 * (want.abs() + 1e-3 * lambda), "{scaled} vs {want}");
     }
 
-    /// §11.10: candle's gradient of λ·P equals the closed form 2·λ·F⊙(θ − θ*), and adds to the
+    /// Item 10: candle's gradient of λ·P equals the closed form 2·λ·F⊙(θ − θ*), and adds to the
     /// task loss's gradient when the penalty is added to the loss.
     #[test]
     fn autograd_matches_closed_form(c in case(), alpha in -3.0f32..3.0, lambda in 0.0f64..200.0) {
@@ -188,7 +189,7 @@ proptest! {
         }
     }
 
-    /// §11.11: F ≥ 0; one batch gives F = g² exactly; F is a mean over batches, so feeding the
+    /// Item 11: F ≥ 0; one batch gives F = g² exactly; F is a mean over batches, so feeding the
     /// same batches twice leaves it unchanged.
     #[test]
     fn fisher_is_a_mean_of_squares(batches in prop::collection::vec(prop::collection::vec(-3.0f32..3.0, 5), 1..6)) {
@@ -217,7 +218,7 @@ proptest! {
         }
     }
 
-    /// §11.11 through autograd: the accumulator reads the GradStore of a real loss, and one
+    /// Item 11 through autograd: the accumulator reads the GradStore of a real loss, and one
     /// batch gives F = g² of that loss.
     #[test]
     fn fisher_from_grad_store(w in prop::collection::vec(-2.0f32..2.0, 6), x in prop::collection::vec(-2.0f32..2.0, 6)) {

@@ -47,8 +47,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// The spec §2/§10 network written out with plain qcl-nn layers that share the model's
-/// parameters (same names in the same store) and explicit quantizers.
+/// The QResNet-8 network (docs/methods/lifequant.md § Network) written out with plain qcl-nn
+/// layers that share the model's parameters (same names in the same store) and explicit
+/// quantizers.
 struct Reference {
     stem: (Conv2d, BatchNorm2d),
     blocks: Vec<RefBlock>,

@@ -164,7 +164,8 @@ fn strict_gradient_is_blocked_where_clamped() {
 #[test]
 fn faithful_is_unclamped_and_has_more_than_2k_levels() {
     // 4096 roughly Gaussian weights: Ŵ reaches beyond ±1, so a 4-bit faithful tensor carries
-    // more than 16 levels (spec D1), while strict stays within 16.
+    // more than 16 levels (docs/methods/lifequant.md § Paper versus code), while strict stays
+    // within 16.
     let u1 = pseudo(4096, 7);
     let u2 = pseudo(4096, 8);
     let w: Vec<f32> = u1

@@ -1,4 +1,4 @@
-//! Property tests of the quantizers: LifeQuant spec §11, items 1–8.
+//! Property tests of the quantizers: docs/methods/lifequant.md § Tested invariants, items 1–8.
 
 use candle_core::{Device, Module, Tensor, Var};
 use proptest::prelude::*;
@@ -55,7 +55,7 @@ fn norm(a: &[f32]) -> f64 {
 }
 
 proptest! {
-    /// §11.1: q_k lands on the grid ℤ/m, is idempotent, and errs by at most 1/(2m).
+    /// Item 1: q_k lands on the grid ℤ/m, is idempotent, and errs by at most 1/(2m).
     #[test]
     fn rounding_grid_idempotent_bounded(u in prop::collection::vec(-3.0f32..3.0, 1..64), bits in 2u32..=16) {
         let q = round_to_bits(&t(&u), bits).unwrap();
@@ -69,7 +69,7 @@ proptest! {
         prop_assert_eq!(qq, qv);
     }
 
-    /// §11.1 for k = 1: q_1 = sign.
+    /// Item 1 for k = 1: q_1 = sign.
     #[test]
     fn one_bit_rounding_is_sign(u in prop::collection::vec(-3.0f32..3.0, 1..64)) {
         let q = vals(&round_to_bits(&t(&u), 1).unwrap());
@@ -79,7 +79,7 @@ proptest! {
         }
     }
 
-    /// §11.2: Qa ∈ {0, 1/m, …, 1}, at most 2^k values, monotone non-decreasing.
+    /// Item 2: Qa ∈ {0, 1/m, …, 1}, at most 2^k values, monotone non-decreasing.
     #[test]
     fn activation_levels_and_monotone(mut x in prop::collection::vec(-2.0f32..3.0, 1..128), bits in 1u32..=8) {
         x.sort_by(f32::total_cmp);
@@ -95,7 +95,7 @@ proptest! {
         }
     }
 
-    /// §11.3: the STE gradient of Qa is 1 strictly inside (0, 1) and 0 outside (away from the
+    /// Item 3: the STE gradient of Qa is 1 strictly inside (0, 1) and 0 outside (away from the
     /// boundaries).
     #[test]
     fn activation_ste_gradient(x in prop::collection::vec(-2.0f32..3.0, 1..64), bits in 1u32..=8) {
@@ -111,7 +111,7 @@ proptest! {
         }
     }
 
-    /// §11.4: faithful Qw is invariant to W ↦ a·W + b (a > 0): Ŵ to 1e-5, and the rounded
+    /// Item 4: faithful Qw is invariant to W ↦ a·W + b (a > 0): Ŵ to 1e-5, and the rounded
     /// values equal except where Ŵ·m sits at a rounding tie (within f32 noise).
     #[test]
     fn faithful_affine_invariance(w in weights(), a in 0.5f32..4.0, b in -2.0f32..2.0, bits in 2u32..=8) {
@@ -132,7 +132,7 @@ proptest! {
         }
     }
 
-    /// §11.5: the gradient w.r.t. the latent weights is orthogonal to 1 and to W (both modes),
+    /// Item 5: the gradient w.r.t. the latent weights is orthogonal to 1 and to W (both modes),
     /// so it flows through mean and std.
     #[test]
     fn gradient_orthogonal_to_one_and_w(
@@ -154,7 +154,7 @@ proptest! {
         prop_assert!(dot(&g, &w).abs() <= 1e-4 * gn * norm(&w), "⟨g,W⟩ = {}", dot(&g, &w));
     }
 
-    /// §11.6: Ŵ has mean 0 and unbiased std σ0.
+    /// Item 6: Ŵ has mean 0 and unbiased std σ0.
     #[test]
     fn standardized_mean_and_std(w in weights(), sigma0 in prop_oneof![Just(0.5f64), Just(0.125), 0.05f64..2.0]) {
         let q = WeightQuantizer { sigma0, ..WeightQuantizer::new(4).unwrap() };
@@ -164,7 +164,7 @@ proptest! {
         prop_assert!((std - sigma0).abs() <= 1e-5 * sigma0.max(1.0), "std {std} vs {sigma0}");
     }
 
-    /// §11.7: strict Qw has at most 2^k values, all on the grid 2j/m − 1 inside [−1, 1].
+    /// Item 7: strict Qw has at most 2^k values, all on the grid 2j/m − 1 inside [−1, 1].
     #[test]
     fn strict_levels(w in weights(), bits in 2u32..=8, sigma0 in 0.1f64..2.0) {
         let q = WeightQuantizer { mode: WeightQuantMode::Strict, sigma0, ..WeightQuantizer::new(bits).unwrap() };
@@ -177,7 +177,7 @@ proptest! {
         prop_assert!(distinct(&y) <= 1usize << bits);
     }
 
-    /// §11.7: the 1-bit branch gives {−E, 0, +E} with E = mean|W| (both modes), and the STE
+    /// Item 7: the 1-bit branch gives {−E, 0, +E} with E = mean|W| (both modes), and the STE
     /// gradient is the identity.
     #[test]
     fn one_bit_branch(w in prop::collection::vec(-1.0f32..1.0, 1..64), strict in any::<bool>()) {
@@ -194,7 +194,7 @@ proptest! {
         prop_assert!(vals(g.get(var.as_tensor()).unwrap()).iter().all(|&gi| gi == 1.0));
     }
 
-    /// §11.8: 32 bits is the identity, forward and backward, for q_k, Qw and Qa.
+    /// Item 8: 32 bits is the identity, forward and backward, for q_k, Qw and Qa.
     #[test]
     fn thirty_two_bits_is_identity(w in prop::collection::vec(-3.0f32..3.0, 1..64), mode in prop_oneof![Just(WeightQuantMode::Faithful), Just(WeightQuantMode::Strict)]) {
         let var = Var::new(w.as_slice(), &Device::Cpu).unwrap();

@@ -1,5 +1,6 @@
-//! Scenarios on the committed fixtures and on synthetic data sets: the spec's windows, the
-//! partition and label invariants, the online stream, permutations, determinism and errors.
+//! Scenarios on the committed fixtures and on synthetic data sets: LifeQuant's windows
+//! (docs/methods/lifequant.md § Lifelong class shift), the partition and label invariants, the
+//! online stream, permutations, determinism and errors.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -116,8 +117,9 @@ fn split_mnist_task_incremental_remaps_labels_per_task() {
 }
 
 #[test]
-fn lifelong_windows_match_the_spec_tables() {
-    // Spec §1.1 (C = 100, T = 3) and §10 (C = 10, T = 3).
+fn lifelong_windows_match_the_method_tables() {
+    // The paper's CIFAR-100-LL (C = 100, T = 3) and the reproduction (C = 10, T = 3):
+    // docs/methods/lifequant.md § Lifelong class shift, § Scaled-down experiment.
     let cases = [
         (100, 0.25, 66, 16, vec![0..66, 16..82, 32..100]),
         (100, 0.50, 50, 25, vec![0..50, 25..75, 50..100]),

@@ -1,6 +1,6 @@
 //! Strategies and the continual trainer on the committed fixture: what each strategy trains
-//! on, the replay memory (spec §11 items 18, 19), the equivalences of item 21, the Fisher
-//! pass (item 11), EWC, LwF, determinism and bad input.
+//! on, the replay memory (items 18, 19 of docs/methods/lifequant.md § Tested invariants), the
+//! equivalences of item 21, the Fisher pass (item 11), EWC, LwF, determinism and bad input.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
@@ -177,8 +177,9 @@ fn replay_and_joint_train_on_what_they_say() {
 
 #[test]
 fn lifequant_without_penalty_or_replay_is_fine_tuning_in_both_modes() {
-    // Spec §11 item 21: with λ = 0 and no replay in the loss, code-faithful LifeQuant is
-    // fine-tuning bit for bit; paper mode with CE and λ = 0 is experience replay.
+    // Item 21 of docs/methods/lifequant.md § Tested invariants: with λ = 0 and no replay in
+    // the loss, code-faithful LifeQuant is fine-tuning bit for bit; paper mode with CE and
+    // λ = 0 is experience replay.
     let scenario = lifelong();
     let code = LifeQuantParams {
         mode: LifeQuantMode::CodeFaithful,
@@ -202,8 +203,8 @@ fn lifequant_without_penalty_or_replay_is_fine_tuning_in_both_modes() {
 
 #[test]
 fn lifequant_statistics_count_current_data_and_replay() {
-    // Spec §11 item 19: the BaLL class counts at task t are the label histogram of
-    // D_t ∪ R_{<t}.
+    // Item 19 of docs/methods/lifequant.md § Tested invariants: the BaLL class counts at task t
+    // are the label histogram of D_t ∪ R_{<t}.
     let scenario = lifelong();
     let mut spy = Spy::default();
     run_linear(&mut spy, 2, &scenario);
@@ -294,7 +295,8 @@ fn the_proximal_update_is_stable_where_the_explicit_penalty_diverges() {
 
 #[test]
 fn fisher_is_a_mean_over_batches() {
-    // Spec §11 item 11: F ≥ 0, and feeding the data twice leaves F unchanged.
+    // Item 11 of docs/methods/lifequant.md § Tested invariants: F ≥ 0, and feeding the data
+    // twice leaves F unchanged.
     let data = lifelong().tasks()[0].train.take_per_class(16);
     let store = ParamStore::new(9);
     let model = LinearModel::new(&store.root(&Device::Cpu));

@@ -1,5 +1,6 @@
-//! Property tests of the training-loop pieces: the multi-step schedule (spec §11 item 20),
-//! the distillation term of LwF and the per-class accuracy counts.
+//! Property tests of the training-loop pieces: the multi-step schedule (item 20 of
+//! docs/methods/lifequant.md § Tested invariants), the distillation term of LwF and the
+//! per-class accuracy counts.
 
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;

@@ -320,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn exact_moments_match_the_spec() {
+    fn exact_moments_match_the_definitions() {
         let m = Source::Banana.mean();
         assert!((m[0] + 0.221).abs() < 1e-3 && (m[1] + 0.550).abs() < 1e-3);
         let c = Source::Banana.covariance();

@@ -8,7 +8,7 @@
 //!   ones through a polyphase split, and im2col/col2im + GEMM otherwise; candle's kernels
 //!   elsewhere).
 //! - [`layers`]: `Conv2d`, `ConvTranspose2d`, `Linear`, `BatchNorm2d`, residual blocks.
-//! - [`models`]: ResNet-20 for any input size and channel count, and the small CNNs of the specs.
+//! - [`models`]: ResNet-20 for any input size and channel count, and the small CNNs of the methods' experiments.
 //! - [`optim`] and [`schedule`]: SGD (momentum, Nesterov, weight decay), Adam/AdamW, and
 //!   step / multi-step / cosine / piecewise learning-rate schedules.
 //! - [`train`]: a training loop with progress, evaluation, early stop and checkpoints that

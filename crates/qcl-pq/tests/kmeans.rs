@@ -1,4 +1,4 @@
-//! k-means: invariants from the spec, determinism, bad input.
+//! k-means: Lloyd's invariants, determinism, bad input.
 
 use proptest::prelude::*;
 use qcl_pq::{KMeans, KMeansAlgorithm, KMeansInit, KMeansParams, MiniBatchKMeans};

@@ -74,9 +74,9 @@ impl ChannelAxis {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CodebookUpdate {
     /// Exponential moving averages of the assignment counts and of the assigned vectors
-    /// (VQ-VAE-2, Razavi et al. 2019; AQM, Caccia et al. 2020, §2.2 of the AQM spec), on every
-    /// training batch, with hist\[n,k\] the number of vectors of the batch assigned to code k
-    /// of codebook n and γ = `decay`, ε = `eps`:
+    /// (VQ-VAE-2, Razavi et al. 2019; AQM, Caccia et al. 2020, docs/methods/aqm.md § Quantizer),
+    /// on every training batch, with hist\[n,k\] the number of vectors of the batch assigned to
+    /// code k of codebook n and γ = `decay`, ε = `eps`:
     ///
     /// ```text
     /// c ← γ·c + (1−γ)·hist

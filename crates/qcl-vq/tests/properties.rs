@@ -1,4 +1,5 @@
-//! Property tests of the quantizer's invariants (AQM spec §12 items 5–7 and the qcl-vq issue).
+//! Property tests of the quantizer's invariants (items 5–7 of docs/methods/aqm.md § Invariants
+//! and the qcl-vq issue).
 
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;

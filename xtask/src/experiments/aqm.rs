@@ -1,6 +1,7 @@
-//! `aqm`: online continual compression with adaptive quantization modules (AQM spec §11) on
-//! split Fashion-MNIST — fine-tune, ER-raw, raw-AQM, AQM and iid-online at budgets B50 and
-//! B20 (1- and 4-byte parameter accounting), several seeds.
+//! `aqm`: online continual compression with adaptive quantization modules (AQM,
+//! docs/methods/aqm.md § Fashion-MNIST experiment) on split Fashion-MNIST — fine-tune, ER-raw,
+//! raw-AQM, AQM and iid-online at budgets B50 and B20 (1- and 4-byte parameter accounting),
+//! several seeds.
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,9 +25,10 @@ use crate::reproduce::{Context, Experiment, Mode, Outcome};
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
     name: "aqm",
-    description: "AQM (spec §11) on split Fashion-MNIST: fine-tune, ER-raw, raw-AQM, AQM and \
-                  iid-online under equal byte budgets B50 and B20 (1- and 4-byte parameters), \
-                  final accuracy over seeds, stored samples, drift, reconstructions.",
+    description: "AQM (docs/methods/aqm.md § Fashion-MNIST experiment) on split Fashion-MNIST: \
+                  fine-tune, ER-raw, raw-AQM, AQM and iid-online under equal byte budgets B50 \
+                  and B20 (1- and 4-byte parameters), final accuracy over seeds, stored \
+                  samples, drift, reconstructions.",
     needs_data: true,
     run,
 };
@@ -50,7 +52,8 @@ pub struct Settings {
     /// Budgets and parameter bytes of the AQM runs.
     pub aqm_budgets: Vec<(u64, u64)>,
     /// Budgets and parameter bytes of the AQM runs whose classifier sees decoded images
-    /// ([`ClassifierInput::Decoded`]; not part of the spec).
+    /// ([`ClassifierInput::Decoded`]; in neither the paper nor the reference code, see
+    /// docs/methods/aqm.md § Decoded classifier input).
     pub decoded_budgets: Vec<(u64, u64)>,
     /// Training steps of the module throughput measurement (batch 128).
     pub bench_steps: usize,
@@ -371,7 +374,8 @@ pub fn run_with(
         "Split Fashion-MNIST, 5 tasks of 2 classes, class-incremental with one 10-way head, one \
          pass in batches of 10 (plus ≤ 10 replayed from earlier tasks), {spt} streamed images \
          per task after holding out 10 % ({steps_total} steps), test {tpc} images per class; \
-         seeds {seeds:?}; mean ± std over seeds. Classifier: the spec's small CNN, SGD lr 0.05. \
+         seeds {seeds:?}; mean ± std over seeds. Classifier: the small CNN of \
+         docs/methods/aqm.md § Fashion-MNIST experiment, SGD lr 0.05. \
          AQM: one module (ds 2, C 32, K 16, N 1, γ 0.6, β 2, Adam 1e-3, d_th 0.10, replay \
          counted twice), rate of `p` and of the slow decoder {rate}. Budgets: B50 = 392,000 B, \
          B20 = 156,800 B; AQM charges its autoencoder (26,033 parameters, 36,850 after freezing \
@@ -385,8 +389,9 @@ pub fn run_with(
          replay and the raw test images. *{DECODED}*: the same runs (same modules, memory and \
          drift) with `ClassifierInput::Decoded`: once the module is frozen the classifier is \
          trained on incoming images decoded from their codes and tested on test images passed \
-         through the module, so that decoded-looking images stop meaning \"an old class\" (not \
-         part of the spec; the reference code trains on raw incoming images).\n\n\
+         through the module, so that decoded-looking images stop meaning \"an old class\" (in \
+         neither the paper nor the reference code, which trains on raw incoming images; \
+         docs/methods/aqm.md § Decoded classifier input).\n\n\
          Targets:\n\n\
          - fine-tune < ER-raw < AQM < iid-online at B50: {t1} ({ft:.1} / {er50:.1} / {aqm50:.1} / {iid:.1} %); \
          AQM − ER-raw = {margin:+.1} points.\n\

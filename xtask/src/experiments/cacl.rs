@@ -1,7 +1,7 @@
-//! `cacl`: compression-aware continual learning (CACL spec §9) on S-FMNIST-5 and
-//! S-MNIST+FMNIST-10, task-incremental and multi-head, with the arms CACL, IND, FT,
-//! CACL-noHoyer and CACL-fixed over 3 seeds: accuracy, size in MB, ranks per layer per task
-//! and which expected orderings (H1–H5, S1–S4) held.
+//! `cacl`: compression-aware continual learning (CACL; docs/methods/cacl.md § Experiment) on
+//! S-FMNIST-5 and S-MNIST+FMNIST-10, task-incremental and multi-head, with the arms CACL,
+//! IND, FT, CACL-noHoyer and CACL-fixed over 3 seeds: accuracy, size in MB, ranks per layer
+//! per task and which expected orderings (H1–H5, S1–S4) held.
 
 use std::path::Path;
 use std::time::Instant;
@@ -65,9 +65,9 @@ impl Settings {
             },
             // Scaled to fit 10 minutes on 2 shared cores (about 65 ms per CACL step there):
             // 600 images per task, 4 epochs with the decay near the same relative points
-            // (60%, 90% → epochs 2 and 3), ε raised to 1e-3 as spec §9 allows when ε = 3e-5
-            // prunes too little after so few steps. Both sequences run every arm, so each
-            // table has accuracy and MB for all five.
+            // (60%, 90% → epochs 2 and 3), ε raised to 1e-3 as docs/methods/cacl.md
+            // § Experiment allows when ε = 3e-5 prunes too little after so few steps. Both
+            // sequences run every arm, so each table has accuracy and MB for all five.
             Mode::Quick => Settings {
                 train_per_task: Some(600),
                 test_per_task: Some(400),
@@ -274,7 +274,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
          epochs {milestones:?}; λ_sp {lsp}, λ_orth {lor}, ε {eps}, growth capped at r0; {train} \
          training and {test} test images per task; seeds {seeds:?} (each seed shuffles the order \
          of the class pairs). Accuracy is the mean over tasks after the last task; MB counts as \
-         the reference's `mode_comp` (spec §5). Training took {training_seconds:.0} s.\n\n",
+         the reference's `mode_comp` ([docs/methods/cacl.md § Model size]\
+         (../methods/cacl.md#model-size)). Training took {training_seconds:.0} s.\n\n",
         lr = settings.train.lr,
         batch = settings.train.batch_size,
         epochs = settings.train.epochs,
@@ -381,8 +382,10 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
         figures.insert(bench.name.into(), json!({ "runs": bench.runs }));
     }
     let checks = orderings(&benchmarks);
-    markdown
-        .push_str("## Expected orderings (spec §9)\n\n| check | held | detail |\n|---|---|---|\n");
+    markdown.push_str(
+        "## Expected orderings ([docs/methods/cacl.md § Expected orderings]\
+         (../methods/cacl.md#expected-orderings))\n\n| check | held | detail |\n|---|---|---|\n",
+    );
     for (name, held, detail) in &checks {
         markdown.push_str(&format!(
             "| {name} | {} | {detail} |\n",
@@ -427,7 +430,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
 
 type Check = (String, Option<bool>, String);
 
-/// H1–H5 and S1–S4 of spec §9 from the runs.
+/// H1–H5 and S1–S4 (docs/methods/cacl.md § Expected orderings) from the runs.
 fn orderings(benchmarks: &[Benchmark]) -> Vec<Check> {
     let f5 = &benchmarks[0];
     let mixed = &benchmarks[1];
@@ -619,7 +622,8 @@ fn ranks_plot(path: &Path, title: &str, run: &ArmRun) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// Spec §10.17: every class once, labels 0/1, the pair order a seeded permutation.
+    /// docs/methods/cacl.md § Invariants the tests check: every class once, labels 0/1, the
+    /// pair order a seeded permutation.
     #[test]
     fn pair_tasks_split_every_class_once_in_a_seeded_order() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");

@@ -1,6 +1,7 @@
-//! `ecvq`: the λ sweep of the VECVQ spec (§9): VECVQ and Chou-Lookabaugh-Gray ECVQ on the 2-D
-//! Gaussian and the banana, K = 256, three seeds per point, evaluated on 1,000,000 fresh
-//! samples against the Shannon bound; RD plot and one cell picture per point.
+//! `ecvq`: the λ sweep of docs/methods/vecvq.md § The scaled-down experiment: VECVQ and
+//! Chou-Lookabaugh-Gray ECVQ on the 2-D Gaussian and the banana, K = 256, three seeds per point,
+//! evaluated on 1,000,000 fresh samples against the Shannon bound; RD plot and one cell picture
+//! per point.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -32,8 +33,9 @@ const SEEDS: [u64; 3] = [0, 1, 2];
 /// CLG runs per seed, the one with the lowest training objective kept (Lloyd-type descent
 /// stops in local optima: at λ = 2 one run in three ended 0.2 bit off).
 const CLG_RESTARTS: usize = 2;
-/// CLG's fixed training set. The spec's 200,000 leaves too few vectors per cell at 5–6 bits
-/// (measured: 0.05–0.07 bit more rate and 0.03–0.05 dB more gap than with 1,000,000).
+/// CLG's fixed training set. The default 200,000 (docs/methods/vecvq.md § Defaults) leaves
+/// too few vectors per cell at 5–6 bits (measured: 0.05–0.07 bit more rate and 0.03–0.05 dB
+/// more gap than with 1,000,000).
 const CLG_SAMPLES: usize = 1_000_000;
 
 /// One point of the sweep.
@@ -42,13 +44,15 @@ struct Point {
     lambda: f64,
     codes: usize,
     clg_samples: usize,
-    /// One of the spec's §9 grid (Gaussian 2/8/32, banana 1/4/16), which the targets are
-    /// judged on; the other points of `--full` are the rest of the spec's table: the
-    /// near-zero-rate point and the λ = 64 stress point.
+    /// A point of the three-λ grid of docs/methods/vecvq.md § The scaled-down experiment
+    /// (Gaussian 2/8/32, banana 1/4/16), which the targets are judged on; the other points
+    /// of `--full` are the rest of that section's sweep: the near-zero-rate point and the
+    /// λ = 64 stress point.
     in_grid: bool,
 }
 
-/// The spec's §9 λ grid: Gaussian {2, 8, 32}, banana {1, 4, 16}.
+/// The λ grid of docs/methods/vecvq.md § The scaled-down experiment: Gaussian {2, 8, 32},
+/// banana {1, 4, 16}.
 fn in_grid(source: Source, lambda: f64) -> bool {
     match source {
         Source::Gaussian => [2.0, 8.0, 32.0].contains(&lambda),
@@ -74,7 +78,7 @@ fn sweep(mode: Mode) -> Vec<Point> {
             (Source::Banana, 4.0),
             (Source::Banana, 16.0),
         ],
-        // The spec's whole table.
+        // The whole sweep of docs/methods/vecvq.md § The scaled-down experiment.
         Mode::Full => &[
             (Source::Gaussian, 1.0),
             (Source::Gaussian, 2.0),
@@ -89,7 +93,8 @@ fn sweep(mode: Mode) -> Vec<Point> {
     };
     lambdas
         .iter()
-        // λ = 64 on the banana saturates K = 256, so it gets K = 1024, as the spec advises.
+        // λ = 64 on the banana saturates K = 256, so it gets K = 1024, as in
+        // docs/methods/vecvq.md § The scaled-down experiment.
         .map(|&(source, lambda)| point(source, lambda, if lambda >= 64.0 { 1024 } else { 256 }))
         .collect()
 }
@@ -298,9 +303,10 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
          ### VECVQ minus CLG (means over seeds)\n\n\
          | source | λ | Δ rate (bits) | Δ gap (dB) | Δ (R + λD) |\n|---|---|---|---|---|\n{comparison}\n\
          ### Targets\n\n\
-         Judged on the spec's §9 grid (Gaussian λ 2, 8, 32; banana λ 1, 4, 16); `--full` adds the rest of the spec's \
-         table (Gaussian λ 1, 4; banana λ 64 with K = 1024), shown above but not judged: at R ≈ 0.01 bit the \
-         stream's fixed 32-byte header alone is 2 % of the rate.\n\n\
+         Judged on the three-λ grid of docs/methods/vecvq.md § The scaled-down experiment \
+         (Gaussian λ 2, 8, 32; banana λ 1, 4, 16); `--full` adds the rest of that section's \
+         sweep (Gaussian λ 1, 4; banana λ 64 with K = 1024), shown above but not judged: \
+         at R ≈ 0.01 bit the stream's fixed 32-byte header alone is 2 % of the rate.\n\n\
          - VECVQ within ±0.05 bit and ±0.1 dB of CLG at every λ: worst |Δ rate| = {worst_bits:.3} bit, \
          worst |Δ gap| = {worst_db:.3} dB.\n\
          - Every point above its bound (0.5 % Monte-Carlo slack): {}.\n\

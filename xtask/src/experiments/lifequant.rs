@@ -1,7 +1,8 @@
-//! `lifequant`: LifeQuant's scaled-down reproduction (spec §10) on Fashion-MNIST — a
-//! three-task sliding class window (d = 0.5), QResNet-8 pretrained FP32 → 8-bit → 4-bit on
-//! task 0, then the arms M0–M5 and M0-2bit over tasks 1 and 2, over several seeds; ACC and
-//! FGT with mean ± std, accuracy-matrix heatmaps and the expected orderings H1–H5 / S1–S4.
+//! `lifequant`: LifeQuant's scaled-down reproduction (docs/methods/lifequant.md § Scaled-down
+//! experiment) on Fashion-MNIST — a three-task sliding class window (d = 0.5), QResNet-8
+//! pretrained FP32 → 8-bit → 4-bit on task 0, then the arms M0–M5 and M0-2bit over tasks 1
+//! and 2, over several seeds; ACC and FGT with mean ± std, accuracy-matrix heatmaps and the
+//! expected orderings H1–H5 / S1–S4.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,10 +31,10 @@ use crate::reproduce::{Context, Experiment, Mode, Outcome};
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
     name: "lifequant",
-    description: "LifeQuant (spec §10): QResNet-8 on a 3-task sliding class window of \
-                  Fashion-MNIST (d = 0.5), 4-bit W/A; fine-tuning, ProxQ, replay, replay + BaLL \
-                  and LifeQuant against FP32 and 2-bit fine-tuning; ACC/FGT over seeds and the \
-                  expected orderings H1–H5, S1–S4.",
+    description: "LifeQuant (docs/methods/lifequant.md § Scaled-down experiment): QResNet-8 \
+                  on a 3-task sliding class window of Fashion-MNIST (d = 0.5), 4-bit W/A; \
+                  fine-tuning, ProxQ, replay, replay + BaLL and LifeQuant against FP32 and \
+                  2-bit fine-tuning; ACC/FGT over seeds and the expected orderings H1–H5, S1–S4.",
     needs_data: true,
     run,
 };
@@ -99,8 +100,9 @@ impl TaskScheduleJson {
 }
 
 impl Settings {
-    /// The settings of `mode`: the spec's schedule in both; quick uses the 8/16/32 widths,
-    /// 300 training and 500 test images per class and no λ sweep.
+    /// The settings of `mode`: the schedule of docs/methods/lifequant.md § Scaled-down
+    /// experiment in both; quick uses the 8/16/32 widths, 300 training and 500 test images per
+    /// class and no λ sweep.
     pub fn for_mode(mode: Mode) -> Self {
         let quick = mode == Mode::Quick;
         Settings {
@@ -121,7 +123,7 @@ impl Settings {
     }
 }
 
-/// One arm of spec §10's table.
+/// One arm of the table in docs/methods/lifequant.md § Scaled-down experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub enum Arm {
     /// M0: 4-bit fine-tuning.
@@ -138,8 +140,8 @@ pub enum Arm {
     M5,
     /// M0 at 2 bits.
     M0TwoBit,
-    /// M4 with the penalty applied by its proximal step (ours, not an arm of the spec): the
-    /// same objective, stable for any λ.
+    /// M4 with the penalty applied by its proximal step (ours, not from the paper): the same
+    /// objective, stable for any λ.
     M4Prox,
 }
 
@@ -177,7 +179,7 @@ impl Arm {
             Arm::M4 => "LifeQuant: D_t ∪ R, BaLL, λ",
             Arm::M5 => "FT FP32 (reference): D_t, CE",
             Arm::M0TwoBit => "FT 2-bit: D_t, CE, λ = 0",
-            Arm::M4Prox => "M4 with the proximal penalty step (not in the spec)",
+            Arm::M4Prox => "M4 with the proximal penalty step (ours)",
         }
     }
 
@@ -211,7 +213,8 @@ impl Arm {
         };
         match self {
             // FT with λ = 0 and no replay in the training data: the code-faithful LifeQuant
-            // with λ = 0 is exactly fine-tuning (spec §11, item 21) and still measures drift.
+            // with λ = 0 is exactly fine-tuning (item 21 of docs/methods/lifequant.md § Tested
+            // invariants) and still measures drift.
             Arm::M0 | Arm::M0TwoBit => lq(LifeQuantMode::CodeFaithful, 0.0, ball),
             Arm::M1 => lq(LifeQuantMode::CodeFaithful, lambda, ball),
             Arm::M2 => lq(LifeQuantMode::Paper, 0.0, None),
@@ -420,12 +423,13 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
 }
 
-/// One ordering of spec §10 and whether it held.
+/// One ordering of docs/methods/lifequant.md § Expected orderings and whether it held.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ordering {
     /// H1..H5, S1..S4.
     pub id: String,
-    /// Hard (asserted by the spec's end-to-end run) or soft (reported).
+    /// Hard (required of the end-to-end run, docs/methods/lifequant.md § Expected orderings)
+    /// or soft (reported).
     pub hard: bool,
     /// The statement.
     pub statement: String,
@@ -709,7 +713,8 @@ pub fn run_with(
             arm.description()
         ));
     }
-    // The λ sweep (every seed) and H3 under the alternatives to the spec's M4.
+    // The λ sweep (every seed) and H3 under the alternatives to M4 as planned
+    // (docs/methods/lifequant.md § Scaled-down experiment).
     let h3 = |acc4: f64, fgt4: f64| -> String {
         let held = fgt4 <= fgt(Arm::M0) - 10.0 && acc4 >= acc(Arm::M0) + 10.0;
         format!(
@@ -721,7 +726,7 @@ pub fn run_with(
     if !sweep_runs.is_empty() {
         sweep = String::from(
             "\nλ sweep of M4 (explicit penalty gradient, as the reference), every seed; `H3` \
-             compares with M0 as the spec's H3 does:\n\n\
+             compares with M0 as H3 does:\n\n\
              | λ | seeds finished | ACC % | FGT % | orphan acc % | drift after T1 | H3 with this λ |\n\
              |---|---|---|---|---|---|---|\n",
         );
@@ -836,7 +841,8 @@ pub fn run_with(
         .collect();
     let markdown = format!(
         "{verdict}\n\n\
-         Setup (spec §10): Fashion-MNIST, {per} training images per class (seed 123), {test} \
+         Setup (docs/methods/lifequant.md § Scaled-down experiment): Fashion-MNIST, {per} \
+         training images per class (seed 123), {test} \
          test images per class, normalised with the training mean/std. Sliding class window \
          T = 3, d = {d}, class permutation {order:?}: {tasks}. Orphan classes (absent from the \
          last task): {orphans:?}. Model QResNet-8 (widths {w:?}, quantized stem and 1×1 skips, \
@@ -850,7 +856,7 @@ pub fn run_with(
          mean_{{s<2}} (max_{{t∈[s,1]}} a[t][s] − a[2][s]) (not clamped).\n\n\
          ## Task 0 (test accuracy %, per stage)\n\n{pre_table}\n\
          ## Arms (mean ± std over seeds)\n\n{table}\n\
-         M4-prox is not an arm of the spec: M4's objective with the penalty applied by its \
+         M4-prox is ours, not from the paper: M4's objective with the penalty applied by its \
          proximal step after each SGD step (step η/(1 − μ)) instead of its gradient in the loss; \
          the explicit form diverges wherever η·2λF > 2(1 + μ). With it, {prox_h3}.\n{sweep}\n\
          ## Expected orderings\n\n{order_table}",

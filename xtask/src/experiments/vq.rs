@@ -1,6 +1,7 @@
-//! `vq`: a VQ autoencoder (AQM spec §2.1, downsampling 2) with a 512-code EMA codebook
-//! (§2.2) trained on Fashion-MNIST twice from the same seed, with and without dead-code
-//! revival; codebook usage, perplexity and reconstruction error on the test set.
+//! `vq`: a VQ autoencoder (AQM, docs/methods/aqm.md § Networks, downsampling 2) with a
+//! 512-code EMA codebook (its § Quantizer) trained on Fashion-MNIST twice from the same seed,
+//! with and without dead-code revival; codebook usage, perplexity and reconstruction error on
+//! the test set.
 
 use std::path::Path;
 use std::time::Instant;
@@ -26,9 +27,10 @@ use crate::reproduce::{Context, Experiment, Mode, Outcome};
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
     name: "vq",
-    description: "A VQ autoencoder (AQM §2.1, 64 channels, one 512-code EMA codebook) on \
-                  Fashion-MNIST, trained with and without dead-code revival from the same seed: \
-                  codes in use, perplexity and reconstruction MSE on the test set.",
+    description: "A VQ autoencoder (AQM, docs/methods/aqm.md § Networks, 64 channels, one \
+                  512-code EMA codebook) on Fashion-MNIST, trained with and without dead-code \
+                  revival from the same seed: codes in use, perplexity and reconstruction MSE \
+                  on the test set.",
     needs_data: true,
     run,
 };
@@ -90,7 +92,8 @@ impl Settings {
     }
 }
 
-/// The AQM autoencoder for `1×28×28` images with downsampling 2 (spec §2.1, one ResBlock):
+/// The AQM autoencoder for `1×28×28` images with downsampling 2 (docs/methods/aqm.md
+/// § Networks, one ResBlock):
 /// encoder `conv4×4/2 1→C/2, ReLU, conv3×3 C/2→C, ResBlock, ReLU`; decoder `ResBlock, ReLU,
 /// convT4×4/2 C→1`, with `ResBlock(x) = h + conv1×1(ReLU(conv3×3 h))`, `h = ReLU(x)`.
 struct VqAutoencoder {
@@ -401,12 +404,13 @@ pub fn run_with(
     };
     let markdown = format!(
         "{verdict}\n\n\
-         Model: AQM spec §2.1 with downsampling 2 (conv4×4/2 1→{half}, ReLU, conv3×3 \
-         {half}→{c}, one ResBlock, ReLU; decoder ResBlock, ReLU, convT4×4/2 {c}→1), latent \
-         {c}×14×14, one codebook of K = {k} codes of dimension {c}. Quantizer: EMA codebook \
-         (γ = {decay}, ε = {eps}, Laplace-smoothed counts), initialised `E ~ U(−1/K, 1/K)`, \
-         `c = 0`, `w = E` (spec §2.2), no k-means initialisation, β = {beta}. Loss: \
-         reconstruction MSE + β·commitment; Adam (lr {lr}) on the encoder and decoder. \
+         Model: AQM (docs/methods/aqm.md § Networks) with downsampling 2 (conv4×4/2 \
+         1→{half}, ReLU, conv3×3 {half}→{c}, one ResBlock, ReLU; decoder ResBlock, ReLU, \
+         convT4×4/2 {c}→1), latent {c}×14×14, one codebook of K = {k} codes of dimension \
+         {c}. Quantizer: EMA codebook (γ = {decay}, ε = {eps}, Laplace-smoothed counts), \
+         initialised `E ~ U(−1/K, 1/K)`, `c = 0`, `w = E` (docs/methods/aqm.md § Quantizer), \
+         no k-means initialisation, β = {beta}. Loss: reconstruction MSE + β·commitment; Adam \
+         (lr {lr}) on the encoder and decoder. \
          Fashion-MNIST 60,000 training images scaled to [−1, 1], batches of {batch} (shuffled, \
          seed {seed}), {steps} steps ({epochs:.2} epochs) per arm; both arms start from the \
          same parameters and see the same batches. The revival arm replaces, after each EMA \

@@ -89,7 +89,7 @@ pub struct RunResult {
     pub run: String,
     /// Method.
     pub name: String,
-    /// Size ratio by the spec's formula.
+    /// Size ratio: uncompressed over compressed size (codebooks counted).
     pub ratio: f64,
     /// Compressed size by the formula, bytes.
     pub bytes: f64,

@@ -54,8 +54,9 @@ pub struct TaskSummary {
     pub kept: Vec<ItemId>,
 }
 
-/// LifeQuant's replay memory (§1.2): of each task's `n` items it keeps a uniformly random subset
-/// of [`Keep::of`]`(n)` items (δ = 0.2 in LifeQuant), without replacement.
+/// LifeQuant's replay memory (docs/methods/lifequant.md § Lifelong class shift): of each task's
+/// `n` items it keeps a uniformly random subset of [`Keep::of`]`(n)` items (δ = 0.2 in
+/// LifeQuant), without replacement.
 ///
 /// Items offered with [`ReplayBuffer::insert`] are *pending* (not yet sampleable) until their
 /// task is finished, explicitly with [`PerTaskBuffer::finish_task`] or implicitly when an item

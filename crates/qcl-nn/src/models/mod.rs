@@ -1,5 +1,5 @@
 //! Models built from [`crate::layers`]: ResNets (ResNet-20 and GEM's reduced ResNet-18 for any
-//! input size and channel count), the small CNN classifier of the AQM spec, and the AQM-style
+//! input size and channel count), the small CNN classifier of AQM's experiment, and the AQM-style
 //! VQ autoencoder used as a training benchmark.
 
 mod resnet;

@@ -5,7 +5,7 @@ use crate::layers::{Conv2d, Conv2dConfig, Linear, Module};
 use crate::ops::{max_pool2d, relu};
 use crate::ParamPath;
 
-/// The small CNN classifier of the AQM spec's CPU budget: `conv3×3 c→32, ReLU, maxpool 2,
+/// The small CNN classifier AQM's experiment uses on a CPU budget (docs/methods/aqm.md): `conv3×3 c→32, ReLU, maxpool 2,
 /// conv3×3 32→64, ReLU, maxpool 2, linear → 128, ReLU, linear 128 → classes` (same padding).
 ///
 /// ```
