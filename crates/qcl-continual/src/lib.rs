@@ -76,6 +76,8 @@ pub use buffer::{
 pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams, QuantizationNoise};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
+/// The distillation loss LwF uses (one for the workspace, in qcl-nn).
+pub use qcl_nn::loss::distillation_loss;
 pub use qresnet::{QResNet, QResNetConfig};
 pub use quant::{
     round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
@@ -86,7 +88,7 @@ pub use scenario::{
     TaskDescription,
 };
 pub use strategy::{
-    distillation_loss, fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams,
-    ExperienceReplay, FeatureHead, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep,
-    RunRecord, Strategy, TaskRecord, TaskSchedule, TaskView, TrainerConfig,
+    fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams, ExperienceReplay,
+    FeatureHead, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep, RunRecord, Strategy,
+    TaskRecord, TaskSchedule, TaskView, TrainerConfig,
 };

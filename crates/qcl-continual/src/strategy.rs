@@ -47,6 +47,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use qcl_data::{Batch, BatchOptions, BatchOrder, Dataset, Normalization};
 use qcl_nn::layers::ModuleT;
+use qcl_nn::loss::distillation_loss;
 use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
 use qcl_nn::schedule::{LrSchedule, MultiStepLr};
 use qcl_nn::ParamStore;
@@ -623,16 +624,6 @@ pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
-}
-
-/// `T²·mean_batch KL(softmax(teacher/T) ‖ softmax(student/T))`.
-pub fn distillation_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
-    let log_q = log_softmax(&(student / temperature)?)?;
-    let log_p = log_softmax(&(teacher.detach() / temperature)?)?;
-    let kl = (log_p.exp()? * (log_p - log_q)?)?
-        .sum(D::Minus1)?
-        .mean_all()?;
-    Ok((kl * (temperature * temperature))?)
 }
 
 impl Strategy for Lwf {

@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod layers;
+pub mod loss;
 pub mod models;
 pub mod ops;
 pub mod optim;

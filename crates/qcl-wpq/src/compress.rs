@@ -16,11 +16,12 @@ use crate::calibration::{Calibration, ConvInput};
 use crate::compressed::{CompressedModel, QuantizedLayer};
 use crate::em::Objective;
 use crate::layout::{clamp_centroids, LayerGeometry, LayerKind, Layout};
-use crate::model::{distillation_loss, ForwardOptions, LayerSpec, Model};
+use crate::model::{ForwardOptions, LayerSpec, Model};
 use crate::objective::{quantize_pq, Evidence, PqParams};
 use crate::pq_tensor::Sharing;
 use crate::sgd::CentroidSgd;
 use crate::teacher::BatchStream;
+use qcl_nn::loss::distillation_loss;
 
 pub use crate::inputs::LayerInputs;
 pub use crate::teacher::FMNIST_NORMALIZATION;
@@ -384,7 +385,7 @@ fn finetune(
                 ..Default::default()
             },
         )?;
-        let loss = distillation_loss(&t_logits, &out.logits)?;
+        let loss = distillation_loss(&out.logits, &t_logits, 1.0)?;
         let grads = loss.backward()?;
         for (_, var, opt) in &mut codebooks {
             if let Some(g) = grads.get(var.as_tensor()) {

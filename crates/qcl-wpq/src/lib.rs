@@ -94,7 +94,7 @@ pub use em::{
 };
 pub use layout::{clamp_centroids, index_bits, LayerGeometry, LayerKind, Layout};
 pub use metric::Metric;
-pub use model::{distillation_loss, Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
+pub use model::{Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
 pub use objective::{
     finetune_codebooks, quantize_pq, Evidence, FinetuneGuard, OutlierColumns, PqOutcome, PqParams,
     Quadratic, GUARD_STEPS, MAX_CENTROIDS, MAX_DENSE_UNKNOWNS, MAX_ROUNDS,

@@ -582,15 +582,3 @@ pub(crate) fn file_arch(
         _ => Ok(arch),
     }
 }
-
-/// `KL(softmax(teacher) ‖ softmax(student))`, mean over the batch (temperature 1).
-///
-/// # Errors
-/// A candle error for mismatched shapes.
-pub fn distillation_loss(teacher_logits: &Tensor, student_logits: &Tensor) -> Result<Tensor> {
-    let log_t = candle_nn::ops::log_softmax(&teacher_logits.detach(), D::Minus1)?;
-    let log_s = candle_nn::ops::log_softmax(student_logits, D::Minus1)?;
-    let p_t = log_t.exp()?;
-    let kl = (p_t * (log_t - log_s)?)?.sum(D::Minus1)?;
-    Ok(kl.mean_all()?)
-}
