@@ -84,7 +84,7 @@ pub struct MemoryConfig {
     /// Bytes of one raw image, `C·H·W`.
     pub image_bytes: usize,
     /// Seed of eviction and replay choices.
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl MemoryConfig {
@@ -94,7 +94,7 @@ impl MemoryConfig {
             budget_bytes: (mem_per_class * n_classes * image_bytes) as u64,
             param_bytes: 1,
             image_bytes,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -168,7 +168,7 @@ impl AdaptiveMemory {
             return Err(Error::invalid_parameter("image_bytes", "must be positive"));
         }
         check_budget(&config, model_cost_params)?;
-        let seed = Seed::new(config.seed);
+        let seed = config.seed;
         let blocks = (0..=modules)
             .map(|b| {
                 ClassBalancedBuffer::new(

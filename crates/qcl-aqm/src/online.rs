@@ -114,7 +114,7 @@ pub struct OnlineConfig {
     /// Stored samples kept for the original-vs-reconstruction grid.
     pub examples: usize,
     /// Seed of everything.
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl OnlineConfig {
@@ -136,7 +136,7 @@ impl OnlineConfig {
             record_every: 100,
             drift_every: 500,
             examples: 16,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -460,7 +460,7 @@ pub fn run(
         ));
     }
     let device = Device::Cpu;
-    let seed = Seed::new(config.seed);
+    let seed = config.seed;
     let first = scenario
         .tasks()
         .first()
@@ -501,7 +501,7 @@ pub fn run(
         budget_bytes: config.budget_bytes,
         param_bytes: config.param_bytes,
         image_bytes,
-        seed: seed.child_named("memory").0,
+        seed: seed.child_named("memory"),
     };
     let mut replay = match config.method {
         Method::FineTune | Method::IidOnline => Replay::None,

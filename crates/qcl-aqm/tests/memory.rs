@@ -60,7 +60,7 @@ fn config(budget: u64, seed: u64) -> MemoryConfig {
         budget_bytes: budget,
         param_bytes: 1,
         image_bytes: IMAGE,
-        seed,
+        seed: qcl_tensor::Seed::new(seed),
     }
 }
 

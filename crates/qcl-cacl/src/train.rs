@@ -255,7 +255,7 @@ pub struct ArmRun {
     /// The arm.
     pub arm: Arm,
     /// The seed.
-    pub seed: u64,
+    pub seed: Seed,
     /// `a[i][j]`: accuracy (fraction) on task j after training task i.
     pub accuracy: AccuracyMatrix,
     /// Mean final accuracy over the tasks (fraction).
@@ -336,7 +336,7 @@ fn bits(t: &Tensor) -> Result<Vec<u32>> {
 /// # use qcl_cacl::*;
 /// # fn tasks() -> Vec<TaskData> { unimplemented!() }
 /// let run = run_arm(Arm::Cacl, &tasks(), NetConfig::net_svd_s(), CaclParams::default(),
-///                   &TrainConfig::default(), 1, None)?;
+///                   &TrainConfig::default(), 1.into(), None)?;
 /// println!("{} {:.2}% {:.3} MB", run.arm.name(), 100.0 * run.average_accuracy, run.megabytes);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
@@ -349,14 +349,14 @@ pub fn run_arm(
     net: NetConfig,
     base: CaclParams,
     config: &TrainConfig,
-    seed: u64,
+    seed: Seed,
     bar: Option<&ProgressBar>,
 ) -> Result<ArmRun> {
     if tasks.is_empty() {
         return Err(Error::EmptyInput("task sequence".into()));
     }
     let device = Device::Cpu;
-    let root = Seed::new(seed);
+    let root = seed;
     let finish = |accuracy: AccuracyMatrix, parameters: u64, steps: Vec<usize>| -> Result<ArmRun> {
         Ok(ArmRun {
             arm,

@@ -280,7 +280,7 @@ fn arms_train_and_report() {
             ..Default::default()
         },
         &config,
-        3,
+        Seed::new(3),
         None,
     )
     .unwrap();
@@ -298,7 +298,7 @@ fn arms_train_and_report() {
         NetConfig::net_svd_s(),
         CaclParams::default(),
         &config,
-        3,
+        Seed::new(3),
         None,
     )
     .unwrap();
@@ -314,7 +314,7 @@ fn arms_train_and_report() {
             ..Default::default()
         },
         &config,
-        3,
+        Seed::new(3),
         None,
     )
     .unwrap();

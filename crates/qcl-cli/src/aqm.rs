@@ -8,7 +8,7 @@ use indicatif::ProgressBar;
 use qcl_aqm::online::{run, ClassifierInput, Method, OnlineConfig};
 use qcl_continual::{Scenario, SplitParams};
 use qcl_data::SplitDataset;
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{Error, Result, Seed};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -94,7 +94,7 @@ pub fn run_command(command: &AqmCommand) -> Result<Report> {
         cfg.samples_per_task = *samples_per_task;
     }
     if let Some(s) = seed {
-        cfg.seed = *s;
+        cfg.seed = Seed::new(*s);
     }
     let data = SplitDataset::load(data)?;
     let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;

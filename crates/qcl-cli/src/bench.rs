@@ -7,7 +7,7 @@
 
 use clap::Subcommand;
 use qcl_nn::bench::{bench_training, BenchModel, TrainBenchConfig, TrainBenchReport};
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{Error, Result, Seed};
 use serde_json::json;
 
 use crate::Report;
@@ -57,7 +57,7 @@ fn train(args: &TrainArgs) -> Result<Report> {
         batch: args.batch,
         steps: args.steps,
         warmup: args.warmup,
-        seed: args.seed,
+        seed: Seed::new(args.seed),
     })?;
     // Plain numbers and strings: serialising cannot fail (a non-finite loss becomes `null`).
     let json = json!(report);

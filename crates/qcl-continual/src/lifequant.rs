@@ -94,7 +94,7 @@ pub struct QuantizationNoise {
     /// The weight bit width `k_w` in `a` (default 4).
     pub bits: u32,
     /// Seed of the draws (default 0).
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl Default for QuantizationNoise {
@@ -103,7 +103,7 @@ impl Default for QuantizationNoise {
             draws: 100,
             activation_range: 2.0,
             bits: 4,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -264,7 +264,7 @@ impl LifeQuant {
         let batch_size = self.params.fisher_batch_size;
         let batches = replay.len().div_ceil(batch_size);
         let scale = 1.0 / (noise.draws * batches) as f64;
-        let mut rng = Seed::new(noise.seed).child(task).rng();
+        let mut rng = noise.seed.child(task).rng();
         fisher_diagonal_of(learner, replay, batch_size, &mut |batch| {
             let features = split.features_t(&batch.images, false)?;
             let logits = split.head(&features)?;

@@ -171,7 +171,7 @@ fn the_noise_term_changes_the_fisher_and_is_seeded() {
     let again = task1_fisher(Some(QuantizationNoise::default()), true).unwrap();
     let reseeded = task1_fisher(
         Some(QuantizationNoise {
-            seed: 7,
+            seed: qcl_tensor::Seed::new(7),
             ..QuantizationNoise::default()
         }),
         true,

@@ -149,7 +149,7 @@ fn train_steps(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     configure(&mut group, 4);
     for model in [BenchModel::ResNet20, BenchModel::VqAutoencoder] {
-        let mut step = qcl_nn::bench::training_step(model, STEP_BATCH, 0).expect("model");
+        let mut step = qcl_nn::bench::training_step(model, STEP_BATCH, 0.into()).expect("model");
         group.bench_function(format!("{}/batch{STEP_BATCH}", model.name()), |b| {
             // The step reads its loss back, as a training loop does.
             b.iter(|| step().unwrap())

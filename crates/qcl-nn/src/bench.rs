@@ -61,7 +61,7 @@ pub struct TrainBenchConfig {
     /// Untimed warm-up steps (default 3).
     pub warmup: usize,
     /// Seed of the weights and the random batch.
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl TrainBenchConfig {
@@ -72,7 +72,7 @@ impl TrainBenchConfig {
             batch: 128,
             steps: 20,
             warmup: 3,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -132,7 +132,7 @@ pub type TrainingStep = Box<dyn FnMut() -> Result<f64>>;
 ///
 /// ```
 /// use qcl_nn::bench::{training_step, BenchModel};
-/// let mut step = training_step(BenchModel::VqAutoencoder, 2, 0)?;
+/// let mut step = training_step(BenchModel::VqAutoencoder, 2, 0.into())?;
 /// let first = step()?;
 /// assert!(first.is_finite());
 /// # Ok::<(), qcl_tensor::Error>(())
@@ -140,12 +140,11 @@ pub type TrainingStep = Box<dyn FnMut() -> Result<f64>>;
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] for an empty batch; candle errors.
-pub fn training_step(model: BenchModel, batch: usize, seed: u64) -> Result<TrainingStep> {
+pub fn training_step(model: BenchModel, batch: usize, seed: Seed) -> Result<TrainingStep> {
     if batch == 0 {
         return Err(Error::invalid_parameter("batch", "need at least one image"));
     }
     let device = Device::Cpu;
-    let seed = Seed(seed);
     let mut rng = seed.child_named("batch").rng();
     let x = rng.normal_tensor((batch, 1, 28, 28), 0.0, 1.0, &device)?;
     let labels: Vec<u32> = (0..batch)

@@ -10,6 +10,7 @@ use candle_core::{Device, Shape, Tensor};
 use rand::{Rng as _, RngCore, SeedableRng};
 use rand_chacha::{ChaCha12Rng, ChaCha20Rng};
 use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -23,7 +24,10 @@ use crate::{Error, Result};
 /// assert_ne!(seed.child(0), seed.child(1));
 /// assert_eq!(seed.child_named("task-3"), Seed::new(42).child_named("task-3"));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)] // a plain number in JSON configs and files
 pub struct Seed(pub u64);
 
 impl Seed {
@@ -62,6 +66,13 @@ impl Seed {
         SeededRng {
             inner: ChaCha12Rng::seed_from_u64(self.0),
         }
+    }
+}
+
+impl std::fmt::Display for Seed {
+    /// The number, as it was given.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 

@@ -79,7 +79,7 @@ pub struct CompressConfig {
     /// Average (not sum) the members' gradients (upstream behaviour).
     pub mean_grad: bool,
     /// Seed of every random choice.
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl Default for CompressConfig {
@@ -107,7 +107,7 @@ impl Default for CompressConfig {
             weight_decay: 1e-4,
             batch_size: 128,
             mean_grad: true,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -501,7 +501,7 @@ pub fn compress(
 ) -> Result<CompressOutcome> {
     cfg.validate()?;
     let started = Instant::now();
-    let seed = Seed::new(cfg.seed);
+    let seed = cfg.seed;
     let student = if cfg.fuse_bn {
         teacher.fold_batch_norm()?
     } else {

@@ -240,7 +240,7 @@ pub fn compress_checkpoint(
     bar.set_position(0);
     let mut out = CompressedCheckpoint::untouched(checkpoint);
     let mut reports = Vec::with_capacity(chosen.len());
-    let seed = Seed::new(plan.seed);
+    let seed = plan.seed;
     for (name, rule) in chosen {
         bar.set_message(name.clone());
         let method = &plan.rules[rule].method;

@@ -1,6 +1,6 @@
 //! Which tensors to compress, and how: name patterns, first match wins.
 
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
 use crate::compressor::Method;
@@ -135,18 +135,21 @@ pub struct Plan {
     pub rules: Vec<Rule>,
     /// Seed (each tensor draws from its own child, named by the tensor).
     #[serde(default)]
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl Plan {
     /// Rules with seed 0.
     pub fn new(rules: Vec<Rule>) -> Self {
-        Plan { rules, seed: 0 }
+        Plan {
+            rules,
+            seed: Seed::new(0),
+        }
     }
 
     /// The same plan with another seed.
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
+    pub fn with_seed(mut self, seed: impl Into<Seed>) -> Self {
+        self.seed = seed.into();
         self
     }
 

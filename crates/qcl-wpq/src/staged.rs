@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
-use qcl_tensor::{Error, Result, Seed};
+use qcl_tensor::{Error, Result};
 
 use crate::calibration::Calibration;
 use crate::checkpoint::{Checkpoint, CompressedCheckpoint};
@@ -83,7 +83,7 @@ where
     bar.set_position(0);
     let mut out = CompressedCheckpoint::untouched(checkpoint);
     let mut reports = Vec::with_capacity(chosen.len());
-    let seed = Seed::new(plan.seed);
+    let seed = plan.seed;
     for stage in by_stage.into_iter().filter(|s| !s.is_empty()) {
         let calibration = Calibration::new().restricted_to(stage.iter().map(|(n, _)| n.clone()));
         if stage

@@ -94,7 +94,7 @@ pub struct TeacherConfig {
     /// Use only the first this many training images (all when `None`).
     pub train_images: Option<usize>,
     /// Seed of the initialisation and the batch order.
-    pub seed: u64,
+    pub seed: Seed,
 }
 
 impl Default for TeacherConfig {
@@ -106,7 +106,7 @@ impl Default for TeacherConfig {
             lr: 1e-3,
             last_epoch_lr: 3e-4,
             train_images: None,
-            seed: 0,
+            seed: Seed::new(0),
         }
     }
 }
@@ -116,7 +116,7 @@ impl Default for TeacherConfig {
 /// # Errors
 /// [`Error::EmptyInput`] without images, a candle error.
 pub fn train_teacher(cfg: &TeacherConfig, train: &Dataset, bar: &ProgressBar) -> Result<Model> {
-    let seed = Seed::new(cfg.seed);
+    let seed = cfg.seed;
     let model = Model::new(cfg.arch, seed.child_named("init"))?;
     let n = cfg.train_images.unwrap_or(train.len()).min(train.len());
     let subset = train.subset(&(0..n).collect::<Vec<_>>())?;

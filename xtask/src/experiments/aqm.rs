@@ -231,7 +231,7 @@ pub fn run_with(
             config.classifier_input = input;
             config.samples_per_task = settings.samples_per_task;
             config.test_per_class = settings.test_per_class;
-            config.seed = seed;
+            config.seed = qcl_tensor::Seed::new(seed);
             config.stack.layers[0].stat_rate = settings.stat_rate;
             config.stack.layers[0].ema_decoder_rate = settings.stat_rate;
             let steps = settings.samples_per_task.unwrap_or(10_800) / 10;

@@ -258,7 +258,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
                     NetConfig::net_svd_s(),
                     settings.cacl,
                     &settings.train,
-                    seed,
+                    qcl_tensor::Seed::new(seed),
                     Some(bar),
                 )
                 .with_context(|| format!("{} {} seed {seed}", bench.name, arm.name()))?;

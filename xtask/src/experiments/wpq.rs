@@ -360,7 +360,7 @@ pub fn run_with(
     let mut bit_identical = true;
     for &seed in &settings.seeds {
         let base = CompressConfig {
-            seed,
+            seed: qcl_tensor::Seed::new(seed),
             ..settings.compress.clone()
         };
         let seed_runs = pq_runs(&teacher, bn_teacher.as_ref(), &base, &scorer, bar)?;
