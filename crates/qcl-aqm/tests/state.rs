@@ -186,17 +186,13 @@ fn saved_states_are_the_same_bytes_on_1_and_2_threads() {
     let files: Vec<Vec<u8>> = [1, 2]
         .into_iter()
         .map(|threads| {
-            // The crate's parallel code follows the pool it runs in.
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            qcl_tensor::on_threads(threads, || {
                 let (stack, memory) = trained();
                 let path = dir.path().join(format!("aqm{threads}.safetensors"));
                 state::save(&path, &stack, 4.into(), &memory).unwrap();
                 std::fs::read(path).unwrap()
             })
+            .unwrap()
         })
         .collect();
     assert!(

@@ -445,12 +445,7 @@ fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
     let files: Vec<Vec<u8>> = [1, 2]
         .into_iter()
         .map(|threads| {
-            // The crate's parallel code follows the pool it runs in.
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            qcl_tensor::on_threads(threads, || {
                 let mut net = NetSvd::new(
                     NetConfig::net_svd_s(),
                     CaclParams::default(),
@@ -473,6 +468,7 @@ fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
                 net.save(&path).unwrap();
                 std::fs::read(path).unwrap()
             })
+            .unwrap()
         })
         .collect();
     assert!(

@@ -782,12 +782,9 @@ fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
         .into_iter()
         .map(|threads| {
             let path = dir.path().join(format!("run{threads}.ckpt"));
-            // The crate's parallel code follows the pool it runs in.
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
+            qcl_tensor::on_threads(threads, || session(1, config(Some(&path), Some(4)), None))
                 .unwrap()
-                .install(|| session(1, config(Some(&path), Some(4)), None).unwrap());
+                .unwrap();
             std::fs::read(&path).unwrap()
         })
         .collect();

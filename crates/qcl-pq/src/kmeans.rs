@@ -897,9 +897,8 @@ mod tests {
             let labels: Vec<u32> = (0..n).map(|i| (((i as u64 * 2654435761) ^ seed) % k as u64) as u32).collect();
             let expected = sums_by_definition(&data, dim, &labels, k);
             for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut centroids = vec![0f32; k * dim];
-                pool.install(|| update_centroids(&Points::all(&data, dim), None, &labels, k, &mut centroids, &mut Vec::new()));
+                qcl_tensor::on_threads(threads, || update_centroids(&Points::all(&data, dim), None, &labels, k, &mut centroids, &mut Vec::new())).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 prop_assert_eq!(bits(&centroids), bits(&expected));
             }

@@ -50,19 +50,16 @@ proptest! {
 fn same_seed_same_centroids_with_one_and_two_threads() {
     let data = blobs(3, 8, 500, 9, 0.5);
     let fit = |threads: usize, init| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| {
-                let params = KMeansParams {
-                    max_iter: 8,
-                    init,
-                    n_init: 2,
-                    ..KMeansParams::new(32)
-                };
-                KMeans::fit(&data, 9, None, &params).unwrap()
-            })
+        qcl_tensor::on_threads(threads, || {
+            let params = KMeansParams {
+                max_iter: 8,
+                init,
+                n_init: 2,
+                ..KMeansParams::new(32)
+            };
+            KMeans::fit(&data, 9, None, &params).unwrap()
+        })
+        .unwrap()
     };
     for init in [KMeansInit::Random, KMeansInit::KMeansPlusPlus] {
         let (a, b) = (fit(1, init), fit(2, init));

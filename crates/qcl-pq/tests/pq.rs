@@ -233,11 +233,9 @@ fn training_is_seeded_and_independent_of_thread_count() {
     let data = Seed::new(4).rng().normal_vec(600 * 8, 0.0, 1.0);
     let params = quick_params(2, 3);
     let run = |threads: usize, params: &ProductQuantizerParams| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
+        qcl_tensor::on_threads(threads, || ProductQuantizer::train(&data, 8, params))
             .unwrap()
-            .install(|| ProductQuantizer::train(&data, 8, params).unwrap())
+            .unwrap()
     };
     let one = run(1, &params);
     assert_eq!(one, run(2, &params));
@@ -381,11 +379,9 @@ fn search_is_independent_of_thread_count() {
     let codes = pq.encode(&data).unwrap();
     let queries = values(8, 17 * 8, false);
     let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
+        qcl_tensor::on_threads(threads, || pq.search(&queries, &codes, 10))
             .unwrap()
-            .install(|| pq.search(&queries, &codes, 10).unwrap())
+            .unwrap()
     };
     let one = run(1);
     assert_eq!(one, run(2));

@@ -1,4 +1,4 @@
-//! Process-wide allocator tuning for programs that run numeric loops.
+//! Process-wide set-up for programs that run numeric loops: allocator tuning, thread pools.
 
 /// Keeps large freed blocks in the process instead of returning them to the kernel.
 ///
@@ -50,4 +50,26 @@ pub fn tune_process_for_numeric_loops() -> bool {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     tune_allocator_for_numeric_loops()
+}
+
+/// Runs `work` on a fresh rayon pool of `threads` threads: qcl's parallel code follows the
+/// pool it runs in, so this is how a test (or a user) checks that a result does not depend
+/// on the thread count.
+///
+/// ```
+/// let one = qcl_tensor::on_threads(1, || rayon::current_num_threads())?;
+/// let two = qcl_tensor::on_threads(2, || rayon::current_num_threads())?;
+/// assert_eq!((one, two), (1, 2));
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`](crate::Error::InvalidParameter) when the pool cannot be built
+/// (no thread could be started).
+pub fn on_threads<T: Send>(threads: usize, work: impl FnOnce() -> T + Send) -> crate::Result<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| crate::Error::invalid_parameter("threads", format!("no thread pool: {e}")))?;
+    Ok(pool.install(work))
 }

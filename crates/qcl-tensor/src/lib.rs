@@ -34,7 +34,7 @@ mod rng;
 mod rows;
 mod two_nearest;
 
-pub use alloc::{tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
+pub use alloc::{on_threads, tune_allocator_for_numeric_loops, tune_process_for_numeric_loops};
 pub use check::{
     check_finite, check_finite_slice, check_shape, format_shape_pattern, matrix_f32, TensorSpec,
 };

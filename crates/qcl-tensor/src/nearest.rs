@@ -1230,11 +1230,9 @@ mod tests {
     fn same_result_with_one_and_two_threads() {
         let (points, codes) = data(5, 3000, 37, 50, false);
         let run = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
+            crate::on_threads(threads, || nearest_codes(&points, &codes, 50, None))
                 .unwrap()
-                .install(|| nearest_codes(&points, &codes, 50, None).unwrap())
+                .unwrap()
         };
         assert_eq!(run(1), run(2));
     }

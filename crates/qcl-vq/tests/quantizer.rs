@@ -796,22 +796,13 @@ fn param_store_files_carry_the_quantizer_state() {
     );
 }
 
-/// `work` on a pool of `threads` threads (the crate's parallel code follows the pool).
-fn on_threads<T: Send>(threads: usize, work: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(work)
-}
-
 #[test]
 fn quantizer_and_index_files_are_the_same_bytes_on_1_and_2_threads() {
     let dir = tempfile::tempdir().unwrap();
     let files: Vec<(Vec<u8>, Vec<u8>)> = [1, 2]
         .into_iter()
         .map(|threads| {
-            on_threads(threads, || {
+            qcl_tensor::on_threads(threads, || {
                 let config = VectorQuantizerConfig {
                     kmeans_init: true,
                     dead_code_threshold: Some(0.5),
@@ -839,6 +830,7 @@ fn quantizer_and_index_files_are_the_same_bytes_on_1_and_2_threads() {
                 packed.save(&p).unwrap();
                 (std::fs::read(q).unwrap(), std::fs::read(p).unwrap())
             })
+            .unwrap()
         })
         .collect();
     assert!(files[0].0 == files[1].0, "quantizer files differ");
