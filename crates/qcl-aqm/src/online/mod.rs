@@ -6,22 +6,25 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
-use qcl_continual::ball::cross_entropy;
-use qcl_continual::{
-    AccuracyMatrix, Capacity, Filter, RawImage, ReplayBuffer, ReservoirBuffer, Scenario,
-};
+use qcl_continual::{AccuracyMatrix, RawImage, ReservoirBuffer, Scenario};
 use qcl_data::Dataset;
 use qcl_nn::layers::Module;
 use qcl_nn::models::SmallCnn;
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Sgd, SgdParams};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed, SeededRng};
-use qcl_vq::PackedIndices;
 use serde::{Deserialize, Serialize};
 
 use crate::config::StackConfig;
-use crate::memory::{AdaptiveMemory, IncomingSample, MemoryConfig, Payload, ReplayItem};
+use crate::memory::{AdaptiveMemory, Payload, ReplayItem};
 use crate::stack::QStack;
+
+mod steps;
+use steps::{
+    classifier_step, final_accuracy_and_forgetting, image_geometry, incoming_samples, memory_point,
+    memory_summary, new_replay, reconstruction_accuracy, replay_batch, stream_batches, test_sets,
+    update_memory,
+};
 
 /// The compared methods (docs/methods/aqm.md § Fashion-MNIST experiment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,42 +453,13 @@ pub fn run(
     config: &OnlineConfig,
     bar: Option<&ProgressBar>,
 ) -> Result<RunResult> {
-    if config.batch_size == 0 {
-        return Err(Error::invalid_parameter("batch_size", "must be positive"));
-    }
-    if !(0.0..1.0).contains(&config.holdout_fraction) {
-        return Err(Error::invalid_parameter(
-            "holdout_fraction",
-            "must be in [0, 1)",
-        ));
-    }
     let device = Device::Cpu;
     let seed = config.seed;
-    let first = scenario
-        .tasks()
-        .first()
-        .ok_or_else(|| Error::EmptyInput("a scenario without tasks".into()))?;
-    let s = first.train.shape();
-    let shape = [s.channels, s.height, s.width];
-    if config.method == Method::Aqm && config.stack.image != shape {
-        return Err(Error::ShapeMismatch {
-            context: "stack image shape".into(),
-            expected: format!("{shape:?}"),
-            actual: config.stack.image.to_vec(),
-        });
-    }
-    let image_bytes = s.len();
+    let (shape, image_bytes) = image_geometry(scenario, config)?;
     let num_classes = scenario.num_classes();
     let num_tasks = scenario.num_tasks();
     let sets = stream_sets(scenario, config, seed)?;
-    let tests: Vec<Dataset> = scenario
-        .tasks()
-        .iter()
-        .map(|t| match config.test_per_class {
-            Some(k) => t.test.take_per_class(k),
-            None => t.test.clone(),
-        })
-        .collect();
+    let tests = test_sets(scenario, config);
 
     let store = ParamStore::new(seed.child_named("classifier"));
     let net = SmallCnn::new(&store.root(&device), shape[0], shape[1], num_classes)?;
@@ -497,77 +471,9 @@ pub fn run(
         },
     )?;
 
-    let memory_config = MemoryConfig {
-        budget_bytes: config.budget_bytes,
-        param_bytes: config.param_bytes,
-        image_bytes,
-        seed: seed.child_named("memory"),
-    };
-    let mut replay = match config.method {
-        Method::FineTune | Method::IidOnline => Replay::None,
-        Method::ErRaw => {
-            let slots = (config.budget_bytes / image_bytes as u64) as usize;
-            if slots == 0 {
-                return Err(Error::invalid_parameter(
-                    "budget_bytes",
-                    "smaller than one image",
-                ));
-            }
-            Replay::Reservoir(
-                Box::new(ReservoirBuffer::new(
-                    Capacity::items(slots),
-                    seed.child_named("reservoir"),
-                )?),
-                seed.child_named("replay").rng(),
-            )
-        }
-        Method::RawAqm => Replay::Adaptive(AdaptiveMemory::new(memory_config, 0, 0)?, None),
-        Method::Aqm => {
-            let stack = QStack::new(config.stack.clone(), seed.child_named("stack"), &device)?;
-            let memory = AdaptiveMemory::new(
-                memory_config,
-                stack.layers().len(),
-                stack.model_cost_params() as u64,
-            )?;
-            Replay::Adaptive(memory, Some(stack))
-        }
-    };
+    let mut replay = new_replay(config, seed, image_bytes, &device)?;
 
-    // The stream: per task, or one shuffled union for iid-online.
-    let mut schedule: Vec<(usize, Vec<usize>)> = Vec::new(); // (task, indices) per batch
-    let mut order_rng = seed.child_named("order").rng();
-    if config.method == Method::IidOnline {
-        let mut all: Vec<(usize, usize)> = sets
-            .iter()
-            .enumerate()
-            .flat_map(|(t, d)| (0..d.len()).map(move |i| (t, i)))
-            .collect();
-        order_rng.shuffle(&mut all);
-        for chunk in all.chunks_exact(config.batch_size) {
-            // A batch may mix tasks; each row keeps its own task for lookup.
-            for &(t, i) in chunk {
-                schedule.push((t, vec![i]));
-            }
-        }
-    } else {
-        for (t, d) in sets.iter().enumerate() {
-            let order = order_rng.permutation(d.len());
-            for chunk in order.chunks_exact(config.batch_size) {
-                schedule.push((t, chunk.to_vec()));
-            }
-        }
-    }
-    let batches: Vec<Vec<(usize, usize)>> = if config.method == Method::IidOnline {
-        schedule
-            .chunks(config.batch_size)
-            .map(|c| c.iter().map(|(t, i)| (*t, i[0])).collect())
-            .collect()
-    } else {
-        schedule
-            .iter()
-            .map(|(t, idx)| idx.iter().map(|&i| (*t, i)).collect())
-            .collect()
-    };
+    let batches = stream_batches(config, &sets, seed);
     if let Some(bar) = bar {
         bar.set_length(batches.len() as u64);
         bar.set_position(0);
@@ -606,43 +512,7 @@ pub fn run(
         let x_inc = to_tensor(&images, shape, &device)?;
         let y_inc = Tensor::from_vec(labels.clone(), labels.len(), &device)?;
 
-        // Replay batch from earlier tasks.
-        let replay_batch: Option<ReplayBatch> = match &mut replay {
-            Replay::None => None,
-            Replay::Reservoir(buf, rng) if task > 0 => {
-                let items: Vec<(u32, Vec<u8>)> = buf
-                    .sample(config.replay_size, &Filter::tasks_before(task), rng)
-                    .into_iter()
-                    .map(|e| (e.label, e.item.0.clone()))
-                    .collect();
-                if items.is_empty() {
-                    None
-                } else {
-                    let imgs: Vec<&[u8]> = items.iter().map(|(_, p)| p.as_slice()).collect();
-                    let ys: Vec<u32> = items.iter().map(|(y, _)| *y).collect();
-                    Some(ReplayBatch {
-                        x: to_tensor(&imgs, shape, &device)?,
-                        y: Tensor::from_vec(ys.clone(), ys.len(), &device)?,
-                        ids: Vec::new(),
-                    })
-                }
-            }
-            Replay::Adaptive(memory, stack) if task > 0 => {
-                let items = memory.sample(config.replay_size, task);
-                if items.is_empty() {
-                    None
-                } else {
-                    let xs = decode_adaptive(&items, stack.as_ref(), shape, &device)?;
-                    let ys: Vec<u32> = items.iter().map(|i| i.label).collect();
-                    Some(ReplayBatch {
-                        x: Tensor::cat(&xs, 0)?,
-                        y: Tensor::from_vec(ys.clone(), ys.len(), &device)?,
-                        ids: items.iter().map(|i| i.id).collect(),
-                    })
-                }
-            }
-            _ => None,
-        };
+        let replay_batch = replay_batch(&mut replay, config, task, shape, &device)?;
         let n_re = replay_batch.as_ref().map_or(0, |r| r.y.dims()[0]);
         let x_all = match &replay_batch {
             Some(r) => Tensor::cat(&[&x_inc, &r.x], 0)?,
@@ -655,76 +525,21 @@ pub fn run(
             _ => None,
         };
 
-        // Classifier: CE on incoming plus CE on replay, one SGD step.
-        let x_cls = match (&replay, &stack_step) {
-            (Replay::Adaptive(_, Some(stack)), Some(out))
-                if decoded_input && stack.all_frozen() =>
-            {
-                let deepest = stack.layers().len();
-                let codes = out.outputs[deepest - 1].indices.narrow(0, 0, batch.len())?;
-                stack.decode_codes(deepest, &codes)?
-            }
-            _ => x_inc.clone(),
-        };
-        let mut loss = cross_entropy(&net.forward(&x_cls)?, &y_inc)?;
-        if let Some(r) = &replay_batch {
-            loss = (loss + cross_entropy(&net.forward(&r.x)?, &r.y)?)?;
-        }
-        sgd.backward_step(&loss)?;
+        classifier_step(
+            (&net, &mut sgd),
+            (&x_inc, &y_inc),
+            (&replay, stack_step.as_ref(), replay_batch.as_ref()),
+            decoded_input,
+        )?;
 
-        // Memory update.
-        let incoming: Vec<IncomingSample> = batch
-            .iter()
-            .zip(&labels)
-            .map(|(&(t, i), &y)| IncomingSample {
-                label: y,
-                task: t,
-                dataset_index: i,
-                pixels: sets[t].image(i).to_vec(),
-            })
-            .collect();
-        match &mut replay {
-            Replay::None => {}
-            Replay::Reservoir(buf, _) => {
-                for s in incoming {
-                    buf.insert(s.label, s.task, RawImage::new(s.pixels))?;
-                }
-            }
-            Replay::Adaptive(memory, None) => {
-                memory.insert(&incoming, &[], &[], &[], step)?;
-            }
-            Replay::Adaptive(memory, Some(stack)) => {
-                let out = stack_step.expect("a stack step was taken");
-                for (m, layer) in stack.layers().iter().enumerate() {
-                    if layer.is_frozen() && memory.block_bits()[m + 1] == 0 {
-                        memory.set_module_bits(m + 1, layer.bits_per_sample())?;
-                        freeze_steps[m] = Some(step);
-                    }
-                }
-                memory.set_model_cost(stack.model_cost_params() as u64)?;
-                stack.update_ema_decoders()?;
-                let ok = stack.update_threshold_stats(&x_all, &out.finals)?;
-                let mut codes = Vec::with_capacity(out.outputs.len());
-                for (m, o) in out.outputs.iter().enumerate() {
-                    let layer = &stack.layers()[m];
-                    if !layer.is_frozen() {
-                        codes.push(Vec::new());
-                        continue;
-                    }
-                    let [n, h, w] = layer.index_shape();
-                    let k = layer.current_codes();
-                    let v: Vec<u32> = o.indices.flatten_all()?.to_vec1()?;
-                    let per = n * h * w;
-                    codes.push(
-                        v.chunks(per)
-                            .map(|c| PackedIndices::pack(c, &[1, n, h, w], k))
-                            .collect::<Result<Vec<_>>>()?,
-                    );
-                }
-                let ids = replay_batch.as_ref().map_or(&[][..], |r| r.ids.as_slice());
-                memory.insert(&incoming, ids, &ok, &codes, step)?;
-            }
-        }
+        update_memory(
+            &mut replay,
+            incoming_samples(batch, &labels, &sets),
+            (stack_step, &x_all),
+            replay_batch.as_ref(),
+            step,
+            &mut freeze_steps,
+        )?;
         loop_seconds += started.elapsed().as_secs_f64();
         streamed += batch.len();
         if let Some(bar) = bar {
@@ -737,26 +552,7 @@ pub fn run(
             .is_none_or(|b| b[0].0 != task)
             || config.method == Method::IidOnline && step as usize + 1 == batches.len();
         if step.is_multiple_of(config.record_every.max(1) as u64) || last_of_task {
-            let point = match &replay {
-                Replay::None => MemoryPoint {
-                    step: step + 1,
-                    per_block: vec![],
-                    used_bytes: 0.0,
-                    capacity_bytes: 0.0,
-                },
-                Replay::Reservoir(buf, _) => MemoryPoint {
-                    step: step + 1,
-                    per_block: vec![buf.len()],
-                    used_bytes: buf.bytes_used() as f64,
-                    capacity_bytes: config.budget_bytes as f64,
-                },
-                Replay::Adaptive(memory, _) => MemoryPoint {
-                    step: step + 1,
-                    per_block: memory.counts_per_block(),
-                    used_bytes: memory.used_bits() as f64 / 8.0,
-                    capacity_bytes: memory.capacity_bits() as f64 / 8.0,
-                },
-            };
+            let point = memory_point(&replay, config, step);
             memory_curve.push(point);
         }
         if let Replay::Adaptive(memory, Some(stack)) = &replay {
@@ -771,65 +567,14 @@ pub fn run(
     if config.method == Method::IidOnline {
         eval(&net, &mut replay, num_tasks - 1, &mut matrix, num_tasks - 1)?;
     }
-    let last = &matrix.rows()[num_tasks - 1];
-    let final_accuracy = last.iter().map(|a| a.unwrap_or(0.0)).sum::<f64>() / num_tasks as f64;
-    let forgetting = if config.method == Method::IidOnline || num_tasks < 2 {
-        None
-    } else {
-        Some(matrix.forgetting()?)
-    };
+    let (final_accuracy, forgetting) = final_accuracy_and_forgetting(&matrix, config.method)?;
 
-    let (stored_at_end, model_cost_params, examples, trimmed_codes, avg_l2) = match &replay {
-        Replay::None => (0, 0, Vec::new(), vec![], vec![]),
-        Replay::Reservoir(buf, _) => (buf.len(), 0, Vec::new(), vec![], vec![]),
-        Replay::Adaptive(memory, stack) => {
-            let mut examples = Vec::new();
-            if let Some(stack) = stack {
-                'outer: for block in 1..memory.num_blocks() {
-                    let mut entries: Vec<_> = memory.block(block).iter().collect();
-                    entries.sort_by_key(|e| (e.task, e.id));
-                    // Spread the examples over tasks: take every k-th.
-                    let stride = (entries.len() / config.examples.max(1)).max(1);
-                    for e in entries.into_iter().step_by(stride) {
-                        if examples.len() >= config.examples {
-                            break 'outer;
-                        }
-                        let item = ReplayItem {
-                            id: e.id,
-                            block,
-                            label: e.label,
-                            task: e.task,
-                            sample: e.item.clone(),
-                        };
-                        let x = &decode_adaptive(&[item], Some(stack), shape, &device)?[0];
-                        examples
-                            .push((sets[e.task].image(e.item.dataset_index).to_vec(), to_u8(x)?));
-                    }
-                }
-            }
-            let (k, l2) = match stack {
-                Some(s) => (
-                    s.layers().iter().map(|l| l.stats().trimmed_codes).collect(),
-                    s.layers().iter().map(|l| l.stats().avg_l2).collect(),
-                ),
-                None => (vec![], vec![]),
-            };
-            (memory.len(), memory.model_cost_params(), examples, k, l2)
-        }
-    };
+    let (stored_at_end, model_cost_params, examples, trimmed_codes, avg_l2) =
+        memory_summary(&replay, config, &sets, shape, &device)?;
     if config.method != Method::Aqm {
         freeze_steps.clear();
     }
-    let accuracy_on_reconstructions = match &mut replay {
-        Replay::Adaptive(_, Some(stack)) if stack.all_frozen() => {
-            let mut accs = Vec::with_capacity(tests.len());
-            for test in &tests {
-                accs.push(accuracy(&net, test, Some(&mut *stack), &device)?);
-            }
-            Some(accs)
-        }
-        _ => None,
-    };
+    let accuracy_on_reconstructions = reconstruction_accuracy(&net, &mut replay, &tests, &device)?;
     Ok(RunResult {
         config: config.clone(),
         accuracy: matrix.rows().to_vec(),
