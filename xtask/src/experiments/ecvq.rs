@@ -155,112 +155,44 @@ fn summarise(reports: &[RunReport]) -> Summary {
     }
 }
 
+/// What the sweep gathers for the report, point by point.
+#[derive(Default)]
+struct Tally {
+    rows: String,
+    comparison: String,
+    figures: Vec<serde_json::Value>,
+    plots: Vec<(String, String)>,
+    curves: Vec<Curve>,
+    worst_bits: f64,
+    worst_db: f64,
+    /// False once a point falls below its bound.
+    below_bound: bool,
+    gaussian_32_gap: Option<Spread>,
+    worst_rate_minus_entropy: f64,
+    worst_coded_error: f64,
+    vecvq_seconds: Vec<f64>,
+}
+
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     qcl_tensor::tune_process_for_numeric_loops();
     let points = sweep(ctx.mode);
-    let mut rows = String::new();
-    let mut comparison = String::new();
-    let mut figures = Vec::new();
-    let mut plots = Vec::new();
-    let mut curves: Vec<Curve> = Vec::new();
-    let (mut worst_bits, mut worst_db) = (0f64, 0f64);
-    let mut all_above_bound = true;
-    let mut gaussian_32_gap = None;
-    let mut worst_rate_minus_entropy = 0f64;
-    let mut worst_coded_error = 0f64;
-    let mut vecvq_seconds = Vec::new();
+    let mut tally = Tally::default();
     let total = points.len() * SEEDS.len() * 2;
     let mut done = 0;
     for point in &points {
         let mut by_method = Vec::new();
         for method in [Method::Vecvq, Method::Clg] {
-            let mut reports = Vec::new();
-            for &seed in &SEEDS {
-                done += 1;
-                bar.set_message(format!(
-                    "ecvq: {} λ={} {method} seed {seed} ({done}/{total})",
-                    point.source, point.lambda
-                ));
-                let mut config = RunConfig::new(point.source, method, point.lambda);
-                config.set_codes(point.codes);
-                config.set_seed(Seed::new(seed));
-                config.clg.restarts = CLG_RESTARTS;
-                config.clg_samples = point.clg_samples;
-                let report = qcl_ecvq::run(&config)?;
-                if method == Method::Vecvq && point.codes == 256 {
-                    vecvq_seconds.push(report.train_seconds);
-                }
-                reports.push(report);
+            let reports = seeds_of(point, method, bar, (&mut done, total))?;
+            if method == Method::Vecvq && point.codes == 256 {
+                tally
+                    .vecvq_seconds
+                    .extend(reports.iter().map(|r| r.train_seconds));
             }
             let s = summarise(&reports);
-            let bound_ok = reports.iter().all(|r| {
-                r.evaluation.distortion >= r.evaluation.bound.unwrap_or(0.0) * (1.0 - 0.005)
-            });
-            all_above_bound &= bound_ok;
-            if point.in_grid {
-                worst_rate_minus_entropy = worst_rate_minus_entropy.max(s.max_rate_minus_entropy);
-                worst_coded_error = worst_coded_error.max(s.max_coded_error);
-            }
-            let _ = writeln!(
-                rows,
-                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.5} | {} | {} | {} | {:.4} | {:.2} |",
-                point.source,
-                point.lambda,
-                point.codes,
-                method,
-                fmt_spread(s.rate, 3),
-                fmt_spread(s.entropy, 3),
-                s.coded.mean,
-                s.distortion.mean,
-                fmt_spread(s.used, 0),
-                fmt_spread(s.gap, 3),
-                fmt_spread(s.lagrangian, 3),
-                s.max_rate_minus_entropy,
-                s.seconds.mean,
-            );
-            figures.push(json!({
-                "source": point.source.name(),
-                "lambda": point.lambda,
-                "k": point.codes,
-                "method": method.name(),
-                "runs": reports.iter().map(|r| json!({
-                    "seed": r.config.seed().value(),
-                    "rate_bits": r.evaluation.rate_bits,
-                    "entropy_bits": r.evaluation.entropy_bits,
-                    "coded_bits": r.evaluation.coded_bits,
-                    "distortion": r.evaluation.distortion,
-                    "used_codes": r.evaluation.used_codes,
-                    "gap_db": r.evaluation.gap_db,
-                    "lagrangian": r.evaluation.lagrangian,
-                    "train_seconds": r.train_seconds,
-                    "iterations": r.iterations,
-                })).collect::<Vec<_>>(),
-            }));
-            match curves
-                .iter_mut()
-                .find(|(src, m, _)| *src == point.source && *m == method)
-            {
-                Some((_, _, c)) => c.push((s.rate.mean, s.distortion.mean)),
-                None => curves.push((point.source, method, vec![(s.rate.mean, s.distortion.mean)])),
-            }
+            tally.method(point, method, &s, &reports);
             by_method.push((s, reports));
         }
-        let (vecvq, clg) = (&by_method[0].0, &by_method[1].0);
-        let d_bits = vecvq.rate.mean - clg.rate.mean;
-        let d_db = vecvq.gap.mean - clg.gap.mean;
-        let d_j = 100.0 * (vecvq.lagrangian.mean / clg.lagrangian.mean - 1.0);
-        if point.in_grid {
-            worst_bits = worst_bits.max(d_bits.abs());
-            worst_db = worst_db.max(d_db.abs());
-        }
-        if point.source == Source::Gaussian && point.lambda == 32.0 && point.in_grid {
-            gaussian_32_gap = Some(vecvq.gap);
-        }
-        let _ = writeln!(
-            comparison,
-            "| {} | {} | {:+.3} | {:+.3} | {:+.2} % |",
-            point.source, point.lambda, d_bits, d_db, d_j
-        );
+        tally.compare(point, &by_method[0].0, &by_method[1].0);
         // The cell picture of seed 0, both methods side by side.
         let name = format!("ecvq-cells-{}-{}.png", point.source, point.lambda);
         cell_picture(
@@ -269,7 +201,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
             point.lambda,
             [&by_method[0].1[0].quantizer, &by_method[1].1[0].quantizer],
         )?;
-        plots.push((
+        tally.plots.push((
             name,
             format!(
                 "{} λ = {}: cells (black), used codes (red) over the density; VECVQ left, CLG right (seed 0)",
@@ -278,63 +210,185 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
         ));
     }
     let rd = "ecvq-rd.png";
-    rd_plot(&ctx.out_dir.join(rd), &curves)?;
-    plots.insert(
+    rd_plot(&ctx.out_dir.join(rd), &tally.curves)?;
+    tally.plots.insert(
         0,
         (
             rd.into(),
             "rate-distortion of VECVQ and CLG (means of 3 seeds) against D(R) (Gaussian) and the Shannon lower bound (banana); below, the gap in dB".into(),
         ),
     );
-    let steps_seconds = spread(vecvq_seconds.iter().copied());
-    let g32 = gaussian_32_gap.map_or("–".into(), |g| fmt_spread(g, 3));
-    let markdown = format!(
-        "Each point: 3 training seeds (0, 1, 2) per method; evaluation on the same 1,000,000 fresh samples \
-         (seed 82913749). Cells show `mean [min, max]` over the seeds. VECVQ: K codes, Adam (no weight decay) \
-         lr 1e-2 with ×0.1 at 50 %, ×0.01 at 75 %, ×0.001 at 87.5 % of 10,000 steps, batch 1024 of fresh \
-         samples, codebook drawn from the source, logits N(0, 0.1²). CLG: 1,000,000 fixed training samples, \
-         20 k-means iterations, then Chou-Lookabaugh-Gray iterations (λ_CLG = 1/λ) until the relative decrease \
-         of R + λD is below 1e-5 (at most 200), empty cells pruned; best of 2 restarts by training objective. Distortion: squared error summed over the \
-         two dimensions; rates in bits per vector; gap = 10·log10(D / bound(R)), the bound being D(R) = 2·2^−R \
-         for the Gaussian and the Shannon lower bound 3·2^−R for the banana. `coded` is the size of the real \
-         rANS bitstream of all 1,000,000 indices (24-bit integer frequency table, header included) per vector.\n\n\
-         | source | λ | K | method | R (bits) | H (bits) | coded | D | used codes | gap (dB) | R + λD | max R − H | train s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
-         ### VECVQ minus CLG (means over seeds)\n\n\
-         | source | λ | Δ rate (bits) | Δ gap (dB) | Δ (R + λD) |\n|---|---|---|---|---|\n{comparison}\n\
-         ### Targets\n\n\
-         Judged on the three-λ grid of docs/methods/vecvq.md § The scaled-down experiment \
-         (Gaussian λ 2, 8, 32; banana λ 1, 4, 16); `--full` adds the rest of that section's \
-         sweep (Gaussian λ 1, 4; banana λ 64 with K = 1024), shown above but not judged: \
-         at R ≈ 0.01 bit the stream's fixed 32-byte header alone is 2 % of the rate.\n\n\
-         - VECVQ within ±0.05 bit and ±0.1 dB of CLG at every λ: worst |Δ rate| = {worst_bits:.3} bit, \
-         worst |Δ gap| = {worst_db:.3} dB.\n\
-         - Every point above its bound (0.5 % Monte-Carlo slack): {}.\n\
-         - Gaussian λ = 32, VECVQ gap (target ≤ 1.40 dB): {g32} dB.\n\
-         - R − H < 0.01 bit: worst {worst_rate_minus_entropy:.4} bit; coded size within 1 % of R: worst {:.3} %.\n\
-         - 10,000 VECVQ steps at K = 256, batch 1024 (target < 10 s): {} s.\n",
-        if all_above_bound { "yes" } else { "NO" },
-        100.0 * worst_coded_error,
-        fmt_spread(steps_seconds, 2),
-    );
-    Ok(Outcome {
-        summary: format!(
-            "worst |VECVQ − CLG|: {worst_bits:.3} bit, {worst_db:.3} dB; Gaussian λ=32 VECVQ gap {g32} dB; \
-             10k VECVQ steps in {:.2} s",
-            steps_seconds.mean
-        ),
-        figures: json!({
-            "points": figures,
-            "worst_abs_delta_rate_bits": worst_bits,
-            "worst_abs_delta_gap_db": worst_db,
-            "all_above_bound": all_above_bound,
-            "worst_rate_minus_entropy_bits": worst_rate_minus_entropy,
-            "worst_coded_relative_error": worst_coded_error,
-            "vecvq_10k_steps_seconds": vecvq_seconds,
-        }),
-        markdown,
-        plots,
-    })
+    Ok(tally.outcome())
+}
+
+/// One method at one point, trained from each of the seeds.
+fn seeds_of(
+    point: &Point,
+    method: Method,
+    bar: &ProgressBar,
+    (done, total): (&mut usize, usize),
+) -> Result<Vec<RunReport>> {
+    let mut reports = Vec::new();
+    for &seed in &SEEDS {
+        *done += 1;
+        bar.set_message(format!(
+            "ecvq: {} λ={} {method} seed {seed} ({done}/{total})",
+            point.source, point.lambda
+        ));
+        let mut config = RunConfig::new(point.source, method, point.lambda);
+        config.set_codes(point.codes);
+        config.set_seed(Seed::new(seed));
+        config.clg.restarts = CLG_RESTARTS;
+        config.clg_samples = point.clg_samples;
+        reports.push(qcl_ecvq::run(&config)?);
+    }
+    Ok(reports)
+}
+
+impl Tally {
+    /// One method's row, figures and curve point at `point`, and the targets it bears on.
+    fn method(&mut self, point: &Point, method: Method, s: &Summary, reports: &[RunReport]) {
+        let bound_ok = reports
+            .iter()
+            .all(|r| r.evaluation.distortion >= r.evaluation.bound.unwrap_or(0.0) * (1.0 - 0.005));
+        self.below_bound |= !bound_ok;
+        if point.in_grid {
+            self.worst_rate_minus_entropy =
+                self.worst_rate_minus_entropy.max(s.max_rate_minus_entropy);
+            self.worst_coded_error = self.worst_coded_error.max(s.max_coded_error);
+        }
+        let _ = writeln!(
+            self.rows,
+            "| {} | {} | {} | {} | {} | {} | {:.4} | {:.5} | {} | {} | {} | {:.4} | {:.2} |",
+            point.source,
+            point.lambda,
+            point.codes,
+            method,
+            fmt_spread(s.rate, 3),
+            fmt_spread(s.entropy, 3),
+            s.coded.mean,
+            s.distortion.mean,
+            fmt_spread(s.used, 0),
+            fmt_spread(s.gap, 3),
+            fmt_spread(s.lagrangian, 3),
+            s.max_rate_minus_entropy,
+            s.seconds.mean,
+        );
+        self.figures.push(json!({
+            "source": point.source.name(),
+            "lambda": point.lambda,
+            "k": point.codes,
+            "method": method.name(),
+            "runs": reports.iter().map(|r| json!({
+                "seed": r.config.seed().value(),
+                "rate_bits": r.evaluation.rate_bits,
+                "entropy_bits": r.evaluation.entropy_bits,
+                "coded_bits": r.evaluation.coded_bits,
+                "distortion": r.evaluation.distortion,
+                "used_codes": r.evaluation.used_codes,
+                "gap_db": r.evaluation.gap_db,
+                "lagrangian": r.evaluation.lagrangian,
+                "train_seconds": r.train_seconds,
+                "iterations": r.iterations,
+            })).collect::<Vec<_>>(),
+        }));
+        let mean = (s.rate.mean, s.distortion.mean);
+        match self
+            .curves
+            .iter_mut()
+            .find(|(src, m, _)| *src == point.source && *m == method)
+        {
+            Some((_, _, c)) => c.push(mean),
+            None => self.curves.push((point.source, method, vec![mean])),
+        }
+    }
+
+    /// VECVQ against CLG at `point`: the comparison row and the worst differences.
+    fn compare(&mut self, point: &Point, vecvq: &Summary, clg: &Summary) {
+        let d_bits = vecvq.rate.mean - clg.rate.mean;
+        let d_db = vecvq.gap.mean - clg.gap.mean;
+        let d_j = 100.0 * (vecvq.lagrangian.mean / clg.lagrangian.mean - 1.0);
+        if point.in_grid {
+            self.worst_bits = self.worst_bits.max(d_bits.abs());
+            self.worst_db = self.worst_db.max(d_db.abs());
+        }
+        if point.source == Source::Gaussian && point.lambda == 32.0 && point.in_grid {
+            self.gaussian_32_gap = Some(vecvq.gap);
+        }
+        let _ = writeln!(
+            self.comparison,
+            "| {} | {} | {:+.3} | {:+.3} | {:+.2} % |",
+            point.source, point.lambda, d_bits, d_db, d_j
+        );
+    }
+
+    /// The report: tables, targets, summary and figures.
+    fn outcome(self) -> Outcome {
+        let Tally {
+            rows,
+            comparison,
+            figures,
+            plots,
+            worst_bits,
+            worst_db,
+            below_bound,
+            gaussian_32_gap,
+            worst_rate_minus_entropy,
+            worst_coded_error,
+            vecvq_seconds,
+            ..
+        } = self;
+        let all_above_bound = !below_bound;
+        let steps_seconds = spread(vecvq_seconds.iter().copied());
+        let g32 = gaussian_32_gap.map_or("–".into(), |g| fmt_spread(g, 3));
+        let markdown = format!(
+            "Each point: 3 training seeds (0, 1, 2) per method; evaluation on the same 1,000,000 fresh samples \
+             (seed 82913749). Cells show `mean [min, max]` over the seeds. VECVQ: K codes, Adam (no weight decay) \
+             lr 1e-2 with ×0.1 at 50 %, ×0.01 at 75 %, ×0.001 at 87.5 % of 10,000 steps, batch 1024 of fresh \
+             samples, codebook drawn from the source, logits N(0, 0.1²). CLG: 1,000,000 fixed training samples, \
+             20 k-means iterations, then Chou-Lookabaugh-Gray iterations (λ_CLG = 1/λ) until the relative decrease \
+             of R + λD is below 1e-5 (at most 200), empty cells pruned; best of 2 restarts by training objective. Distortion: squared error summed over the \
+             two dimensions; rates in bits per vector; gap = 10·log10(D / bound(R)), the bound being D(R) = 2·2^−R \
+             for the Gaussian and the Shannon lower bound 3·2^−R for the banana. `coded` is the size of the real \
+             rANS bitstream of all 1,000,000 indices (24-bit integer frequency table, header included) per vector.\n\n\
+             | source | λ | K | method | R (bits) | H (bits) | coded | D | used codes | gap (dB) | R + λD | max R − H | train s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
+             ### VECVQ minus CLG (means over seeds)\n\n\
+             | source | λ | Δ rate (bits) | Δ gap (dB) | Δ (R + λD) |\n|---|---|---|---|---|\n{comparison}\n\
+             ### Targets\n\n\
+             Judged on the three-λ grid of docs/methods/vecvq.md § The scaled-down experiment \
+             (Gaussian λ 2, 8, 32; banana λ 1, 4, 16); `--full` adds the rest of that section's \
+             sweep (Gaussian λ 1, 4; banana λ 64 with K = 1024), shown above but not judged: \
+             at R ≈ 0.01 bit the stream's fixed 32-byte header alone is 2 % of the rate.\n\n\
+             - VECVQ within ±0.05 bit and ±0.1 dB of CLG at every λ: worst |Δ rate| = {worst_bits:.3} bit, \
+             worst |Δ gap| = {worst_db:.3} dB.\n\
+             - Every point above its bound (0.5 % Monte-Carlo slack): {}.\n\
+             - Gaussian λ = 32, VECVQ gap (target ≤ 1.40 dB): {g32} dB.\n\
+             - R − H < 0.01 bit: worst {worst_rate_minus_entropy:.4} bit; coded size within 1 % of R: worst {:.3} %.\n\
+             - 10,000 VECVQ steps at K = 256, batch 1024 (target < 10 s): {} s.\n",
+            if all_above_bound { "yes" } else { "NO" },
+            100.0 * worst_coded_error,
+            fmt_spread(steps_seconds, 2),
+        );
+        Outcome {
+            summary: format!(
+                "worst |VECVQ − CLG|: {worst_bits:.3} bit, {worst_db:.3} dB; Gaussian λ=32 VECVQ gap {g32} dB; \
+                 10k VECVQ steps in {:.2} s",
+                steps_seconds.mean
+            ),
+            figures: json!({
+                "points": figures,
+                "worst_abs_delta_rate_bits": worst_bits,
+                "worst_abs_delta_gap_db": worst_db,
+                "all_above_bound": all_above_bound,
+                "worst_rate_minus_entropy_bits": worst_rate_minus_entropy,
+                "worst_coded_relative_error": worst_coded_error,
+                "vecvq_10k_steps_seconds": vecvq_seconds,
+            }),
+            markdown,
+            plots,
+        }
+    }
 }
 
 fn fmt_spread(s: Spread, digits: usize) -> String {
