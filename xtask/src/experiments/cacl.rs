@@ -201,6 +201,37 @@ impl Benchmark {
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let settings = Settings::for_mode(ctx.mode);
+    let mut benchmarks = benchmarks(ctx, &settings)?;
+    let training_seconds = run_arms(&mut benchmarks, &settings, bar)?;
+    let mut markdown = settings_paragraph(&settings, training_seconds);
+    let mut plots = Vec::new();
+    let mut figures = serde_json::Map::new();
+    for bench in &benchmarks {
+        markdown.push_str(&bench_section(ctx, bench, &mut plots)?);
+        markdown.push('\n');
+        figures.insert(bench.name.into(), json!({ "runs": bench.runs }));
+    }
+    let checks = orderings(&benchmarks);
+    markdown.push_str(&orderings_section(&checks));
+    figures.insert("settings".into(), json!(settings));
+    figures.insert("training_seconds".into(), json!(training_seconds));
+    figures.insert(
+        "orderings".into(),
+        json!(checks
+            .iter()
+            .map(|(n, h, d)| json!({"check": n, "held": h, "detail": d}))
+            .collect::<Vec<_>>()),
+    );
+    Ok(Outcome {
+        summary: summary(&benchmarks, &checks),
+        figures: serde_json::Value::Object(figures),
+        markdown,
+        plots,
+    })
+}
+
+/// The two task sequences, their tasks drawn for every seed, no runs yet.
+fn benchmarks(ctx: &Context, settings: &Settings) -> Result<Vec<Benchmark>> {
     let fmnist = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
         .context("loading Fashion-MNIST")?;
     let mnist = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::Mnist))
@@ -224,25 +255,30 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
         benchmarks[0].tasks_of_seed.push(pair_tasks(
             "fmnist",
             &fmnist,
-            &settings,
+            settings,
             s.child_named("fmnist"),
         )?);
-        let mut mixed = pair_tasks("mnist", &mnist, &settings, s.child_named("mnist"))?;
+        let mut mixed = pair_tasks("mnist", &mnist, settings, s.child_named("mnist"))?;
         mixed.extend(pair_tasks(
             "fmnist",
             &fmnist,
-            &settings,
+            settings,
             s.child_named("fmnist"),
         )?);
         benchmarks[1].tasks_of_seed.push(mixed);
     }
+    Ok(benchmarks)
+}
+
+/// Every arm of every benchmark on every seed; returns the seconds it took.
+fn run_arms(benchmarks: &mut [Benchmark], settings: &Settings, bar: &ProgressBar) -> Result<f64> {
     let started = Instant::now();
     let total: usize = benchmarks
         .iter()
         .map(|b| b.arms.len() * settings.seeds.len())
         .sum();
     let mut done = 0;
-    for bench in &mut benchmarks {
+    for bench in benchmarks.iter_mut() {
         for (si, &seed) in settings.seeds.iter().enumerate() {
             for &arm in &bench.arms.clone() {
                 done += 1;
@@ -266,9 +302,12 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
             }
         }
     }
-    let training_seconds = started.elapsed().as_secs_f64();
+    Ok(started.elapsed().as_secs_f64())
+}
 
-    let mut markdown = format!(
+/// The settings, as the report's first paragraph.
+fn settings_paragraph(settings: &Settings, training_seconds: f64) -> String {
+    format!(
         "Task-incremental, multi-head, Net_SVD-S (1×28×28, widths 16-16-32-32-64, r0 = \
          [5, 14, 26, 28, 42]); Adam {lr}, batch {batch}, {epochs} epochs per task, LR ×{gamma} at \
          epochs {milestones:?}; λ_sp {lsp}, λ_orth {lor}, ε {eps}, growth capped at r0; {train} \
@@ -291,102 +330,110 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
             .test_per_task
             .map_or("all".to_string(), |n| n.to_string()),
         seeds = settings.seeds,
-    );
-    let mut plots = Vec::new();
-    let mut figures = serde_json::Map::new();
-    for bench in &benchmarks {
+    )
+}
+
+/// One benchmark's table of arms, CACL's ranks per task, and its plots (added to `plots`).
+fn bench_section(
+    ctx: &Context,
+    bench: &Benchmark,
+    plots: &mut Vec<(String, String)>,
+) -> Result<String> {
+    let mut markdown = String::new();
+    markdown.push_str(&format!(
+        "## {}\n\n| arm | accuracy % (mean ± std) | per seed | forgetting (points) | MB | × IND MB | pruned share of new slots |\n|---|---|---|---|---|---|---|\n",
+        bench.name
+    ));
+    let ind_mb = bench.mb(Arm::Individual);
+    for &arm in &bench.arms {
+        let runs = bench.runs_of(arm);
+        let accs: Vec<f64> = runs.iter().map(|r| 100.0 * r.average_accuracy).collect();
+        let (m, s) = mean_std(&accs);
+        let mb = bench.mb(arm).unwrap_or(f64::NAN);
+        let pruned: Vec<f64> = runs
+            .iter()
+            .flat_map(|r| r.pruned_fraction.iter().copied())
+            .collect();
         markdown.push_str(&format!(
-            "## {}\n\n| arm | accuracy % (mean ± std) | per seed | forgetting (points) | MB | × IND MB | pruned share of new slots |\n|---|---|---|---|---|---|---|\n",
-            bench.name
+            "| {} | {m:.2} ± {s:.2} | {} | {:.2} | {mb:.4} | {} | {} |\n",
+            arm.name(),
+            accs.iter()
+                .map(|a| format!("{a:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            bench.forgetting(arm).unwrap_or(f64::NAN),
+            ind_mb.map_or("–".into(), |i| format!("{:.3}", mb / i)),
+            if pruned.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.0}%", 100.0 * mean_std(&pruned).0)
+            },
         ));
-        let ind_mb = bench.mb(Arm::Individual);
-        for &arm in &bench.arms {
-            let runs = bench.runs_of(arm);
-            let accs: Vec<f64> = runs.iter().map(|r| 100.0 * r.average_accuracy).collect();
-            let (m, s) = mean_std(&accs);
-            let mb = bench.mb(arm).unwrap_or(f64::NAN);
-            let pruned: Vec<f64> = runs
-                .iter()
-                .flat_map(|r| r.pruned_fraction.iter().copied())
-                .collect();
+    }
+    // Ranks of the first seed's CACL run.
+    if let Some(run) = bench.runs_of(Arm::Cacl).first() {
+        markdown.push_str(&format!(
+            "\nCACL, seed {}: components added per task per layer (`chann_used`) and \
+             capacity after the task:\n\n| task | data | added per layer | Σ | k per layer | capacity |\n|---|---|---|---|---|---|\n",
+            run.seed
+        ));
+        let tasks = &bench.tasks_of_seed[0];
+        for (t, added) in run.components_added.iter().enumerate() {
             markdown.push_str(&format!(
-                "| {} | {m:.2} ± {s:.2} | {} | {:.2} | {mb:.4} | {} | {} |\n",
-                arm.name(),
-                accs.iter()
-                    .map(|a| format!("{a:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                bench.forgetting(arm).unwrap_or(f64::NAN),
-                ind_mb.map_or("–".into(), |i| format!("{:.3}", mb / i)),
-                if pruned.is_empty() {
-                    "–".to_string()
-                } else {
-                    format!("{:.0}%", 100.0 * mean_std(&pruned).0)
-                },
+                "| {t} | {} | {:?} | {} | {:?} | {:?} |\n",
+                tasks[t].name,
+                added,
+                added.iter().sum::<usize>(),
+                run.task_ranks[t],
+                run.capacities[t]
             ));
         }
-        // Ranks of the first seed's CACL run.
-        if let Some(run) = bench.runs_of(Arm::Cacl).first() {
-            markdown.push_str(&format!(
-                "\nCACL, seed {}: components added per task per layer (`chann_used`) and \
-                 capacity after the task:\n\n| task | data | added per layer | Σ | k per layer | capacity |\n|---|---|---|---|---|---|\n",
-                run.seed
-            ));
-            let tasks = &bench.tasks_of_seed[0];
-            for (t, added) in run.components_added.iter().enumerate() {
-                markdown.push_str(&format!(
-                    "| {t} | {} | {:?} | {} | {:?} | {:?} |\n",
-                    tasks[t].name,
-                    added,
-                    added.iter().sum::<usize>(),
-                    run.task_ranks[t],
-                    run.capacities[t]
-                ));
-            }
+        let png = format!(
+            "cacl-ranks-{}.png",
+            bench.name.to_lowercase().replace('+', "-")
+        );
+        ranks_plot(&ctx.out_dir.join(&png), bench.name, run)?;
+        plots.push((
+            png,
+            format!(
+                "{}: CACL used rank k per layer after each task (seed {})",
+                bench.name, run.seed
+            ),
+        ));
+    }
+    for arm in [Arm::Cacl, Arm::FineTune] {
+        if let Some(run) = bench.runs_of(arm).first() {
             let png = format!(
-                "cacl-ranks-{}.png",
-                bench.name.to_lowercase().replace('+', "-")
+                "cacl-accuracy-{}-{}.png",
+                bench.name.to_lowercase().replace('+', "-"),
+                arm.name().to_lowercase()
             );
-            ranks_plot(&ctx.out_dir.join(&png), bench.name, run)?;
+            run.accuracy.save_heatmap_png(
+                ctx.out_dir.join(&png),
+                &format!("{} {} seed {}", bench.name, arm.name(), run.seed),
+            )?;
             plots.push((
                 png,
                 format!(
-                    "{}: CACL used rank k per layer after each task (seed {})",
-                    bench.name, run.seed
+                    "{}: {} accuracy matrix a[i][j] (seed {})",
+                    bench.name,
+                    arm.name(),
+                    run.seed
                 ),
             ));
         }
-        for arm in [Arm::Cacl, Arm::FineTune] {
-            if let Some(run) = bench.runs_of(arm).first() {
-                let png = format!(
-                    "cacl-accuracy-{}-{}.png",
-                    bench.name.to_lowercase().replace('+', "-"),
-                    arm.name().to_lowercase()
-                );
-                run.accuracy.save_heatmap_png(
-                    ctx.out_dir.join(&png),
-                    &format!("{} {} seed {}", bench.name, arm.name(), run.seed),
-                )?;
-                plots.push((
-                    png,
-                    format!(
-                        "{}: {} accuracy matrix a[i][j] (seed {})",
-                        bench.name,
-                        arm.name(),
-                        run.seed
-                    ),
-                ));
-            }
-        }
-        markdown.push('\n');
-        figures.insert(bench.name.into(), json!({ "runs": bench.runs }));
     }
-    let checks = orderings(&benchmarks);
+    Ok(markdown)
+}
+
+/// The expected orderings' table.
+fn orderings_section(checks: &[Check]) -> String {
+    let mut markdown = String::new();
     markdown.push_str(
         "## Expected orderings ([docs/methods/cacl.md § Expected orderings]\
          (../methods/cacl.md#expected-orderings))\n\n| check | held | detail |\n|---|---|---|\n",
     );
-    for (name, held, detail) in &checks {
+    for (name, held, detail) in checks {
         markdown.push_str(&format!(
             "| {name} | {} | {detail} |\n",
             match held {
@@ -396,17 +443,13 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
             }
         ));
     }
-    figures.insert("settings".into(), json!(settings));
-    figures.insert("training_seconds".into(), json!(training_seconds));
-    figures.insert(
-        "orderings".into(),
-        json!(checks
-            .iter()
-            .map(|(n, h, d)| json!({"check": n, "held": h, "detail": d}))
-            .collect::<Vec<_>>()),
-    );
+    markdown
+}
+
+/// The one-line summary: S-FMNIST-5's main figures and the orderings that held.
+fn summary(benchmarks: &[Benchmark], checks: &[Check]) -> String {
     let f5 = &benchmarks[0];
-    let summary = format!(
+    format!(
         "S-FMNIST-5: CACL {:.2}% at {:.3} MB, IND {:.2}% at {:.3} MB, FT {:.2}%; orderings held: {}",
         f5.acc(Arm::Cacl).unwrap_or(f64::NAN),
         f5.mb(Arm::Cacl).unwrap_or(f64::NAN),
@@ -419,13 +462,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
             .map(|(n, _, _)| n.split(' ').next().unwrap_or(n))
             .collect::<Vec<_>>()
             .join(" "),
-    );
-    Ok(Outcome {
-        summary,
-        figures: serde_json::Value::Object(figures),
-        markdown,
-        plots,
-    })
+    )
 }
 
 type Check = (String, Option<bool>, String);
