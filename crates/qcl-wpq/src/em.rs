@@ -226,60 +226,9 @@ fn em(
     weights: Option<&[f32]>,
     params: EmParams,
 ) -> Result<EmOutcome> {
-    if d == 0 || !subvectors.len().is_multiple_of(d) {
-        return Err(Error::invalid_parameter(
-            "block",
-            format!(
-                "{} values are not whole subvectors of {d}",
-                subvectors.len()
-            ),
-        ));
-    }
-    qcl_tensor::check_finite_slice("subvectors", subvectors)?;
-    let n_sv = subvectors.len() / d;
-    if groups.len() != n_sv || groups.iter().any(|&g| g >= n_groups) {
-        return Err(Error::invalid_parameter(
-            "groups",
-            format!("need {n_sv} group indices below {n_groups}"),
-        ));
-    }
     let k = params.k;
-    let members: Vec<Vec<usize>> = (0..n_groups)
-        .map(|g| (0..n_sv).filter(|&j| groups[j] == g).collect())
-        .collect();
-    for (g, m) in members.iter().enumerate() {
-        if k == 0 || k > m.len() {
-            return Err(Error::invalid_parameter(
-                "centroids",
-                format!("K = {k} but codebook {g} has only {} subvectors", m.len()),
-            ));
-        }
-    }
-    let mut centroids = match init {
-        Some(c) => {
-            if c.len() != n_groups * k * d {
-                return Err(Error::ShapeMismatch {
-                    context: "initial centroids".into(),
-                    expected: format!("[{}, {d}]", n_groups * k),
-                    actual: vec![c.len()],
-                });
-            }
-            c.to_vec()
-        }
-        None => {
-            // K subvectors drawn uniformly with replacement (duplicates are split by the
-            // empty-cluster repair at the first E-step).
-            let mut rng = params.seed.child_named("init").rng();
-            let mut c = Vec::with_capacity(n_groups * k * d);
-            for m in &members {
-                for _ in 0..k {
-                    let j = m[rng.below(m.len())?];
-                    c.extend_from_slice(&subvectors[j * d..(j + 1) * d]);
-                }
-            }
-            c
-        }
-    };
+    let (n_sv, members) = group_members(subvectors, d, (groups, n_groups), k)?;
+    let mut centroids = initial_centroids(init, subvectors, d, &members, k, params.seed)?;
     let group_points: Vec<Vec<f32>> = members
         .iter()
         .map(|m| {
@@ -369,6 +318,83 @@ fn em(
         assignments,
         objective,
         repairs,
+    })
+}
+
+/// Checks the subvectors and their codebook groups; returns the number of subvectors and
+/// each group's members (subvector indices, ascending).
+fn group_members(
+    subvectors: &[f32],
+    d: usize,
+    (groups, n_groups): (&[usize], usize),
+    k: usize,
+) -> Result<(usize, Vec<Vec<usize>>)> {
+    if d == 0 || !subvectors.len().is_multiple_of(d) {
+        return Err(Error::invalid_parameter(
+            "block",
+            format!(
+                "{} values are not whole subvectors of {d}",
+                subvectors.len()
+            ),
+        ));
+    }
+    qcl_tensor::check_finite_slice("subvectors", subvectors)?;
+    let n_sv = subvectors.len() / d;
+    if groups.len() != n_sv || groups.iter().any(|&g| g >= n_groups) {
+        return Err(Error::invalid_parameter(
+            "groups",
+            format!("need {n_sv} group indices below {n_groups}"),
+        ));
+    }
+    let members: Vec<Vec<usize>> = (0..n_groups)
+        .map(|g| (0..n_sv).filter(|&j| groups[j] == g).collect())
+        .collect();
+    for (g, m) in members.iter().enumerate() {
+        if k == 0 || k > m.len() {
+            return Err(Error::invalid_parameter(
+                "centroids",
+                format!("K = {k} but codebook {g} has only {} subvectors", m.len()),
+            ));
+        }
+    }
+    Ok((n_sv, members))
+}
+
+/// The first codebooks: `init` (`[groups · K, d]`), or K subvectors of each group drawn
+/// uniformly with replacement.
+fn initial_centroids(
+    init: Option<&[f32]>,
+    subvectors: &[f32],
+    d: usize,
+    members: &[Vec<usize>],
+    k: usize,
+    seed: Seed,
+) -> Result<Vec<f32>> {
+    let n_groups = members.len();
+    Ok(match init {
+        Some(c) => {
+            if c.len() != n_groups * k * d {
+                return Err(Error::ShapeMismatch {
+                    context: "initial centroids".into(),
+                    expected: format!("[{}, {d}]", n_groups * k),
+                    actual: vec![c.len()],
+                });
+            }
+            c.to_vec()
+        }
+        None => {
+            // K subvectors drawn uniformly with replacement (duplicates are split by the
+            // empty-cluster repair at the first E-step).
+            let mut rng = seed.child_named("init").rng();
+            let mut c = Vec::with_capacity(n_groups * k * d);
+            for m in members {
+                for _ in 0..k {
+                    let j = m[rng.below(m.len())?];
+                    c.extend_from_slice(&subvectors[j * d..(j + 1) * d]);
+                }
+            }
+            c
+        }
     })
 }
 
