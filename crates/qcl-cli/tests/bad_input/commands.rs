@@ -193,8 +193,7 @@ impl Inputs {
 
     /// A `qcl wpq compress` configuration with `field` set to `value` (raw JSON).
     fn wpq_config(&self, field: &str, value: &str) -> String {
-        let mut fields = BTreeMapLite::default();
-        for (k, v) in [
+        let body: Vec<String> = [
             ("em_iterations", "1"),
             ("rows_per_iteration", "300"),
             ("activation_images", "4"),
@@ -202,25 +201,15 @@ impl Inputs {
             ("global_steps", "1"),
             ("batch_size", "4"),
             ("seed", "4"),
-        ] {
-            fields.0.push((k.to_string(), v.to_string()));
-        }
-        if let Some(slot) = fields.0.iter_mut().find(|(k, _)| k == field) {
-            slot.1 = value.to_string();
-        }
-        let body: Vec<String> = fields
-            .0
-            .iter()
-            .map(|(k, v)| format!("\"{k}\": {v}"))
-            .collect();
+        ]
+        .into_iter()
+        .map(|(k, v)| format!("\"{k}\": {}", if k == field { value } else { v }))
+        .collect();
         let path = self.path(&format!("wpq-{field}.json"));
         std::fs::write(&path, format!("{{{}}}", body.join(", "))).unwrap();
         path
     }
 }
-
-#[derive(Default)]
-struct BTreeMapLite(Vec<(String, String)>);
 
 /// One command's fast valid arguments and its numeric flags (integer or float).
 struct Case {
