@@ -43,7 +43,7 @@ pub(crate) struct Header {
 
 /// Reads and checks the header at the start of `reader` (the file `path`, of `size` bytes
 /// when it is a regular file): the length first (at most [`MAX_HEADER_BYTES`], and within
-/// `size`), then the header, then every entry.
+/// `size`), then the header, then every entry, and that the file ends where the data does.
 ///
 /// # Errors
 /// [`Error::BadFile`] for a short file or a header that is not a safetensors header;
@@ -86,6 +86,18 @@ pub(crate) fn read_header(
         entries.insert(name, entry);
     }
     let data_len = tiled_length(&entries).map_err(bad)?;
+    // A regular file holds exactly the header and the data it declares (checked: a crafted
+    // header can declare tensors of nearly 2^64 bytes in all).
+    if let Some(size) = size.filter(|&s| (8 + header_len).checked_add(data_len) != Some(s)) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "not a complete safetensors file: {size} bytes, its header describes {} of \
+                 header and {data_len} of data",
+                8 + header_len
+            ),
+        ));
+    }
     Ok(Header {
         data_start: 8 + header_len,
         data_len,
