@@ -38,6 +38,7 @@ pub(crate) struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
+    /// The layer as `params` (already checked by `PqParams::validate`) sees it.
     pub fn new(
         weight: &'a [f32],
         shape: &[usize],
@@ -53,7 +54,6 @@ impl<'a> Layer<'a> {
             .map(|s| Quadratic::from_stats(s, &full_geometry))
             .transpose()?;
         let cols = full_geometry.in_dim();
-        params.outliers.validate()?;
         let outliers = if params.outliers.is_requested() {
             if shape.len() != 2 {
                 return Err(Error::invalid_parameter(
