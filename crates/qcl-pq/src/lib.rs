@@ -30,6 +30,7 @@
 //! ```
 
 mod bounds;
+pub mod index;
 mod kmeans;
 mod minibatch;
 mod packing;

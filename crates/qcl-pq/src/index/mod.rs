@@ -1,0 +1,4 @@
+//! Approximate nearest-neighbour search over product-quantization codes.
+
+pub mod blocks;
+pub mod kernels;
