@@ -506,7 +506,7 @@ impl ProductQuantizer {
     /// Fills `table[j · ksub + c]` with the squared distance from sub-vector `j` of `query` to
     /// centroid `c` of codebook `j`. Table entries and codebook rows share one order, so entry
     /// `t` is row `t` of the flat `[m · ksub, dsub]` codebooks.
-    fn distance_table(&self, query: &[f32], table: &mut [f32]) {
+    pub(crate) fn distance_table(&self, query: &[f32], table: &mut [f32]) {
         let (dsub, ksub) = (self.dsub(), self.ksub());
         for (t, (slot, centroid)) in table
             .iter_mut()
@@ -515,6 +515,21 @@ impl ProductQuantizer {
         {
             let j = t / ksub;
             *slot = squared_distance(&query[j * dsub..(j + 1) * dsub], centroid);
+        }
+    }
+
+    /// Fills `table[j · ksub + c]` with the *negated* inner product of sub-vector `j` of
+    /// `query` and centroid `c` of codebook `j` (smaller is nearer, as for distances).
+    pub(crate) fn negated_inner_product_table(&self, query: &[f32], table: &mut [f32]) {
+        let (dsub, ksub) = (self.dsub(), self.ksub());
+        for (t, (slot, centroid)) in table
+            .iter_mut()
+            .zip(self.codebooks.chunks_exact(dsub))
+            .enumerate()
+        {
+            let j = t / ksub;
+            let sub = &query[j * dsub..(j + 1) * dsub];
+            *slot = -sub.iter().zip(centroid).map(|(a, b)| a * b).sum::<f32>();
         }
     }
 
@@ -560,7 +575,7 @@ fn geometry(dim: usize, m: usize, nbits: u32) -> Result<(usize, usize)> {
 }
 
 /// Checks that `data` holds at least one whole, finite row of `dim`; returns the row count.
-fn check_points(context: &str, data: &[f32], dim: usize) -> Result<usize> {
+pub(crate) fn check_points(context: &str, data: &[f32], dim: usize) -> Result<usize> {
     if data.is_empty() {
         return Err(Error::EmptyInput(format!("no {context}")));
     }

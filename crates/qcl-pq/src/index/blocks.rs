@@ -69,6 +69,43 @@ impl BlockedCodes {
         Ok(blocked)
     }
 
+    /// Codes of `n` vectors from their raw block bytes ([`bytes`](Self::bytes)), as read from
+    /// a file.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new); [`Error::ShapeMismatch`] if `bytes` is not exactly the blocks
+    /// of `n` vectors; [`Error::InvalidParameter`] if a padding slot is not zero.
+    pub fn from_bytes(bytes: Vec<u8>, n: usize, m: usize, nbits: u32) -> Result<Self> {
+        let mut blocked = Self::new(m, nbits)?;
+        let expected = n.div_ceil(BLOCK) * blocked.runs() * BLOCK;
+        if bytes.len() != expected {
+            return Err(Error::ShapeMismatch {
+                context: format!("blocked codes of {n} vectors, m = {m}, {nbits}-bit"),
+                expected: format!("[{expected}] bytes"),
+                actual: vec![bytes.len()],
+            });
+        }
+        blocked.bytes = bytes;
+        blocked.n = n;
+        let last = blocked.n_blocks() * BLOCK;
+        let padded_lane = (n..last).find(|&i| (0..m).any(|j| blocked.get(i, j) != 0));
+        let odd_nibble = nbits == 4
+            && m % 2 == 1
+            && (0..n).any(|i| blocked.bytes[blocked.position(i, m - 1).0] >> 4 != 0);
+        if padded_lane.is_some() || odd_nibble {
+            return Err(Error::invalid_parameter(
+                "codes",
+                "a padding slot of the blocked codes is not zero",
+            ));
+        }
+        Ok(blocked)
+    }
+
+    /// The raw block bytes, padding included (the layout of the module docs).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Vectors held.
     pub fn n(&self) -> usize {
         self.n

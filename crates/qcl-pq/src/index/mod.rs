@@ -1,4 +1,40 @@
 //! Approximate nearest-neighbour search over product-quantization codes.
+//!
+//! - [`PqIndex`]: every vector's codes, scanned for each query by asymmetric distance.
+//! - [`IvfPqIndex`]: an inverted file of residual codes; a query scans its `nprobe` nearest
+//!   lists.
+//! - [`Refine`]: either, its top candidates re-ranked with the exact vectors.
+//! - [`AnyIndex`]: any of them as one value, saved to and loaded from one safetensors file.
+//! - [`VectorIndex`]: the one shape of all three (add, remove, search).
+//! - [`Metric`]: squared L2, inner product or cosine.
+//! - [`Neighbors`]: the answer to a batch of queries, ids and scores.
+//!
+//! Codes are stored in blocks of 64 vectors ([`blocks`]) so a SIMD kernel ([`kernels`]) adds
+//! byte-quantized distance tables for a whole block at once; those sums only *bound* the
+//! distances, and the vectors that may enter the answer are rescored exactly, so every index
+//! returns what an exact scan of its codes returns.
 
 pub mod blocks;
+mod flat;
+mod ivf;
 pub mod kernels;
+mod lut;
+mod metric;
+mod persist;
+mod refine;
+mod scan;
+mod search;
+mod topk;
+mod traits;
+
+pub use flat::{PqIndex, PqIndexConfig, SearchOptions};
+pub use ivf::{IvfPqConfig, IvfPqIndex};
+pub use kernels::Kernel;
+pub use metric::Metric;
+pub use persist::{AnyIndex, INDEX_FORMAT};
+pub use refine::Refine;
+pub use scan::Scan;
+pub use topk::{Neighbors, MISSING_ID};
+pub use traits::VectorIndex;
+
+pub(crate) use topk::TopK;

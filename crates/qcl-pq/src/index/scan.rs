@@ -1,0 +1,143 @@
+//! Scanning blocked codes for one query: bound by byte tables, rescore exactly.
+
+use super::blocks::{BlockedCodes, BLOCK};
+use super::kernels::{block_mask_le, block_sums_with, Kernel};
+use super::lut::QueryTables;
+use super::topk::TopK;
+
+/// How a scan scores the vectors. Both give the same answer, bit for bit.
+///
+/// ```
+/// use qcl_pq::index::{Kernel, Scan};
+/// assert_eq!(Scan::default(), Scan::Bounded(Kernel::detect()));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Every vector scored with the exact `f32` table, one look-up at a time: the reference.
+    Exact,
+    /// Byte tables added by a SIMD kernel bound every vector's distance; only vectors that may
+    /// enter the top `k` are rescored with the exact table.
+    Bounded(Kernel),
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Scan::Bounded(Kernel::detect())
+    }
+}
+
+/// Offers every vector of `codes` (ids `ids`) to `top`, its value starting from `offset`.
+///
+/// Both methods give `top` the same candidates with the same exact values.
+pub(crate) fn scan(
+    codes: &BlockedCodes,
+    ids: &[u64],
+    tables: &QueryTables,
+    offset: f32,
+    method: Scan,
+    top: &mut TopK,
+) {
+    debug_assert_eq!(ids.len(), codes.n());
+    match method {
+        // Byte sums of more than 257 sub-spaces could overflow u16.
+        Scan::Bounded(kernel) if codes.m() * 255 <= usize::from(u16::MAX) => {
+            scan_bounded(codes, ids, tables, offset, kernel, top)
+        }
+        _ => scan_exact(codes, ids, tables, offset, top),
+    }
+}
+
+fn scan_exact(
+    codes: &BlockedCodes,
+    ids: &[u64],
+    tables: &QueryTables,
+    offset: f32,
+    top: &mut TopK,
+) {
+    let mut values = [0f32; BLOCK];
+    for (b, block_ids) in ids.chunks(BLOCK).enumerate() {
+        exact_block(codes, b, tables, offset, &mut values);
+        for (&value, &id) in values.iter().zip(block_ids) {
+            top.push(value, id);
+        }
+    }
+}
+
+fn scan_bounded(
+    codes: &BlockedCodes,
+    ids: &[u64],
+    tables: &QueryTables,
+    offset: f32,
+    kernel: Kernel,
+    top: &mut TopK,
+) {
+    let (m, nbits) = (codes.m(), codes.nbits());
+    let mut sums = [0u16; BLOCK];
+    for (b, block_ids) in ids.chunks(BLOCK).enumerate() {
+        // Thresholds only fall: once no byte sum can pass, no later vector can either.
+        let Some(mut limit) = tables.byte_threshold(top.threshold(), offset) else {
+            return;
+        };
+        block_sums_with(kernel, codes.block(b), m, nbits, &tables.bytes, &mut sums);
+        let lanes = block_ids.len();
+        let present = if lanes == BLOCK {
+            u64::MAX
+        } else {
+            (1u64 << lanes) - 1
+        };
+        let mut mask = block_mask_le(&sums, limit) & present;
+        while mask != 0 {
+            let lane = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let i = b * BLOCK + lane;
+            let value = tables.exact_value(offset, (0..m).map(|j| codes.get(i, j)));
+            if top.push(value, block_ids[lane]) {
+                match tables.byte_threshold(top.threshold(), offset) {
+                    Some(new_limit) if new_limit < limit => {
+                        limit = new_limit;
+                        mask &= block_mask_le(&sums, limit);
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
+/// Exact values of the vectors of block `b` (padding lanes included), each added in sub-space
+/// order like [`QueryTables::exact_value`].
+fn exact_block(
+    codes: &BlockedCodes,
+    b: usize,
+    tables: &QueryTables,
+    offset: f32,
+    out: &mut [f32; BLOCK],
+) {
+    out.fill(offset);
+    let block = codes.block(b);
+    if codes.nbits() == 8 {
+        for (run, table) in block
+            .chunks_exact(BLOCK)
+            .zip(tables.exact.chunks_exact(256))
+        {
+            for (value, &code) in out.iter_mut().zip(run) {
+                *value += table[code as usize];
+            }
+        }
+    } else {
+        let m = codes.m();
+        for (p, run) in block.chunks_exact(BLOCK).enumerate() {
+            let low = &tables.exact[2 * p * 16..(2 * p + 1) * 16];
+            for (value, &byte) in out.iter_mut().zip(run) {
+                *value += low[(byte & 0x0f) as usize];
+            }
+            if 2 * p + 1 < m {
+                let high = &tables.exact[(2 * p + 1) * 16..(2 * p + 2) * 16];
+                for (value, &byte) in out.iter_mut().zip(run) {
+                    *value += high[(byte >> 4) as usize];
+                }
+            }
+        }
+    }
+}

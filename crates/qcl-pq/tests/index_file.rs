@@ -1,0 +1,104 @@
+//! Saving and loading indexes: the same answers after a round trip; damaged files refused.
+
+use qcl_pq::index::{
+    AnyIndex, IvfPqConfig, IvfPqIndex, Metric, PqIndex, PqIndexConfig, Refine, SearchOptions,
+    VectorIndex,
+};
+use qcl_tensor::{Error, Seed};
+
+fn data(seed: u64, n: usize) -> Vec<f32> {
+    Seed::new(seed).rng().normal_vec(n * 8, 0.0, 1.0)
+}
+
+fn indexes() -> Vec<AnyIndex> {
+    let base = data(1, 700);
+    let mut pq_config = PqIndexConfig::new(4, 4);
+    pq_config.train_iterations = 3;
+    let flat = PqIndex::train(&base, 8, &pq_config).unwrap();
+    let mut ivf_config = IvfPqConfig {
+        nlist: 5,
+        coarse_iterations: 3,
+        ..IvfPqConfig::new(2, 8)
+    };
+    ivf_config.pq.metric = Metric::Cosine;
+    ivf_config.pq.train_iterations = 3;
+    let ivf = IvfPqIndex::train(&base, 8, &ivf_config).unwrap();
+    let mut all = vec![
+        AnyIndex::Pq(flat.clone()),
+        AnyIndex::IvfPq(ivf.clone()),
+        AnyIndex::Refine(Box::new(Refine::new(AnyIndex::IvfPq(ivf), 3).unwrap())),
+    ];
+    for index in &mut all {
+        index.add(&base).unwrap();
+        index.remove(&[3, 500]);
+    }
+    all
+}
+
+#[test]
+fn save_then_load_gives_the_same_index_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let queries = data(2, 9);
+    for index in indexes() {
+        let path = dir.path().join(format!("{}.safetensors", index.kind()));
+        index.save(&path).unwrap();
+        let mut loaded = AnyIndex::load(&path).unwrap();
+        assert_eq!(loaded, index, "{}", index.kind());
+        let options = SearchOptions {
+            k: 6,
+            nprobe: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            loaded.search_with(&queries, &options).unwrap(),
+            index.search_with(&queries, &options).unwrap()
+        );
+        assert_eq!(
+            loaded.add(&queries[..8]).unwrap(),
+            700..701,
+            "ids continue after a load"
+        );
+        let again = dir.path().join("again.safetensors");
+        index.save(&again).unwrap();
+        assert_eq!(
+            std::fs::read(&again).unwrap(),
+            std::fs::read(&path).unwrap(),
+            "same bytes"
+        );
+    }
+}
+
+#[test]
+fn damaged_truncated_and_foreign_files_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.safetensors");
+    let index = indexes().remove(1);
+    index.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x40;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(
+        matches!(AnyIndex::load(&path), Err(Error::BadFile { .. })),
+        "checksum"
+    );
+
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(
+        matches!(AnyIndex::load(&path), Err(Error::BadFile { .. })),
+        "truncated"
+    );
+
+    let pq = index.quantizer().clone();
+    pq.save(&path).unwrap();
+    assert!(
+        matches!(AnyIndex::load(&path), Err(Error::BadFile { .. })),
+        "a quantizer file"
+    );
+
+    std::fs::write(&path, b"not a file of ours").unwrap();
+    assert!(AnyIndex::load(&path).is_err());
+    assert!(AnyIndex::load(dir.path().join("absent")).is_err());
+}
