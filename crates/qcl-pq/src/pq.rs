@@ -506,7 +506,7 @@ impl ProductQuantizer {
     /// Fills `table[j · ksub + c]` with the squared distance from sub-vector `j` of `query` to
     /// centroid `c` of codebook `j`. Table entries and codebook rows share one order, so entry
     /// `t` is row `t` of the flat `[m · ksub, dsub]` codebooks.
-    pub(crate) fn distance_table(&self, query: &[f32], table: &mut [f32]) {
+    fn distance_table(&self, query: &[f32], table: &mut [f32]) {
         let (dsub, ksub) = (self.dsub(), self.ksub());
         for (t, (slot, centroid)) in table
             .iter_mut()
@@ -515,21 +515,6 @@ impl ProductQuantizer {
         {
             let j = t / ksub;
             *slot = squared_distance(&query[j * dsub..(j + 1) * dsub], centroid);
-        }
-    }
-
-    /// Fills `table[j · ksub + c]` with the *negated* inner product of sub-vector `j` of
-    /// `query` and centroid `c` of codebook `j` (smaller is nearer, as for distances).
-    pub(crate) fn negated_inner_product_table(&self, query: &[f32], table: &mut [f32]) {
-        let (dsub, ksub) = (self.dsub(), self.ksub());
-        for (t, (slot, centroid)) in table
-            .iter_mut()
-            .zip(self.codebooks.chunks_exact(dsub))
-            .enumerate()
-        {
-            let j = t / ksub;
-            let sub = &query[j * dsub..(j + 1) * dsub];
-            *slot = -sub.iter().zip(centroid).map(|(a, b)| a * b).sum::<f32>();
         }
     }
 

@@ -17,10 +17,23 @@ fn index(
     metric: Metric,
     by_residual: bool,
 ) -> IvfPqIndex {
+    index_with(seed, n, nlist, nbits, metric, by_residual, true)
+}
+
+fn index_with(
+    seed: u64,
+    n: usize,
+    nlist: usize,
+    nbits: u32,
+    metric: Metric,
+    by_residual: bool,
+    precomputed_tables: bool,
+) -> IvfPqIndex {
     let base = data(seed, n, 8);
     let mut config = IvfPqConfig {
         nlist,
         by_residual,
+        precomputed_tables,
         coarse_iterations: 4,
         ..IvfPqConfig::new(4, nbits)
     };
@@ -68,7 +81,7 @@ proptest! {
 
 #[test]
 fn every_list_probed_is_a_brute_force_adc_over_the_reconstructions() {
-    let index = index(1, 1_200, 6, 8, Metric::L2, true);
+    let index = index_with(1, 1_200, 6, 8, Metric::L2, true, false);
     let queries = data(2, 10, 8);
     let found = index
         .search_with(&queries, &options(7, 6, Scan::default()))
@@ -132,5 +145,28 @@ fn removal_ids_and_bad_knobs() {
     assert!(
         IvfPqIndex::train(&base, 8, &config).is_err(),
         "more lists than vectors"
+    );
+}
+
+#[test]
+fn precomputed_tables_give_the_residual_distances_up_to_rounding() {
+    let direct = index_with(4, 1_500, 6, 8, Metric::L2, true, false);
+    let precomputed = index_with(4, 1_500, 6, 8, Metric::L2, true, true);
+    assert!(precomputed.precomputed_tables() && !direct.precomputed_tables());
+    let queries = data(5, 20, 8);
+    let a = direct
+        .search_with(&queries, &options(10, 3, Scan::default()))
+        .unwrap();
+    let b = precomputed
+        .search_with(&queries, &options(10, 3, Scan::default()))
+        .unwrap();
+    for (x, y) in a.scores.iter().zip(&b.scores) {
+        assert!((x - y).abs() <= 1e-4 * x.max(1.0), "{x} vs {y}");
+    }
+    let same = a.ids.iter().zip(&b.ids).filter(|(x, y)| x == y).count();
+    assert!(
+        same * 10 >= a.ids.len() * 9,
+        "{same} of {} ids agree",
+        a.ids.len()
     );
 }

@@ -8,6 +8,7 @@ use super::blocks::BlockedCodes;
 use super::lut::QueryTables;
 use super::scan::{scan, Scan};
 use super::search::{check_queries, search_all};
+use super::tables::TableMaker;
 use super::{Metric, Neighbors, VectorIndex};
 use crate::pq::check_points;
 use crate::{KMeansParams, ProductQuantizer, ProductQuantizerParams};
@@ -116,6 +117,7 @@ impl Default for SearchOptions {
 pub struct PqIndex {
     metric: Metric,
     pq: ProductQuantizer,
+    maker: TableMaker,
     codes: BlockedCodes,
     ids: Vec<u64>,
     next_id: u64,
@@ -143,6 +145,7 @@ impl PqIndex {
         let codes = BlockedCodes::new(pq.m(), pq.nbits())?;
         Ok(PqIndex {
             metric,
+            maker: TableMaker::new(&pq),
             pq,
             codes,
             ids: Vec::new(),
@@ -173,10 +176,9 @@ impl PqIndex {
     /// Fills the exact and byte tables of one (prepared) query.
     fn fill_tables(&self, query: &[f32], tables: &mut QueryTables) {
         if self.metric == Metric::L2 {
-            self.pq.distance_table(query, &mut tables.exact);
+            self.maker.l2(query, &mut tables.exact);
         } else {
-            self.pq
-                .negated_inner_product_table(query, &mut tables.exact);
+            self.maker.negated_inner_product(query, &mut tables.exact);
         }
         tables.quantize();
     }
@@ -202,6 +204,7 @@ impl PqIndex {
         let next_id = ids.iter().max().map_or(0, |&id| id + 1);
         Ok(PqIndex {
             metric,
+            maker: TableMaker::new(&pq),
             pq,
             codes,
             ids,

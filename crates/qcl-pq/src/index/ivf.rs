@@ -10,7 +10,10 @@ use super::blocks::BlockedCodes;
 use super::flat::{check_new_ids, check_unique, PqIndexConfig, SearchOptions};
 use super::lut::QueryTables;
 use super::scan::scan;
+use super::scan::Scan;
 use super::search::{check_queries, search_all};
+use super::tables::TableMaker;
+use super::TopK;
 use super::{Metric, Neighbors, VectorIndex};
 use crate::pq::check_points;
 use crate::{KMeans, KMeansParams, ProductQuantizer};
@@ -30,6 +33,10 @@ pub struct IvfPqConfig {
     pub coarse_iterations: usize,
     /// Code residuals `x − c(x)` rather than the vectors themselves (default true).
     pub by_residual: bool,
+    /// For L2 with residuals, keep `nlist · m · 2^nbits` floats of list terms so a probed
+    /// list's table is `m · 2^nbits` additions instead of a table of residual distances
+    /// (default true). Values differ from direct residual tables by rounding only.
+    pub precomputed_tables: bool,
     /// The product quantizer's knobs (`m`, `nbits`, metric, training).
     pub pq: PqIndexConfig,
 }
@@ -41,6 +48,7 @@ impl IvfPqConfig {
             nlist: 256,
             coarse_iterations: 10,
             by_residual: true,
+            precomputed_tables: true,
             pq: PqIndexConfig::new(m, nbits),
         }
     }
@@ -79,6 +87,9 @@ pub struct IvfPqIndex {
     /// `[nlist, dim]`.
     centroids: Vec<f32>,
     pq: ProductQuantizer,
+    maker: TableMaker,
+    /// `[nlist, m, ksub]` list terms of the L2 residual tables, when precomputed.
+    precomputed: Option<Vec<f32>>,
     lists: Vec<InvertedList>,
     next_id: u64,
 }
@@ -114,16 +125,21 @@ impl IvfPqIndex {
                 ..KMeansParams::new(config.nlist)
             },
         )?;
+        // Until the residual quantizer is trained (it needs the coarse assignment).
+        let placeholder = ProductQuantizer::from_codebooks(dim, 1, 1, vec![0.0; 2 * dim])?;
         let mut index = IvfPqIndex {
             metric,
             by_residual: config.by_residual,
             lists: Vec::new(),
             centroids: coarse.centroids,
-            pq: ProductQuantizer::from_codebooks(dim, 1, 1, vec![0.0; 2 * dim])?,
+            pq: placeholder.clone(),
+            maker: TableMaker::new(&placeholder),
+            precomputed: None,
             next_id: 0,
         };
         let residuals = index.residuals(&data, &index.assign(&data)?);
-        index.pq = ProductQuantizer::train(&residuals, dim, &config.pq.quantizer_params())?;
+        let pq = ProductQuantizer::train(&residuals, dim, &config.pq.quantizer_params())?;
+        index.set_quantizer(pq, config.precomputed_tables);
         let empty = BlockedCodes::new(config.pq.m, config.pq.nbits)?;
         index.lists = vec![
             InvertedList {
@@ -179,9 +195,23 @@ impl IvfPqIndex {
         self.next_id = self.next_id.max(next_id);
     }
 
+    /// Installs the residual quantizer and what is derived from it.
+    fn set_quantizer(&mut self, pq: ProductQuantizer, precomputed_tables: bool) {
+        self.maker = TableMaker::new(&pq);
+        self.precomputed = (precomputed_tables && self.by_residual && self.metric == Metric::L2)
+            .then(|| precompute(&self.maker, &pq, &self.centroids));
+        self.pq = pq;
+    }
+
+    /// Whether L2 residual tables are made from precomputed list terms.
+    pub fn precomputed_tables(&self) -> bool {
+        self.precomputed.is_some()
+    }
+
     pub(crate) fn from_parts(
         metric: Metric,
         by_residual: bool,
+        precomputed_tables: bool,
         centroids: Vec<f32>,
         pq: ProductQuantizer,
         lists: Vec<InvertedList>,
@@ -200,14 +230,73 @@ impl IvfPqIndex {
         let all: Vec<u64> = lists.iter().flat_map(|l| l.ids.iter().copied()).collect();
         check_unique(&all)?;
         let next_id = all.iter().max().map_or(0, |&id| id + 1);
-        Ok(IvfPqIndex {
+        let mut index = IvfPqIndex {
             metric,
             by_residual,
             centroids,
-            pq,
+            maker: TableMaker::new(&pq),
+            pq: pq.clone(),
+            precomputed: None,
             lists,
             next_id,
-        })
+        };
+        index.set_quantizer(pq, precomputed_tables);
+        Ok(index)
+    }
+
+    /// Scans the probed lists (nearest first) for one query. `coarse` holds the query's
+    /// distances to the probed centroids (the start of every value with precomputed tables).
+    fn answer(
+        &self,
+        query: &[f32],
+        probed: &[u32],
+        coarse: &[f32],
+        method: Scan,
+        scratch: &mut Scratch,
+        top: &mut TopK,
+    ) {
+        let (dim, per_list) = (self.dim(), self.pq.m() * self.pq.ksub());
+        let Scratch {
+            tables,
+            residual,
+            query_terms,
+        } = scratch;
+        let residual_l2 = self.metric == Metric::L2 && self.by_residual;
+        if self.precomputed.is_some() {
+            // −2⟨q_j, C_jc⟩, the query's part of every list's table.
+            self.maker.negated_inner_product(query, query_terms);
+            query_terms.iter_mut().for_each(|v| *v *= 2.0);
+        } else if !residual_l2 {
+            self.fill_tables(query, tables);
+        }
+        for (&l, &coarse_distance) in probed.iter().zip(coarse) {
+            let (l, list) = (l as usize, &self.lists[l as usize]);
+            if list.ids.is_empty() {
+                continue;
+            }
+            let centroid = &self.centroids[l * dim..(l + 1) * dim];
+            let offset = match (&self.precomputed, residual_l2) {
+                (Some(precomputed), _) => {
+                    let list_terms = &precomputed[l * per_list..(l + 1) * per_list];
+                    for ((t, &a), &b) in tables.exact.iter_mut().zip(list_terms).zip(&*query_terms)
+                    {
+                        *t = a + b;
+                    }
+                    tables.quantize();
+                    coarse_distance
+                }
+                (None, true) => {
+                    for ((r, &x), &c) in residual.iter_mut().zip(query).zip(centroid) {
+                        *r = x - c;
+                    }
+                    self.fill_tables(residual, tables);
+                    0.0
+                }
+                (None, false) if self.by_residual => -dot(query, centroid),
+                (None, false) => 0.0,
+            };
+            scan(&list.codes, &list.ids, tables, offset, method, top);
+        }
     }
 
     /// The list of every row of (prepared) `data`.
@@ -246,10 +335,9 @@ impl IvfPqIndex {
 
     fn fill_tables(&self, query: &[f32], tables: &mut QueryTables) {
         if self.metric == Metric::L2 {
-            self.pq.distance_table(query, &mut tables.exact);
+            self.maker.l2(query, &mut tables.exact);
         } else {
-            self.pq
-                .negated_inner_product_table(query, &mut tables.exact);
+            self.maker.negated_inner_product(query, &mut tables.exact);
         }
         tables.quantize();
     }
@@ -332,41 +420,63 @@ impl VectorIndex for IvfPqIndex {
             options.nprobe,
         )?;
         let (m, ksub) = (self.pq.m(), self.pq.ksub());
+        let nprobe = options.nprobe;
         let found = search_all(
             &queries,
             dim,
             options.k,
             self.metric,
-            || (QueryTables::new(m, ksub), vec![0f32; dim]),
-            |q, query, (tables, residual), top| {
-                let lists = &probes.indices[q * options.nprobe..(q + 1) * options.nprobe];
-                if self.metric != Metric::L2 || !self.by_residual {
-                    self.fill_tables(query, tables);
-                }
-                for &l in lists {
-                    let list = &self.lists[l as usize];
-                    if list.ids.is_empty() {
-                        continue;
-                    }
-                    let centroid = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
-                    let offset = match (self.metric, self.by_residual) {
-                        (Metric::L2, true) => {
-                            for ((r, &x), &c) in residual.iter_mut().zip(query).zip(centroid) {
-                                *r = x - c;
-                            }
-                            self.fill_tables(residual, tables);
-                            0.0
-                        }
-                        (Metric::L2, false) => 0.0,
-                        (_, true) => -dot(query, centroid),
-                        (_, false) => 0.0,
-                    };
-                    scan(&list.codes, &list.ids, tables, offset, options.scan, top);
-                }
+            || Scratch {
+                tables: QueryTables::new(m, ksub),
+                residual: vec![0f32; dim],
+                query_terms: vec![0f32; m * ksub],
+            },
+            |q, query, scratch, top| {
+                let probed = &probes.indices[q * nprobe..(q + 1) * nprobe];
+                let coarse = &probes.distances[q * nprobe..(q + 1) * nprobe];
+                self.answer(query, probed, coarse, options.scan, scratch, top);
             },
         );
         Ok(found)
     }
+}
+
+/// One worker's buffers.
+struct Scratch {
+    tables: QueryTables,
+    residual: Vec<f32>,
+    /// `−2⟨q_j, C_jc⟩` with precomputed tables.
+    query_terms: Vec<f32>,
+}
+
+/// `T[l, j, c] = ‖C_jc‖² + 2⟨(c_l)_j, C_jc⟩` for every list `l`: with it, the squared
+/// distance from `q` to `c_l + r̂` is `‖q − c_l‖² + Σ_j (T[l, j, c_j] − 2⟨q_j, C_jc_j⟩)`, so a
+/// list's table costs `m · ksub` additions instead of a table of residual distances
+/// (Jégou, Douze & Schmid, 2011, §IV.C).
+fn precompute(maker: &TableMaker, pq: &ProductQuantizer, centroids: &[f32]) -> Vec<f32> {
+    let (m, ksub, dim) = (pq.m(), pq.ksub(), pq.dim());
+    let norms: Vec<f32> = pq
+        .codebooks()
+        .chunks_exact(pq.dsub())
+        .map(|c| {
+            let mut norm = 0f32;
+            for v in c {
+                norm += v * v;
+            }
+            norm
+        })
+        .collect();
+    let mut out = vec![0f32; centroids.len() / dim * m * ksub];
+    for (centroid, terms) in centroids
+        .chunks_exact(dim)
+        .zip(out.chunks_exact_mut(m * ksub))
+    {
+        maker.negated_inner_product(centroid, terms);
+        for (t, &norm) in terms.iter_mut().zip(&norms) {
+            *t = norm - 2.0 * *t;
+        }
+    }
+    out
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -24,6 +24,7 @@ mod persist;
 mod refine;
 mod scan;
 mod search;
+mod tables;
 mod topk;
 mod traits;
 

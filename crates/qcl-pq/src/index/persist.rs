@@ -100,6 +100,10 @@ impl AnyIndex {
             AnyIndex::IvfPq(i) => {
                 out.insert("nlist".into(), i.nlist().to_string());
                 out.insert("by_residual".into(), i.by_residual().to_string());
+                out.insert(
+                    "precomputed_tables".into(),
+                    i.precomputed_tables().to_string(),
+                );
             }
             AnyIndex::Refine(r) => {
                 out.insert("k_factor".into(), r.k_factor().to_string());
@@ -174,6 +178,7 @@ impl AnyIndex {
             }
             "ivf-pq" => {
                 let by_residual: bool = file.metadata_value("by_residual")?;
+                let precomputed: bool = file.metadata_value("precomputed_tables")?;
                 let spec = TensorSpec::new()
                     .dtype(DType::F32)
                     .shape(&[Some(lists.len()), Some(pq.dim())])
@@ -183,6 +188,7 @@ impl AnyIndex {
                 AnyIndex::IvfPq(IvfPqIndex::from_parts(
                     metric,
                     by_residual,
+                    precomputed,
                     centroids,
                     pq,
                     lists,
@@ -280,6 +286,10 @@ fn save_layer(
         AnyIndex::IvfPq(i) => {
             metadata.insert("nlist".into(), i.nlist().to_string());
             metadata.insert("by_residual".into(), i.by_residual().to_string());
+            metadata.insert(
+                "precomputed_tables".into(),
+                i.precomputed_tables().to_string(),
+            );
             let centroids = Tensor::from_vec(i.centroids().to_vec(), (i.nlist(), i.dim()), cpu)?;
             tensors.push(("ivf.centroids".into(), centroids));
             push_lists(tensors, (0..i.nlist()).map(|l| i.list(l)))
