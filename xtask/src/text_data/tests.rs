@@ -4,14 +4,14 @@ use super::*;
 
 /// How an entry of a hand-made zip archive is stored.
 #[derive(Clone, Copy)]
-enum Method {
+pub(crate) enum Method {
     Stored,
     Deflated,
 }
 
 /// A zip archive of `entries` (name, content, method, declared size override), written by
 /// hand so that tests can make deflated entries and archives that lie about their sizes.
-fn zip_of(entries: &[(&str, &[u8], Method, Option<u32>)]) -> Vec<u8> {
+pub(crate) fn zip_of(entries: &[(&str, &[u8], Method, Option<u32>)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut central = Vec::new();
     for &(name, content, method, declared) in entries {

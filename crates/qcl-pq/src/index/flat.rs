@@ -176,11 +176,10 @@ impl PqIndex {
     /// Fills the exact and byte tables of one (prepared) query.
     fn fill_tables(&self, query: &[f32], tables: &mut QueryTables) {
         if self.metric == Metric::L2 {
-            self.maker.l2(query, &mut tables.exact);
+            self.maker.l2(query, tables.exact_mut());
         } else {
-            self.maker.negated_inner_product(query, &mut tables.exact);
+            self.maker.negated_inner_product(query, tables.exact_mut());
         }
-        tables.quantize();
     }
 
     /// Makes [`VectorIndex::next_id`] at least `next_id` (a loaded index continues its ids).

@@ -278,11 +278,10 @@ impl IvfPqIndex {
             let offset = match (&self.precomputed, residual_l2) {
                 (Some(precomputed), _) => {
                     let list_terms = &precomputed[l * per_list..(l + 1) * per_list];
-                    for ((t, &a), &b) in tables.exact.iter_mut().zip(list_terms).zip(&*query_terms)
-                    {
+                    let exact = tables.exact_mut();
+                    for ((t, &a), &b) in exact.iter_mut().zip(list_terms).zip(&*query_terms) {
                         *t = a + b;
                     }
-                    tables.quantize();
                     coarse_distance
                 }
                 (None, true) => {
@@ -335,11 +334,10 @@ impl IvfPqIndex {
 
     fn fill_tables(&self, query: &[f32], tables: &mut QueryTables) {
         if self.metric == Metric::L2 {
-            self.maker.l2(query, &mut tables.exact);
+            self.maker.l2(query, tables.exact_mut());
         } else {
-            self.maker.negated_inner_product(query, &mut tables.exact);
+            self.maker.negated_inner_product(query, tables.exact_mut());
         }
-        tables.quantize();
     }
 }
 

@@ -61,12 +61,18 @@ impl Kernel {
         Self::ALL.into_iter().filter(|k| k.is_available()).collect()
     }
 
-    /// Whether this CPU has the features the kernel needs.
+    /// Whether this CPU has the features the kernel needs (detected once).
     pub fn is_available(self) -> bool {
+        static AVAILABLE: OnceLock<[bool; 5]> = OnceLock::new();
+        let available = AVAILABLE.get_or_init(|| Self::ALL.map(Kernel::detect_features));
+        available[Self::ALL.iter().position(|&k| k == self).unwrap_or(0)]
+    }
+
+    fn detect_features(self) -> bool {
         match self {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => is_x86_feature_detected!("avx2"),
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("bmi2"),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bw => {
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
@@ -131,6 +137,28 @@ pub fn block_sums_with(
     unsafe { run(kernel, block, m, nbits, lut, out) }
 }
 
+/// [`block_mask_le`] with `kernel`'s instructions (the same mask).
+///
+/// # Panics
+/// If `kernel` is not available on this CPU.
+pub fn block_mask_le_with(kernel: Kernel, sums: &[u16; BLOCK], threshold: u16) -> u64 {
+    assert!(
+        kernel.is_available(),
+        "kernel {} is not available on this CPU",
+        kernel.name()
+    );
+    // SAFETY: the kernel's CPU features are available (checked above).
+    unsafe {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bw | Kernel::Avx512Vbmi => x86::mask_le_avx512(sums, threshold),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => x86::mask_le_avx2(sums, threshold),
+            _ => block_mask_le(sums, threshold),
+        }
+    }
+}
+
 /// Bit `i` set iff `sums[i] <= threshold`.
 pub fn block_mask_le(sums: &[u16; BLOCK], threshold: u16) -> u64 {
     sums.iter()
@@ -182,6 +210,45 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::BLOCK;
+
+    /// Bit `i` set iff `sums[i] <= threshold`, by unsigned 16-bit compares into mask registers.
+    ///
+    /// # Safety
+    /// AVX-512 F and BW are available.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn mask_le_avx512(sums: &[u16; BLOCK], threshold: u16) -> u64 {
+        let limit = _mm512_set1_epi16(threshold as i16);
+        // SAFETY: `sums` holds 64 u16, two unaligned 64-byte loads.
+        let (low, high) = unsafe {
+            (
+                _mm512_loadu_si512(sums.as_ptr().cast()),
+                _mm512_loadu_si512(sums.as_ptr().add(32).cast()),
+            )
+        };
+        let low = _mm512_cmple_epu16_mask(low, limit) as u64;
+        let high = _mm512_cmple_epu16_mask(high, limit) as u64;
+        low | (high << 32)
+    }
+
+    /// Bit `i` set iff `sums[i] <= threshold`: `max(s, t) = t` per lane, then one bit of each
+    /// lane's two movemask bits.
+    ///
+    /// # Safety
+    /// AVX2 and BMI2 are available (every AVX2 CPU qcl detects has BMI2: checked in
+    /// `Kernel::is_available`).
+    #[target_feature(enable = "avx2,bmi2")]
+    pub(super) unsafe fn mask_le_avx2(sums: &[u16; BLOCK], threshold: u16) -> u64 {
+        let limit = _mm256_set1_epi16(threshold as i16);
+        let mut mask = 0u64;
+        for quarter in 0..4 {
+            // SAFETY: 16 u16 at 16·quarter are within the 64 of `sums`.
+            let s = unsafe { _mm256_loadu_si256(sums.as_ptr().add(16 * quarter).cast()) };
+            let le = _mm256_cmpeq_epi16(_mm256_max_epu16(s, limit), limit);
+            let bits = _pext_u32(_mm256_movemask_epi8(le) as u32, 0x5555_5555);
+            mask |= u64::from(bits) << (16 * quarter);
+        }
+        mask
+    }
 
     /// 4-bit codes, two 32-byte halves of the block per run.
     ///

@@ -103,6 +103,12 @@ proptest! {
         for (i, &s) in sums.iter().enumerate() {
             prop_assert_eq!(mask >> i & 1 == 1, s <= threshold, "lane {}", i);
         }
+        // Every kernel's mask, at the threshold and at the lanes' own values (ties).
+        for kernel in Kernel::available() {
+            for limit in [threshold, sums[0], sums[63], 0, u16::MAX] {
+                prop_assert_eq!(block_mask_le_with(kernel, &sums, limit), block_mask_le(&sums, limit));
+            }
+        }
     }
 }
 

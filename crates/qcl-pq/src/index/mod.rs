@@ -20,6 +20,7 @@ mod ivf;
 pub mod kernels;
 mod lut;
 mod metric;
+pub mod opq;
 mod persist;
 mod refine;
 mod scan;

@@ -1,7 +1,7 @@
 //! Scanning blocked codes for one query: bound by byte tables, rescore exactly.
 
 use super::blocks::{BlockedCodes, BLOCK};
-use super::kernels::{block_mask_le, block_sums_with, Kernel};
+use super::kernels::{block_mask_le_with, block_sums_with, Kernel};
 use super::lut::QueryTables;
 use super::topk::TopK;
 
@@ -32,7 +32,7 @@ impl Default for Scan {
 pub(crate) fn scan(
     codes: &BlockedCodes,
     ids: &[u64],
-    tables: &QueryTables,
+    tables: &mut QueryTables,
     offset: f32,
     method: Scan,
     top: &mut TopK,
@@ -66,18 +66,38 @@ fn scan_exact(
 fn scan_bounded(
     codes: &BlockedCodes,
     ids: &[u64],
-    tables: &QueryTables,
+    tables: &mut QueryTables,
     offset: f32,
     kernel: Kernel,
     top: &mut TopK,
 ) {
     let (m, nbits) = (codes.m(), codes.nbits());
-    let mut sums = [0u16; BLOCK];
-    for (b, block_ids) in ids.chunks(BLOCK).enumerate() {
-        // Thresholds only fall: once no byte sum can pass, no later vector can either.
-        let Some(mut limit) = tables.byte_threshold(top.threshold(), offset) else {
+    let mut blocks = ids.chunks(BLOCK).enumerate();
+    // Exact until the answer holds k candidates: the bytes are quantized for its threshold.
+    let mut values = [0f32; BLOCK];
+    while top.threshold() == f32::INFINITY {
+        let Some((b, block_ids)) = blocks.next() else {
             return;
         };
+        exact_block(codes, b, tables, offset, &mut values);
+        for (&value, &id) in values.iter().zip(block_ids) {
+            top.push(value, id);
+        }
+    }
+    let mut sums = [0u16; BLOCK];
+    let mut limit = 0;
+    let mut stale = true;
+    for (b, block_ids) in blocks {
+        if stale || tables.needs_quantizing(top.threshold(), offset) {
+            if tables.needs_quantizing(top.threshold(), offset) {
+                tables.quantize(top.threshold(), offset);
+            }
+            // Thresholds only fall: once no byte sum can pass, no later vector can either.
+            let Some(new_limit) = tables.byte_threshold(top.threshold(), offset) else {
+                return;
+            };
+            (limit, stale) = (new_limit, false);
+        }
         block_sums_with(kernel, codes.block(b), m, nbits, &tables.bytes, &mut sums);
         let lanes = block_ids.len();
         let present = if lanes == BLOCK {
@@ -85,7 +105,7 @@ fn scan_bounded(
         } else {
             (1u64 << lanes) - 1
         };
-        let mut mask = block_mask_le(&sums, limit) & present;
+        let mut mask = block_mask_le_with(kernel, &sums, limit) & present;
         while mask != 0 {
             let lane = mask.trailing_zeros() as usize;
             mask &= mask - 1;
@@ -95,7 +115,7 @@ fn scan_bounded(
                 match tables.byte_threshold(top.threshold(), offset) {
                     Some(new_limit) if new_limit < limit => {
                         limit = new_limit;
-                        mask &= block_mask_le(&sums, limit);
+                        mask &= block_mask_le_with(kernel, &sums, limit);
                     }
                     Some(_) => {}
                     None => return,
@@ -119,7 +139,7 @@ fn exact_block(
     if codes.nbits() == 8 {
         for (run, table) in block
             .chunks_exact(BLOCK)
-            .zip(tables.exact.chunks_exact(256))
+            .zip(tables.exact().chunks_exact(256))
         {
             for (value, &code) in out.iter_mut().zip(run) {
                 *value += table[code as usize];
@@ -128,12 +148,12 @@ fn exact_block(
     } else {
         let m = codes.m();
         for (p, run) in block.chunks_exact(BLOCK).enumerate() {
-            let low = &tables.exact[2 * p * 16..(2 * p + 1) * 16];
+            let low = &tables.exact()[2 * p * 16..(2 * p + 1) * 16];
             for (value, &byte) in out.iter_mut().zip(run) {
                 *value += low[(byte & 0x0f) as usize];
             }
             if 2 * p + 1 < m {
-                let high = &tables.exact[(2 * p + 1) * 16..(2 * p + 2) * 16];
+                let high = &tables.exact()[(2 * p + 1) * 16..(2 * p + 2) * 16];
                 for (value, &byte) in out.iter_mut().zip(run) {
                     *value += high[(byte >> 4) as usize];
                 }

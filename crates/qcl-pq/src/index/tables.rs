@@ -39,28 +39,77 @@ impl TableMaker {
 
     /// `out[j·ksub + c] = Σ_t (q_jt − C_jct)²`, added in order `t = 0, 1, …`.
     pub(crate) fn l2(&self, query: &[f32], out: &mut [f32]) {
-        self.accumulate(query, out, |acc, q, c| {
-            let diff = q - c;
-            acc + diff * diff
-        });
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 F is available.
+            return unsafe { self.l2_avx512(query, out) };
+        }
+        self.accumulate::<false>(query, out);
     }
 
     /// `out[j·ksub + c] = −Σ_t q_jt · C_jct`, the sum added in order `t = 0, 1, …`.
     pub(crate) fn negated_inner_product(&self, query: &[f32], out: &mut [f32]) {
-        self.accumulate(query, out, |acc, q, c| acc + q * c);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 F is available.
+            unsafe { self.inner_product_avx512(query, out) };
+        } else {
+            self.accumulate::<true>(query, out);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.accumulate::<true>(query, out);
         out.iter_mut().for_each(|v| *v = -*v);
     }
 
-    fn accumulate(&self, query: &[f32], out: &mut [f32], step: impl Fn(f32, f32, f32) -> f32) {
+    /// The same loop compiled for 16 lanes (no fused multiply-add: the same bits).
+    ///
+    /// # Safety
+    /// AVX-512 F is available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn l2_avx512(&self, query: &[f32], out: &mut [f32]) {
+        self.accumulate::<false>(query, out);
+    }
+
+    /// # Safety
+    /// AVX-512 F is available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn inner_product_avx512(&self, query: &[f32], out: &mut [f32]) {
+        self.accumulate::<true>(query, out);
+    }
+
+    /// Sums of `(q − c)²` (or of `q · c` when `PRODUCT`) across all centroids at once, 64
+    /// centroids at a time so their sums stay in registers over the components.
+    #[inline(always)]
+    fn accumulate<const PRODUCT: bool>(&self, query: &[f32], out: &mut [f32]) {
+        const CHUNK: usize = 64;
         let (ksub, dsub) = (self.ksub, self.dsub);
+        let term = |q: f32, c: f32| if PRODUCT { q * c } else { (q - c) * (q - c) };
         for j in 0..self.m {
+            let sub = &query[j * dsub..(j + 1) * dsub];
+            let columns = &self.transposed[j * dsub * ksub..(j + 1) * dsub * ksub];
             let row = &mut out[j * ksub..(j + 1) * ksub];
-            row.fill(0.0);
-            for t in 0..dsub {
-                let q = query[j * dsub + t];
-                let components = &self.transposed[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
-                for (acc, &c) in row.iter_mut().zip(components) {
-                    *acc = step(*acc, q, c);
+            if ksub % CHUNK == 0 {
+                for (c0, chunk) in row.chunks_exact_mut(CHUNK).enumerate() {
+                    let mut acc = [0f32; CHUNK];
+                    for (t, &q) in sub.iter().enumerate() {
+                        let start = t * ksub + c0 * CHUNK;
+                        let components: &[f32; CHUNK] =
+                            columns[start..start + CHUNK].try_into().expect("a chunk");
+                        for (a, &c) in acc.iter_mut().zip(components) {
+                            *a += term(q, c);
+                        }
+                    }
+                    chunk.copy_from_slice(&acc);
+                }
+            } else {
+                row.fill(0.0);
+                for (t, &q) in sub.iter().enumerate() {
+                    let components = &columns[t * ksub..(t + 1) * ksub];
+                    for (a, &c) in row.iter_mut().zip(components) {
+                        *a += term(q, c);
+                    }
                 }
             }
         }
