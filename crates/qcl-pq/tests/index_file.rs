@@ -1,8 +1,8 @@
 //! Saving and loading indexes: the same answers after a round trip; damaged files refused.
 
 use qcl_pq::index::{
-    AnyIndex, IvfPqConfig, IvfPqIndex, Metric, PqIndex, PqIndexConfig, Refine, SearchOptions,
-    VectorIndex,
+    opq::OpqConfig, AnyIndex, IvfPqConfig, IvfPqIndex, Metric, PqIndex, PqIndexConfig, Refine,
+    Rotated, SearchOptions, VectorIndex,
 };
 use qcl_tensor::{Error, Seed};
 
@@ -23,7 +23,17 @@ fn indexes() -> Vec<AnyIndex> {
     ivf_config.pq.metric = Metric::Cosine;
     ivf_config.pq.train_iterations = 3;
     let ivf = IvfPqIndex::train(&base, 8, &ivf_config).unwrap();
+    let opq = OpqConfig {
+        iterations: 2,
+        ..OpqConfig::new(2, 8)
+    };
+    let rotation = Rotated::<AnyIndex>::learn_rotation(&base, 8, &opq).unwrap();
+    let rotated_ivf = IvfPqIndex::train(&rotation.apply(&base).unwrap(), 8, &ivf_config).unwrap();
+    let behind_rotation = Rotated::new(rotation, AnyIndex::IvfPq(rotated_ivf)).unwrap();
     let mut all = vec![
+        AnyIndex::Refine(Box::new(
+            Refine::new(AnyIndex::Rotated(Box::new(behind_rotation)), 2).unwrap(),
+        )),
         AnyIndex::Pq(flat.clone()),
         AnyIndex::IvfPq(ivf.clone()),
         AnyIndex::Refine(Box::new(Refine::new(AnyIndex::IvfPq(ivf), 3).unwrap())),
@@ -43,6 +53,8 @@ fn save_then_load_gives_the_same_index_and_answers() {
         let path = dir.path().join(format!("{}.safetensors", index.kind()));
         index.save(&path).unwrap();
         let mut loaded = AnyIndex::load(&path).unwrap();
+        assert!(["refine+opq+ivf-pq", "pq", "ivf-pq", "refine+ivf-pq"]
+            .contains(&loaded.kind().as_str()));
         assert_eq!(loaded, index, "{}", index.kind());
         let options = SearchOptions {
             k: 6,

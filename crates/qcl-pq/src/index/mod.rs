@@ -4,6 +4,7 @@
 //! - [`IvfPqIndex`]: an inverted file of residual codes; a query scans its `nprobe` nearest
 //!   lists.
 //! - [`Refine`]: either, its top candidates re-ranked with the exact vectors.
+//! - [`Rotated`]: either behind a learned rotation ([`opq`]).
 //! - [`AnyIndex`]: any of them as one value, saved to and loaded from one safetensors file.
 //! - [`VectorIndex`]: the one shape of all three (add, remove, search).
 //! - [`Metric`]: squared L2, inner product or cosine.
@@ -23,6 +24,7 @@ mod metric;
 pub mod opq;
 mod persist;
 mod refine;
+mod rotated;
 mod scan;
 mod search;
 mod tables;
@@ -35,6 +37,7 @@ pub use kernels::Kernel;
 pub use metric::Metric;
 pub use persist::{AnyIndex, INDEX_FORMAT};
 pub use refine::Refine;
+pub use rotated::Rotated;
 pub use scan::Scan;
 pub use topk::{Neighbors, MISSING_ID};
 pub use traits::VectorIndex;

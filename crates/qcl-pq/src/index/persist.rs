@@ -7,7 +7,8 @@
 //! - `lists.sizes` `i64 [nlist]`, `lists.codes` `u8` (every list's blocked codes, list after
 //!   list), `lists.ids` `i64 [n]` (a flat index is one list);
 //! - `ivf.centroids` `f32 [nlist, dim]`;
-//! - `refine.vectors` `f32 [n, dim]`, `refine.ids` `i64 [n]`.
+//! - `refine.vectors` `f32 [n, dim]`, `refine.ids` `i64 [n]`;
+//! - `rotation.matrix` `f32 [dim, dim]` (an `opq` layer).
 //!
 //! The file carries the content checksum every qcl file carries; a damaged, truncated or
 //! foreign file is a typed error.
@@ -21,7 +22,8 @@ use qcl_tensor::{write_safetensors, Error, Result, SafetensorsFile, TensorSpec};
 use super::blocks::BlockedCodes;
 use super::flat::SearchOptions;
 use super::ivf::InvertedList;
-use super::{IvfPqIndex, Metric, Neighbors, PqIndex, Refine, VectorIndex};
+use super::opq::Rotation;
+use super::{IvfPqIndex, Metric, Neighbors, PqIndex, Refine, Rotated, VectorIndex};
 use crate::ProductQuantizer;
 
 /// Value of the `format` metadata key of a saved index.
@@ -52,6 +54,8 @@ pub enum AnyIndex {
     IvfPq(IvfPqIndex),
     /// Another index re-ranked with exact vectors.
     Refine(Box<Refine<AnyIndex>>),
+    /// Another index behind a learned rotation.
+    Rotated(Box<Rotated<AnyIndex>>),
 }
 
 impl AnyIndex {
@@ -61,6 +65,7 @@ impl AnyIndex {
             AnyIndex::Pq(_) => "pq".into(),
             AnyIndex::IvfPq(_) => "ivf-pq".into(),
             AnyIndex::Refine(r) => format!("refine+{}", r.inner().kind()),
+            AnyIndex::Rotated(r) => format!("opq+{}", r.inner().kind()),
         }
     }
 
@@ -70,6 +75,7 @@ impl AnyIndex {
             AnyIndex::Pq(i) => i.quantizer(),
             AnyIndex::IvfPq(i) => i.quantizer(),
             AnyIndex::Refine(r) => r.inner().quantizer(),
+            AnyIndex::Rotated(r) => r.inner().quantizer(),
         }
     }
 
@@ -81,6 +87,7 @@ impl AnyIndex {
             AnyIndex::Refine(r) => {
                 r.inner().memory_bytes() + r.vectors().0.len() * 4 + r.vectors().1.len() * 8
             }
+            AnyIndex::Rotated(r) => r.inner().memory_bytes() + r.rotation().matrix().len() * 4,
         }
     }
 
@@ -107,6 +114,9 @@ impl AnyIndex {
             }
             AnyIndex::Refine(r) => {
                 out.insert("k_factor".into(), r.k_factor().to_string());
+            }
+            AnyIndex::Rotated(_) => {
+                out.insert("rotation".into(), "opq".into());
             }
             AnyIndex::Pq(_) => {}
         });
@@ -203,6 +213,17 @@ impl AnyIndex {
                     let (vectors, ids) = read_rows(&file, "refine", index.dim())?;
                     AnyIndex::Refine(Box::new(Refine::from_parts(index, k_factor, vectors, ids)?))
                 }
+                "opq" if !matches!(index, AnyIndex::Rotated(_)) => {
+                    let dim = index.dim();
+                    let spec = TensorSpec::new()
+                        .dtype(DType::F32)
+                        .shape(&[Some(dim), Some(dim)])
+                        .finite();
+                    let matrix = file.read("rotation.matrix", &spec, &Device::Cpu)?;
+                    let rotation = Rotation::from_matrix(dim, matrix.flatten_all()?.to_vec1()?)
+                        .map_err(|e| bad(format!("`rotation.matrix`: {e}")))?;
+                    AnyIndex::Rotated(Box::new(Rotated::from_parts(rotation, index)?))
+                }
                 other => return Err(bad(format!("unexpected layer {other:?} in `{kind}`"))),
             };
         }
@@ -214,8 +235,10 @@ impl AnyIndex {
     /// Calls `f` on every layer, outermost first.
     fn visit(&self, f: &mut impl FnMut(&AnyIndex)) {
         f(self);
-        if let AnyIndex::Refine(r) = self {
-            r.inner().visit(f);
+        match self {
+            AnyIndex::Refine(r) => r.inner().visit(f),
+            AnyIndex::Rotated(r) => r.inner().visit(f),
+            AnyIndex::Pq(_) | AnyIndex::IvfPq(_) => {}
         }
     }
 
@@ -224,6 +247,7 @@ impl AnyIndex {
             AnyIndex::Pq(i) => i.raise_next_id(next_id),
             AnyIndex::IvfPq(i) => i.raise_next_id(next_id),
             AnyIndex::Refine(r) => r.inner_mut().raise_next_id(next_id),
+            AnyIndex::Rotated(r) => r.inner_mut().raise_next_id(next_id),
         }
     }
 
@@ -232,6 +256,7 @@ impl AnyIndex {
             AnyIndex::Pq(i) => i,
             AnyIndex::IvfPq(i) => i,
             AnyIndex::Refine(r) => r.as_ref(),
+            AnyIndex::Rotated(r) => r.as_ref(),
         }
     }
 
@@ -240,6 +265,7 @@ impl AnyIndex {
             AnyIndex::Pq(i) => i,
             AnyIndex::IvfPq(i) => i,
             AnyIndex::Refine(r) => r.as_mut(),
+            AnyIndex::Rotated(r) => r.as_mut(),
         }
     }
 }
@@ -293,6 +319,12 @@ fn save_layer(
             let centroids = Tensor::from_vec(i.centroids().to_vec(), (i.nlist(), i.dim()), cpu)?;
             tensors.push(("ivf.centroids".into(), centroids));
             push_lists(tensors, (0..i.nlist()).map(|l| i.list(l)))
+        }
+        AnyIndex::Rotated(r) => {
+            let dim = r.dim();
+            let matrix = Tensor::from_vec(r.rotation().matrix().to_vec(), (dim, dim), cpu)?;
+            tensors.push(("rotation.matrix".into(), matrix));
+            Ok(())
         }
         AnyIndex::Refine(r) => {
             metadata.insert("k_factor".into(), r.k_factor().to_string());
