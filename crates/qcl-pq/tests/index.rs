@@ -30,7 +30,7 @@ proptest! {
     #[test]
     fn bounded_scans_equal_the_exact_scan(
         seed in 0u64..1000,
-        n in 300usize..700,
+        n in prop_oneof![300usize..700, 1024usize..2000],
         m in prop::sample::select(vec![1usize, 2, 3, 4, 6]),
         nbits in prop::sample::select(vec![4u32, 8]),
         metric in prop::sample::select(vec![Metric::L2, Metric::InnerProduct, Metric::Cosine]),

@@ -114,3 +114,33 @@ fn damaged_truncated_and_foreign_files_are_typed_errors() {
     assert!(AnyIndex::load(&path).is_err());
     assert!(AnyIndex::load(dir.path().join("absent")).is_err());
 }
+
+#[test]
+fn an_absurd_k_factor_or_k_is_refused_or_answered_without_a_huge_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = indexes().swap_remove(3);
+    let path = dir.path().join("refine.safetensors");
+    index.save(&path).unwrap();
+    // A file whose k_factor is absurd (resealed: its checksum is right) still searches.
+    let bytes = std::fs::read(&path).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    meta.remove(qcl_tensor::CHECKSUM_KEY);
+    meta.insert("k_factor".into(), (u64::MAX / 2).to_string());
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> = parsed.tensors();
+    let absurd = qcl_tensor::serialize_safetensors(
+        tensors
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())),
+        &meta.into_iter().collect(),
+    )
+    .unwrap();
+    std::fs::write(&path, absurd).unwrap();
+    let loaded = AnyIndex::load(&path).unwrap();
+    let found = loaded.search(&data(2, 3), 4).unwrap();
+    assert_eq!(found.ids.len(), 12);
+    // A k whose answer cannot be allocated is a typed error.
+    let error = index.search(&data(2, 3), usize::MAX / 2).unwrap_err();
+    assert!(matches!(error, Error::InvalidParameter { .. }), "{error}");
+}

@@ -170,3 +170,28 @@ fn precomputed_tables_give_the_residual_distances_up_to_rounding() {
         a.ids.len()
     );
 }
+
+/// Lists of 8-bit codes long enough for the bounded scan (short ones are scored exactly).
+#[test]
+fn long_8bit_lists_scanned_bounded_equal_the_exact_scan() {
+    for (seed, metric, by_residual) in [
+        (1, Metric::L2, true),
+        (2, Metric::InnerProduct, true),
+        (3, Metric::Cosine, false),
+    ] {
+        let index = index(seed, 3_000, 2, 8, metric, by_residual);
+        assert!((0..2).any(|l| index.list(l).1.len() >= 1_100));
+        let queries = data(seed + 7, 9, 8);
+        for nprobe in [1, 2] {
+            let exact = index
+                .search_with(&queries, &options(7, nprobe, Scan::Exact))
+                .unwrap();
+            for kernel in Kernel::available() {
+                let bounded = index
+                    .search_with(&queries, &options(7, nprobe, Scan::Bounded(kernel)))
+                    .unwrap();
+                assert_eq!(bounded, exact, "{kernel:?} {metric:?} nprobe {nprobe}");
+            }
+        }
+    }
+}

@@ -119,6 +119,7 @@ pub fn block_sums(block: &[u8], m: usize, nbits: u32, lut: &[u8], out: &mut [u16
 /// # Panics
 /// If `kernel` is not available on this CPU (running it would be undefined behaviour), and
 /// as [`block_sums`].
+#[inline]
 pub fn block_sums_with(
     kernel: Kernel,
     block: &[u8],
@@ -141,6 +142,7 @@ pub fn block_sums_with(
 ///
 /// # Panics
 /// If `kernel` is not available on this CPU.
+#[inline]
 pub fn block_mask_le_with(kernel: Kernel, sums: &[u16; BLOCK], threshold: u16) -> u64 {
     assert!(
         kernel.is_available(),
@@ -167,6 +169,7 @@ pub fn block_mask_le(sums: &[u16; BLOCK], threshold: u16) -> u64 {
 }
 
 /// The bounds the kernels' unchecked loads rely on.
+#[inline]
 fn check_shapes(block: &[u8], m: usize, nbits: u32, lut: &[u8]) {
     assert!(
         nbits == 4 || nbits == 8,
@@ -179,6 +182,7 @@ fn check_shapes(block: &[u8], m: usize, nbits: u32, lut: &[u8]) {
 
 /// # Safety
 /// `kernel` is available and the shapes passed [`check_shapes`].
+#[inline]
 unsafe fn run(
     kernel: Kernel,
     block: &[u8],

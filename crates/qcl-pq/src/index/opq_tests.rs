@@ -202,4 +202,17 @@ fn rotations_are_checked_and_invertible() {
         bits(&r.apply(&x[6..12]).unwrap()),
         bits(&r.apply(&x).unwrap()[6..12])
     );
+    // Wider than a column tile, a row in the second tile of rows.
+    let (dim, n) = (300, 11);
+    let r = random_rotation(6, dim);
+    let x = Seed::new(2).rng().normal_vec(n * dim, 0.0, 1.0);
+    let all = r.apply(&x).unwrap();
+    for row in [0, 9, 10] {
+        let alone = r.apply(&x[row * dim..(row + 1) * dim]).unwrap();
+        assert_eq!(
+            bits(&alone),
+            bits(&all[row * dim..(row + 1) * dim]),
+            "row {row}"
+        );
+    }
 }

@@ -179,8 +179,9 @@ impl<I: VectorIndex> VectorIndex for Refine<I> {
     fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
         let (dim, metric, k) = (self.dim(), self.metric(), options.k);
         check_queries(queries, dim, k)?;
+        // More candidates than the index holds would only be empty slots.
         let wide = SearchOptions {
-            k: k.saturating_mul(self.k_factor),
+            k: k.saturating_mul(self.k_factor).min(self.len().max(k)),
             ..*options
         };
         let candidates = self.inner.search_with(queries, &wide)?;

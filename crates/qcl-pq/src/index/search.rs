@@ -14,8 +14,20 @@ pub(crate) fn check_queries(queries: &[f32], dim: usize, k: usize) -> Result<usi
             "ask for at least one neighbour",
         ));
     }
-    check_points("queries", queries, dim)
+    let nq = check_points("queries", queries, dim)?;
+    // The answer has nq · k slots (an id and a score each); refuse what cannot be allocated.
+    let slots = nq.checked_mul(k).filter(|&s| s <= MAX_ANSWER_SLOTS);
+    if slots.is_none() {
+        return Err(Error::invalid_parameter(
+            "k",
+            format!("{nq} queries × k = {k} answer slots is more than {MAX_ANSWER_SLOTS}"),
+        ));
+    }
+    Ok(nq)
 }
+
+/// Most answer slots (`nq · k`) one search returns: 2^28, 3 GiB of ids and scores.
+pub(crate) const MAX_ANSWER_SLOTS: usize = 1 << 28;
 
 /// Answers every query of `queries` (rows of `dim`) in parallel: `answer(q, query, scratch, top)`
 /// offers candidates to `top`, which is then written out. `scratch` is one per worker, made by

@@ -78,7 +78,8 @@ impl TopK {
     pub(crate) fn new(k: usize) -> Self {
         TopK {
             k,
-            heap: BinaryHeap::with_capacity(k + 1),
+            // Grown on demand past a few pages: k may be far more than the vectors offered.
+            heap: BinaryHeap::with_capacity(k.min(4096) + 1),
         }
     }
 
