@@ -10,6 +10,7 @@ mod aqm;
 mod bench;
 mod ecvq;
 mod flags;
+mod index;
 mod pq;
 mod text;
 mod wpq;
@@ -51,6 +52,13 @@ enum Command {
     Pq {
         #[command(subcommand)]
         command: pq::PqCommand,
+    },
+    /// Approximate nearest-neighbour search: build an index of product-quantization codes
+    /// (flat or IVF, optionally with a learned rotation and exact re-ranking), add and remove
+    /// vectors, search it, describe it.
+    Index {
+        #[command(subcommand)]
+        command: index::IndexCommand,
     },
     /// Entropy-constrained vector quantization of a toy source (VECVQ or Chou-Lookabaugh-Gray):
     /// rate, entropy, real coded size, distortion and the gap to the Shannon bound.
@@ -141,7 +149,7 @@ fn main() -> ExitCode {
             return code;
         }
     };
-    let result = match run_catching_bugs(&cli.command) {
+    let result = match run_catching_bugs(&cli.command, cli.json) {
         Ok(result) => result,
         Err(bug) => return report_bug(&bug, cli.json),
     };
@@ -182,9 +190,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the command; a panic (a bug: bad input gets typed errors) comes back as its message
-/// instead of unwinding out of `main`.
-fn run_catching_bugs(command: &Command) -> std::result::Result<Result<Report>, String> {
+/// Runs the command (`json`: its output is one JSON object, so no progress line); a panic (a
+/// bug: bad input gets typed errors) comes back as its message instead of unwinding out of
+/// `main`.
+fn run_catching_bugs(command: &Command, json: bool) -> std::result::Result<Result<Report>, String> {
     // Kept for the report below (once, in the command's format) instead of printed here.
     static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     std::panic::set_hook(Box::new(|info| {
@@ -201,6 +210,7 @@ fn run_catching_bugs(command: &Command) -> std::result::Result<Result<Report>, S
         } => data_info(file),
         Command::Kmeans(args) => kmeans(args),
         Command::Pq { command } => pq::run(command),
+        Command::Index { command } => index::run(command, json),
         Command::Ecvq(args) => ecvq::run_ecvq(args),
         Command::Bench { command } => bench::run(command),
         Command::Aqm { command } => aqm::run_command(command),

@@ -82,6 +82,61 @@ fn kmeans_and_pq_files_are_reproducible() {
 }
 
 #[test]
+fn index_files_are_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let points = write_points(dir.path());
+    let points = points.to_str().unwrap();
+    same_bytes_on_1_and_2_threads(dir.path(), "index.safetensors", |out| {
+        strings(&[
+            "index",
+            "build",
+            "--vectors",
+            points,
+            "--tensor",
+            "x",
+            "--kind",
+            "ivf-pq",
+            "--nlist",
+            "8",
+            "--m",
+            "4",
+            "--nbits",
+            "4",
+            "--opq",
+            "--opq-iterations",
+            "3",
+            "--refine",
+            "4",
+            "--train-iterations",
+            "5",
+            "--add",
+            "--out",
+            out,
+        ])
+    });
+    let index = dir.path().join("run1/index.safetensors");
+    let index = index.to_str().unwrap();
+    same_bytes_on_1_and_2_threads(dir.path(), "found.safetensors", |out| {
+        strings(&[
+            "index",
+            "search",
+            "--index",
+            index,
+            "--queries",
+            points,
+            "--tensor",
+            "x",
+            "--k",
+            "5",
+            "--nprobe",
+            "3",
+            "--out",
+            out,
+        ])
+    });
+}
+
+#[test]
 fn ecvq_files_are_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     for method in ["vecvq", "clg"] {

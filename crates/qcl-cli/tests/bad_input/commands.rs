@@ -178,6 +178,36 @@ impl Inputs {
             &out("codes.safetensors"),
         ]);
         assert_eq!(run(&args).code, Some(0));
+        let args = strings(&[
+            "index",
+            "build",
+            "--vectors",
+            &out("points.safetensors"),
+            "--tensor",
+            "x",
+            "--kind",
+            "ivf-pq",
+            "--nlist",
+            "4",
+            "--m",
+            "4",
+            "--refine",
+            "2",
+            "--train-iterations",
+            "3",
+            "--add",
+            "--out",
+            &out("index.safetensors"),
+        ]);
+        assert_eq!(run(&args).code, Some(0));
+        // Ids for the 300 points, none of them in the index (which holds 0..300).
+        let ids = Tensor::arange(1_000i64, 1_300, &Device::Cpu).unwrap();
+        qcl_tensor::write_safetensors(
+            inputs.dir.path().join("ids.safetensors"),
+            &[("ids", &ids)],
+            &Default::default(),
+        )
+        .unwrap();
         crate::common::write_fmnet(&inputs.dir.path().join("fmnet.safetensors"));
         std::fs::write(
             inputs.dir.path().join("texts.txt"),
@@ -385,6 +415,59 @@ fn cases(inputs: &Inputs) -> Vec<Case> {
                 &p("bert-c.safetensors"),
             ]),
             integers: vec!["--seed"],
+            floats: vec![],
+        },
+        Case {
+            base: strings(&[
+                "index",
+                "build",
+                "--vectors",
+                &p("points.safetensors"),
+                "--tensor",
+                "x",
+                "--kind",
+                "ivf-pq",
+                "--nlist",
+                "4",
+                "--m",
+                "2",
+                "--nbits",
+                "4",
+                "--train-iterations",
+                "2",
+                "--opq",
+                "--opq-iterations",
+                "2",
+                "--refine",
+                "2",
+                "--out",
+                &p("built.safetensors"),
+            ]),
+            integers: vec![
+                "--m",
+                "--nbits",
+                "--nlist",
+                "--train-iterations",
+                "--opq-iterations",
+                "--refine",
+                "--seed",
+            ],
+            floats: vec![],
+        },
+        Case {
+            base: strings(&[
+                "index",
+                "search",
+                "--index",
+                &p("index.safetensors"),
+                "--queries",
+                &p("points.safetensors"),
+                "--tensor",
+                "x",
+                "--k",
+                "3",
+            ]),
+            integers: vec!["--k", "--nprobe", "--k-factor"],
             floats: vec![],
         },
         Case {
@@ -602,6 +685,60 @@ fn writers(inputs: &Inputs) -> Vec<(String, Vec<String>, Vec<String>)> {
                 "encoder.layer.*.dense.weight=rtn:bits=4,group=16",
             ],
             &[&format!("{bert}/model.safetensors")],
+        ),
+        w(
+            &[
+                "index",
+                "build",
+                "--vectors",
+                &p("points.safetensors"),
+                "--tensor",
+                "x",
+                "--m",
+                "2",
+                "--train-iterations",
+                "2",
+            ],
+            &[&p("points.safetensors")],
+        ),
+        w(
+            &[
+                "index",
+                "add",
+                "--index",
+                &p("index.safetensors"),
+                "--vectors",
+                &p("points.safetensors"),
+                "--tensor",
+                "x",
+                "--ids",
+                &p("ids.safetensors"),
+            ],
+            &[&p("points.safetensors"), &p("ids.safetensors")],
+        ),
+        w(
+            &[
+                "index",
+                "remove",
+                "--index",
+                &p("index.safetensors"),
+                "--ids",
+                &p("ids.safetensors"),
+            ],
+            &[&p("ids.safetensors")],
+        ),
+        w(
+            &[
+                "index",
+                "search",
+                "--index",
+                &p("index.safetensors"),
+                "--queries",
+                &p("points.safetensors"),
+                "--tensor",
+                "x",
+            ],
+            &[&p("index.safetensors"), &p("points.safetensors")],
         ),
         w(
             &[

@@ -293,6 +293,32 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
             Ok(())
         }),
     ));
+    // An index file: IVF-PQ re-ranked with exact vectors (every part of the format).
+    let ivf = qcl_pq::index::IvfPqIndex::train(
+        &data,
+        8,
+        &qcl_pq::index::IvfPqConfig {
+            nlist: 4,
+            ..qcl_pq::index::IvfPqConfig::new(2, 4)
+        },
+    )
+    .unwrap();
+    let mut index = qcl_pq::index::Refine::new(qcl_pq::index::AnyIndex::IvfPq(ivf), 2).unwrap();
+    qcl_pq::index::VectorIndex::add(&mut index, &data).unwrap();
+    let path = dir.join("index.safetensors");
+    qcl_pq::index::AnyIndex::Refine(Box::new(index))
+        .save(&path)
+        .unwrap();
+    out.push(sample(
+        "nearest-neighbour index",
+        path,
+        Box::new(|p| {
+            let index = qcl_pq::index::AnyIndex::load(p)?;
+            let dim = qcl_pq::index::VectorIndex::dim(&index);
+            qcl_pq::index::VectorIndex::search(&index, &vec![0.5; dim], 3)?;
+            Ok(())
+        }),
+    ));
     let path = dir.join("codes.safetensors");
     pq.save_codes(&pq.encode(&data).unwrap(), &path).unwrap();
     out.push(sample(
