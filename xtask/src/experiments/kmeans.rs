@@ -117,7 +117,7 @@ fn run_faiss(
 /// The OpenBLAS kernel faiss is run with, unless the caller set `OPENBLAS_CORETYPE`: the
 /// OpenBLAS that faiss-cpu's wheel bundles does not recognise every recent CPU and falls back
 /// to a generic core (Prescott) whose GEMM is several times slower, which would flatter us.
-fn openblas_core() -> Option<&'static str> {
+pub(crate) fn openblas_core() -> Option<&'static str> {
     if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
         return None;
     }
@@ -134,7 +134,7 @@ fn openblas_core() -> Option<&'static str> {
 }
 
 /// The median of `v` (0 for none).
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {

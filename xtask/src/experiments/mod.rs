@@ -1,5 +1,6 @@
 //! The experiments `cargo xtask reproduce` knows; each module exports one `EXPERIMENT`.
 
+pub mod ann;
 pub mod aqm;
 pub mod cacl;
 pub mod datasets;
