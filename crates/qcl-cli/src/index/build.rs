@@ -160,7 +160,7 @@ fn train(
             args.opq_iterations
         ));
         // Learned on the vectors as the index compares them (unit rows under cosine).
-        let prepared = prepare(data, d, metric)?;
+        let prepared = metric.prepare(data, d)?;
         let config = OpqConfig {
             iterations: args.opq_iterations,
             first_pq_iterations: args.train_iterations,
@@ -199,31 +199,4 @@ fn train(
 /// faiss's rule of thumb, `4·√n` lists, at most `n` (and at least 1).
 fn default_nlist(n: usize) -> usize {
     ((4.0 * (n as f64).sqrt()).round() as usize).min(n).max(1)
-}
-
-/// `data` as the index compares it: unit rows under cosine, as given otherwise.
-///
-/// # Errors
-/// [`Error::InvalidParameter`] for a zero row under cosine (it has no direction).
-fn prepare(data: &[f32], d: usize, metric: Metric) -> Result<Vec<f32>> {
-    let mut rows = data.to_vec();
-    if metric != Metric::Cosine {
-        return Ok(rows);
-    }
-    for (i, row) in rows.chunks_exact_mut(d).enumerate() {
-        let norm = row
-            .iter()
-            .map(|&v| f64::from(v).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        if norm == 0.0 {
-            return Err(Error::invalid_parameter(
-                "vectors",
-                format!("row {i} is zero: cosine similarity needs a direction"),
-            ));
-        }
-        row.iter_mut()
-            .for_each(|v| *v = (f64::from(*v) / norm) as f32);
-    }
-    Ok(rows)
 }

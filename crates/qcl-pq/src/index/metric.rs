@@ -60,9 +60,17 @@ impl Metric {
 
     /// `rows` as the index stores and compares them: unit rows for cosine, as given otherwise.
     ///
+    /// ```
+    /// use qcl_pq::index::Metric;
+    /// let unit = Metric::Cosine.prepare(&[3.0, 4.0], 2)?;
+    /// assert_eq!(&unit[..], &[0.6, 0.8]);
+    /// assert_eq!(&Metric::L2.prepare(&[3.0, 4.0], 2)?[..], &[3.0, 4.0]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a zero row under cosine (it has no direction).
-    pub(crate) fn prepare<'a>(self, rows: &'a [f32], dim: usize) -> Result<Cow<'a, [f32]>> {
+    pub fn prepare<'a>(self, rows: &'a [f32], dim: usize) -> Result<Cow<'a, [f32]>> {
         if self != Metric::Cosine {
             return Ok(Cow::Borrowed(rows));
         }

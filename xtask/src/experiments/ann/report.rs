@@ -380,7 +380,21 @@ fn recall_parity(set: &Measured) -> Target {
     }
 }
 
-/// recall@10 (x) against queries per second (y, log), one line per family and system.
+/// The settings no other setting beats on both recall and speed, by recall (`points` sorted
+/// by recall): the line of an ann-benchmarks plot.
+fn pareto_front(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut front: Vec<(f64, f64)> = Vec::new();
+    for &(recall, speed) in points.iter().rev() {
+        if front.last().is_none_or(|&(_, best)| speed > best) {
+            front.push((recall, speed));
+        }
+    }
+    front.reverse();
+    front
+}
+
+/// recall@10 (x) against queries per second (y, log): every setting a dot, each family and
+/// system's Pareto front a line.
 fn recall_plot(path: &std::path::Path, set: &Measured) -> Result<()> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for p in &set.points {
@@ -440,10 +454,10 @@ fn recall_plot(path: &std::path::Path, set: &Measured) -> Result<()> {
                 colour.stroke_width(2)
             };
             chart
-                .draw_series(LineSeries::new(points.clone(), style))?
+                .draw_series(LineSeries::new(pareto_front(&points), style))?
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, style.filled())))?;
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 2, style.filled())))?;
         }
         chart
             .configure_series_labels()
@@ -453,4 +467,24 @@ fn recall_plot(path: &std::path::Path, set: &Measured) -> Result<()> {
             .draw()?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pareto_front_keeps_what_nothing_beats() {
+        let points = [
+            (0.1, 50.0),
+            (0.2, 100.0),
+            (0.3, 40.0),
+            (0.4, 60.0),
+            (0.5, 10.0),
+        ];
+        assert_eq!(
+            pareto_front(&points),
+            vec![(0.2, 100.0), (0.4, 60.0), (0.5, 10.0)]
+        );
+    }
 }
