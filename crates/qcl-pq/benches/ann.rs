@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use qcl_pq::index::{
-    IvfPqConfig, IvfPqIndex, Kernel, PqIndex, PqIndexConfig, Refine, Scan, SearchOptions,
+    IvfPqConfig, IvfPqIndex, Kernel, Metric, PqIndex, PqIndexConfig, Refine, Scan, SearchOptions,
     VectorIndex,
 };
 use qcl_tensor::Seed;
@@ -118,20 +118,18 @@ fn glove(path: &std::path::Path) -> Result<DataSet, String> {
         .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
         .map_err(|e| e.to_string())?;
     let dim = 50;
+    // Unit rows, as a cosine index compares them.
+    let all = Metric::Cosine
+        .prepare(&all, dim)
+        .map_err(|e| e.to_string())?;
     let (mut base, mut queries) = (Vec::new(), Vec::new());
     for (i, row) in all.chunks_exact(dim).enumerate() {
-        let norm = row
-            .iter()
-            .map(|v| v * v)
-            .sum::<f32>()
-            .sqrt()
-            .max(f32::MIN_POSITIVE);
         let target = if i % 400 == 0 && queries.len() < QUERIES * dim {
             &mut queries
         } else {
             &mut base
         };
-        target.extend(row.iter().map(|v| v / norm));
+        target.extend_from_slice(row);
     }
     Ok(DataSet {
         name: "glove50",

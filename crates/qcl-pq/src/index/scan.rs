@@ -94,22 +94,21 @@ fn scan_bounded(
     }
     let mut sums = [0u16; BLOCK];
     let mut limit = 0;
-    let mut stale = true;
-    // The threshold the tables were last checked against: it moves only when a vector enters
-    // the answer, and checking costs divisions, so blocks in between skip it.
+    // The threshold the tables were last checked against (NaN: never): it moves only when a
+    // vector enters the answer, and checking costs divisions, so blocks in between skip it.
     let mut checked = f32::NAN;
     for (b, block_ids) in blocks {
         let threshold = top.threshold();
-        if stale || threshold != checked {
+        if threshold != checked {
             checked = threshold;
             if tables.needs_quantizing(threshold, offset) {
                 tables.quantize(threshold, offset);
             }
             // Thresholds only fall: once no byte sum can pass, no later vector can either.
-            let Some(new_limit) = tables.byte_threshold(top.threshold(), offset) else {
+            let Some(new_limit) = tables.byte_threshold(threshold, offset) else {
                 return;
             };
-            (limit, stale) = (new_limit, false);
+            limit = new_limit;
         }
         block_sums_with(kernel, codes.block(b), m, nbits, &tables.bytes, &mut sums);
         let lanes = block_ids.len();

@@ -147,30 +147,8 @@ fn finish(
 /// The exact `K` nearest base vectors of every query by the GEMM distance kernel; for cosine,
 /// L2 between unit vectors (the same order).
 fn exact_neighbours(base: &[f32], queries: &[f32], dim: usize, metric: Metric) -> Result<Vec<u32>> {
-    let (base, queries) = (
-        unit_if_cosine(base, dim, metric),
-        unit_if_cosine(queries, dim, metric),
-    );
+    let (base, queries) = (metric.prepare(base, dim)?, metric.prepare(queries, dim)?);
     Ok(top_k_codes(&queries, &base, dim, None, K)?.indices)
-}
-
-/// Unit rows under cosine (what faiss gets, with inner product), the rows otherwise.
-pub fn unit_if_cosine(rows: &[f32], dim: usize, metric: Metric) -> Vec<f32> {
-    let mut out = rows.to_vec();
-    if metric == Metric::Cosine {
-        for row in out.chunks_exact_mut(dim) {
-            let norm = row
-                .iter()
-                .map(|v| f64::from(*v).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            if norm > 0.0 {
-                row.iter_mut()
-                    .for_each(|v| *v = (f64::from(*v) / norm) as f32);
-            }
-        }
-    }
-    out
 }
 
 /// Writes base, queries and truth as `.npy` files for the faiss side; returns their paths.
@@ -180,8 +158,9 @@ pub fn write_npy_files(data: &AnnData, dir: &Path) -> Result<[PathBuf; 3]> {
     let queries = dir.join(format!("{}-queries.npy", data.name));
     let truth = dir.join(format!("{}-truth.npy", data.name));
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let unit_base = unit_if_cosine(&data.base, data.dim, data.metric);
-    let unit_queries = unit_if_cosine(&data.queries, data.dim, data.metric);
+    // Unit rows under cosine: what faiss gets, with inner product.
+    let unit_base = data.metric.prepare(&data.base, data.dim)?;
+    let unit_queries = data.metric.prepare(&data.queries, data.dim)?;
     qcl_tensor::write_atomic(
         &base,
         &npy("<f4", [data.n(), data.dim], &f32_bytes(&unit_base)),

@@ -10,7 +10,7 @@ use qcl_pq::index::{
 };
 use serde_json::{json, Value};
 
-use super::data::{unit_if_cosine, AnnData, K};
+use super::data::{AnnData, K};
 
 /// Inverted lists of the IVF families (as the faiss figures).
 pub const NLIST: usize = 1024;
@@ -126,7 +126,7 @@ pub fn build(family: &Family, data: &AnnData, quick: bool) -> Result<(AnyIndex, 
         Kind::IvfPq4 => AnyIndex::IvfPq(IvfPqIndex::train(&data.base, dim, &ivf(4))?),
         Kind::OpqIvfPq8 => {
             // The rotation is learned on the vectors the index compares (unit rows for cosine).
-            let unit = unit_if_cosine(&data.base, dim, metric);
+            let unit = metric.prepare(&data.base, dim)?;
             let opq = OpqConfig {
                 iterations: opq_iterations(quick),
                 ..OpqConfig::new(m, 8)
