@@ -206,6 +206,7 @@ pub struct LifeQuant {
     statistics: Option<ClassStatistics>,
     prox: Option<ProxQ>,
     drift: Vec<f64>,
+    fisher_max: Vec<f64>,
 }
 
 impl LifeQuant {
@@ -223,6 +224,7 @@ impl LifeQuant {
             statistics: None,
             prox: None,
             drift: Vec::new(),
+            fisher_max: Vec::new(),
         })
     }
 
@@ -235,6 +237,13 @@ impl LifeQuant {
     /// order (0 where `F = 0`, i.e. without replay).
     pub fn drift(&self) -> &[f64] {
         &self.drift
+    }
+
+    /// The largest Fisher entry `F_max` of each task's penalty, in the order the tasks began
+    /// (0 where `F = 0`, i.e. without replay): the explicit gradient form diverges once
+    /// `η·2λ·F_max > 2(1 + μ)` ([`FisherDiagonal::max`]).
+    pub fn fisher_max(&self) -> &[f64] {
+        &self.fisher_max
     }
 
     /// The penalty of the current (or last) task, if one was built.
@@ -326,6 +335,7 @@ impl Strategy for LifeQuant {
             }
             (None, _) => FisherDiagonal::zeros(&params)?,
         };
+        self.fisher_max.push(fisher.max()?);
         self.prox = Some(ProxQ::new(
             ProxQ::snapshot(&params)?,
             fisher,

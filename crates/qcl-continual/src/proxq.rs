@@ -123,6 +123,30 @@ impl FisherDiagonal {
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
+
+    /// The largest entry of `F` over every parameter (0 when empty). The explicit penalty
+    /// gradient step is stable only while `η·2λ·F_max ≤ 2(1 + μ)` for SGD with rate η and
+    /// momentum μ (docs/methods/lifequant.md § ProxQ), so this bounds the usable λ.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use qcl_continual::FisherDiagonal;
+    /// let g = Tensor::new(&[3.0f32, -0.5], &Device::Cpu)?;
+    /// let f = FisherDiagonal::from_grads(&[("w".to_string(), g)])?;
+    /// assert_eq!(f.max()?, 9.0);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// A candle error if a tensor cannot be read.
+    pub fn max(&self) -> Result<f64> {
+        let mut max = 0.0f64;
+        for value in self.values.values() {
+            let m = value.flatten_all()?.max(0)?.to_dtype(DType::F64)?;
+            max = max.max(m.to_scalar::<f64>()?);
+        }
+        Ok(max)
+    }
 }
 
 /// Accumulates squared gradients over mini-batches and returns their mean,

@@ -116,6 +116,14 @@ pub struct LifelongParams {
     pub train_per_class: Option<usize>,
     /// Seed of the per-class training subsample (default 123).
     pub subsample_seed: Seed,
+    /// Share of each class's training images (after subsampling) held out as validation
+    /// images, in `[0, 1)` (default 0: none). The draw is per class, seeded by
+    /// `subsample_seed.child_named("validation")`, and made once before the tasks are built,
+    /// so an image held out for one task is never trained on by another that shares its
+    /// class. Each task then carries the held-out images of its classes in
+    /// [`Task::validation`], which [`ContinualTrainer`](crate::ContinualTrainer) evaluates
+    /// beside the test sets; hyperparameters are chosen on them, never on the test split.
+    pub validation_fraction: f64,
 }
 
 impl Default for LifelongParams {
@@ -126,6 +134,7 @@ impl Default for LifelongParams {
             class_seed: Seed::new(123),
             train_per_class: None,
             subsample_seed: Seed::new(123),
+            validation_fraction: 0.0,
         }
     }
 }
@@ -288,6 +297,10 @@ pub struct Task {
     pub train: Dataset,
     /// Test images of the task's classes, labelled like `train`.
     pub test: Dataset,
+    /// Held-out training images of the task's classes, labelled like `train`, for choosing
+    /// hyperparameters (`None` when the scenario holds none out; see
+    /// [`LifelongParams::validation_fraction`]).
+    pub validation: Option<Dataset>,
     /// The pixel permutation of a permuted task: output position `p` takes input position
     /// `permutation[p]` of each `H·W` channel plane. `None` for unpermuted tasks.
     pub pixel_permutation: Option<Vec<usize>>,
@@ -461,20 +474,29 @@ impl Scenario {
             Some(per_class) => sample_per_class(&data.train, per_class, params.subsample_seed)?,
             None => data.train.clone(),
         };
+        let (train, validation) = hold_out_per_class(
+            &train,
+            params.validation_fraction,
+            params.subsample_seed.child_named("validation"),
+        )?;
         let tasks = windows
             .ranges
             .iter()
             .enumerate()
             .map(|(id, range)| {
                 let classes = &order[range.clone()];
-                Task::checked(
+                let mut task = Task::checked(
                     id,
                     classes.to_vec(),
                     None,
                     train.select_classes(classes)?,
                     data.test.select_classes(classes)?,
                     None,
-                )
+                )?;
+                if let Some(held_out) = &validation {
+                    task.validation = Some(held_out.select_classes(classes)?);
+                }
+                Ok(task)
             })
             .collect::<Result<_>>()?;
         Ok(Scenario {
@@ -614,6 +636,7 @@ impl Scenario {
                     task_label: t.task_label,
                     train_images: t.train.len(),
                     test_images: t.test.len(),
+                    validation_images: t.validation.as_ref().map(Dataset::len),
                     permuted: t.pixel_permutation.is_some(),
                 })
                 .collect(),
@@ -703,6 +726,7 @@ impl Task {
             task_label,
             train,
             test,
+            validation: None,
             pixel_permutation,
         })
     }
@@ -734,6 +758,9 @@ pub struct TaskDescription {
     pub train_images: usize,
     /// Number of test images.
     pub test_images: usize,
+    /// Number of held-out validation images, if the task has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_images: Option<usize>,
     /// Whether the task's pixels are permuted.
     pub permuted: bool,
 }
@@ -844,6 +871,49 @@ pub fn sample_per_class(data: &Dataset, per_class: usize, seed: Seed) -> Result<
     }
     keep.sort_unstable();
     data.subset(&keep)
+}
+
+/// Splits `data` into kept and held-out images: `⌊fraction·n_c⌋` images of each class `c`
+/// (at least one when `fraction > 0` and the class has two or more images, so every class keeps
+/// training images), drawn without replacement with `seed.child(c)`, both parts in data set
+/// order. `None` for the held-out part when `fraction` is 0.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] unless `0 ≤ fraction < 1`.
+fn hold_out_per_class(
+    data: &Dataset,
+    fraction: f64,
+    seed: Seed,
+) -> Result<(Dataset, Option<Dataset>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(Error::invalid_parameter(
+            "validation_fraction",
+            format!("{fraction} is not in [0, 1)"),
+        ));
+    }
+    if fraction == 0.0 {
+        return Ok((data.clone(), None));
+    }
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); data.num_classes()];
+    for (i, &label) in data.labels().iter().enumerate() {
+        by_class[label as usize].push(i);
+    }
+    let mut held = vec![false; data.len()];
+    for (class, members) in by_class.iter().enumerate() {
+        if members.len() < 2 {
+            continue;
+        }
+        let k = ((fraction * members.len() as f64).floor() as usize).clamp(1, members.len() - 1);
+        for j in seed
+            .child(class as u64)
+            .rng()
+            .sample_indices(members.len(), k)?
+        {
+            held[members[j]] = true;
+        }
+    }
+    let (kept, held_out): (Vec<usize>, Vec<usize>) = (0..data.len()).partition(|&i| !held[i]);
+    Ok((data.subset(&kept)?, Some(data.subset(&held_out)?)))
 }
 
 /// The images of `classes`, labels remapped to positions in `classes`, class names to match.

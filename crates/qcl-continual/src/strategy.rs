@@ -762,6 +762,9 @@ pub struct RunRecord {
     pub class_accuracy: Vec<ClassAccuracy>,
     /// One record per trained task.
     pub tasks: Vec<TaskRecord>,
+    /// `v[i][j]`: accuracy on task j's validation images after training task i, when every
+    /// task holds validation images ([`Task::validation`]); `None` otherwise.
+    pub validation: Option<AccuracyMatrix>,
 }
 
 /// Runs a [`Strategy`] over a sequence of tasks (see the module docs).
@@ -851,8 +854,14 @@ impl ContinualTrainer {
         for task in &tasks[..start] {
             remember(&mut memory, task)?;
         }
+        let mut validation = tasks
+            .iter()
+            .all(|t| t.validation.is_some())
+            .then(|| AccuracyMatrix::new(tasks.len()))
+            .transpose()?;
         if start > 0 {
             class_accuracy.push(self.evaluate_row(learner, tasks, start - 1, &mut accuracy)?);
+            self.validation_row(learner, tasks, start - 1, validation.as_mut())?;
         }
         let mut records = Vec::new();
         for t in start..tasks.len() {
@@ -864,12 +873,14 @@ impl ContinualTrainer {
             };
             records.push(self.train_task(learner, strategy, &view, schedule)?);
             class_accuracy.push(self.evaluate_row(learner, tasks, t, &mut accuracy)?);
+            self.validation_row(learner, tasks, t, validation.as_mut())?;
             remember(&mut memory, &tasks[t])?;
         }
         Ok(RunRecord {
             accuracy,
             class_accuracy,
             tasks: records,
+            validation,
         })
     }
 
@@ -957,6 +968,30 @@ impl ContinualTrainer {
 
     /// Fills row `after` of `accuracy` (tasks `0..=after`) and returns the per-class counts
     /// over the union of those tasks' test sets.
+    /// Row `after` of the validation matrix, when there is one.
+    fn validation_row(
+        &self,
+        learner: &Learner<'_>,
+        tasks: &[Task],
+        after: usize,
+        matrix: Option<&mut AccuracyMatrix>,
+    ) -> Result<()> {
+        let Some(matrix) = matrix else {
+            return Ok(());
+        };
+        for (s, task) in tasks[..=after].iter().enumerate() {
+            let Some(held_out) = &task.validation else {
+                continue;
+            };
+            let overall = learner
+                .evaluate(held_out, self.config.eval_batch_size)?
+                .overall()
+                .ok_or_else(|| Error::EmptyInput(format!("validation set of task {s}")))?;
+            matrix.set(after, s, overall)?;
+        }
+        Ok(())
+    }
+
     fn evaluate_row(
         &self,
         learner: &Learner<'_>,

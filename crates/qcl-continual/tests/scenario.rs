@@ -607,6 +607,48 @@ proptest! {
     }
 
     #[test]
+    fn validation_images_are_held_out_of_every_task(
+        data in labelled_split(),
+        fraction in 0.0f64..0.9,
+        seed in any::<u64>(),
+    ) {
+        let base = LifelongParams { num_tasks: 2, diminish_rate: 0.5, ..Default::default() };
+        let params = LifelongParams {
+            validation_fraction: fraction,
+            subsample_seed: Seed::new(seed),
+            ..base
+        };
+        let Ok(s) = Scenario::lifelong(&data, &params) else {
+            prop_assert!(LifelongWindows::new(data.train.num_classes(), 2, 0.5).is_err());
+            return Ok(());
+        };
+        let whole = Scenario::lifelong(&data, &base).unwrap();
+        // Pixels encode the image's index: held-out and kept images are disjoint, together
+        // they are the task's images, and each class holds ⌊fraction·n_c⌋ out (at least one
+        // where it has two or more, never all of them).
+        for (task, all) in s.tasks().iter().zip(whole.tasks()) {
+            let ids = |d: &Dataset| (0..d.len()).map(|i| d.image(i).to_vec()).collect::<BTreeSet<_>>();
+            let train = ids(&task.train);
+            let held = task.validation.as_ref().map(ids).unwrap_or_default();
+            prop_assert_eq!(task.validation.is_some(), fraction > 0.0);
+            prop_assert!(train.is_disjoint(&held));
+            prop_assert_eq!(train.union(&held).cloned().collect::<BTreeSet<_>>(), ids(&all.train));
+            if let Some(v) = &task.validation {
+                for (&n, &k) in all.train.class_counts().iter().zip(&v.class_counts()) {
+                    let expected = if n < 2 { 0 } else { ((fraction * n as f64).floor() as usize).clamp(1, n - 1) };
+                    prop_assert_eq!(k, expected);
+                }
+            }
+        }
+        // The same image is held out in every task that shares its class.
+        if let (Some(a), Some(b)) = (&s.tasks()[0].validation, &s.tasks()[1].validation) {
+            let shared: Vec<u32> = s.tasks()[0].classes.iter().filter(|c| s.tasks()[1].classes.contains(c)).copied().collect();
+            prop_assert_eq!(a.select_classes(&shared).unwrap(), b.select_classes(&shared).unwrap());
+        }
+        prop_assert_eq!(Scenario::lifelong(&data, &params).unwrap(), s);
+    }
+
+    #[test]
     fn permuted_tasks_permute_each_image(data in labelled_split(), seed in any::<u64>()) {
         let params = PermutedParams { num_tasks: 3, seed: Seed::new(seed), first_task_identity: false };
         let s = Scenario::permuted(&data, &params).unwrap();

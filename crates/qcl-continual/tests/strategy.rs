@@ -455,6 +455,66 @@ fn run_from_a_checkpoint_measures_the_first_row_before_training() {
 }
 
 #[test]
+fn validation_images_are_evaluated_beside_the_tests_without_changing_the_run() {
+    let params = LifelongParams {
+        train_per_class: Some(20),
+        validation_fraction: 0.25,
+        ..LifelongParams::reproduction()
+    };
+    let scenario = Scenario::lifelong(&fixture(), &params).unwrap();
+    let run = |tasks: &[qcl_continual::Task]| {
+        let store = ParamStore::new(21);
+        let model = LinearModel::new(&store.root(&Device::Cpu));
+        let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);
+        let mut lq = LifeQuant::new(LifeQuantParams::default()).unwrap();
+        let record = ContinualTrainer::new(config())
+            .unwrap()
+            .run(&learner, &mut lq, tasks, &schedule(1))
+            .unwrap();
+        (
+            record,
+            lq.fisher_max().to_vec(),
+            lq.proxq().unwrap().fisher().max().unwrap(),
+        )
+    };
+    let (record, fisher_max, last_max) = run(scenario.tasks());
+    let validation = record
+        .validation
+        .expect("every task holds validation images");
+    // The same run with the validation images as test sets: its test matrix is the first
+    // run's validation matrix (evaluating does not touch training).
+    let swapped: Vec<_> = scenario
+        .tasks()
+        .iter()
+        .map(|t| qcl_continual::Task {
+            test: t.validation.clone().unwrap(),
+            validation: None,
+            ..t.clone()
+        })
+        .collect();
+    let (other, _, _) = run(&swapped);
+    assert_eq!(validation.rows(), other.accuracy.rows());
+    assert!(other.validation.is_none());
+    assert_ne!(validation.rows(), record.accuracy.rows());
+    // One F_max per task: 0 without replay at task 0, then the penalty's own maximum.
+    assert_eq!(fisher_max.len(), 3);
+    assert_eq!(fisher_max[0], 0.0);
+    assert!(fisher_max[2] > 0.0);
+    assert_eq!(fisher_max[2], last_max);
+    // A fraction outside [0, 1) is refused.
+    for fraction in [1.0, -0.1, f64::NAN] {
+        let params = LifelongParams {
+            validation_fraction: fraction,
+            ..params
+        };
+        assert!(matches!(
+            Scenario::lifelong(&fixture(), &params),
+            Err(Error::InvalidParameter { .. })
+        ));
+    }
+}
+
+#[test]
 fn class_accuracy_counts_each_class_once_over_overlapping_tasks() {
     let scenario = lifelong();
     let (_, rows) = run_linear(&mut FineTune, 13, &scenario);
