@@ -1,0 +1,215 @@
+//! The plots of the `lifequant` results: mean accuracy matrices, ACC/FGT bars, and the λ
+//! sweeps on validation and test.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use super::arms::{Arm, Scores};
+use super::report::{mean_matrix, stat_of, View};
+use super::Setup;
+use crate::plot;
+use crate::reproduce::Context;
+
+/// Writes every plot into `ctx.out_dir`; returns (file, caption) pairs.
+pub fn all(ctx: &Context, view: &View<'_>, setup: &Setup) -> Result<Vec<(String, String)>> {
+    let mut plots = Vec::new();
+    for arm in Arm::ALL {
+        let png = format!("lifequant-matrix-{}.png", arm.id());
+        mean_matrix(view, arm, setup.scenario.num_tasks())?.save_heatmap_png(
+            ctx.out_dir.join(&png),
+            &format!("{}: {}", arm.id(), arm.description()),
+        )?;
+        let caption = format!(
+            "{} ({}, λ = {}): test accuracy matrix a[i][j], mean over {} seeds",
+            arm.id(),
+            arm.description(),
+            view.lambda_of(arm),
+            view.scores(arm).len()
+        );
+        plots.push((png, caption));
+    }
+    let bars = "lifequant-acc-fgt.png";
+    acc_fgt(&ctx.out_dir.join(bars), view)?;
+    plots.push((
+        bars.into(),
+        "ACC and FGT per arm at its λ (test, mean ± std over seeds)".into(),
+    ));
+    let sweep = "lifequant-lambda.png";
+    lambda_sweep(&ctx.out_dir.join(sweep), view)?;
+    plots.push((
+        sweep.into(),
+        "ACC of M1 and M4 against λ: validation (chooses λ) and test (mean over seeds)".into(),
+    ));
+    Ok(plots)
+}
+
+/// A labelled line of (λ, ACC %) points.
+type Series = (String, RGBColor, Vec<(f64, f64)>);
+
+/// `colour` halfway to white.
+fn lighter(colour: RGBColor) -> RGBColor {
+    let half = |c: u8| ((u16::from(c) + 255) / 2) as u8;
+    RGBColor(half(colour.0), half(colour.1), half(colour.2))
+}
+
+/// Validation and test ACC of the swept arms against λ (log axis).
+fn lambda_sweep(path: &Path, view: &View<'_>) -> Result<()> {
+    let lambdas = &view.settings.lambdas;
+    let lo = lambdas
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-3);
+    let hi = lambdas.iter().copied().fold(lo, f64::max);
+    let series: Vec<Series> = [
+        (Arm::M1, RGBColor(44, 160, 44)),
+        (Arm::M4, RGBColor(31, 119, 180)),
+    ]
+    .into_iter()
+    .flat_map(|(arm, colour)| {
+        let points = |f: fn(&Scores) -> f64| -> Vec<(f64, f64)> {
+            lambdas
+                .iter()
+                .filter_map(|&l| {
+                    let runs = view.runs_at(arm, l);
+                    let scores: Vec<&Scores> =
+                        runs.iter().filter_map(|r| r.scores.as_ref()).collect();
+                    (!scores.is_empty()).then(|| (l, stat_of(&scores, |s| 100.0 * f(s)).0))
+                })
+                .collect()
+        };
+        [
+            (
+                format!("{} validation", arm.id()),
+                colour,
+                points(|s| s.validation_acc),
+            ),
+            (
+                format!("{} test", arm.id()),
+                lighter(colour),
+                points(|s| s.acc),
+            ),
+        ]
+    })
+    .collect();
+    let values = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|&(_, y)| y));
+    let (ymin, ymax) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+        (a.min(y), b.max(y))
+    });
+    let (ymin, ymax) = if ymin.is_finite() {
+        (ymin - 2.0, ymax + 2.0)
+    } else {
+        (0.0, 100.0)
+    };
+    plot::png(path, (760, 420), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("LifeQuant: ACC against λ", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), ymin..ymax)?;
+        chart.configure_mesh().x_desc("λ").y_desc("ACC %").draw()?;
+        for (label, colour, points) in &series {
+            let colour = *colour;
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// ACC and FGT per arm as grouped bars with ±std whiskers.
+fn acc_fgt(path: &Path, view: &View<'_>) -> Result<()> {
+    let arms = Arm::ALL;
+    let values: Vec<((f64, f64), (f64, f64))> = arms
+        .iter()
+        .map(|&arm| {
+            (
+                view.stat(arm, |s| 100.0 * s.acc),
+                view.stat(arm, |s| 100.0 * s.fgt),
+            )
+        })
+        .collect();
+    let top = values
+        .iter()
+        .map(|((a, sa), (f, sf))| (a + sa).max(f + sf))
+        .fold(10.0f64, f64::max)
+        * 1.1;
+    let low = values
+        .iter()
+        .map(|(_, (f, sf))| f - sf)
+        .fold(0.0f64, f64::min)
+        .min(0.0);
+    plot::png(path, (900, 480), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("LifeQuant arms: ACC and FGT (%)", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.0..arms.len() as f64, low..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            // Ticks every half unit; only those at the middle of an arm's slot get its name.
+            .x_labels(2 * arms.len() + 1)
+            .x_label_formatter(&|x| {
+                if (x.fract() - 0.5).abs() > 0.01 {
+                    return String::new();
+                }
+                arms.get(x.floor() as usize)
+                    .map_or(String::new(), |a| a.id().to_string())
+            })
+            .y_desc("%")
+            .draw()?;
+        let colours = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
+        for (k, (label, colour)) in [("ACC", colours[0]), ("FGT", colours[1])]
+            .into_iter()
+            .enumerate()
+        {
+            let bars: Vec<(f64, f64, f64)> = values
+                .iter()
+                .enumerate()
+                .map(|(i, (a, f))| {
+                    let (m, s) = if k == 0 { *a } else { *f };
+                    (i as f64 + 0.15 + 0.35 * k as f64, m, s)
+                })
+                .collect();
+            chart
+                .draw_series(
+                    bars.iter().map(|&(x, m, _)| {
+                        Rectangle::new([(x, 0.0), (x + 0.3, m)], colour.filled())
+                    }),
+                )?
+                .label(label)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
+                });
+            chart.draw_series(bars.iter().map(|&(x, m, s)| {
+                PathElement::new(
+                    vec![(x + 0.15, m - s), (x + 0.15, m + s)],
+                    BLACK.stroke_width(2),
+                )
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        Ok(())
+    })
+}
