@@ -129,6 +129,7 @@ pub fn registry() -> Vec<Experiment> {
         experiments::vq::EXPERIMENT,
         experiments::ecvq::EXPERIMENT,
         experiments::lifequant::EXPERIMENT,
+        experiments::lifequant::variants::EXPERIMENT,
         experiments::aqm::EXPERIMENT,
         experiments::wpq::EXPERIMENT,
         experiments::minilm::EXPERIMENT,
@@ -410,7 +411,7 @@ mod tests {
         let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
         assert!(
             report.contains(
-                "Not run yet: datasets, kmeans, memory, ann, training, vq, ecvq, lifequant, aqm, wpq, minilm, cacl"
+                "Not run yet: datasets, kmeans, memory, ann, training, vq, ecvq, lifequant, lifequant-variants, aqm, wpq, minilm, cacl"
             ),
             "{report}"
         );

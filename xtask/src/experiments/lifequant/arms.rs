@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use qcl_continual::{
     BallMode, ContinualTrainer, FineTune, Learner, LifeQuant, LifeQuantMode, LifeQuantParams,
     PenaltyUpdate, QResNet, QResNetConfig, RunRecord, Strategy, TaskView, TrainerConfig,
+    WeightQuantMode,
 };
 use qcl_nn::ParamStore;
 use qcl_tensor::Seed;
@@ -235,6 +236,11 @@ fn model_config(settings: &Settings, bits: u32) -> QResNetConfig {
         widths: settings.widths,
         weight_bits: bits,
         activation_bits: bits,
+        weight_mode: if settings.strict_weights {
+            WeightQuantMode::Strict
+        } else {
+            WeightQuantMode::Faithful
+        },
         ..QResNetConfig::qresnet8()
     }
 }

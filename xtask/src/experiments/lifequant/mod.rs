@@ -11,6 +11,7 @@ mod arms;
 mod plots;
 mod report;
 mod text;
+pub mod variants;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -52,6 +53,8 @@ pub struct Settings {
     pub validation_fraction: f64,
     /// Diminish rate d.
     pub diminish_rate: f64,
+    /// The Strict weight grid (at most 2^k levels in [−1, 1]) instead of the Faithful one.
+    pub strict_weights: bool,
     /// Seeds of parameters and batch order.
     pub seeds: Vec<u64>,
     /// FP32 pretraining on task 0.
@@ -114,6 +117,7 @@ impl Settings {
             test_per_class: if quick { Some(500) } else { None },
             validation_fraction: 0.1,
             diminish_rate: 0.5,
+            strict_weights: false,
             seeds: vec![0, 1, 2],
             fp32: TaskScheduleJson::new(6, 0.05, &[2, 4]),
             int8: TaskScheduleJson::new(2, 0.005, &[]),

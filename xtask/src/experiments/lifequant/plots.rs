@@ -134,75 +134,80 @@ fn lambda_sweep(path: &Path, view: &View<'_>) -> Result<()> {
 
 /// ACC and FGT per arm as grouped bars with ±std whiskers.
 fn acc_fgt(path: &Path, view: &View<'_>) -> Result<()> {
-    let arms = Arm::ALL;
-    let values: Vec<((f64, f64), (f64, f64))> = arms
+    let groups: Vec<String> = Arm::ALL.iter().map(|a| a.id().to_string()).collect();
+    let series = [
+        ("ACC", (|s: &Scores| s.acc) as fn(&Scores) -> f64),
+        ("FGT", |s: &Scores| s.fgt),
+    ]
+    .map(|(label, f)| {
+        let values = Arm::ALL
+            .iter()
+            .map(|&arm| view.stat(arm, |s| 100.0 * f(s)))
+            .collect();
+        (label.to_string(), values)
+    });
+    grouped_bars(path, "LifeQuant arms: ACC and FGT (%)", &groups, &series)
+}
+
+/// Bars of `series` (label, one (mean, std) per group) side by side in each group, with ±std
+/// whiskers; the y axis takes in 0 and every whisker.
+pub fn grouped_bars(
+    path: &Path,
+    caption: &str,
+    groups: &[String],
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let ends = series
         .iter()
-        .map(|&arm| {
-            (
-                view.stat(arm, |s| 100.0 * s.acc),
-                view.stat(arm, |s| 100.0 * s.fgt),
-            )
-        })
-        .collect();
-    let top = values
-        .iter()
-        .map(|((a, sa), (f, sf))| (a + sa).max(f + sf))
-        .fold(10.0f64, f64::max)
-        * 1.1;
-    let low = values
-        .iter()
-        .map(|(_, (f, sf))| f - sf)
-        .fold(0.0f64, f64::min)
-        .min(0.0);
+        .flat_map(|(_, v)| v.iter().flat_map(|&(m, s)| [m - s, m + s]))
+        .filter(|v| v.is_finite());
+    let (low, top) = ends.fold((0.0f64, 10.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let width = 0.7 / series.len().max(1) as f64;
+    const COLOURS: [RGBColor; 4] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+    ];
     plot::png(path, (900, 480), |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption("LifeQuant arms: ACC and FGT (%)", ("sans-serif", 22))
+            .caption(caption, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0.0..arms.len() as f64, low..top)?;
+            .build_cartesian_2d(0.0..groups.len() as f64, low * 1.1..top * 1.1)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            // Ticks every half unit; only those at the middle of an arm's slot get its name.
-            .x_labels(2 * arms.len() + 1)
+            // Ticks every half unit; only those at the middle of a group's slot get its name.
+            .x_labels(2 * groups.len() + 1)
             .x_label_formatter(&|x| {
                 if (x.fract() - 0.5).abs() > 0.01 {
                     return String::new();
                 }
-                arms.get(x.floor() as usize)
-                    .map_or(String::new(), |a| a.id().to_string())
+                groups.get(x.floor() as usize).cloned().unwrap_or_default()
             })
             .y_desc("%")
             .draw()?;
-        let colours = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
-        for (k, (label, colour)) in [("ACC", colours[0]), ("FGT", colours[1])]
-            .into_iter()
-            .enumerate()
-        {
+        for (k, (label, values)) in series.iter().enumerate() {
+            let colour = COLOURS[k % COLOURS.len()];
             let bars: Vec<(f64, f64, f64)> = values
                 .iter()
                 .enumerate()
-                .map(|(i, (a, f))| {
-                    let (m, s) = if k == 0 { *a } else { *f };
-                    (i as f64 + 0.15 + 0.35 * k as f64, m, s)
-                })
+                .map(|(i, &(m, s))| (i as f64 + 0.15 + width * k as f64, m, s))
+                .filter(|&(_, m, _)| m.is_finite())
                 .collect();
             chart
-                .draw_series(
-                    bars.iter().map(|&(x, m, _)| {
-                        Rectangle::new([(x, 0.0), (x + 0.3, m)], colour.filled())
-                    }),
-                )?
-                .label(label)
+                .draw_series(bars.iter().map(|&(x, m, _)| {
+                    Rectangle::new([(x, 0.0), (x + 0.9 * width, m)], colour.filled())
+                }))?
+                .label(label.as_str())
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
                 });
             chart.draw_series(bars.iter().map(|&(x, m, s)| {
-                PathElement::new(
-                    vec![(x + 0.15, m - s), (x + 0.15, m + s)],
-                    BLACK.stroke_width(2),
-                )
+                let mid = x + 0.45 * width;
+                PathElement::new(vec![(mid, m - s), (mid, m + s)], BLACK.stroke_width(2))
             }))?;
         }
         chart
