@@ -76,7 +76,10 @@ pub mod sgd;
 pub mod staged;
 pub mod teacher;
 
-pub use baseline::{uniform_quantize, uniform_size};
+pub use baseline::{
+    uniform_quantize, uniform_quantize_with, uniform_size, UniformClip, UniformConfig,
+    UniformLevels, UniformRange,
+};
 pub use calibration::{
     Calibration, ConvInput, InputStats, LayerStats, TokenStats, CALIBRATION_FORMAT,
     DEFAULT_SAMPLE_ROWS,
