@@ -2,10 +2,11 @@
 //! subvector (the representation of "And the bit goes down", Stock et al., ICLR 2020).
 
 use candle_core::Tensor;
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{nearest_codes, Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{index_bits, LayerGeometry, LayerKind};
+use crate::metric::Metric;
 
 /// Which subvectors share a codebook. Every codebook is stored (fp16) and counted in the bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -203,6 +204,59 @@ impl PqTensor {
             .iter()
             .for_each(|&c| counts[c as usize] += 1);
         Ok(counts)
+    }
+
+    /// Chooses every code again for the current centroids: subvector `j` of `sub` (the weight
+    /// unrolled by [`LayerGeometry::unroll`]) gets the nearest centroid of its codebook under
+    /// `metric` (`(u − c)ᵀG(u − c)` in the metric's transformed space; Euclidean for `None`).
+    /// Returns how many codes changed. For fixed centroids this never raises the objective
+    /// `Σ_j (u_j − c_{a_j})ᵀG(u_j − c_{a_j})`.
+    ///
+    /// ```
+    /// use qcl_wpq::layout::{LayerGeometry, LayerKind, Layout};
+    /// use qcl_wpq::pq_tensor::{PqTensor, Sharing};
+    /// let kind = LayerKind::Linear { out: 2, inp: 2 };
+    /// let geometry = LayerGeometry::new(kind, Layout::Spatial, 2)?;
+    /// let mut t = PqTensor { geometry, k: 2, sharing: Sharing::Layer,
+    ///     centroids: vec![0.0, 0.0, 1.0, 1.0], assignments: vec![0, 0] };
+    /// let sub = t.geometry.unroll(&[0.9, 1.1, 0.1, -0.1])?;
+    /// assert_eq!(t.reassign(&sub, None)?, 1);
+    /// assert_eq!(t.decode()?, vec![1.0, 1.0, 0.0, 0.0]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if `sub` does not hold one `d`-vector per code; as
+    /// [`PqTensor::validate`].
+    pub fn reassign(&mut self, sub: &[f32], metric: Option<&Metric>) -> Result<usize> {
+        self.validate()?;
+        let (k, d) = (self.k, self.geometry.block);
+        if sub.len() != self.assignments.len() * d {
+            return Err(Error::ShapeMismatch {
+                context: "subvectors to reassign".into(),
+                expected: format!("[{}, {d}]", self.assignments.len()),
+                actual: vec![sub.len()],
+            });
+        }
+        let (n_groups, groups) = self.sharing.groups(&self.geometry)?;
+        let mut changed = 0;
+        for g in 0..n_groups {
+            let members: Vec<usize> = (0..groups.len()).filter(|&j| groups[j] == g).collect();
+            let points: Vec<f32> = members
+                .iter()
+                .flat_map(|&j| sub[j * d..(j + 1) * d].iter().copied())
+                .collect();
+            let book = &self.centroids[g * k * d..(g + 1) * k * d];
+            let found = match metric {
+                Some(m) => nearest_codes(&m.transform(&points), &m.transform(book), d, None)?,
+                None => nearest_codes(&points, book, d, None)?,
+            };
+            for (&j, &a) in members.iter().zip(&found.indices) {
+                changed += usize::from(self.assignments[j] != a);
+                self.assignments[j] = a;
+            }
+        }
+        Ok(changed)
     }
 
     /// Rounds the centroids to fp16 precision (what the file stores).

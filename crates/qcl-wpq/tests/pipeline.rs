@@ -119,6 +119,43 @@ fn compress_save_reload_is_bit_identical_and_size_is_the_file_size() {
 }
 
 #[test]
+fn reassignment_rounds_choose_codes_again_and_fine_tune_again() {
+    let data = fixture();
+    let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();
+    let once = CompressConfig {
+        layer_steps: 1,
+        global_steps: 2,
+        ..smoke_config()
+    };
+    let twice = CompressConfig {
+        reassign_rounds: 1,
+        ..once.clone()
+    };
+    let a = compress(&teacher, &data.train, &once, &ProgressBar::hidden()).unwrap();
+    let b = compress(&teacher, &data.train, &twice, &ProgressBar::hidden()).unwrap();
+    assert!(a.reassigned.is_empty());
+    assert_eq!(b.reassigned.len(), 1);
+    assert_eq!(b.reassigned[0].len(), b.layers.len());
+    for (changed, layer) in b.reassigned[0].iter().zip(&b.layers) {
+        assert!(*changed <= layer.n_subvectors);
+    }
+    // Everything before the reassignment is the same run.
+    for (x, y) in a
+        .after_layerwise
+        .layers
+        .iter()
+        .zip(&b.after_layerwise.layers)
+    {
+        assert_eq!(x.pq, y.pq);
+    }
+    let c = compress(&teacher, &data.train, &twice, &ProgressBar::hidden()).unwrap();
+    assert_eq!(b.reassigned, c.reassigned);
+    for (x, y) in b.compressed.layers.iter().zip(&c.compressed.layers) {
+        assert_eq!(x.pq, y.pq);
+    }
+}
+
+#[test]
 fn compression_is_deterministic_and_naive_differs() {
     let data = fixture();
     let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();

@@ -1,6 +1,6 @@
 //! Product quantization of one weight under each objective.
 
-use qcl_tensor::{nearest_codes, Error, Result, Seed};
+use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::LayerStats;
@@ -321,22 +321,7 @@ impl Reassign<'_> {
             )?;
             return Ok(());
         }
-        let n_groups = tensor.centroids.len() / (k * d);
-        for g in 0..n_groups {
-            let members: Vec<usize> = (0..groups.len()).filter(|&j| groups[j] == g).collect();
-            let points: Vec<f32> = members
-                .iter()
-                .flat_map(|&j| sub[j * d..(j + 1) * d].iter().copied())
-                .collect();
-            let book = &tensor.centroids[g * k * d..(g + 1) * k * d];
-            let found = match self.metric {
-                Some(m) => nearest_codes(&m.transform(&points), &m.transform(book), d, None)?,
-                None => nearest_codes(&points, book, d, None)?,
-            };
-            for (&j, &a) in members.iter().zip(&found.indices) {
-                tensor.assignments[j] = a;
-            }
-        }
+        tensor.reassign(sub, self.metric)?;
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::{Calibration, ConvInput};
 use crate::compressed::{CompressedModel, QuantizedLayer};
 use crate::em::Objective;
-use crate::layout::{clamp_centroids, LayerGeometry, LayerKind, Layout};
+use crate::layout::{LayerGeometry, LayerKind};
 use crate::model::{ForwardOptions, LayerSpec, Model};
 use crate::objective::{quantize_pq, Evidence, PqParams};
 use crate::pq_tensor::Sharing;
@@ -24,202 +24,10 @@ use crate::teacher::BatchStream;
 use qcl_nn::loss::distillation_loss;
 
 pub use crate::inputs::LayerInputs;
+pub use config::CompressConfig;
+
+mod config;
 pub use crate::teacher::FMNIST_NORMALIZATION;
-
-/// Every knob of [`compress`], with defaults for FMNet (K = 64 everywhere, the paper's block
-/// sizes; step counts scaled down from the paper's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CompressConfig {
-    /// What the codes minimise: naive, activation-aware (inputs resampled at every EM
-    /// iteration, as the paper) or error feedback (the recorded inputs' full second moment).
-    pub objective: Objective,
-    /// Block size of k×k convolutions with k > 1 (`cv`).
-    pub block_conv: usize,
-    /// Block size of 1×1 convolutions (`pw`).
-    pub block_pointwise: usize,
-    /// Block size of linear layers (`fc`).
-    pub block_linear: usize,
-    /// Centroids of k×k convolutions (before the clamp).
-    pub centroids_conv: usize,
-    /// Centroids of 1×1 convolutions.
-    pub centroids_pointwise: usize,
-    /// Centroids of linear layers.
-    pub centroids_linear: usize,
-    /// Flattening order (ChangeDim = channel-major).
-    pub layout: Layout,
-    /// One codebook of `K/d` centroids per input-channel block (Subspace; channel-major).
-    pub per_slab_codebooks: bool,
-    /// Fold BatchNorm into the convolutions first and fine-tune the biases too (Fusion).
-    pub fuse_bn: bool,
-    /// EM iterations per layer.
-    pub em_iterations: usize,
-    /// Unrolled input rows per EM iteration (patches = this / m, at least 4·d/m).
-    pub rows_per_iteration: usize,
-    /// Training images whose activations are recorded per layer.
-    pub activation_images: usize,
-    /// Layer-wise fine-tuning steps per layer.
-    pub layer_steps: usize,
-    /// Layer-wise CentroidSGD learning rate.
-    pub layer_lr: f64,
-    /// Global fine-tuning steps.
-    pub global_steps: usize,
-    /// Global CentroidSGD learning rate.
-    pub global_lr: f64,
-    /// Fractions of the global phase after which its learning rate is multiplied by 0.1
-    /// (default none, a constant rate; the paper's schedule, ×0.1 every three of nine
-    /// rounds, is `[1/3, 2/3]`).
-    pub global_lr_drops: Vec<f64>,
-    /// Momentum of CentroidSGD.
-    pub momentum: f64,
-    /// Weight decay of CentroidSGD.
-    pub weight_decay: f64,
-    /// Distillation batch size.
-    pub batch_size: usize,
-    /// Average (not sum) the members' gradients (upstream behaviour).
-    pub mean_grad: bool,
-    /// Seed of every random choice.
-    pub seed: Seed,
-}
-
-impl Default for CompressConfig {
-    fn default() -> Self {
-        CompressConfig {
-            objective: Objective::ActivationAware,
-            block_conv: 9,
-            block_pointwise: 4,
-            block_linear: 4,
-            centroids_conv: 64,
-            centroids_pointwise: 64,
-            centroids_linear: 64,
-            layout: Layout::Spatial,
-            per_slab_codebooks: false,
-            fuse_bn: false,
-            em_iterations: 30,
-            rows_per_iteration: 20_000,
-            activation_images: 256,
-            layer_steps: 100,
-            layer_lr: 0.01,
-            global_steps: 400,
-            global_lr: 0.005,
-            global_lr_drops: Vec::new(),
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            batch_size: 128,
-            mean_grad: true,
-            seed: Seed::new(0),
-        }
-    }
-}
-
-impl CompressConfig {
-    /// Checks the values.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] naming the first bad field.
-    pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("block_conv", self.block_conv),
-            ("block_pointwise", self.block_pointwise),
-            ("block_linear", self.block_linear),
-            ("centroids_conv", self.centroids_conv),
-            ("centroids_pointwise", self.centroids_pointwise),
-            ("centroids_linear", self.centroids_linear),
-            ("activation_images", self.activation_images),
-            ("batch_size", self.batch_size),
-        ] {
-            if v == 0 {
-                return Err(Error::invalid_parameter(name, "must be at least 1"));
-            }
-        }
-        // Upper bounds, checked before anything is allocated or looped over.
-        for (name, v, max) in [
-            ("block_conv", self.block_conv, 1 << 16),
-            ("block_pointwise", self.block_pointwise, 1 << 16),
-            ("block_linear", self.block_linear, 1 << 16),
-            ("centroids_conv", self.centroids_conv, crate::MAX_CENTROIDS),
-            (
-                "centroids_pointwise",
-                self.centroids_pointwise,
-                crate::MAX_CENTROIDS,
-            ),
-            (
-                "centroids_linear",
-                self.centroids_linear,
-                crate::MAX_CENTROIDS,
-            ),
-            ("em_iterations", self.em_iterations, crate::MAX_ROUNDS),
-            ("rows_per_iteration", self.rows_per_iteration, 1 << 28),
-            ("activation_images", self.activation_images, 1 << 20),
-            ("layer_steps", self.layer_steps, 1_000_000),
-            ("global_steps", self.global_steps, 1_000_000),
-            ("batch_size", self.batch_size, 1 << 16),
-        ] {
-            if v > max {
-                return Err(Error::invalid_parameter(
-                    name,
-                    format!("must be at most {max}, got {v}"),
-                ));
-            }
-        }
-        for (name, v) in [
-            ("layer_lr", self.layer_lr),
-            ("global_lr", self.global_lr),
-            ("momentum", self.momentum),
-            ("weight_decay", self.weight_decay),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::invalid_parameter(
-                    name,
-                    format!("must be finite and >= 0, got {v}"),
-                ));
-            }
-        }
-        if let Some(bad) = self
-            .global_lr_drops
-            .iter()
-            .find(|f| !(f.is_finite() && (0.0..=1.0).contains(*f)))
-        {
-            return Err(Error::invalid_parameter(
-                "global_lr_drops",
-                format!("fractions must lie in [0, 1], got {bad}"),
-            ));
-        }
-        if self.per_slab_codebooks && self.layout != Layout::ChannelMajor {
-            return Err(Error::invalid_parameter(
-                "per_slab_codebooks",
-                "Subspace codebooks need layout = channel_major",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The geometry and `(K, groups)` of one layer under this configuration.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] when the block size does not divide the layer's input
-    /// dimension or the layer is too small for a codebook.
-    pub fn layer_plan(&self, layer: &LayerSpec) -> Result<(LayerGeometry, usize, usize)> {
-        let (block, k_flag) = match layer.kind {
-            LayerKind::Conv { kh, kw, .. } if kh * kw > 1 => (self.block_conv, self.centroids_conv),
-            LayerKind::Conv { .. } => (self.block_pointwise, self.centroids_pointwise),
-            LayerKind::Linear { .. } => (self.block_linear, self.centroids_linear),
-        };
-        let geometry = LayerGeometry::new(layer.kind, self.layout, block).map_err(|e| {
-            Error::invalid_parameter("block", format!("layer `{}`: {e}", layer.name))
-        })?;
-        let (n_groups, _) = geometry.groups(self.per_slab_codebooks);
-        let (k_flag, per_group) = if self.per_slab_codebooks {
-            ((k_flag / block).max(1), geometry.n_subvectors() / n_groups)
-        } else {
-            (k_flag, geometry.n_subvectors())
-        };
-        let k = clamp_centroids(k_flag, per_group).map_err(|e| {
-            Error::invalid_parameter("centroids", format!("layer `{}`: {e}", layer.name))
-        })?;
-        Ok((geometry, k, n_groups))
-    }
-}
 
 /// What [`compress`] measured for one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +65,9 @@ pub struct CompressOutcome {
     pub compressed: CompressedModel,
     /// Per-layer figures.
     pub layers: Vec<LayerReport>,
+    /// Per reassignment round, how many codes changed in each layer (empty without
+    /// [`CompressConfig::reassign_rounds`]).
+    pub reassigned: Vec<Vec<usize>>,
     /// Wall time of the whole compression, seconds.
     pub seconds: f64,
     /// Trainable parameters of the uncompressed teacher.
@@ -417,6 +228,40 @@ fn finetune(
     Ok(())
 }
 
+/// One reassignment of `layer`'s codes (see [`CompressConfig::reassign_rounds`]): the metric
+/// from a fresh sample of `inputs` (as one EM iteration draws it), the codes of `reference`
+/// chosen again, the student's weight set to the new decoding. Returns the codes that changed.
+fn reassign_layer(
+    cfg: &CompressConfig,
+    student: &Model,
+    layer: &mut QuantizedLayer,
+    reference: &Tensor,
+    inputs: &LayerInputs,
+    rng: &mut qcl_tensor::SeededRng,
+) -> Result<usize> {
+    let geometry = layer.pq.geometry.clone();
+    let d = geometry.block;
+    let metric = if cfg.objective == Objective::Naive {
+        None
+    } else {
+        let m = geometry.n_blocks();
+        let rows = cfg.rows_per_iteration.div_ceil(m).max((4 * d).div_ceil(m));
+        let patches = crate::em::PatchSampler::sample(inputs, rows, rng)?;
+        let patch_len = crate::em::PatchSampler::patch_len(inputs);
+        let gram = crate::em::pooled_gram(&patches, patch_len, d)?;
+        Some(crate::metric::Metric::from_gram(&gram, d)?)
+    };
+    let sub = geometry.unroll(&reference.flatten_all()?.to_vec1::<f32>()?)?;
+    let changed = layer.pq.reassign(&sub, metric.as_ref())?;
+    let decoded = Tensor::from_vec(
+        layer.pq.decode()?,
+        geometry.kind.weight_shape(),
+        &Device::Cpu,
+    )?;
+    student.set(&format!("{}.weight", layer.name), &decoded)?;
+    Ok(changed)
+}
+
 /// Quantizes one layer of the student through [`quantize_pq`]: activation-aware PQ resamples
 /// the recorded inputs at every EM iteration (the paper's procedure), error feedback uses their
 /// full second moment.
@@ -485,6 +330,160 @@ fn quantize_layer(
     Ok((layer, out.em_objective, out.repairs))
 }
 
+/// What the phases of [`compress`] share.
+struct Phases<'a, 'd> {
+    teacher: &'a Model,
+    student: &'a Model,
+    specs: &'a [LayerSpec],
+    act_images: &'a Tensor,
+    stream: &'a mut BatchStream<'d>,
+    cfg: &'a CompressConfig,
+    bar: &'a ProgressBar,
+}
+
+/// The layer-wise phase's result: the quantized layers, their original weights, the reports.
+type Layerwise = (Vec<QuantizedLayer>, Vec<Tensor>, Vec<LayerReport>);
+
+impl Phases<'_, '_> {
+    /// For each layer in forward order: inputs from the student, EM, layer-wise fine-tuning.
+    fn layerwise(&mut self, plans: Vec<(LayerGeometry, usize, usize)>) -> Result<Layerwise> {
+        let (teacher, student, specs, act_images, cfg, bar) = (
+            self.teacher,
+            self.student,
+            self.specs,
+            self.act_images,
+            self.cfg,
+            self.bar,
+        );
+        let seed = cfg.seed;
+        let mut layers: Vec<QuantizedLayer> = Vec::new();
+        let mut references = Vec::new();
+        let mut reports = Vec::new();
+        for (li, (spec, (geometry, k, n_groups))) in specs.iter().zip(plans).enumerate() {
+            let weight_name = format!("{}.weight", spec.name);
+            let reference = student.var(&weight_name)?.as_tensor().copy()?;
+            let inputs = LayerInputs::new(
+                geometry.clone(),
+                spec.padding,
+                &record_inputs(student, act_images, spec.name)?,
+            )?;
+            let em_started = Instant::now();
+            let layer_seed = seed.child_named("em").child(li as u64);
+            let (layer, em_objective, repairs) =
+                quantize_layer(cfg, spec, (&geometry, k), (&reference, &inputs), layer_seed)?;
+            let em_seconds = em_started.elapsed().as_secs_f64();
+            let decoded = Tensor::from_vec(
+                layer.pq.decode()?,
+                geometry.kind.weight_shape(),
+                &Device::Cpu,
+            )?;
+            student.set(&weight_name, &decoded)?;
+            let error_em = inputs.output_error(&reference, &decoded)?;
+            layers.push(layer);
+            references.push(reference.clone());
+            bar.inc(1);
+            let ft_started = Instant::now();
+            let biases = if cfg.fuse_bn {
+                vec![format!("{}.bias", spec.name)]
+            } else {
+                Vec::new()
+            };
+            finetune(
+                teacher,
+                student,
+                &mut layers,
+                &[li],
+                &biases,
+                cfg.layer_steps,
+                (cfg.layer_lr, &[]),
+                cfg,
+                false,
+                self.stream,
+                bar,
+            )?;
+            let after = student.var(&weight_name)?.as_tensor().clone();
+            reports.push(LayerReport {
+                name: spec.name.to_string(),
+                block: geometry.block,
+                k,
+                n_groups,
+                n_subvectors: geometry.n_subvectors(),
+                em_objective,
+                repairs,
+                output_error_after_em: error_em,
+                output_error_after_finetune: inputs.output_error(&reference, &after)?,
+                em_seconds,
+                finetune_seconds: ft_started.elapsed().as_secs_f64(),
+            });
+        }
+        Ok((layers, references, reports))
+    }
+
+    /// Global fine-tuning of every codebook, after each reassignment round if any; returns
+    /// the codes changed per round and layer.
+    fn global(
+        &mut self,
+        layers: &mut [QuantizedLayer],
+        references: &[Tensor],
+    ) -> Result<Vec<Vec<usize>>> {
+        let (teacher, student, specs, act_images, cfg, bar) = (
+            self.teacher,
+            self.student,
+            self.specs,
+            self.act_images,
+            self.cfg,
+            self.bar,
+        );
+        let (seed, rounds, train_bn) = (cfg.seed, 1 + cfg.reassign_rounds, student.arch().has_bn());
+        let all: Vec<usize> = (0..layers.len()).collect();
+        let biases: Vec<String> = if cfg.fuse_bn {
+            specs.iter().map(|s| format!("{}.bias", s.name)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut reassigned = Vec::new();
+        for round in 0..rounds {
+            if round > 0 {
+                let round_seed = seed.child_named("reassign").child(round as u64);
+                let mut changed = Vec::new();
+                for (li, spec) in specs.iter().enumerate() {
+                    let inputs = LayerInputs::new(
+                        layers[li].pq.geometry.clone(),
+                        spec.padding,
+                        &record_inputs(student, act_images, spec.name)?,
+                    )?;
+                    let reference = &references[li];
+                    let mut rng = round_seed.child(li as u64).rng();
+                    changed.push(reassign_layer(
+                        cfg,
+                        student,
+                        &mut layers[li],
+                        reference,
+                        &inputs,
+                        &mut rng,
+                    )?);
+                    bar.inc(1);
+                }
+                reassigned.push(changed);
+            }
+            finetune(
+                teacher,
+                student,
+                layers,
+                &all,
+                &biases,
+                cfg.global_steps,
+                (cfg.global_lr, &cfg.global_lr_drops),
+                cfg,
+                train_bn,
+                self.stream,
+                bar,
+            )?;
+        }
+        Ok(reassigned)
+    }
+}
+
 /// Compresses `teacher`: for each quantized layer in forward order, record its inputs from the
 /// student on `activation_images` training images, quantize its weight, fine-tune that layer's
 /// centroids by distillation; then fine-tune all codebooks together. Labels are never used.
@@ -528,92 +527,27 @@ pub fn compress(
         .to_vec();
     let (act_images, _) = train.tensors_at(&act_idx, FMNIST_NORMALIZATION, &Device::Cpu)?;
     let mut stream = BatchStream::new(train, cfg.batch_size, seed.child_named("distillation"))?;
-    let train_bn = student.arch().has_bn();
-    let total_steps = specs.len() * cfg.layer_steps + cfg.global_steps;
-    bar.set_length((specs.len() + total_steps) as u64);
+    let rounds = 1 + cfg.reassign_rounds;
+    let total_steps = specs.len() * cfg.layer_steps + rounds * cfg.global_steps;
+    bar.set_length((rounds * specs.len() + total_steps) as u64);
     bar.set_position(0);
-    let mut layers: Vec<QuantizedLayer> = Vec::new();
-    let mut reports = Vec::new();
-    for (li, (spec, (geometry, k, n_groups))) in specs.iter().zip(plans).enumerate() {
-        let weight_name = format!("{}.weight", spec.name);
-        let reference = student.var(&weight_name)?.as_tensor().copy()?;
-        let inputs = LayerInputs::new(
-            geometry.clone(),
-            spec.padding,
-            &record_inputs(&student, &act_images, spec.name)?,
-        )?;
-        let em_started = Instant::now();
-        let layer_seed = seed.child_named("em").child(li as u64);
-        let (layer, em_objective, repairs) =
-            quantize_layer(cfg, spec, (&geometry, k), (&reference, &inputs), layer_seed)?;
-        let em_seconds = em_started.elapsed().as_secs_f64();
-        let decoded = Tensor::from_vec(
-            layer.pq.decode()?,
-            geometry.kind.weight_shape(),
-            &Device::Cpu,
-        )?;
-        student.set(&weight_name, &decoded)?;
-        let error_em = inputs.output_error(&reference, &decoded)?;
-        layers.push(layer);
-        bar.inc(1);
-        let ft_started = Instant::now();
-        let biases = if cfg.fuse_bn {
-            vec![format!("{}.bias", spec.name)]
-        } else {
-            Vec::new()
-        };
-        finetune(
-            teacher,
-            &student,
-            &mut layers,
-            &[li],
-            &biases,
-            cfg.layer_steps,
-            (cfg.layer_lr, &[]),
-            cfg,
-            false,
-            &mut stream,
-            bar,
-        )?;
-        let after = student.var(&weight_name)?.as_tensor().clone();
-        reports.push(LayerReport {
-            name: spec.name.to_string(),
-            block: geometry.block,
-            k,
-            n_groups,
-            n_subvectors: geometry.n_subvectors(),
-            em_objective,
-            repairs,
-            output_error_after_em: error_em,
-            output_error_after_finetune: inputs.output_error(&reference, &after)?,
-            em_seconds,
-            finetune_seconds: ft_started.elapsed().as_secs_f64(),
-        });
-    }
-    let after_layerwise = snapshot(&student, &layers);
-    let all: Vec<usize> = (0..layers.len()).collect();
-    let biases: Vec<String> = if cfg.fuse_bn {
-        specs.iter().map(|s| format!("{}.bias", s.name)).collect()
-    } else {
-        Vec::new()
-    };
-    finetune(
+    let mut phases = Phases {
         teacher,
-        &student,
-        &mut layers,
-        &all,
-        &biases,
-        cfg.global_steps,
-        (cfg.global_lr, &cfg.global_lr_drops),
+        student: &student,
+        specs: &specs,
+        act_images: &act_images,
+        stream: &mut stream,
         cfg,
-        train_bn,
-        &mut stream,
         bar,
-    )?;
+    };
+    let (mut layers, references, reports) = phases.layerwise(plans)?;
+    let after_layerwise = snapshot(&student, &layers);
+    let reassigned = phases.global(&mut layers, &references)?;
     Ok(CompressOutcome {
         after_layerwise,
         compressed: snapshot(&student, &layers),
         layers: reports,
+        reassigned,
         seconds: started.elapsed().as_secs_f64(),
         uncompressed_params: teacher.arch().n_params(),
     })
