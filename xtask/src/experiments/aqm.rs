@@ -594,12 +594,7 @@ fn stored_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
                     });
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
@@ -658,12 +653,7 @@ fn drift_plot(path: &Path, kept: &[(String, RunResult)]) -> Result<()> {
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(1))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     })
 }

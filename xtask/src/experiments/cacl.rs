@@ -645,12 +645,7 @@ fn ranks_plot(path: &Path, title: &str, run: &ArmRun) -> Result<()> {
                 colour.stroke_width(1),
             ))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }

@@ -455,11 +455,7 @@ fn rd_plot(path: &Path, curves: &[Curve]) -> Result<()> {
                 let pts = sorted(points, &|_, d| db(d));
                 draw_curve(&mut chart, pts, colour_of(method), method.name())?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            crate::plot::legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
             // Bottom: the gap.
             let mut chart = ChartBuilder::on(&panels[sources.len() + column])
                 .caption(
@@ -492,12 +488,7 @@ fn rd_plot(path: &Path, curves: &[Curve]) -> Result<()> {
                 let pts = sorted(points, &|r, d| db(d / source.distortion_bound(r)));
                 draw_curve(&mut chart, pts, colour_of(method), method.name())?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            crate::plot::legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         }
         Ok(())
     })

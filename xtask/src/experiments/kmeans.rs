@@ -443,11 +443,7 @@ fn line_plot(
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         Ok(())
     })
 }

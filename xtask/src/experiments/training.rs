@@ -230,12 +230,7 @@ fn ratio_plot(path: &Path, series: &[(String, Vec<f64>)]) -> Result<()> {
                     .map(|(i, r)| Circle::new((i + 1, *r), 3, colour.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     })
 }

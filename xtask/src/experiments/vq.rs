@@ -516,12 +516,7 @@ fn used_codes_plot(path: &Path, settings: &Settings, arms: &[&ArmResult]) -> Res
                     .map(|p| Circle::new((p.step, p.used_codes), 3, colour.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
@@ -558,12 +553,7 @@ fn perplexity_plot(path: &Path, settings: &Settings, arms: &[&ArmResult]) -> Res
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     })
 }

@@ -459,12 +459,7 @@ fn recall_plot(path: &std::path::Path, set: &Measured) -> Result<()> {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 2, style.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
         Ok(())
     })
 }

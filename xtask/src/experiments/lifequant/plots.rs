@@ -123,11 +123,7 @@ fn lambda_sweep(path: &Path, view: &View<'_>) -> Result<()> {
                 });
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         Ok(())
     })
 }
@@ -210,11 +206,7 @@ pub fn grouped_bars(
                 PathElement::new(vec![(mid, m - s), (mid, m + s)], BLACK.stroke_width(2))
             }))?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
+        crate::plot::legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         Ok(())
     })
 }

@@ -433,12 +433,7 @@ fn draw(path: &std::path::Path, rows: &[Row]) -> Result<()> {
                     .label(family)
                     .legend(move |(x, y)| Circle::new((x + 5, y), 5, color.filled()));
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()?;
+            crate::plot::legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         }
         Ok(())
     })
