@@ -138,6 +138,7 @@ pub fn run(command: &WpqCommand) -> Result<Report> {
                 "accuracy": acc,
                 "seconds": outcome.seconds,
                 "layers": outcome.layers,
+                "reassigned": outcome.reassigned,
             });
             let text = format!(
                 "compressed {} → {} ({file_bytes} bytes, {:.1}× by file, {:.1}× by the paper's accounting) in {:.1} s\n\

@@ -148,6 +148,12 @@ fn reassignment_rounds_choose_codes_again_and_fine_tune_again() {
     {
         assert_eq!(x.pq, y.pq);
     }
+    // Error feedback with reassignment: centroids left without members are no error.
+    let feedback = CompressConfig {
+        objective: Objective::ErrorFeedback,
+        ..twice.clone()
+    };
+    compress(&teacher, &data.train, &feedback, &ProgressBar::hidden()).unwrap();
     let c = compress(&teacher, &data.train, &twice, &ProgressBar::hidden()).unwrap();
     assert_eq!(b.reassigned, c.reassigned);
     for (x, y) in b.compressed.layers.iter().zip(&c.compressed.layers) {

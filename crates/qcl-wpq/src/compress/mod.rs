@@ -150,7 +150,9 @@ fn finetune(
             (l.centroids.len() / d, d),
             &Device::Cpu,
         )?)?;
-        let counts = l.cluster_sizes()?;
+        // After a reassignment a centroid may have no members: it gets no gradient, and a count
+        // of 1 only keeps the mean's division defined (EM itself leaves no cluster empty).
+        let counts: Vec<usize> = l.cluster_sizes()?.into_iter().map(|c| c.max(1)).collect();
         let opt = CentroidSgd::new(
             cfg.mean_grad.then_some(counts.as_slice()),
             lr,
