@@ -162,6 +162,65 @@ fn reassignment_rounds_choose_codes_again_and_fine_tune_again() {
 }
 
 #[test]
+fn sensitivities_and_allocation_give_per_layer_choices_within_the_budget() {
+    use qcl_wpq::compress::allocate::{allocate, plan_bits, sensitivities};
+    let data = fixture();
+    let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();
+    let cfg = smoke_config();
+    let candidates =
+        sensitivities(&teacher, &data.train, &cfg, 64, &ProgressBar::hidden()).unwrap();
+    let specs: Vec<_> = Arch::FmNet
+        .layers()
+        .into_iter()
+        .filter(|l| l.quantized)
+        .collect();
+    for spec in &specs {
+        let mine: Vec<_> = candidates.iter().filter(|c| c.layer == spec.name).collect();
+        assert!(mine.len() >= 2, "{}", spec.name);
+        // A candidate's bits are what the same choice costs as a whole plan of one layer.
+        for c in mine {
+            assert!(c.loss.is_finite() && c.loss >= 0.0);
+            let one = CompressConfig {
+                layer_overrides: [(spec.name.to_string(), c.choice)].into(),
+                ..cfg.clone()
+            };
+            assert_eq!(plan_bits(std::slice::from_ref(spec), &one).unwrap(), c.bits);
+        }
+    }
+    // At the default configuration's size, the allocation fits and compresses.
+    let budget = plan_bits(&specs, &cfg).unwrap();
+    let chosen = allocate(&candidates, budget).unwrap();
+    assert_eq!(chosen.len(), specs.len());
+    let allocated = CompressConfig {
+        layer_overrides: chosen,
+        layer_steps: 0,
+        global_steps: 0,
+        ..cfg.clone()
+    };
+    assert!(plan_bits(&specs, &allocated).unwrap() <= budget);
+    let out = compress(&teacher, &data.train, &allocated, &ProgressBar::hidden()).unwrap();
+    assert_eq!(out.layers.len(), specs.len());
+    // Same seed, same measurements; a layer that does not exist is refused.
+    let again = sensitivities(&teacher, &data.train, &cfg, 64, &ProgressBar::hidden()).unwrap();
+    assert_eq!(candidates, again);
+    let bad = CompressConfig {
+        layer_overrides: [(
+            "conv9".to_string(),
+            qcl_wpq::compress::LayerChoice {
+                block: 4,
+                centroids: 8,
+            },
+        )]
+        .into(),
+        ..allocated
+    };
+    assert!(matches!(
+        compress(&teacher, &data.train, &bad, &ProgressBar::hidden()),
+        Err(qcl_tensor::Error::InvalidParameter { .. })
+    ));
+}
+
+#[test]
 fn compression_is_deterministic_and_naive_differs() {
     let data = fixture();
     let teacher = Model::new(Arch::FmNet, Seed::new(5)).unwrap();

@@ -610,3 +610,53 @@ proptest! {
         prop_assert!(b == 1 || (1u128 << (b - 1)) < k as u128);
     }
 }
+
+proptest! {
+    /// The allocation is the brute-force optimum over every combination within the budget, and
+    /// an impossible budget is a typed error.
+    #[test]
+    fn allocation_is_the_best_combination_within_the_budget(
+        table in prop::collection::vec(prop::collection::vec((1u64..40, 0.0f64..1.0), 1..4), 1..4),
+        budget in 1u64..120,
+    ) {
+        use qcl_wpq::compress::allocate::{allocate, Candidate};
+        use qcl_wpq::compress::LayerChoice;
+        let candidates: Vec<Candidate> = table.iter().enumerate().flat_map(|(l, options)| {
+            options.iter().enumerate().map(move |(i, &(bits, loss))| Candidate {
+                layer: format!("layer{l}"),
+                choice: LayerChoice { block: 1, centroids: i + 1 },
+                bits,
+                loss,
+            })
+        }).collect();
+        // Brute force over every combination.
+        let mut best: Option<f64> = None;
+        let mut index = vec![0usize; table.len()];
+        loop {
+            let bits: u64 = index.iter().zip(&table).map(|(&i, o)| o[i].0).sum();
+            let loss: f64 = index.iter().zip(&table).map(|(&i, o)| o[i].1).sum();
+            if bits <= budget && best.is_none_or(|b| loss < b) {
+                best = Some(loss);
+            }
+            let mut l = 0;
+            while l < index.len() && index[l] + 1 == table[l].len() {
+                index[l] = 0;
+                l += 1;
+            }
+            if l == index.len() { break; }
+            index[l] += 1;
+        }
+        match (allocate(&candidates, budget), best) {
+            (Ok(chosen), Some(optimum)) => {
+                prop_assert_eq!(chosen.len(), table.len());
+                let pick = |l: usize| table[l][chosen[&format!("layer{l}")].centroids - 1];
+                let bits: u64 = (0..table.len()).map(|l| pick(l).0).sum();
+                let loss: f64 = (0..table.len()).map(|l| pick(l).1).sum();
+                prop_assert!(bits <= budget);
+                prop_assert!((loss - optimum).abs() <= 1e-9, "{loss} vs {optimum}");
+            }
+            (Err(qcl_tensor::Error::InvalidParameter { .. }), None) => {}
+            (got, best) => prop_assert!(false, "{got:?} against brute force {best:?}"),
+        }
+    }
+}

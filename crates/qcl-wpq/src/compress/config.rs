@@ -1,6 +1,8 @@
 //! [`CompressConfig`]: every knob of [`compress`](super::compress), its defaults, bounds and
 //! the per-layer plan it gives.
 
+use std::collections::BTreeMap;
+
 use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
@@ -66,8 +68,22 @@ pub struct CompressConfig {
     /// under the activation metric of a fresh sample of the current student's inputs,
     /// Euclidean for naive PQ), then `global_steps` more steps of global fine-tuning.
     pub reassign_rounds: usize,
+    /// Block size and centroids of named layers, in place of the per-kind fields above
+    /// (default none). [`allocate`](super::allocate::allocate) fills it from measured
+    /// sensitivities under a byte budget.
+    pub layer_overrides: BTreeMap<String, LayerChoice>,
     /// Seed of every random choice.
     pub seed: Seed,
+}
+
+/// One layer's block size `d` and centroids `K`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerChoice {
+    /// Block size `d`.
+    pub block: usize,
+    /// Centroids `K` (before the clamp to the layer's subvectors).
+    pub centroids: usize,
 }
 
 impl Default for CompressConfig {
@@ -96,6 +112,7 @@ impl Default for CompressConfig {
             batch_size: 128,
             mean_grad: true,
             reassign_rounds: 0,
+            layer_overrides: BTreeMap::new(),
             seed: Seed::new(0),
         }
     }
@@ -119,6 +136,17 @@ impl CompressConfig {
         ] {
             if v == 0 {
                 return Err(Error::invalid_parameter(name, "must be at least 1"));
+            }
+        }
+        for (layer, c) in &self.layer_overrides {
+            let bad = |what: &str| {
+                Error::invalid_parameter("layer_overrides", format!("layer `{layer}`: {what}"))
+            };
+            if !(1..=1 << 16).contains(&c.block) {
+                return Err(bad("block must be in 1..=65536"));
+            }
+            if !(1..=crate::MAX_CENTROIDS).contains(&c.centroids) {
+                return Err(bad("centroids out of range"));
             }
         }
         // Upper bounds, checked before anything is allocated or looped over.
@@ -190,10 +218,13 @@ impl CompressConfig {
     /// [`Error::InvalidParameter`] when the block size does not divide the layer's input
     /// dimension or the layer is too small for a codebook.
     pub fn layer_plan(&self, layer: &LayerSpec) -> Result<(LayerGeometry, usize, usize)> {
-        let (block, k_flag) = match layer.kind {
-            LayerKind::Conv { kh, kw, .. } if kh * kw > 1 => (self.block_conv, self.centroids_conv),
-            LayerKind::Conv { .. } => (self.block_pointwise, self.centroids_pointwise),
-            LayerKind::Linear { .. } => (self.block_linear, self.centroids_linear),
+        let (block, k_flag) = match (self.layer_overrides.get(layer.name), layer.kind) {
+            (Some(c), _) => (c.block, c.centroids),
+            (None, LayerKind::Conv { kh, kw, .. }) if kh * kw > 1 => {
+                (self.block_conv, self.centroids_conv)
+            }
+            (None, LayerKind::Conv { .. }) => (self.block_pointwise, self.centroids_pointwise),
+            (None, LayerKind::Linear { .. }) => (self.block_linear, self.centroids_linear),
         };
         let geometry = LayerGeometry::new(layer.kind, self.layout, block).map_err(|e| {
             Error::invalid_parameter("block", format!("layer `{}`: {e}", layer.name))

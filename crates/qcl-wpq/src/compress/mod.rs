@@ -24,8 +24,9 @@ use crate::teacher::BatchStream;
 use qcl_nn::loss::distillation_loss;
 
 pub use crate::inputs::LayerInputs;
-pub use config::CompressConfig;
+pub use config::{CompressConfig, LayerChoice};
 
+pub mod allocate;
 mod config;
 pub use crate::teacher::FMNIST_NORMALIZATION;
 
@@ -514,6 +515,19 @@ pub fn compress(
         .into_iter()
         .filter(|l| l.quantized)
         .collect();
+    if let Some(name) = cfg
+        .layer_overrides
+        .keys()
+        .find(|n| !specs.iter().any(|s| s.name == n.as_str()))
+    {
+        return Err(Error::invalid_parameter(
+            "layer_overrides",
+            format!(
+                "`{name}` is not a quantized layer of {}",
+                student.arch().name()
+            ),
+        ));
+    }
     let plans = specs
         .iter()
         .map(|s| cfg.layer_plan(s))
