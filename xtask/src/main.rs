@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use qcl_data::{KnownDataset, SplitDataset};
 
-use crate::data::DataOptions;
+use crate::data::DataConfig;
 use crate::reproduce::{Context, Mode};
 use crate::text_data::TextDataset;
 
@@ -145,7 +145,7 @@ pub(crate) fn workspace_root() -> PathBuf {
 fn main() -> Result<()> {
     qcl_tensor::tune_process_for_numeric_loops();
     let cli = Cli::parse();
-    let data_options = |idx: Option<PathBuf>, force: bool, choices: &[DataChoice]| DataOptions {
+    let data_options = |idx: Option<PathBuf>, force: bool, choices: &[DataChoice]| DataConfig {
         data_dir: cli.data_dir.clone(),
         idx_dir: idx,
         force,

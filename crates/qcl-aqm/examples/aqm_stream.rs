@@ -4,7 +4,7 @@
 //! `cargo run --release -p qcl-aqm --example aqm_stream -- DATA METHOD BUDGET [SAMPLES_PER_TASK] [PARAM_BYTES] [STAT_RATE]`
 
 use qcl_aqm::online::{run, Method, OnlineConfig};
-use qcl_continual::{Scenario, SplitParams};
+use qcl_continual::{Scenario, SplitConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     qcl_tensor::tune_process_for_numeric_loops();
@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.stack.layers[0].ema_decoder_rate = r;
     }
     config.test_per_class = Some(300);
-    let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+    let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
     let result = run(&scenario, &config, None)?;
     let mut v = serde_json::to_value(&result)?;
     v["memory_curve"] = serde_json::json!(result.memory_curve.last());

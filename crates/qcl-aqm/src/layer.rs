@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use qcl_nn::layers::Module;
 use qcl_nn::ops::mse_loss;
-use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed};
 use qcl_vq::{CodebookUpdate, VectorQuantizer, VectorQuantizerConfig};
@@ -109,7 +109,7 @@ impl QLayer {
         let quantizer = VectorQuantizer::from_param_path(&root.pp("vq"), vq_config)?;
         let optimizer = Adam::new(
             store.trainable(),
-            AdamParams {
+            AdamConfig {
                 lr: config.lr,
                 ..Default::default()
             },

@@ -1,7 +1,7 @@
 //! The online loop on the committed Fashion-MNIST fixture (small streams).
 
 use qcl_aqm::online::{run, ClassifierInput, Method, OnlineConfig};
-use qcl_continual::{Scenario, SplitParams};
+use qcl_continual::{Scenario, SplitConfig};
 use qcl_tensor::Error;
 
 fn scenario() -> Scenario {
@@ -10,7 +10,7 @@ fn scenario() -> Scenario {
         "/../../fixtures/fashion-mnist.safetensors"
     );
     let data = qcl_data::SplitDataset::load(path).unwrap();
-    Scenario::class_incremental(&data, &SplitParams::default()).unwrap()
+    Scenario::class_incremental(&data, &SplitConfig::default()).unwrap()
 }
 
 fn small(method: Method, budget: u64) -> OnlineConfig {

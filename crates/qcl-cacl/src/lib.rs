@@ -36,7 +36,7 @@ mod train;
 
 pub use factors::{ForTask, SvdConv2d, SvdFactors, SvdLinear, TaskRankUpdate};
 pub use net::{
-    CaclParams, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIncrementalModel,
+    CaclConfig, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIncrementalModel,
     CHECKPOINT_FORMAT,
 };
 pub use rank::{check_threshold, energy_prune, free_slots, growth_target, initial_rank, Growth};

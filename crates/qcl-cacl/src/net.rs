@@ -274,7 +274,7 @@ fn never_trained(task: usize, finished: usize) -> Error {
 
 /// Hyperparameters of the CACL objective and the per-task rank update.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CaclParams {
+pub struct CaclConfig {
     /// Hoyer weight λ_sp (0.1 in the scripts; 0 for the no-Hoyer arm).
     pub lambda_sparsity: f64,
     /// Orthogonality weight λ_orth (1.0).
@@ -285,9 +285,9 @@ pub struct CaclParams {
     pub growth: Growth,
 }
 
-impl Default for CaclParams {
+impl Default for CaclConfig {
     fn default() -> Self {
-        CaclParams {
+        CaclConfig {
             lambda_sparsity: 0.1,
             lambda_orthogonality: 1.0,
             epsilon: 3e-5,
@@ -296,7 +296,7 @@ impl Default for CaclParams {
     }
 }
 
-impl CaclParams {
+impl CaclConfig {
     /// Checks ε ∈ (0, 1) and finite non-negative weights.
     ///
     /// # Errors
@@ -322,8 +322,8 @@ impl CaclParams {
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use qcl_cacl::{CaclParams, NetConfig, NetSvd, TaskIncrementalModel};
-/// let mut net = NetSvd::new(NetConfig::net_svd_s(), CaclParams::default(), qcl_tensor::Seed::new(0), &Device::Cpu)?;
+/// use qcl_cacl::{CaclConfig, NetConfig, NetSvd, TaskIncrementalModel};
+/// let mut net = NetSvd::new(NetConfig::net_svd_s(), CaclConfig::default(), qcl_tensor::Seed::new(0), &Device::Cpu)?;
 /// assert_eq!(net.capacities(), vec![5, 14, 26, 28, 42]);
 /// net.begin_task(0, 2)?;
 /// net.finish_task()?;
@@ -335,7 +335,7 @@ impl CaclParams {
 #[derive(Debug, Clone)]
 pub struct NetSvd {
     config: NetConfig,
-    params: CaclParams,
+    params: CaclConfig,
     seed: Seed,
     convs: Vec<SvdConv2d>,
     heads: Vec<FrozenHead>,
@@ -350,7 +350,7 @@ impl NetSvd {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a bad configuration or parameters.
-    pub fn new(config: NetConfig, params: CaclParams, seed: Seed, device: &Device) -> Result<Self> {
+    pub fn new(config: NetConfig, params: CaclConfig, seed: Seed, device: &Device) -> Result<Self> {
         config.validate()?;
         params.validate()?;
         let convs = config
@@ -386,7 +386,7 @@ impl NetSvd {
     }
 
     /// The objective's hyperparameters.
-    pub fn params(&self) -> CaclParams {
+    pub fn params(&self) -> CaclConfig {
         self.params
     }
 
@@ -506,7 +506,7 @@ impl NetSvd {
         };
         let config: NetConfig =
             serde_json::from_str(meta("config")?).map_err(|e| bad("config", e.to_string()))?;
-        let params: CaclParams =
+        let params: CaclConfig =
             serde_json::from_str(meta("params")?).map_err(|e| bad("params", e.to_string()))?;
         let seed: u64 = meta("seed")?
             .parse()

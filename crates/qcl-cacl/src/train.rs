@@ -5,13 +5,13 @@
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qcl_continual::AccuracyMatrix;
-use qcl_data::{BatchOptions, BatchOrder, Dataset, Normalization};
-use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+use qcl_data::{BatchConfig, BatchOrder, Dataset, Normalization};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::schedule::{LrSchedule, MultiStepLr};
 use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{CaclParams, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIncrementalModel};
+use crate::net::{CaclConfig, DenseNet, IndividualNets, NetConfig, NetSvd, TaskIncrementalModel};
 use crate::rank::Growth;
 use crate::size::megabytes;
 
@@ -96,7 +96,7 @@ pub fn train_task<M: TaskIncrementalModel>(
     model.begin_task(task_id, task.classes)?;
     let mut optimizer = Adam::new(
         model.trainable(),
-        AdamParams {
+        AdamConfig {
             lr: config.lr,
             ..Default::default()
         },
@@ -107,7 +107,7 @@ pub fn train_task<M: TaskIncrementalModel>(
     let (mut last_ce, mut last_loss) = (f64::NAN, f64::NAN);
     for epoch in 0..config.epochs {
         optimizer.set_learning_rate(schedule.lr_at(epoch));
-        let options = BatchOptions {
+        let options = BatchConfig {
             batch_size: config.batch_size,
             order: BatchOrder::Shuffled(seed.child_named("batches").child(epoch as u64)),
             normalization: task.normalization,
@@ -160,7 +160,7 @@ pub fn task_logits<M: TaskIncrementalModel>(
     data: &Dataset,
     normalization: Normalization,
 ) -> Result<Tensor> {
-    let options = BatchOptions {
+    let options = BatchConfig {
         batch_size: 500,
         order: BatchOrder::Sequential,
         normalization,
@@ -233,14 +233,14 @@ impl Arm {
     }
 
     /// CACL hyperparameters of the arm from a base (`None` for the dense arms).
-    pub fn cacl_params(self, base: CaclParams) -> Option<CaclParams> {
+    pub fn cacl_params(self, base: CaclConfig) -> Option<CaclConfig> {
         match self {
             Arm::Cacl => Some(base),
-            Arm::CaclNoHoyer => Some(CaclParams {
+            Arm::CaclNoHoyer => Some(CaclConfig {
                 lambda_sparsity: 0.0,
                 ..base
             }),
-            Arm::CaclFixed => Some(CaclParams {
+            Arm::CaclFixed => Some(CaclConfig {
                 growth: Growth::Fixed,
                 ..base
             }),
@@ -335,7 +335,7 @@ fn bits(t: &Tensor) -> Result<Vec<u32>> {
 /// ```no_run
 /// # use qcl_cacl::*;
 /// # fn tasks() -> Vec<TaskData> { unimplemented!() }
-/// let run = run_arm(Arm::Cacl, &tasks(), NetConfig::net_svd_s(), CaclParams::default(),
+/// let run = run_arm(Arm::Cacl, &tasks(), NetConfig::net_svd_s(), CaclConfig::default(),
 ///                   &TrainConfig::default(), 1.into(), None)?;
 /// println!("{} {:.2}% {:.3} MB", run.arm.name(), 100.0 * run.average_accuracy, run.megabytes);
 /// # Ok::<(), qcl_tensor::Error>(())
@@ -347,7 +347,7 @@ pub fn run_arm(
     arm: Arm,
     tasks: &[TaskData],
     net: NetConfig,
-    base: CaclParams,
+    base: CaclConfig,
     config: &TrainConfig,
     seed: Seed,
     bar: Option<&ProgressBar>,

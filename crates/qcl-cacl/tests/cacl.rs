@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use qcl_cacl::*;
-use qcl_continual::{Scenario, SplitParams};
+use qcl_continual::{Scenario, SplitConfig};
 use qcl_data::{Normalization, SplitDataset};
 use qcl_nn::ops::{conv2d, Conv2dParams};
 use qcl_tensor::{write_safetensors, Error, SafetensorsFile, Seed};
@@ -55,7 +55,7 @@ fn fixture_tasks(num: usize, per_task: usize) -> Vec<TaskData> {
         mean: stats.mean as f32,
         std: stats.std as f32,
     };
-    let scenario = Scenario::task_incremental(&data, &SplitParams::default()).unwrap();
+    let scenario = Scenario::task_incremental(&data, &SplitConfig::default()).unwrap();
     scenario
         .tasks()
         .iter()
@@ -162,7 +162,7 @@ fn earlier_tasks_are_frozen_bit_for_bit() {
     let tasks = fixture_tasks(3, 96);
     let mut net = NetSvd::new(
         NetConfig::net_svd_s(),
-        CaclParams {
+        CaclConfig {
             epsilon: 1e-3,
             ..Default::default()
         },
@@ -275,7 +275,7 @@ fn arms_train_and_report() {
         Arm::Cacl,
         &tasks,
         NetConfig::net_svd_s(),
-        CaclParams {
+        CaclConfig {
             epsilon: 1e-3,
             ..Default::default()
         },
@@ -296,7 +296,7 @@ fn arms_train_and_report() {
         Arm::Individual,
         &tasks,
         NetConfig::net_svd_s(),
-        CaclParams::default(),
+        CaclConfig::default(),
         &config,
         Seed::new(3),
         None,
@@ -309,7 +309,7 @@ fn arms_train_and_report() {
         Arm::CaclFixed,
         &tasks,
         NetConfig::net_svd_s(),
-        CaclParams {
+        CaclConfig {
             epsilon: 1e-3,
             ..Default::default()
         },
@@ -337,7 +337,7 @@ fn bad_input_is_a_typed_error() {
     assert!(SvdConv2d::new(1, 1, 1, Conv2dParams::default(), Seed::new(0), &CPU).is_err());
     // Threshold outside (0, 1).
     for eps in [0.0, 1.0, -1.0, f64::NAN] {
-        let params = CaclParams {
+        let params = CaclConfig {
             epsilon: eps,
             ..Default::default()
         };
@@ -349,7 +349,7 @@ fn bad_input_is_a_typed_error() {
     // Task never trained, task out of order, wrong input shape.
     let mut net = NetSvd::new(
         NetConfig::net_svd_s(),
-        CaclParams::default(),
+        CaclConfig::default(),
         Seed::new(0),
         &CPU,
     )
@@ -448,7 +448,7 @@ fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
             qcl_tensor::on_threads(threads, || {
                 let mut net = NetSvd::new(
                     NetConfig::net_svd_s(),
-                    CaclParams::default(),
+                    CaclConfig::default(),
                     Seed::new(5),
                     &CPU,
                 )

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use indicatif::ProgressBar;
 use qcl_aqm::online::{run, ClassifierInput, Method, OnlineConfig};
-use qcl_continual::{Scenario, SplitParams};
+use qcl_continual::{Scenario, SplitConfig};
 use qcl_data::SplitDataset;
 use qcl_tensor::{Error, Result, Seed};
 use serde::de::DeserializeOwned;
@@ -97,7 +97,7 @@ pub fn run_command(command: &AqmCommand) -> Result<Report> {
         cfg.seed = Seed::new(*s);
     }
     let data = SplitDataset::load(data)?;
-    let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+    let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
     let result = run(&scenario, &cfg, Some(&ProgressBar::new(0)))?;
     let text = format!(
         "{} at {} bytes: final accuracy {:.2} %, forgetting {}, {} samples stored, {:.0} samples/s\n",

@@ -297,7 +297,7 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
     }
     let baseline_rss = qcl_nn::bench::peak_rss_bytes();
     let (n, d, data) = read_rows(&args.input, &args.tensor)?;
-    let params = qcl_pq::KMeansParams {
+    let params = qcl_pq::KMeansConfig {
         max_iter: args.iters,
         init: if args.init == "kmeans++" {
             qcl_pq::KMeansInit::KMeansPlusPlus
@@ -317,7 +317,7 @@ fn kmeans(args: &KmeansArgs) -> Result<Report> {
             },
             _ => qcl_pq::KMeansAlgorithm::Auto,
         },
-        ..qcl_pq::KMeansParams::new(args.k)
+        ..qcl_pq::KMeansConfig::new(args.k)
     };
     let model = qcl_pq::KMeans::fit(&data, d, None, &params)?;
     let mse = model.mse(&data)?;

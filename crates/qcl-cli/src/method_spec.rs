@@ -7,10 +7,10 @@
 //!
 //! - `fp16`: every value in fp16 (no keys).
 //! - `rtn`, `gptq`: round-to-nearest and GPTQ on per-group grids; keys are the fields of
-//!   [`qcl_wpq::ScalarParams`] (`bits`, `group`, `damp`, `block_columns`), defaults int4 g128.
+//!   [`qcl_wpq::ScalarConfig`] (`bits`, `group`, `damp`, `block_columns`), defaults int4 g128.
 //!   `group=channel` is one group per output channel.
 //! - `int<B>`: `rtn:bits=B,group=channel` (so `int8` is int8 per channel); takes the same keys.
-//! - `pq`: product quantization; keys are the fields of [`qcl_wpq::PqParams`] (`d`, `k`,
+//! - `pq`: product quantization; keys are the fields of [`qcl_wpq::PqConfig`] (`d`, `k`,
 //!   `objective`, `layout`, `sharing`, `em_iterations`, `finetune_rounds`, `ridge`, `damp`,
 //!   `block_columns`, `outliers`, `guard`, and any field added to it later), defaults d4 K256
 //!   activation-aware. `finetune` abbreviates `finetune_rounds`; `outliers=top(8)` keeps the 8
@@ -23,12 +23,12 @@
 //!
 //! ```
 //! use qcl_cli::method_spec::{parse_method, parse_rule};
-//! use qcl_wpq::{Method, Objective, PqParams, ScalarParams};
+//! use qcl_wpq::{Method, Objective, PqConfig, ScalarConfig};
 //! let m = parse_method("pq:d=2,k=256,objective=error-feedback,finetune=1")?;
-//! let expected = PqParams { finetune_rounds: 1, ..PqParams::new(2, 256, Objective::ErrorFeedback) };
+//! let expected = PqConfig { finetune_rounds: 1, ..PqConfig::new(2, 256, Objective::ErrorFeedback) };
 //! assert_eq!(m, Method::Pq(expected));
-//! assert_eq!(parse_method("int8")?, Method::Rtn(ScalarParams::new(8, None)));
-//! assert_eq!(parse_method("gptq:bits=3,group=128")?, Method::Gptq(ScalarParams::new(3, Some(128))));
+//! assert_eq!(parse_method("int8")?, Method::Rtn(ScalarConfig::new(8, None)));
+//! assert_eq!(parse_method("gptq:bits=3,group=128")?, Method::Gptq(ScalarConfig::new(3, Some(128))));
 //! let rule = parse_rule("encoder.layer.*.dense.weight=rtn:bits=4,group=32")?;
 //! assert!(rule.pattern.matches("encoder.layer.0.output.dense.weight"));
 //! let m = parse_method("pq:d=2,k=64,objective=error-feedback,outliers=top(8),guard=off")?;
@@ -158,34 +158,34 @@ fn value_of(v: &str) -> Value {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use qcl_wpq::{Objective, PqParams, ScalarParams, Sharing};
+    use qcl_wpq::{Objective, PqConfig, ScalarConfig, Sharing};
 
     #[test]
     fn names_and_defaults() {
         assert_eq!(parse_method("fp16").unwrap(), Method::Fp16);
         assert_eq!(
             parse_method("rtn").unwrap(),
-            Method::Rtn(ScalarParams::default())
+            Method::Rtn(ScalarConfig::default())
         );
-        assert_eq!(parse_method("pq").unwrap(), Method::Pq(PqParams::default()));
+        assert_eq!(parse_method("pq").unwrap(), Method::Pq(PqConfig::default()));
         assert_eq!(
             parse_method("int4:group=32").unwrap(),
-            Method::Rtn(ScalarParams::new(4, Some(32)))
+            Method::Rtn(ScalarConfig::new(4, Some(32)))
         );
         assert_eq!(
             parse_method("rtn:bits=8,group=channel").unwrap(),
-            Method::Rtn(ScalarParams::new(8, None))
+            Method::Rtn(ScalarConfig::new(8, None))
         );
         let p =
             parse_method("pq:d=4,k=16,objective=naive,sharing=rows(2),ridge=0.5,em-iterations=3")
                 .unwrap();
         assert_eq!(
             p,
-            Method::Pq(PqParams {
+            Method::Pq(PqConfig {
                 sharing: Sharing::Rows(2),
                 ridge: 0.5,
                 em_iterations: 3,
-                ..PqParams::new(4, 16, Objective::Naive)
+                ..PqConfig::new(4, 16, Objective::Naive)
             })
         );
     }
@@ -230,11 +230,11 @@ mod tests {
             let spec = format!(
                 "pq:d={d},k={k},objective={name},finetune={ft},em-iterations={em},sharing={sharing}"
             );
-            let expected = PqParams {
+            let expected = PqConfig {
                 finetune_rounds: ft,
                 em_iterations: em,
                 sharing: rows.map_or(Sharing::Layer, Sharing::Rows),
-                ..PqParams::new(d, k, objective)
+                ..PqConfig::new(d, k, objective)
             };
             prop_assert_eq!(parse_method(&spec).unwrap(), Method::Pq(expected));
         }
@@ -246,7 +246,7 @@ mod tests {
             let short = parse_method(&format!("int{bits}:group={g}")).unwrap();
             let long = parse_method(&format!("rtn:bits={bits},group={g}")).unwrap();
             prop_assert_eq!(short, long);
-            prop_assert_eq!(long, Method::Rtn(ScalarParams::new(bits, group)));
+            prop_assert_eq!(long, Method::Rtn(ScalarConfig::new(bits, group)));
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Subcommand;
-use qcl_pq::{ProductQuantizer, ProductQuantizerParams};
+use qcl_pq::{ProductQuantizer, ProductQuantizerConfig};
 use qcl_tensor::{squared_distance, write_safetensors, Error, Result};
 use serde_json::json;
 
@@ -113,10 +113,10 @@ pub fn run(command: &PqCommand) -> Result<Report> {
 fn train(args: &TrainArgs) -> Result<Report> {
     qcl_tensor::check_output(&args.out, &[&args.input])?;
     let (n, d, data) = read_rows(&args.input, &args.tensor)?;
-    let params = ProductQuantizerParams {
+    let params = ProductQuantizerConfig {
         max_iter: args.iters,
         seed: qcl_tensor::Seed::new(args.seed),
-        ..ProductQuantizerParams::new(args.m, args.nbits)
+        ..ProductQuantizerConfig::new(args.m, args.nbits)
     };
     let start = Instant::now();
     let pq = ProductQuantizer::train(&data, d, &params)?;

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use common::{fixture, qcl};
 use qcl_tensor::candle_core::{DType, Device, Tensor};
-use qcl_text::{EmbedOptions, SentenceEncoder};
+use qcl_text::{EmbedConfig, SentenceEncoder};
 use qcl_wpq::CompressedCheckpoint;
 use serde_json::Value;
 
@@ -119,9 +119,9 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
         .unwrap();
     let encoder = SentenceEncoder::from_var_builder(vb, config, tokenizer)
         .unwrap()
-        .with_options(EmbedOptions {
+        .with_options(EmbedConfig {
             progress: false,
-            ..EmbedOptions::default()
+            ..EmbedConfig::default()
         });
     let lines: Vec<&str> = TEXTS.lines().collect();
     let library = encoder.embed(&lines).unwrap().to_vec2::<f32>().unwrap();

@@ -7,7 +7,7 @@ use candle_core::{Device, ModuleT, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qcl_continual::ball::cross_entropy;
 use qcl_continual::{QResNet, QResNetConfig};
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 use qcl_nn::ParamStore;
 use qcl_tensor::Seed;
 
@@ -34,11 +34,11 @@ fn training_step(c: &mut Criterion) {
                 ..QResNetConfig::qresnet8()
             };
             let model = QResNet::new(&store.root(&device), &config).unwrap();
-            let params = SgdParams {
+            let params = SgdConfig {
                 lr: 0.01,
                 momentum: 0.9,
                 weight_decay: 1e-4,
-                ..SgdParams::default()
+                ..SgdConfig::default()
             };
             let mut sgd = Sgd::new(store.trainable(), params).unwrap();
             group.bench_function(format!("{name}_{bits}bit"), |b| {

@@ -6,7 +6,7 @@
 //!
 //! - [`scenario`]: [`Scenario`]s as data — class-incremental splits (Split-MNIST,
 //!   Split-FMNIST 5×2), task-incremental splits with per-task labels, LifeQuant's sliding-window
-//!   lifelong class shift ([`LifelongParams`]), permuted MNIST, and an online single-pass
+//!   lifelong class shift ([`LifelongConfig`]), permuted MNIST, and an online single-pass
 //!   [`Stream`] of mini-batches;
 //! - [`metrics`]: the [`AccuracyMatrix`] `a[i][j]` with average accuracy, backward and forward
 //!   transfer and forgetting, JSON and a PNG heatmap.
@@ -40,10 +40,10 @@
 //!   mode (train on `D_t` with CE).
 //!
 //! ```
-//! use qcl_continual::{AccuracyMatrix, LifelongParams, Scenario};
+//! use qcl_continual::{AccuracyMatrix, LifelongConfig, Scenario};
 //! # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 //! let data = qcl_data::SplitDataset::load(path)?;
-//! let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+//! let scenario = Scenario::lifelong(&data, &LifelongConfig::reproduction())?;
 //! let mut accuracy = AccuracyMatrix::new(scenario.num_tasks())?;
 //! for task in scenario.tasks() {
 //!     // ... train on task.train, then for every seen task s ≤ task.id:
@@ -73,7 +73,7 @@ pub use buffer::{
     BufferItem, Capacity, ClassBalancedBuffer, Entry, Filter, InsertStatus, Insertion, ItemId,
     Keep, PerTaskBuffer, RawImage, ReplayBuffer, ReservoirBuffer, TaskSummary,
 };
-pub use lifequant::{LifeQuant, LifeQuantMode, LifeQuantParams, QuantizationNoise};
+pub use lifequant::{LifeQuant, LifeQuantConfig, LifeQuantMode, QuantizationNoise};
 pub use metrics::{AccuracyMatrix, MetricsSummary};
 pub use proxq::{FisherAccumulator, FisherDiagonal, PenaltyUpdate, ProxQ};
 /// The distillation loss LwF uses (one for the workspace, in qcl-nn).
@@ -83,12 +83,12 @@ pub use quant::{
     round_to_bits, ActivationQuantizer, WeightQuantMode, WeightQuantizer, IDENTITY_BITS, MAX_BITS,
 };
 pub use scenario::{
-    sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
-    ScenarioDescription, ScenarioKind, SplitParams, Stream, StreamBatch, StreamOptions, Task,
+    sample_per_class, ClassOrder, LifelongConfig, LifelongWindows, PermutedConfig, Scenario,
+    ScenarioDescription, ScenarioKind, SplitConfig, Stream, StreamBatch, StreamConfig, Task,
     TaskDescription,
 };
 pub use strategy::{
-    fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcParams, ExperienceReplay,
-    FeatureHead, FineTune, Joint, Learner, Lwf, LwfParams, OptimizerStep, RunRecord, Strategy,
+    fisher_diagonal, ClassAccuracy, ContinualTrainer, Ewc, EwcConfig, ExperienceReplay,
+    FeatureHead, FineTune, Joint, Learner, Lwf, LwfConfig, OptimizerStep, RunRecord, Strategy,
     TaskRecord, TaskSchedule, TaskView, TrainerConfig,
 };

@@ -31,20 +31,20 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use qcl_continual::{ContinualTrainer, LifeQuant, LifeQuantParams, Learner, LifelongParams,
+//! use qcl_continual::{ContinualTrainer, LifeQuant, LifeQuantConfig, Learner, LifelongConfig,
 //!                     QResNet, QResNetConfig, Scenario, TaskSchedule, TrainerConfig};
 //! use qcl_data::{Normalization, SplitDataset};
 //! use qcl_nn::ParamStore;
 //! # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 //! let data = SplitDataset::load(path)?;
 //! let data = SplitDataset::new(data.train.take_per_class(6), data.test.take_per_class(2))?;
-//! let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+//! let scenario = Scenario::lifelong(&data, &LifelongConfig::reproduction())?;
 //! let store = ParamStore::new(1);
 //! let config = QResNetConfig { widths: [4, 4, 4], weight_bits: 4, activation_bits: 4,
 //!                              ..QResNetConfig::smoke() };
 //! let model = QResNet::new(&store.root(&Device::Cpu), &config)?;
 //! let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);
-//! let mut lifequant = LifeQuant::new(LifeQuantParams::default())?;
+//! let mut lifequant = LifeQuant::new(LifeQuantConfig::default())?;
 //! let schedule = TaskSchedule { epochs: 1, lr: 0.01, milestones: vec![] };
 //! let run = ContinualTrainer::new(TrainerConfig::default())?
 //!     .run(&learner, &mut lifequant, scenario.tasks(), &schedule)?;
@@ -168,7 +168,7 @@ impl QuantizationNoise {
 /// Parameters of [`LifeQuant`], each with a default (docs/methods/lifequant.md § Training
 /// and defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LifeQuantParams {
+pub struct LifeQuantConfig {
     /// Paper or code-faithful training data and loss (default paper).
     pub mode: LifeQuantMode,
     /// ProxQ weight λ (default 100; 0 turns the penalty off, the drift is still measured).
@@ -186,9 +186,9 @@ pub struct LifeQuantParams {
     pub quantization_noise: Option<QuantizationNoise>,
 }
 
-impl Default for LifeQuantParams {
+impl Default for LifeQuantConfig {
     fn default() -> Self {
-        LifeQuantParams {
+        LifeQuantConfig {
             mode: LifeQuantMode::Paper,
             lambda: ProxQ::DEFAULT_LAMBDA,
             ball: Some(BallMode::PaperLinearPrior),
@@ -202,7 +202,7 @@ impl Default for LifeQuantParams {
 /// The LifeQuant strategy (see the module docs).
 #[derive(Debug, Clone)]
 pub struct LifeQuant {
-    params: LifeQuantParams,
+    params: LifeQuantConfig,
     statistics: Option<ClassStatistics>,
     prox: Option<ProxQ>,
     drift: Vec<f64>,
@@ -214,7 +214,7 @@ impl LifeQuant {
     ///
     /// # Errors
     /// [`qcl_tensor::Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
-    pub fn new(params: LifeQuantParams) -> Result<Self> {
+    pub fn new(params: LifeQuantConfig) -> Result<Self> {
         check_penalty(params.lambda, params.fisher_batch_size)?;
         if let Some(noise) = &params.quantization_noise {
             noise.validate()?;
@@ -229,7 +229,7 @@ impl LifeQuant {
     }
 
     /// The parameters.
-    pub fn params(&self) -> &LifeQuantParams {
+    pub fn params(&self) -> &LifeQuantConfig {
         &self.params
     }
 

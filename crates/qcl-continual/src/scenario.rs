@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 
 use candle_core::Device;
-use qcl_data::{Batch, BatchOptions, BatchOrder, Batches, Dataset, Normalization, SplitDataset};
+use qcl_data::{Batch, BatchConfig, BatchOrder, Batches, Dataset, Normalization, SplitDataset};
 use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
@@ -77,16 +77,16 @@ impl ClassOrder {
 /// The default is the 5×2 split of a 10-class set (Split-MNIST, Split-FMNIST): tasks
 /// {0,1}, {2,3}, {4,5}, {6,7}, {8,9}.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SplitParams {
+pub struct SplitConfig {
     /// Classes per task (default 2). The class order must split into whole tasks.
     pub classes_per_task: usize,
     /// Order in which the classes are dealt out (default [`ClassOrder::Natural`]).
     pub class_order: ClassOrder,
 }
 
-impl Default for SplitParams {
+impl Default for SplitConfig {
     fn default() -> Self {
-        SplitParams {
+        SplitConfig {
             classes_per_task: 2,
             class_order: ClassOrder::Natural,
         }
@@ -100,9 +100,9 @@ impl Default for SplitParams {
 /// `s = ⌊n·d⌋`; task `i < T−1` owns classes `π[i·s .. i·s+n]` of a seeded class permutation π,
 /// the last task owns `π[(T−1)·s .. C]` (everything left, so it may hold more than n classes).
 /// The default is the paper's CIFAR-100-LL setting (T = 3, d = 0.25, seed 123, no
-/// subsampling); [`LifelongParams::reproduction`] is the scaled-down Fashion-MNIST/MNIST run.
+/// subsampling); [`LifelongConfig::reproduction`] is the scaled-down Fashion-MNIST/MNIST run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LifelongParams {
+pub struct LifelongConfig {
     /// Number of tasks T (default 3).
     pub num_tasks: usize,
     /// Fraction d of a task's classes that leave at each task switch, in (0, 1) (default 0.25).
@@ -126,9 +126,9 @@ pub struct LifelongParams {
     pub validation_fraction: f64,
 }
 
-impl Default for LifelongParams {
+impl Default for LifelongConfig {
     fn default() -> Self {
-        LifelongParams {
+        LifelongConfig {
             num_tasks: 3,
             diminish_rate: 0.25,
             class_seed: Seed::new(123),
@@ -139,12 +139,12 @@ impl Default for LifelongParams {
     }
 }
 
-impl LifelongParams {
+impl LifelongConfig {
     /// The scaled-down reproduction on a 10-class set (docs/methods/lifequant.md § Scaled-down
     /// experiment): T = 3, d = 0.5 (n = 5, s = 2: tasks {π0..π4}, {π2..π6}, {π4..π9}), 800
     /// training images per class.
     pub fn reproduction() -> Self {
-        LifelongParams {
+        LifelongConfig {
             diminish_rate: 0.5,
             train_per_class: Some(800),
             ..Default::default()
@@ -153,7 +153,7 @@ impl LifelongParams {
 
     /// The stress variant of [`reproduction`](Self::reproduction): d = 0.75 (n = 4, s = 3).
     pub fn reproduction_stress() -> Self {
-        LifelongParams {
+        LifelongConfig {
             diminish_rate: 0.75,
             ..Self::reproduction()
         }
@@ -245,7 +245,7 @@ impl LifelongWindows {
 
 /// Parameters of permuted MNIST-style scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PermutedParams {
+pub struct PermutedConfig {
     /// Number of tasks (default 10).
     pub num_tasks: usize,
     /// Seed of the pixel permutations; task `i` uses `seed.child(i)` (default 0).
@@ -256,9 +256,9 @@ pub struct PermutedParams {
     pub first_task_identity: bool,
 }
 
-impl Default for PermutedParams {
+impl Default for PermutedConfig {
     fn default() -> Self {
-        PermutedParams {
+        PermutedConfig {
             num_tasks: 10,
             seed: Seed::new(0),
             first_task_identity: true,
@@ -299,7 +299,7 @@ pub struct Task {
     pub test: Dataset,
     /// Held-out training images of the task's classes, labelled like `train`, for choosing
     /// hyperparameters (`None` when the scenario holds none out; see
-    /// [`LifelongParams::validation_fraction`]).
+    /// [`LifelongConfig::validation_fraction`]).
     pub validation: Option<Dataset>,
     /// The pixel permutation of a permuted task: output position `p` takes input position
     /// `permutation[p]` of each `H·W` channel plane. `None` for unpermuted tasks.
@@ -333,12 +333,12 @@ impl Task {
 /// A continual-learning scenario: tasks in training order.
 ///
 /// ```
-/// use qcl_continual::{Scenario, SplitParams};
+/// use qcl_continual::{Scenario, SplitConfig};
 /// use qcl_data::SplitDataset;
 /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 /// let data = SplitDataset::load(path)?;
 /// // Split-FMNIST 5×2, class-incremental: labels stay global, one head over 10 classes.
-/// let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+/// let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
 /// assert_eq!(scenario.tasks().len(), 5);
 /// assert_eq!(scenario.tasks()[1].classes, vec![2, 3]);
 /// assert!(scenario.tasks()[1].test.labels().iter().all(|&y| y == 2 || y == 3));
@@ -361,7 +361,7 @@ impl Scenario {
     /// [`Error::InvalidParameter`] for `classes_per_task` of zero, more classes per task than
     /// the order holds, an order that does not split into whole tasks, or a bad explicit order;
     /// [`Error::EmptyInput`] for a task without train or test images.
-    pub fn class_incremental(data: &SplitDataset, params: &SplitParams) -> Result<Self> {
+    pub fn class_incremental(data: &SplitDataset, params: &SplitConfig) -> Result<Self> {
         Self::split(data, params, ScenarioKind::ClassIncremental)
     }
 
@@ -371,10 +371,10 @@ impl Scenario {
     /// carries its task label (`Some(id)`).
     ///
     /// ```
-    /// use qcl_continual::{Scenario, SplitParams};
+    /// use qcl_continual::{Scenario, SplitConfig};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let scenario = Scenario::task_incremental(&data, &SplitParams::default())?;
+    /// let scenario = Scenario::task_incremental(&data, &SplitConfig::default())?;
     /// let task = &scenario.tasks()[2]; // classes 4 and 5
     /// assert_eq!(task.task_label, Some(2));
     /// assert_eq!((task.label_of(4), task.class_of(1)), (Some(0), Some(5)));
@@ -384,11 +384,11 @@ impl Scenario {
     ///
     /// # Errors
     /// As [`class_incremental`](Scenario::class_incremental).
-    pub fn task_incremental(data: &SplitDataset, params: &SplitParams) -> Result<Self> {
+    pub fn task_incremental(data: &SplitDataset, params: &SplitConfig) -> Result<Self> {
         Self::split(data, params, ScenarioKind::TaskIncremental)
     }
 
-    fn split(data: &SplitDataset, params: &SplitParams, kind: ScenarioKind) -> Result<Self> {
+    fn split(data: &SplitDataset, params: &SplitConfig, kind: ScenarioKind) -> Result<Self> {
         let num_classes = data.train.num_classes();
         let per_task = params.classes_per_task;
         if per_task == 0 {
@@ -445,16 +445,16 @@ impl Scenario {
 
     /// LifeQuant's lifelong class-shift scenario (docs/methods/lifequant.md § Lifelong class
     /// shift, § Scaled-down experiment): overlapping windows over a seeded class permutation
-    /// (see [`LifelongParams`], [`LifelongWindows`]). Task `i` holds **all** train images of
+    /// (see [`LifelongConfig`], [`LifelongWindows`]). Task `i` holds **all** train images of
     /// its classes (after the optional per-class subsample), so a class shared by two tasks
     /// brings the same images into both; its test set is built the same way from the test
     /// split. Labels stay global (one head over all classes), no task id.
     ///
     /// ```
-    /// use qcl_continual::{LifelongParams, Scenario};
+    /// use qcl_continual::{LifelongConfig, Scenario};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+    /// let scenario = Scenario::lifelong(&data, &LifelongConfig::reproduction())?;
     /// let pi = scenario.class_order();
     /// assert_eq!(scenario.tasks()[1].classes, pi[2..7].to_vec());
     /// assert_eq!(scenario.tasks()[2].classes.len(), 6);
@@ -466,7 +466,7 @@ impl Scenario {
     /// As [`LifelongWindows::new`] for the geometry; [`Error::InvalidParameter`] for
     /// `train_per_class` of zero; [`Error::EmptyInput`] for a task without train or test
     /// images.
-    pub fn lifelong(data: &SplitDataset, params: &LifelongParams) -> Result<Self> {
+    pub fn lifelong(data: &SplitDataset, params: &LifelongConfig) -> Result<Self> {
         let num_classes = data.train.num_classes();
         let windows = LifelongWindows::new(num_classes, params.num_tasks, params.diminish_rate)?;
         let order = ClassOrder::Shuffled(params.class_seed).resolve(num_classes)?;
@@ -515,10 +515,10 @@ impl Scenario {
     /// MNIST).
     ///
     /// ```
-    /// use qcl_continual::{PermutedParams, Scenario};
+    /// use qcl_continual::{PermutedConfig, Scenario};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let params = PermutedParams { num_tasks: 3, ..Default::default() };
+    /// let params = PermutedConfig { num_tasks: 3, ..Default::default() };
     /// let scenario = Scenario::permuted(&data, &params)?;
     /// assert_eq!(scenario.tasks()[0].train, data.train); // task 0: the original images
     /// assert_eq!(scenario.tasks()[2].train.labels(), data.train.labels());
@@ -528,7 +528,7 @@ impl Scenario {
     /// # Errors
     /// [`Error::InvalidParameter`] for no task; [`Error::EmptyInput`] for an empty train or
     /// test split.
-    pub fn permuted(data: &SplitDataset, params: &PermutedParams) -> Result<Self> {
+    pub fn permuted(data: &SplitDataset, params: &PermutedConfig) -> Result<Self> {
         if params.num_tasks == 0 {
             return Err(Error::invalid_parameter(
                 "num_tasks",
@@ -614,10 +614,10 @@ impl Scenario {
     /// permutation π to record), and each task's classes, task label and sizes.
     ///
     /// ```
-    /// use qcl_continual::{LifelongParams, Scenario};
+    /// use qcl_continual::{LifelongConfig, Scenario};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let scenario = Scenario::lifelong(&data, &LifelongParams::reproduction())?;
+    /// let scenario = Scenario::lifelong(&data, &LifelongConfig::reproduction())?;
     /// let json = serde_json::to_string(&scenario.description()).unwrap();
     /// assert!(json.starts_with(r#"{"kind":"lifelong","num_classes":10,"class_order":["#));
     /// # Ok::<(), qcl_tensor::Error>(())
@@ -666,12 +666,12 @@ impl Scenario {
     /// exactly once.
     ///
     /// ```
-    /// use qcl_continual::{Scenario, SplitParams, StreamOptions};
+    /// use qcl_continual::{Scenario, SplitConfig, StreamConfig};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+    /// let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
     /// let mut seen = 0;
-    /// for item in scenario.stream(StreamOptions::default(), &candle_core::Device::Cpu)? {
+    /// for item in scenario.stream(StreamConfig::default(), &candle_core::Device::Cpu)? {
     ///     let item = item?;
     ///     assert!(item.batch.indices.len() <= 10);
     ///     seen += item.batch.indices.len();
@@ -682,8 +682,8 @@ impl Scenario {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a batch size of zero or a bad normalisation.
-    pub fn stream(&self, options: StreamOptions, device: &Device) -> Result<Stream<'_>> {
-        let check = BatchOptions {
+    pub fn stream(&self, options: StreamConfig, device: &Device) -> Result<Stream<'_>> {
+        let check = BatchConfig {
             batch_size: options.batch_size,
             normalization: options.normalization,
             ..Default::default()
@@ -767,7 +767,7 @@ pub struct TaskDescription {
 
 /// Options of [`Scenario::stream`], each with a default.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StreamOptions {
+pub struct StreamConfig {
     /// Images per batch (default 10, the usual online continual-learning setting). The last
     /// batch of a task may be smaller; batches never mix tasks.
     pub batch_size: usize,
@@ -778,9 +778,9 @@ pub struct StreamOptions {
     pub normalization: Normalization,
 }
 
-impl Default for StreamOptions {
+impl Default for StreamConfig {
     fn default() -> Self {
-        StreamOptions {
+        StreamConfig {
             batch_size: 10,
             shuffle_seed: Some(Seed::new(0)),
             normalization: Normalization::UnitInterval,
@@ -801,7 +801,7 @@ pub struct StreamBatch {
 #[derive(Debug)]
 pub struct Stream<'a> {
     scenario: &'a Scenario,
-    options: StreamOptions,
+    options: StreamConfig,
     device: Device,
     task: usize,
     current: Option<Batches<'a>>,
@@ -825,7 +825,7 @@ impl Iterator for Stream<'_> {
                 Some(seed) => BatchOrder::Shuffled(seed.child(self.task as u64)),
                 None => BatchOrder::Sequential,
             };
-            let options = BatchOptions {
+            let options = BatchConfig {
                 batch_size: self.options.batch_size,
                 order,
                 normalization: self.options.normalization,

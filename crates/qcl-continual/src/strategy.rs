@@ -21,13 +21,13 @@
 //! ```
 //! use candle_core::Device;
 //! use qcl_continual::{ContinualTrainer, FineTune, Learner, QResNet, QResNetConfig, Scenario,
-//!                     SplitParams, TaskSchedule, TrainerConfig};
+//!                     SplitConfig, TaskSchedule, TrainerConfig};
 //! use qcl_data::{Normalization, SplitDataset};
 //! use qcl_nn::ParamStore;
 //! # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 //! let data = SplitDataset::load(path)?;
 //! let data = SplitDataset::new(data.train.take_per_class(4), data.test.take_per_class(2))?;
-//! let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+//! let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
 //! let store = ParamStore::new(7);
 //! let config = QResNetConfig { widths: [4, 4, 4], ..QResNetConfig::smoke() };
 //! let model = QResNet::new(&store.root(&Device::Cpu), &config)?;
@@ -45,10 +45,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use indicatif::{ProgressBar, ProgressStyle};
-use qcl_data::{Batch, BatchOptions, BatchOrder, Dataset, Normalization};
+use qcl_data::{Batch, BatchConfig, BatchOrder, Dataset, Normalization};
 use qcl_nn::layers::ModuleT;
 use qcl_nn::loss::distillation_loss;
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 use qcl_nn::schedule::{LrSchedule, MultiStepLr};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed};
@@ -179,8 +179,8 @@ impl<'a> Learner<'a> {
         Ok(counts)
     }
 
-    pub(crate) fn batch_options(&self, batch_size: usize, order: BatchOrder) -> BatchOptions {
-        BatchOptions {
+    pub(crate) fn batch_options(&self, batch_size: usize, order: BatchOrder) -> BatchConfig {
+        BatchConfig {
             batch_size,
             order,
             normalization: self.normalization,
@@ -413,7 +413,7 @@ impl Strategy for Joint {
 
 /// Parameters of [`Ewc`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EwcParams {
+pub struct EwcConfig {
     /// Weight λ of each task's penalty (default 100, ProxQ's λ: both use the batch-mean
     /// Fisher of [`FisherAccumulator`]).
     pub lambda: f64,
@@ -424,9 +424,9 @@ pub struct EwcParams {
     pub update: PenaltyUpdate,
 }
 
-impl Default for EwcParams {
+impl Default for EwcConfig {
     fn default() -> Self {
-        EwcParams {
+        EwcConfig {
             lambda: ProxQ::DEFAULT_LAMBDA,
             fisher_batch_size: 128,
             update: PenaltyUpdate::Gradient,
@@ -440,7 +440,7 @@ impl Default for EwcParams {
 /// `Σ_{s<t} λ·Σ F_s ⊙ (θ − θ*_s)²` to the cross-entropy.
 #[derive(Debug, Clone, Default)]
 pub struct Ewc {
-    params: EwcParams,
+    params: EwcConfig,
     penalties: Vec<ProxQ>,
 }
 
@@ -449,7 +449,7 @@ impl Ewc {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
-    pub fn new(params: EwcParams) -> Result<Self> {
+    pub fn new(params: EwcConfig) -> Result<Self> {
         check_penalty(params.lambda, params.fisher_batch_size)?;
         Ok(Ewc {
             params,
@@ -562,7 +562,7 @@ pub(crate) fn fisher_diagonal_of(
 
 /// Parameters of [`Lwf`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LwfParams {
+pub struct LwfConfig {
     /// Weight α of the distillation term (default 1).
     pub alpha: f64,
     /// Softmax temperature T (default 2, as in Li & Hoiem 2017).
@@ -571,9 +571,9 @@ pub struct LwfParams {
     pub teacher_batch_size: usize,
 }
 
-impl Default for LwfParams {
+impl Default for LwfConfig {
     fn default() -> Self {
-        LwfParams {
+        LwfConfig {
             alpha: 1.0,
             temperature: 2.0,
             teacher_batch_size: 256,
@@ -586,7 +586,7 @@ impl Default for LwfParams {
 /// `α·T²·KL(softmax(z_old/T) ‖ softmax(z/T))` over the logits of the earlier tasks' classes.
 #[derive(Debug, Clone, Default)]
 pub struct Lwf {
-    params: LwfParams,
+    params: LwfConfig,
     teacher: Option<(Tensor, Tensor)>,
 }
 
@@ -596,7 +596,7 @@ impl Lwf {
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative α, a temperature that is not positive, or a
     /// zero batch size.
-    pub fn new(params: LwfParams) -> Result<Self> {
+    pub fn new(params: LwfConfig) -> Result<Self> {
         if !(params.alpha.is_finite() && params.alpha >= 0.0) {
             return Err(Error::invalid_parameter("alpha", "must be finite and >= 0"));
         }
@@ -785,11 +785,11 @@ impl ContinualTrainer {
                 "batch sizes must be at least 1",
             ));
         }
-        SgdParams {
+        SgdConfig {
             lr: 0.0,
             momentum: config.momentum,
             weight_decay: config.weight_decay,
-            ..SgdParams::default()
+            ..SgdConfig::default()
         }
         .validate()?;
         PerTaskBuffer::<RawImage>::new(
@@ -907,11 +907,11 @@ impl ContinualTrainer {
         let started = Instant::now();
         let mut optimizer = Sgd::new(
             learner.params(),
-            SgdParams {
+            SgdConfig {
                 lr: schedule.lr,
                 momentum: self.config.momentum,
                 weight_decay: self.config.weight_decay,
-                ..SgdParams::default()
+                ..SgdConfig::default()
             },
         )?;
         let batches_per_epoch = train.len().div_ceil(self.config.batch_size);

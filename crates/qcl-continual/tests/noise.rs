@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use qcl_continual::{
-    ContinualTrainer, FeatureHead, Learner, LifeQuant, LifeQuantParams, LifelongParams, QResNet,
+    ContinualTrainer, FeatureHead, Learner, LifeQuant, LifeQuantConfig, LifelongConfig, QResNet,
     QResNetConfig, QuantizationNoise, Scenario, TaskSchedule, TrainerConfig,
 };
 use qcl_data::{Normalization, SplitDataset};
@@ -102,9 +102,9 @@ fn bad_noise_settings_are_typed_errors() {
             ..QuantizationNoise::default()
         },
     ] {
-        let err = LifeQuant::new(LifeQuantParams {
+        let err = LifeQuant::new(LifeQuantConfig {
             quantization_noise: Some(noise),
-            ..LifeQuantParams::default()
+            ..LifeQuantConfig::default()
         })
         .unwrap_err();
         assert!(
@@ -120,9 +120,9 @@ fn scenario() -> Scenario {
     let data = SplitDataset::load(path).unwrap();
     let data =
         SplitDataset::new(data.train.take_per_class(10), data.test.take_per_class(4)).unwrap();
-    let params = LifelongParams {
+    let params = LifelongConfig {
         train_per_class: Some(10),
-        ..LifelongParams::reproduction()
+        ..LifelongConfig::reproduction()
     };
     Scenario::lifelong(&data, &params).unwrap()
 }
@@ -140,10 +140,10 @@ fn task1_fisher(noise: Option<QuantizationNoise>, split: bool) -> qcl_tensor::Re
     if split {
         learner = learner.with_feature_head(&model);
     }
-    let mut lq = LifeQuant::new(LifeQuantParams {
+    let mut lq = LifeQuant::new(LifeQuantConfig {
         quantization_noise: noise,
         fisher_batch_size: 4,
-        ..LifeQuantParams::default()
+        ..LifeQuantConfig::default()
     })?;
     let trainer = ContinualTrainer::new(TrainerConfig {
         batch_size: 8,

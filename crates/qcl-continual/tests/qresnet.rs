@@ -8,7 +8,7 @@ use qcl_continual::{
     ActivationQuantizer, QResNet, QResNetConfig, WeightQuantMode, WeightQuantizer,
 };
 use qcl_nn::layers::{BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Linear, Module, ModuleT};
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 use qcl_nn::{ParamPath, ParamStore};
 use qcl_tensor::Error;
 
@@ -370,7 +370,7 @@ fn sgd_reduces_the_loss_on_a_fixed_batch() {
         let (store, net) = build(15, &config);
         let x = input(16, 8);
         let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 5, 6, 7], &DEV).unwrap();
-        let params = SgdParams {
+        let params = SgdConfig {
             lr: 0.05,
             momentum: 0.9,
             ..Default::default()

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use candle_core::Device;
 use proptest::prelude::*;
 use qcl_continual::{
-    sample_per_class, ClassOrder, LifelongParams, LifelongWindows, PermutedParams, Scenario,
-    ScenarioKind, SplitParams, StreamOptions,
+    sample_per_class, ClassOrder, LifelongConfig, LifelongWindows, PermutedConfig, Scenario,
+    ScenarioKind, SplitConfig, StreamConfig,
 };
 use qcl_data::{Dataset, ImageShape, SplitDataset};
 use qcl_tensor::{Error, Seed};
@@ -50,7 +50,7 @@ fn trace(image: &[u8]) -> usize {
 #[test]
 fn split_fmnist_5x2_class_incremental() {
     let data = fixture("fashion-mnist");
-    let s = Scenario::class_incremental(&data, &SplitParams::default()).unwrap();
+    let s = Scenario::class_incremental(&data, &SplitConfig::default()).unwrap();
     assert_eq!(s.kind(), ScenarioKind::ClassIncremental);
     assert_eq!(s.num_tasks(), 5);
     assert_eq!(s.num_classes(), 10);
@@ -76,7 +76,7 @@ fn split_fmnist_5x2_class_incremental() {
 #[test]
 fn split_mnist_task_incremental_remaps_labels_per_task() {
     let data = fixture("mnist");
-    let params = SplitParams {
+    let params = SplitConfig {
         classes_per_task: 2,
         class_order: ClassOrder::Explicit(vec![9, 3, 0, 4]),
     };
@@ -141,7 +141,7 @@ fn lifelong_windows_match_the_method_tables() {
 #[test]
 fn lifelong_reproduction_on_fashion_mnist() {
     let data = fixture("fashion-mnist");
-    let s = Scenario::lifelong(&data, &LifelongParams::reproduction()).unwrap();
+    let s = Scenario::lifelong(&data, &LifelongConfig::reproduction()).unwrap();
     assert_eq!(s.kind(), ScenarioKind::Lifelong);
     let pi = s.class_order().to_vec();
     let mut sorted = pi.clone();
@@ -176,7 +176,7 @@ fn lifelong_reproduction_on_fashion_mnist() {
     let back: qcl_continual::ScenarioDescription = serde_json::from_str(&json).unwrap();
     assert_eq!(back, description);
 
-    let stress = Scenario::lifelong(&data, &LifelongParams::reproduction_stress()).unwrap();
+    let stress = Scenario::lifelong(&data, &LifelongConfig::reproduction_stress()).unwrap();
     let sizes: Vec<usize> = stress.tasks().iter().map(|t| t.classes.len()).collect();
     assert_eq!(sizes, vec![4, 4, 4]);
     assert_eq!(
@@ -189,9 +189,9 @@ fn lifelong_reproduction_on_fashion_mnist() {
 #[test]
 fn lifelong_subsample_is_shared_between_tasks_and_seeded() {
     let data = fixture("fashion-mnist");
-    let params = LifelongParams {
+    let params = LifelongConfig {
         train_per_class: Some(30),
-        ..LifelongParams::reproduction()
+        ..LifelongConfig::reproduction()
     };
     let s = Scenario::lifelong(&data, &params).unwrap();
     let pi = s.class_order();
@@ -212,7 +212,7 @@ fn lifelong_subsample_is_shared_between_tasks_and_seeded() {
     let b = s.tasks()[1].train.select_classes(&[shared]).unwrap();
     assert_eq!(a, b);
     assert_eq!(Scenario::lifelong(&data, &params).unwrap(), s);
-    let other = LifelongParams {
+    let other = LifelongConfig {
         subsample_seed: Seed::new(5),
         ..params
     };
@@ -220,7 +220,7 @@ fn lifelong_subsample_is_shared_between_tasks_and_seeded() {
         Scenario::lifelong(&data, &other).unwrap().tasks()[0].train,
         s.tasks()[0].train
     );
-    let other_order = LifelongParams {
+    let other_order = LifelongConfig {
         class_seed: Seed::new(9),
         ..params
     };
@@ -235,7 +235,7 @@ fn lifelong_subsample_is_shared_between_tasks_and_seeded() {
 #[test]
 fn permuted_mnist_tasks_are_fixed_pixel_permutations() {
     let data = fixture("mnist");
-    let params = PermutedParams {
+    let params = PermutedConfig {
         num_tasks: 4,
         seed: Seed::new(3),
         first_task_identity: true,
@@ -265,7 +265,7 @@ fn permuted_mnist_tasks_are_fixed_pixel_permutations() {
     assert!(permutations[0] != permutations[1] && permutations[1] != permutations[2]);
     assert_eq!(Scenario::permuted(&data, &params).unwrap(), s);
 
-    let all = PermutedParams {
+    let all = PermutedConfig {
         first_task_identity: false,
         ..params
     };
@@ -279,8 +279,8 @@ fn permuted_mnist_tasks_are_fixed_pixel_permutations() {
 #[test]
 fn stream_is_one_pass_over_every_task_in_order() {
     let data = fixture("fashion-mnist");
-    let s = Scenario::class_incremental(&data, &SplitParams::default()).unwrap();
-    let options = StreamOptions {
+    let s = Scenario::class_incremental(&data, &SplitConfig::default()).unwrap();
+    let options = StreamConfig {
         batch_size: 32,
         shuffle_seed: Some(Seed::new(11)),
         ..Default::default()
@@ -324,12 +324,12 @@ fn stream_is_one_pass_over_every_task_in_order() {
         );
     }
     assert_eq!(collect(options), items, "same seed, same stream");
-    let shuffled_differently = collect(StreamOptions {
+    let shuffled_differently = collect(StreamConfig {
         shuffle_seed: Some(Seed::new(12)),
         ..options
     });
     assert_ne!(shuffled_differently, items);
-    let sequential = collect(StreamOptions {
+    let sequential = collect(StreamConfig {
         shuffle_seed: None,
         ..options
     });
@@ -342,7 +342,7 @@ fn bad_input_is_a_typed_error() {
     let split = |classes_per_task, class_order| {
         Scenario::class_incremental(
             &data,
-            &SplitParams {
+            &SplitConfig {
                 classes_per_task,
                 class_order,
             },
@@ -376,7 +376,7 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(
         Scenario::task_incremental(
             &data,
-            &SplitParams {
+            &SplitConfig {
                 classes_per_task: 20,
                 ..Default::default()
             }
@@ -387,15 +387,15 @@ fn bad_input_is_a_typed_error() {
     // An empty task: classes 2 and 3 have no training image.
     let empty = synthetic(4, vec![0, 1, 0, 1], vec![0, 1, 2, 3]);
     assert!(matches!(
-        Scenario::class_incremental(&empty, &SplitParams::default()),
+        Scenario::class_incremental(&empty, &SplitConfig::default()),
         Err(Error::EmptyInput(_))
     ));
     let no_test = synthetic(4, vec![0, 1, 2, 3], vec![2, 3]);
     assert!(matches!(
-        Scenario::task_incremental(&no_test, &SplitParams::default()),
+        Scenario::task_incremental(&no_test, &SplitConfig::default()),
         Err(Error::EmptyInput(_))
     ));
-    let params = LifelongParams {
+    let params = LifelongConfig {
         num_tasks: 2,
         diminish_rate: 0.5,
         ..Default::default()
@@ -406,13 +406,13 @@ fn bad_input_is_a_typed_error() {
         Err(Error::EmptyInput(_))
     ));
     assert!(matches!(
-        Scenario::permuted(&no_train, &PermutedParams::default()),
+        Scenario::permuted(&no_train, &PermutedConfig::default()),
         Err(Error::EmptyInput(_))
     ));
 
     // Diminish rates outside (0, 1).
     for d in [0.0, 1.0, -0.25, 1.5, f64::NAN, f64::INFINITY] {
-        let params = LifelongParams {
+        let params = LifelongConfig {
             diminish_rate: d,
             ..Default::default()
         };
@@ -426,7 +426,7 @@ fn bad_input_is_a_typed_error() {
     }
     // No task; a window of no class; a rate too small to drop any class.
     for (tasks, d) in [(0, 0.5), (30, 0.9), (3, 0.1)] {
-        let params = LifelongParams {
+        let params = LifelongConfig {
             num_tasks: tasks,
             diminish_rate: d,
             ..Default::default()
@@ -436,9 +436,9 @@ fn bad_input_is_a_typed_error() {
             Err(Error::InvalidParameter { .. })
         ));
     }
-    let params = LifelongParams {
+    let params = LifelongConfig {
         train_per_class: Some(0),
-        ..LifelongParams::reproduction()
+        ..LifelongConfig::reproduction()
     };
     assert!(matches!(
         Scenario::lifelong(&data, &params),
@@ -448,7 +448,7 @@ fn bad_input_is_a_typed_error() {
         sample_per_class(&data.train, 0, Seed::new(0)),
         Err(Error::InvalidParameter { .. })
     ));
-    let none = PermutedParams {
+    let none = PermutedConfig {
         num_tasks: 0,
         ..Default::default()
     };
@@ -457,8 +457,8 @@ fn bad_input_is_a_typed_error() {
         Err(Error::InvalidParameter { .. })
     ));
 
-    let s = Scenario::class_incremental(&data, &SplitParams::default()).unwrap();
-    let zero = StreamOptions {
+    let s = Scenario::class_incremental(&data, &SplitConfig::default()).unwrap();
+    let zero = StreamConfig {
         batch_size: 0,
         ..Default::default()
     };
@@ -527,7 +527,7 @@ proptest! {
         let c = data.train.num_classes();
         let divisors: Vec<usize> = (1..=c).filter(|k| c.is_multiple_of(*k)).collect();
         let per_task = divisors[per_task_pick % divisors.len()];
-        let params = SplitParams { classes_per_task: per_task, class_order: ClassOrder::Shuffled(Seed::new(seed)) };
+        let params = SplitConfig { classes_per_task: per_task, class_order: ClassOrder::Shuffled(Seed::new(seed)) };
         let s = if task_incremental {
             Scenario::task_incremental(&data, &params).unwrap()
         } else {
@@ -590,7 +590,7 @@ proptest! {
         d in 0.05f64..0.95,
         seed in any::<u64>(),
     ) {
-        let params = LifelongParams { num_tasks: t, diminish_rate: d, class_seed: Seed::new(seed), ..Default::default() };
+        let params = LifelongConfig { num_tasks: t, diminish_rate: d, class_seed: Seed::new(seed), ..Default::default() };
         let Ok(s) = Scenario::lifelong(&data, &params) else {
             // Only the geometry can refuse: every class has train and test images.
             prop_assert!(LifelongWindows::new(data.train.num_classes(), t, d).is_err());
@@ -612,8 +612,8 @@ proptest! {
         fraction in 0.0f64..0.9,
         seed in any::<u64>(),
     ) {
-        let base = LifelongParams { num_tasks: 2, diminish_rate: 0.5, ..Default::default() };
-        let params = LifelongParams {
+        let base = LifelongConfig { num_tasks: 2, diminish_rate: 0.5, ..Default::default() };
+        let params = LifelongConfig {
             validation_fraction: fraction,
             subsample_seed: Seed::new(seed),
             ..base
@@ -650,7 +650,7 @@ proptest! {
 
     #[test]
     fn permuted_tasks_permute_each_image(data in labelled_split(), seed in any::<u64>()) {
-        let params = PermutedParams { num_tasks: 3, seed: Seed::new(seed), first_task_identity: false };
+        let params = PermutedConfig { num_tasks: 3, seed: Seed::new(seed), first_task_identity: false };
         let s = Scenario::permuted(&data, &params).unwrap();
         for task in s.tasks() {
             let p = task.pixel_permutation.as_ref().unwrap();

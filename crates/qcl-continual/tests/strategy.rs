@@ -11,9 +11,9 @@ use candle_core::{Device, Tensor};
 use qcl_continual::ball::cross_entropy;
 use qcl_continual::{
     distillation_loss, fisher_diagonal, ClassAccuracy, ClassHistogram, ContinualTrainer, Ewc,
-    EwcParams, ExperienceReplay, FineTune, Joint, Keep, Learner, LifeQuant, LifeQuantMode,
-    LifeQuantParams, LifelongParams, Lwf, LwfParams, PenaltyUpdate, QResNet, QResNetConfig,
-    Scenario, Strategy, TaskSchedule, TaskView, TrainerConfig,
+    EwcConfig, ExperienceReplay, FineTune, Joint, Keep, Learner, LifeQuant, LifeQuantConfig,
+    LifeQuantMode, LifelongConfig, Lwf, LwfConfig, PenaltyUpdate, QResNet, QResNetConfig, Scenario,
+    Strategy, TaskSchedule, TaskView, TrainerConfig,
 };
 use qcl_data::{Batch, Dataset, Normalization, SplitDataset};
 use qcl_nn::layers::{Linear, Module, ModuleT};
@@ -28,9 +28,9 @@ fn fixture() -> SplitDataset {
 }
 
 fn lifelong() -> Scenario {
-    let params = LifelongParams {
+    let params = LifelongConfig {
         train_per_class: Some(20),
-        ..LifelongParams::reproduction()
+        ..LifelongConfig::reproduction()
     };
     Scenario::lifelong(&fixture(), &params).unwrap()
 }
@@ -181,19 +181,19 @@ fn lifequant_without_penalty_or_replay_is_fine_tuning_in_both_modes() {
     // the loss, code-faithful LifeQuant is fine-tuning bit for bit; paper mode with CE and
     // λ = 0 is experience replay.
     let scenario = lifelong();
-    let code = LifeQuantParams {
+    let code = LifeQuantConfig {
         mode: LifeQuantMode::CodeFaithful,
         lambda: 0.0,
-        ..LifeQuantParams::default()
+        ..LifeQuantConfig::default()
     };
     let (a, rows_a) = run_linear(&mut LifeQuant::new(code).unwrap(), 3, &scenario);
     let (b, rows_b) = run_linear(&mut FineTune, 3, &scenario);
     assert_eq!(a, b);
     assert_eq!(rows_a, rows_b);
-    let paper_ce = LifeQuantParams {
+    let paper_ce = LifeQuantConfig {
         lambda: 0.0,
         ball: None,
-        ..LifeQuantParams::default()
+        ..LifeQuantConfig::default()
     };
     let (c, _) = run_linear(&mut LifeQuant::new(paper_ce).unwrap(), 3, &scenario);
     let (d, _) = run_linear(&mut ExperienceReplay, 3, &scenario);
@@ -209,7 +209,7 @@ fn lifequant_statistics_count_current_data_and_replay() {
     let mut spy = Spy::default();
     run_linear(&mut spy, 2, &scenario);
     let replay = spy.seen.borrow()[2].1.clone().unwrap();
-    let mut lq = LifeQuant::new(LifeQuantParams::default()).unwrap();
+    let mut lq = LifeQuant::new(LifeQuantConfig::default()).unwrap();
     run_linear(&mut lq, 2, &scenario);
     let mut histogram = ClassHistogram::new(10).unwrap();
     histogram.add_dataset(&scenario.tasks()[2].train).unwrap();
@@ -231,9 +231,9 @@ fn a_strong_penalty_holds_the_fisher_weighted_drift_down() {
     // The H5 mechanism: the same seed and data order, with and without λ.
     let scenario = lifelong();
     let drift = |lambda| {
-        let mut lq = LifeQuant::new(LifeQuantParams {
+        let mut lq = LifeQuant::new(LifeQuantConfig {
             lambda,
-            ..LifeQuantParams::default()
+            ..LifeQuantConfig::default()
         })
         .unwrap();
         run_linear(&mut lq, 4, &scenario);
@@ -248,10 +248,10 @@ fn the_proximal_update_is_stable_where_the_explicit_penalty_diverges() {
     // lr 0.05 with momentum 0.9: the explicit step diverges where 0.05·2λF > 3.8.
     let scenario = lifelong();
     let run = |lambda, update| {
-        let mut lq = LifeQuant::new(LifeQuantParams {
+        let mut lq = LifeQuant::new(LifeQuantConfig {
             lambda,
             update,
-            ..LifeQuantParams::default()
+            ..LifeQuantConfig::default()
         })
         .unwrap();
         let store = ParamStore::new(4);
@@ -336,12 +336,12 @@ fn fisher_is_a_mean_over_batches() {
 #[test]
 fn ewc_keeps_one_penalty_per_finished_task_and_is_fine_tuning_at_lambda_zero() {
     let scenario = lifelong();
-    let mut ewc = Ewc::new(EwcParams::default()).unwrap();
+    let mut ewc = Ewc::new(EwcConfig::default()).unwrap();
     let (w_ewc, rows_ewc) = run_linear(&mut ewc, 6, &scenario);
     assert_eq!(ewc.penalties().len(), 3);
-    let mut zero = Ewc::new(EwcParams {
+    let mut zero = Ewc::new(EwcConfig {
         lambda: 0.0,
-        ..EwcParams::default()
+        ..EwcConfig::default()
     })
     .unwrap();
     let (w_zero, _) = run_linear(&mut zero, 6, &scenario);
@@ -350,9 +350,9 @@ fn ewc_keeps_one_penalty_per_finished_task_and_is_fine_tuning_at_lambda_zero() {
     assert_ne!(w_ewc, w_ft);
     // Task 0 has no penalty yet: its row is the same.
     assert_eq!(rows_ewc[0], rows_ft[0]);
-    assert!(Ewc::new(EwcParams {
+    assert!(Ewc::new(EwcConfig {
         lambda: -1.0,
-        ..EwcParams::default()
+        ..EwcConfig::default()
     })
     .is_err());
 }
@@ -360,11 +360,11 @@ fn ewc_keeps_one_penalty_per_finished_task_and_is_fine_tuning_at_lambda_zero() {
 #[test]
 fn lwf_distils_the_old_classes_and_is_fine_tuning_at_alpha_zero() {
     let scenario = lifelong();
-    let mut lwf = Lwf::new(LwfParams::default()).unwrap();
+    let mut lwf = Lwf::new(LwfConfig::default()).unwrap();
     let (w_lwf, _) = run_linear(&mut lwf, 8, &scenario);
-    let mut off = Lwf::new(LwfParams {
+    let mut off = Lwf::new(LwfConfig {
         alpha: 0.0,
-        ..LwfParams::default()
+        ..LwfConfig::default()
     })
     .unwrap();
     let (w_off, _) = run_linear(&mut off, 8, &scenario);
@@ -386,9 +386,9 @@ fn lwf_distils_the_old_classes_and_is_fine_tuning_at_alpha_zero() {
             .unwrap()
             > 1e-3
     );
-    assert!(Lwf::new(LwfParams {
+    assert!(Lwf::new(LwfConfig {
         temperature: 0.0,
-        ..LwfParams::default()
+        ..LwfConfig::default()
     })
     .is_err());
 }
@@ -404,7 +404,7 @@ fn same_seed_same_run_on_qresnet() {
         };
         let model = QResNet::new(&store.root(&Device::Cpu), &net).unwrap();
         let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);
-        let mut lq = LifeQuant::new(LifeQuantParams::default()).unwrap();
+        let mut lq = LifeQuant::new(LifeQuantConfig::default()).unwrap();
         let record = ContinualTrainer::new(config())
             .unwrap()
             .run(&learner, &mut lq, scenario.tasks(), &schedule(1))
@@ -456,17 +456,17 @@ fn run_from_a_checkpoint_measures_the_first_row_before_training() {
 
 #[test]
 fn validation_images_are_evaluated_beside_the_tests_without_changing_the_run() {
-    let params = LifelongParams {
+    let params = LifelongConfig {
         train_per_class: Some(20),
         validation_fraction: 0.25,
-        ..LifelongParams::reproduction()
+        ..LifelongConfig::reproduction()
     };
     let scenario = Scenario::lifelong(&fixture(), &params).unwrap();
     let run = |tasks: &[qcl_continual::Task]| {
         let store = ParamStore::new(21);
         let model = LinearModel::new(&store.root(&Device::Cpu));
         let learner = Learner::new(&model, &store, &Device::Cpu, Normalization::UnitInterval);
-        let mut lq = LifeQuant::new(LifeQuantParams::default()).unwrap();
+        let mut lq = LifeQuant::new(LifeQuantConfig::default()).unwrap();
         let record = ContinualTrainer::new(config())
             .unwrap()
             .run(&learner, &mut lq, tasks, &schedule(1))
@@ -503,7 +503,7 @@ fn validation_images_are_evaluated_beside_the_tests_without_changing_the_run() {
     assert_eq!(fisher_max[2], last_max);
     // A fraction outside [0, 1) is refused.
     for fraction in [1.0, -0.1, f64::NAN] {
-        let params = LifelongParams {
+        let params = LifelongConfig {
             validation_fraction: fraction,
             ..params
         };
@@ -566,14 +566,14 @@ fn bad_settings_are_typed_errors() {
         ..TrainerConfig::default()
     })
     .is_err());
-    assert!(LifeQuant::new(LifeQuantParams {
+    assert!(LifeQuant::new(LifeQuantConfig {
         lambda: f64::NAN,
-        ..LifeQuantParams::default()
+        ..LifeQuantConfig::default()
     })
     .is_err());
-    assert!(LifeQuant::new(LifeQuantParams {
+    assert!(LifeQuant::new(LifeQuantConfig {
         fisher_batch_size: 0,
-        ..LifeQuantParams::default()
+        ..LifeQuantConfig::default()
     })
     .is_err());
     let bad = TaskSchedule {

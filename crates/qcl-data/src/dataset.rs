@@ -624,7 +624,7 @@ pub enum BatchOrder {
 
 /// Options of [`Dataset::batches`], each with a default.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BatchOptions {
+pub struct BatchConfig {
     /// Images per batch (default 128).
     pub batch_size: usize,
     /// Order of the images (default sequential).
@@ -635,9 +635,9 @@ pub struct BatchOptions {
     pub drop_last: bool,
 }
 
-impl Default for BatchOptions {
+impl Default for BatchConfig {
     fn default() -> Self {
-        BatchOptions {
+        BatchConfig {
             batch_size: 128,
             order: BatchOrder::Sequential,
             normalization: Normalization::UnitInterval,
@@ -663,7 +663,7 @@ pub struct Batches<'a> {
     dataset: &'a Dataset,
     order: Vec<usize>,
     next: usize,
-    options: BatchOptions,
+    options: BatchConfig,
     device: Device,
 }
 
@@ -671,11 +671,11 @@ impl Dataset {
     /// One pass over the data set in mini-batches, as candle tensors on `device`.
     ///
     /// ```
-    /// use qcl_data::{BatchOptions, BatchOrder, Dataset, ImageShape};
+    /// use qcl_data::{BatchConfig, BatchOrder, Dataset, ImageShape};
     /// use qcl_tensor::Seed;
     /// let shape = ImageShape { channels: 1, height: 1, width: 1 };
     /// let ds = Dataset::new("n", shape, (0..10).collect(), vec![0; 10], vec!["c".into()])?;
-    /// let options = BatchOptions { batch_size: 4, order: BatchOrder::Shuffled(Seed::new(1)), ..Default::default() };
+    /// let options = BatchConfig { batch_size: 4, order: BatchOrder::Shuffled(Seed::new(1)), ..Default::default() };
     /// let sizes: Vec<usize> = ds.batches(options, &candle_core::Device::Cpu)?
     ///     .map(|b| b.map(|b| b.indices.len()))
     ///     .collect::<Result<_, _>>()?;
@@ -685,7 +685,7 @@ impl Dataset {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a batch size of zero or a bad normalisation.
-    pub fn batches(&self, options: BatchOptions, device: &Device) -> Result<Batches<'_>> {
+    pub fn batches(&self, options: BatchConfig, device: &Device) -> Result<Batches<'_>> {
         if options.batch_size == 0 {
             return Err(Error::invalid_parameter("batch_size", "must be at least 1"));
         }

@@ -10,12 +10,12 @@
 //! - [`import`]: validated import from the npm JSON packages and from IDX files.
 //!
 //! ```
-//! use qcl_data::{BatchOptions, BatchOrder, Normalization, SplitDataset};
+//! use qcl_data::{BatchConfig, BatchOrder, Normalization, SplitDataset};
 //! use qcl_tensor::Seed;
 //! # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 //! let data = SplitDataset::load(path)?;
 //! let task = data.train.select_classes(&[0, 1])?;
-//! let options = BatchOptions {
+//! let options = BatchConfig {
 //!     batch_size: 32,
 //!     order: BatchOrder::Shuffled(Seed::new(0)),
 //!     normalization: Normalization::Symmetric,
@@ -32,7 +32,7 @@ mod dataset;
 pub mod import;
 
 pub use dataset::{
-    Batch, BatchOptions, BatchOrder, Batches, Dataset, ImageShape, Normalization, PixelStats,
+    Batch, BatchConfig, BatchOrder, Batches, Dataset, ImageShape, Normalization, PixelStats,
     SplitDataset, DATASET_FORMAT,
 };
 pub use import::{ImportReport, KnownDataset, MAX_DECOMPRESSED_BYTES};

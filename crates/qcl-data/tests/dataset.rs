@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use qcl_data::{
-    BatchOptions, BatchOrder, Dataset, ImageShape, KnownDataset, Normalization, SplitDataset,
+    BatchConfig, BatchOrder, Dataset, ImageShape, KnownDataset, Normalization, SplitDataset,
 };
 use qcl_tensor::{write_safetensors, Error, Seed};
 
@@ -113,7 +113,7 @@ fn normalisations_map_the_pixel_range_as_documented() {
         },
         [-0.4, 0.0, 1.6],
     );
-    let bad = BatchOptions {
+    let bad = BatchConfig {
         normalization: Normalization::Standardize {
             mean: 0.0,
             std: 0.0,
@@ -125,7 +125,7 @@ fn normalisations_map_the_pixel_range_as_documented() {
 
 #[test]
 fn batch_size_zero_is_an_error() {
-    let options = BatchOptions {
+    let options = BatchConfig {
         batch_size: 0,
         ..Default::default()
     };
@@ -138,7 +138,7 @@ fn batch_size_zero_is_an_error() {
 #[test]
 fn batches_carry_the_right_images_and_labels() {
     let ds = toy(10, 3);
-    let options = BatchOptions {
+    let options = BatchConfig {
         batch_size: 4,
         order: BatchOrder::Shuffled(Seed::new(3)),
         ..Default::default()
@@ -163,7 +163,7 @@ proptest! {
     #[test]
     fn one_pass_visits_every_image_once(n in 1usize..60, batch in 1usize..17, seed in any::<u64>(), drop_last in any::<bool>()) {
         let ds = toy(n, 3);
-        let options = BatchOptions { batch_size: batch, order: BatchOrder::Shuffled(Seed::new(seed)), drop_last, ..Default::default() };
+        let options = BatchConfig { batch_size: batch, order: BatchOrder::Shuffled(Seed::new(seed)), drop_last, ..Default::default() };
         let batches = ds.batches(options, &Device::Cpu).unwrap();
         let expected_batches = batches.num_batches();
         let mut seen: Vec<usize> = Vec::new();
@@ -187,7 +187,7 @@ proptest! {
     fn same_seed_same_order_on_cpu(n in 2usize..80, seed in any::<u64>()) {
         let ds = toy(n, 2);
         let order = |s: u64| -> Vec<usize> {
-            let options = BatchOptions { batch_size: 7, order: BatchOrder::Shuffled(Seed::new(s)), ..Default::default() };
+            let options = BatchConfig { batch_size: 7, order: BatchOrder::Shuffled(Seed::new(s)), ..Default::default() };
             ds.batches(options, &Device::Cpu).unwrap().flat_map(|b| b.unwrap().indices).collect()
         };
         prop_assert_eq!(order(seed), order(seed));

@@ -2,12 +2,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qcl_ecvq::entropy::{decode, encode};
-use qcl_ecvq::{ClgEcvq, ClgParams, Source, Vecvq, VecvqParams};
+use qcl_ecvq::{ClgConfig, ClgEcvq, Source, Vecvq, VecvqConfig};
 use qcl_tensor::Seed;
 
 fn vecvq_steps(c: &mut Criterion) {
     qcl_tensor::tune_process_for_numeric_loops();
-    let params = VecvqParams::new(8.0);
+    let params = VecvqConfig::new(8.0);
     let mut model = Vecvq::for_source(Source::Gaussian, &params).expect("model");
     let mut rng = Seed::new(1).rng();
     let mut batch = vec![0f32; params.batch_size * 2];
@@ -31,10 +31,10 @@ fn clg_iterations(c: &mut Criterion) {
             ClgEcvq::fit(
                 &data,
                 2,
-                &ClgParams {
+                &ClgConfig {
                     max_iterations: 10,
                     tolerance: 0.0,
-                    ..ClgParams::new(8.0)
+                    ..ClgConfig::new(8.0)
                 },
             )
             .expect("fit")
@@ -45,7 +45,7 @@ fn clg_iterations(c: &mut Criterion) {
 
 fn rans(c: &mut Criterion) {
     let train = Source::Gaussian.sample(200_000, &mut Seed::new(3).rng());
-    let model = ClgEcvq::fit(&train, 2, &ClgParams::new(8.0)).expect("fit");
+    let model = ClgEcvq::fit(&train, 2, &ClgConfig::new(8.0)).expect("fit");
     let q = &model.quantizer;
     let points = Source::Gaussian.sample(1_000_000, &mut Seed::new(4).rng());
     let indices = q.encode(&points).expect("encode");

@@ -30,15 +30,15 @@ impl Default for ClgInit {
     }
 }
 
-/// Every knob of [`ClgEcvq::fit`], each with a default (see [`ClgParams::new`]).
+/// Every knob of [`ClgEcvq::fit`], each with a default (see [`ClgConfig::new`]).
 ///
 /// ```
-/// use qcl_ecvq::ClgParams;
-/// let params = ClgParams { max_iterations: 100, ..ClgParams::new(8.0) };
+/// use qcl_ecvq::ClgConfig;
+/// let params = ClgConfig { max_iterations: 100, ..ClgConfig::new(8.0) };
 /// assert_eq!(params.codes, 256);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct ClgParams {
+pub struct ClgConfig {
     /// Initial number of codes `K` (default 256); unused ones are pruned.
     pub codes: usize,
     /// Multiplier λ of the distortion in `R + λ·D`; the classic rate multiplier is
@@ -63,10 +63,10 @@ pub struct ClgParams {
     pub show_progress: bool,
 }
 
-impl ClgParams {
+impl ClgConfig {
     /// The defaults, with multiplier `lambda`.
     pub fn new(lambda: f64) -> Self {
-        ClgParams {
+        ClgConfig {
             codes: 256,
             lambda,
             distortion: Distortion::Sse,
@@ -94,10 +94,10 @@ impl ClgParams {
 /// it is k-means. It stops when `J`'s relative decrease falls below the tolerance.
 ///
 /// ```
-/// use qcl_ecvq::{ClgEcvq, ClgParams, Source};
+/// use qcl_ecvq::{ClgEcvq, ClgConfig, Source};
 /// use qcl_tensor::Seed;
 /// let data = Source::Gaussian.sample(20_000, &mut Seed::new(0).rng());
-/// let params = ClgParams { codes: 64, ..ClgParams::new(4.0) };
+/// let params = ClgConfig { codes: 64, ..ClgConfig::new(4.0) };
 /// let model = ClgEcvq::fit(&data, 2, &params)?;
 /// // The objective never increases, and pruning only removes codes.
 /// assert!(model.objective_history.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-6)));
@@ -130,7 +130,7 @@ impl ClgEcvq {
     /// # Errors
     /// [`Error::InvalidParameter`] for λ ≤ 0 or not finite, `K = 0`, `K > n`, `dim = 0`, a
     /// bad tolerance; [`Error::EmptyInput`]; [`Error::ShapeMismatch`]; [`Error::NonFinite`].
-    pub fn fit(data: &[f32], dim: usize, params: &ClgParams) -> Result<ClgEcvq> {
+    pub fn fit(data: &[f32], dim: usize, params: &ClgConfig) -> Result<ClgEcvq> {
         check_data(data, dim, params)?;
         let n = data.len() / dim;
         if params.codes == 0 {
@@ -201,7 +201,7 @@ impl ClgEcvq {
     ///
     /// # Errors
     /// As [`ClgEcvq::fit`], and [`Error::ShapeMismatch`] when the start's dimension differs.
-    pub fn fit_from(data: &[f32], start: &Ecvq, params: &ClgParams) -> Result<ClgEcvq> {
+    pub fn fit_from(data: &[f32], start: &Ecvq, params: &ClgConfig) -> Result<ClgEcvq> {
         let dim = start.dim();
         check_data(data, dim, params)?;
         Self::iterate(
@@ -222,7 +222,7 @@ impl ClgEcvq {
         dim: usize,
         mut codebook: Vec<f32>,
         mut lengths: Vec<f64>,
-        params: &ClgParams,
+        params: &ClgConfig,
         max_iterations: usize,
         entropy_constrained: bool,
     ) -> Result<ClgEcvq> {
@@ -323,7 +323,7 @@ impl ClgEcvq {
 }
 
 /// Checks training data and the parameters shared by every start.
-fn check_data(data: &[f32], dim: usize, params: &ClgParams) -> Result<()> {
+fn check_data(data: &[f32], dim: usize, params: &ClgConfig) -> Result<()> {
     check_lambda(params.lambda)?;
     if dim == 0 {
         return Err(Error::invalid_parameter("dim", "must be at least 1"));

@@ -20,10 +20,10 @@
 //! unless [`Distortion::Mse`] is asked for.
 //!
 //! ```
-//! use qcl_ecvq::{ClgEcvq, ClgParams, Source};
+//! use qcl_ecvq::{ClgEcvq, ClgConfig, Source};
 //! use qcl_tensor::Seed;
 //! let train = Source::Gaussian.sample(50_000, &mut Seed::new(1).rng());
-//! let model = ClgEcvq::fit(&train, 2, &ClgParams { codes: 64, ..ClgParams::new(8.0) })?;
+//! let model = ClgEcvq::fit(&train, 2, &ClgConfig { codes: 64, ..ClgConfig::new(8.0) })?;
 //! let eval = model.quantizer.evaluate(Source::Gaussian, 100_000, Seed::new(2))?;
 //! // Above the Shannon bound, by about the hexagonal-cell gap (1.37 dB) at this rate.
 //! assert!(eval.gap_db.unwrap() > 0.0);
@@ -40,12 +40,12 @@ mod run;
 mod source;
 mod vecvq;
 
-pub use clg::{ClgEcvq, ClgInit, ClgParams};
+pub use clg::{ClgConfig, ClgEcvq, ClgInit};
 pub use quantizer::{
     encoder_score, entropy_of_counts, CellMap, Distortion, Ecvq, Evaluation, ECVQ_FORMAT,
 };
 pub use run::{run, Method, RunConfig, RunReport};
 pub use source::Source;
 pub use vecvq::{
-    vecvq_loss, CodebookInit, TrainingPoint, Vecvq, VecvqGradients, VecvqParams, VecvqTraining,
+    vecvq_loss, CodebookInit, TrainingPoint, Vecvq, VecvqConfig, VecvqGradients, VecvqTraining,
 };

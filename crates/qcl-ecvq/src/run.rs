@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use qcl_tensor::{Error, Result, Seed};
 
-use crate::{ClgEcvq, ClgParams, Ecvq, Evaluation, Source, Vecvq, VecvqParams};
+use crate::{ClgConfig, ClgEcvq, Ecvq, Evaluation, Source, Vecvq, VecvqConfig};
 
 /// Which design algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,9 +56,9 @@ pub struct RunConfig {
     /// The method.
     pub method: Method,
     /// VECVQ's parameters (used when `method` is VECVQ).
-    pub vecvq: VecvqParams,
+    pub vecvq: VecvqConfig,
     /// CLG's parameters (used when `method` is CLG).
-    pub clg: ClgParams,
+    pub clg: ClgConfig,
     /// Size of CLG's fixed training set (default 200,000), drawn from the child `"clg-train"`
     /// of CLG's seed.
     pub clg_samples: usize,
@@ -75,8 +75,8 @@ impl RunConfig {
         RunConfig {
             source,
             method,
-            vecvq: VecvqParams::new(lambda),
-            clg: ClgParams::new(lambda),
+            vecvq: VecvqConfig::new(lambda),
+            clg: ClgConfig::new(lambda),
             clg_samples: 200_000,
             eval_samples: 1_000_000,
             eval_seed: Seed::new(82_913_749),

@@ -30,18 +30,18 @@ pub enum CodebookInit {
     },
 }
 
-/// Every knob of VECVQ training, each with a default (see [`VecvqParams::new`]): the recipe
+/// Every knob of VECVQ training, each with a default (see [`VecvqConfig::new`]): the recipe
 /// of the scaled-down reproduction (TF's model and initialisation, Adam without weight decay,
 /// lr `1e-2` with TF's piecewise decay, fresh samples every step).
 ///
 /// ```
-/// use qcl_ecvq::VecvqParams;
-/// let params = VecvqParams { steps: 2_000, ..VecvqParams::new(8.0) };
+/// use qcl_ecvq::VecvqConfig;
+/// let params = VecvqConfig { steps: 2_000, ..VecvqConfig::new(8.0) };
 /// assert_eq!(params.codes, 256);
 /// assert_eq!(params.batch_size, 1024);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct VecvqParams {
+pub struct VecvqConfig {
     /// Number of codes `K` (default 256).
     pub codes: usize,
     /// Multiplier λ of the distortion in `R + λ·D` (larger λ, higher rate).
@@ -76,10 +76,10 @@ pub struct VecvqParams {
     pub show_progress: bool,
 }
 
-impl VecvqParams {
+impl VecvqConfig {
     /// The defaults, with multiplier `lambda`.
     pub fn new(lambda: f64) -> Self {
-        VecvqParams {
+        VecvqConfig {
             codes: 256,
             lambda,
             distortion: Distortion::Sse,
@@ -222,7 +222,7 @@ impl AdamMoments {
     }
 
     /// One bias-corrected Adam update (PyTorch's form, no weight decay) at step `t ≥ 1`.
-    fn update(&mut self, values: &mut [f64], grads: &[f64], lr: f64, p: &VecvqParams, t: u64) {
+    fn update(&mut self, values: &mut [f64], grads: &[f64], lr: f64, p: &VecvqConfig, t: u64) {
         let correction1 = 1.0 - p.beta1.powf(t as f64);
         let correction2 = 1.0 - p.beta2.powf(t as f64);
         for ((v, g), (m, s)) in values
@@ -255,9 +255,9 @@ impl AdamMoments {
 /// pushed down every step and drop out (implicit pruning).
 ///
 /// ```
-/// use qcl_ecvq::{Source, Vecvq, VecvqParams};
+/// use qcl_ecvq::{Source, Vecvq, VecvqConfig};
 /// use qcl_tensor::Seed;
-/// let params = VecvqParams { codes: 32, steps: 300, batch_size: 256, ..VecvqParams::new(4.0) };
+/// let params = VecvqConfig { codes: 32, steps: 300, batch_size: 256, ..VecvqConfig::new(4.0) };
 /// let (model, training) = Vecvq::fit(Source::Gaussian, &params)?;
 /// assert_eq!(training.curve.last().unwrap().step, 300);
 /// let eval = model.quantizer()?.evaluate(Source::Gaussian, 20_000, Seed::new(1))?;
@@ -267,7 +267,7 @@ impl AdamMoments {
 #[derive(Debug, Clone)]
 pub struct Vecvq {
     dim: usize,
-    params: VecvqParams,
+    params: VecvqConfig,
     codebook: Vec<f64>,
     logits: Vec<f64>,
     codebook_moments: AdamMoments,
@@ -286,7 +286,7 @@ impl Vecvq {
     /// # Errors
     /// [`Error::InvalidParameter`] for invalid parameters (λ ≤ 0 or not finite, `K = 0`,
     /// ...); [`Error::ShapeMismatch`] for a codebook of another size; [`Error::NonFinite`].
-    pub fn new(dim: usize, codebook: Vec<f32>, params: &VecvqParams) -> Result<Self> {
+    pub fn new(dim: usize, codebook: Vec<f32>, params: &VecvqConfig) -> Result<Self> {
         params.validate()?;
         if dim == 0 {
             return Err(Error::invalid_parameter("dim", "must be at least 1"));
@@ -323,7 +323,7 @@ impl Vecvq {
     ///
     /// # Errors
     /// As [`Vecvq::new`].
-    pub fn for_source(source: Source, params: &VecvqParams) -> Result<Self> {
+    pub fn for_source(source: Source, params: &VecvqConfig) -> Result<Self> {
         params.validate()?;
         let dim = source.dim();
         let mut rng = params.seed.child_named("codebook").rng();
@@ -350,7 +350,7 @@ impl Vecvq {
     ///
     /// # Errors
     /// As [`Vecvq::new`], or [`Error::InvalidParameter`] for a bad schedule.
-    pub fn fit(source: Source, params: &VecvqParams) -> Result<(Self, VecvqTraining)> {
+    pub fn fit(source: Source, params: &VecvqConfig) -> Result<(Self, VecvqTraining)> {
         let mut model = Vecvq::for_source(source, params)?;
         let training = model.train_with(|batch, rng| source.sample_into(batch, rng))?;
         Ok((model, training))
@@ -537,7 +537,7 @@ impl Vecvq {
     }
 
     /// The training parameters.
-    pub fn params(&self) -> &VecvqParams {
+    pub fn params(&self) -> &VecvqConfig {
         &self.params
     }
 

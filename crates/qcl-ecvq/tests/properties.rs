@@ -5,8 +5,8 @@ use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
 use qcl_ecvq::entropy::{decode, encode, FrequencyTable, RansStream};
 use qcl_ecvq::{
-    encoder_score, entropy_of_counts, vecvq_loss, ClgEcvq, ClgInit, ClgParams, Distortion, Ecvq,
-    Source, Vecvq, VecvqParams,
+    encoder_score, entropy_of_counts, vecvq_loss, ClgConfig, ClgEcvq, ClgInit, Distortion, Ecvq,
+    Source, Vecvq, VecvqConfig,
 };
 use qcl_tensor::{Error, Seed};
 
@@ -89,11 +89,11 @@ proptest! {
     /// Invariant 2: the prior sums to one, lengths are non-negative and are −log₂ p.
     #[test]
     fn prior_is_a_distribution(k in 1usize..300, std in 0.0f64..30.0, seed in any::<u64>()) {
-        let params = VecvqParams {
+        let params = VecvqConfig {
             codes: k,
             logit_init_std: std,
             seed: Seed::new(seed),
-            ..VecvqParams::new(2.0)
+            ..VecvqConfig::new(2.0)
         };
         let model = Vecvq::for_source(Source::Gaussian, &params).unwrap();
         let rates = model.rates_bits();
@@ -125,12 +125,12 @@ proptest! {
         mse in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let params = VecvqParams {
+        let params = VecvqConfig {
             codes: k,
             distortion: if mse { Distortion::Mse } else { Distortion::Sse },
             logit_init_std: 1.0,
             seed: Seed::new(seed),
-            ..VecvqParams::new(lambda)
+            ..VecvqConfig::new(lambda)
         };
         let mut model = Vecvq::for_source(Source::Banana, &params).unwrap();
         let batch = Source::Banana.sample(64, &mut Seed::new(seed ^ 3).rng());
@@ -169,12 +169,12 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let data = Source::Banana.sample(2_000, &mut Seed::new(seed).rng());
-        let params = ClgParams {
+        let params = ClgConfig {
             codes: k,
             init: if random_start { ClgInit::RandomPoints } else { ClgInit::KMeans { iterations: 5 } },
             max_iterations: 30,
             seed: Seed::new(seed ^ 4),
-            ..ClgParams::new(lambda)
+            ..ClgConfig::new(lambda)
         };
         let model = ClgEcvq::fit(&data, 2, &params).unwrap();
         for w in model.objective_history.windows(2) {
@@ -233,10 +233,10 @@ fn clg_without_rate_term_is_kmeans() {
         Distortion::Sse,
     )
     .unwrap();
-    let params = ClgParams {
+    let params = ClgConfig {
         max_iterations: 10,
         tolerance: 0.0,
-        ..ClgParams::new(1e30)
+        ..ClgConfig::new(1e30)
     };
     let model = ClgEcvq::fit_from(&data, &start, &params).unwrap();
     // Plain Lloyd, written out.
@@ -270,9 +270,9 @@ fn zero_rate_means_one_code_at_the_mean() {
         let model = ClgEcvq::fit(
             &data,
             2,
-            &ClgParams {
+            &ClgConfig {
                 codes: 16,
-                ..ClgParams::new(1e-3)
+                ..ClgConfig::new(1e-3)
             },
         )
         .unwrap();
@@ -303,9 +303,9 @@ fn clg_sweep_is_above_the_bound_and_monotone() {
         let model = ClgEcvq::fit(
             &data,
             2,
-            &ClgParams {
+            &ClgConfig {
                 codes: 96,
-                ..ClgParams::new(lambda)
+                ..ClgConfig::new(lambda)
             },
         )
         .unwrap();
@@ -334,11 +334,11 @@ fn clg_sweep_is_above_the_bound_and_monotone() {
 /// VECVQ training lowers the loss towards the CLG fixed point, reproducibly.
 #[test]
 fn vecvq_training_is_deterministic_and_converges() {
-    let params = VecvqParams {
+    let params = VecvqConfig {
         codes: 64,
         steps: 1_500,
         batch_size: 512,
-        ..VecvqParams::new(4.0)
+        ..VecvqConfig::new(4.0)
     };
     let (a, training) = Vecvq::fit(Source::Gaussian, &params).unwrap();
     let (b, _) = Vecvq::fit(Source::Gaussian, &params).unwrap();
@@ -423,16 +423,16 @@ fn sources_match_their_moments_and_densities() {
 fn bad_input_is_a_typed_error() {
     for lambda in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         assert!(matches!(
-            Vecvq::for_source(Source::Gaussian, &VecvqParams::new(lambda)),
+            Vecvq::for_source(Source::Gaussian, &VecvqConfig::new(lambda)),
             Err(Error::InvalidParameter { .. })
         ));
         assert!(matches!(
             ClgEcvq::fit(
                 &[0.0; 8],
                 2,
-                &ClgParams {
+                &ClgConfig {
                     codes: 2,
-                    ..ClgParams::new(lambda)
+                    ..ClgConfig::new(lambda)
                 }
             ),
             Err(Error::InvalidParameter { .. })
@@ -441,9 +441,9 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(
         Vecvq::for_source(
             Source::Gaussian,
-            &VecvqParams {
+            &VecvqConfig {
                 codes: 0,
-                ..VecvqParams::new(1.0)
+                ..VecvqConfig::new(1.0)
             }
         ),
         Err(Error::InvalidParameter { .. })
@@ -452,9 +452,9 @@ fn bad_input_is_a_typed_error() {
         ClgEcvq::fit(
             &[0.0; 8],
             2,
-            &ClgParams {
+            &ClgConfig {
                 codes: 5,
-                ..ClgParams::new(1.0)
+                ..ClgConfig::new(1.0)
             }
         ),
         Err(Error::InvalidParameter { .. })
@@ -463,9 +463,9 @@ fn bad_input_is_a_typed_error() {
         ClgEcvq::fit(
             &[0.0, f32::NAN],
             2,
-            &ClgParams {
+            &ClgConfig {
                 codes: 1,
-                ..ClgParams::new(1.0)
+                ..ClgConfig::new(1.0)
             }
         ),
         Err(Error::NonFinite { .. })
@@ -474,9 +474,9 @@ fn bad_input_is_a_typed_error() {
         ClgEcvq::fit(
             &[0.0; 7],
             2,
-            &ClgParams {
+            &ClgConfig {
                 codes: 1,
-                ..ClgParams::new(1.0)
+                ..ClgConfig::new(1.0)
             }
         ),
         Err(Error::ShapeMismatch { .. })

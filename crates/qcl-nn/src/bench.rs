@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::layers::ModuleT;
 use crate::models::{ResNet, ResNetConfig, VqAutoencoder};
-use crate::optim::{Optimizer, Sgd, SgdParams};
+use crate::optim::{Optimizer, Sgd, SgdConfig};
 use crate::ParamStore;
 
 /// Which model to time.
@@ -153,7 +153,7 @@ pub fn training_step(model: BenchModel, batch: usize, seed: Seed) -> Result<Trai
     let y = Tensor::new(labels.as_slice(), &device)?;
     let store = ParamStore::new(seed.child_named("weights"));
     let root = store.root(&device);
-    let sgd = SgdParams {
+    let sgd = SgdConfig {
         lr: 0.05,
         momentum: 0.9,
         ..Default::default()

@@ -83,13 +83,13 @@ pub struct TrainProgress {
 ///
 /// ```
 /// use candle_core::Device;
-/// use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+/// use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 /// use qcl_nn::train::{Checkpoint, TrainProgress};
 /// use qcl_nn::{Init, ParamStore};
 ///
 /// let store = ParamStore::new(1);
 /// let w = store.root(&Device::Cpu).param("w", (2, 2), Init::Normal { mean: 0.0, std: 1.0 })?;
-/// let mut sgd = Sgd::new(store.trainable(), SgdParams { lr: 0.1, momentum: 0.9, ..Default::default() })?;
+/// let mut sgd = Sgd::new(store.trainable(), SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() })?;
 /// sgd.backward_step(&w.sum_all()?)?;
 ///
 /// let dir = tempfile::tempdir()?;
@@ -100,7 +100,7 @@ pub struct TrainProgress {
 /// // Later, or in another process: the same architecture, freshly initialised.
 /// let store2 = ParamStore::new(99);
 /// let w2 = store2.root(&Device::Cpu).param("w", (2, 2), Init::Zeros)?;
-/// let mut sgd2 = Sgd::new(store2.trainable(), SgdParams::default())?;
+/// let mut sgd2 = Sgd::new(store2.trainable(), SgdConfig::default())?;
 /// let checkpoint = Checkpoint::load_into(&path, &store2, &mut sgd2)?;
 /// assert_eq!(checkpoint.progress.global_step, 1);
 /// assert_eq!(w2.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
@@ -680,7 +680,7 @@ enum ScheduleUnit {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use qcl_nn::optim::{Sgd, SgdParams};
+/// use qcl_nn::optim::{Sgd, SgdConfig};
 /// use qcl_nn::schedule::StepLr;
 /// use qcl_nn::train::{Step, TrainConfig, TrainLoop, TrainTask};
 /// use qcl_nn::{Init, ParamStore};
@@ -705,7 +705,7 @@ enum ScheduleUnit {
 ///
 /// let store = ParamStore::new(0);
 /// let w = store.root(&Device::Cpu).param("w", 1, Init::Zeros)?;
-/// let mut sgd = Sgd::new(store.trainable(), SgdParams { lr: 0.5, momentum: 0.5, ..Default::default() })?;
+/// let mut sgd = Sgd::new(store.trainable(), SgdConfig { lr: 0.5, momentum: 0.5, ..Default::default() })?;
 /// let dir = tempfile::tempdir()?;
 /// let config = TrainConfig {
 ///     epochs: 20,

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use qcl_data::{BatchOptions, BatchOrder, Dataset, Normalization, SplitDataset};
+use qcl_data::{BatchConfig, BatchOrder, Dataset, Normalization, SplitDataset};
 use qcl_nn::layers::Module;
 use qcl_nn::models::SmallCnn;
-use qcl_nn::optim::{Sgd, SgdParams};
+use qcl_nn::optim::{Sgd, SgdConfig};
 use qcl_nn::train::{Step, TrainConfig, TrainLoop, TrainTask};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Result, Seed};
@@ -33,7 +33,7 @@ fn accuracy(net: &SmallCnn, data: &Dataset) -> Result<f64> {
 
 impl TrainTask for Classification {
     fn start_epoch(&mut self, _epoch: usize, seed: Seed) -> Result<usize> {
-        let options = BatchOptions {
+        let options = BatchConfig {
             batch_size: 50,
             order: BatchOrder::Shuffled(seed),
             normalization: NORMALIZATION,
@@ -70,7 +70,7 @@ fn small_cnn_learns_fashion_mnist_fixture() {
     let chance = accuracy(&net, &data.test).unwrap();
     let mut sgd = Sgd::new(
         store.trainable(),
-        SgdParams {
+        SgdConfig {
             lr: 0.05,
             momentum: 0.9,
             ..Default::default()

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::VarMap;
 use proptest::prelude::*;
 use qcl_nn::layers::{BatchNorm2d, BatchNormConfig, Linear, WithMode};
-use qcl_nn::optim::{Adam, AdamParams, Optimizer, Sgd, SgdParams, WeightDecay};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, WeightDecay};
 use qcl_nn::schedule::{LrSchedule, MultiStepLr};
 use qcl_nn::{Init, ParamKind, ParamStore};
 use qcl_tensor::{Error, Seed};
@@ -107,8 +107,8 @@ proptest! {
     fn var_map_steps_equal_param_store_steps(shapes in shapes(), seed in 0u64..1000, adam in any::<bool>()) {
         let store = store_with(seed, &shapes);
         let varmap = var_map_copy(&store);
-        let sgd = SgdParams { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 1e-3, ..Default::default() };
-        let adam_params = AdamParams { lr: 0.01, weight_decay: WeightDecay::Decoupled(0.1), ..Default::default() };
+        let sgd = SgdConfig { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 1e-3, ..Default::default() };
+        let adam_params = AdamConfig { lr: 0.01, weight_decay: WeightDecay::Decoupled(0.1), ..Default::default() };
         let (mut ours, mut theirs): (Box<dyn Optimizer>, CandleStep) = if adam {
             let mut candle_side = <Adam as candle_nn::Optimizer>::new(varmap.all_vars(), adam_params).unwrap();
             (
@@ -148,7 +148,7 @@ fn var_map_optimizers_skip_integer_variables_and_name_them_sorted() {
     }
     let mut sgd = Sgd::from_var_map(
         &varmap,
-        SgdParams {
+        SgdConfig {
             lr: 0.1,
             momentum: 0.5,
             ..Default::default()
@@ -174,7 +174,7 @@ fn a_schedule_drives_candle_and_qcl_optimizers() {
     let mut adamw =
         <candle_nn::AdamW as candle_nn::Optimizer>::new(vec![], candle_nn::ParamsAdamW::default())
             .unwrap();
-    let mut sgd = <Sgd as candle_nn::Optimizer>::new(vec![], SgdParams::default()).unwrap();
+    let mut sgd = <Sgd as candle_nn::Optimizer>::new(vec![], SgdConfig::default()).unwrap();
     for t in 0..6 {
         let lr = schedule.apply(t, &mut adamw);
         assert_eq!(schedule.apply(t, &mut sgd), lr);

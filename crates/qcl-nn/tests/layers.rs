@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use qcl_nn::layers::{BatchNorm2d, BatchNormConfig, Module, ModuleT};
 use qcl_nn::models::{ResNet, ResNetConfig, SmallCnn};
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Seed};
 
@@ -175,7 +175,7 @@ fn the_small_cnn_learns_a_separable_toy_problem() {
     let net = SmallCnn::new(&store.root(&Device::Cpu), 1, 16, 2).unwrap();
     let mut opt = Sgd::new(
         store.trainable(),
-        SgdParams {
+        SgdConfig {
             lr: 0.05,
             momentum: 0.9,
             ..Default::default()

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use qcl_nn::optim::{Adam, AdamParams, Optimizer, Sgd, SgdParams, WeightDecay};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, WeightDecay};
 use qcl_nn::{Init, ParamStore};
 use qcl_tensor::{Error, Result, Seed};
 
@@ -81,13 +81,13 @@ fn grad_store(vars: &[(String, Var)], grads: &[Option<Vec<f32>>]) -> GradStore {
 
 /// Textbook SGD (PyTorch semantics) in f64.
 struct ReferenceSgd {
-    p: SgdParams,
+    p: SgdConfig,
     buffers: Vec<Option<Vec<f64>>>,
 }
 
 impl ReferenceSgd {
     fn step(&mut self, params: &mut [Vec<f64>], grads: &[Option<Vec<f32>>]) {
-        let SgdParams {
+        let SgdConfig {
             lr,
             momentum,
             dampening,
@@ -126,13 +126,13 @@ impl ReferenceSgd {
 
 /// Textbook Adam / AdamW in f64, with per-parameter step counts.
 struct ReferenceAdam {
-    p: AdamParams,
+    p: AdamConfig,
     state: Vec<(u64, Vec<f64>, Vec<f64>)>,
 }
 
 impl ReferenceAdam {
     fn step(&mut self, params: &mut [Vec<f64>], grads: &[Option<Vec<f32>>]) {
-        let AdamParams {
+        let AdamConfig {
             lr,
             beta1,
             beta2,
@@ -175,7 +175,7 @@ fn assert_close(
     Ok(())
 }
 
-fn sgd_params() -> impl Strategy<Value = SgdParams> {
+fn sgd_params() -> impl Strategy<Value = SgdConfig> {
     (
         0.0..0.2f64,
         prop_oneof![Just(0.0), 0.0..0.95f64],
@@ -186,7 +186,7 @@ fn sgd_params() -> impl Strategy<Value = SgdParams> {
         .prop_map(|(lr, momentum, dampening, nesterov, weight_decay)| {
             // Nesterov needs momentum and no dampening; keep the combination valid.
             let nesterov = nesterov && momentum > 0.0;
-            SgdParams {
+            SgdConfig {
                 lr,
                 momentum,
                 dampening: if nesterov { 0.0 } else { dampening },
@@ -196,7 +196,7 @@ fn sgd_params() -> impl Strategy<Value = SgdParams> {
         })
 }
 
-fn adam_params() -> impl Strategy<Value = AdamParams> {
+fn adam_params() -> impl Strategy<Value = AdamConfig> {
     (
         1e-4..0.1f64,
         0.0..0.99f64,
@@ -208,7 +208,7 @@ fn adam_params() -> impl Strategy<Value = AdamParams> {
             (0.0..0.1f64).prop_map(WeightDecay::Decoupled),
         ],
     )
-        .prop_map(|(lr, beta1, beta2, eps, weight_decay)| AdamParams {
+        .prop_map(|(lr, beta1, beta2, eps, weight_decay)| AdamConfig {
             lr,
             beta1,
             beta2,
@@ -274,7 +274,7 @@ proptest! {
         after in 1u64..4,
         params in sgd_params(),
     ) {
-        let other = SgdParams { lr: 0.5, momentum: 0.1, ..Default::default() };
+        let other = SgdConfig { lr: 0.5, momentum: 0.1, ..Default::default() };
         state_round_trip(seed, &sizes, before, after,
             |vars| Ok(Box::new(Sgd::new(vars, params)?)),
             |vars| Ok(Box::new(Sgd::new(vars, other)?)))?;
@@ -290,7 +290,7 @@ proptest! {
     ) {
         state_round_trip(seed, &sizes, before, after,
             |vars| Ok(Box::new(Adam::new(vars, params)?)),
-            |vars| Ok(Box::new(Adam::new(vars, AdamParams::default())?)))?;
+            |vars| Ok(Box::new(Adam::new(vars, AdamConfig::default())?)))?;
     }
 }
 
@@ -347,7 +347,7 @@ fn parameters_without_gradient_are_not_touched() -> Result<()> {
     let before: Vec<Vec<f64>> = vars.iter().map(|(_, v)| values(v)).collect();
     let mut sgd = Sgd::new(
         vars.clone(),
-        SgdParams {
+        SgdConfig {
             lr: 0.1,
             momentum: 0.9,
             weight_decay: 0.1,
@@ -371,7 +371,7 @@ fn parameters_without_gradient_are_not_touched() -> Result<()> {
 fn adam_counts_steps_per_parameter() -> Result<()> {
     let store = store_with(4, &[3, 3]);
     let vars = store.trainable();
-    let mut adam = Adam::new(vars.clone(), AdamParams::default())?;
+    let mut adam = Adam::new(vars.clone(), AdamConfig::default())?;
     adam.step(&grad_store(&vars, &[Some(vec![1.0; 3]), None]))?;
     adam.step(&grad_store(
         &vars,
@@ -386,7 +386,7 @@ fn adam_counts_steps_per_parameter() -> Result<()> {
 
 #[test]
 fn adam_default_has_no_weight_decay() {
-    let p = AdamParams::default();
+    let p = AdamConfig::default();
     assert_eq!(p.weight_decay, WeightDecay::None);
     assert_eq!((p.lr, p.beta1, p.beta2, p.eps), (1e-3, 0.9, 0.999, 1e-8));
 }
@@ -397,7 +397,7 @@ fn backward_step_trains_through_autograd() -> Result<()> {
     let w = store.root(&Device::Cpu).param("w", 2, Init::Const(2.0))?;
     let mut sgd = Sgd::new(
         store.trainable(),
-        SgdParams {
+        SgdConfig {
             lr: 0.25,
             ..Default::default()
         },
@@ -412,31 +412,31 @@ fn backward_step_trains_through_autograd() -> Result<()> {
 fn bad_hyperparameters_are_invalid_parameter_errors() {
     let vars = || store_with(0, &[2]).trainable();
     let bad_sgd = [
-        SgdParams {
+        SgdConfig {
             lr: -0.1,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             lr: f64::NAN,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             momentum: -0.9,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             weight_decay: -1e-4,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             dampening: f64::INFINITY,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             nesterov: true,
             ..Default::default()
         },
-        SgdParams {
+        SgdConfig {
             nesterov: true,
             momentum: 0.9,
             dampening: 0.1,
@@ -451,27 +451,27 @@ fn bad_hyperparameters_are_invalid_parameter_errors() {
         );
     }
     let bad_adam = [
-        AdamParams {
+        AdamConfig {
             lr: -1e-3,
             ..Default::default()
         },
-        AdamParams {
+        AdamConfig {
             beta1: 1.0,
             ..Default::default()
         },
-        AdamParams {
+        AdamConfig {
             beta2: -0.1,
             ..Default::default()
         },
-        AdamParams {
+        AdamConfig {
             eps: -1e-8,
             ..Default::default()
         },
-        AdamParams {
+        AdamConfig {
             weight_decay: WeightDecay::L2(-0.1),
             ..Default::default()
         },
-        AdamParams {
+        AdamConfig {
             weight_decay: WeightDecay::Decoupled(f64::NAN),
             ..Default::default()
         },
@@ -486,7 +486,7 @@ fn bad_hyperparameters_are_invalid_parameter_errors() {
     let mut twice = vars();
     twice.push(twice[0].clone());
     assert!(matches!(
-        Sgd::new(twice, SgdParams::default()),
+        Sgd::new(twice, SgdConfig::default()),
         Err(Error::InvalidParameter { .. })
     ));
 }
@@ -500,7 +500,7 @@ fn gradient_of_the_wrong_shape_is_a_shape_mismatch() -> Result<()> {
         vars[0].1.as_tensor(),
         Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu)?,
     );
-    let mut adam = Adam::new(vars, AdamParams::default())?;
+    let mut adam = Adam::new(vars, AdamConfig::default())?;
     assert!(matches!(
         adam.step(&grads),
         Err(Error::ShapeMismatch { .. })
@@ -512,7 +512,7 @@ fn gradient_of_the_wrong_shape_is_a_shape_mismatch() -> Result<()> {
 fn load_state_refuses_other_kinds_names_and_shapes_and_changes_nothing() -> Result<()> {
     let store = store_with(5, &[3, 2]);
     let vars = store.trainable();
-    let momentum = SgdParams {
+    let momentum = SgdConfig {
         lr: 0.1,
         momentum: 0.9,
         ..Default::default()
@@ -524,7 +524,7 @@ fn load_state_refuses_other_kinds_names_and_shapes_and_changes_nothing() -> Resu
     ))?;
     let good = sgd.state()?;
 
-    let mut adam = Adam::new(vars.clone(), AdamParams::default())?;
+    let mut adam = Adam::new(vars.clone(), AdamConfig::default())?;
     let err = adam.load_state(&good).unwrap_err();
     assert!(matches!(err, Error::InvalidParameter { .. }), "{err}");
     assert!(err.to_string().contains("sgd"), "{err}");
@@ -566,7 +566,7 @@ fn load_state_refuses_other_kinds_names_and_shapes_and_changes_nothing() -> Resu
     adam.step(&grad_store(&vars, &[Some(vec![1.0; 3]), None]))?;
     let mut partial = adam.state()?;
     partial.scalars.remove("step.p0");
-    let mut fresh_adam = Adam::new(vars, AdamParams::default())?;
+    let mut fresh_adam = Adam::new(vars, AdamConfig::default())?;
     assert!(matches!(
         fresh_adam.load_state(&partial),
         Err(Error::InvalidParameter { .. })

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
-use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 use qcl_nn::schedule::{LinearWarmup, MultiStepLr, StepLr};
 use qcl_nn::train::{
     architecture_fingerprint, Checkpoint, EarlyStop, EpochRecord, Mode, Step, TrainConfig,
@@ -93,7 +93,7 @@ impl Mlp {
 }
 
 fn sgd(model: &Mlp) -> Sgd {
-    let params = SgdParams {
+    let params = SgdConfig {
         lr: 0.1,
         momentum: 0.9,
         weight_decay: 1e-3,
@@ -642,7 +642,7 @@ impl TrainTask for Scripted {
 fn scalar_model() -> (ParamStore, Sgd) {
     let store = ParamStore::new(0);
     store.root(&Device::Cpu).param("w", 1, Init::Zeros).unwrap();
-    let sgd = Sgd::new(store.trainable(), SgdParams::default()).unwrap();
+    let sgd = Sgd::new(store.trainable(), SgdConfig::default()).unwrap();
     (store, sgd)
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use qcl_pq::index::{
-    IvfPqConfig, IvfPqIndex, Kernel, Metric, PqIndex, PqIndexConfig, Refine, Scan, SearchOptions,
+    IvfPqConfig, IvfPqIndex, Kernel, Metric, PqIndex, PqIndexConfig, Refine, Scan, SearchConfig,
     VectorIndex,
 };
 use qcl_tensor::Seed;
@@ -197,7 +197,7 @@ fn bench_scans(
     queries: &[f32],
 ) {
     let search = |scan| {
-        let options = SearchOptions { k: K, nprobe, scan };
+        let options = SearchConfig { k: K, nprobe, scan };
         pool.install(|| index.search_with(queries, &options))
             .expect("search")
     };

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use qcl_pq::workloads::{gaussian_mixture, weight_blocks};
-use qcl_pq::{KMeans, KMeansParams, ProductQuantizer, ProductQuantizerParams};
+use qcl_pq::{KMeans, KMeansConfig, ProductQuantizer, ProductQuantizerConfig};
 use qcl_tensor::nearest_codes;
 
 fn fashion_pixels() -> Option<(Vec<f32>, usize)> {
@@ -37,10 +37,10 @@ fn lloyd(c: &mut Criterion) {
     let mut group = c.benchmark_group("kmeans");
     group.sample_size(10);
     for (name, (data, d), k) in &workloads {
-        let params = KMeansParams {
+        let params = KMeansConfig {
             max_iter: 1,
             max_points_per_centroid: None,
-            ..KMeansParams::new(*k)
+            ..KMeansConfig::new(*k)
         };
         group.bench_function(format!("lloyd-iteration/{name}"), |b| {
             b.iter_custom(|iters| {
@@ -63,9 +63,9 @@ fn lloyd(c: &mut Criterion) {
 fn pq(c: &mut Criterion) {
     let (data, d) = gaussian_mixture();
     let train = &data[..50_000 * d];
-    let params = ProductQuantizerParams {
+    let params = ProductQuantizerConfig {
         max_iter: 10,
-        ..ProductQuantizerParams::new(8, 8)
+        ..ProductQuantizerConfig::new(8, 8)
     };
     let quantizer = ProductQuantizer::train(train, d, &params).unwrap();
     let database = &data[..100_000 * d];

@@ -9,7 +9,7 @@
 //! between the two (tensors in, tensors out).
 
 use candle_core::{Device, Tensor, D};
-use qcl_pq::{KMeans, KMeansInit, KMeansParams, ProductQuantizer, ProductQuantizerParams};
+use qcl_pq::{KMeans, KMeansConfig, KMeansInit, ProductQuantizer, ProductQuantizerConfig};
 
 fn main() -> qcl_tensor::Result<()> {
     let device = Device::Cpu;
@@ -22,10 +22,10 @@ fn main() -> qcl_tensor::Result<()> {
     let x = (means.index_select(&Tensor::new(labels, &device)?, 0)? + noise)?;
 
     // k-means: fit, centroids, assignment, all tensors.
-    let params = KMeansParams {
+    let params = KMeansConfig {
         max_iter: 20,
         init: KMeansInit::KMeansPlusPlus,
-        ..KMeansParams::new(centres)
+        ..KMeansConfig::new(centres)
     };
     let kmeans = KMeans::fit_tensor(&x, None, &params)?; // qcl
     let (assigned, distances) = kmeans.assign_tensor(&x)?; // qcl
@@ -42,7 +42,7 @@ fn main() -> qcl_tensor::Result<()> {
     );
 
     // Product quantization: 8 sub-spaces of 256 centroids, 8 bytes per vector instead of 128.
-    let pq = ProductQuantizer::train_tensor(&x, &ProductQuantizerParams::new(8, 8))?; // qcl
+    let pq = ProductQuantizer::train_tensor(&x, &ProductQuantizerConfig::new(8, 8))?; // qcl
     let codes = pq.encode_tensor(&x)?; // qcl: u32 [n, 8]
     let decoded = pq.decode_tensor(&codes)?; // qcl: f32 [n, 32]
     let error = (&decoded - &x)?.sqr()?.sum(D::Minus1)?.mean_all()?;

@@ -33,7 +33,7 @@ use crate::points::Points;
 pub enum KMeansAlgorithm {
     /// Chosen from `k` and the dimension: Hamerly for `k ≤ 20` or 1-D points, otherwise
     /// Yinyang with `t = clamp(round(k/10), 2, dim)` groups, then at most as many as
-    /// [`KMeansParams::bound_memory_share`](crate::KMeansParams::bound_memory_share) allows
+    /// [`KMeansConfig::bound_memory_share`](crate::KMeansConfig::bound_memory_share) allows
     /// (plain Lloyd where not even one fits: with the default share and every point used,
     /// points of fewer than 5 dimensions; ask for [`KMeansAlgorithm::Hamerly`] there).
     #[default]

@@ -42,15 +42,15 @@ pub enum KMeansInit {
     KMeansPlusPlus,
 }
 
-/// Every knob of [`KMeans::fit`], each with a default (see [`KMeansParams::new`]).
+/// Every knob of [`KMeans::fit`], each with a default (see [`KMeansConfig::new`]).
 ///
 /// ```
-/// use qcl_pq::{KMeansInit, KMeansParams};
-/// let params = KMeansParams { init: KMeansInit::KMeansPlusPlus, max_iter: 10, ..KMeansParams::new(16) };
+/// use qcl_pq::{KMeansInit, KMeansConfig};
+/// let params = KMeansConfig { init: KMeansInit::KMeansPlusPlus, max_iter: 10, ..KMeansConfig::new(16) };
 /// assert_eq!(params.n_init, 1);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct KMeansParams {
+pub struct KMeansConfig {
     /// Number of centroids.
     pub k: usize,
     /// Lloyd iterations at most (default 25, as faiss; at most [`MAX_ITERATIONS`]).
@@ -81,10 +81,10 @@ pub struct KMeansParams {
     pub bound_memory_share: f64,
 }
 
-impl KMeansParams {
+impl KMeansConfig {
     /// The defaults, with `k` centroids.
     pub fn new(k: usize) -> Self {
-        KMeansParams {
+        KMeansConfig {
             k,
             max_iter: 25,
             init: KMeansInit::Random,
@@ -145,10 +145,10 @@ impl KMeansParams {
 /// A trained k-means model: centroids and how the training went.
 ///
 /// ```
-/// use qcl_pq::{KMeans, KMeansParams};
+/// use qcl_pq::{KMeans, KMeansConfig};
 /// // Two well separated groups in 2-D.
 /// let data = [0.0, 0.0, 0.1, 0.0, 0.0, 0.1, 5.0, 5.0, 5.1, 5.0, 5.0, 5.1];
-/// let model = KMeans::fit(&data, 2, None, &KMeansParams::new(2))?;
+/// let model = KMeans::fit(&data, 2, None, &KMeansConfig::new(2))?;
 /// let labels = model.assign(&data)?.indices;
 /// assert_eq!(labels[0], labels[2]);
 /// assert_ne!(labels[0], labels[3]);
@@ -240,7 +240,7 @@ impl KMeans {
         data: &[f32],
         dim: usize,
         weights: Option<&[f32]>,
-        params: &KMeansParams,
+        params: &KMeansConfig,
     ) -> Result<KMeans> {
         let n = validate_data(data, dim, weights)?;
         params.validate(n)?;
@@ -411,7 +411,7 @@ fn lloyd(
     points: &Points,
     weights: Option<&[f32]>,
     mut centroids: Vec<f32>,
-    params: &KMeansParams,
+    params: &KMeansConfig,
     run: usize,
     bound_budget: usize,
 ) -> Result<KMeans> {
@@ -500,7 +500,7 @@ impl AssignStep {
         n: usize,
         dim: usize,
         centroids: &[f32],
-        params: &KMeansParams,
+        params: &KMeansConfig,
         bound_budget: usize,
     ) -> Result<Self> {
         let k = params.k;
@@ -516,12 +516,12 @@ impl AssignStep {
         let group_of = if t <= 1 {
             vec![0; k]
         } else {
-            let grouping = KMeansParams {
+            let grouping = KMeansConfig {
                 max_iter: 5,
                 max_points_per_centroid: None,
                 seed: params.seed.child(u64::MAX),
                 algorithm: KMeansAlgorithm::Lloyd,
-                ..KMeansParams::new(t)
+                ..KMeansConfig::new(t)
             };
             let groups = KMeans::fit(centroids, dim, None, &grouping)?;
             compact_labels(groups.assign(centroids)?.indices)

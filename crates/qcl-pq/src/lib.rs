@@ -3,14 +3,14 @@
 //! k-means and product quantization on the exact nearest-code kernel of
 //! [`qcl_tensor::nearest_codes`].
 //!
-//! - [`KMeans`] with [`KMeansParams`] (every knob named, with faiss-like defaults): random or
+//! - [`KMeans`] with [`KMeansConfig`] (every knob named, with faiss-like defaults): random or
 //!   greedy k-means++ initialisation, Lloyd iterations with optional early stop, sample weights,
 //!   empty-cluster repair, restarts, subsampling, the objective history, progress; an
 //!   assignment step with Hamerly or Yinyang distance bounds ([`KMeansAlgorithm`]) that skips
 //!   most distances and still returns plain Lloyd's assignments bit for bit;
 //!   [`MiniBatchKMeans`] for data that arrives in batches. The same seed gives the same
 //!   centroids with any number of threads.
-//! - [`ProductQuantizer`] ([`ProductQuantizerParams`]): bit-packed [`PackedCodes`], decode, ADC search.
+//! - [`ProductQuantizer`] ([`ProductQuantizerConfig`]): bit-packed [`PackedCodes`], decode, ADC search.
 //!
 //! Two faces, one kernel: the slice methods (`fit`, `assign`, `train`, `encode`, ...) take
 //! row-major `f32` rows; their `*_tensor` twins (`fit_tensor`, `assign_tensor`,
@@ -20,10 +20,10 @@
 //! both families on a tensor.
 //!
 //! ```
-//! use qcl_pq::{KMeans, KMeansParams};
+//! use qcl_pq::{KMeans, KMeansConfig};
 //! use qcl_tensor::Seed;
 //! let data = Seed::new(0).rng().normal_vec(2_000 * 9, 0.0, 0.05);
-//! let model = KMeans::fit(&data, 9, None, &KMeansParams { max_iter: 10, ..KMeansParams::new(64) })?;
+//! let model = KMeans::fit(&data, 9, None, &KMeansConfig { max_iter: 10, ..KMeansConfig::new(64) })?;
 //! assert_eq!(model.centroids.len(), 64 * 9);
 //! assert!(model.objective_history.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-6)));
 //! # Ok::<(), qcl_tensor::Error>(())
@@ -40,6 +40,6 @@ mod tensor;
 pub mod workloads;
 
 pub use bounds::KMeansAlgorithm;
-pub use kmeans::{KMeans, KMeansInit, KMeansParams, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
+pub use kmeans::{KMeans, KMeansConfig, KMeansInit, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
 pub use minibatch::MiniBatchKMeans;
-pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerParams, CODES_FORMAT, PQ_FORMAT};
+pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerConfig, CODES_FORMAT, PQ_FORMAT};

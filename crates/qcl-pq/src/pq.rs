@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::packing::code_size;
 pub use crate::packing::PackedCodes;
-use crate::{KMeans, KMeansInit, KMeansParams};
+use crate::{KMeans, KMeansConfig, KMeansInit};
 
 /// Value of the `format` metadata key of a saved product quantizer.
 pub const PQ_FORMAT: &str = "qcl-pq/1";
@@ -29,12 +29,12 @@ pub const CODES_FORMAT: &str = "qcl-pq-codes/1";
 /// The knobs of [`ProductQuantizer::train`]; the k-means ones apply to every sub-space.
 ///
 /// ```
-/// use qcl_pq::ProductQuantizerParams;
-/// let params = ProductQuantizerParams { max_iter: 10, ..ProductQuantizerParams::new(8, 8) };
+/// use qcl_pq::ProductQuantizerConfig;
+/// let params = ProductQuantizerConfig { max_iter: 10, ..ProductQuantizerConfig::new(8, 8) };
 /// assert_eq!(params.max_points_per_centroid, Some(256));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProductQuantizerParams {
+pub struct ProductQuantizerConfig {
     /// Number of sub-spaces; must divide the dimension.
     pub m: usize,
     /// Bits per code, in `1..=16`: each sub-space gets `2^nbits` centroids.
@@ -50,12 +50,12 @@ pub struct ProductQuantizerParams {
     pub seed: Seed,
 }
 
-impl ProductQuantizerParams {
+impl ProductQuantizerConfig {
     /// `m` sub-spaces of `nbits`-bit codes; the k-means knobs default as in
-    /// [`KMeansParams::new`].
+    /// [`KMeansConfig::new`].
     pub fn new(m: usize, nbits: u32) -> Self {
-        let kmeans = KMeansParams::new(1);
-        ProductQuantizerParams {
+        let kmeans = KMeansConfig::new(1);
+        ProductQuantizerConfig {
             m,
             nbits,
             max_iter: kmeans.max_iter,
@@ -66,13 +66,13 @@ impl ProductQuantizerParams {
     }
 
     /// The k-means parameters of sub-space `j`.
-    fn kmeans(&self, ksub: usize, j: usize) -> KMeansParams {
-        KMeansParams {
+    fn kmeans(&self, ksub: usize, j: usize) -> KMeansConfig {
+        KMeansConfig {
             max_iter: self.max_iter,
             init: self.init,
             max_points_per_centroid: self.max_points_per_centroid,
             seed: self.seed.child(j as u64),
-            ..KMeansParams::new(ksub)
+            ..KMeansConfig::new(ksub)
         }
     }
 }
@@ -80,10 +80,10 @@ impl ProductQuantizerParams {
 /// A trained product quantizer: `m` codebooks of `2^nbits` centroids of `dim / m` components.
 ///
 /// ```
-/// use qcl_pq::{ProductQuantizer, ProductQuantizerParams};
+/// use qcl_pq::{ProductQuantizer, ProductQuantizerConfig};
 /// use qcl_tensor::{squared_distance, Seed};
 /// let data = Seed::new(0).rng().normal_vec(1_000 * 8, 0.0, 1.0);
-/// let pq = ProductQuantizer::train(&data, 8, &ProductQuantizerParams::new(4, 4))?;
+/// let pq = ProductQuantizer::train(&data, 8, &ProductQuantizerConfig::new(4, 4))?;
 /// let codes = pq.encode(&data)?;
 /// assert_eq!(codes.code_size(), 2); // 4 codes of 4 bits
 /// let decoded = pq.decode(&codes)?;
@@ -113,7 +113,7 @@ impl ProductQuantizer {
     /// outside `1..=16`, fewer than `2^nbits` vectors, or bad k-means knobs;
     /// [`Error::EmptyInput`] for no vectors; [`Error::ShapeMismatch`] if `data` is not whole
     /// rows; [`Error::NonFinite`].
-    pub fn train(data: &[f32], dim: usize, params: &ProductQuantizerParams) -> Result<Self> {
+    pub fn train(data: &[f32], dim: usize, params: &ProductQuantizerConfig) -> Result<Self> {
         let (dsub, ksub) = geometry(dim, params.m, params.nbits)?;
         let n = check_points("data", data, dim)?;
         if ksub > n {

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use qcl_tensor::{matrix_f32, Error, Nearest, Result, Seed};
 
-use crate::{KMeans, KMeansParams, MiniBatchKMeans, PackedCodes, ProductQuantizer};
+use crate::{KMeans, KMeansConfig, MiniBatchKMeans, PackedCodes, ProductQuantizer};
 
 /// The rows of `x` (`[n, dim]`, or any width when `dim` is `None`), as `f32`, and the width.
 fn rows(context: &str, x: &Tensor, dim: Option<usize>) -> Result<(Vec<f32>, usize)> {
@@ -56,9 +56,9 @@ impl KMeans {
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
-    /// use qcl_pq::{KMeans, KMeansParams};
+    /// use qcl_pq::{KMeans, KMeansConfig};
     /// let x = Tensor::new(&[[0f32, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], &Device::Cpu)?;
-    /// let model = KMeans::fit_tensor(&x, None, &KMeansParams::new(2))?;
+    /// let model = KMeans::fit_tensor(&x, None, &KMeansConfig::new(2))?;
     /// assert_eq!(model.centroids_tensor(&Device::Cpu)?.dims(), &[2, 2]);
     /// let (labels, distances) = model.assign_tensor(&x)?;
     /// let labels = labels.to_vec1::<u32>()?;
@@ -74,7 +74,7 @@ impl KMeans {
     pub fn fit_tensor(
         points: &Tensor,
         weights: Option<&Tensor>,
-        params: &KMeansParams,
+        params: &KMeansConfig,
     ) -> Result<KMeans> {
         let (data, dim) = rows("points", points, None)?;
         let w = weights.map(self::weights).transpose()?;
@@ -219,10 +219,10 @@ impl ProductQuantizer {
     ///
     /// ```
     /// use candle_core::Device;
-    /// use qcl_pq::{ProductQuantizer, ProductQuantizerParams};
+    /// use qcl_pq::{ProductQuantizer, ProductQuantizerConfig};
     /// use qcl_tensor::Seed;
     /// let x = Seed::new(0).rng().normal_tensor((1_000, 8), 0.0, 1.0, &Device::Cpu)?;
-    /// let pq = ProductQuantizer::train_tensor(&x, &ProductQuantizerParams::new(4, 4))?;
+    /// let pq = ProductQuantizer::train_tensor(&x, &ProductQuantizerConfig::new(4, 4))?;
     /// let codes = pq.encode_tensor(&x)?; // u32 [1000, 4]
     /// let decoded = pq.decode_tensor(&codes)?; // f32 [1000, 8]
     /// let (nearest, distances) = pq.search_tensor(&x.narrow(0, 0, 5)?, &codes, 3)?;
@@ -235,7 +235,7 @@ impl ProductQuantizer {
     /// # Errors
     /// Shape/dtype errors for a tensor that is not a float matrix, and the errors of
     /// [`ProductQuantizer::train`].
-    pub fn train_tensor(data: &Tensor, params: &crate::ProductQuantizerParams) -> Result<Self> {
+    pub fn train_tensor(data: &Tensor, params: &crate::ProductQuantizerConfig) -> Result<Self> {
         let (values, dim) = rows("data", data, None)?;
         ProductQuantizer::train(&values, dim, params)
     }

@@ -2,9 +2,9 @@
 
 use proptest::prelude::*;
 use qcl_pq::index::{
-    Kernel, Metric, PqIndex, PqIndexConfig, Scan, SearchOptions, VectorIndex, MISSING_ID,
+    Kernel, Metric, PqIndex, PqIndexConfig, Scan, SearchConfig, VectorIndex, MISSING_ID,
 };
-use qcl_pq::{ProductQuantizer, ProductQuantizerParams};
+use qcl_pq::{ProductQuantizer, ProductQuantizerConfig};
 use qcl_tensor::{squared_distance, Seed};
 
 fn data(seed: u64, n: usize, dim: usize) -> Vec<f32> {
@@ -39,10 +39,10 @@ proptest! {
         let index = small_index(seed, n, 12, m, nbits, metric);
         let queries = data(seed + 1, 7, 12);
         let exact = index
-            .search_with(&queries, &SearchOptions { k, scan: Scan::Exact, ..Default::default() })
+            .search_with(&queries, &SearchConfig { k, scan: Scan::Exact, ..Default::default() })
             .unwrap();
         for kernel in Kernel::available() {
-            let options = SearchOptions { k, scan: Scan::Bounded(kernel), ..Default::default() };
+            let options = SearchConfig { k, scan: Scan::Bounded(kernel), ..Default::default() };
             let bounded = index.search_with(&queries, &options).unwrap();
             prop_assert_eq!(&bounded.ids, &exact.ids, "{:?}", kernel);
             let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -54,7 +54,7 @@ proptest! {
 #[test]
 fn the_exact_l2_scan_is_the_quantizers_adc_search() {
     let base = data(3, 1_500, 16);
-    let pq = ProductQuantizer::train(&base, 16, &ProductQuantizerParams::new(4, 8)).unwrap();
+    let pq = ProductQuantizer::train(&base, 16, &ProductQuantizerConfig::new(4, 8)).unwrap();
     let mut index = PqIndex::from_quantizer(pq.clone(), Metric::L2).unwrap();
     index.add(&base).unwrap();
     let queries = data(4, 20, 16);

@@ -2,7 +2,7 @@
 
 use qcl_pq::index::{
     opq::OpqConfig, AnyIndex, IvfPqConfig, IvfPqIndex, Metric, PqIndex, PqIndexConfig, Refine,
-    Rotated, SearchOptions, VectorIndex,
+    Rotated, SearchConfig, VectorIndex,
 };
 use qcl_tensor::{Error, Seed};
 
@@ -56,7 +56,7 @@ fn save_then_load_gives_the_same_index_and_answers() {
         assert!(["refine+opq+ivf-pq", "pq", "ivf-pq", "refine+ivf-pq"]
             .contains(&loaded.kind().as_str()));
         assert_eq!(loaded, index, "{}", index.kind());
-        let options = SearchOptions {
+        let options = SearchConfig {
             k: 6,
             nprobe: 3,
             ..Default::default()

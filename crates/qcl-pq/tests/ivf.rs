@@ -2,7 +2,7 @@
 //! over every list; more probes never give a worse answer.
 
 use proptest::prelude::*;
-use qcl_pq::index::{IvfPqConfig, IvfPqIndex, Kernel, Metric, Scan, SearchOptions, VectorIndex};
+use qcl_pq::index::{IvfPqConfig, IvfPqIndex, Kernel, Metric, Scan, SearchConfig, VectorIndex};
 use qcl_tensor::Seed;
 
 fn data(seed: u64, n: usize, dim: usize) -> Vec<f32> {
@@ -44,8 +44,8 @@ fn index_with(
     index
 }
 
-fn options(k: usize, nprobe: usize, scan: Scan) -> SearchOptions {
-    SearchOptions { k, nprobe, scan }
+fn options(k: usize, nprobe: usize, scan: Scan) -> SearchConfig {
+    SearchConfig { k, nprobe, scan }
 }
 
 proptest! {

@@ -1,7 +1,7 @@
 //! k-means: Lloyd's invariants, determinism, bad input.
 
 use proptest::prelude::*;
-use qcl_pq::{KMeans, KMeansAlgorithm, KMeansInit, KMeansParams, MiniBatchKMeans};
+use qcl_pq::{KMeans, KMeansAlgorithm, KMeansConfig, KMeansInit, MiniBatchKMeans};
 use qcl_tensor::{Error, Seed};
 
 /// `centres` Gaussian blobs in `dim` dimensions, `per` points each.
@@ -30,11 +30,11 @@ proptest! {
         seed in any::<u64>(), k in 1usize..24, dim in 1usize..12, plus_plus in any::<bool>(),
     ) {
         let data = blobs(seed, 5, 40, dim, 1.0);
-        let params = KMeansParams {
+        let params = KMeansConfig {
             max_iter: 12,
             seed: Seed(seed),
             init: if plus_plus { KMeansInit::KMeansPlusPlus } else { KMeansInit::Random },
-            ..KMeansParams::new(k)
+            ..KMeansConfig::new(k)
         };
         let model = KMeans::fit(&data, dim, None, &params).unwrap();
         for w in model.objective_history.windows(2) {
@@ -51,11 +51,11 @@ fn same_seed_same_centroids_with_one_and_two_threads() {
     let data = blobs(3, 8, 500, 9, 0.5);
     let fit = |threads: usize, init| {
         qcl_tensor::on_threads(threads, || {
-            let params = KMeansParams {
+            let params = KMeansConfig {
                 max_iter: 8,
                 init,
                 n_init: 2,
-                ..KMeansParams::new(32)
+                ..KMeansConfig::new(32)
             };
             KMeans::fit(&data, 9, None, &params).unwrap()
         })
@@ -71,10 +71,10 @@ fn same_seed_same_centroids_with_one_and_two_threads() {
 #[test]
 fn finds_well_separated_blobs() {
     let data = blobs(11, 4, 200, 3, 0.1);
-    let params = KMeansParams {
+    let params = KMeansConfig {
         init: KMeansInit::KMeansPlusPlus,
         max_iter: 20,
-        ..KMeansParams::new(4)
+        ..KMeansConfig::new(4)
     };
     let model = KMeans::fit(&data, 3, None, &params).unwrap();
     // Within-blob variance is 3 · 0.1² = 0.03 per point.
@@ -85,7 +85,7 @@ fn finds_well_separated_blobs() {
 #[test]
 fn a_weight_of_two_counts_as_a_duplicate() {
     let data = [0.0, 1.0, 4.0];
-    let params = KMeansParams::new(1);
+    let params = KMeansConfig::new(1);
     let weighted = KMeans::fit(&data, 1, Some(&[1.0, 1.0, 2.0]), &params).unwrap();
     let duplicated = KMeans::fit(&[0.0, 1.0, 4.0, 4.0], 1, None, &params).unwrap();
     assert_eq!(weighted.centroids, duplicated.centroids);
@@ -95,10 +95,10 @@ fn a_weight_of_two_counts_as_a_duplicate() {
 #[test]
 fn tolerance_stops_early_and_restarts_keep_the_best() {
     let data = blobs(5, 3, 100, 2, 0.2);
-    let params = KMeansParams {
+    let params = KMeansConfig {
         tolerance: 1e-3,
         max_iter: 100,
-        ..KMeansParams::new(3)
+        ..KMeansConfig::new(3)
     };
     let early = KMeans::fit(&data, 2, None, &params).unwrap();
     assert!(early.iterations < 100, "{}", early.iterations);
@@ -106,16 +106,16 @@ fn tolerance_stops_early_and_restarts_keep_the_best() {
         &data,
         2,
         None,
-        &KMeansParams {
+        &KMeansConfig {
             max_iter: 10,
-            ..KMeansParams::new(6)
+            ..KMeansConfig::new(6)
         },
     )
     .unwrap();
-    let params = KMeansParams {
+    let params = KMeansConfig {
         max_iter: 10,
         n_init: 4,
-        ..KMeansParams::new(6)
+        ..KMeansConfig::new(6)
     };
     let best_of_4 = KMeans::fit(&data, 2, None, &params).unwrap();
     assert!(best_of_4.objective_history.last() <= one.objective_history.last());
@@ -124,10 +124,10 @@ fn tolerance_stops_early_and_restarts_keep_the_best() {
 #[test]
 fn subsampling_is_deterministic() {
     let data = blobs(9, 4, 500, 2, 0.3);
-    let params = KMeansParams {
+    let params = KMeansConfig {
         max_points_per_centroid: Some(10),
         max_iter: 5,
-        ..KMeansParams::new(4)
+        ..KMeansConfig::new(4)
     };
     let a = KMeans::fit(&data, 2, None, &params).unwrap();
     let b = KMeans::fit(&data, 2, None, &params).unwrap();
@@ -139,7 +139,7 @@ fn subsampling_is_deterministic() {
 fn bad_input_is_a_typed_error() {
     let data = [0.0f32, 1.0, 2.0, 3.0];
     let fit = |data: &[f32], dim, weights: Option<&[f32]>, k| {
-        KMeans::fit(data, dim, weights, &KMeansParams::new(k))
+        KMeans::fit(data, dim, weights, &KMeansConfig::new(k))
     };
     assert!(matches!(
         fit(&data, 1, None, 0),
@@ -175,22 +175,22 @@ fn bad_input_is_a_typed_error() {
         fit(&data, 1, Some(&[0.0; 4]), 1),
         Err(Error::InvalidParameter { .. })
     ));
-    let params = KMeansParams {
+    let params = KMeansConfig {
         n_init: 0,
-        ..KMeansParams::new(1)
+        ..KMeansConfig::new(1)
     };
     assert!(KMeans::fit(&data, 1, None, &params).is_err());
     // Out-of-range counts are refused before anything is allocated or looped over.
     for params in [
-        KMeansParams {
+        KMeansConfig {
             max_iter: usize::MAX,
-            ..KMeansParams::new(1)
+            ..KMeansConfig::new(1)
         },
-        KMeansParams {
+        KMeansConfig {
             n_init: usize::MAX,
-            ..KMeansParams::new(1)
+            ..KMeansConfig::new(1)
         },
-        KMeansParams::new(usize::MAX),
+        KMeansConfig::new(usize::MAX),
     ] {
         assert!(matches!(
             KMeans::fit(&data, 1, None, &params),
@@ -208,9 +208,9 @@ fn save_and_load_round_trip_and_refuse_foreign_files() {
         &data,
         4,
         None,
-        &KMeansParams {
+        &KMeansConfig {
             max_iter: 5,
-            ..KMeansParams::new(3)
+            ..KMeansConfig::new(3)
         },
     )
     .unwrap();
@@ -234,9 +234,9 @@ fn mini_batch_converges_to_the_blobs() {
     for batch in data.chunks(100 * 2) {
         model.partial_fit(batch, None).unwrap();
     }
-    let params = KMeansParams {
+    let params = KMeansConfig {
         init: KMeansInit::KMeansPlusPlus,
-        ..KMeansParams::new(3)
+        ..KMeansConfig::new(3)
     };
     let full = KMeans::fit(&data, 2, None, &params).unwrap();
     let mse_full = full.mse(&data).unwrap();
@@ -265,7 +265,7 @@ proptest! {
         let mut data: Vec<f32> = rng.uniform_vec(n * dim, -2.0, 2.0).into_iter().map(|v| v.round()).collect();
         data.copy_within(0..dim * (n / 3), dim * (n - n / 3));
         let run = |algorithm| {
-            let params = KMeansParams { max_iter: 12, max_points_per_centroid: None, seed: Seed(seed), algorithm, ..KMeansParams::new(k) };
+            let params = KMeansConfig { max_iter: 12, max_points_per_centroid: None, seed: Seed(seed), algorithm, ..KMeansConfig::new(k) };
             KMeans::fit(&data, dim, None, &params).unwrap()
         };
         let plain = run(KMeansAlgorithm::Lloyd);
@@ -285,14 +285,14 @@ fn a_subsample_read_in_place_gives_every_algorithm_the_same_centroids() {
     // Half of the points are drawn (k · 15 of 3,000); plain and bounded steps must agree.
     let data = blobs(11, 100, 30, 8, 0.1);
     let fit = |algorithm, bound_memory_share| {
-        let params = KMeansParams {
+        let params = KMeansConfig {
             max_iter: 8,
             max_points_per_centroid: Some(15),
             // One seed per blob: the centroids settle at once and the bounds pay.
             init: KMeansInit::KMeansPlusPlus,
             algorithm,
             bound_memory_share,
-            ..KMeansParams::new(100)
+            ..KMeansConfig::new(100)
         };
         KMeans::fit(&data, 8, None, &params).unwrap()
     };
@@ -317,10 +317,10 @@ fn auto_keeps_its_bounds_within_the_memory_share() {
     let data = blobs(5, 40, 50, 16, 1.0);
     let (n, dim) = (data.len() / 16, 16);
     for share in [0.0, 0.05, 0.2, 1.0] {
-        let params = KMeansParams {
+        let params = KMeansConfig {
             max_iter: 3,
             bound_memory_share: share,
-            ..KMeansParams::new(40)
+            ..KMeansConfig::new(40)
         };
         let model = KMeans::fit(&data, dim, None, &params).unwrap();
         // Auto wants 4 groups here; the share allows ⌊share · dim⌋ bounds per point.
@@ -329,9 +329,9 @@ fn auto_keeps_its_bounds_within_the_memory_share() {
         assert_eq!(model.bound_bytes, n * allowed * 4);
         assert!(model.bound_bytes as f64 <= share * (data.len() * 4) as f64);
     }
-    let bad = KMeansParams {
+    let bad = KMeansConfig {
         bound_memory_share: f64::NAN,
-        ..KMeansParams::new(4)
+        ..KMeansConfig::new(4)
     };
     assert!(matches!(
         KMeans::fit(&data, dim, None, &bad),

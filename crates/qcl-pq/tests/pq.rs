@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use qcl_pq::{
-    KMeans, KMeansInit, KMeansParams, PackedCodes, ProductQuantizer, ProductQuantizerParams,
+    KMeans, KMeansConfig, KMeansInit, PackedCodes, ProductQuantizer, ProductQuantizerConfig,
     PQ_FORMAT,
 };
 use qcl_tensor::{nearest_codes, squared_distance, write_safetensors, Error, Nearest, Seed};
@@ -76,10 +76,10 @@ fn is_non_finite_at<T>(result: Result<T, Error>, at: usize) -> bool {
     matches!(result, Err(Error::NonFinite { index, .. }) if index == at)
 }
 
-fn quick_params(m: usize, nbits: u32) -> ProductQuantizerParams {
-    ProductQuantizerParams {
+fn quick_params(m: usize, nbits: u32) -> ProductQuantizerConfig {
+    ProductQuantizerConfig {
         max_iter: 10,
-        ..ProductQuantizerParams::new(m, nbits)
+        ..ProductQuantizerConfig::new(m, nbits)
     }
 }
 
@@ -174,7 +174,7 @@ proptest! {
 fn training_gives_declared_shapes_and_beats_the_mean() {
     let (n, dim) = (1_000, 16);
     let data = Seed::new(3).rng().normal_vec(n * dim, 0.0, 1.0);
-    let pq = ProductQuantizer::train(&data, dim, &ProductQuantizerParams::new(4, 4)).unwrap();
+    let pq = ProductQuantizer::train(&data, dim, &ProductQuantizerConfig::new(4, 4)).unwrap();
     assert_eq!(
         (pq.dim(), pq.m(), pq.nbits(), pq.dsub(), pq.ksub()),
         (16, 4, 4, 4, 16)
@@ -194,7 +194,7 @@ fn training_gives_declared_shapes_and_beats_the_mean() {
     // Unit-variance data: the mean alone gives ~1; 16 centroids per 4-D sub-space give ~0.32.
     assert!(mse < 0.45, "mse {mse}");
     // More bits, less error.
-    let finer = ProductQuantizer::train(&data, dim, &ProductQuantizerParams::new(4, 6)).unwrap();
+    let finer = ProductQuantizer::train(&data, dim, &ProductQuantizerConfig::new(4, 6)).unwrap();
     let finer_decoded = finer.decode(&finer.encode(&data).unwrap()).unwrap();
     let finer_mse: f32 = data
         .chunks(dim)
@@ -219,9 +219,9 @@ fn data_with_ksub_values_per_subspace_is_encoded_losslessly() {
     let data: Vec<f32> = (0..n * m)
         .flat_map(|_| points[rng.below(4).unwrap()])
         .collect();
-    let params = ProductQuantizerParams {
+    let params = ProductQuantizerConfig {
         init: KMeansInit::KMeansPlusPlus,
-        ..ProductQuantizerParams::new(m, 2)
+        ..ProductQuantizerConfig::new(m, 2)
     };
     let pq = ProductQuantizer::train(&data, 6, &params).unwrap();
     let codes = pq.encode(&data).unwrap();
@@ -232,24 +232,24 @@ fn data_with_ksub_values_per_subspace_is_encoded_losslessly() {
 fn training_is_seeded_and_independent_of_thread_count() {
     let data = Seed::new(4).rng().normal_vec(600 * 8, 0.0, 1.0);
     let params = quick_params(2, 3);
-    let run = |threads: usize, params: &ProductQuantizerParams| {
+    let run = |threads: usize, params: &ProductQuantizerConfig| {
         qcl_tensor::on_threads(threads, || ProductQuantizer::train(&data, 8, params))
             .unwrap()
             .unwrap()
     };
     let one = run(1, &params);
     assert_eq!(one, run(2, &params));
-    let other_seed = ProductQuantizerParams {
+    let other_seed = ProductQuantizerConfig {
         seed: Seed::new(99),
         ..params.clone()
     };
     assert_ne!(one.codebooks(), run(2, &other_seed).codebooks());
     // Sub-space j is plain k-means on its sub-vectors, seeded with `seed.child(j)`.
     for j in 0..2 {
-        let kmeans = KMeansParams {
+        let kmeans = KMeansConfig {
             max_iter: params.max_iter,
             seed: params.seed.child(j as u64),
-            ..KMeansParams::new(8)
+            ..KMeansConfig::new(8)
         };
         let alone = KMeans::fit(&sub_vectors(&data, 8, j, 4), 4, None, &kmeans).unwrap();
         assert_eq!(one.codebook(j), alone.centroids.as_slice(), "sub-space {j}");
@@ -284,7 +284,7 @@ proptest! {
     ) {
         let dim = m * dsub;
         let data = Seed::new(seed).rng().normal_vec(n * dim, 0.0, 1.0);
-        let params = ProductQuantizerParams { seed: Seed::new(seed), ..quick_params(m, nbits) };
+        let params = ProductQuantizerConfig { seed: Seed::new(seed), ..quick_params(m, nbits) };
         let pq = ProductQuantizer::train(&data, dim, &params).unwrap();
         let codes = pq.encode(&data).unwrap();
         let decoded = pq.decode(&codes).unwrap();
@@ -449,7 +449,7 @@ fn bad_inputs_are_typed_errors() {
         train(&bad, 4, 2, 2),
         Err(Error::NonFinite { index: 13, .. })
     ));
-    let bad_knob = ProductQuantizerParams {
+    let bad_knob = ProductQuantizerConfig {
         max_points_per_centroid: Some(0),
         ..quick_params(2, 2)
     };

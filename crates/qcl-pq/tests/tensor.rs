@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use qcl_pq::{
-    KMeans, KMeansInit, KMeansParams, MiniBatchKMeans, PackedCodes, ProductQuantizer,
-    ProductQuantizerParams,
+    KMeans, KMeansConfig, KMeansInit, MiniBatchKMeans, PackedCodes, ProductQuantizer,
+    ProductQuantizerConfig,
 };
 use qcl_tensor::{Error, Seed};
 
@@ -41,11 +41,11 @@ proptest! {
         let mut rng = Seed::new(seed).rng();
         let data = rng.normal_vec(n * dim, 0.0, 1.0);
         let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 3) as f32).collect();
-        let params = KMeansParams {
+        let params = KMeansConfig {
             max_iter: 5,
             init: if plus_plus { KMeansInit::KMeansPlusPlus } else { KMeansInit::Random },
             seed: Seed::new(seed + 1),
-            ..KMeansParams::new(k)
+            ..KMeansConfig::new(k)
         };
         let x = Tensor::from_slice(&data, (n, dim), &DEV).unwrap();
         // An f64 tensor holding the same f32 values converts back to them exactly.
@@ -88,7 +88,7 @@ proptest! {
         let mut rng = Seed::new(seed).rng();
         let data = rng.normal_vec(n * dim, 0.0, 1.0);
         let queries = rng.normal_vec(nq * dim, 0.0, 1.0);
-        let params = ProductQuantizerParams { max_iter: 4, seed: Seed::new(seed), ..ProductQuantizerParams::new(m, nbits) };
+        let params = ProductQuantizerConfig { max_iter: 4, seed: Seed::new(seed), ..ProductQuantizerConfig::new(m, nbits) };
         let x = Tensor::from_slice(&data, (n, dim), &DEV).unwrap();
         let q = Tensor::from_slice(&queries, (nq, dim), &DEV).unwrap();
         let slice = ProductQuantizer::train(&data, dim, &params).unwrap();
@@ -122,7 +122,7 @@ fn kind<T: std::fmt::Debug>(r: Result<T, Error>) -> &'static str {
 #[test]
 fn bad_tensors_are_typed_errors() {
     let x = Tensor::zeros((10, 4), DType::F32, &DEV).unwrap();
-    let params = KMeansParams::new(2);
+    let params = KMeansConfig::new(2);
     assert_eq!(
         kind(KMeans::fit_tensor(&x.flatten_all().unwrap(), None, &params)),
         "shape_mismatch"
@@ -150,7 +150,7 @@ fn bad_tensors_are_typed_errors() {
     );
     let nan = Tensor::new(&[[0f32, f32::NAN], [1.0, 1.0]], &DEV).unwrap();
     assert_eq!(
-        kind(KMeans::fit_tensor(&nan, None, &KMeansParams::new(1))),
+        kind(KMeans::fit_tensor(&nan, None, &KMeansConfig::new(1))),
         "non_finite"
     );
 
@@ -165,7 +165,7 @@ fn bad_tensors_are_typed_errors() {
     let mut mini = MiniBatchKMeans::from_first_batch_tensor(&data, 3, Seed::new(0)).unwrap();
     assert_eq!(kind(mini.partial_fit_tensor(&wide, None)), "shape_mismatch");
 
-    let pq = ProductQuantizer::train_tensor(&data, &ProductQuantizerParams::new(2, 2)).unwrap();
+    let pq = ProductQuantizer::train_tensor(&data, &ProductQuantizerConfig::new(2, 2)).unwrap();
     assert_eq!(kind(pq.encode_tensor(&wide)), "shape_mismatch");
     let codes = pq.encode_tensor(&data).unwrap();
     assert_eq!(

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use qcl_text::{
-    row_cosines, split_glosses, EmbedOptions, GlossList, GlossSplitParams, SentenceEncoder,
+    row_cosines, split_glosses, EmbedConfig, GlossList, GlossSplitConfig, SentenceEncoder,
 };
 
 #[derive(serde::Deserialize)]
@@ -30,9 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch_size = args.get(1).copied().unwrap_or(32);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let encoder = SentenceEncoder::from_folder(root.join("data/minilm"), &Device::Cpu)?
-        .with_options(EmbedOptions {
+        .with_options(EmbedConfig {
             batch_size,
-            ..EmbedOptions::default()
+            ..EmbedConfig::default()
         });
 
     let reference: Reference =
@@ -48,9 +48,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let glosses = GlossList::load(root.join("data/wordnet/glosses.json"))?;
-    let params = GlossSplitParams {
+    let params = GlossSplitConfig {
         evaluation,
-        ..GlossSplitParams::default()
+        ..GlossSplitConfig::default()
     };
     let split = split_glosses(&glosses.glosses, &params)?;
     let eval: Vec<&str> = split.evaluation.iter().map(|g| g.text.as_str()).collect();

@@ -21,7 +21,7 @@ pub const MAX_MODEL_BYTES: u64 = 4 << 30;
 
 /// How [`SentenceEncoder::embed`] works through a list of texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmbedOptions {
+pub struct EmbedConfig {
     /// Texts per forward pass (default 32, sentence-transformers' default).
     pub batch_size: usize,
     /// Batch texts of similar length together (longest first, by character count, as
@@ -32,9 +32,9 @@ pub struct EmbedOptions {
     pub progress: bool,
 }
 
-impl Default for EmbedOptions {
+impl Default for EmbedConfig {
     fn default() -> Self {
-        EmbedOptions {
+        EmbedConfig {
             batch_size: 32,
             sort_by_length: true,
             progress: true,
@@ -51,9 +51,9 @@ impl Default for EmbedOptions {
 /// (tested: at most 1e-6 per coordinate), and are the same bytes with 1 or 2 threads.
 ///
 /// ```
-/// use qcl_text::{EmbedOptions, SentenceEncoder};
+/// use qcl_text::{EmbedConfig, SentenceEncoder};
 /// let encoder = SentenceEncoder::from_folder("../../fixtures/tiny-bert", &candle_core::Device::Cpu)?
-///     .with_options(EmbedOptions { batch_size: 2, progress: false, ..EmbedOptions::default() });
+///     .with_options(EmbedConfig { batch_size: 2, progress: false, ..EmbedConfig::default() });
 /// let e = encoder.embed(&["the cat sat on the mat.", "a dog is running", "the park"])?;
 /// assert_eq!(e.dims(), [3, 32]);
 /// let norms = e.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
@@ -66,7 +66,7 @@ pub struct SentenceEncoder {
     tokenizer: SentenceTokenizer,
     config: SentenceConfig,
     device: Device,
-    options: EmbedOptions,
+    options: EmbedConfig,
 }
 
 impl SentenceEncoder {
@@ -161,18 +161,18 @@ impl SentenceEncoder {
             tokenizer,
             config,
             device,
-            options: EmbedOptions::default(),
+            options: EmbedConfig::default(),
         })
     }
 
-    /// The encoder with these [`EmbedOptions`].
-    pub fn with_options(mut self, options: EmbedOptions) -> Self {
+    /// The encoder with these [`EmbedConfig`].
+    pub fn with_options(mut self, options: EmbedConfig) -> Self {
         self.options = options;
         self
     }
 
     /// The options [`embed`](Self::embed) uses.
-    pub fn options(&self) -> &EmbedOptions {
+    pub fn options(&self) -> &EmbedConfig {
         &self.options
     }
 
@@ -278,7 +278,7 @@ impl SentenceEncoder {
     }
 
     /// Runs [`forward_tapped`](Self::forward_tapped) over `texts` in batches of
-    /// [`EmbedOptions::batch_size`] (grouped by length as [`embed`](Self::embed) groups them),
+    /// [`EmbedConfig::batch_size`] (grouped by length as [`embed`](Self::embed) groups them),
     /// for calibration: `tap` sees every Linear's input on every real token of every text.
     /// `bar` advances by one per text. Returns the number of real tokens seen.
     ///
@@ -316,7 +316,7 @@ impl SentenceEncoder {
         Ok(tokens)
     }
 
-    /// The order texts are batched in: longest first when [`EmbedOptions::sort_by_length`].
+    /// The order texts are batched in: longest first when [`EmbedConfig::sort_by_length`].
     fn batch_order(&self, texts: &[&str]) -> Vec<usize> {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         if self.options.sort_by_length {
@@ -326,7 +326,7 @@ impl SentenceEncoder {
     }
 
     /// Embeddings `[texts.len(), dim]` of `texts`, in order, computed in batches of
-    /// [`EmbedOptions::batch_size`] with a progress bar (see [`EmbedOptions`]). No texts give a
+    /// [`EmbedConfig::batch_size`] with a progress bar (see [`EmbedConfig`]). No texts give a
     /// `[0, dim]` tensor.
     ///
     /// # Errors
@@ -339,7 +339,7 @@ impl SentenceEncoder {
     }
 
     /// [`embed`](Self::embed) advancing the caller's progress bar by one per text (its length
-    /// and style are left to the caller; [`EmbedOptions::progress`] is not consulted). The
+    /// and style are left to the caller; [`EmbedConfig::progress`] is not consulted). The
     /// embeddings are the same bytes as `embed`'s.
     ///
     /// ```

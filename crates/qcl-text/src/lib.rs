@@ -12,9 +12,9 @@
 //!   between two sets of embeddings.
 //!
 //! ```
-//! use qcl_text::{EmbedOptions, SentenceEncoder};
+//! use qcl_text::{EmbedConfig, SentenceEncoder};
 //! let encoder = SentenceEncoder::from_folder("../../fixtures/tiny-bert", &candle_core::Device::Cpu)?
-//!     .with_options(EmbedOptions { progress: false, ..EmbedOptions::default() });
+//!     .with_options(EmbedConfig { progress: false, ..EmbedConfig::default() });
 //! let texts = ["a dog is running in the park", "the cat sat on the mat.", "a dog in the park"];
 //! let e = encoder.embed(&texts)?;
 //! let neighbours = qcl_text::nearest_neighbours(&e, &[0], 1)?;
@@ -32,14 +32,14 @@ pub mod wordnet;
 
 pub use bert::{BertWeights, Tap, TappedBert, LAYER_LINEARS, WORD_EMBEDDINGS};
 pub use config::{Pooling, SentenceConfig};
-pub use encoder::{EmbedOptions, SentenceEncoder};
+pub use encoder::{EmbedConfig, SentenceEncoder};
 pub use eval::{
     cosine_summary, nearest_neighbours, percentile, retrieval_agreement, row_cosines,
     CosineSummary, RetrievalAgreement,
 };
 pub use pooling::{l2_normalize, mean_pool};
 pub use tokenize::{SentenceTokenizer, TokenBatch};
-pub use wordnet::{split_glosses, Gloss, GlossList, GlossSplit, GlossSplitParams, PartOfSpeech};
+pub use wordnet::{split_glosses, Gloss, GlossList, GlossSplit, GlossSplitConfig, PartOfSpeech};
 
 /// candle-transformers' BERT configuration, re-exported for [`SentenceConfig::bert`].
 pub use candle_transformers::models::bert::Config as BertConfig;

@@ -382,7 +382,7 @@ impl GlossList {
 
 /// Sizes and seed of [`split_glosses`]; every knob named, with a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GlossSplitParams {
+pub struct GlossSplitConfig {
     /// Seed of the shuffle (default 0).
     pub seed: Seed,
     /// Calibration glosses (default 4,096).
@@ -393,9 +393,9 @@ pub struct GlossSplitParams {
     pub queries: usize,
 }
 
-impl Default for GlossSplitParams {
+impl Default for GlossSplitConfig {
     fn default() -> Self {
-        GlossSplitParams {
+        GlossSplitConfig {
             seed: Seed::new(0),
             calibration: 4096,
             evaluation: 10_000,
@@ -423,9 +423,9 @@ pub struct GlossSplit {
 /// `queries` evaluation rows are drawn by `seed.child_named("queries")`.
 ///
 /// ```
-/// use qcl_text::wordnet::{split_glosses, GlossList, GlossSplitParams};
+/// use qcl_text::wordnet::{split_glosses, GlossList, GlossSplitConfig};
 /// let list = GlossList::read_dir("../../fixtures/wordnet", "fixture")?;
-/// let params = GlossSplitParams { calibration: 8, evaluation: 30, queries: 5, ..Default::default() };
+/// let params = GlossSplitConfig { calibration: 8, evaluation: 30, queries: 5, ..Default::default() };
 /// let split = split_glosses(&list.glosses, &params)?;
 /// assert_eq!((split.calibration.len(), split.evaluation.len(), split.queries.len()), (8, 30, 5));
 /// assert_eq!(split, split_glosses(&list.glosses, &params)?); // same seed, same split
@@ -435,7 +435,7 @@ pub struct GlossSplit {
 /// # Errors
 /// [`Error::InvalidParameter`] when `evaluation` is 0, `queries > evaluation`, or there are
 /// fewer distinct glosses than `calibration + evaluation`.
-pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitParams) -> Result<GlossSplit> {
+pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitConfig) -> Result<GlossSplit> {
     if params.evaluation == 0 {
         return Err(Error::invalid_parameter("evaluation", "must be positive"));
     }

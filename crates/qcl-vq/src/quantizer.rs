@@ -12,7 +12,7 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
 use qcl_nn::ops::{mse_loss, straight_through};
 use qcl_nn::{Init, ParamPath};
-use qcl_pq::{KMeans, KMeansInit, KMeansParams};
+use qcl_pq::{KMeans, KMeansConfig, KMeansInit};
 use qcl_tensor::{
     check_finite_slice, nearest_codes_into_finite, Error, Result, SafetensorsFile, TensorSpec,
 };
@@ -794,11 +794,11 @@ impl VectorQuantizer {
             let m = p.len() / d;
             let seed = self.config.seed.child_named("kmeans").child(n as u64);
             let fitted = k.min(m);
-            let params = KMeansParams {
+            let params = KMeansConfig {
                 max_iter: self.config.kmeans_iterations,
                 init: KMeansInit::KMeansPlusPlus,
                 seed,
-                ..KMeansParams::new(fitted)
+                ..KMeansConfig::new(fitted)
             };
             let model = KMeans::fit(p, d, None, &params)?;
             let mut centroids = model.centroids;

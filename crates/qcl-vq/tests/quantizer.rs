@@ -2,7 +2,7 @@
 //! revival, k-means initialisation, gradient-mode training, resuming.
 
 use candle_core::{DType, Device, Tensor};
-use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Seed};
 use qcl_vq::{
@@ -114,7 +114,7 @@ fn gradient_mode_codebook_is_trainable_and_learns() {
     assert_eq!(store.trainable().len(), 1);
     let mut adam = Adam::new(
         store.trainable(),
-        AdamParams {
+        AdamConfig {
             lr: 0.5,
             ..Default::default()
         },

@@ -13,7 +13,7 @@ use indicatif::ProgressBar;
 use qcl_tensor::Seed;
 use qcl_wpq::{
     compress_checkpoint, Calibration, Checkpoint, CompressedCheckpoint, Method, Objective, Plan,
-    PqParams, Rule,
+    PqConfig, Rule,
 };
 
 /// The user's model: nothing here knows about qcl.
@@ -98,7 +98,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         })?;
         let plan = Plan::new(vec![Rule::new(
             "*.weight",
-            Method::Pq(PqParams::new(2, 16, objective)),
+            Method::Pq(PqConfig::new(2, 16, objective)),
         )?]);
         // Glue 2: compress the VarMap's tensors and write one file.
         let out = compress_checkpoint(

@@ -12,16 +12,16 @@ use crate::checkpoint::{
     Checkpoint, CompressedCheckpoint, CompressedTensor, Encoding, RawTensor, TensorBits,
 };
 use crate::layout::{LayerGeometry, Layout};
-use crate::objective::{quantize_pq, Evidence, PqParams, Quadratic};
-use crate::scalar::{scalar_with_outliers, ScalarParams};
+use crate::objective::{quantize_pq, Evidence, PqConfig, Quadratic};
+use crate::scalar::{scalar_with_outliers, ScalarConfig};
 use crate::select::Plan;
 
 /// How one tensor is compressed.
 ///
 /// ```
-/// use qcl_wpq::{Method, Objective, PqParams};
+/// use qcl_wpq::{Method, Objective, PqConfig};
 /// let m: Method = serde_json::from_str(r#"{"pq": {"d": 4, "k": 256, "objective": "naive"}}"#)?;
-/// assert_eq!(m, Method::Pq(PqParams::new(4, 256, Objective::Naive)));
+/// assert_eq!(m, Method::Pq(PqConfig::new(4, 256, Objective::Naive)));
 /// assert_eq!(serde_json::to_string(&Method::Fp16)?, r#""fp16""#);
 /// # Ok::<(), serde_json::Error>(())
 /// ```
@@ -31,11 +31,11 @@ pub enum Method {
     /// Every value in fp16.
     Fp16,
     /// Round-to-nearest on per-group (or per-channel) grids.
-    Rtn(ScalarParams),
+    Rtn(ScalarConfig),
     /// GPTQ: the same grids with error feedback (needs calibration).
-    Gptq(ScalarParams),
+    Gptq(ScalarConfig),
     /// Product quantization under an objective.
-    Pq(PqParams),
+    Pq(PqConfig),
 }
 
 impl Method {
@@ -90,9 +90,9 @@ pub struct Compressed {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use qcl_tensor::Seed;
-/// use qcl_wpq::{compress_tensor, Method, RawTensor, ScalarParams};
+/// use qcl_wpq::{compress_tensor, Method, RawTensor, ScalarConfig};
 /// let w = RawTensor::from_tensor(&Tensor::arange(0f32, 256.0, &Device::Cpu)?.reshape((4, 64))?)?;
-/// let (t, report) = compress_tensor("w", &w, &Method::Rtn(ScalarParams::new(4, Some(32))), None,
+/// let (t, report) = compress_tensor("w", &w, &Method::Rtn(ScalarConfig::new(4, Some(32))), None,
 ///     Seed::new(0))?;
 /// assert_eq!(report.bits.bits_per_weight(), 5.0); // 4 + 32/32
 /// assert_eq!(t.decode()?.len(), 256);

@@ -97,7 +97,7 @@ pub fn pooled_gram(patches: &[f32], patch_len: usize, d: usize) -> Result<Vec<f6
 
 /// EM hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EmParams {
+pub struct EmConfig {
     /// Centroids per codebook `K`.
     pub k: usize,
     /// EM iterations.
@@ -109,9 +109,9 @@ pub struct EmParams {
     pub seed: Seed,
 }
 
-impl Default for EmParams {
+impl Default for EmConfig {
     fn default() -> Self {
-        EmParams {
+        EmConfig {
             k: 64,
             iterations: 30,
             epsilon: 1e-8,
@@ -138,10 +138,10 @@ pub struct EmOutcome {
 /// centroids per group (`groups[j]` < `n_groups`; all zero for one shared codebook).
 ///
 /// ```
-/// use qcl_wpq::{activation_aware_em, EmParams, MetricSource};
+/// use qcl_wpq::{activation_aware_em, EmConfig, MetricSource};
 /// let u: Vec<f32> = (0..64).map(|i| (i % 8) as f32).collect(); // 32 points in 2-D
 /// let out = activation_aware_em(&u, 2, &vec![0; 32], 1, None, MetricSource::Identity,
-///     EmParams { k: 4, iterations: 5, ..Default::default() })?;
+///     EmConfig { k: 4, iterations: 5, ..Default::default() })?;
 /// assert!(out.assignments.iter().all(|&a| a < 4));
 /// assert_eq!(*out.objective.last().unwrap(), 0.0); // four distinct points, four centroids
 /// # Ok::<(), qcl_tensor::Error>(())
@@ -158,7 +158,7 @@ pub fn activation_aware_em(
     n_groups: usize,
     init: Option<&[f32]>,
     source: MetricSource<'_>,
-    params: EmParams,
+    params: EmConfig,
 ) -> Result<EmOutcome> {
     em(
         subvectors,
@@ -176,10 +176,10 @@ pub fn activation_aware_em(
 /// frequency).
 ///
 /// ```
-/// use qcl_wpq::{weighted_em, EmParams, MetricSource};
+/// use qcl_wpq::{weighted_em, EmConfig, MetricSource};
 /// // Two points, one centroid: the weighted mean, three times closer to the heavier point.
 /// let out = weighted_em(&[0.0, 4.0], 1, &[0, 0], 1, None, MetricSource::Identity, &[3.0, 1.0],
-///     EmParams { k: 1, iterations: 2, ..Default::default() })?;
+///     EmConfig { k: 1, iterations: 2, ..Default::default() })?;
 /// assert_eq!(out.centroids, vec![1.0]);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
@@ -196,7 +196,7 @@ pub fn weighted_em(
     init: Option<&[f32]>,
     source: MetricSource<'_>,
     weights: &[f32],
-    params: EmParams,
+    params: EmConfig,
 ) -> Result<EmOutcome> {
     if weights.len() != subvectors.len() / d.max(1)
         || weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
@@ -224,7 +224,7 @@ fn em(
     init: Option<&[f32]>,
     source: MetricSource<'_>,
     weights: Option<&[f32]>,
-    params: EmParams,
+    params: EmConfig,
 ) -> Result<EmOutcome> {
     let k = params.k;
     let (n_sv, members) = group_members(subvectors, d, (groups, n_groups), k)?;

@@ -11,14 +11,14 @@
 //! use candle_core::{DType, Device, Tensor};
 //! use indicatif::ProgressBar;
 //! use qcl_wpq::{compress_checkpoint, Calibration, Checkpoint, CompressedCheckpoint, Method,
-//!     Objective, PqParams, Plan, Rule};
+//!     Objective, PqConfig, Plan, Rule};
 //! let dev = Device::Cpu;
 //! let w = Tensor::randn(0f32, 1.0, (16, 32), &dev)?;
 //! let checkpoint = Checkpoint::from_tensors([("fc.weight", w), ("fc.bias", Tensor::zeros(16, DType::F32, &dev)?)])?;
 //! // The user's forward pass records each layer's input under its weight name.
 //! let calib = Calibration::new();
 //! calib.record("fc.weight", &Tensor::randn(0f32, 1.0, (64, 32), &dev)?)?;
-//! let plan = Plan::new(vec![Rule::new("*.weight", Method::Pq(PqParams::new(4, 16, Objective::ErrorFeedback)))?]);
+//! let plan = Plan::new(vec![Rule::new("*.weight", Method::Pq(PqConfig::new(4, 16, Objective::ErrorFeedback)))?]);
 //! let out = compress_checkpoint(&checkpoint, &plan, &calib, &ProgressBar::hidden())?;
 //! assert_eq!(out.reports[0].bits.bits_per_weight(), (128.0 * 4.0 + 16.0 * 4.0 * 16.0) / 512.0);
 //! let bytes = out.checkpoint.to_bytes()?;
@@ -92,18 +92,18 @@ pub use compress::{compress, CompressConfig, CompressOutcome, LayerReport};
 pub use compressed::{size_report, CompressedModel, QuantizedLayer, SizeReport};
 pub use compressor::{compress_checkpoint, compress_tensor, Compressed, Method, TensorReport};
 pub use em::{
-    activation_aware_em, e_step, pooled_gram, surrogate_objective, weighted_em, EmOutcome,
-    EmParams, MetricSource, Objective, PatchSampler,
+    activation_aware_em, e_step, pooled_gram, surrogate_objective, weighted_em, EmConfig,
+    EmOutcome, MetricSource, Objective, PatchSampler,
 };
 pub use layout::{clamp_centroids, index_bits, LayerGeometry, LayerKind, Layout};
 pub use metric::Metric;
-pub use model::{Arch, Forward, ForwardOptions, Model, Pool, MODEL_FORMAT};
+pub use model::{Arch, Forward, ForwardConfig, Model, Pool, MODEL_FORMAT};
 pub use objective::{
-    finetune_codebooks, quantize_pq, Evidence, FinetuneGuard, OutlierColumns, PqOutcome, PqParams,
+    finetune_codebooks, quantize_pq, Evidence, FinetuneGuard, OutlierColumns, PqConfig, PqOutcome,
     Quadratic, GUARD_STEPS, MAX_CENTROIDS, MAX_DENSE_UNKNOWNS, MAX_ROUNDS,
 };
 pub use pq_tensor::{PqTensor, Sharing};
-pub use scalar::{gptq, rtn, ScalarCodes, ScalarParams, ScalarTensor};
+pub use scalar::{gptq, rtn, ScalarCodes, ScalarConfig, ScalarTensor};
 pub use select::{Pattern, Plan, Rule};
 pub use sgd::CentroidSgd;
 pub use staged::compress_checkpoint_staged;

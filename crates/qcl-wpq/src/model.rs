@@ -159,7 +159,7 @@ impl Arch {
 
 /// Options of [`Model::forward`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ForwardOptions<'a> {
+pub struct ForwardConfig<'a> {
     /// BatchNorm uses batch statistics (and returns them) instead of running statistics.
     pub train: bool,
     /// Tensors used instead of the model's own (e.g. a weight decoded from a codebook).
@@ -184,10 +184,10 @@ pub struct Forward {
 /// A dense model: an architecture and its named tensors.
 ///
 /// ```
-/// use qcl_wpq::{Arch, ForwardOptions, Model};
+/// use qcl_wpq::{Arch, ForwardConfig, Model};
 /// let model = Model::new(Arch::FmNet, qcl_tensor::Seed::new(1))?;
 /// let x = candle_core::Tensor::zeros((2, 1, 28, 28), candle_core::DType::F32, &candle_core::Device::Cpu)?;
-/// let out = model.forward(&x, ForwardOptions::default())?;
+/// let out = model.forward(&x, ForwardConfig::default())?;
 /// assert_eq!(out.logits.dims(), &[2, 10]);
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
@@ -325,7 +325,7 @@ impl Model {
     ///
     /// # Errors
     /// A candle or qcl-nn error (e.g. wrong input shape).
-    pub fn forward(&self, x: &Tensor, opts: ForwardOptions<'_>) -> Result<Forward> {
+    pub fn forward(&self, x: &Tensor, opts: ForwardConfig<'_>) -> Result<Forward> {
         let get = |name: &str| -> Result<Tensor> {
             if let Some(t) = opts.overrides.and_then(|o| o.get(name)) {
                 return Ok(t.clone());
@@ -392,7 +392,7 @@ impl Model {
         Ok(self
             .forward(
                 x,
-                ForwardOptions {
+                ForwardConfig {
                     detach: true,
                     ..Default::default()
                 },
@@ -552,7 +552,7 @@ impl candle_nn::ModuleT for Model {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.forward(
             xs,
-            ForwardOptions {
+            ForwardConfig {
                 train,
                 ..Default::default()
             },

@@ -21,7 +21,7 @@ pub const MAX_SCALAR_BITS: u32 = 8;
 /// Every knob of a scalar method, with defaults (int4, group 128, GPTQ's damping and batch).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ScalarParams {
+pub struct ScalarConfig {
     /// Bits per weight, `1..=8`.
     pub bits: u32,
     /// Weights per group along a row; `None` for one group per row (per channel).
@@ -36,9 +36,9 @@ pub struct ScalarParams {
     pub outliers: OutlierColumns,
 }
 
-impl Default for ScalarParams {
+impl Default for ScalarConfig {
     fn default() -> Self {
-        ScalarParams {
+        ScalarConfig {
             bits: 4,
             group: Some(128),
             damp: 0.01,
@@ -48,10 +48,10 @@ impl Default for ScalarParams {
     }
 }
 
-impl ScalarParams {
+impl ScalarConfig {
     /// `bits` per weight in groups of `group` (`None`: per channel).
     pub fn new(bits: u32, group: Option<usize>) -> Self {
-        ScalarParams {
+        ScalarConfig {
             bits,
             group,
             ..Default::default()
@@ -105,9 +105,9 @@ pub struct ScalarCodes {
 /// A weight quantized to a scalar grid.
 ///
 /// ```
-/// use qcl_wpq::{rtn, ScalarParams};
+/// use qcl_wpq::{rtn, ScalarConfig};
 /// let w = [0.0f32, 1.0, 2.0, 3.0, -1.0, -0.5, 0.0, 0.5];
-/// let q = rtn(&w, &[2, 4], &ScalarParams::new(2, Some(4)))?;
+/// let q = rtn(&w, &[2, 4], &ScalarConfig::new(2, Some(4)))?;
 /// // Row 0: lo = 0, hi = 3, s = 1 → exact; row 1: s = 0.5, also exact.
 /// assert_eq!(q.decode()?, w.to_vec());
 /// assert_eq!(q.index_bits() + q.scale_bits(), 8 * 2 + 2 * 32);
@@ -256,8 +256,8 @@ fn matrix_of(weight: &[f32], shape: &[usize]) -> Result<(usize, usize)> {
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] for a weight of rank < 2 or the wrong size, [`Error::NonFinite`],
-/// and as [`ScalarParams::group_for`].
-pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarParams) -> Result<ScalarTensor> {
+/// and as [`ScalarConfig::group_for`].
+pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarConfig) -> Result<ScalarTensor> {
     let (rows, cols) = matrix_of(weight, shape)?;
     let group = params.group_for(cols)?;
     let per_row = cols.div_ceil(group);
@@ -294,7 +294,7 @@ pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarParams) -> Result<Sca
 pub fn gptq(
     weight: &[f32],
     shape: &[usize],
-    params: &ScalarParams,
+    params: &ScalarConfig,
     quad: &Quadratic,
 ) -> Result<ScalarTensor> {
     let (rows, cols) = matrix_of(weight, shape)?;
@@ -329,7 +329,7 @@ pub fn gptq(
 pub(crate) fn scalar_with_outliers(
     weight: &[f32],
     shape: &[usize],
-    params: &ScalarParams,
+    params: &ScalarConfig,
     quad: Option<&Quadratic>,
     feedback: bool,
 ) -> Result<(ScalarTensor, Option<ExactColumns>)> {

@@ -115,10 +115,10 @@ impl Rule {
 /// the seed of every random choice.
 ///
 /// ```
-/// use qcl_wpq::{Method, Plan, Rule, ScalarParams};
+/// use qcl_wpq::{Method, Plan, Rule, ScalarConfig};
 /// let plan = Plan::new(vec![
 ///     Rule::new("*.query.weight", Method::Fp16)?,
-///     Rule::new("*.weight", Method::Rtn(ScalarParams::new(8, None)))?,
+///     Rule::new("*.weight", Method::Rtn(ScalarConfig::new(8, None)))?,
 /// ]);
 /// let names = ["a.query.weight", "a.query.bias", "a.key.weight"];
 /// let chosen = plan.select(names.iter().copied())?;

@@ -24,7 +24,7 @@ use crate::select::{Pattern, Plan};
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
 /// use indicatif::ProgressBar;
-/// use qcl_wpq::{compress_checkpoint_staged, Checkpoint, Method, Objective, Pattern, PqParams,
+/// use qcl_wpq::{compress_checkpoint_staged, Checkpoint, Method, Objective, Pattern, PqConfig,
 ///     Plan, Rule};
 /// let dev = Device::Cpu;
 /// let checkpoint = Checkpoint::from_tensors([
@@ -32,7 +32,7 @@ use crate::select::{Pattern, Plan};
 ///     ("fc2.weight", Tensor::randn(0f32, 1.0, (4, 16), &dev)?),
 /// ])?;
 /// let x = Tensor::randn(0f32, 1.0, (64, 8), &dev)?;
-/// let method = Method::Pq(PqParams::new(2, 8, Objective::ErrorFeedback));
+/// let method = Method::Pq(PqConfig::new(2, 8, Objective::ErrorFeedback));
 /// let plan = Plan::new(vec![Rule::new("*.weight", method)?]);
 /// let stages = [Pattern::new("fc1.*")?, Pattern::new("fc2.*")?];
 /// let out = compress_checkpoint_staged(&checkpoint, &plan, &stages, |vb, calib| {

@@ -3,11 +3,11 @@
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use qcl_data::{Dataset, Normalization};
-use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_tensor::{Error, Result, Seed};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Arch, ForwardOptions, Model};
+use crate::model::{Arch, ForwardConfig, Model};
 
 /// Fashion-MNIST standardisation (mean and standard deviation of the training pixels).
 pub const FMNIST_NORMALIZATION: Normalization = Normalization::Standardize {
@@ -124,7 +124,7 @@ pub fn train_teacher(cfg: &TeacherConfig, train: &Dataset, bar: &ProgressBar) ->
     let steps_per_epoch = (n / stream.batch).max(1);
     let mut opt = Adam::new(
         model.trainable(),
-        AdamParams {
+        AdamConfig {
             lr: cfg.lr,
             ..Default::default()
         },
@@ -139,7 +139,7 @@ pub fn train_teacher(cfg: &TeacherConfig, train: &Dataset, bar: &ProgressBar) ->
             let (x, y) = stream.next_batch()?;
             let out = model.forward(
                 &x,
-                ForwardOptions {
+                ForwardConfig {
                     train: true,
                     ..Default::default()
                 },

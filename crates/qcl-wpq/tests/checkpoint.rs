@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use qcl_tensor::{Error, Seed};
 use qcl_wpq::{
     compress_checkpoint, Calibration, Checkpoint, CompressedCheckpoint, ConvInput, Layout, Method,
-    Objective, Plan, PqParams, RawTensor, Rule, ScalarParams, Sharing,
+    Objective, Plan, PqConfig, RawTensor, Rule, ScalarConfig, Sharing,
 };
 use safetensors::{Dtype, SafeTensors};
 
@@ -64,25 +64,25 @@ fn model() -> (Checkpoint, Calibration) {
 }
 
 fn plan() -> Plan {
-    let pq = |d, k, objective| Method::Pq(PqParams::new(d, k, objective));
+    let pq = |d, k, objective| Method::Pq(PqConfig::new(d, k, objective));
     Plan::new(vec![
         Rule::new("emb.weight", pq(4, 8, Objective::ActivationAware)).unwrap(),
         Rule::new(
             "fc1.*eight",
-            Method::Pq(PqParams {
+            Method::Pq(PqConfig {
                 finetune_rounds: 2,
                 sharing: Sharing::Rows(2),
-                ..PqParams::new(2, 16, Objective::ErrorFeedback)
+                ..PqConfig::new(2, 16, Objective::ErrorFeedback)
             }),
         )
         .unwrap(),
-        Rule::new("fc2.weight", Method::Gptq(ScalarParams::new(4, Some(8)))).unwrap(),
-        Rule::new("head.*", Method::Rtn(ScalarParams::new(8, None))).unwrap(),
+        Rule::new("fc2.weight", Method::Gptq(ScalarConfig::new(4, Some(8)))).unwrap(),
+        Rule::new("head.*", Method::Rtn(ScalarConfig::new(8, None))).unwrap(),
         Rule::new(
             "conv.weight",
-            Method::Pq(PqParams {
+            Method::Pq(PqConfig {
                 layout: Layout::ChannelMajor,
-                ..PqParams::new(4, 8, Objective::ErrorFeedback)
+                ..PqConfig::new(4, 8, Objective::ErrorFeedback)
             }),
         )
         .unwrap(),
@@ -193,7 +193,7 @@ fn one(pattern: &str, method: Method) -> Plan {
 fn bad_plans_and_weights_are_typed_errors() {
     let (ckpt, calib) = model();
     let empty = Calibration::new();
-    let naive = |d, k| Method::Pq(PqParams::new(d, k, Objective::Naive));
+    let naive = |d, k| Method::Pq(PqConfig::new(d, k, Objective::Naive));
     assert!(Rule::new("fc[12].weight", Method::Fp16).is_err());
     let e = err_of(one("decoder.*", Method::Fp16), &ckpt, &empty);
     assert!(
@@ -226,9 +226,9 @@ fn bad_plans_and_weights_are_typed_errors() {
     );
     // Methods that need calibration, without it.
     for m in [
-        Method::Gptq(ScalarParams::default()),
-        Method::Pq(PqParams::new(4, 4, Objective::ActivationAware)),
-        Method::Pq(PqParams::new(4, 4, Objective::ErrorFeedback)),
+        Method::Gptq(ScalarConfig::default()),
+        Method::Pq(PqConfig::new(4, 4, Objective::ActivationAware)),
+        Method::Pq(PqConfig::new(4, 4, Objective::ErrorFeedback)),
     ] {
         let e = err_of(one("fc1.weight", m), &ckpt, &empty);
         assert_eq!(e.kind(), "empty_input", "{e}");
@@ -255,7 +255,7 @@ fn bad_plans_and_weights_are_typed_errors() {
     let wrong = Calibration::new();
     wrong.record("fc1.weight", &randn(&[2, 16], 1)).unwrap();
     let e = err_of(
-        one("fc1.weight", Method::Gptq(ScalarParams::default())),
+        one("fc1.weight", Method::Gptq(ScalarConfig::default())),
         &ckpt,
         &wrong,
     );
@@ -263,7 +263,7 @@ fn bad_plans_and_weights_are_typed_errors() {
     let ids = Calibration::new();
     ids.record("emb.weight", &Tensor::new(&[41u32], &Device::Cpu).unwrap())
         .unwrap();
-    let m = Method::Pq(PqParams::new(4, 4, Objective::ActivationAware));
+    let m = Method::Pq(PqConfig::new(4, 4, Objective::ActivationAware));
     let e = err_of(one("emb.weight", m), &ckpt, &ids);
     assert!(e.to_string().contains("token id 41"), "{e}");
     let _ = calib;
@@ -304,7 +304,7 @@ fn bad_recordings_are_typed_errors() {
         .unwrap();
     let ckpt = Checkpoint::from_tensors([("e", randn(&[4, 8], 2))]).unwrap();
     let e = err_of(
-        one("e", Method::Gptq(ScalarParams::default())),
+        one("e", Method::Gptq(ScalarConfig::default())),
         &ckpt,
         &Calibration::new(),
     );
@@ -312,7 +312,7 @@ fn bad_recordings_are_typed_errors() {
     let only_e = Calibration::new();
     only_e.insert("e", calib.stats("e").unwrap());
     let e = err_of(
-        one("e", Method::Gptq(ScalarParams::default())),
+        one("e", Method::Gptq(ScalarConfig::default())),
         &ckpt,
         &only_e,
     );
@@ -369,10 +369,10 @@ fn foreign_truncated_and_corrupt_files_are_typed_errors() {
     let plan = Plan::new(vec![
         Rule::new(
             "fc1.weight",
-            Method::Pq(PqParams::new(4, 3, Objective::Naive)),
+            Method::Pq(PqConfig::new(4, 3, Objective::Naive)),
         )
         .unwrap(),
-        Rule::new("head.weight", Method::Rtn(ScalarParams::new(4, Some(4)))).unwrap(),
+        Rule::new("head.weight", Method::Rtn(ScalarConfig::new(4, Some(4)))).unwrap(),
     ]);
     let good = compress(&ckpt, &calib, &plan).unwrap().to_bytes().unwrap();
     assert!(CompressedCheckpoint::from_bytes("good", &good).is_ok());
@@ -453,8 +453,8 @@ proptest! {
         let ckpt = Checkpoint::from_tensors([("a", w.clone()), ("b", w)]).unwrap();
         let k = k.min(rows * slabs);
         let plan = Plan::new(vec![
-            Rule::new("a", Method::Rtn(ScalarParams::new(bits, Some(3)))).unwrap(),
-            Rule::new("b", Method::Pq(PqParams { em_iterations: 2, ..PqParams::new(2, k, Objective::Naive) })).unwrap(),
+            Rule::new("a", Method::Rtn(ScalarConfig::new(bits, Some(3)))).unwrap(),
+            Rule::new("b", Method::Pq(PqConfig { em_iterations: 2, ..PqConfig::new(2, k, Objective::Naive) })).unwrap(),
         ]);
         let c = compress(&ckpt, &Calibration::new(), &plan).unwrap();
         let back = CompressedCheckpoint::from_bytes("p", &c.to_bytes().unwrap()).unwrap();

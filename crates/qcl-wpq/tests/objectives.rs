@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use qcl_tensor::Seed;
 use qcl_wpq::{
     compress_tensor, finetune_codebooks, gptq, quantize_pq, rtn, Evidence, InputStats,
-    LayerGeometry, LayerStats, Layout, Method, Objective, PqParams, PqTensor, Quadratic, RawTensor,
-    ScalarParams, Sharing,
+    LayerGeometry, LayerStats, Layout, Method, Objective, PqConfig, PqTensor, Quadratic, RawTensor,
+    ScalarConfig, Sharing,
 };
 
 /// `Σ xᵀx` of `rows` inputs whose coordinates are strongly correlated: a stationary AR(1)
@@ -67,7 +67,7 @@ proptest! {
         let cols = slabs * d;
         let w = Seed::new(seed).rng().normal_vec(rows * cols, 0.0, 1.0);
         let k = (rows * slabs).min(4);
-        let params = PqParams { em_iterations: 3, ..PqParams::new(d, k, Objective::ErrorFeedback) };
+        let params = PqConfig { em_iterations: 3, ..PqConfig::new(d, k, Objective::ErrorFeedback) };
         let stats = identity_stats(cols);
         let out = quantize_pq(&w, &[rows, cols], &params, Evidence::Stats(&stats), Seed::new(seed)).unwrap();
         let t = out.tensor;
@@ -113,7 +113,7 @@ proptest! {
         let mut gram = vec![0f64; cols * cols];
         (0..cols).for_each(|i| gram[i * cols + i] = f64::from(diag[i]));
         let quad = Quadratic::from_gram(gram, cols).unwrap();
-        let params = ScalarParams { block_columns: 16, ..ScalarParams::new(bits, group) };
+        let params = ScalarConfig { block_columns: 16, ..ScalarConfig::new(bits, group) };
         let a = gptq(&w, &[rows, cols], &params, &quad).unwrap();
         let b = rtn(&w, &[rows, cols], &params).unwrap();
         prop_assert_eq!(a, b);
@@ -127,9 +127,9 @@ proptest! {
         let raw = RawTensor::from_f32(&w, vec![rows, cols], safetensors::Dtype::F32).unwrap();
         let (m, expected) = match method {
             0 => (Method::Fp16, 16 * rows * cols),
-            1 => (Method::Rtn(ScalarParams::new(3, Some(4))), 3 * rows * cols + 32 * rows * slabs),
-            2 => (Method::Rtn(ScalarParams::new(8, None)), 8 * rows * cols + 32 * rows),
-            _ => (Method::Pq(PqParams::new(d, k, Objective::Naive)), rows * slabs + 16 * k * d),
+            1 => (Method::Rtn(ScalarConfig::new(3, Some(4))), 3 * rows * cols + 32 * rows * slabs),
+            2 => (Method::Rtn(ScalarConfig::new(8, None)), 8 * rows * cols + 32 * rows),
+            _ => (Method::Pq(PqConfig::new(d, k, Objective::Naive)), rows * slabs + 16 * k * d),
         };
         let (t, report) = compress_tensor("w", &raw, &m, None, Seed::new(seed)).unwrap();
         prop_assert_eq!(t.decode().unwrap().len(), rows * cols);
@@ -150,7 +150,7 @@ fn scalar_bits_per_weight_match_the_usual_accounting() {
         (3, Some(128), 3.25),
         (8, None, 8.125),
     ] {
-        let m = Method::Rtn(ScalarParams::new(bits, group));
+        let m = Method::Rtn(ScalarConfig::new(bits, group));
         let (_, report) = compress_tensor("w", &raw, &m, None, Seed::new(0)).unwrap();
         assert_eq!(report.bits.bits_per_weight(), bpw, "int{bits} {group:?}");
     }
@@ -244,11 +244,11 @@ fn objectives_order_on_correlated_inputs() {
         let (stats, _) = correlated_stats(cols, 256, 200 + seed);
         let pq = |objective, finetune_rounds| {
             // Hand-made statistics carry no row sample for the held-out guard.
-            Method::Pq(PqParams {
+            Method::Pq(PqConfig {
                 em_iterations: 15,
                 finetune_rounds,
                 guard: qcl_wpq::FinetuneGuard::Off,
-                ..PqParams::new(4, 16, objective)
+                ..PqConfig::new(4, 16, objective)
             })
         };
         for (i, m) in [
@@ -281,7 +281,7 @@ fn embedding_rows_are_weighted_by_token_counts() {
         counts.insert(id, 1000);
     });
     let stats = LayerStats::Tokens(qcl_wpq::TokenStats { counts, rows: 8000 });
-    let m = Method::Pq(PqParams::new(4, 8, Objective::ActivationAware));
+    let m = Method::Pq(PqConfig::new(4, 8, Objective::ActivationAware));
     let row_error = |t: &qcl_wpq::CompressedTensor, rows: std::ops::Range<usize>| {
         let dec = t.decode().unwrap();
         rows.map(|r| {
@@ -292,7 +292,7 @@ fn embedding_rows_are_weighted_by_token_counts() {
         .sum::<f32>()
     };
     let (weighted, _) = compress_tensor("e", &raw, &m, Some(&stats), Seed::new(0)).unwrap();
-    let naive = Method::Pq(PqParams::new(4, 8, Objective::Naive));
+    let naive = Method::Pq(PqConfig::new(4, 8, Objective::Naive));
     let (plain, _) = compress_tensor("e", &raw, &naive, None, Seed::new(0)).unwrap();
     assert!(row_error(&weighted, 0..8) < 0.5 * row_error(&plain, 0..8));
 }

@@ -9,14 +9,14 @@ use qcl_tensor::{Error, Seed};
 use qcl_wpq::{
     compress_checkpoint, compress_checkpoint_staged, quantize_pq, Calibration, Checkpoint,
     CompressedCheckpoint, Evidence, FinetuneGuard, LayerStats, Method, Objective, OutlierColumns,
-    Pattern, Plan, PqParams, Rule, ScalarParams, GUARD_STEPS,
+    Pattern, Plan, PqConfig, Rule, ScalarConfig, GUARD_STEPS,
 };
 
 /// `quantize_pq` of a `[rows, cols]` weight with recorded input statistics.
 fn pq_with_stats(
     w: &[f32],
     shape: [usize; 2],
-    params: &PqParams,
+    params: &PqConfig,
     stats: &LayerStats,
     seed: u64,
 ) -> qcl_tensor::Result<qcl_wpq::PqOutcome> {
@@ -113,9 +113,9 @@ proptest! {
         let x = massive_inputs(200, cols, 3, 30.0, seed);
         let stats = stats_of(&x);
         let w = values(&randn(&[rows, cols], seed + 1));
-        let params = PqParams {
+        let params = PqConfig {
             outliers: OutlierColumns::Top(s),
-            ..PqParams::new(2, 4, Objective::ErrorFeedback)
+            ..PqConfig::new(2, 4, Objective::ErrorFeedback)
         };
         let out = pq_with_stats(&w, [rows, cols], &params, &stats, seed).unwrap();
         let exact = out.outliers.clone().unwrap();
@@ -168,9 +168,9 @@ fn outlier_columns_rescue_a_layer_with_a_massive_feature() {
     let stats = stats_of(&x);
     let w = values(&randn(&[rows, cols], 2));
     let error = |outliers| {
-        let params = PqParams {
+        let params = PqConfig {
             outliers,
-            ..PqParams::new(2, 8, Objective::ErrorFeedback)
+            ..PqConfig::new(2, 8, Objective::ErrorFeedback)
         };
         let out = pq_with_stats(&w, [rows, cols], &params, &stats, 3).unwrap();
         let rest = out.tensor.decode().unwrap();
@@ -186,12 +186,12 @@ fn outlier_columns_rescue_a_layer_with_a_massive_feature() {
         "keeping the massive column: {kept} vs {plain}"
     );
     // The threshold rule finds the same column (and rounds up to d = 2: one more).
-    let params = PqParams {
+    let params = PqConfig {
         outliers: OutlierColumns::Threshold {
             ratio: 100.0,
             max: 4,
         },
-        ..PqParams::new(2, 8, Objective::ErrorFeedback)
+        ..PqConfig::new(2, 8, Objective::ErrorFeedback)
     };
     let out = pq_with_stats(&w, [rows, cols], &params, &stats, 3).unwrap();
     let columns = out.outliers.unwrap().columns;
@@ -202,9 +202,9 @@ fn outlier_columns_rescue_a_layer_with_a_massive_feature() {
 #[test]
 fn outlier_requests_without_inputs_or_on_4d_weights_are_typed_errors() {
     let w = values(&randn(&[4, 8], 1));
-    let params = PqParams {
+    let params = PqConfig {
         outliers: OutlierColumns::Top(2),
-        ..PqParams::new(2, 4, Objective::Naive)
+        ..PqConfig::new(2, 4, Objective::Naive)
     };
     let e = quantize_pq(&w, &[4, 8], &params, Evidence::None, Seed::new(0)).unwrap_err();
     assert!(matches!(e, Error::EmptyInput(_)), "{e:?}");
@@ -230,7 +230,7 @@ fn outlier_requests_without_inputs_or_on_4d_weights_are_typed_errors() {
     .unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { .. }), "{e:?}");
     let stats = stats_of(&randn(&[10, 8], 2));
-    let bad = PqParams {
+    let bad = PqConfig {
         outliers: OutlierColumns::Threshold {
             ratio: f64::NAN,
             max: 2,
@@ -257,17 +257,17 @@ fn outlier_columns_are_stored_counted_and_reloaded_exactly() {
         calib.record(name, &x).unwrap();
     }
     let outliers = OutlierColumns::Top(2);
-    let scalar = ScalarParams {
+    let scalar = ScalarConfig {
         outliers,
-        ..ScalarParams::new(4, Some(7))
+        ..ScalarConfig::new(4, Some(7))
     };
     let plan = Plan::new(vec![
         Rule::new(
             "pq.*",
-            Method::Pq(PqParams {
+            Method::Pq(PqConfig {
                 outliers,
                 finetune_rounds: 1,
-                ..PqParams::new(2, 4, Objective::ErrorFeedback)
+                ..PqConfig::new(2, 4, Objective::ErrorFeedback)
             }),
         )
         .unwrap(),
@@ -318,10 +318,10 @@ fn guarded_finetune_takes_only_the_documented_steps() {
     let stats = stats_of(&x);
     let w = values(&randn(&[rows, cols], 6));
     for guard in [FinetuneGuard::Off, FinetuneGuard::HeldOut] {
-        let params = PqParams {
+        let params = PqConfig {
             guard,
             finetune_rounds: 2,
-            ..PqParams::new(2, 8, Objective::ErrorFeedback)
+            ..PqConfig::new(2, 8, Objective::ErrorFeedback)
         };
         let out = pq_with_stats(&w, [rows, cols], &params, &stats, 1).unwrap();
         assert_eq!(out.finetune_steps.len(), 2);
@@ -338,9 +338,9 @@ fn guarded_finetune_takes_only_the_documented_steps() {
     let calib = Calibration::new().with_sample_rows(0);
     calib.record("w", &x).unwrap();
     let stats = calib.stats("w").unwrap();
-    let params = PqParams {
+    let params = PqConfig {
         finetune_rounds: 1,
-        ..PqParams::new(2, 8, Objective::ErrorFeedback)
+        ..PqConfig::new(2, 8, Objective::ErrorFeedback)
     };
     let e = pq_with_stats(&w, [rows, cols], &params, &stats, 1).unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { .. }), "{e:?}");
@@ -390,10 +390,10 @@ fn staged_calibration_sees_the_compressed_earlier_layers() {
     .unwrap();
     let x = randn(&[64, 8], 3);
     let plan = Plan::new(vec![
-        Rule::new("fc1.*", Method::Rtn(ScalarParams::new(2, None))).unwrap(),
+        Rule::new("fc1.*", Method::Rtn(ScalarConfig::new(2, None))).unwrap(),
         Rule::new(
             "fc2.*",
-            Method::Pq(PqParams::new(2, 4, Objective::ErrorFeedback)),
+            Method::Pq(PqConfig::new(2, 4, Objective::ErrorFeedback)),
         )
         .unwrap(),
     ]);
@@ -433,7 +433,7 @@ fn staged_calibration_sees_the_compressed_earlier_layers() {
         &checkpoint,
         &Plan::new(vec![Rule::new(
             "fc2.*",
-            Method::Pq(PqParams::new(2, 4, Objective::ErrorFeedback)),
+            Method::Pq(PqConfig::new(2, 4, Objective::ErrorFeedback)),
         )
         .unwrap()]),
         &direct,

@@ -11,7 +11,7 @@ use qcl_tensor::{SafetensorsFile, Seed};
 use qcl_wpq::compress::FMNIST_NORMALIZATION;
 use qcl_wpq::{
     compress, evaluate, index_bits, train_teacher, uniform_quantize, uniform_size, Arch,
-    CompressConfig, CompressedModel, ForwardOptions, Layout, Model, Objective, TeacherConfig,
+    CompressConfig, CompressedModel, ForwardConfig, Layout, Model, Objective, TeacherConfig,
     CHECKPOINT_FORMAT,
 };
 
@@ -55,7 +55,7 @@ fn logits(model: &Model, data: &SplitDataset) -> Vec<u32> {
             &Device::Cpu,
         )
         .unwrap();
-    let out = model.forward(&x, ForwardOptions::default()).unwrap().logits;
+    let out = model.forward(&x, ForwardConfig::default()).unwrap().logits;
     out.flatten_all()
         .unwrap()
         .to_vec1::<f32>()

@@ -7,7 +7,7 @@ use qcl_tensor::Seed;
 use qcl_wpq::compress::LayerInputs;
 use qcl_wpq::{
     activation_aware_em, clamp_centroids, e_step, pooled_gram, size_report, surrogate_objective,
-    Arch, CentroidSgd, EmParams, ForwardOptions, LayerGeometry, LayerKind, Layout, Metric,
+    Arch, CentroidSgd, EmConfig, ForwardConfig, LayerGeometry, LayerKind, Layout, Metric,
     MetricSource, Model, PqTensor, Sharing,
 };
 
@@ -86,7 +86,7 @@ proptest! {
         let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
         let k = 1usize << k_pow;
         let out = activation_aware_em(&points, d, &vec![0; n], 1, None, MetricSource::Fixed(&metric),
-            EmParams { k, iterations: 8, seed: Seed::new(seed), ..Default::default() }).unwrap();
+            EmConfig { k, iterations: 8, seed: Seed::new(seed), ..Default::default() }).unwrap();
         prop_assert!(out.assignments.iter().all(|&a| (a as usize) < k));
         let mut counts = vec![0; k];
         out.assignments.iter().for_each(|&a| counts[a as usize] += 1);
@@ -280,7 +280,7 @@ fn m_step_mean_and_null_space() {
         1,
         None,
         MetricSource::Fixed(&metric),
-        EmParams {
+        EmConfig {
             k: 4,
             iterations: 1,
             seed: Seed::new(1),
@@ -315,7 +315,7 @@ fn m_step_mean_and_null_space() {
         1,
         None,
         MetricSource::Fixed(&metric),
-        EmParams {
+        EmConfig {
             k: 4,
             iterations: 2,
             seed: Seed::new(1),
@@ -351,7 +351,7 @@ fn em_fixed_point() {
             1,
             Some(&codebook),
             MetricSource::Fixed(&metric),
-            EmParams {
+            EmConfig {
                 k,
                 iterations: 3,
                 ..Default::default()
@@ -533,7 +533,7 @@ fn bn_folding_matches() {
         .normal_tensor((3, 1, 28, 28), 0.0, 1.0, &Device::Cpu)
         .unwrap();
     let a: Vec<f32> = model
-        .forward(&x, ForwardOptions::default())
+        .forward(&x, ForwardConfig::default())
         .unwrap()
         .logits
         .flatten_all()
@@ -541,7 +541,7 @@ fn bn_folding_matches() {
         .to_vec1()
         .unwrap();
     let b: Vec<f32> = fused
-        .forward(&x, ForwardOptions::default())
+        .forward(&x, ForwardConfig::default())
         .unwrap()
         .logits
         .flatten_all()
@@ -589,7 +589,7 @@ fn typed_errors_for_bad_layer_configurations() {
         1,
         None,
         MetricSource::Identity,
-        EmParams {
+        EmConfig {
             k: 16,
             ..Default::default()
         },

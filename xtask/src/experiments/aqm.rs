@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 use plotters::prelude::*;
 use qcl_aqm::online::{run as run_online, ClassifierInput, Method, OnlineConfig, RunResult};
 use qcl_aqm::{QLayer, QLayerConfig};
-use qcl_continual::{Scenario, SplitParams};
+use qcl_continual::{Scenario, SplitConfig};
 use qcl_data::{KnownDataset, SplitDataset};
 use serde::Serialize;
 use serde_json::json;
@@ -179,7 +179,7 @@ pub fn run_with(
     settings: &Settings,
     bar: &ProgressBar,
 ) -> Result<Outcome> {
-    let scenario = Scenario::class_incremental(data, &SplitParams::default())?;
+    let scenario = Scenario::class_incremental(data, &SplitConfig::default())?;
     let raw = ClassifierInput::Raw;
     let mut jobs: Vec<(Method, u64, u64, ClassifierInput)> = vec![
         (Method::FineTune, B50, 1, raw),

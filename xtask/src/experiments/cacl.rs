@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_cacl::{run_arm, Arm, ArmRun, CaclParams, NetConfig, TaskData, TrainConfig};
-use qcl_continual::{ClassOrder, Scenario, SplitParams};
+use qcl_cacl::{run_arm, Arm, ArmRun, CaclConfig, NetConfig, TaskData, TrainConfig};
+use qcl_continual::{ClassOrder, Scenario, SplitConfig};
 use qcl_data::{KnownDataset, Normalization, SplitDataset};
 use qcl_tensor::Seed;
 use serde::Serialize;
@@ -41,7 +41,7 @@ pub struct Settings {
     /// Optimisation per task.
     pub train: TrainConfig,
     /// The CACL objective and rank update.
-    pub cacl: CaclParams,
+    pub cacl: CaclConfig,
     /// Seeds (task order, subsets, initialisation, batches, dropout).
     pub seeds: Vec<u64>,
     /// Arms run on S-FMNIST-5.
@@ -58,7 +58,7 @@ impl Settings {
                 train_per_task: None,
                 test_per_task: None,
                 train: TrainConfig::default(),
-                cacl: CaclParams::default(),
+                cacl: CaclConfig::default(),
                 seeds: vec![1, 2, 3],
                 arms_fmnist5: Arm::ALL.to_vec(),
                 arms_mixed10: Arm::ALL.to_vec(),
@@ -76,9 +76,9 @@ impl Settings {
                     milestones: vec![2, 3],
                     ..TrainConfig::default()
                 },
-                cacl: CaclParams {
+                cacl: CaclConfig {
                     epsilon: 1e-3,
-                    ..CaclParams::default()
+                    ..CaclConfig::default()
                 },
                 seeds: vec![1, 2, 3],
                 arms_fmnist5: Arm::ALL.to_vec(),
@@ -113,7 +113,7 @@ fn pair_tasks(
         .collect();
     let scenario = Scenario::task_incremental(
         data,
-        &SplitParams {
+        &SplitConfig {
             classes_per_task: 2,
             class_order: ClassOrder::Explicit(order),
         },

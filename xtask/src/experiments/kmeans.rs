@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
 use qcl_data::{KnownDataset, SplitDataset};
-use qcl_pq::{KMeans, KMeansAlgorithm, KMeansParams};
+use qcl_pq::{KMeans, KMeansAlgorithm, KMeansConfig};
 use qcl_tensor::Seed;
 use serde_json::json;
 
@@ -207,14 +207,14 @@ fn run_params(
     algorithm: KMeansAlgorithm,
     max_iter: usize,
     tolerance: f64,
-) -> KMeansParams {
-    KMeansParams {
+) -> KMeansConfig {
+    KMeansConfig {
         max_iter,
         tolerance,
         max_points_per_centroid: None,
         seed: Seed::new(0),
         algorithm,
-        ..KMeansParams::new(k)
+        ..KMeansConfig::new(k)
     }
 }
 

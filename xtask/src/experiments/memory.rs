@@ -38,11 +38,11 @@ const TARGET: f64 = 1.3;
 /// not of the data.
 pub fn probe(file: &str, tensor: &str, k: usize, dim: usize, step: &str) -> Result<()> {
     let start = qcl_nn::bench::peak_rss_bytes();
-    let params = |algorithm| qcl_pq::KMeansParams {
+    let params = |algorithm| qcl_pq::KMeansConfig {
         max_iter: 10,
         seed: qcl_tensor::Seed::new(0),
         algorithm,
-        ..qcl_pq::KMeansParams::new(k)
+        ..qcl_pq::KMeansConfig::new(k)
     };
     let algorithm = if step == "lloyd" {
         qcl_pq::KMeansAlgorithm::Lloyd

@@ -13,12 +13,12 @@ use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use qcl_text::{
-    cosine_summary, retrieval_agreement, split_glosses, EmbedOptions, GlossList, GlossSplit,
-    GlossSplitParams, SentenceConfig, SentenceEncoder, SentenceTokenizer,
+    cosine_summary, retrieval_agreement, split_glosses, EmbedConfig, GlossList, GlossSplit,
+    GlossSplitConfig, SentenceConfig, SentenceEncoder, SentenceTokenizer,
 };
 use qcl_wpq::{
     compress_checkpoint, Calibration, Checkpoint, CompressedCheckpoint, Method, Objective,
-    OutlierColumns, Plan, PqParams, Rule, ScalarParams,
+    OutlierColumns, Plan, PqConfig, Rule, ScalarConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -85,8 +85,8 @@ impl Settings {
     }
 
     /// The gloss split these settings ask for.
-    pub fn split(&self) -> GlossSplitParams {
-        GlossSplitParams {
+    pub fn split(&self) -> GlossSplitConfig {
+        GlossSplitConfig {
             seed: qcl_tensor::Seed::new(self.split_seed),
             calibration: self.calibration,
             evaluation: self.evaluation,
@@ -125,14 +125,14 @@ const OUTLIERS: OutlierColumns = OutlierColumns::Threshold {
     max: 8,
 };
 
-fn pq(d: usize, k: usize, objective: Objective) -> PqParams {
-    PqParams::new(d, k, objective)
+fn pq(d: usize, k: usize, objective: Objective) -> PqConfig {
+    PqConfig::new(d, k, objective)
 }
 
 /// Error-feedback PQ with outlier columns and two guarded codebook fine-tunes, the codes
 /// reassigned between them.
-fn pq_best(d: usize, k: usize) -> PqParams {
-    PqParams {
+fn pq_best(d: usize, k: usize) -> PqConfig {
+    PqConfig {
         outliers: OUTLIERS,
         finetune_rounds: 2,
         ..pq(d, k, Objective::ErrorFeedback)
@@ -148,8 +148,8 @@ pub fn arms() -> Vec<Arm> {
         plan: Plan::new(linear_rules(method)),
         whole_model: false,
     };
-    let rtn = |bits, group| Method::Rtn(ScalarParams::new(bits, group));
-    let gptq = |bits, group| Method::Gptq(ScalarParams::new(bits, group));
+    let rtn = |bits, group| Method::Rtn(ScalarConfig::new(bits, group));
+    let gptq = |bits, group| Method::Gptq(ScalarConfig::new(bits, group));
     let mut arms = vec![
         arm("fp16", "fp16", Method::Fp16),
         arm("int8 per channel (RTN)", "rtn", rtn(8, None)),
@@ -330,10 +330,10 @@ fn run(ctx: &Context, _bar: &ProgressBar) -> Result<Outcome> {
     )
 }
 
-fn quiet() -> EmbedOptions {
-    EmbedOptions {
+fn quiet() -> EmbedConfig {
+    EmbedConfig {
         progress: false,
-        ..EmbedOptions::default()
+        ..EmbedConfig::default()
     }
 }
 

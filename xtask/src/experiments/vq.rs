@@ -10,10 +10,10 @@ use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_data::{BatchOptions, BatchOrder, Dataset, KnownDataset, Normalization, SplitDataset};
+use qcl_data::{BatchConfig, BatchOrder, Dataset, KnownDataset, Normalization, SplitDataset};
 use qcl_nn::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
 use qcl_nn::ops::{add_relu, mse_loss, relu};
-use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::{ParamPath, ParamStore};
 use qcl_tensor::Seed;
 use qcl_vq::{CodeUsage, CodebookUpdate, VectorQuantizer, VectorQuantizerConfig, VqOutput};
@@ -208,7 +208,7 @@ fn evaluate(
 ) -> Result<(CodeUsage, f64, f64)> {
     let mut usage = CodeUsage::new(1, codes);
     let (mut squared, mut commitment, mut pixels, mut latents) = (0.0, 0.0, 0usize, 0usize);
-    let options = BatchOptions {
+    let options = BatchConfig {
         batch_size: 500,
         normalization: Normalization::Symmetric,
         ..Default::default()
@@ -262,7 +262,7 @@ pub fn train_arm(
     let mut model = VqAutoencoder::new(&store.root(&Device::Cpu), settings.channels, config)?;
     let mut adam = Adam::new(
         store.trainable(),
-        AdamParams {
+        AdamConfig {
             lr: settings.lr,
             ..Default::default()
         },
@@ -296,7 +296,7 @@ pub fn train_arm(
     let mut step = 0;
     let mut epoch = 0;
     'training: loop {
-        let options = BatchOptions {
+        let options = BatchConfig {
             batch_size: settings.batch,
             order: BatchOrder::Shuffled(seed.child(epoch)),
             normalization: Normalization::Symmetric,

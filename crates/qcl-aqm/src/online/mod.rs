@@ -10,7 +10,7 @@ use qcl_continual::{AccuracyMatrix, RawImage, ReservoirBuffer, Scenario};
 use qcl_data::Dataset;
 use qcl_nn::layers::Module;
 use qcl_nn::models::SmallCnn;
-use qcl_nn::optim::{Sgd, SgdParams};
+use qcl_nn::optim::{Sgd, SgdConfig};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
@@ -432,10 +432,10 @@ pub fn measure_drift(
 ///
 /// ```
 /// use qcl_aqm::online::{run, Method, OnlineConfig};
-/// use qcl_continual::{Scenario, SplitParams};
+/// use qcl_continual::{Scenario, SplitConfig};
 /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
 /// let data = qcl_data::SplitDataset::load(path)?;
-/// let scenario = Scenario::class_incremental(&data, &SplitParams::default())?;
+/// let scenario = Scenario::class_incremental(&data, &SplitConfig::default())?;
 /// let mut config = OnlineConfig::fashion_mnist(Method::ErRaw, 20 * 784);
 /// config.samples_per_task = Some(20);
 /// config.test_per_class = Some(5);
@@ -465,7 +465,7 @@ pub fn run(
     let net = SmallCnn::new(&store.root(&device), shape[0], shape[1], num_classes)?;
     let mut sgd = Sgd::new(
         store.trainable(),
-        SgdParams {
+        SgdConfig {
             lr: config.classifier_lr,
             ..Default::default()
         },

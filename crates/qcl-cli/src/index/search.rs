@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use qcl_pq::index::{AnyIndex, SearchOptions, VectorIndex};
+use qcl_pq::index::{AnyIndex, SearchConfig, VectorIndex};
 use qcl_tensor::{write_safetensors, Error, Result};
 use serde_json::json;
 
@@ -97,10 +97,10 @@ pub fn run(args: &SearchArgs) -> Result<Report> {
         _ => None,
     };
     let (nq, queries) = read_for(&index, "--queries", &args.queries, args.tensor.as_deref())?;
-    let options = SearchOptions {
+    let options = SearchConfig {
         k: args.k,
         nprobe: args.nprobe.unwrap_or(1),
-        ..SearchOptions::default()
+        ..SearchConfig::default()
     };
     let started = Instant::now();
     let found = index.search_with(&queries, &options)?;

@@ -254,9 +254,9 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         }),
     ));
 
-    let params = qcl_pq::KMeansParams {
+    let params = qcl_pq::KMeansConfig {
         max_iter: 3,
-        ..qcl_pq::KMeansParams::new(8)
+        ..qcl_pq::KMeansConfig::new(8)
     };
     let path = dir.join("kmeans.safetensors");
     qcl_pq::KMeans::fit(&data, 8, None, &params)
@@ -276,9 +276,9 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     let pq = qcl_pq::ProductQuantizer::train(
         &data,
         8,
-        &qcl_pq::ProductQuantizerParams {
+        &qcl_pq::ProductQuantizerConfig {
             max_iter: 3,
-            ..qcl_pq::ProductQuantizerParams::new(2, 3)
+            ..qcl_pq::ProductQuantizerConfig::new(2, 3)
         },
     )
     .unwrap();
@@ -443,7 +443,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     let path = dir.join("cacl.safetensors");
     let net = qcl_cacl::NetSvd::new(
         qcl_cacl::NetConfig::net_svd_s(),
-        qcl_cacl::CaclParams::default(),
+        qcl_cacl::CaclConfig::default(),
         Seed::new(5),
         &Device::Cpu,
     )
@@ -470,7 +470,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         .unwrap();
     let mut sgd = qcl_nn::optim::Sgd::new(
         train_store.trainable(),
-        qcl_nn::optim::SgdParams {
+        qcl_nn::optim::SgdConfig {
             lr: 0.1,
             momentum: 0.9,
             ..Default::default()
@@ -491,7 +491,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
                 .root(&Device::Cpu)
                 .param("w", (2, 3), qcl_nn::Init::Zeros)?;
             let mut sgd =
-                qcl_nn::optim::Sgd::new(store.trainable(), qcl_nn::optim::SgdParams::default())?;
+                qcl_nn::optim::Sgd::new(store.trainable(), qcl_nn::optim::SgdConfig::default())?;
             qcl_nn::train::Checkpoint::load_into(p, &store, &mut sgd).map(|_| ())
         }),
     ));

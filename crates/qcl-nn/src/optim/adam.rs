@@ -56,7 +56,7 @@ impl WeightDecay {
 /// Hyperparameters of [`Adam`]. Defaults: `lr = 1e-3`, `beta1 = 0.9`, `beta2 = 0.999`,
 /// `eps = 1e-8`, no weight decay (PyTorch's Adam defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamParams {
+pub struct AdamConfig {
     /// Learning rate `η ≥ 0`.
     pub lr: f64,
     /// Decay `β₁ ∈ [0, 1)` of the first-moment average.
@@ -69,9 +69,9 @@ pub struct AdamParams {
     pub weight_decay: WeightDecay,
 }
 
-impl Default for AdamParams {
+impl Default for AdamConfig {
     fn default() -> Self {
-        AdamParams {
+        AdamConfig {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
@@ -81,14 +81,14 @@ impl Default for AdamParams {
     }
 }
 
-impl AdamParams {
+impl AdamConfig {
     /// Checks the hyperparameters.
     ///
     /// ```
-    /// use qcl_nn::optim::{AdamParams, WeightDecay};
-    /// assert!(AdamParams::default().validate().is_ok());
-    /// assert!(AdamParams { beta1: 1.0, ..Default::default() }.validate().is_err());
-    /// assert!(AdamParams { weight_decay: WeightDecay::Decoupled(-0.1), ..Default::default() }.validate().is_err());
+    /// use qcl_nn::optim::{AdamConfig, WeightDecay};
+    /// assert!(AdamConfig::default().validate().is_ok());
+    /// assert!(AdamConfig { beta1: 1.0, ..Default::default() }.validate().is_err());
+    /// assert!(AdamConfig { weight_decay: WeightDecay::Decoupled(-0.1), ..Default::default() }.validate().is_err());
     /// ```
     ///
     /// # Errors
@@ -130,12 +130,12 @@ impl AdamParams {
 ///
 /// ```
 /// use candle_core::Device;
-/// use qcl_nn::optim::{Adam, AdamParams, Optimizer};
+/// use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 /// use qcl_nn::{Init, ParamStore};
 ///
 /// let store = ParamStore::new(0);
 /// let x = store.root(&Device::Cpu).param("x", 1, Init::Const(1.0))?;
-/// let mut adam = Adam::new(store.trainable(), AdamParams { lr: 0.1, ..Default::default() })?;
+/// let mut adam = Adam::new(store.trainable(), AdamConfig { lr: 0.1, ..Default::default() })?;
 /// adam.backward_step(&x.sum_all()?)?;
 /// // The first bias-corrected step moves by lr·g/(|g| + ε) ≈ lr.
 /// assert!((x.to_vec1::<f32>()?[0] - 0.9).abs() < 1e-6);
@@ -144,7 +144,7 @@ impl AdamParams {
 #[derive(Debug, Clone)]
 pub struct Adam {
     vars: NamedVars,
-    params: AdamParams,
+    params: AdamConfig,
     moments: Vec<Option<Moments>>,
     steps: u64,
 }
@@ -170,9 +170,9 @@ impl Adam {
     /// `&VarMap`, or `varmap.all_vars()` (see [`IntoNamedVars`]).
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for bad hyperparameters (see [`AdamParams::validate`]),
+    /// [`Error::InvalidParameter`] for bad hyperparameters (see [`AdamConfig::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: impl IntoNamedVars, params: AdamParams) -> Result<Self> {
+    pub fn new(vars: impl IntoNamedVars, params: AdamConfig) -> Result<Self> {
         params.validate()?;
         let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Adam {
@@ -188,19 +188,19 @@ impl Adam {
     ///
     /// # Errors
     /// As [`Adam::new`].
-    pub fn from_var_map(vars: &VarMap, params: AdamParams) -> Result<Self> {
+    pub fn from_var_map(vars: &VarMap, params: AdamConfig) -> Result<Self> {
         Self::new(vars, params)
     }
 
     /// The hyperparameters (with the current learning rate).
-    pub fn hyperparameters(&self) -> AdamParams {
+    pub fn hyperparameters(&self) -> AdamConfig {
         self.params
     }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let AdamParams {
+        let AdamConfig {
             lr,
             beta1,
             beta2,
@@ -296,7 +296,7 @@ impl Optimizer for Adam {
     /// unless the whole state is valid.
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         state.require_kind(KIND)?;
-        let params = AdamParams {
+        let params = AdamConfig {
             lr: state.scalar("lr")?,
             beta1: state.scalar("beta1")?,
             beta2: state.scalar("beta2")?,
@@ -368,4 +368,4 @@ impl Optimizer for Adam {
     }
 }
 
-impl_candle_optimizer!(Adam, AdamParams);
+impl_candle_optimizer!(Adam, AdamConfig);

@@ -19,12 +19,12 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+//! use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 //! use qcl_nn::{Init, ParamStore};
 //!
 //! let store = ParamStore::new(0);
 //! let w = store.root(&Device::Cpu).param("w", 3, Init::Const(1.0))?;
-//! let mut sgd = Sgd::new(store.trainable(), SgdParams { lr: 0.5, ..Default::default() })?;
+//! let mut sgd = Sgd::new(store.trainable(), SgdConfig { lr: 0.5, ..Default::default() })?;
 //! // loss = sum(w²), so the gradient is 2w and one step gives w - 0.5·2w = 0.
 //! sgd.backward_step(&w.sqr()?.sum_all()?)?;
 //! assert_eq!(w.to_vec1::<f32>()?, vec![0.0, 0.0, 0.0]);
@@ -37,11 +37,11 @@
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_nn::{Optimizer, VarBuilder, VarMap};
-//! use qcl_nn::optim::{Adam, AdamParams};
+//! use qcl_nn::optim::{Adam, AdamConfig};
 //!
 //! let varmap = VarMap::new();
 //! let fc = candle_nn::linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
-//! let mut adam = Adam::from_var_map(&varmap, AdamParams { lr: 0.01, ..Default::default() })?;
+//! let mut adam = Adam::from_var_map(&varmap, AdamConfig { lr: 0.01, ..Default::default() })?;
 //! let x = Tensor::ones((4, 3), DType::F32, &Device::Cpu)?;
 //! let before = fc.forward(&x)?.sum_all()?.to_scalar::<f32>()?;
 //! adam.backward_step(&fc.forward(&x)?.sum_all()?)?; // candle-nn's trait method
@@ -59,8 +59,8 @@ use qcl_tensor::{Error, Result};
 mod adam;
 mod sgd;
 
-pub use adam::{Adam, AdamParams, WeightDecay};
-pub use sgd::{Sgd, SgdParams};
+pub use adam::{Adam, AdamConfig, WeightDecay};
+pub use sgd::{Sgd, SgdConfig};
 
 /// The complete state of an optimizer, for checkpoints.
 #[derive(Debug, Clone, Default)]

@@ -15,7 +15,7 @@ use super::{
 ///
 /// The default is plain SGD with `lr = 1e-3` (PyTorch's default) and everything else off.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SgdParams {
+pub struct SgdConfig {
     /// Learning rate `η ≥ 0`.
     pub lr: f64,
     /// Momentum factor `μ ≥ 0` (0 turns momentum off).
@@ -28,9 +28,9 @@ pub struct SgdParams {
     pub weight_decay: f64,
 }
 
-impl Default for SgdParams {
+impl Default for SgdConfig {
     fn default() -> Self {
-        SgdParams {
+        SgdConfig {
             lr: 1e-3,
             momentum: 0.0,
             dampening: 0.0,
@@ -40,14 +40,14 @@ impl Default for SgdParams {
     }
 }
 
-impl SgdParams {
+impl SgdConfig {
     /// Checks the hyperparameters.
     ///
     /// ```
-    /// use qcl_nn::optim::SgdParams;
-    /// assert!(SgdParams { lr: 0.1, momentum: 0.9, nesterov: true, ..Default::default() }.validate().is_ok());
-    /// assert!(SgdParams { lr: -0.1, ..Default::default() }.validate().is_err());
-    /// assert!(SgdParams { nesterov: true, ..Default::default() }.validate().is_err());
+    /// use qcl_nn::optim::SgdConfig;
+    /// assert!(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, ..Default::default() }.validate().is_ok());
+    /// assert!(SgdConfig { lr: -0.1, ..Default::default() }.validate().is_err());
+    /// assert!(SgdConfig { nesterov: true, ..Default::default() }.validate().is_err());
     /// ```
     ///
     /// # Errors
@@ -92,12 +92,12 @@ impl SgdParams {
 ///
 /// ```
 /// use candle_core::Device;
-/// use qcl_nn::optim::{Optimizer, Sgd, SgdParams};
+/// use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
 /// use qcl_nn::{Init, ParamStore};
 ///
 /// let store = ParamStore::new(0);
 /// let x = store.root(&Device::Cpu).param("x", 1, Init::Const(1.0))?;
-/// let params = SgdParams { lr: 0.1, momentum: 0.5, ..Default::default() };
+/// let params = SgdConfig { lr: 0.1, momentum: 0.5, ..Default::default() };
 /// let mut sgd = Sgd::new(store.trainable(), params)?;
 /// for _ in 0..2 {
 ///     sgd.backward_step(&x.sum_all()?)?; // gradient 1
@@ -109,7 +109,7 @@ impl SgdParams {
 #[derive(Debug, Clone)]
 pub struct Sgd {
     vars: NamedVars,
-    params: SgdParams,
+    params: SgdConfig,
     momentum_buffers: Vec<Option<Tensor>>,
     steps: u64,
 }
@@ -122,9 +122,9 @@ impl Sgd {
     /// `&VarMap`, or `varmap.all_vars()` (see [`IntoNamedVars`]).
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for bad hyperparameters (see [`SgdParams::validate`]),
+    /// [`Error::InvalidParameter`] for bad hyperparameters (see [`SgdConfig::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: impl IntoNamedVars, params: SgdParams) -> Result<Self> {
+    pub fn new(vars: impl IntoNamedVars, params: SgdConfig) -> Result<Self> {
         params.validate()?;
         let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Sgd {
@@ -140,19 +140,19 @@ impl Sgd {
     ///
     /// # Errors
     /// As [`Sgd::new`].
-    pub fn from_var_map(vars: &VarMap, params: SgdParams) -> Result<Self> {
+    pub fn from_var_map(vars: &VarMap, params: SgdConfig) -> Result<Self> {
         Self::new(vars, params)
     }
 
     /// The hyperparameters (with the current learning rate).
-    pub fn hyperparameters(&self) -> SgdParams {
+    pub fn hyperparameters(&self) -> SgdConfig {
         self.params
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let SgdParams {
+        let SgdConfig {
             lr,
             momentum,
             dampening,
@@ -235,7 +235,7 @@ impl Optimizer for Sgd {
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         state.require_kind(KIND)?;
         let nesterov = state.scalar("nesterov")?;
-        let params = SgdParams {
+        let params = SgdConfig {
             lr: state.scalar("lr")?,
             momentum: state.scalar("momentum")?,
             dampening: state.scalar("dampening")?,
@@ -258,4 +258,4 @@ impl Optimizer for Sgd {
     }
 }
 
-impl_candle_optimizer!(Sgd, SgdParams);
+impl_candle_optimizer!(Sgd, SgdConfig);

@@ -11,7 +11,7 @@ use super::search::{check_queries, search_all};
 use super::tables::TableMaker;
 use super::{Metric, Neighbors, VectorIndex};
 use crate::pq::check_points;
-use crate::{KMeansParams, ProductQuantizer, ProductQuantizerParams};
+use crate::{KMeansConfig, ProductQuantizer, ProductQuantizerConfig};
 
 /// The knobs of [`PqIndex::train`].
 ///
@@ -39,7 +39,7 @@ pub struct PqIndexConfig {
 impl PqIndexConfig {
     /// `m` sub-spaces of `nbits`-bit codes; everything else at its default.
     pub fn new(m: usize, nbits: u32) -> Self {
-        let kmeans = KMeansParams::new(1);
+        let kmeans = KMeansConfig::new(1);
         PqIndexConfig {
             m,
             nbits,
@@ -50,12 +50,12 @@ impl PqIndexConfig {
         }
     }
 
-    pub(crate) fn quantizer_params(&self) -> ProductQuantizerParams {
-        ProductQuantizerParams {
+    pub(crate) fn quantizer_params(&self) -> ProductQuantizerConfig {
+        ProductQuantizerConfig {
             max_iter: self.train_iterations,
             max_points_per_centroid: self.max_points_per_centroid,
             seed: self.seed,
-            ..ProductQuantizerParams::new(self.m, self.nbits)
+            ..ProductQuantizerConfig::new(self.m, self.nbits)
         }
     }
 }
@@ -70,12 +70,12 @@ impl Default for PqIndexConfig {
 /// Options of one search.
 ///
 /// ```
-/// use qcl_pq::index::{Scan, SearchOptions};
-/// let options = SearchOptions { k: 100, ..SearchOptions::default() };
+/// use qcl_pq::index::{Scan, SearchConfig};
+/// let options = SearchConfig { k: 100, ..SearchConfig::default() };
 /// assert_eq!((options.nprobe, options.scan), (1, Scan::default()));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SearchOptions {
+pub struct SearchConfig {
     /// Neighbours per query (default 10).
     pub k: usize,
     /// Inverted lists visited per query (default 1; flat indexes ignore it).
@@ -84,9 +84,9 @@ pub struct SearchOptions {
     pub scan: Scan,
 }
 
-impl Default for SearchOptions {
+impl Default for SearchConfig {
     fn default() -> Self {
-        SearchOptions {
+        SearchConfig {
             k: 10,
             nprobe: 1,
             scan: Scan::default(),
@@ -262,7 +262,7 @@ impl VectorIndex for PqIndex {
         removed
     }
 
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors> {
         let dim = self.dim();
         check_queries(queries, dim, options.k)?;
         let queries = self.metric.prepare(queries, dim)?;

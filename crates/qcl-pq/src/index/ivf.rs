@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use qcl_tensor::{nearest_codes, top_k_codes, Error, Result};
 
 use super::blocks::BlockedCodes;
-use super::flat::{check_new_ids, check_unique, PqIndexConfig, SearchOptions};
+use super::flat::{check_new_ids, check_unique, PqIndexConfig, SearchConfig};
 use super::lut::QueryTables;
 use super::scan::scan;
 use super::scan::Scan;
@@ -16,7 +16,7 @@ use super::tables::TableMaker;
 use super::TopK;
 use super::{Metric, Neighbors, VectorIndex};
 use crate::pq::check_points;
-use crate::{KMeans, KMeansParams, ProductQuantizer};
+use crate::{KMeans, KMeansConfig, ProductQuantizer};
 
 /// The knobs of [`IvfPqIndex::train`].
 ///
@@ -70,13 +70,13 @@ pub(crate) struct InvertedList {
 /// reconstructions `c + r̂` are nearest.
 ///
 /// ```
-/// use qcl_pq::index::{IvfPqConfig, IvfPqIndex, SearchOptions, VectorIndex};
+/// use qcl_pq::index::{IvfPqConfig, IvfPqIndex, SearchConfig, VectorIndex};
 /// use qcl_tensor::Seed;
 /// let data = Seed::new(0).rng().normal_vec(4_000 * 16, 0.0, 1.0);
 /// let config = IvfPqConfig { nlist: 16, ..IvfPqConfig::new(8, 4) };
 /// let mut index = IvfPqIndex::train(&data, 16, &config)?;
 /// index.add(&data)?;
-/// let found = index.search_with(&data[..16], &SearchOptions { k: 5, nprobe: 4, ..Default::default() })?;
+/// let found = index.search_with(&data[..16], &SearchConfig { k: 5, nprobe: 4, ..Default::default() })?;
 /// assert!(found.ids_of(0).contains(&0));
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
@@ -119,10 +119,10 @@ impl IvfPqIndex {
             &data,
             dim,
             None,
-            &KMeansParams {
+            &KMeansConfig {
                 max_iter: config.coarse_iterations,
                 seed: config.pq.seed.child(1 << 32),
-                ..KMeansParams::new(config.nlist)
+                ..KMeansConfig::new(config.nlist)
             },
         )?;
         // Until the residual quantizer is trained (it needs the coarse assignment).
@@ -400,7 +400,7 @@ impl VectorIndex for IvfPqIndex {
         removed
     }
 
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors> {
         let (dim, nlist) = (self.dim(), self.nlist());
         check_queries(queries, dim, options.k)?;
         if options.nprobe == 0 || options.nprobe > nlist {

@@ -31,7 +31,7 @@ mod tables;
 mod topk;
 mod traits;
 
-pub use flat::{PqIndex, PqIndexConfig, SearchOptions};
+pub use flat::{PqIndex, PqIndexConfig, SearchConfig};
 pub use ivf::{IvfPqConfig, IvfPqIndex};
 pub use kernels::Kernel;
 pub use metric::Metric;

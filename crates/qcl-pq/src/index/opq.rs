@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::kmeans::{nearest_in_blocks, repair_empty_clusters, update_centroids};
 use crate::points::Points;
-use crate::{ProductQuantizer, ProductQuantizerParams, MAX_ITERATIONS};
+use crate::{ProductQuantizer, ProductQuantizerConfig, MAX_ITERATIONS};
 
 /// Largest `|(RᵀR − I)_ij|` that [`Rotation::from_matrix`] accepts (computed in `f64`): far
 /// above the rounding of an orthogonal matrix stored in `f32`, far below any real skew.
@@ -67,7 +67,7 @@ pub struct OpqConfig {
     /// `Some(65_536)`, faiss's `256 · 256`); `None` uses every vector. The final quantizer
     /// always trains on all of `data` (subsampled by k-means's own rule, 256 per centroid).
     pub max_train_points: Option<usize>,
-    /// Seed of the subsample and of every k-means run (default 1234, as [`crate::KMeansParams`]).
+    /// Seed of the subsample and of every k-means run (default 1234, as [`crate::KMeansConfig`]).
     pub seed: Seed,
 }
 
@@ -88,11 +88,11 @@ impl OpqConfig {
     /// The parameters of the from-scratch PQ trainings: `first_pq_iterations` Lloyd
     /// iterations, this seed, k-means defaults otherwise. Plain PQ with these parameters is
     /// what [`train_opq`] never does worse than.
-    pub fn pq_params(&self) -> ProductQuantizerParams {
-        ProductQuantizerParams {
+    pub fn pq_params(&self) -> ProductQuantizerConfig {
+        ProductQuantizerConfig {
             max_iter: self.first_pq_iterations,
             seed: self.seed,
-            ..ProductQuantizerParams::new(self.m, self.nbits)
+            ..ProductQuantizerConfig::new(self.m, self.nbits)
         }
     }
 

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use qcl_tensor::{write_safetensors, Error, Result, SafetensorsFile, TensorSpec};
 
 use super::blocks::BlockedCodes;
-use super::flat::SearchOptions;
+use super::flat::SearchConfig;
 use super::ivf::InvertedList;
 use super::opq::Rotation;
 use super::{IvfPqIndex, Metric, Neighbors, PqIndex, Refine, Rotated, VectorIndex};
@@ -295,7 +295,7 @@ impl VectorIndex for AnyIndex {
         self.as_dyn_mut().remove(ids)
     }
 
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors> {
         self.as_dyn().search_with(queries, options)
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use qcl_tensor::{squared_distance, Error, Result};
 
-use super::flat::SearchOptions;
+use super::flat::SearchConfig;
 use super::search::{check_queries, search_all};
 use super::{Metric, Neighbors, VectorIndex};
 
@@ -176,11 +176,11 @@ impl<I: VectorIndex> VectorIndex for Refine<I> {
         self.inner.next_id()
     }
 
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors> {
         let (dim, metric, k) = (self.dim(), self.metric(), options.k);
         check_queries(queries, dim, k)?;
         // More candidates than the index holds would only be empty slots.
-        let wide = SearchOptions {
+        let wide = SearchConfig {
             k: k.saturating_mul(self.k_factor).min(self.len().max(k)),
             ..*options
         };

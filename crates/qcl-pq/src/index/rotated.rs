@@ -2,7 +2,7 @@
 
 use qcl_tensor::{Error, Result};
 
-use super::flat::SearchOptions;
+use super::flat::SearchConfig;
 use super::opq::{train_opq, OpqConfig, Rotation};
 use super::{Metric, Neighbors, VectorIndex};
 
@@ -123,7 +123,7 @@ impl<I: VectorIndex> VectorIndex for Rotated<I> {
         self.inner.remove(ids)
     }
 
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors> {
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors> {
         super::search::check_queries(queries, self.dim(), options.k)?;
         let rotated = self.rotate(queries)?;
         self.inner.search_with(&rotated, options)

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use qcl_tensor::Result;
 
-use super::flat::SearchOptions;
+use super::flat::SearchConfig;
 use super::{Metric, Neighbors};
 use crate::pq::check_points;
 
@@ -74,18 +74,18 @@ pub trait VectorIndex: Send + Sync {
     /// # Errors
     /// `InvalidParameter` for `k = 0`, a bad `nprobe` or a zero query under cosine;
     /// `EmptyInput` / `ShapeMismatch` / `NonFinite` for bad queries.
-    fn search_with(&self, queries: &[f32], options: &SearchOptions) -> Result<Neighbors>;
+    fn search_with(&self, queries: &[f32], options: &SearchConfig) -> Result<Neighbors>;
 
-    /// The `k` nearest vectors of each query with the default [`SearchOptions`].
+    /// The `k` nearest vectors of each query with the default [`SearchConfig`].
     ///
     /// # Errors
     /// As [`search_with`](Self::search_with).
     fn search(&self, queries: &[f32], k: usize) -> Result<Neighbors> {
         self.search_with(
             queries,
-            &SearchOptions {
+            &SearchConfig {
                 k,
-                ..SearchOptions::default()
+                ..SearchConfig::default()
             },
         )
     }

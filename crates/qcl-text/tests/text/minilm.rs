@@ -4,7 +4,7 @@
 
 use crate::common::{bits, data_dir, fixtures, max_abs_diff, reference};
 use candle_core::{Device, Tensor};
-use qcl_text::{row_cosines, EmbedOptions, SentenceEncoder};
+use qcl_text::{row_cosines, EmbedConfig, SentenceEncoder};
 
 fn minilm() -> Option<SentenceEncoder> {
     let dir = data_dir().join("minilm");
@@ -16,7 +16,7 @@ fn minilm() -> Option<SentenceEncoder> {
         return None;
     }
     let encoder = SentenceEncoder::from_folder(&dir, &Device::Cpu).unwrap();
-    Some(encoder.with_options(EmbedOptions {
+    Some(encoder.with_options(EmbedConfig {
         batch_size: 4,
         sort_by_length: true,
         progress: false,

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config;
 use qcl_tensor::Seed;
 use qcl_text::{
-    bert::bert_tensor_shapes, EmbedOptions, SentenceConfig, SentenceEncoder, SentenceTokenizer,
+    bert::bert_tensor_shapes, EmbedConfig, SentenceConfig, SentenceEncoder, SentenceTokenizer,
 };
 
 const CHILD: &str = "QCL_TEXT_THREADS_CHILD";
@@ -46,7 +46,7 @@ fn wide_encoder() -> SentenceEncoder {
     let tokenizer = SentenceTokenizer::from_file(dir.join("tokenizer.json"), 20).unwrap();
     SentenceEncoder::from_var_builder(vb, config, tokenizer)
         .unwrap()
-        .with_options(EmbedOptions {
+        .with_options(EmbedConfig {
             batch_size: 16,
             sort_by_length: true,
             progress: false,

@@ -9,15 +9,15 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use qcl_tensor::{Error, SafetensorsFile};
 use qcl_text::{
-    row_cosines, EmbedOptions, SentenceConfig, SentenceEncoder, SentenceTokenizer, LAYER_LINEARS,
+    row_cosines, EmbedConfig, SentenceConfig, SentenceEncoder, SentenceTokenizer, LAYER_LINEARS,
 };
 
 fn tiny_dir() -> std::path::PathBuf {
     fixtures().join("tiny-bert")
 }
 
-fn quiet(batch_size: usize, sort_by_length: bool) -> EmbedOptions {
-    EmbedOptions {
+fn quiet(batch_size: usize, sort_by_length: bool) -> EmbedConfig {
+    EmbedConfig {
         batch_size,
         sort_by_length,
         progress: false,

@@ -6,7 +6,7 @@ use crate::common::fixtures;
 use proptest::prelude::*;
 use qcl_tensor::{Error, Seed};
 use qcl_text::wordnet::{
-    parse_data_file, split_glosses, Gloss, GlossList, GlossSplitParams, PartOfSpeech,
+    parse_data_file, split_glosses, Gloss, GlossList, GlossSplitConfig, PartOfSpeech,
 };
 
 fn excerpt() -> GlossList {
@@ -172,7 +172,7 @@ fn synthetic(n: usize) -> Vec<Gloss> {
 #[test]
 fn the_split_refuses_impossible_sizes() {
     let glosses = synthetic(100); // 80 distinct texts
-    let p = |c, e, q| GlossSplitParams {
+    let p = |c, e, q| GlossSplitConfig {
         seed: Seed::new(1),
         calibration: c,
         evaluation: e,
@@ -207,7 +207,7 @@ proptest! {
         let calibration = (distinct as f64 * cal_frac) as usize;
         let evaluation = distinct - calibration; // at least half of them
         let queries = (evaluation as f64 * q_frac) as usize;
-        let params = GlossSplitParams { seed: Seed::new(seed), calibration, evaluation, queries };
+        let params = GlossSplitConfig { seed: Seed::new(seed), calibration, evaluation, queries };
         let split = split_glosses(&glosses, &params).unwrap();
         prop_assert_eq!(&split, &split_glosses(&glosses, &params).unwrap());
         prop_assert_eq!(split.distinct, distinct);
@@ -251,7 +251,7 @@ proptest! {
 #[test]
 fn different_seeds_give_different_splits() {
     let glosses = excerpt().glosses;
-    let p = |s| GlossSplitParams {
+    let p = |s| GlossSplitConfig {
         seed: Seed::new(s),
         calibration: 10,
         evaluation: 30,

@@ -16,8 +16,8 @@ use crate::calibration::{Calibration, ConvInput};
 use crate::compressed::{CompressedModel, QuantizedLayer};
 use crate::em::Objective;
 use crate::layout::{LayerGeometry, LayerKind};
-use crate::model::{ForwardOptions, LayerSpec, Model};
-use crate::objective::{quantize_pq, Evidence, PqParams};
+use crate::model::{ForwardConfig, LayerSpec, Model};
+use crate::objective::{quantize_pq, Evidence, PqConfig};
 use crate::pq_tensor::Sharing;
 use crate::sgd::CentroidSgd;
 use crate::teacher::BatchStream;
@@ -104,7 +104,7 @@ fn record_inputs(model: &Model, images: &Tensor, name: &str) -> Result<Tensor> {
         let x = images.narrow(0, start, len)?;
         let out = model.forward(
             &x,
-            ForwardOptions {
+            ForwardConfig {
                 capture: Some(name),
                 detach: true,
                 ..Default::default()
@@ -192,7 +192,7 @@ fn finetune(
         }
         let out = student.forward(
             &x,
-            ForwardOptions {
+            ForwardConfig {
                 train: train_mode,
                 overrides: Some(&overrides),
                 detach: true,
@@ -305,7 +305,7 @@ fn quantize_layer(
         (_, Some(s)) => Evidence::Stats(s),
         _ => Evidence::None,
     };
-    let params = PqParams {
+    let params = PqConfig {
         d: geometry.block,
         k,
         objective: cfg.objective,

@@ -13,7 +13,7 @@ use crate::layout::{LayerGeometry, Layout};
 use crate::objective::guard::{hold_out, HeldOut, GUARD_STEPS};
 use crate::objective::outliers::{ColumnSplit, Compensation};
 use crate::objective::Quadratic;
-use crate::objective::{finetune_codebooks, inverse_factor, Evidence, FinetuneGuard, PqParams};
+use crate::objective::{finetune_codebooks, inverse_factor, Evidence, FinetuneGuard, PqConfig};
 use crate::pq_tensor::PqTensor;
 
 /// A weight split into quantized and exact columns, with its objective.
@@ -38,11 +38,11 @@ pub(crate) struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
-    /// The layer as `params` (already checked by `PqParams::validate`) sees it.
+    /// The layer as `params` (already checked by `PqConfig::validate`) sees it.
     pub fn new(
         weight: &'a [f32],
         shape: &[usize],
-        params: &PqParams,
+        params: &PqConfig,
         evidence: Evidence<'a>,
     ) -> Result<Self> {
         let full_geometry = LayerGeometry::from_shape(shape, params.layout, 1)?;
@@ -184,7 +184,7 @@ pub(crate) struct Finetune<'l, 'a> {
 }
 
 impl<'l, 'a> Finetune<'l, 'a> {
-    pub fn new(layer: &'l Layer<'a>, params: &PqParams) -> Result<Self> {
+    pub fn new(layer: &'l Layer<'a>, params: &PqConfig) -> Result<Self> {
         let q = layer.geometry.in_dim();
         let width = layer.full_geometry.in_dim();
         let aware = layer.objective != Objective::Naive;

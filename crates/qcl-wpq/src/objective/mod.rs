@@ -28,5 +28,5 @@ pub use finetune::{finetune_codebooks, MAX_DENSE_UNKNOWNS};
 pub use guard::{FinetuneGuard, GUARD_STEPS};
 pub use outliers::OutlierColumns;
 pub(crate) use outliers::{ColumnSplit, Compensation};
-pub use pq::{quantize_pq, Evidence, PqOutcome, PqParams, MAX_CENTROIDS, MAX_ROUNDS};
+pub use pq::{quantize_pq, Evidence, PqConfig, PqOutcome, MAX_CENTROIDS, MAX_ROUNDS};
 pub use quadratic::Quadratic;

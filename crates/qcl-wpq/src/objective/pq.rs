@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::LayerStats;
 use crate::checkpoint::ExactColumns;
 use crate::em::{
-    activation_aware_em, weighted_em, EmParams, MetricSource, Objective, PatchSampler,
+    activation_aware_em, weighted_em, EmConfig, MetricSource, Objective, PatchSampler,
 };
 use crate::layout::Layout;
 use crate::metric::Metric;
@@ -20,14 +20,14 @@ pub const MAX_CENTROIDS: usize = 1 << 16;
 /// Every knob of product quantization of one weight, with defaults.
 ///
 /// ```
-/// use qcl_wpq::{Objective, PqParams};
-/// let p: PqParams = serde_json::from_str(r#"{"d": 2, "k": 256, "objective": "error_feedback"}"#)?;
-/// assert_eq!(p, PqParams::new(2, 256, Objective::ErrorFeedback));
+/// use qcl_wpq::{Objective, PqConfig};
+/// let p: PqConfig = serde_json::from_str(r#"{"d": 2, "k": 256, "objective": "error_feedback"}"#)?;
+/// assert_eq!(p, PqConfig::new(2, 256, Objective::ErrorFeedback));
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct PqParams {
+pub struct PqConfig {
     /// Block size `d`: consecutive weights of a row per subvector.
     pub d: usize,
     /// Centroids per codebook `K` (at most the subvectors of a codebook, at most 2^16).
@@ -55,9 +55,9 @@ pub struct PqParams {
     pub guard: FinetuneGuard,
 }
 
-impl Default for PqParams {
+impl Default for PqConfig {
     fn default() -> Self {
-        PqParams {
+        PqConfig {
             d: 4,
             k: 256,
             objective: Objective::ActivationAware,
@@ -74,10 +74,10 @@ impl Default for PqParams {
     }
 }
 
-impl PqParams {
+impl PqConfig {
     /// Block size `d`, `k` centroids, `objective`, other knobs at their defaults.
     pub fn new(d: usize, k: usize, objective: Objective) -> Self {
-        PqParams {
+        PqConfig {
             d,
             k,
             objective,
@@ -121,7 +121,7 @@ impl PqParams {
     }
 }
 
-/// Most EM iterations or fine-tune rounds [`PqParams`] may ask for.
+/// Most EM iterations or fine-tune rounds [`PqConfig`] may ask for.
 pub const MAX_ROUNDS: usize = 10_000;
 
 /// What the objective knows about a layer's inputs.
@@ -153,7 +153,7 @@ pub struct PqOutcome {
     pub repairs: usize,
     /// Relative output error after each fine-tune round.
     pub finetune_error: Vec<f64>,
-    /// The input columns kept exactly (with [`PqParams::outliers`]); `tensor` covers the rest.
+    /// The input columns kept exactly (with [`PqConfig::outliers`]); `tensor` covers the rest.
     pub outliers: Option<ExactColumns>,
     /// Step taken toward the least-squares codebook in each fine-tune round (1 without a
     /// guard; 0 when the guard kept the codebook; see [`FinetuneGuard`]).
@@ -162,20 +162,20 @@ pub struct PqOutcome {
 
 /// Product quantization of `weight` (row-major `shape`, 2-D or 4-D) by `params`.
 ///
-/// With [`PqParams::outliers`] the chosen input columns of a 2-D weight are kept exactly and
+/// With [`PqConfig::outliers`] the chosen input columns of a 2-D weight are kept exactly and
 /// the returned tensor covers the other columns (see [`crate::objective`]); its centroids are
 /// then already rounded to fp16, because the outlier values of error feedback compensate the
 /// codebook as stored.
 ///
 /// ```
 /// use qcl_tensor::Seed;
-/// use qcl_wpq::{quantize_pq, Evidence, Objective, PqParams};
+/// use qcl_wpq::{quantize_pq, Evidence, Objective, PqConfig};
 /// let w: Vec<f32> = (0..64).map(|i| ((i * 7) % 11) as f32).collect();
-/// let out = quantize_pq(&w, &[8, 8], &PqParams::new(2, 4, Objective::Naive), Evidence::None,
+/// let out = quantize_pq(&w, &[8, 8], &PqConfig::new(2, 4, Objective::Naive), Evidence::None,
 ///     Seed::new(0))?;
 /// assert_eq!(out.tensor.decode()?.len(), 64);
 /// // Activation-aware PQ needs recorded inputs.
-/// let aware = PqParams::new(2, 4, Objective::ActivationAware);
+/// let aware = PqConfig::new(2, 4, Objective::ActivationAware);
 /// assert!(quantize_pq(&w, &[8, 8], &aware, Evidence::None, Seed::new(0)).is_err());
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
@@ -190,7 +190,7 @@ pub struct PqOutcome {
 pub fn quantize_pq(
     weight: &[f32],
     shape: &[usize],
-    params: &PqParams,
+    params: &PqConfig,
     evidence: Evidence<'_>,
     seed: Seed,
 ) -> Result<PqOutcome> {
@@ -229,7 +229,7 @@ pub fn quantize_pq(
         (true, None, _) if quad.is_some() => MetricSource::Identity,
         _ => return Err(missing(objective)),
     };
-    let em_params = EmParams {
+    let em_params = EmConfig {
         k,
         iterations: params.em_iterations,
         seed,

@@ -6,7 +6,7 @@ use anyhow::Result;
 use qcl_pq::index::opq::OpqConfig;
 use qcl_pq::index::{
     AnyIndex, IvfPqConfig, IvfPqIndex, Neighbors, PqIndex, PqIndexConfig, Refine, Rotated, Scan,
-    SearchOptions, VectorIndex,
+    SearchConfig, VectorIndex,
 };
 use serde_json::{json, Value};
 
@@ -154,7 +154,7 @@ pub fn search(
     (nprobe, refine): (usize, usize),
     exact: bool,
 ) -> Result<(f64, Neighbors)> {
-    let options = SearchOptions {
+    let options = SearchConfig {
         k: K,
         nprobe: nprobe.max(1),
         scan: if exact { Scan::Exact } else { Scan::default() },

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use qcl_continual::{
-    BallMode, ContinualTrainer, FineTune, Learner, LifeQuant, LifeQuantMode, LifeQuantParams,
+    BallMode, ContinualTrainer, FineTune, Learner, LifeQuant, LifeQuantConfig, LifeQuantMode,
     PenaltyUpdate, QResNet, QResNetConfig, RunRecord, Strategy, TaskView, TrainerConfig,
     WeightQuantMode,
 };
@@ -117,12 +117,12 @@ impl Arm {
         let paper = Some(BallMode::PaperLinearPrior);
         let code = Some(BallMode::CodeAdditive);
         let lq = |mode, lambda, ball, update| -> Result<Box<dyn ArmStrategy>> {
-            Ok(Box::new(LifeQuant::new(LifeQuantParams {
+            Ok(Box::new(LifeQuant::new(LifeQuantConfig {
                 mode,
                 lambda,
                 ball,
                 update,
-                ..LifeQuantParams::default()
+                ..LifeQuantConfig::default()
             })?))
         };
         let (paper_mode, code_mode) = (LifeQuantMode::Paper, LifeQuantMode::CodeFaithful);

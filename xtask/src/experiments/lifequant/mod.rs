@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
-use qcl_continual::{LifelongParams, Scenario, TaskSchedule};
+use qcl_continual::{LifelongConfig, Scenario, TaskSchedule};
 use qcl_data::{KnownDataset, Normalization, SplitDataset};
 use serde::Serialize;
 
@@ -149,11 +149,11 @@ impl Setup {
             Some(k) => SplitDataset::new(data.train.clone(), data.test.take_per_class(k))?,
             None => data.clone(),
         };
-        let params = LifelongParams {
+        let params = LifelongConfig {
             diminish_rate: settings.diminish_rate,
             train_per_class: Some(settings.train_per_class),
             validation_fraction: settings.validation_fraction,
-            ..LifelongParams::reproduction()
+            ..LifelongConfig::reproduction()
         };
         let scenario = Scenario::lifelong(&data, &params)?;
         let stats = data.train.pixel_stats()?;

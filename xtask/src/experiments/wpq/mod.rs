@@ -13,7 +13,7 @@ use qcl_data::{KnownDataset, SplitDataset};
 use qcl_wpq::compress::{allocate, FMNIST_NORMALIZATION};
 use qcl_wpq::{
     compress, evaluate, train_teacher, uniform_quantize, uniform_size, Arch, CompressConfig,
-    CompressOutcome, CompressedModel, ForwardOptions, Layout, Model, Objective, TeacherConfig,
+    CompressOutcome, CompressedModel, ForwardConfig, Layout, Model, Objective, TeacherConfig,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -380,7 +380,7 @@ fn logit_bits(model: &Model, data: &SplitDataset) -> Result<Vec<u32>> {
         FMNIST_NORMALIZATION,
         &Device::Cpu,
     )?;
-    let logits = model.forward(&x, ForwardOptions::default())?.logits;
+    let logits = model.forward(&x, ForwardConfig::default())?.logits;
     Ok(logits
         .flatten_all()?
         .to_vec1::<f32>()?
