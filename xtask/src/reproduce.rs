@@ -252,9 +252,16 @@ fn write_outputs(
 }
 
 fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Quick => "quick",
-        Mode::Full => "full",
+    mode.name()
+}
+
+impl Mode {
+    /// The mode as results files name it (`quick`, `full`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Quick => "quick",
+            Mode::Full => "full",
+        }
     }
 }
 

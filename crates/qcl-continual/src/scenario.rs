@@ -494,7 +494,16 @@ impl Scenario {
                     None,
                 )?;
                 if let Some(held_out) = &validation {
-                    task.validation = Some(held_out.select_classes(classes)?);
+                    let held_out = held_out.select_classes(classes)?;
+                    // Classes of one image hold none out; a task of only such classes would
+                    // fail late, at its first evaluation.
+                    if held_out.is_empty() {
+                        return Err(Error::EmptyInput(format!(
+                            "task {id} (classes {classes:?}) holds out no validation image: \
+                             its classes have fewer than 2 training images each"
+                        )));
+                    }
+                    task.validation = Some(held_out);
                 }
                 Ok(task)
             })

@@ -966,8 +966,6 @@ impl ContinualTrainer {
         })
     }
 
-    /// Fills row `after` of `accuracy` (tasks `0..=after`) and returns the per-class counts
-    /// over the union of those tasks' test sets.
     /// Row `after` of the validation matrix, when there is one.
     fn validation_row(
         &self,
@@ -992,6 +990,8 @@ impl ContinualTrainer {
         Ok(())
     }
 
+    /// Fills row `after` of `accuracy` (tasks `0..=after`) and returns the per-class counts
+    /// over the union of those tasks' test sets.
     fn evaluate_row(
         &self,
         learner: &Learner<'_>,

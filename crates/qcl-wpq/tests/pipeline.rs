@@ -148,6 +148,15 @@ fn reassignment_rounds_choose_codes_again_and_fine_tune_again() {
     {
         assert_eq!(x.pq, y.pq);
     }
+    // The round after the reassignment changes the final codebooks.
+    let codebooks = |o: &qcl_wpq::CompressOutcome| -> Vec<Vec<f32>> {
+        o.compressed
+            .layers
+            .iter()
+            .map(|l| l.pq.centroids.clone())
+            .collect()
+    };
+    assert_ne!(codebooks(&a), codebooks(&b));
     // Error feedback with reassignment: centroids left without members are no error.
     let feedback = CompressConfig {
         objective: Objective::ErrorFeedback,
@@ -200,6 +209,15 @@ fn sensitivities_and_allocation_give_per_layer_choices_within_the_budget() {
     assert!(plan_bits(&specs, &allocated).unwrap() <= budget);
     let out = compress(&teacher, &data.train, &allocated, &ProgressBar::hidden()).unwrap();
     assert_eq!(out.layers.len(), specs.len());
+    // Fusion's folded weights are not what the teacher measures: refused.
+    let fused = CompressConfig {
+        fuse_bn: true,
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        sensitivities(&teacher, &data.train, &fused, 64, &ProgressBar::hidden()),
+        Err(qcl_tensor::Error::InvalidParameter { .. })
+    ));
     // Same seed, same measurements; a layer that does not exist is refused.
     let again = sensitivities(&teacher, &data.train, &cfg, 64, &ProgressBar::hidden()).unwrap();
     assert_eq!(candidates, again);

@@ -29,7 +29,8 @@ use crate::teacher::FMNIST_NORMALIZATION;
 pub struct Candidate {
     /// The layer.
     pub layer: String,
-    /// Its block size and centroids (after the clamp to the layer's subvectors).
+    /// Its block size and centroids (K after the clamp to the layer's subvectors, which the
+    /// clamp leaves unchanged when fed back as an override).
     pub choice: LayerChoice,
     /// Index bits plus fp16 codebook bits.
     pub bits: u64,
@@ -70,7 +71,8 @@ pub fn plan_bits(specs: &[LayerSpec], cfg: &CompressConfig) -> Result<u64> {
 /// recorded on `cfg.activation_images` training images, the loss on `probe_images` others.
 ///
 /// # Errors
-/// [`Error::EmptyInput`] without training images; as [`compress`](super::compress).
+/// [`Error::EmptyInput`] without training images; [`Error::InvalidParameter`] with `fuse_bn`
+/// or `per_slab_codebooks`; as [`compress`](super::compress).
 pub fn sensitivities(
     teacher: &Model,
     train: &Dataset,
@@ -79,6 +81,14 @@ pub fn sensitivities(
     bar: &ProgressBar,
 ) -> Result<Vec<Candidate>> {
     cfg.validate()?;
+    // Measured on the teacher's own weights with one codebook per layer: with Fusion the
+    // compressed weights are the folded ones, and per-slab codebooks divide K again.
+    if cfg.fuse_bn || cfg.per_slab_codebooks {
+        return Err(Error::invalid_parameter(
+            "cfg",
+            "sensitivities are measured without fuse_bn and per_slab_codebooks",
+        ));
+    }
     let n_act = cfg.activation_images.min(train.len());
     let n_probe = probe_images.min(train.len());
     if n_act == 0 || n_probe == 0 {

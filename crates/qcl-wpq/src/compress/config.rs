@@ -65,8 +65,9 @@ pub struct CompressConfig {
     /// Rounds of code reassignment after global fine-tuning (ours, beyond the paper; default
     /// 0, off): every layer's codes are chosen again for its fine-tuned centroids
     /// ([`PqTensor::reassign`](crate::pq_tensor::PqTensor::reassign) of the original weight
-    /// under the activation metric of a fresh sample of the current student's inputs,
-    /// Euclidean for naive PQ), then `global_steps` more steps of global fine-tuning.
+    /// under the activation metric (pooled Gram) of a fresh sample of the current student's
+    /// inputs — for error feedback too, which does not repeat its column-by-column pass here —
+    /// and `G = I` for naive PQ), then `global_steps` more steps of global fine-tuning.
     pub reassign_rounds: usize,
     /// Block size and centroids of named layers, in place of the per-kind fields above
     /// (default none). [`allocate`](super::allocate::allocate) fills it from measured

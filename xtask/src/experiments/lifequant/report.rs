@@ -1,5 +1,6 @@
-//! The choice of λ on validation, the expected orderings, tables and plots of the `lifequant`
-//! experiment.
+//! The choice of λ on validation, the expected orderings and the outcome of the `lifequant`
+//! experiment (its sections come from [`text`](super::text), its plots from
+//! [`plots`](super::plots)).
 
 use anyhow::{bail, Result};
 use qcl_continual::{AccuracyMatrix, TrainerConfig};
@@ -59,17 +60,18 @@ pub fn choose_lambda(runs: &[ArmRun], arm: Arm, settings: &Settings) -> Result<L
             }
         })
         .collect();
-    let mut best: Option<&Candidate> = None;
-    for c in &candidates {
-        let better = match (c.validation_acc, best.and_then(|b| b.validation_acc)) {
-            (Some(v), Some(b)) => v > b,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if better {
-            best = Some(c);
-        }
-    }
+    // The best validation ACC; the smaller λ on a tie, whatever the sweep's order; a NaN mean
+    // is never chosen.
+    let best = candidates
+        .iter()
+        .filter(|c| c.validation_acc.is_some_and(f64::is_finite))
+        .max_by(|a, b| {
+            let (va, vb) = (
+                a.validation_acc.unwrap_or(0.0),
+                b.validation_acc.unwrap_or(0.0),
+            );
+            va.total_cmp(&vb).then(b.lambda.total_cmp(&a.lambda))
+        });
     let Some(best) = best else {
         bail!(
             "{}: no λ of {:?} finished on every seed",
@@ -153,23 +155,43 @@ impl View<'_> {
         self.stat(arm, |s| 100.0 * s.orphan_acc).0
     }
 
-    /// Per seed, `f(a) − f(b)` where both arms finished.
+    /// Per seed, `f(a) − f(b)` where both arms finished, each at its λ.
     pub fn paired(&self, a: Arm, b: Arm, f: impl Fn(&Scores) -> f64) -> Vec<f64> {
-        let (la, lb) = (self.lambda_of(a), self.lambda_of(b));
-        self.settings
-            .seeds
-            .iter()
-            .filter_map(|&seed| {
-                let at = |arm: Arm, lambda: f64| {
-                    self.runs_at(arm, lambda)
-                        .into_iter()
-                        .find(|r| r.seed == seed)
-                        .and_then(|r| r.scores.as_ref())
-                };
-                Some(f(at(a, la)?) - f(at(b, lb)?))
-            })
-            .collect()
+        let (ra, rb) = (
+            self.runs_at(a, self.lambda_of(a)),
+            self.runs_at(b, self.lambda_of(b)),
+        );
+        paired_by_seed(&self.settings.seeds, &ra, &rb, f)
     }
+}
+
+/// Per seed of `seeds`, `f(a) − f(b)` for the runs of that seed in `a` and `b`, where both
+/// finished.
+pub fn paired_by_seed(
+    seeds: &[u64],
+    a: &[&ArmRun],
+    b: &[&ArmRun],
+    f: impl Fn(&Scores) -> f64,
+) -> Vec<f64> {
+    fn at<'r>(runs: &[&'r ArmRun], seed: u64) -> Option<&'r Scores> {
+        runs.iter()
+            .find(|r| r.seed == seed)
+            .and_then(|r| r.scores.as_ref())
+    }
+    seeds
+        .iter()
+        .filter_map(|&seed| Some(f(at(a, seed)?) - f(at(b, seed)?)))
+        .collect()
+}
+
+/// H2 on fine-tuning's means: orphan-class accuracy < 10 % and FGT ≥ 20 (percent).
+pub fn h2_holds(orphan0: f64, fgt0: f64) -> bool {
+    orphan0 < 10.0 && fgt0 >= 20.0
+}
+
+/// H3 for an M4-like arm's means against M0's: FGT at least 10 lower, ACC 10 higher.
+pub fn h3_holds((acc4, fgt4): (f64, f64), (acc0, fgt0): (f64, f64)) -> bool {
+    fgt4 <= fgt0 - 10.0 && acc4 >= acc0 + 10.0
 }
 
 /// Mean and std of `f` over `scores` (NaN for none).
@@ -211,7 +233,7 @@ fn orderings(view: &View<'_>) -> Vec<Ordering> {
             true,
             "M0: orphan-class accuracy after T2 < 10 % and FGT ≥ 20",
             format!("orphan {:.2} %, FGT {:.2}", orphan(m0), fgt(m0)),
-            orphan(m0) < 10.0 && fgt(m0) >= 20.0,
+            h2_holds(orphan(m0), fgt(m0)),
         ),
         o(
             "H3",
@@ -224,7 +246,7 @@ fn orderings(view: &View<'_>) -> Vec<Ordering> {
                 acc(m4),
                 acc(m0)
             ),
-            h3_holds(view, acc(m4), fgt(m4)),
+            h3_holds((acc(m4), fgt(m4)), (acc(m0), fgt(m0))),
         ),
         o(
             "H4",
@@ -289,11 +311,6 @@ fn orderings(view: &View<'_>) -> Vec<Ordering> {
             gain >= 0.0,
         ),
     ]
-}
-
-/// H3 against M0 for an M4-like arm with these means.
-fn h3_holds(view: &View<'_>, acc4: f64, fgt4: f64) -> bool {
-    fgt4 <= view.fgt(Arm::M0) - 10.0 && acc4 >= view.acc(Arm::M0) + 10.0
 }
 
 fn join(values: &[f64], f: impl Fn(f64) -> String) -> String {

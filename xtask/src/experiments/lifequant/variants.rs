@@ -7,14 +7,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use indicatif::ProgressBar;
 use qcl_data::{KnownDataset, SplitDataset};
 use serde::Serialize;
 use serde_json::json;
 
 use super::arms::{self, Arm, ArmRun, Pretraining, Scores};
-use super::report::stat_of;
+use super::report::{h2_holds, h3_holds, paired_by_seed, stat_of};
 use super::{plots, Settings, Setup};
 use crate::data::dataset_path;
 use crate::experiments::mean_std;
@@ -80,6 +80,8 @@ const ARMS: [Arm; 3] = [Arm::M0, Arm::M3, Arm::M4];
 pub struct VariantRuns {
     /// The variant.
     pub variant: Variant,
+    /// The classes of each task.
+    pub tasks: Vec<Vec<u32>>,
     /// Task-0 pretraining per seed.
     pub pretraining: Vec<Pretraining>,
     /// M0, M3 and M4 on every seed.
@@ -96,22 +98,16 @@ impl VariantRuns {
     }
 
     fn paired(&self, a: Arm, b: Arm, f: impl Fn(&Scores) -> f64) -> Vec<f64> {
-        let at = |arm: Arm, seed: u64| {
-            self.runs
-                .iter()
-                .find(|r| r.arm == arm.id() && r.seed == seed)
-                .and_then(|r| r.scores.as_ref())
-        };
-        self.pretraining
-            .iter()
-            .filter_map(|p| Some(f(at(a, p.seed)?) - f(at(b, p.seed)?)))
-            .collect()
+        let of =
+            |arm: Arm| -> Vec<&ArmRun> { self.runs.iter().filter(|r| r.arm == arm.id()).collect() };
+        let seeds: Vec<u64> = self.pretraining.iter().map(|p| p.seed).collect();
+        paired_by_seed(&seeds, &of(a), &of(b), f)
     }
 }
 
 /// M4's λ chosen on validation by the `lifequant` experiment whose results are in `out_dir`,
-/// with the commit that chose it.
-pub fn chosen_lambda(out_dir: &Path) -> Result<(f64, String)> {
+/// with the commit that chose it; a file made in another mode than `mode` is refused.
+pub fn chosen_lambda(out_dir: &Path, mode: Option<&str>) -> Result<(f64, String)> {
     let path = out_dir.join("lifequant.json");
     let bytes = std::fs::read(&path).with_context(|| {
         format!(
@@ -125,12 +121,21 @@ pub fn chosen_lambda(out_dir: &Path) -> Result<(f64, String)> {
     let lambda = file["figures"]["chosen_lambda"]["M4"]["lambda"]
         .as_f64()
         .with_context(|| format!("{} holds no chosen λ of M4", path.display()))?;
+    if let (Some(found), Some(mode)) = (file["mode"].as_str(), mode) {
+        if found != mode {
+            bail!(
+                "{} was made in {found} mode, not {mode}: run `cargo xtask reproduce lifequant` \
+                 in the same mode first",
+                path.display()
+            );
+        }
+    }
     let commit = file["commit"].as_str().unwrap_or("unknown").to_string();
     Ok((lambda, commit))
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let (lambda, commit) = chosen_lambda(&ctx.out_dir)?;
+    let (lambda, commit) = chosen_lambda(&ctx.out_dir, Some(ctx.mode.name()))?;
     let load = |dataset| {
         SplitDataset::load(dataset_path(&ctx.data_dir, dataset))
             .with_context(|| format!("loading {}", dataset.name()))
@@ -169,6 +174,12 @@ pub fn run_with(
         let setup = Setup::new(&load(variant.dataset)?, &settings)?;
         let mut done = VariantRuns {
             variant,
+            tasks: setup
+                .scenario
+                .tasks()
+                .iter()
+                .map(|t| t.classes.clone())
+                .collect(),
             pretraining: Vec::new(),
             runs: Vec::new(),
         };
@@ -224,8 +235,8 @@ fn outcome(
             mean(Arm::M0, |x| x.orphan_acc),
         );
         let (acc4, fgt4) = (mean(Arm::M4, |x| x.acc), mean(Arm::M4, |x| x.fgt));
-        let h2 = orphan0 < 10.0 && fgt0 >= 20.0;
-        let h3 = fgt4 <= fgt0 - 10.0 && acc4 >= acc0 + 10.0;
+        let h2 = h2_holds(orphan0, fgt0);
+        let h3 = h3_holds((acc4, fgt4), (acc0, fgt0));
         let gain = r.paired(Arm::M4, Arm::M3, |x| 100.0 * x.acc);
         let (g, sg) = mean_std(&gain);
         let pre = |f: fn(&Pretraining) -> f64| {
@@ -310,17 +321,24 @@ mod tests {
     fn variants_run_on_the_fixtures_at_the_chosen_lambda() {
         let (out, ctx, _) = crate::reproduce::fixture_run();
         // No main run yet: a typed error that says what to run.
-        let err = chosen_lambda(out.path()).unwrap_err();
+        let err = chosen_lambda(out.path(), None).unwrap_err();
         assert!(
             format!("{err:#}").contains("reproduce lifequant"),
             "{err:#}"
         );
-        let file = json!({ "commit": "abc", "figures": { "chosen_lambda": { "M4": { "lambda": 30.0 } } } });
+        let file = json!({
+            "commit": "abc",
+            "mode": "quick",
+            "figures": { "chosen_lambda": { "M4": { "lambda": 30.0 } } }
+        });
         std::fs::write(out.path().join("lifequant.json"), file.to_string()).unwrap();
         assert_eq!(
-            chosen_lambda(out.path()).unwrap(),
+            chosen_lambda(out.path(), Some("quick")).unwrap(),
             (30.0, "abc".to_string())
         );
+        // A quick run's λ does not drive a full run.
+        let err = chosen_lambda(out.path(), Some("full")).unwrap_err();
+        assert!(err.to_string().contains("quick mode"), "{err}");
 
         let one = TaskScheduleJson::new(1, 0.01, &[]);
         let settings = Settings {
@@ -354,8 +372,15 @@ mod tests {
                 assert_eq!(r["lambda"].as_f64().unwrap(), expected);
             }
         }
-        // The stress split has four classes per task and a longer last task.
-        assert_eq!(variants[1]["variant"]["diminish_rate"], 0.75);
+        // The stress split: windows of n = 4 classes shifted by s = 3; the others: n = 5,
+        // s = 2, the last task taking the 6 classes left.
+        let sizes = |v: usize| -> Vec<usize> {
+            let tasks = variants[v]["tasks"].as_array().unwrap();
+            tasks.iter().map(|t| t.as_array().unwrap().len()).collect()
+        };
+        assert_eq!(sizes(0), vec![5, 5, 6]);
+        assert_eq!(sizes(1), vec![4, 4, 4]);
+        assert_eq!(sizes(2), vec![5, 5, 6]);
         assert!(outcome.markdown.contains("λ = 30"), "{}", outcome.markdown);
         assert!(outcome.markdown.contains("MNIST (sanity run)"));
         let png = std::fs::read(out.path().join("lifequant-variants.png")).unwrap();

@@ -191,10 +191,18 @@ impl UniformDiagnosis {
                 l.max_over_std
             ));
         }
+        // Single changes only: the rows that differ from the baseline in one choice.
+        let base_config = &self.schemes[0].config;
+        let changes = |c: &UniformConfig| {
+            usize::from(c.levels != base_config.levels)
+                + usize::from(c.range != base_config.range)
+                + usize::from(c.clip != base_config.clip)
+        };
         let best = self.schemes[1..]
             .iter()
+            .filter(|s| changes(&s.config) == 1)
             .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
-            .expect("several schemes");
+            .expect("single-change schemes");
         let worst = self
             .layers
             .iter()
