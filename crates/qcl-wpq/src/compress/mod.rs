@@ -335,11 +335,17 @@ fn quantize_layer(
 
 /// What the phases of [`compress`] share.
 struct Phases<'a, 'd> {
+    shared: Shared<'a>,
+    stream: &'a mut BatchStream<'d>,
+}
+
+/// The read-only part of [`Phases`], copied out whole by each phase.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
     teacher: &'a Model,
     student: &'a Model,
     specs: &'a [LayerSpec],
     act_images: &'a Tensor,
-    stream: &'a mut BatchStream<'d>,
     cfg: &'a CompressConfig,
     bar: &'a ProgressBar,
 }
@@ -350,14 +356,14 @@ type Layerwise = (Vec<QuantizedLayer>, Vec<Tensor>, Vec<LayerReport>);
 impl Phases<'_, '_> {
     /// For each layer in forward order: inputs from the student, EM, layer-wise fine-tuning.
     fn layerwise(&mut self, plans: Vec<(LayerGeometry, usize, usize)>) -> Result<Layerwise> {
-        let (teacher, student, specs, act_images, cfg, bar) = (
-            self.teacher,
-            self.student,
-            self.specs,
-            self.act_images,
-            self.cfg,
-            self.bar,
-        );
+        let Shared {
+            teacher,
+            student,
+            specs,
+            act_images,
+            cfg,
+            bar,
+        } = self.shared;
         let seed = cfg.seed;
         let mut layers: Vec<QuantizedLayer> = Vec::new();
         let mut references = Vec::new();
@@ -429,14 +435,14 @@ impl Phases<'_, '_> {
         layers: &mut [QuantizedLayer],
         references: &[Tensor],
     ) -> Result<Vec<Vec<usize>>> {
-        let (teacher, student, specs, act_images, cfg, bar) = (
-            self.teacher,
-            self.student,
-            self.specs,
-            self.act_images,
-            self.cfg,
-            self.bar,
-        );
+        let Shared {
+            teacher,
+            student,
+            specs,
+            act_images,
+            cfg,
+            bar,
+        } = self.shared;
         let (seed, rounds, train_bn) = (cfg.seed, 1 + cfg.reassign_rounds, student.arch().has_bn());
         let all: Vec<usize> = (0..layers.len()).collect();
         let biases: Vec<String> = if cfg.fuse_bn {
@@ -548,13 +554,15 @@ pub fn compress(
     bar.set_length((rounds * specs.len() + total_steps) as u64);
     bar.set_position(0);
     let mut phases = Phases {
-        teacher,
-        student: &student,
-        specs: &specs,
-        act_images: &act_images,
+        shared: Shared {
+            teacher,
+            student: &student,
+            specs: &specs,
+            act_images: &act_images,
+            cfg,
+            bar,
+        },
         stream: &mut stream,
-        cfg,
-        bar,
     };
     let (mut layers, references, reports) = phases.layerwise(plans)?;
     let after_layerwise = snapshot(&student, &layers);

@@ -135,6 +135,27 @@ impl Settings {
     }
 }
 
+#[cfg(test)]
+impl Settings {
+    /// The experiment scaled down to seconds for the tests on the committed fixtures: tiny
+    /// widths, 10 training and 4 test images per class, one epoch per stage, two seeds.
+    pub fn fixture() -> Self {
+        let one = TaskScheduleJson::new(1, 0.01, &[]);
+        Settings {
+            widths: [4, 4, 8],
+            train_per_class: 10,
+            test_per_class: Some(4),
+            seeds: vec![0, 1],
+            fp32: one.clone(),
+            int8: one.clone(),
+            low_bit_t0: one.clone(),
+            later_tasks: one,
+            batch: 16,
+            ..Settings::for_mode(Mode::Quick)
+        }
+    }
+}
+
 /// The scenario and normalisation every run of the experiment shares.
 pub struct Setup {
     /// Tasks with their held-out validation images.

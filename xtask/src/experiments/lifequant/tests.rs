@@ -74,20 +74,10 @@ fn lambda_is_chosen_on_validation_among_the_values_every_seed_finished() {
 #[test]
 fn runs_on_the_fixture_and_writes_its_results() {
     let (out, ctx, data) = crate::reproduce::fixture_run();
-    let one = TaskScheduleJson::new(1, 0.01, &[]);
     let settings = Settings {
-        widths: [4, 4, 8],
-        train_per_class: 10,
-        test_per_class: Some(4),
-        seeds: vec![0, 1],
-        fp32: one.clone(),
-        int8: one.clone(),
-        low_bit_t0: one.clone(),
-        later_tasks: one,
         lambdas: vec![3.0, 30.0],
         reference_lambda: 30.0,
-        batch: 16,
-        ..Settings::for_mode(Mode::Quick)
+        ..Settings::fixture()
     };
     let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
     let runs = outcome.figures["runs"].as_array().unwrap();

@@ -314,8 +314,6 @@ fn outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiments::lifequant::TaskScheduleJson;
-    use crate::reproduce::Mode;
 
     #[test]
     fn variants_run_on_the_fixtures_at_the_chosen_lambda() {
@@ -340,19 +338,7 @@ mod tests {
         let err = chosen_lambda(out.path(), Some("full")).unwrap_err();
         assert!(err.to_string().contains("quick mode"), "{err}");
 
-        let one = TaskScheduleJson::new(1, 0.01, &[]);
-        let settings = Settings {
-            widths: [4, 4, 8],
-            train_per_class: 10,
-            test_per_class: Some(4),
-            seeds: vec![0, 1],
-            fp32: one.clone(),
-            int8: one.clone(),
-            low_bit_t0: one.clone(),
-            later_tasks: one,
-            batch: 16,
-            ..Settings::for_mode(Mode::Quick)
-        };
+        let settings = Settings::fixture();
         let load = |dataset| Ok(SplitDataset::load(dataset_path(&ctx.data_dir, dataset))?);
         let outcome = run_with(
             &ctx,
