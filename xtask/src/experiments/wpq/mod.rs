@@ -472,7 +472,7 @@ pub fn run_with(
     }
     let _ = std::fs::remove_dir_all(&tmp);
     bar.set_message("wpq: uniform 4-bit diagnosis");
-    let diagnosis = uniform::diagnose(&teacher, bn_teacher.as_ref(), data, limit)?;
+    let diagnosis = uniform::diagnose((&teacher, teacher_acc), bn_teacher.as_ref(), data, limit)?;
 
     let find = |run: &str| runs.iter().find(|r| r.run == run).cloned();
     let acc = |run: &str| find(run).map_or(f64::NAN, |r| r.accuracy);

@@ -112,9 +112,10 @@ fn max_over_std(model: &Model, layer: &str) -> Result<f64> {
     Ok(ratios.iter().sum::<f64>() / ratios.len().max(1) as f64)
 }
 
-/// Measures the diagnosis on the first `limit` test images.
+/// Measures the diagnosis on the first `limit` test images; `teacher_acc` is the teacher's
+/// accuracy on them, already measured by the experiment.
 pub fn diagnose(
-    teacher: &Model,
+    (teacher, teacher_acc): (&Model, f64),
     bn_teacher: Option<&Model>,
     data: &SplitDataset,
     limit: Option<usize>,
@@ -155,7 +156,7 @@ pub fn diagnose(
         None => None,
     };
     Ok(UniformDiagnosis {
-        teacher: evaluate(teacher, &data.test, limit)?,
+        teacher: teacher_acc,
         schemes: rows,
         layers,
         bn_teacher,
