@@ -219,18 +219,7 @@ impl Ecvq {
     /// # Errors
     /// [`Error::InvalidParameter`] for an index `≥ K`.
     pub fn decode(&self, indices: &[u32]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(indices.len() * self.dim);
-        for (i, &k) in indices.iter().enumerate() {
-            let k = k as usize;
-            if k >= self.len() {
-                return Err(Error::invalid_parameter(
-                    "indices",
-                    format!("index {k} at position {i} is not below K = {}", self.len()),
-                ));
-            }
-            out.extend_from_slice(&self.codebook[k * self.dim..(k + 1) * self.dim]);
-        }
-        Ok(out)
+        qcl_pq::rows_of(&self.codebook, self.dim, indices)
     }
 
     /// Entropy codes indices with this quantizer's table.

@@ -11,6 +11,11 @@
 //!   [`MiniBatchKMeans`] for data that arrives in batches. The same seed gives the same
 //!   centroids with any number of threads.
 //! - [`ProductQuantizer`] ([`ProductQuantizerConfig`]): bit-packed [`PackedCodes`], decode, ADC search.
+//! - [`ScalarQuantizer`] ([`ScalarQuantizerConfig`]): uniform scalar quantization, `bits` per
+//!   dimension over a trained range.
+//! - [`Quantizer`] and [`FitQuantizer`]: the one shape of every quantizer (fit, encode to
+//!   [`PackedCodes`], decode, bits per vector, fingerprint), implemented by [`KMeans`],
+//!   [`ProductQuantizer`], [`ScalarQuantizer`] and qcl-ecvq's `Ecvq`, and open to your own.
 //!
 //! Two faces, one kernel: the slice methods (`fit`, `assign`, `train`, `encode`, ...) take
 //! row-major `f32` rows; their `*_tensor` twins (`fit_tensor`, `assign_tensor`,
@@ -36,6 +41,8 @@ mod minibatch;
 mod packing;
 mod points;
 mod pq;
+mod quantizer;
+mod scalar;
 mod tensor;
 pub mod workloads;
 
@@ -43,3 +50,7 @@ pub use bounds::KMeansAlgorithm;
 pub use kmeans::{KMeans, KMeansConfig, KMeansInit, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
 pub use minibatch::MiniBatchKMeans;
 pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerConfig, CODES_FORMAT, PQ_FORMAT};
+pub use quantizer::{
+    check_codes, index_bits, reconstruction_mse, rows_of, FitQuantizer, Quantizer,
+};
+pub use scalar::{ScalarQuantizer, ScalarQuantizerConfig, ScalarRange, SCALAR_FORMAT};

@@ -520,24 +520,7 @@ impl ProductQuantizer {
 
     /// Checks that `codes` were made for this quantizer's `m` and `nbits`.
     fn check_codes(&self, codes: &PackedCodes) -> Result<()> {
-        if codes.m() != self.m {
-            return Err(Error::ShapeMismatch {
-                context: "codes".into(),
-                expected: format!("[*, {}]", self.m),
-                actual: vec![codes.n(), codes.m()],
-            });
-        }
-        if codes.nbits() != self.nbits {
-            return Err(Error::invalid_parameter(
-                "codes",
-                format!(
-                    "packed with {} bits per code, the quantizer uses {}",
-                    codes.nbits(),
-                    self.nbits
-                ),
-            ));
-        }
-        Ok(())
+        crate::quantizer::check_codes(self, codes)
     }
 }
 

@@ -12,6 +12,8 @@
 //!   save/load.
 //! - [`PackedIndices`]: indices stored with `⌈log2 K⌉` bits, checked when read back.
 //! - [`ResidualVq`]: quantizers on successive residuals.
+//! - [`VectorQuantizer`] is a `qcl_pq::Quantizer` on row-major `[n, C]` slices too: N codes per
+//!   vector in one `PackedCodes` buffer, like every other qcl quantizer.
 //!
 //! Both quantizers are candle-nn layers: built from a `VarBuilder` (their state in the user's
 //! `VarMap`), `candle_core::ModuleT` with the straight-through output, the loss and statistics
@@ -47,6 +49,7 @@ mod layout;
 mod packed;
 mod quantizer;
 mod residual;
+mod rows;
 mod update;
 mod usage;
 
