@@ -6,7 +6,7 @@
 //! reconstruction. k-means ([`KMeans`]: one code per vector), product quantization
 //! ([`ProductQuantizer`]: one code per sub-space) and uniform scalar quantization
 //! ([`ScalarQuantizer`](crate::ScalarQuantizer): one code per dimension) implement it here;
-//! qcl-ecvq's entropy-constrained quantizer implements it too. Code written against the trait
+//! qcl-ecvq's entropy-constrained quantizer and qcl-vq's VQ layers implement it too. Code written against the trait
 //! (storage, evaluation, an index) takes any of them, or one of your own:
 //!
 //! ```

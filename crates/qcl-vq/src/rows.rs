@@ -1,12 +1,14 @@
 //! [`VectorQuantizer`] as a qcl-pq [`Quantizer`] on row-major `[n, C]` slices: N codes of
 //! `⌈log2 K⌉` bits per vector (one per codebook), in one [`PackedCodes`] buffer, so that a
-//! trained VQ layer can be stored, evaluated or indexed like any other quantizer.
+//! trained VQ layer can be stored, evaluated or indexed like any other quantizer. A
+//! [`ResidualVq`] stores its stages' codes one after the other: stage 0's N codes, then
+//! stage 1's, each with the widest stage's bits.
 
 use candle_core::Tensor;
 use qcl_pq::{check_codes, index_bits, PackedCodes, Quantizer};
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{Error, Fingerprint, Result};
 
-use crate::VectorQuantizer;
+use crate::{ResidualVq, VectorQuantizer};
 
 impl VectorQuantizer {
     /// `data` (row-major `[n, C]`) as an `(n, C)` tensor on this quantizer's device.
@@ -53,5 +55,52 @@ impl Quantizer for VectorQuantizer {
     /// fingerprint that matches no quantizer.
     fn fingerprint(&self) -> String {
         VectorQuantizer::fingerprint(self).unwrap_or_else(|e| format!("unreadable codebook: {e}"))
+    }
+}
+
+impl Quantizer for ResidualVq {
+    fn dim(&self) -> usize {
+        self.stages()[0].config().dim
+    }
+    fn codes_per_vector(&self) -> usize {
+        self.stages().iter().map(|s| s.config().codebooks).sum()
+    }
+    fn bits_per_code(&self) -> u32 {
+        self.stages()
+            .iter()
+            .map(Quantizer::bits_per_code)
+            .max()
+            .unwrap_or(1)
+    }
+    fn encode(&self, data: &[f32]) -> Result<PackedCodes> {
+        let rows = self.stages()[0].rows_tensor(data)?;
+        let indices = Tensor::cat(&ResidualVq::encode(self, &rows)?, 1)?;
+        let flat: Vec<u32> = indices.flatten_all()?.to_vec1()?;
+        PackedCodes::pack(&flat, self.codes_per_vector(), self.bits_per_code())
+    }
+    /// The sum of every stage's decoding: the full-depth reconstruction.
+    fn decode(&self, codes: &PackedCodes) -> Result<Vec<f32>> {
+        check_codes(self, codes)?;
+        let device = self.stages()[0].device();
+        let all = Tensor::from_vec(codes.unpack(), (codes.n(), codes.m()), device)?;
+        let mut start = 0;
+        let mut per_stage = Vec::with_capacity(self.depth());
+        for stage in self.stages() {
+            let width = stage.config().codebooks;
+            per_stage.push(all.narrow(1, start, width)?);
+            start += width;
+        }
+        Ok(ResidualVq::decode(self, &per_stage)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+    /// Every stage's fingerprint, in order.
+    fn fingerprint(&self) -> String {
+        self.stages()
+            .iter()
+            .fold(Fingerprint::new("qcl-residual-vq/1"), |f, stage| {
+                f.text(&Quantizer::fingerprint(stage))
+            })
+            .finish()
     }
 }

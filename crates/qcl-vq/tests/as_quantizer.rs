@@ -6,7 +6,7 @@ use candle_nn::{VarBuilder, VarMap};
 use proptest::prelude::*;
 use qcl_pq::{reconstruction_mse, PackedCodes, Quantizer};
 use qcl_tensor::{squared_distance, Error, Seed};
-use qcl_vq::{VectorQuantizer, VectorQuantizerConfig};
+use qcl_vq::{ResidualVq, VectorQuantizer, VectorQuantizerConfig};
 
 fn quantizer(dim: usize, codebooks: usize, codes: usize) -> VectorQuantizer {
     let varmap = VarMap::new();
@@ -68,4 +68,42 @@ fn codes_of_another_shape_and_bad_rows_are_refused() {
     assert!(Quantizer::encode(&vq, &[]).is_err());
     assert!(Quantizer::encode(&vq, &[f32::NAN, 0.0, 0.0, 0.0]).is_err());
     assert_eq!(Quantizer::fingerprint(&vq), vq.fingerprint().unwrap());
+}
+
+#[test]
+fn a_residual_stack_stores_its_stages_codes_in_order_and_decodes_their_sum() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let configs = [
+        VectorQuantizerConfig::new(4, 8),
+        VectorQuantizerConfig::new(4, 3),
+    ];
+    let rvq = ResidualVq::new(&configs, vb.pp("rvq")).unwrap();
+    let data = Seed::new(3).rng().normal_vec(10 * 4, 0.0, 0.05);
+    let packed = Quantizer::encode(&rvq, &data).unwrap();
+    assert_eq!((packed.m(), packed.nbits()), (2, 3));
+    let rows = Tensor::from_slice(&data, (10, 4), &Device::Cpu).unwrap();
+    let own = ResidualVq::encode(&rvq, &rows).unwrap();
+    for (stage, idx) in own.iter().enumerate() {
+        let idx: Vec<u32> = idx.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            idx,
+            (0..10).map(|i| packed.get(i, stage)).collect::<Vec<_>>()
+        );
+    }
+    let decoded = Quantizer::decode(&rvq, &packed).unwrap();
+    let expected: Vec<f32> = ResidualVq::decode(&rvq, &own)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(decoded, expected);
+    // Stage 1 has K = 3: a stored 3 is refused, though 3 bits could hold it.
+    let bad = PackedCodes::pack(&[0, 3], 2, 3).unwrap();
+    assert!(Quantizer::decode(&rvq, &bad).is_err());
+    assert_ne!(
+        Quantizer::fingerprint(&rvq),
+        Quantizer::fingerprint(&rvq.stages()[0])
+    );
 }
