@@ -15,7 +15,8 @@
 //!   dimension over a trained range.
 //! - [`Quantizer`] and [`FitQuantizer`]: the one shape of every quantizer (fit, encode to
 //!   [`PackedCodes`], decode, bits per vector, fingerprint), implemented by [`KMeans`],
-//!   [`ProductQuantizer`], [`ScalarQuantizer`] qcl-ecvq's `Ecvq` and qcl-vq's `VectorQuantizer` and `ResidualVq`, and open to your own.
+//!   [`ProductQuantizer`], [`ScalarQuantizer`], qcl-ecvq's `Ecvq` and qcl-vq's `VectorQuantizer`
+//!   and `ResidualVq`, and open to your own.
 //!
 //! Two faces, one kernel: the slice methods (`fit`, `assign`, `train`, `encode`, ...) take
 //! row-major `f32` rows; their `*_tensor` twins (`fit_tensor`, `assign_tensor`,
