@@ -36,6 +36,7 @@
 //! ```
 
 mod bounds;
+mod codes_file;
 pub mod index;
 mod kmeans;
 mod minibatch;
@@ -48,6 +49,7 @@ mod tensor;
 pub mod workloads;
 
 pub use bounds::KMeansAlgorithm;
+pub use codes_file::{load_codes, save_codes};
 pub use kmeans::{KMeans, KMeansConfig, KMeansInit, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
 pub use minibatch::MiniBatchKMeans;
 pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerConfig, CODES_FORMAT, PQ_FORMAT};

@@ -23,7 +23,7 @@ use crate::{KMeans, KMeansConfig, KMeansInit};
 /// Value of the `format` metadata key of a saved product quantizer.
 pub const PQ_FORMAT: &str = "qcl-pq/1";
 
-/// Value of the `format` metadata key of a codes file ([`ProductQuantizer::save_codes`]).
+/// Value of the `format` metadata key of a codes file of any quantizer ([`crate::save_codes`]).
 pub const CODES_FORMAT: &str = "qcl-pq-codes/1";
 
 /// The knobs of [`ProductQuantizer::train`]; the k-means ones apply to every sub-space.
@@ -402,10 +402,7 @@ impl ProductQuantizer {
             .finish()
     }
 
-    /// Writes `codes` made by this quantizer to a codes file: tensor `codes`
-    /// (`u8 [n, code_size]`, the bytes of [`PackedCodes`]) with metadata `format` =
-    /// [`CODES_FORMAT`], `n`, `m`, `nbits`, `dim` and `quantizer` (this quantizer's
-    /// [`fingerprint`](Self::fingerprint)).
+    /// Writes `codes` made by this quantizer to a codes file: [`crate::save_codes`].
     ///
     /// ```
     /// use qcl_pq::ProductQuantizer;
@@ -421,86 +418,17 @@ impl ProductQuantizer {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] if `codes` do not have this quantizer's `m` and `nbits`;
-    /// [`Error::Io`] on write failure.
+    /// As [`crate::save_codes`].
     pub fn save_codes(&self, codes: &PackedCodes, path: impl AsRef<Path>) -> Result<()> {
-        self.check_codes(codes)?;
-        let tensor = Tensor::from_vec(
-            codes.bytes().to_vec(),
-            (codes.n(), codes.code_size()),
-            &Device::Cpu,
-        )?;
-        let metadata = BTreeMap::from([
-            ("format".to_string(), CODES_FORMAT.to_string()),
-            ("n".to_string(), codes.n().to_string()),
-            ("m".to_string(), codes.m().to_string()),
-            ("nbits".to_string(), codes.nbits().to_string()),
-            ("dim".to_string(), self.dim.to_string()),
-            ("quantizer".to_string(), self.fingerprint()),
-        ]);
-        write_safetensors(path, &[("codes", &tensor)], &metadata)
+        crate::save_codes(self, codes, path)
     }
 
-    /// Reads a codes file written by [`save_codes`](Self::save_codes) and checks that this
-    /// quantizer made it. A file without a `quantizer` fingerprint (written by an older qcl)
-    /// is checked by shape only, with a note ([`qcl_tensor::take_notes`]).
+    /// Reads a codes file and checks that this quantizer made it: [`crate::load_codes`].
     ///
     /// # Errors
-    /// [`Error::BadFile`] for a file that is not a codes file or has inconsistent metadata;
-    /// [`Error::InvalidParameter`] if another quantizer made the codes (fingerprint, `m`,
-    /// `nbits` or `dim` differ); [`Error::DTypeMismatch`] / [`Error::ShapeMismatch`] for a
-    /// `codes` tensor other than `u8 [n, code_size]`.
+    /// As [`crate::load_codes`].
     pub fn load_codes(&self, path: impl AsRef<Path>) -> Result<PackedCodes> {
-        let path = path.as_ref();
-        let file = SafetensorsFile::open(path)?;
-        file.require_format(CODES_FORMAT, "a product-quantization codes file")?;
-        let n: usize = file.metadata_value("n")?;
-        let m: usize = file.metadata_value("m")?;
-        let nbits: u32 = file.metadata_value("nbits")?;
-        // `dim` and `quantizer` are missing from older files.
-        let dim: Option<usize> = file.metadata().get("dim").and_then(|v| v.parse().ok());
-        let made_by = file.metadata().get("quantizer");
-        let mismatch = |what: String| {
-            Error::invalid_parameter(
-                "codes",
-                format!(
-                    "{} holds codes of another quantizer ({what}); decode them with the \
-                     quantizer that encoded them",
-                    path.display()
-                ),
-            )
-        };
-        if m != self.m || nbits != self.nbits || dim.is_some_and(|dim| dim != self.dim) {
-            return Err(mismatch(format!(
-                "m = {m}, nbits = {nbits}{}, this one has m = {}, nbits = {}, dim = {}",
-                dim.map_or(String::new(), |dim| format!(", dim = {dim}")),
-                self.m,
-                self.nbits,
-                self.dim
-            )));
-        }
-        match made_by {
-            Some(made_by) if *made_by != self.fingerprint() => {
-                return Err(mismatch(format!(
-                    "made by {made_by}, this one is {}",
-                    self.fingerprint()
-                )))
-            }
-            Some(_) => {}
-            None => qcl_tensor::note(format!(
-                "{} does not say which quantizer made its codes (written by an older qcl): \
-                 checked by shape only",
-                path.display()
-            )),
-        }
-        let spec = TensorSpec::new()
-            .dtype(DType::U8)
-            .shape(&[Some(n), Some(self.code_size())]);
-        let bytes = file
-            .read("codes", &spec, &Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<u8>()?;
-        PackedCodes::from_bytes(bytes, n, m, nbits)
+        crate::load_codes(self, path)
     }
 
     /// Fills `table[j · ksub + c]` with the squared distance from sub-vector `j` of `query` to

@@ -151,3 +151,31 @@ fn fingerprints_tell_quantizers_apart() {
     let km = KMeans::fit(&[0.0, 1.0], 1, None, &KMeansConfig::new(2)).unwrap();
     assert_ne!(km.fingerprint(), a.fingerprint());
 }
+
+/// One codes file for every quantizer: what one writes, only it reads back.
+#[test]
+fn codes_files_round_trip_and_refuse_other_quantizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = gaussian(5, 40, 4);
+    let km = KMeans::fit(&data, 4, None, &KMeansConfig::new(5)).unwrap();
+    let sq = ScalarQuantizer::fit(&data, 4, &ScalarQuantizerConfig::new(3)).unwrap();
+    let km_path = dir.path().join("km.safetensors");
+    let sq_path = dir.path().join("sq.safetensors");
+    let km_codes = km.encode(&data).unwrap();
+    let sq_codes = sq.encode(&data).unwrap();
+    qcl_pq::save_codes(&km, &km_codes, &km_path).unwrap();
+    qcl_pq::save_codes(&sq, &sq_codes, &sq_path).unwrap();
+    assert_eq!(qcl_pq::load_codes(&km, &km_path).unwrap(), km_codes);
+    assert_eq!(qcl_pq::load_codes(&sq, &sq_path).unwrap(), sq_codes);
+    assert!(qcl_pq::load_codes(&sq, &km_path).is_err());
+    assert!(qcl_pq::load_codes(&km, &sq_path).is_err());
+    // Same shape, other values: refused by the fingerprint.
+    let other =
+        ScalarQuantizer::fit(&gaussian(6, 40, 4), 4, &ScalarQuantizerConfig::new(3)).unwrap();
+    let err = qcl_pq::load_codes(&other, &sq_path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("made by"), "{err}");
+    // Codes of another shape are not written.
+    assert!(qcl_pq::save_codes(&km, &sq_codes, dir.path().join("x.safetensors")).is_err());
+}
