@@ -301,7 +301,7 @@ fn run_model<M: TaskIncrementalModel>(
         steps.push(report.steps);
         if check_logits {
             let logits = task_logits(model, t, &task.test, task.normalization)?;
-            first_logits.push(bits(&logits)?);
+            first_logits.push(qcl_tensor::f32_bits(&logits)?);
         }
         for (s, earlier) in tasks.iter().enumerate().take(t + 1) {
             let acc = task_accuracy(model, s, &earlier.test, earlier.normalization)?;
@@ -312,21 +312,13 @@ fn run_model<M: TaskIncrementalModel>(
         let mut all = true;
         for (s, task) in tasks.iter().enumerate() {
             let logits = task_logits(model, s, &task.test, task.normalization)?;
-            all &= bits(&logits)? == first_logits[s];
+            all &= qcl_tensor::f32_bits(&logits)? == first_logits[s];
         }
         Some(all)
     } else {
         None
     };
     Ok((accuracy, identical, steps))
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|x| x.to_bits())
-        .collect())
 }
 
 /// Runs one arm on a task sequence: trains, evaluates (the full accuracy matrix), measures

@@ -21,26 +21,11 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    qcl_tensor::max_abs_diff(a, b).unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
+    qcl_tensor::f32_bits(t).unwrap()
 }
 
 /// Two (or more) task-incremental FMNIST tasks from the fixture, `per_task` train images each.

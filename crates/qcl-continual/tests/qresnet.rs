@@ -35,16 +35,7 @@ fn build(seed: u64, config: &QResNetConfig) -> (ParamStore, QResNet) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    qcl_tensor::max_abs_diff(a, b).unwrap()
 }
 
 /// The QResNet-8 network (docs/methods/lifequant.md § Network) written out with plain qcl-nn

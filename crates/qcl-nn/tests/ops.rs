@@ -21,17 +21,7 @@ fn weighted_gradients(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStor
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    qcl_tensor::max_abs_diff(a, b).unwrap()
 }
 
 /// Scale for tolerances: the largest magnitude of the reference.

@@ -23,6 +23,7 @@
 
 mod alloc;
 mod check;
+mod compare;
 mod device;
 mod error;
 mod header;
@@ -38,6 +39,7 @@ pub use alloc::{on_threads, tune_allocator_for_numeric_loops, tune_process_for_n
 pub use check::{
     check_finite, check_finite_slice, check_shape, format_shape_pattern, matrix_f32, TensorSpec,
 };
+pub use compare::{f32_bits, max_abs_diff};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use integrity::{

@@ -13,15 +13,7 @@ use qcl_vq::{ChannelAxis, CodebookUpdate, ResidualVq, VectorQuantizer, VectorQua
 const DEV: Device = Device::Cpu;
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
+    qcl_tensor::f32_bits(t).unwrap()
 }
 
 fn indices(t: &Tensor) -> Vec<u32> {

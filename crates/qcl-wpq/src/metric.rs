@@ -52,20 +52,7 @@ impl Metric {
     /// [`Error::ShapeMismatch`] unless `gram` is `d×d`, [`Error::NonFinite`] for NaN/infinity,
     /// [`Error::InvalidParameter`] if the eigendecomposition fails or `G` is zero.
     pub fn from_gram(gram: &[f64], d: usize) -> Result<Metric> {
-        if d == 0 || gram.len() != d * d {
-            return Err(Error::ShapeMismatch {
-                context: "gram".into(),
-                expected: format!("[{d}, {d}]"),
-                actual: vec![gram.len()],
-            });
-        }
-        if let Some(i) = gram.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                context: "gram".into(),
-                index: i,
-                value: gram[i],
-            });
-        }
+        check_gram(gram, d)?;
         let g = faer::Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (gram[i * d + j] + gram[j * d + i]));
         let eig = g.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
             Error::invalid_parameter("gram", format!("no eigendecomposition: {e:?}"))
@@ -163,4 +150,26 @@ impl Metric {
             *o = (0..d).map(|j| self.projection[i * d + j] * src[j]).sum();
         }
     }
+}
+
+/// Checks a Gram matrix `[d, d]` row-major: `d > 0`, the right length, finite values.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for the wrong size, [`Error::NonFinite`] for NaN or infinity.
+pub(crate) fn check_gram(gram: &[f64], d: usize) -> Result<()> {
+    if d == 0 || gram.len() != d * d {
+        return Err(Error::ShapeMismatch {
+            context: "gram".into(),
+            expected: format!("[{d}, {d}]"),
+            actual: vec![gram.len()],
+        });
+    }
+    if let Some(i) = gram.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            context: "gram".into(),
+            index: i,
+            value: gram[i],
+        });
+    }
+    Ok(())
 }

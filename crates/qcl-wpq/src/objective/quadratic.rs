@@ -40,20 +40,7 @@ impl Quadratic {
     /// # Errors
     /// [`Error::ShapeMismatch`] for the wrong size, [`Error::NonFinite`] for NaN or infinity.
     pub fn from_gram(gram: Vec<f64>, width: usize) -> Result<Self> {
-        if width == 0 || gram.len() != width * width {
-            return Err(Error::ShapeMismatch {
-                context: "gram".into(),
-                expected: format!("[{width}, {width}]"),
-                actual: vec![gram.len()],
-            });
-        }
-        if let Some(i) = gram.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                context: "gram".into(),
-                index: i,
-                value: gram[i],
-            });
-        }
+        crate::metric::check_gram(&gram, width)?;
         Ok(Quadratic {
             width,
             gram: Some(gram),
