@@ -10,9 +10,8 @@
 //!   ASSP 1989) with explicit pruning, the classic baseline;
 //! - [`Ecvq`]: the quantizer both produce (encoder `argmin_k r_k + λ·d(x, c_k)`, decoder,
 //!   evaluation of rate, entropy, real coded size, distortion and gap to the bound, cell
-//!   maps, safetensors save/load);
-//!   It is a `qcl_pq::Quantizer` too: fixed-length packed codes, trained by `FitQuantizer::fit`
-//!   with [`ClgConfig`];
+//!   maps, safetensors save/load), and a `qcl_pq::Quantizer` too (fixed-length packed codes,
+//!   trained by `FitQuantizer::fit` with [`ClgConfig`]);
 //! - [`entropy`]: an rANS entropy coder with integer frequency tables (bit-exact decoding on
 //!   any machine);
 //! - [`Source`]: the seeded toy sources (2-D Gaussian, Laplace, two bananas) with exact

@@ -30,14 +30,15 @@ impl Quantizer for Ecvq {
     }
     /// K, the dimension, λ, the distortion and every code and length.
     fn fingerprint(&self) -> String {
-        let rates: Vec<f32> = self.rates_bits().iter().map(|&r| r as f32).collect();
-        Fingerprint::new(ECVQ_FORMAT)
+        let print = Fingerprint::new(ECVQ_FORMAT)
             .number(self.len() as u64)
             .number(Ecvq::dim(self) as u64)
             .number(self.lambda().to_bits())
             .text(self.distortion().name())
-            .floats(self.codebook())
-            .floats(&rates)
+            .floats(self.codebook());
+        self.rates_bits()
+            .iter()
+            .fold(print, |f, r| f.number(r.to_bits()))
             .finish()
     }
 }

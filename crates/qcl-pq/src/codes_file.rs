@@ -72,8 +72,11 @@ pub fn load_codes<Q: Quantizer + ?Sized>(
     let n: usize = file.metadata_value("n")?;
     let m: usize = file.metadata_value("m")?;
     let nbits: u32 = file.metadata_value("nbits")?;
-    // `dim` and `quantizer` are missing from older files.
-    let dim: Option<usize> = file.metadata().get("dim").and_then(|v| v.parse().ok());
+    // `dim` and `quantizer` are missing from older files; a `dim` that is there must parse.
+    let dim: Option<usize> = match file.metadata().get("dim") {
+        Some(_) => Some(file.metadata_value("dim")?),
+        None => None,
+    };
     let mismatch = |what: String| {
         Error::invalid_parameter(
             "codes",

@@ -58,11 +58,12 @@ use crate::{KMeans, KMeansConfig, PackedCodes, ProductQuantizer, ProductQuantize
 
 /// A trained quantizer of `dim`-dimensional vectors into bit-packed codes.
 ///
-/// Contract, checked for every implementation in qcl by the property tests of
-/// `tests/quantizer.rs`: [`encode`](Quantizer::encode) of `n` whole rows gives `n` rows of
+/// Contract, checked by property tests for `KMeans`, `ProductQuantizer` and `ScalarQuantizer`
+/// (`tests/quantizer.rs`) and by their crates' tests for `Ecvq`, `VectorQuantizer` and
+/// `ResidualVq`: [`encode`](Quantizer::encode) of `n` whole rows gives `n` rows of
 /// `codes_per_vector` codes of `bits_per_code` bits; [`decode`](Quantizer::decode) gives `n`
-/// rows of `dim` floats and refuses codes of another shape with a typed error (use
-/// [`check_codes`]); the same quantizer gives the same codes and the same
+/// rows of `dim` floats and refuses codes of another shape (use [`check_codes`]) or an index
+/// past a codebook with a typed error; the same quantizer gives the same codes and the same
 /// [`fingerprint`](Quantizer::fingerprint) every time.
 pub trait Quantizer {
     /// Dimension of the vectors.
@@ -71,7 +72,8 @@ pub trait Quantizer {
     /// Codes stored per vector (1 for VQ, `m` for PQ, `dim` for scalar quantization).
     fn codes_per_vector(&self) -> usize;
 
-    /// Bits of one code, `1..=16`.
+    /// Bits of one code: `1..=16` for a quantizer whose codes can be packed (a codebook of
+    /// more than 65,536 codes needs more, and [`encode`](Quantizer::encode) refuses it).
     fn bits_per_code(&self) -> u32;
 
     /// Bits one vector's codes take, `codes_per_vector · bits_per_code` (the packed buffer
@@ -89,7 +91,8 @@ pub trait Quantizer {
     /// The reconstruction of every encoded vector, row-major `[n, dim]`.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] or [`Error::InvalidParameter`] for codes of another shape.
+    /// [`Error::ShapeMismatch`] or [`Error::InvalidParameter`] for codes of another shape;
+    /// [`Error::InvalidParameter`] for an index past its codebook.
     fn decode(&self, codes: &PackedCodes) -> Result<Vec<f32>>;
 
     /// The quantizer's identity (its kind, shape and every stored value, hashed), recorded

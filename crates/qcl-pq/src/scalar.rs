@@ -50,9 +50,10 @@ impl ScalarQuantizerConfig {
 
 /// Uniform scalar quantizer: dimension `j` of a vector is stored as
 /// `q = clamp(round((x − lo_j) / s_j), 0, 2^b − 1)` with step `s_j = (hi_j − lo_j)/(2^b − 1)`
-/// and decoded as `lo_j + q·s_j`. Inside the trained range the error of each value is at most
-/// `s_j / 2`; values outside it are clamped to the nearest end. A dimension with `hi_j = lo_j`
-/// decodes to `lo_j`.
+/// and decoded as `lo_j + q·s_j`, both computed in `f64` (so that a range as wide as `f32`
+/// allows still has a finite step). Inside the trained range the error of each value is at
+/// most `s_j / 2`, plus the rounding of the decoded value to `f32`; values outside it are
+/// clamped to the nearest end. A dimension with `hi_j = lo_j` decodes to `lo_j`.
 ///
 /// ```
 /// use qcl_pq::{FitQuantizer, Quantizer, ScalarQuantizer, ScalarQuantizerConfig};
@@ -117,8 +118,9 @@ impl ScalarQuantizer {
         ((1u64 << self.bits) - 1) as u32
     }
 
-    fn step(&self, j: usize) -> f32 {
-        (self.hi[j] - self.lo[j]) / self.levels() as f32
+    /// `s_j`, in `f64`.
+    fn step(&self, j: usize) -> f64 {
+        (f64::from(self.hi[j]) - f64::from(self.lo[j])) / f64::from(self.levels())
     }
 }
 
@@ -145,7 +147,7 @@ impl Quantizer for ScalarQuantizer {
     fn encode(&self, data: &[f32]) -> Result<PackedCodes> {
         let dim = self.dim();
         check_points("data", data, dim)?;
-        let top = self.levels() as f32;
+        let top = f64::from(self.levels());
         let codes: Vec<u32> = data
             .iter()
             .enumerate()
@@ -153,7 +155,9 @@ impl Quantizer for ScalarQuantizer {
                 let j = i % dim;
                 let step = self.step(j);
                 if step > 0.0 {
-                    ((x - self.lo[j]) / step).round().clamp(0.0, top) as u32
+                    ((f64::from(x) - f64::from(self.lo[j])) / step)
+                        .round()
+                        .clamp(0.0, top) as u32
                 } else {
                     0
                 }
@@ -170,7 +174,8 @@ impl Quantizer for ScalarQuantizer {
             .enumerate()
             .map(|(i, &q)| {
                 let j = i % dim;
-                self.lo[j] + q as f32 * self.step(j)
+                let value = f64::from(self.lo[j]) + f64::from(q) * self.step(j);
+                (value as f32).clamp(self.lo[j], self.hi[j])
             })
             .collect())
     }

@@ -43,6 +43,7 @@ fn check_contract<Q: FitQuantizer>(data: &[f32], dim: usize, config: &Q::Config)
     ));
     // Bad input is refused, not a panic.
     assert!(matches!(q.encode(&data[..dim - 1]), Err(Error::ShapeMismatch { .. })) || dim == 1);
+    assert!(matches!(q.encode(&[]), Err(Error::EmptyInput(_))));
     let mut bad = data[..dim].to_vec();
     bad[0] = f32::NAN;
     assert!(matches!(q.encode(&bad), Err(Error::NonFinite { .. })));
@@ -75,8 +76,8 @@ proptest! {
         prop_assert!((mse - km.mse(&data).unwrap()).abs() <= 1e-4 * (1.0 + mse));
     }
 
-    /// Product quantization: the contract, and decoding agrees with the quantizer's own
-    /// `encode`/`decode`.
+    /// Product quantization: the contract, and each sub-vector of a decoded vector is the
+    /// nearest centroid of its sub-space's codebook.
     #[test]
     fn pq_keeps_the_contract(seed in 0u64..1000, m in 1usize..4, dsub in 1usize..4, nbits in 1u32..4) {
         let dim = m * dsub;
@@ -84,7 +85,16 @@ proptest! {
         let config = ProductQuantizerConfig { seed: Seed::new(seed), ..ProductQuantizerConfig::new(m, nbits) };
         let codes = check_contract::<ProductQuantizer>(&data, dim, &config);
         let pq = ProductQuantizer::train(&data, dim, &config).unwrap();
-        prop_assert_eq!(&pq.encode(&data).unwrap(), &codes);
+        let decoded = pq.decode(&codes).unwrap();
+        for (x, y) in data.chunks(dim).zip(decoded.chunks(dim)) {
+            for j in 0..m {
+                let s = j * dsub..(j + 1) * dsub;
+                let best = squared_distance(&x[s.clone()], &y[s.clone()]);
+                for c in pq.codebook(j).chunks(dsub) {
+                    prop_assert!(best <= squared_distance(&x[s.clone()], c));
+                }
+            }
+        }
     }
 
     /// Scalar quantization: the contract; inside the range every value is within half a step of
@@ -178,4 +188,28 @@ fn codes_files_round_trip_and_refuse_other_quantizers() {
     assert!(err.contains("made by"), "{err}");
     // Codes of another shape are not written.
     assert!(qcl_pq::save_codes(&km, &sq_codes, dir.path().join("x.safetensors")).is_err());
+}
+
+#[test]
+fn kmeans_refuses_an_index_past_its_centroids() {
+    let data: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    let km = KMeans::fit(&data, 1, None, &KMeansConfig::new(5)).unwrap();
+    assert_eq!(km.bits_per_code(), 3);
+    let past = PackedCodes::pack(&[1, 6], 1, 3).unwrap();
+    let err = km.decode(&past).unwrap_err().to_string();
+    assert!(err.contains("position 1"), "{err}");
+}
+
+/// A range as wide as f32 allows still gives a finite step and finite reconstructions.
+#[test]
+fn the_widest_range_decodes_to_finite_values() {
+    let sq = ScalarQuantizer::from_range(8, vec![-3e38], vec![3e38]).unwrap();
+    let data = [-3e38, -1.0, 0.0, 2e38, 3e38];
+    let decoded = sq.decode(&sq.encode(&data).unwrap()).unwrap();
+    assert!(decoded.iter().all(|v| v.is_finite()), "{decoded:?}");
+    assert_eq!((decoded[0], decoded[4]), (-3e38, 3e38));
+    let step = 6e38f64 / 255.0;
+    for (&x, &y) in data.iter().zip(&decoded) {
+        assert!((f64::from(x) - f64::from(y)).abs() <= step / 2.0 * (1.0 + 1e-6));
+    }
 }

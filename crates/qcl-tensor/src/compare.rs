@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
-/// `max |a − b|` over every element, in `f32` (both tensors converted first).
+/// `max |a − b|` over every element, in `f32` (both tensors converted first); NaN if any
+/// difference is NaN, so that a tolerance check cannot pass over one.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -30,11 +31,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         return Err(Error::EmptyInput("max_abs_diff of empty tensors".into()));
     }
     let diff = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
-    Ok(diff.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    let values = diff.abs()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.into_iter().fold(0f32, |worst, d| {
+        if d.is_nan() || worst.is_nan() {
+            f32::NAN
+        } else {
+            worst.max(d)
+        }
+    }))
 }
 
-/// The bit patterns of every element as `f32` (flattened): equal vectors mean bit-identical
-/// values.
+/// The bit patterns of every element as `f32` (flattened; another dtype is converted to `f32`
+/// first): equal vectors mean bit-identical `f32` values.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -52,4 +60,22 @@ pub fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
         .iter()
         .map(|x| x.to_bits())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_nan_difference_is_not_hidden() {
+        let a = Tensor::new(&[1.0f32, f32::NAN, 3.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1.0f32, 2.0, 9.0], &Device::Cpu).unwrap();
+        assert!(max_abs_diff(&a, &b).unwrap().is_nan());
+        let c = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        assert!(matches!(
+            max_abs_diff(&a, &c),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
 }

@@ -14,7 +14,10 @@ impl VectorQuantizer {
     /// `data` (row-major `[n, C]`) as an `(n, C)` tensor on this quantizer's device.
     fn rows_tensor(&self, data: &[f32]) -> Result<Tensor> {
         let dim = self.config().dim;
-        if data.is_empty() || !data.len().is_multiple_of(dim) {
+        if data.is_empty() {
+            return Err(Error::EmptyInput("no vectors to encode".into()));
+        }
+        if !data.len().is_multiple_of(dim) {
             return Err(Error::ShapeMismatch {
                 context: "data".into(),
                 expected: format!("[n ≥ 1, {dim}]"),
@@ -51,8 +54,8 @@ impl Quantizer for VectorQuantizer {
             .flatten_all()?
             .to_vec1()?)
     }
-    /// As [`VectorQuantizer::fingerprint`]; a codebook that cannot be read gives a
-    /// fingerprint that matches no quantizer.
+    /// As [`VectorQuantizer::fingerprint`]; a codebook that cannot be read gives a text that
+    /// is not a fingerprint (so it matches no readable quantizer's).
     fn fingerprint(&self) -> String {
         VectorQuantizer::fingerprint(self).unwrap_or_else(|e| format!("unreadable codebook: {e}"))
     }

@@ -64,9 +64,18 @@ fn codes_of_another_shape_and_bad_rows_are_refused() {
         Quantizer::decode(&vq, &wrong_bits),
         Err(Error::InvalidParameter { .. })
     ));
-    assert!(Quantizer::encode(&vq, &[0.0; 3]).is_err());
-    assert!(Quantizer::encode(&vq, &[]).is_err());
-    assert!(Quantizer::encode(&vq, &[f32::NAN, 0.0, 0.0, 0.0]).is_err());
+    assert!(matches!(
+        Quantizer::encode(&vq, &[0.0; 3]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        Quantizer::encode(&vq, &[]),
+        Err(Error::EmptyInput(_))
+    ));
+    assert!(matches!(
+        Quantizer::encode(&vq, &[f32::NAN, 0.0, 0.0, 0.0]),
+        Err(Error::NonFinite { .. })
+    ));
     assert_eq!(Quantizer::fingerprint(&vq), vq.fingerprint().unwrap());
 }
 
