@@ -148,7 +148,7 @@ impl ClgEcvq {
         if params.restarts == 0 {
             return Err(Error::invalid_parameter("restarts", "must be at least 1"));
         }
-        let mut best: Option<ClgEcvq> = None;
+        let mut best = qcl_pq::BestRun::new();
         let mut total_seconds = 0.0;
         for restart in 0..params.restarts {
             let mut rng = params.seed.child(restart as u64).rng();
@@ -175,24 +175,11 @@ impl ClgEcvq {
                 true,
             )?;
             total_seconds += run.train_seconds;
-            if best
-                .as_ref()
-                .is_none_or(|b| run.final_objective() < b.final_objective())
-            {
-                best = Some(run);
-            }
+            best.offer(run.objective_history.last().copied(), run);
         }
-        let mut best = best.expect("restarts >= 1");
+        let mut best = best.into_best().expect("restarts >= 1");
         best.train_seconds = total_seconds;
         Ok(best)
-    }
-
-    /// The last recorded objective.
-    fn final_objective(&self) -> f64 {
-        self.objective_history
-            .last()
-            .copied()
-            .unwrap_or(f64::INFINITY)
     }
 
     /// Continues the design from a given quantizer (a warm start, e.g. the solution at a

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::bounds::{BoundedAssign, KMeansAlgorithm};
 use crate::points::Points;
+use crate::BestRun;
 
 /// Value of the `format` metadata key of a saved k-means model.
 pub const KMEANS_FORMAT: &str = "qcl-kmeans/1";
@@ -244,7 +245,7 @@ impl KMeans {
     ) -> Result<KMeans> {
         let n = validate_data(data, dim, weights)?;
         params.validate(n)?;
-        let mut best: Option<KMeans> = None;
+        let mut best = BestRun::new();
         let mut lloyd_seconds = 0.0;
         for run in 0..params.n_init {
             let seed = params.seed.child(run as u64);
@@ -295,24 +296,11 @@ impl KMeans {
                 bound_budget,
             )?;
             lloyd_seconds += started.elapsed().as_secs_f64();
-            let better = match &best {
-                None => true,
-                Some(b) => model.final_objective() < b.final_objective(),
-            };
-            if better {
-                best = Some(model);
-            }
+            best.offer(model.objective_history.last().copied(), model);
         }
-        let mut best = best.expect("n_init >= 1");
+        let mut best = best.into_best().expect("n_init >= 1");
         best.lloyd_seconds = lloyd_seconds;
         Ok(best)
-    }
-
-    fn final_objective(&self) -> f64 {
-        self.objective_history
-            .last()
-            .copied()
-            .unwrap_or(f64::INFINITY)
     }
 
     /// Nearest centroid of each point of `data` (`[n, dim]`).

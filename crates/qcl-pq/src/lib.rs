@@ -44,6 +44,7 @@ mod packing;
 mod points;
 mod pq;
 mod quantizer;
+mod restarts;
 mod scalar;
 mod tensor;
 pub mod workloads;
@@ -56,4 +57,5 @@ pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerConfig, CODES_FORMAT
 pub use quantizer::{
     check_codes, index_bits, reconstruction_mse, rows_of, FitQuantizer, Quantizer,
 };
+pub use restarts::BestRun;
 pub use scalar::{ScalarQuantizer, ScalarQuantizerConfig, ScalarRange, SCALAR_FORMAT};
