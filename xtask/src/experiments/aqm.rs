@@ -180,100 +180,12 @@ pub fn run_with(
     bar: &ProgressBar,
 ) -> Result<Outcome> {
     let scenario = Scenario::class_incremental(data, &SplitConfig::default())?;
-    let raw = ClassifierInput::Raw;
-    let mut jobs: Vec<(Method, u64, u64, ClassifierInput)> = vec![
-        (Method::FineTune, B50, 1, raw),
-        (Method::IidOnline, B50, 1, raw),
-    ];
-    for b in [B50, B20] {
-        jobs.push((Method::ErRaw, b, 1, raw));
-        jobs.push((Method::RawAqm, b, 1, raw));
-    }
-    for &(b, p) in &settings.aqm_budgets {
-        jobs.push((Method::Aqm, b, p, raw));
-    }
-    for &(b, p) in &settings.decoded_budgets {
-        jobs.push((Method::Aqm, b, p, ClassifierInput::Decoded));
-    }
-    let mut cells: Vec<Cell> = jobs
-        .iter()
-        .map(|&(m, b, p, input)| Cell {
-            method: method_name(m, input).into(),
-            budget: if matches!(m, Method::FineTune | Method::IidOnline) {
-                "-".into()
-            } else {
-                budget_name(b).into()
-            },
-            param_bytes: p,
-            final_accuracy: vec![],
-            forgetting: vec![],
-            stored_at_end: vec![],
-            samples_per_second: vec![],
-            freeze_step: vec![],
-            trimmed_codes: vec![],
-            final_drift: vec![],
-            accuracy_on_reconstructions: vec![],
-        })
-        .collect();
-    // Seed-0 runs kept for the curves.
-    let mut kept: Vec<(String, RunResult)> = Vec::new();
+    let jobs = jobs(settings);
     let started = Instant::now();
-    for &seed in &settings.seeds {
-        for (j, &(method, budget, param_bytes, input)) in jobs.iter().enumerate() {
-            let name = method_name(method, input);
-            bar.set_message(format!(
-                "aqm: seed {seed}, {name} {} {}B",
-                budget_name(budget),
-                param_bytes
-            ));
-            let mut config = OnlineConfig::fashion_mnist(method, budget);
-            config.param_bytes = param_bytes;
-            config.classifier_input = input;
-            config.samples_per_task = settings.samples_per_task;
-            config.test_per_class = settings.test_per_class;
-            config.seed = qcl_tensor::Seed::new(seed);
-            config.stack.layers[0].stat_rate = settings.stat_rate;
-            config.stack.layers[0].ema_decoder_rate = settings.stat_rate;
-            let steps = settings.samples_per_task.unwrap_or(10_800) / 10;
-            config.record_every = (steps / 20).max(1);
-            config.drift_every = (steps / 4).max(1);
-            let r = run_online(&scenario, &config, None)
-                .with_context(|| format!("{name} at {budget} B, seed {seed}"))?;
-            let c = &mut cells[j];
-            c.final_accuracy.push(r.final_accuracy);
-            c.forgetting.push(r.forgetting.unwrap_or(f64::NAN));
-            c.stored_at_end.push(r.stored_at_end);
-            c.samples_per_second.push(r.samples_per_second);
-            c.freeze_step
-                .push(r.freeze_steps.first().copied().flatten());
-            c.trimmed_codes
-                .push(r.trimmed_codes.first().copied().flatten());
-            c.final_drift.push(r.drift.last().and_then(|d| d.all));
-            if let Some(a) = &r.accuracy_on_reconstructions {
-                c.accuracy_on_reconstructions
-                    .push(a.iter().sum::<f64>() / a.len().max(1) as f64);
-            }
-            if seed == settings.seeds[0] {
-                kept.push((
-                    format!("{name} {} {}B", budget_name(budget), param_bytes),
-                    r,
-                ));
-            }
-        }
-    }
+    let (cells, kept) = run_streams(&scenario, settings, &jobs, bar)?;
     let stream_seconds = started.elapsed().as_secs_f64();
     bar.set_message("aqm: module throughput");
-    let module_sps = module_throughput(settings.bench_steps)?;
-    // The same convolutions with a fixed codebook and SGD: qcl-nn's benchmark model, whose
-    // ratio to PyTorch is recorded in docs/results/training.md; measured here under the same
-    // load as the module.
-    let fixed_sps = qcl_nn::bench::bench_training(&qcl_nn::bench::TrainBenchConfig {
-        batch: 128,
-        steps: settings.bench_steps,
-        warmup: 2,
-        ..qcl_nn::bench::TrainBenchConfig::new(qcl_nn::bench::BenchModel::VqAutoencoder)
-    })?
-    .samples_per_s;
+    let (module_sps, fixed_sps) = throughputs(settings)?;
 
     // Targets.
     let acc = |m: &str, b: &str, p: u64| -> f64 {
@@ -305,70 +217,7 @@ pub fn run_with(
     let ratio = stored("AQM", "B50", 1) / stored("ER-raw", "B50", 1);
     let yes = |b: bool| if b { "met" } else { "**not met**" };
 
-    let rows: String = cells
-        .iter()
-        .map(|c| {
-            let (a, sa) = mean_std(&c.final_accuracy);
-            let f: Vec<f64> = c
-                .forgetting
-                .iter()
-                .copied()
-                .filter(|x| x.is_finite())
-                .collect();
-            let forg = if f.is_empty() {
-                "–".to_string()
-            } else {
-                let (m, s) = mean_std(&f);
-                format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
-            };
-            let st =
-                c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64;
-            let (sps, _) = mean_std(&c.samples_per_second);
-            let freeze = c
-                .freeze_step
-                .iter()
-                .map(|f| f.map_or("–".into(), |s| s.to_string()))
-                .collect::<Vec<_>>()
-                .join("/");
-            let k = c
-                .trimmed_codes
-                .iter()
-                .map(|f| f.map_or("–".into(), |s| s.to_string()))
-                .collect::<Vec<_>>()
-                .join("/");
-            let recon = if c.accuracy_on_reconstructions.is_empty() {
-                "–".to_string()
-            } else {
-                let (m, s) = mean_std(&c.accuracy_on_reconstructions);
-                format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
-            };
-            let drift: Vec<f64> = c.final_drift.iter().flatten().copied().collect();
-            let drift = if drift.is_empty() {
-                "–".into()
-            } else {
-                format!("{:.4}", mean_std(&drift).0)
-            };
-            format!(
-                "| {} | {} | {} | {:.1} ± {:.1} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
-                c.method,
-                c.budget,
-                if c.method.starts_with("AQM") {
-                    c.param_bytes.to_string()
-                } else {
-                    "–".into()
-                },
-                100.0 * a,
-                100.0 * sa,
-                recon,
-                forg,
-                st,
-                sps,
-                freeze,
-                k,
-                drift
-            )
-        })
-        .collect();
+    let rows: String = cells.iter().map(cell_row).collect();
     let steps_total = settings.samples_per_task.map_or(10_800, |s| s) * 5 / 10;
     let markdown = format!(
         "Split Fashion-MNIST, 5 tasks of 2 classes, class-incremental with one 10-way head, one \
@@ -467,6 +316,185 @@ pub fn run_with(
             (grid_png.into(), "Stored samples at the end of the stream: originals (top) and their reconstructions from codes (bottom), AQM B50".into()),
         ],
     })
+}
+
+/// One AQM module's training samples/s at batch 128, then qcl-nn's benchmark model with the
+/// same convolutions measured right after it, under the same load.
+fn throughputs(settings: &Settings) -> Result<(f64, f64)> {
+    let module_sps = module_throughput(settings.bench_steps)?;
+    // The same convolutions with a fixed codebook and SGD: qcl-nn's benchmark model, whose
+    // ratio to PyTorch is recorded in docs/results/training.md; measured here under the same
+    // load as the module.
+    let fixed_sps = qcl_nn::bench::bench_training(&qcl_nn::bench::TrainBenchConfig {
+        batch: 128,
+        steps: settings.bench_steps,
+        warmup: 2,
+        ..qcl_nn::bench::TrainBenchConfig::new(qcl_nn::bench::BenchModel::VqAutoencoder)
+    })?
+    .samples_per_s;
+    Ok((module_sps, fixed_sps))
+}
+
+/// One stream run: method, budget, bytes per module parameter, classifier input.
+type Job = (Method, u64, u64, ClassifierInput);
+
+/// The runs of the table, in its order.
+fn jobs(settings: &Settings) -> Vec<Job> {
+    let raw = ClassifierInput::Raw;
+    let mut jobs: Vec<Job> = vec![
+        (Method::FineTune, B50, 1, raw),
+        (Method::IidOnline, B50, 1, raw),
+    ];
+    for b in [B50, B20] {
+        jobs.push((Method::ErRaw, b, 1, raw));
+        jobs.push((Method::RawAqm, b, 1, raw));
+    }
+    for &(b, p) in &settings.aqm_budgets {
+        jobs.push((Method::Aqm, b, p, raw));
+    }
+    for &(b, p) in &settings.decoded_budgets {
+        jobs.push((Method::Aqm, b, p, ClassifierInput::Decoded));
+    }
+    jobs
+}
+
+/// The table cell of a job, before any run.
+fn empty_cell(&(m, b, p, input): &Job) -> Cell {
+    Cell {
+        method: method_name(m, input).into(),
+        budget: if matches!(m, Method::FineTune | Method::IidOnline) {
+            "-".into()
+        } else {
+            budget_name(b).into()
+        },
+        param_bytes: p,
+        final_accuracy: vec![],
+        forgetting: vec![],
+        stored_at_end: vec![],
+        samples_per_second: vec![],
+        freeze_step: vec![],
+        trimmed_codes: vec![],
+        final_drift: vec![],
+        accuracy_on_reconstructions: vec![],
+    }
+}
+
+/// Every job on every seed: the table's cells and the first seed's runs (for the curves).
+fn run_streams(
+    scenario: &Scenario,
+    settings: &Settings,
+    jobs: &[Job],
+    bar: &ProgressBar,
+) -> Result<(Vec<Cell>, Vec<(String, RunResult)>)> {
+    let mut cells: Vec<Cell> = jobs.iter().map(empty_cell).collect();
+    // Seed-0 runs kept for the curves.
+    let mut kept: Vec<(String, RunResult)> = Vec::new();
+    for &seed in &settings.seeds {
+        for (j, &(method, budget, param_bytes, input)) in jobs.iter().enumerate() {
+            let name = method_name(method, input);
+            bar.set_message(format!(
+                "aqm: seed {seed}, {name} {} {}B",
+                budget_name(budget),
+                param_bytes
+            ));
+            let mut config = OnlineConfig::fashion_mnist(method, budget);
+            config.param_bytes = param_bytes;
+            config.classifier_input = input;
+            config.samples_per_task = settings.samples_per_task;
+            config.test_per_class = settings.test_per_class;
+            config.seed = qcl_tensor::Seed::new(seed);
+            config.stack.layers[0].stat_rate = settings.stat_rate;
+            config.stack.layers[0].ema_decoder_rate = settings.stat_rate;
+            let steps = settings.samples_per_task.unwrap_or(10_800) / 10;
+            config.record_every = (steps / 20).max(1);
+            config.drift_every = (steps / 4).max(1);
+            let r = run_online(scenario, &config, None)
+                .with_context(|| format!("{name} at {budget} B, seed {seed}"))?;
+            let c = &mut cells[j];
+            c.final_accuracy.push(r.final_accuracy);
+            c.forgetting.push(r.forgetting.unwrap_or(f64::NAN));
+            c.stored_at_end.push(r.stored_at_end);
+            c.samples_per_second.push(r.samples_per_second);
+            c.freeze_step
+                .push(r.freeze_steps.first().copied().flatten());
+            c.trimmed_codes
+                .push(r.trimmed_codes.first().copied().flatten());
+            c.final_drift.push(r.drift.last().and_then(|d| d.all));
+            if let Some(a) = &r.accuracy_on_reconstructions {
+                c.accuracy_on_reconstructions
+                    .push(a.iter().sum::<f64>() / a.len().max(1) as f64);
+            }
+            if seed == settings.seeds[0] {
+                kept.push((
+                    format!("{name} {} {}B", budget_name(budget), param_bytes),
+                    r,
+                ));
+            }
+        }
+    }
+    Ok((cells, kept))
+}
+
+/// The table row of a cell: means ± std over seeds, per-seed freeze steps and K'.
+fn cell_row(c: &Cell) -> String {
+    let (a, sa) = mean_std(&c.final_accuracy);
+    let f: Vec<f64> = c
+        .forgetting
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .collect();
+    let forg = if f.is_empty() {
+        "–".to_string()
+    } else {
+        let (m, s) = mean_std(&f);
+        format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
+    };
+    let st = c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64;
+    let (sps, _) = mean_std(&c.samples_per_second);
+    let freeze = c
+        .freeze_step
+        .iter()
+        .map(|f| f.map_or("–".into(), |s| s.to_string()))
+        .collect::<Vec<_>>()
+        .join("/");
+    let k = c
+        .trimmed_codes
+        .iter()
+        .map(|f| f.map_or("–".into(), |s| s.to_string()))
+        .collect::<Vec<_>>()
+        .join("/");
+    let recon = if c.accuracy_on_reconstructions.is_empty() {
+        "–".to_string()
+    } else {
+        let (m, s) = mean_std(&c.accuracy_on_reconstructions);
+        format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
+    };
+    let drift: Vec<f64> = c.final_drift.iter().flatten().copied().collect();
+    let drift = if drift.is_empty() {
+        "–".into()
+    } else {
+        format!("{:.4}", mean_std(&drift).0)
+    };
+    format!(
+        "| {} | {} | {} | {:.1} ± {:.1} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+        c.method,
+        c.budget,
+        if c.method.starts_with("AQM") {
+            c.param_bytes.to_string()
+        } else {
+            "–".into()
+        },
+        100.0 * a,
+        100.0 * sa,
+        recon,
+        forg,
+        st,
+        sps,
+        freeze,
+        k,
+        drift
+    )
 }
 
 const COLOURS: [RGBColor; 6] = [
