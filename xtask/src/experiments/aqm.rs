@@ -335,6 +335,9 @@ fn throughputs(settings: &Settings) -> Result<(f64, f64)> {
     Ok((module_sps, fixed_sps))
 }
 
+/// Stream runs with their names ("AQM B50 1B").
+type NamedRuns = Vec<(String, RunResult)>;
+
 /// One stream run: method, budget, bytes per module parameter, classifier input.
 type Job = (Method, u64, u64, ClassifierInput);
 
@@ -385,10 +388,10 @@ fn run_streams(
     settings: &Settings,
     jobs: &[Job],
     bar: &ProgressBar,
-) -> Result<(Vec<Cell>, Vec<(String, RunResult)>)> {
+) -> Result<(Vec<Cell>, NamedRuns)> {
     let mut cells: Vec<Cell> = jobs.iter().map(empty_cell).collect();
     // Seed-0 runs kept for the curves.
-    let mut kept: Vec<(String, RunResult)> = Vec::new();
+    let mut kept: NamedRuns = Vec::new();
     for &seed in &settings.seeds {
         for (j, &(method, budget, param_bytes, input)) in jobs.iter().enumerate() {
             let name = method_name(method, input);

@@ -461,15 +461,7 @@ pub fn run_with(
         teacher_seconds,
     )];
     runs.extend(merge_seeds(&per_seed));
-    for bits in [8u32, 4, 3, 2] {
-        let q = uniform_quantize(&teacher, bits)?;
-        let size = uniform_size(&teacher, bits);
-        let name = format!("uniform {bits}-bit per channel, no FT");
-        let accuracy = evaluate(&q, &data.test, limit)?;
-        runs.push(RunResult::single(
-            "7", &name, size.ratio, size.total, accuracy, 0.0,
-        ));
-    }
+    runs.extend(uniform_runs(&teacher, data, limit)?);
     let _ = std::fs::remove_dir_all(&tmp);
     bar.set_message("wpq: uniform 4-bit diagnosis");
     let diagnosis = uniform::diagnose((&teacher, teacher_acc), bn_teacher.as_ref(), data, limit)?;
@@ -497,50 +489,13 @@ pub fn run_with(
         .iter()
         .map(|(t, ok)| format!("- {t}: {}\n", yes(*ok)))
         .collect();
-    let c = &settings.compress;
-    let markdown = format!(
-        "Teacher FMNet, {} epochs of Adam on the 60,000 training images: {teacher_acc:.2} % \
-         on the first {} test images{}. Quantized: every layer but the stem, K = 64, d = 9 \
-         (3×3), 4 (1×1, fc); inputs recorded from the student on {} training images, {} EM \
-         iterations with ≈ {} unrolled rows each; layer-wise fine-tuning {} steps per layer \
-         (CentroidSGD lr {}, momentum {}, wd {}), global fine-tuning {} steps (lr {}), batch {}, \
-         KL distillation to the teacher (labels unused). Ratio = fp32 bytes of every parameter ÷ \
-         (ideal index bits + fp16 codebooks + fp32 rest), as the paper counts; the file column is the real \
-         size of the written safetensors file (first seed). PQ runs are repeated for the \
-         quantization seeds {:?} (input samples, k-means start, batch order; one teacher) and \
-         give mean ± std over seeds; times are means. Uniform baselines: symmetric, 2^b levels per \
-         output channel, fp32 scales, no fine-tuning. Run 6a is naive PQ after the layer-wise \
-         phase only. Runs 11, 11a, 11b and 11c are ours, beyond the paper. 11a: after global \
-         fine-tuning every layer's codes are chosen again for its fine-tuned centroids (the \
-         original weight's subvectors under the activation metric of the current student's \
-         inputs) and the global phase runs again. 11c: each layer's d and K chosen from \
-         measured sensitivities (the distillation loss with that layer alone quantized, on 1,024 \
-         training images) to minimise their sum within the method's own bytes. 11: both, from \
-         the error-feedback EM (codes chosen column block by column block with the error pushed \
-         onto the blocks not yet quantized, GPTQ/GPTVQ style). 11b is the control for the \
-         extra fine-tuning: the method with a global phase twice as long. Times are compression wall times on this machine (2 cores).\n\n\
-         ## Targets\n\n{target_lines}\n## Runs\n\n{table}\n\
-         ## Per-layer objective (runs 4 and 6, first seed)\n\n\
-         EM objective: the surrogate `mean_j (u_j − c_a)ᵀG(u_j − c_a)` on a fixed input sample \
-         (G = I for naive PQ, so the two objectives are not comparable with each other). Output \
-         error: `‖X(W − Ŵ)‖² / ‖XW‖²` on the layer's recorded inputs, right after EM and after \
-         that layer's fine-tuning (which optimises the network output, not this error).\n\n{layer_table}\n\
-         ## Uniform 4-bit: where the points go\n\n{}",
-        settings.teacher.epochs,
-        settings.test_images,
-        bn_teacher_acc.map_or(String::new(), |a| format!(" (BN teacher for Fusion: {a:.2} %)")),
-        c.activation_images,
-        c.em_iterations,
-        c.rows_per_iteration,
-        c.layer_steps,
-        c.layer_lr,
-        c.momentum,
-        c.weight_decay,
-        c.global_steps,
-        c.global_lr,
-        c.batch_size,
-        settings.seeds,
-        diagnosis.markdown(),
+    let markdown = report(
+        settings,
+        (teacher_acc, bn_teacher_acc),
+        &target_lines,
+        &table,
+        &layer_table,
+        &diagnosis,
     );
     let summary = format!(
         "teacher {teacher_acc:.2} %; method {:.2} % at {:.1}× (naive+FT {:.2} %, uniform 2-bit {:.2} % at {:.1}×); {} of {} targets met",
@@ -625,6 +580,82 @@ fn layer_table(outcomes: &[(String, CompressOutcome)]) -> String {
         }
     }
     layer_table
+}
+
+/// Run 7: the uniform per-channel baselines at 8, 4, 3 and 2 bits, without fine-tuning.
+fn uniform_runs(
+    teacher: &Model,
+    data: &SplitDataset,
+    limit: Option<usize>,
+) -> Result<Vec<RunResult>> {
+    let mut out = Vec::new();
+    for bits in [8u32, 4, 3, 2] {
+        let q = uniform_quantize(teacher, bits)?;
+        let size = uniform_size(teacher, bits);
+        let name = format!("uniform {bits}-bit per channel, no FT");
+        let accuracy = evaluate(&q, &data.test, limit)?;
+        out.push(RunResult::single(
+            "7", &name, size.ratio, size.total, accuracy, 0.0,
+        ));
+    }
+    Ok(out)
+}
+
+/// The results page: settings in prose, the targets, the runs, the per-layer table and the
+/// uniform diagnosis.
+fn report(
+    settings: &Settings,
+    (teacher_acc, bn_teacher_acc): (f64, Option<f64>),
+    target_lines: &str,
+    table: &str,
+    layer_table: &str,
+    diagnosis: &uniform::UniformDiagnosis,
+) -> String {
+    let c = &settings.compress;
+    format!(
+        "Teacher FMNet, {} epochs of Adam on the 60,000 training images: {teacher_acc:.2} % \
+         on the first {} test images{}. Quantized: every layer but the stem, K = 64, d = 9 \
+         (3×3), 4 (1×1, fc); inputs recorded from the student on {} training images, {} EM \
+         iterations with ≈ {} unrolled rows each; layer-wise fine-tuning {} steps per layer \
+         (CentroidSGD lr {}, momentum {}, wd {}), global fine-tuning {} steps (lr {}), batch {}, \
+         KL distillation to the teacher (labels unused). Ratio = fp32 bytes of every parameter ÷ \
+         (ideal index bits + fp16 codebooks + fp32 rest), as the paper counts; the file column is the real \
+         size of the written safetensors file (first seed). PQ runs are repeated for the \
+         quantization seeds {:?} (input samples, k-means start, batch order; one teacher) and \
+         give mean ± std over seeds; times are means. Uniform baselines: symmetric, 2^b levels per \
+         output channel, fp32 scales, no fine-tuning. Run 6a is naive PQ after the layer-wise \
+         phase only. Runs 11, 11a, 11b and 11c are ours, beyond the paper. 11a: after global \
+         fine-tuning every layer's codes are chosen again for its fine-tuned centroids (the \
+         original weight's subvectors under the activation metric of the current student's \
+         inputs) and the global phase runs again. 11c: each layer's d and K chosen from \
+         measured sensitivities (the distillation loss with that layer alone quantized, on 1,024 \
+         training images) to minimise their sum within the method's own bytes. 11: both, from \
+         the error-feedback EM (codes chosen column block by column block with the error pushed \
+         onto the blocks not yet quantized, GPTQ/GPTVQ style). 11b is the control for the \
+         extra fine-tuning: the method with a global phase twice as long. Times are compression wall times on this machine (2 cores).\n\n\
+         ## Targets\n\n{target_lines}\n## Runs\n\n{table}\n\
+         ## Per-layer objective (runs 4 and 6, first seed)\n\n\
+         EM objective: the surrogate `mean_j (u_j − c_a)ᵀG(u_j − c_a)` on a fixed input sample \
+         (G = I for naive PQ, so the two objectives are not comparable with each other). Output \
+         error: `‖X(W − Ŵ)‖² / ‖XW‖²` on the layer's recorded inputs, right after EM and after \
+         that layer's fine-tuning (which optimises the network output, not this error).\n\n{layer_table}\n\
+         ## Uniform 4-bit: where the points go\n\n{}",
+        settings.teacher.epochs,
+        settings.test_images,
+        bn_teacher_acc.map_or(String::new(), |a| format!(" (BN teacher for Fusion: {a:.2} %)")),
+        c.activation_images,
+        c.em_iterations,
+        c.rows_per_iteration,
+        c.layer_steps,
+        c.layer_lr,
+        c.momentum,
+        c.weight_decay,
+        c.global_steps,
+        c.global_lr,
+        c.batch_size,
+        settings.seeds,
+        diagnosis.markdown(),
+    )
 }
 
 /// The experiment's targets (the issue's decisions), each with whether it was met.
