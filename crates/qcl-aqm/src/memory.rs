@@ -2,6 +2,10 @@
 //! frozen modules (blocks 1..L) under one byte budget, on qcl-continual's byte-accounted
 //! [`ClassBalancedBuffer`]s.
 //!
+//! (Over 600 lines: the stored items and their costs in bits, the budget check and the
+//! `AdaptiveMemory` with its insertion, eviction, replay sampling and restore are one unit held
+//! to one budget; about 100 lines are doc comments.)
+//!
 //! Accounting is kept in **bits** (one buffer "byte" of `BufferItem::size_bytes` is one bit
 //! here), so that codes of `log2 K'` bits per index are charged exactly even when a sample's
 //! cost in bytes is fractional (196 × 3 bits = 73.5 B): a raw `u8` value costs 8, a code

@@ -1,6 +1,10 @@
 //! SVD-factored layers: `W = N·diag(|s|)·C` with per-task component ranges
 //! (docs/methods/cacl.md § Factored layers, § Pruning by energy, § Growth).
 //!
+//! (Over 600 lines: `SvdFactors` with its frozen prefix, trainable slots, per-task slicing,
+//! end-of-task prune, freeze and growth, and save/load is one unit, and the layers that wrap it,
+//! `SvdConv2d`, `SvdLinear` and `ForTask`, are thin; about 200 lines are doc comments.)
+//!
 //! Components are stored as `[frozen prefix of earlier tasks | trainable slots of this
 //! task]`. The frozen prefix is plain tensors, so no optimizer can move it; only the
 //! trainable slots are `Var`s. Task `s` is evaluated with exactly its first `k_s` components,

@@ -1,5 +1,10 @@
 //! Net_SVD (docs/methods/cacl.md § Networks) with SVD-factored convolutions, its dense twin,
 //! and the multi-head task-incremental interface the training loop drives.
+//!
+//! (Over 600 lines: the geometry, the `TaskIncrementalModel` trait, the shared trunk and task
+//! heads, and the trait's three implementations, `NetSvd` with its checkpoint, the dense twin
+//! `DenseNet` and the IND arm `IndividualNets`, are one unit so that every arm runs the same
+//! network.)
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,6 +1,10 @@
 //! Continual-learning strategies: a small trait and the usual baselines, with one trainer that
 //! runs any of them over a [`Scenario`]'s tasks.
 //!
+//! (Over 600 lines: the `Strategy` trait and what its hooks see, the five baselines that
+//! implement it and the `ContinualTrainer` that calls those hooks are one contract; the baselines
+//! are short, and the trainer with its replay memory and evaluation is about 400 lines.)
+//!
 //! A [`Strategy`] decides three things per task: what data to train on
 //! ([`Strategy::training_set`]), what to prepare before the first step
 //! ([`Strategy::begin_task`], e.g. a Fisher estimate or a teacher's outputs) and the loss of

@@ -1,4 +1,8 @@
 //! In-memory labelled image sets and their safetensors file format.
+//!
+//! (Over 600 lines: the image shape, the pixel normalisation, the `Dataset` with its subsets and
+//! tensors, the train/test `SplitDataset` with its file format and the batch iterator all work on
+//! one pixel-and-label layout; about 170 lines are doc comments.)
 
 use std::collections::BTreeMap;
 use std::path::Path;

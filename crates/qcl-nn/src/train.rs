@@ -8,6 +8,10 @@
 //!   its checkpoint so that a run killed at any step ends with the same bits as one that
 //!   never stopped.
 //!
+//! (Over 600 lines: the checkpoint format and the loop that writes it and resumes from it are one
+//! unit, because a resumed run must repeat an uninterrupted one bit for bit; nearly 300 lines are
+//! doc comments and examples.)
+//!
 //! # Determinism and resuming
 //!
 //! A resumed run repeats an uninterrupted one exactly when every step depends only on what

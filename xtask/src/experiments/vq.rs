@@ -2,6 +2,10 @@
 //! 512-code EMA codebook (its § Quantizer) trained on Fashion-MNIST twice from the same seed,
 //! with and without dead-code revival; codebook usage, perplexity and reconstruction error on
 //! the test set.
+//!
+//! (Over 600 lines only with its tests: the settings, the small VQ autoencoder, the training
+//! and evaluation of one arm, and the report with its two plots, codes used and perplexity, come
+//! to about 560 lines; about 50 lines are tests.)
 
 use std::path::Path;
 use std::time::Instant;

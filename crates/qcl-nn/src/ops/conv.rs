@@ -1,4 +1,9 @@
 //! 2-D convolution and transposed convolution with a GEMM-based CPU backward.
+//!
+//! (Over 600 lines: the parameters and operand checks, the public entry points with their fused
+//! bias and ReLU, and the candle custom ops whose backward runs the other two products are one
+//! unit, the transposed convolution being the same ops with the roles swapped; about 110 lines
+//! are doc comments and examples.)
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use qcl_tensor::{Error, Result};

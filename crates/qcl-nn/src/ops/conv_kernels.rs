@@ -1,5 +1,9 @@
 //! im2col/col2im + GEMM convolution kernels on contiguous NCHW host buffers.
 //!
+//! (Over 600 lines: the geometry, im2col/col2im with the padded-rows shortcut, the GEMM helpers
+//! and the three products, each with its explicit path and its dispatch to the implicit-GEMM
+//! kernels, are one unit over one geometry and one set of buffers.)
+//!
 //! One geometry ([`ConvGeometry`]) serves all three products of a 2-D convolution
 //! `y = conv(x, w)` with `x: [n, c_in, h_in, w_in]`, `w: [c_out, c_in, kh, kw]`:
 //!

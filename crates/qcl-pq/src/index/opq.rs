@@ -1,6 +1,10 @@
 //! Optimized product quantization (Ge, He, Ke & Sun, "Optimized Product Quantization", CVPR 2013
 //! and TPAMI 2014), the non-parametric version.
 //!
+//! (Over 600 lines: the settings, the `Rotation` with its tiled product, and the training with
+//! its alternation of PQ and Procrustes steps, refinement and SVD are one unit; about 160 lines
+//! are this derivation and doc comments, and the tests live in opq_tests.rs.)
+//!
 //! Product quantization cuts a vector into `m` fixed blocks of coordinates and quantizes each
 //! block on its own, so it loses whatever the blocks share. OPQ first turns the space by an
 //! orthogonal `d × d` matrix `R` chosen together with the codebooks:

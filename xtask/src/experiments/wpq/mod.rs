@@ -3,6 +3,10 @@
 //! with and without layer-wise / global distillation, uniform per-channel scalar baselines
 //! (and where their 4-bit points go), the fork's Fusion, ChangeDim and Subspace variants, and
 //! our runs 11-11c beyond the paper; accuracy against the size ratio.
+//!
+//! (Over 600 lines: the settings, the per-seed runs of the paper's table and beyond it, the
+//! seed merging, the cached teacher, and the report with its tables, uniform targets and plot are
+//! one experiment, the uniform baselines already live in `uniform`; about 130 lines are tests.)
 
 use std::path::{Path, PathBuf};
 
