@@ -41,16 +41,7 @@ fn bits(store: &ParamStore) -> Vec<Vec<u32>> {
     store
         .trainable()
         .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
+        .map(|(_, v)| qcl_tensor::f32_bits(v.as_tensor()).unwrap())
         .collect()
 }
 

@@ -188,13 +188,7 @@ struct Outcome {
 }
 
 fn tensor_bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
+    qcl_tensor::f32_bits(t).unwrap()
 }
 
 fn history_bits(history: &[EpochRecord]) -> Vec<(usize, u64, Option<u64>, u64)> {

@@ -12,13 +12,7 @@ use qcl_tensor::{Error, Seed};
 const DEV: Device = Device::Cpu;
 
 fn f32s(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
+    qcl_tensor::f32_bits(t).unwrap()
 }
 
 fn u32s(t: &Tensor) -> Vec<u32> {
