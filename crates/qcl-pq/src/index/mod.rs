@@ -5,7 +5,9 @@
 //!   lists.
 //! - [`Refine`]: either, its top candidates re-ranked with the exact vectors.
 //! - [`Rotated`]: either behind a learned rotation ([`opq`]).
-//! - [`AnyIndex`]: any of them as one value, saved to and loaded from one safetensors file.
+//! - [`QuantizedIndex`]: a flat index over the codes of any [`crate::Quantizer`] (scalar, k-means,
+//!   ECVQ, a VQ layer, your own), scanned exactly against their reconstructions.
+//! - [`AnyIndex`]: any PQ index as one value, saved to and loaded from one safetensors file.
 //! - [`VectorIndex`]: the one shape of all three (add, remove, search).
 //! - [`Metric`]: squared L2, inner product or cosine.
 //! - [`Neighbors`]: the answer to a batch of queries, ids and scores.
@@ -23,6 +25,7 @@ mod lut;
 mod metric;
 pub mod opq;
 mod persist;
+mod quantized;
 mod refine;
 mod rotated;
 mod scan;
@@ -36,6 +39,7 @@ pub use ivf::{IvfPqConfig, IvfPqIndex};
 pub use kernels::Kernel;
 pub use metric::Metric;
 pub use persist::{AnyIndex, INDEX_FORMAT};
+pub use quantized::QuantizedIndex;
 pub use refine::Refine;
 pub use rotated::Rotated;
 pub use scan::Scan;
