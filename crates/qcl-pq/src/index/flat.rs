@@ -230,9 +230,7 @@ impl VectorIndex for PqIndex {
     }
 
     fn add_with_ids(&mut self, data: &[f32], ids: &[u64]) -> Result<()> {
-        let n = check_points("data", data, self.dim())?;
-        check_new_ids(ids, n, &self.ids)?;
-        let data = self.metric.prepare(data, self.dim())?;
+        let (n, data) = new_rows(self.metric, data, self.dim(), ids, &self.ids)?;
         let packed = self.pq.encode(&data)?;
         let mut row = vec![0u8; self.pq.m()];
         for i in 0..n {
@@ -294,6 +292,20 @@ pub(crate) fn check_unique(ids: &[u64]) -> Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// Rows about to be added under `ids`, checked (whole finite rows, ids new and one per row) and
+/// prepared for `metric`; returns their count and the prepared rows.
+pub(crate) fn new_rows<'a>(
+    metric: Metric,
+    data: &'a [f32],
+    dim: usize,
+    ids: &[u64],
+    present: &[u64],
+) -> Result<(usize, std::borrow::Cow<'a, [f32]>)> {
+    let n = check_points("data", data, dim)?;
+    check_new_ids(ids, n, present)?;
+    Ok((n, metric.prepare(data, dim)?))
 }
 
 /// Checks ids about to be added: one per row, no repeats, none already present, none missing.

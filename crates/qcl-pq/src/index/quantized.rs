@@ -5,10 +5,9 @@ use std::collections::HashSet;
 
 use qcl_tensor::{squared_distance, Result};
 
-use super::flat::{check_new_ids, SearchConfig};
+use super::flat::{new_rows, SearchConfig};
 use super::search::{check_queries, search_all};
 use super::{Metric, Neighbors, VectorIndex};
-use crate::pq::check_points;
 use crate::{PackedCodes, Quantizer};
 
 /// A flat index that stores each vector as the codes of a [`Quantizer`] of your choice
@@ -118,9 +117,7 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
     }
 
     fn add_with_ids(&mut self, data: &[f32], ids: &[u64]) -> Result<()> {
-        let n = check_points("data", data, self.dim())?;
-        check_new_ids(ids, n, &self.ids)?;
-        let data = self.metric.prepare(data, self.dim())?;
+        let (_, data) = new_rows(self.metric, data, self.dim(), ids, &self.ids)?;
         let packed = self.quantizer.encode(&data)?;
         crate::check_codes(&self.quantizer, &packed)?;
         self.codes.extend_from_slice(packed.bytes());
