@@ -8,7 +8,7 @@ use qcl_pq::{
 };
 use qcl_tensor::{squared_distance, Error, Seed};
 
-/// The `k` best `(score, id)` by the definition: every reconstruction scored, sorted.
+/// The `k` best `(internal value, id)` by the definition: every reconstruction scored, sorted.
 fn brute_force(
     recon: &[f32],
     ids: &[u64],
@@ -16,7 +16,7 @@ fn brute_force(
     query: &[f32],
     metric: Metric,
     k: usize,
-) -> Vec<u64> {
+) -> Vec<(f32, u64)> {
     let mut scored: Vec<(f32, u64)> = recon
         .chunks(dim)
         .zip(ids)
@@ -29,7 +29,8 @@ fn brute_force(
         })
         .collect();
     scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    scored.iter().take(k).map(|s| s.1).collect()
+    scored.truncate(k);
+    scored
 }
 
 proptest! {
@@ -49,7 +50,12 @@ proptest! {
         let queries = Seed::new(seed + 1).rng().normal_vec(4 * dim, 0.0, 1.0);
         let found = index.search(&queries, k).unwrap();
         for (q, query) in queries.chunks(dim).enumerate() {
-            prop_assert_eq!(found.ids_of(q).to_vec(), brute_force(&recon, &ids, dim, query, metric, k));
+            let expected = brute_force(&recon, &ids, dim, query, metric, k);
+            let ids: Vec<u64> = expected.iter().map(|e| e.1).collect();
+            // Reported scores are the metric's own: inner products come back positive-is-near.
+            let scores: Vec<f32> = expected.iter().map(|e| if ip { -e.0 } else { e.0 }).collect();
+            prop_assert_eq!(found.ids_of(q).to_vec(), ids);
+            prop_assert_eq!(found.scores_of(q).to_vec(), scores);
         }
     }
 }
@@ -93,6 +99,7 @@ fn bad_input_is_a_typed_error() {
         Err(Error::InvalidParameter { .. })
     ));
     index.add_with_ids(&[0.5, 0.5], &[7]).unwrap();
+    index.add_with_ids(&[0.9, -0.1], &[8]).unwrap();
     assert!(index.add_with_ids(&[0.5, -0.5], &[7]).is_err());
     assert!(index.add_with_ids(&[0.5, -0.5], &[MISSING_ID]).is_err());
     assert!(index.search(&[0.5, 0.5], 0).is_err());
@@ -102,6 +109,8 @@ fn bad_input_is_a_typed_error() {
     ));
     // Cosine: a query scaled by any positive factor finds the same vector.
     assert_eq!(index.search(&[5.0, 5.0], 1).unwrap().ids[0], 7);
+    assert_eq!(index.search(&[0.3, 5.0], 1).unwrap().ids[0], 7);
+    assert_eq!(index.search(&[9.0, -1.0], 1).unwrap().ids[0], 8);
     // An empty index answers with missing neighbours.
     let empty = QuantizedIndex::new(index.quantizer().clone(), Metric::L2);
     assert_eq!(

@@ -11,7 +11,9 @@ use qcl_tensor::{Error, Seed};
 
 const DEV: Device = Device::Cpu;
 
+/// Bit patterns of an `f32` output (checked to be `f32`: outputs are, whatever the input).
 fn f32s(t: &Tensor) -> Vec<u32> {
+    assert_eq!(t.dtype(), candle_core::DType::F32);
     qcl_tensor::f32_bits(t).unwrap()
 }
 

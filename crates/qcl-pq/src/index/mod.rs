@@ -1,4 +1,5 @@
-//! Approximate nearest-neighbour search over product-quantization codes.
+//! Approximate nearest-neighbour search over quantization codes: product quantization with SIMD
+//! scans, and any [`crate::Quantizer`]'s codes scanned exactly.
 //!
 //! - [`PqIndex`]: every vector's codes, scanned for each query by asymmetric distance.
 //! - [`IvfPqIndex`]: an inverted file of residual codes; a query scans its `nprobe` nearest
@@ -8,14 +9,14 @@
 //! - [`QuantizedIndex`]: a flat index over the codes of any [`crate::Quantizer`] (scalar, k-means,
 //!   ECVQ, a VQ layer, your own), scanned exactly against their reconstructions.
 //! - [`AnyIndex`]: any PQ index as one value, saved to and loaded from one safetensors file.
-//! - [`VectorIndex`]: the one shape of all three (add, remove, search).
+//! - [`VectorIndex`]: the one shape of them all (add, remove, search).
 //! - [`Metric`]: squared L2, inner product or cosine.
 //! - [`Neighbors`]: the answer to a batch of queries, ids and scores.
 //!
-//! Codes are stored in blocks of 64 vectors ([`blocks`]) so a SIMD kernel ([`kernels`]) adds
+//! PQ codes are stored in blocks of 64 vectors ([`blocks`]) so a SIMD kernel ([`kernels`]) adds
 //! byte-quantized distance tables for a whole block at once; those sums only *bound* the
-//! distances, and the vectors that may enter the answer are rescored exactly, so every index
-//! returns what an exact scan of its codes returns.
+//! distances, and the vectors that may enter the answer are rescored exactly, so every PQ
+//! index returns what an exact scan of its codes returns.
 
 pub mod blocks;
 mod flat;

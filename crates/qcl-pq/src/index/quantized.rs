@@ -13,14 +13,16 @@ use crate::{PackedCodes, Quantizer};
 /// A flat index that stores each vector as the codes of a [`Quantizer`] of your choice
 /// (uniform scalar codes, k-means, PQ, ECVQ, a VQ layer or your own) and answers a query by
 /// comparing it with every stored vector's reconstruction (faiss's `IndexScalarQuantizer` is
-/// this index with a scalar quantizer). The memory per vector is the quantizer's
-/// `⌈bits_per_vector / 8⌉` bytes plus its 8-byte id; a search decodes the stored codes once and
-/// scans them, so it costs one exact flat scan of `n` reconstructed vectors.
+/// this index with a scalar quantizer). The memory per stored vector is the quantizer's
+/// `⌈bits_per_vector / 8⌉` bytes plus its 8-byte id. A search decodes every stored vector once
+/// and scans the reconstructions, so it costs one exact flat scan of `n` vectors and holds
+/// `n · dim` `f32` values while it runs (decoding block by block is not done yet).
 ///
 /// Scores are the metric's own ([`Metric`]): `‖q − x̂‖²` ascending for L2, `⟨q, x̂⟩`
 /// descending for inner product, the same on unit rows for cosine; ties go to the lower id. The
 /// answer does not depend on the number of threads. It is not (yet) one of the kinds an
-/// [`AnyIndex`](super::AnyIndex) file holds: save its codes with [`crate::save_codes`].
+/// [`AnyIndex`](super::AnyIndex) file holds: [`crate::save_codes`] saves its codes, and the
+/// ids ([`ids`](QuantizedIndex::ids)) are yours to keep beside them.
 ///
 /// ```
 /// use qcl_pq::index::{Metric, QuantizedIndex, VectorIndex};
@@ -71,7 +73,8 @@ impl<Q: Quantizer> QuantizedIndex<Q> {
     /// The stored codes, one row per id of [`ids`](Self::ids).
     ///
     /// # Errors
-    /// None in practice: the bytes were packed by the quantizer itself.
+    /// None for a quantizer that keeps the [`Quantizer`] contract (its codes were checked when
+    /// added).
     pub fn codes(&self) -> Result<PackedCodes> {
         PackedCodes::from_bytes(
             self.codes.clone(),
@@ -117,9 +120,15 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
     }
 
     fn add_with_ids(&mut self, data: &[f32], ids: &[u64]) -> Result<()> {
-        let (_, data) = new_rows(self.metric, data, self.dim(), ids, &self.ids)?;
+        let (n, data) = new_rows(self.metric, data, self.dim(), ids, &self.ids)?;
         let packed = self.quantizer.encode(&data)?;
         crate::check_codes(&self.quantizer, &packed)?;
+        if packed.n() != n {
+            return Err(qcl_tensor::Error::invalid_parameter(
+                "quantizer",
+                format!("encoded {} rows as {} code rows", n, packed.n()),
+            ));
+        }
         self.codes.extend_from_slice(packed.bytes());
         self.ids.extend_from_slice(ids);
         self.next_id = self.next_id.max(ids.iter().max().map_or(0, |&id| id + 1));
@@ -127,6 +136,9 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
     }
 
     fn remove(&mut self, ids: &[u64]) -> usize {
+        if self.ids.is_empty() {
+            return 0;
+        }
         let doomed: HashSet<u64> = ids.iter().copied().collect();
         let size = self.code_size();
         let before = self.ids.len();

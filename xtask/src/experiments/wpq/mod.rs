@@ -5,8 +5,9 @@
 //! our runs 11-11c beyond the paper; accuracy against the size ratio.
 //!
 //! (Over 600 lines: the settings, the per-seed runs of the paper's table and beyond it, the
-//! seed merging, the cached teacher, and the report with its tables, uniform targets and plot are
-//! one experiment, the uniform baselines already live in `uniform`; about 130 lines are tests.)
+//! seed merging, the cached teacher, and the report with its tables, uniform targets and plot
+//! are one experiment; the uniform 4-bit diagnosis already lives in `uniform`; about 130 lines
+//! are tests.)
 
 use std::path::{Path, PathBuf};
 
