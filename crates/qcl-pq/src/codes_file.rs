@@ -113,7 +113,7 @@ pub fn load_codes<Q: Quantizer + ?Sized>(
             path.display()
         )),
     }
-    let code_size = (m * nbits as usize).div_ceil(8);
+    let code_size = crate::packing::code_size(m, nbits)?;
     let spec = TensorSpec::new()
         .dtype(DType::U8)
         .shape(&[Some(n), Some(code_size)]);

@@ -100,6 +100,26 @@ impl PackedCodes {
         Ok(PackedCodes { bytes, n, m, nbits })
     }
 
+    /// Appends the rows of `other`, which has the same `m` and `nbits`.
+    pub(crate) fn append(&mut self, other: &PackedCodes) {
+        debug_assert_eq!((self.m, self.nbits), (other.m, other.nbits));
+        self.bytes.extend_from_slice(&other.bytes);
+        self.n += other.n;
+    }
+
+    /// Keeps the rows `i` for which `keep(i)` holds, in order.
+    pub(crate) fn retain_rows(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let size = self.code_size();
+        let mut kept = Vec::with_capacity(self.bytes.len());
+        for (i, row) in self.bytes.chunks_exact(size).enumerate() {
+            if keep(i) {
+                kept.extend_from_slice(row);
+            }
+        }
+        self.n = kept.len() / size;
+        self.bytes = kept;
+    }
+
     /// The packed bytes, `n · code_size` of them.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

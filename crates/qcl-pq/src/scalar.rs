@@ -118,9 +118,14 @@ impl ScalarQuantizer {
         ((1u64 << self.bits) - 1) as u32
     }
 
-    /// `s_j`, in `f64`.
-    fn step(&self, j: usize) -> f64 {
-        (f64::from(self.hi[j]) - f64::from(self.lo[j])) / f64::from(self.levels())
+    /// `s_j` of every dimension, in `f64` (computed once per call, not per value).
+    fn steps(&self) -> Vec<f64> {
+        let levels = f64::from(self.levels());
+        self.lo
+            .iter()
+            .zip(&self.hi)
+            .map(|(&lo, &hi)| (f64::from(hi) - f64::from(lo)) / levels)
+            .collect()
     }
 }
 
@@ -148,12 +153,13 @@ impl Quantizer for ScalarQuantizer {
         let dim = self.dim();
         check_points("data", data, dim)?;
         let top = f64::from(self.levels());
+        let steps = self.steps();
         let codes: Vec<u32> = data
             .iter()
             .enumerate()
             .map(|(i, &x)| {
                 let j = i % dim;
-                let step = self.step(j);
+                let step = steps[j];
                 if step > 0.0 {
                     ((f64::from(x) - f64::from(self.lo[j])) / step)
                         .round()
@@ -168,13 +174,14 @@ impl Quantizer for ScalarQuantizer {
     fn decode(&self, codes: &PackedCodes) -> Result<Vec<f32>> {
         check_codes(self, codes)?;
         let dim = self.dim();
+        let steps = self.steps();
         Ok(codes
             .unpack()
             .iter()
             .enumerate()
             .map(|(i, &q)| {
                 let j = i % dim;
-                let value = f64::from(self.lo[j]) + f64::from(q) * self.step(j);
+                let value = f64::from(self.lo[j]) + f64::from(q) * steps[j];
                 (value as f32).clamp(self.lo[j], self.hi[j])
             })
             .collect())

@@ -389,7 +389,7 @@ fn check_unit(name: &str, value: f64) -> Result<()> {
 pub(crate) fn bits_for(codes: usize) -> u32 {
     match codes {
         0 | 1 => 0,
-        k => usize::BITS - (k - 1).leading_zeros(),
+        k => qcl_pq::index_bits(k),
     }
 }
 

@@ -442,6 +442,15 @@ fn run_streams(
     Ok((cells, kept))
 }
 
+/// One value per seed, `–` where there is none, joined by `/`.
+fn per_seed<T: ToString>(values: &[Option<T>]) -> String {
+    values
+        .iter()
+        .map(|v| v.as_ref().map_or("–".into(), T::to_string))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The table row of a cell: means ± std over seeds, per-seed freeze steps and K'.
 fn cell_row(c: &Cell) -> String {
     let (a, sa) = mean_std(&c.final_accuracy);
@@ -459,18 +468,7 @@ fn cell_row(c: &Cell) -> String {
     };
     let st = c.stored_at_end.iter().sum::<usize>() as f64 / c.stored_at_end.len().max(1) as f64;
     let (sps, _) = mean_std(&c.samples_per_second);
-    let freeze = c
-        .freeze_step
-        .iter()
-        .map(|f| f.map_or("–".into(), |s| s.to_string()))
-        .collect::<Vec<_>>()
-        .join("/");
-    let k = c
-        .trimmed_codes
-        .iter()
-        .map(|f| f.map_or("–".into(), |s| s.to_string()))
-        .collect::<Vec<_>>()
-        .join("/");
+    let (freeze, k) = (per_seed(&c.freeze_step), per_seed(&c.trimmed_codes));
     let recon = if c.accuracy_on_reconstructions.is_empty() {
         "–".to_string()
     } else {

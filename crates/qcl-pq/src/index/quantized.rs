@@ -40,8 +40,8 @@ use crate::{PackedCodes, Quantizer};
 pub struct QuantizedIndex<Q> {
     quantizer: Q,
     metric: Metric,
-    /// The stored vectors' codes, `code_size` bytes each, in [`PackedCodes`]' layout.
-    codes: Vec<u8>,
+    /// The stored vectors' codes, one row per id; `None` until the first add.
+    codes: Option<PackedCodes>,
     ids: Vec<u64>,
     next_id: u64,
 }
@@ -54,7 +54,7 @@ impl<Q: Quantizer> QuantizedIndex<Q> {
         QuantizedIndex {
             quantizer,
             metric,
-            codes: Vec::new(),
+            codes: None,
             ids: Vec::new(),
             next_id: 0,
         }
@@ -70,27 +70,14 @@ impl<Q: Quantizer> QuantizedIndex<Q> {
         &self.ids
     }
 
-    /// The stored codes, one row per id of [`ids`](Self::ids).
-    ///
-    /// # Errors
-    /// None for a quantizer that keeps the [`Quantizer`] contract (its codes were checked when
-    /// added).
-    pub fn codes(&self) -> Result<PackedCodes> {
-        PackedCodes::from_bytes(
-            self.codes.clone(),
-            self.ids.len(),
-            self.quantizer.codes_per_vector(),
-            self.quantizer.bits_per_code(),
-        )
+    /// The stored codes, one row per id of [`ids`](Self::ids); `None` before the first add.
+    pub fn codes(&self) -> Option<&PackedCodes> {
+        self.codes.as_ref()
     }
 
     /// Bytes held by codes and ids (the quantizer itself not counted).
     pub fn memory_bytes(&self) -> usize {
-        self.codes.len() + 8 * self.ids.len()
-    }
-
-    fn code_size(&self) -> usize {
-        self.quantizer.bits_per_vector().div_ceil(8)
+        self.codes.as_ref().map_or(0, |c| c.bytes().len()) + 8 * self.ids.len()
     }
 
     /// The value the search minimises: the squared distance, or the negated inner product.
@@ -129,26 +116,22 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
                 format!("encoded {} rows as {} code rows", n, packed.n()),
             ));
         }
-        self.codes.extend_from_slice(packed.bytes());
+        match &mut self.codes {
+            Some(codes) => codes.append(&packed),
+            None => self.codes = Some(packed),
+        }
         self.ids.extend_from_slice(ids);
         self.next_id = self.next_id.max(ids.iter().max().map_or(0, |&id| id + 1));
         Ok(())
     }
 
     fn remove(&mut self, ids: &[u64]) -> usize {
-        if self.ids.is_empty() {
+        let Some(codes) = &mut self.codes else {
             return 0;
-        }
+        };
         let doomed: HashSet<u64> = ids.iter().copied().collect();
-        let size = self.code_size();
         let before = self.ids.len();
-        let mut codes = Vec::with_capacity(self.codes.len());
-        for (row, id) in self.codes.chunks_exact(size).zip(&self.ids) {
-            if !doomed.contains(id) {
-                codes.extend_from_slice(row);
-            }
-        }
-        self.codes = codes;
+        codes.retain_rows(|i| !doomed.contains(&self.ids[i]));
         self.ids.retain(|id| !doomed.contains(id));
         before - self.ids.len()
     }
@@ -157,10 +140,9 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
         let dim = self.dim();
         check_queries(queries, dim, options.k)?;
         let queries = self.metric.prepare(queries, dim)?;
-        let decoded = if self.ids.is_empty() {
-            Vec::new()
-        } else {
-            self.quantizer.decode(&self.codes()?)?
+        let decoded = match &self.codes {
+            Some(codes) if codes.n() > 0 => self.quantizer.decode(codes)?,
+            _ => Vec::new(),
         };
         Ok(search_all(
             &queries,
