@@ -4,8 +4,10 @@
 //!   store the data sets (images, the all-MiniLM-L6-v2 model, WordNet glosses, GloVe vectors,
 //!   Fashion-MNIST in its official split);
 //! - `cargo xtask fixtures`: regenerate the small committed subsets in `fixtures/`;
-//! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR]`: run experiments and
-//!   write their tables, figures and plots, plus `REPORT.md`.
+//! - `cargo xtask reproduce [NAME ...] [--quick | --full] [--out DIR] [--seeds N]`: run
+//!   experiments and write their tables, figures and plots, plus `REPORT.md` (`--seeds N`:
+//!   seeds 0..N for the experiments that take it, where the default three leave a difference
+//!   within the spread between seeds).
 
 mod data;
 mod debian_fmnist;
@@ -133,6 +135,32 @@ struct ReproduceArgs {
     /// List the experiments and exit.
     #[arg(long)]
     list: bool,
+    /// Run seeds 0..N instead of the experiment's default (lifequant and lifequant-variants,
+    /// named explicitly: the others refuse it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    seeds: Option<u64>,
+}
+
+/// `--seeds` only with experiments that take it, each named.
+fn check_seeded(names: &[String], seeds: Option<u64>) -> Result<()> {
+    if seeds.is_none() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !names.is_empty(),
+        "--seeds needs the experiments named; it applies to {}",
+        reproduce::SEEDED.join(", ")
+    );
+    if let Some(other) = names
+        .iter()
+        .find(|n| !reproduce::SEEDED.contains(&n.as_str()))
+    {
+        anyhow::bail!(
+            "--seeds does not apply to {other}; it applies to {}",
+            reproduce::SEEDED.join(", ")
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -230,6 +258,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             let mode = if args.full { Mode::Full } else { Mode::Quick };
+            check_seeded(&args.names, args.seeds)?;
             let needs_data = reproduce::registry().iter().any(|e| {
                 e.needs_data && (args.names.is_empty() || args.names.iter().any(|n| n == e.name))
             });
@@ -256,14 +285,35 @@ fn main() -> Result<()> {
                     .context("preparing the text data")?;
             }
             let args_line: Vec<String> = std::env::args().skip(1).collect();
-            let ctx = Context::new(
-                cli.data_dir.clone(),
-                args.out.clone(),
-                mode,
-                reproduce::command_line(&args_line),
-            );
+            let ctx = Context {
+                seeds: args.seeds,
+                ..Context::new(
+                    cli.data_dir.clone(),
+                    args.out.clone(),
+                    mode,
+                    reproduce::command_line(&args_line),
+                )
+            };
             reproduce::run(&args.names, &ctx)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_seeded;
+
+    #[test]
+    fn seeds_only_for_named_seeded_experiments() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_seeded(&[], None).is_ok());
+        assert!(check_seeded(&names(&["lifequant", "lifequant-variants"]), Some(5)).is_ok());
+        let all = check_seeded(&[], Some(5)).unwrap_err().to_string();
+        assert!(all.contains("needs the experiments named"), "{all}");
+        let other = check_seeded(&names(&["lifequant", "kmeans"]), Some(5))
+            .unwrap_err()
+            .to_string();
+        assert!(other.contains("does not apply to kmeans"), "{other}");
+    }
 }

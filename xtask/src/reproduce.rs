@@ -34,7 +34,13 @@ pub struct Context {
     pub commit: String,
     /// The command line that produced the results (`cargo xtask reproduce ...`).
     pub command: String,
+    /// Seeds `0..n` instead of the experiment's own list (`--seeds n`), for the experiments in
+    /// [`SEEDED`]; `None` keeps each experiment's default.
+    pub seeds: Option<u64>,
 }
+
+/// The experiments that take `--seeds`.
+pub const SEEDED: [&str; 2] = ["lifequant", "lifequant-variants"];
 
 impl Context {
     /// A context for `command`, with the workspace's current commit.
@@ -45,6 +51,7 @@ impl Context {
             mode,
             commit: git_commit(&crate::workspace_root()),
             command,
+            seeds: None,
         }
     }
 }

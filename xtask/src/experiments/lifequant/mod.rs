@@ -135,6 +135,17 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// [`Settings::for_mode`] of the context's mode, with seeds `0..n` when it asks for `n`.
+    pub fn for_context(ctx: &Context) -> Self {
+        let mut settings = Settings::for_mode(ctx.mode);
+        if let Some(n) = ctx.seeds {
+            settings.seeds = (0..n).collect();
+        }
+        settings
+    }
+}
+
 #[cfg(test)]
 impl Settings {
     /// The experiment scaled down to seconds for the tests on the committed fixtures: tiny
@@ -202,7 +213,7 @@ pub struct Runs {
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
         .context("loading Fashion-MNIST")?;
-    run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
+    run_with(ctx, &data, &Settings::for_context(ctx), bar)
 }
 
 /// The experiment on `data` with `settings`: per seed, task-0 pretraining, the arms without λ

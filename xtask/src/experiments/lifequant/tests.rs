@@ -142,3 +142,17 @@ fn runs_on_the_fixture_and_writes_its_results() {
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }
 }
+
+#[test]
+fn seeds_from_the_context_replace_the_default_list() {
+    use crate::reproduce::Context;
+    let ctx = Context::new("data".into(), "out".into(), Mode::Full, "test".into());
+    assert_eq!(Settings::for_context(&ctx).seeds, vec![0, 1, 2]);
+    let five = Context {
+        seeds: Some(5),
+        ..ctx
+    };
+    let settings = Settings::for_context(&five);
+    assert_eq!(settings.seeds, vec![0, 1, 2, 3, 4]);
+    assert_eq!(settings.lambdas, Settings::for_mode(Mode::Full).lambdas);
+}

@@ -144,7 +144,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     run_with(
         ctx,
         &load,
-        &Settings::for_mode(ctx.mode),
+        &Settings::for_context(ctx),
         (lambda, &source),
         bar,
     )
