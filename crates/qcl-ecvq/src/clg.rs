@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use qcl_pq::{run_lloyd, LloydSchedule, LloydStep, LloydStop};
 use qcl_tensor::{check_finite_slice, nearest_codes_into_finite, Error, Result, Seed};
 
 use crate::quantizer::check_lambda;
@@ -202,21 +203,19 @@ impl ClgEcvq {
         )
     }
 
-    /// The iterations, from a validated start; without `entropy_constrained` the assignment
-    /// ignores the lengths (plain k-means, with the same centroid and length updates).
+    /// The iterations, from a validated start ([`run_lloyd`] over a [`ClgStep`]); without
+    /// `entropy_constrained` the assignment ignores the lengths (plain k-means, with the same
+    /// centroid and length updates).
     fn iterate(
         data: &[f32],
         dim: usize,
-        mut codebook: Vec<f32>,
-        mut lengths: Vec<f64>,
+        codebook: Vec<f32>,
+        lengths: Vec<f64>,
         params: &ClgConfig,
         max_iterations: usize,
         entropy_constrained: bool,
     ) -> Result<ClgEcvq> {
         let n = data.len() / dim;
-        let scale = params.lambda * params.distortion.scale(dim);
-        let mut original: Vec<usize> = (0..lengths.len()).collect();
-
         let progress = if params.show_progress {
             let bar = ProgressBar::new(params.max_iterations as u64);
             bar.set_style(
@@ -228,84 +227,133 @@ impl ClgEcvq {
             ProgressBar::hidden()
         };
         let started = Instant::now();
-        let mut indices = vec![0u32; n];
-        let mut scores = vec![0f32; n];
-        let mut objective_history = Vec::new();
-        let mut codes_history = Vec::new();
-        let mut iterations = 0;
-        while iterations < max_iterations {
-            iterations += 1;
-            // 1. Encoder.
-            let bias: Vec<f32> = if entropy_constrained {
-                lengths.iter().map(|l| (l / scale) as f32).collect()
-            } else {
-                vec![0.0; lengths.len()]
-            };
-            nearest_codes_into_finite(
-                data,
-                &codebook,
+        let mut step = ClgStep {
+            data,
+            dim,
+            scale: params.lambda * params.distortion.scale(dim),
+            entropy_constrained,
+            original: (0..lengths.len()).collect(),
+            codebook,
+            lengths,
+            indices: vec![0u32; n],
+            scores: vec![0f32; n],
+            counts: Vec::new(),
+            sums: Vec::new(),
+            codes_history: Vec::new(),
+            progress: progress.clone(),
+        };
+        let schedule = LloydSchedule {
+            max_iter: max_iterations,
+            stop: LloydStop::RelativeThenUpdate {
+                tolerance: params.tolerance,
+            },
+        };
+        let objective_history = run_lloyd(&mut step, &schedule, &progress)?;
+        progress.finish_and_clear();
+        Ok(ClgEcvq {
+            quantizer: Ecvq::new(
                 dim,
-                Some(&bias),
-                &mut indices,
-                &mut scores,
-            )?;
-            let k = lengths.len();
-            let mut counts = vec![0u64; k];
-            let mut sums = vec![0f64; k * dim];
-            let (mut length_sum, mut sse_sum) = (0f64, 0f64);
-            for (x, &j) in data.chunks_exact(dim).zip(&indices) {
-                let j = j as usize;
-                counts[j] += 1;
-                length_sum += lengths[j];
-                let code = &codebook[j * dim..(j + 1) * dim];
-                for ((s, &v), &c) in sums[j * dim..(j + 1) * dim].iter_mut().zip(x).zip(code) {
-                    let v = f64::from(v);
-                    *s += v;
-                    sse_sum += (v - f64::from(c)).powi(2);
-                }
-            }
-            let objective = length_sum / n as f64 + scale * sse_sum / n as f64;
-            let converged = objective_history
-                .last()
-                .is_some_and(|&prev: &f64| prev - objective <= params.tolerance * objective.abs());
-            objective_history.push(objective);
-            codes_history.push(k);
-            progress.set_message(format!("{objective:.5}"));
-            progress.inc(1);
-            // 2–3. Decoder and lengths, pruning the codes nobody chose.
-            let mut next_codebook = Vec::with_capacity(codebook.len());
-            let mut next_lengths = Vec::with_capacity(k);
-            let mut next_original = Vec::with_capacity(k);
-            for j in 0..k {
-                if counts[j] == 0 {
-                    continue;
-                }
-                let count = counts[j] as f64;
-                next_codebook.extend(
-                    sums[j * dim..(j + 1) * dim]
-                        .iter()
-                        .map(|s| (s / count) as f32),
-                );
-                next_lengths.push(-(count / n as f64).log2());
-                next_original.push(original[j]);
-            }
-            codebook = next_codebook;
-            lengths = next_lengths;
-            original = next_original;
-            if converged {
-                break;
+                step.codebook,
+                step.lengths,
+                params.lambda,
+                params.distortion,
+            )?,
+            iterations: objective_history.len(),
+            objective_history,
+            codes_history: step.codes_history,
+            original_indices: step.original,
+            train_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// CLG's halves of a Lloyd iteration: the encoder (nearest code under squared error plus the
+/// code's length over λ·scale), then the decoder (cell means) and the lengths `−log₂ p_j`,
+/// pruning the codes no point chose.
+struct ClgStep<'a> {
+    data: &'a [f32],
+    dim: usize,
+    /// `λ` times the distortion's scale: `J = E[len] + scale·E[sse]`.
+    scale: f64,
+    entropy_constrained: bool,
+    codebook: Vec<f32>,
+    lengths: Vec<f64>,
+    /// Each surviving code's index in the starting codebook.
+    original: Vec<usize>,
+    indices: Vec<u32>,
+    scores: Vec<f32>,
+    /// Points and coordinate sums per code, of the last assignment.
+    counts: Vec<u64>,
+    sums: Vec<f64>,
+    codes_history: Vec<usize>,
+    progress: ProgressBar,
+}
+
+impl LloydStep for ClgStep<'_> {
+    fn assign(&mut self) -> Result<f64> {
+        let (dim, k) = (self.dim, self.lengths.len());
+        let n = self.data.len() / dim;
+        let bias: Vec<f32> = if self.entropy_constrained {
+            self.lengths
+                .iter()
+                .map(|l| (l / self.scale) as f32)
+                .collect()
+        } else {
+            vec![0.0; k]
+        };
+        nearest_codes_into_finite(
+            self.data,
+            &self.codebook,
+            dim,
+            Some(&bias),
+            &mut self.indices,
+            &mut self.scores,
+        )?;
+        self.counts = vec![0u64; k];
+        self.sums = vec![0f64; k * dim];
+        let (mut length_sum, mut sse_sum) = (0f64, 0f64);
+        for (x, &j) in self.data.chunks_exact(dim).zip(&self.indices) {
+            let j = j as usize;
+            self.counts[j] += 1;
+            length_sum += self.lengths[j];
+            let code = &self.codebook[j * dim..(j + 1) * dim];
+            for ((s, &v), &c) in self.sums[j * dim..(j + 1) * dim]
+                .iter_mut()
+                .zip(x)
+                .zip(code)
+            {
+                let v = f64::from(v);
+                *s += v;
+                sse_sum += (v - f64::from(c)).powi(2);
             }
         }
-        progress.finish_and_clear();
-        let train_seconds = started.elapsed().as_secs_f64();
-        Ok(ClgEcvq {
-            quantizer: Ecvq::new(dim, codebook, lengths, params.lambda, params.distortion)?,
-            objective_history,
-            codes_history,
-            original_indices: original,
-            iterations,
-            train_seconds,
-        })
+        let objective = length_sum / n as f64 + self.scale * sse_sum / n as f64;
+        self.codes_history.push(k);
+        self.progress.set_message(format!("{objective:.5}"));
+        Ok(objective)
+    }
+
+    fn update(&mut self) -> Result<()> {
+        let dim = self.dim;
+        let n = (self.data.len() / dim) as f64;
+        let k = self.lengths.len();
+        let mut codebook = Vec::with_capacity(self.codebook.len());
+        let mut lengths = Vec::with_capacity(k);
+        let mut original = Vec::with_capacity(k);
+        for j in (0..k).filter(|&j| self.counts[j] > 0) {
+            let count = self.counts[j] as f64;
+            codebook.extend(
+                self.sums[j * dim..(j + 1) * dim]
+                    .iter()
+                    .map(|s| (s / count) as f32),
+            );
+            lengths.push(-(count / n).log2());
+            original.push(self.original[j]);
+        }
+        self.codebook = codebook;
+        self.lengths = lengths;
+        self.original = original;
+        Ok(())
     }
 }
 

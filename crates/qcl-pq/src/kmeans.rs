@@ -16,6 +16,7 @@ use qcl_tensor::{
 use rayon::prelude::*;
 
 use crate::bounds::{BoundedAssign, KMeansAlgorithm};
+use crate::lloyd::{run_lloyd, LloydSchedule, LloydStep, LloydStop};
 use crate::points::Points;
 use crate::BestRun;
 
@@ -394,26 +395,18 @@ impl KMeans {
     }
 }
 
-/// Lloyd iterations from `centroids`.
+/// Lloyd iterations from `centroids` ([`run_lloyd`] over a [`KMeansStep`]).
 fn lloyd(
     points: &Points,
     weights: Option<&[f32]>,
-    mut centroids: Vec<f32>,
+    centroids: Vec<f32>,
     params: &KMeansConfig,
     run: usize,
     bound_budget: usize,
 ) -> Result<KMeans> {
     let (n, dim) = (points.len(), points.dim());
     let k = params.k;
-    let total_weight: f64 = weights.map_or(n as f64, |w| w.iter().map(|&v| f64::from(v)).sum());
-    let mut indices = vec![0u32; n];
-    let mut distances = vec![0f32; n];
-    let mut history = Vec::with_capacity(params.max_iter);
-    let mut repairs = 0;
-    // The M-step's per-chunk sums, allocated once: fresh multi-megabyte buffers at every
-    // iteration cost more in page faults than the sums themselves.
-    let mut partials = Vec::new();
-    let bar = params.show_progress.then(|| {
+    let bar = if params.show_progress {
         let bar = ProgressBar::new(params.max_iter as u64);
         bar.set_style(
             ProgressStyle::with_template("k-means run {msg} [{elapsed}] {bar:30} {pos}/{len} it")
@@ -421,57 +414,101 @@ fn lloyd(
         );
         bar.set_message(format!("{}/{}", run + 1, params.n_init));
         bar
-    });
-    let mut step = AssignStep::new(n, dim, &centroids, params, bound_budget)?;
-    let mut distance_share = Vec::with_capacity(params.max_iter);
-    let mut previous = Vec::new();
-    let mut iterations = 0;
-    for _ in 0..params.max_iter {
-        let computed = step.assign(points, &centroids, &mut indices, &mut distances)?;
-        distance_share.push(computed as f64 / (n as f64 * k as f64));
-        let objective = match weights {
-            None => distances.iter().map(|&v| f64::from(v)).sum::<f64>() / total_weight,
-            Some(w) => {
-                distances
-                    .iter()
-                    .zip(w)
-                    .map(|(&v, &w)| f64::from(v) * f64::from(w))
-                    .sum::<f64>()
-                    / total_weight
-            }
-        };
-        iterations += 1;
-        if let Some(bar) = &bar {
-            bar.inc(1);
-        }
-        let converged = history
-            .last()
-            .is_some_and(|&prev: &f64| prev > 0.0 && (prev - objective) / prev < params.tolerance);
-        history.push(objective);
-        if converged || objective == 0.0 {
-            break;
-        }
-        previous.clone_from(&centroids);
-        let cluster_weights =
-            update_centroids(points, weights, &indices, k, &mut centroids, &mut partials);
-        repairs += repair_empty_clusters(&mut centroids, dim, cluster_weights);
-        step.centroids_moved(&previous, &centroids);
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    Ok(KMeans {
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut step = KMeansStep {
+        points,
+        weights,
+        total_weight: weights.map_or(n as f64, |w| w.iter().map(|&v| f64::from(v)).sum()),
+        assign: AssignStep::new(n, dim, &centroids, params, bound_budget)?,
         centroids,
+        previous: Vec::new(),
+        indices: vec![0u32; n],
+        distances: vec![0f32; n],
+        partials: Vec::new(),
+        distance_share: Vec::with_capacity(params.max_iter.min(1 << 12)),
+        repairs: 0,
+    };
+    let schedule = LloydSchedule {
+        max_iter: params.max_iter,
+        stop: LloydStop::Relative {
+            tolerance: params.tolerance,
+        },
+    };
+    let history = run_lloyd(&mut step, &schedule, &bar)?;
+    bar.finish_and_clear();
+    Ok(KMeans {
         dim,
         k,
+        iterations: history.len(),
         objective_history: history,
-        iterations,
         lloyd_seconds: 0.0,
-        empty_cluster_repairs: repairs,
-        distance_share,
-        bound_bytes: step.bound_bytes(),
-        bound_groups: step.groups(),
+        empty_cluster_repairs: step.repairs,
+        bound_bytes: step.assign.bound_bytes(),
+        bound_groups: step.assign.groups(),
+        distance_share: step.distance_share,
+        centroids: step.centroids,
     })
+}
+
+/// k-means' halves of a Lloyd iteration: nearest centroid (plain or bounded), then the
+/// (weighted) mean with empty clusters repaired.
+struct KMeansStep<'a> {
+    points: &'a Points<'a>,
+    weights: Option<&'a [f32]>,
+    total_weight: f64,
+    assign: AssignStep,
+    centroids: Vec<f32>,
+    /// The centroids before the last update, for the bounds' drift.
+    previous: Vec<f32>,
+    indices: Vec<u32>,
+    distances: Vec<f32>,
+    /// The update's per-chunk sums, allocated once: fresh multi-megabyte buffers at every
+    /// iteration cost more in page faults than the sums themselves.
+    partials: Vec<Vec<f64>>,
+    distance_share: Vec<f64>,
+    repairs: usize,
+}
+
+impl LloydStep for KMeansStep<'_> {
+    fn assign(&mut self) -> Result<f64> {
+        let (n, k) = (self.points.len(), self.centroids.len() / self.points.dim());
+        let computed = self.assign.assign(
+            self.points,
+            &self.centroids,
+            &mut self.indices,
+            &mut self.distances,
+        )?;
+        self.distance_share
+            .push(computed as f64 / (n as f64 * k as f64));
+        let sum: f64 = match self.weights {
+            None => self.distances.iter().map(|&v| f64::from(v)).sum(),
+            Some(w) => self
+                .distances
+                .iter()
+                .zip(w)
+                .map(|(&v, &w)| f64::from(v) * f64::from(w))
+                .sum(),
+        };
+        Ok(sum / self.total_weight)
+    }
+
+    fn update(&mut self) -> Result<()> {
+        let (dim, k) = (self.points.dim(), self.centroids.len() / self.points.dim());
+        self.previous.clone_from(&self.centroids);
+        let cluster_weights = update_centroids(
+            self.points,
+            self.weights,
+            &self.indices,
+            k,
+            &mut self.centroids,
+            &mut self.partials,
+        );
+        self.repairs += repair_empty_clusters(&mut self.centroids, dim, cluster_weights);
+        self.assign.centroids_moved(&self.previous, &self.centroids);
+        Ok(())
+    }
 }
 
 /// The assignment step of one Lloyd run.

@@ -10,6 +10,8 @@
 //!   most distances and still returns plain Lloyd's assignments bit for bit;
 //!   [`MiniBatchKMeans`] for data that arrives in batches. The same seed gives the same
 //!   centroids with any number of threads.
+//! - [`run_lloyd`] and [`LloydStep`]: the one Lloyd loop (assign, update, stop) that k-means,
+//!   qcl-ecvq's CLG design and qcl-wpq's EM run, open to a quantizer of your own.
 //! - [`ProductQuantizer`] ([`ProductQuantizerConfig`]): bit-packed [`PackedCodes`], decode, ADC search.
 //! - [`ScalarQuantizer`] ([`ScalarQuantizerConfig`]): uniform scalar quantization, `bits` per
 //!   dimension over a trained range.
@@ -39,6 +41,7 @@ mod bounds;
 mod codes_file;
 pub mod index;
 mod kmeans;
+mod lloyd;
 mod minibatch;
 mod packing;
 mod points;
@@ -52,6 +55,7 @@ pub mod workloads;
 pub use bounds::KMeansAlgorithm;
 pub use codes_file::{load_codes, save_codes};
 pub use kmeans::{KMeans, KMeansConfig, KMeansInit, KMEANS_FORMAT, MAX_ITERATIONS, MAX_RESTARTS};
+pub use lloyd::{run_lloyd, LloydSchedule, LloydStep, LloydStop};
 pub use minibatch::MiniBatchKMeans;
 pub use pq::{PackedCodes, ProductQuantizer, ProductQuantizerConfig, CODES_FORMAT, PQ_FORMAT};
 pub use quantizer::{

@@ -5,9 +5,12 @@
 //! pooled Gram matrix `G = Σ_b X_bᵀX_b`, and runs the E-step on the shared nearest-code kernel
 //! in the space where `G` is Euclidean ([`Metric`]), the empty-cluster repair, and the M-step
 //! (member mean, weighted by per-subvector weights when given, projected on the excited
-//! directions).
+//! directions). The iterations run on qcl-pq's one Lloyd loop ([`run_lloyd`], every iteration,
+//! no early stop), with the E- and M-steps as its [`LloydStep`].
 
-use qcl_tensor::{nearest_codes, Error, Result, Seed, SeededRng};
+use indicatif::ProgressBar;
+use qcl_pq::{run_lloyd, LloydSchedule, LloydStep, LloydStop};
+use qcl_tensor::{nearest_codes, Error, Nearest, Result, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
 
 use crate::metric::Metric;
@@ -228,7 +231,7 @@ fn em(
 ) -> Result<EmOutcome> {
     let k = params.k;
     let (n_sv, members) = group_members(subvectors, d, (groups, n_groups), k)?;
-    let mut centroids = initial_centroids(init, subvectors, d, &members, k, params.seed)?;
+    let centroids = initial_centroids(init, subvectors, d, &members, k, params.seed)?;
     let group_points: Vec<Vec<f32>> = members
         .iter()
         .map(|m| {
@@ -243,66 +246,40 @@ fn em(
             .map(|m| m.iter().map(|&j| w[j]).collect())
             .collect()
     });
-    let mut sample_rng = params.seed.child_named("rows").rng();
-    let mut repair_rng = params.seed.child_named("repair").rng();
-    // The metric of the source; a sampled one draws its patch rows from `rng`.
-    let metric_from = |rng: &mut SeededRng| -> Result<Metric> {
-        Ok(match source {
-            MetricSource::Identity => Metric::identity(d),
-            MetricSource::Fixed(m) => m.clone(),
-            MetricSource::Sampled {
-                sampler,
-                patch_rows,
-            } => {
-                let patches = sampler.sample(patch_rows, rng)?;
-                Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
-            }
-        })
+    let eval_metric = metric_of(source, d, &mut params.seed.child_named("eval").rng())?;
+    let mut step = EmStep {
+        subvectors,
+        d,
+        k,
+        groups,
+        members: &members,
+        group_points: &group_points,
+        group_weights: group_weights.as_deref(),
+        weights,
+        source,
+        epsilon: params.epsilon,
+        sample_rng: params.seed.child_named("rows").rng(),
+        repair_rng: params.seed.child_named("repair").rng(),
+        eval_metric,
+        metric: None,
+        centroids,
+        group_assign: vec![Vec::new(); members.len()],
+        assignments: vec![0u32; n_sv],
+        objective: Vec::with_capacity(params.iterations),
+        repairs: 0,
     };
-    let eval_metric = metric_from(&mut params.seed.child_named("eval").rng())?;
-    let mut assignments = vec![0u32; n_sv];
-    let mut objective = Vec::with_capacity(params.iterations);
-    let mut repairs = 0;
-    for _ in 0..params.iterations {
-        let metric = metric_from(&mut sample_rng)?;
-        for (g, m) in members.iter().enumerate() {
-            let codebook = &mut centroids[g * k * d..(g + 1) * k * d];
-            let points_t = metric.transform(&group_points[g]);
-            let (assign, fixed) = e_step_with_repair(
-                &points_t,
-                codebook,
-                &metric,
-                d,
-                params.epsilon,
-                &mut repair_rng,
-            )?;
-            repairs += fixed;
-            let w = group_weights.as_ref().map(|w| w[g].as_slice());
-            m_step(&group_points[g], w, &assign, codebook, &metric, d);
-            for (&j, &a) in m.iter().zip(&assign) {
-                assignments[j] = a;
-            }
-        }
-        objective.push(match weights {
-            None => surrogate_objective(
-                subvectors,
-                &centroids,
-                &assignments,
-                groups,
-                k,
-                &eval_metric,
-            ),
-            Some(w) => weighted_objective(
-                subvectors,
-                &centroids,
-                &assignments,
-                groups,
-                k,
-                &eval_metric,
-                w,
-            ),
-        });
-    }
+    let schedule = LloydSchedule {
+        max_iter: params.iterations,
+        stop: LloydStop::Never,
+    };
+    run_lloyd(&mut step, &schedule, &ProgressBar::hidden())?;
+    let EmStep {
+        centroids,
+        mut assignments,
+        objective,
+        repairs,
+        ..
+    } = step;
     if params.iterations == 0 {
         // Assignments of the initial codebook, so the outcome is always consistent.
         for (g, m) in members.iter().enumerate() {
@@ -319,6 +296,101 @@ fn em(
         objective,
         repairs,
     })
+}
+
+/// The metric of `source`; a sampled one draws its patch rows from `rng`.
+fn metric_of(source: MetricSource<'_>, d: usize, rng: &mut SeededRng) -> Result<Metric> {
+    Ok(match source {
+        MetricSource::Identity => Metric::identity(d),
+        MetricSource::Fixed(m) => m.clone(),
+        MetricSource::Sampled {
+            sampler,
+            patch_rows,
+        } => {
+            let patches = sampler.sample(patch_rows, rng)?;
+            Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
+        }
+    })
+}
+
+/// EM's halves of a Lloyd iteration: the E-step of every group under a metric drawn afresh
+/// (with the empty-cluster repair), then the M-step of every group and the surrogate
+/// objective under the fixed evaluation metric. Groups are independent, so all E-steps before
+/// all M-steps gives what group-by-group alternation gives.
+struct EmStep<'a> {
+    subvectors: &'a [f32],
+    d: usize,
+    k: usize,
+    groups: &'a [usize],
+    members: &'a [Vec<usize>],
+    group_points: &'a [Vec<f32>],
+    group_weights: Option<&'a [Vec<f32>]>,
+    weights: Option<&'a [f32]>,
+    source: MetricSource<'a>,
+    epsilon: f32,
+    sample_rng: SeededRng,
+    repair_rng: SeededRng,
+    eval_metric: Metric,
+    /// The metric of the current iteration's E-step.
+    metric: Option<Metric>,
+    centroids: Vec<f32>,
+    /// Each group's assignment from the last E-step.
+    group_assign: Vec<Vec<u32>>,
+    assignments: Vec<u32>,
+    /// The surrogate objective after each M-step.
+    objective: Vec<f64>,
+    repairs: usize,
+}
+
+impl LloydStep for EmStep<'_> {
+    /// Returns the mean E-step distance under the iteration's own metric.
+    fn assign(&mut self) -> Result<f64> {
+        let (d, k) = (self.d, self.k);
+        let metric = metric_of(self.source, d, &mut self.sample_rng)?;
+        let mut total = 0.0;
+        for (g, points) in self.group_points.iter().enumerate() {
+            let codebook = &mut self.centroids[g * k * d..(g + 1) * k * d];
+            let points_t = metric.transform(points);
+            let (found, fixed) = e_step_with_repair(
+                &points_t,
+                codebook,
+                &metric,
+                d,
+                self.epsilon,
+                &mut self.repair_rng,
+            )?;
+            self.repairs += fixed;
+            total += found.distances.iter().map(|&v| f64::from(v)).sum::<f64>();
+            self.group_assign[g] = found.indices;
+        }
+        self.metric = Some(metric);
+        Ok(total / self.assignments.len().max(1) as f64)
+    }
+
+    fn update(&mut self) -> Result<()> {
+        let (d, k) = (self.d, self.k);
+        let metric = self.metric.as_ref().expect("an E-step before every M-step");
+        for (g, m) in self.members.iter().enumerate() {
+            let codebook = &mut self.centroids[g * k * d..(g + 1) * k * d];
+            let w = self.group_weights.map(|w| w[g].as_slice());
+            let assign = &self.group_assign[g];
+            m_step(&self.group_points[g], w, assign, codebook, metric, d);
+            for (&j, &a) in m.iter().zip(assign) {
+                self.assignments[j] = a;
+            }
+        }
+        let (s, c, a, groups) = (
+            self.subvectors,
+            &self.centroids,
+            &self.assignments,
+            self.groups,
+        );
+        self.objective.push(match self.weights {
+            None => surrogate_objective(s, c, a, groups, k, &self.eval_metric),
+            Some(w) => weighted_objective(s, c, a, groups, k, &self.eval_metric, w),
+        });
+        Ok(())
+    }
 }
 
 /// Checks the subvectors and their codebook groups; returns the number of subvectors and
@@ -403,8 +475,12 @@ fn initial_centroids(
 /// # Errors
 /// As [`nearest_codes`].
 pub fn e_step(points_t: &[f32], codebook: &[f32], metric: &Metric, d: usize) -> Result<Vec<u32>> {
-    let codes_t = metric.transform(codebook);
-    Ok(nearest_codes(points_t, &codes_t, d, None)?.indices)
+    Ok(nearest_under(points_t, codebook, metric, d)?.indices)
+}
+
+/// The E-step's nearest centroids and their distances in the transformed space.
+fn nearest_under(points_t: &[f32], codebook: &[f32], metric: &Metric, d: usize) -> Result<Nearest> {
+    nearest_codes(points_t, &metric.transform(codebook), d, None)
 }
 
 fn e_step_with_repair(
@@ -414,14 +490,14 @@ fn e_step_with_repair(
     d: usize,
     epsilon: f32,
     rng: &mut SeededRng,
-) -> Result<(Vec<u32>, usize)> {
+) -> Result<(Nearest, usize)> {
     let k = codebook.len() / d;
-    let mut assign = e_step(points_t, codebook, metric, d)?;
+    let mut found = nearest_under(points_t, codebook, metric, d)?;
     let mut repairs = 0;
     // Bounded: a group with fewer than K distinct points cannot fill every cluster.
     for _ in 0..20 * k {
         let mut counts = vec![0usize; k];
-        assign.iter().for_each(|&a| counts[a as usize] += 1);
+        found.indices.iter().for_each(|&a| counts[a as usize] += 1);
         let empty: Vec<usize> = (0..k).filter(|&c| counts[c] == 0).collect();
         if empty.is_empty() {
             break;
@@ -441,9 +517,9 @@ fn e_step_with_repair(
             codebook[fullest * d + t] = base - e;
         }
         repairs += 1;
-        assign = e_step(points_t, codebook, metric, d)?;
+        found = nearest_under(points_t, codebook, metric, d)?;
     }
-    Ok((assign, repairs))
+    Ok((found, repairs))
 }
 
 /// M-step: each non-empty cluster's centroid becomes the projected (weighted) mean of its
