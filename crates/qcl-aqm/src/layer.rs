@@ -12,7 +12,7 @@ use qcl_vq::{CodebookUpdate, VectorQuantizer, VectorQuantizerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::QLayerConfig;
-use crate::nets::{Decoder, Encoder};
+use qcl_nn::models::{ConvDecoder, ConvEncoder};
 
 /// Running statistics of a module (docs/methods/aqm.md § Freezing and the slow decoder).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -69,11 +69,11 @@ pub struct QLayer {
     input_hw: [usize; 2],
     seed: Seed,
     store: ParamStore,
-    encoder: Encoder,
-    decoder: Decoder,
+    encoder: ConvEncoder,
+    decoder: ConvDecoder,
     quantizer: VectorQuantizer,
     optimizer: Adam,
-    ema: Option<(ParamStore, Decoder)>,
+    ema: Option<(ParamStore, ConvDecoder)>,
     stats: LayerStats,
     device: Device,
 }
@@ -94,8 +94,8 @@ impl QLayer {
         let store = ParamStore::new(seed);
         let root = store.root(device);
         let (c, ds, res) = (config.channels, config.downsample, config.res_blocks);
-        let encoder = Encoder::new(&root.pp("enc"), in_channels, c, ds, res)?;
-        let decoder = Decoder::new(&root.pp("dec"), in_channels, c, ds, res)?;
+        let encoder = ConvEncoder::new(&root.pp("enc"), in_channels, c, ds, res)?;
+        let decoder = ConvDecoder::new(&root.pp("dec"), in_channels, c, ds, res)?;
         let vq_config = VectorQuantizerConfig {
             codebooks: config.codebooks,
             update: CodebookUpdate::Ema {
@@ -166,12 +166,12 @@ impl QLayer {
     }
 
     /// The encoder, a candle [`Module`] (`x → z_e`).
-    pub fn encoder(&self) -> &Encoder {
+    pub fn encoder(&self) -> &ConvEncoder {
         &self.encoder
     }
 
     /// The live decoder, a candle [`Module`] (`z_q → x̂`).
-    pub fn decoder(&self) -> &Decoder {
+    pub fn decoder(&self) -> &ConvDecoder {
         &self.decoder
     }
 
@@ -369,10 +369,10 @@ impl QLayer {
         VectorQuantizer::from_param_path(&store.root(&self.device).pp("vq"), config)
     }
 
-    fn new_ema_decoder(&self) -> Result<(ParamStore, Decoder)> {
+    fn new_ema_decoder(&self) -> Result<(ParamStore, ConvDecoder)> {
         let store = ParamStore::new(self.seed.child_named("ema"));
         let c = &self.config;
-        let decoder = Decoder::new(
+        let decoder = ConvDecoder::new(
             &store.root(&self.device).pp("dec"),
             self.in_channels,
             c.channels,

@@ -9,7 +9,6 @@
 pub mod config;
 pub mod layer;
 pub mod memory;
-pub mod nets;
 pub mod online;
 pub mod stack;
 pub mod state;

@@ -15,8 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
 use qcl_data::{BatchConfig, BatchOrder, Dataset, KnownDataset, Normalization, SplitDataset};
-use qcl_nn::layers::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module};
-use qcl_nn::ops::{add_relu, mse_loss, relu};
+use qcl_nn::layers::Module;
+use qcl_nn::models::{ConvDecoder, ConvEncoder};
+use qcl_nn::ops::mse_loss;
 use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::{ParamPath, ParamStore};
 use qcl_tensor::Seed;
@@ -96,70 +97,28 @@ impl Settings {
     }
 }
 
-/// The AQM autoencoder for `1×28×28` images with downsampling 2 (docs/methods/aqm.md
-/// § Networks, one ResBlock):
-/// encoder `conv4×4/2 1→C/2, ReLU, conv3×3 C/2→C, ResBlock, ReLU`; decoder `ResBlock, ReLU,
-/// convT4×4/2 C→1`, with `ResBlock(x) = h + conv1×1(ReLU(conv3×3 h))`, `h = ReLU(x)`.
+/// The AQM autoencoder for `1×28×28` images with downsampling 2 and one residual block
+/// (docs/methods/aqm.md § Networks): qcl-nn's [`ConvEncoder`] and [`ConvDecoder`] around a
+/// trainable VQ layer.
 struct VqAutoencoder {
-    e1: Conv2d,
-    e2: Conv2d,
-    er1: Conv2d,
-    er2: Conv2d,
-    dr1: Conv2d,
-    dr2: Conv2d,
-    dt: ConvTranspose2d,
+    encoder: ConvEncoder,
+    decoder: ConvDecoder,
     vq: VectorQuantizer,
 }
 
 impl VqAutoencoder {
     fn new(path: &ParamPath, channels: usize, vq: VectorQuantizerConfig) -> Result<Self> {
-        let c = channels;
-        let same3 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let down = Conv2dConfig {
-            stride: 2,
-            padding: 1,
-            ..Default::default()
-        };
-        let one = Conv2dConfig::default();
-        let up = ConvTranspose2dConfig {
-            stride: 2,
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            e1: Conv2d::new(&path.pp("e1"), 1, c / 2, 4, down)?,
-            e2: Conv2d::new(&path.pp("e2"), c / 2, c, 3, same3)?,
-            er1: Conv2d::new(&path.pp("er1"), c, c, 3, same3)?,
-            er2: Conv2d::new(&path.pp("er2"), c, c, 1, one)?,
-            dr1: Conv2d::new(&path.pp("dr1"), c, c, 3, same3)?,
-            dr2: Conv2d::new(&path.pp("dr2"), c, c, 1, one)?,
-            dt: ConvTranspose2d::new(&path.pp("dt"), c, 1, 4, up)?,
+            encoder: ConvEncoder::new(&path.pp("enc"), 1, channels, 2, 1)?,
+            decoder: ConvDecoder::new(&path.pp("dec"), 1, channels, 2, 1)?,
             vq: VectorQuantizer::from_param_path(&path.pp("vq"), vq)?,
         })
     }
 
-    /// `z_e`, `(B, C, 14, 14)`, ≥ 0.
-    fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.e2.forward_relu(&self.e1.forward_relu(x)?)?;
-        Ok(add_relu(
-            &h,
-            &self.er2.forward(&self.er1.forward_relu(&h)?)?,
-        )?)
-    }
-
-    fn decode(&self, z_q: &Tensor) -> Result<Tensor> {
-        let g = relu(z_q)?;
-        let g = add_relu(&g, &self.dr2.forward(&self.dr1.forward_relu(&g)?)?)?;
-        Ok(self.dt.forward(&g)?)
-    }
-
     fn forward(&mut self, x: &Tensor, train: bool) -> Result<(Tensor, VqOutput)> {
-        let z_e = self.encode(x)?;
+        let z_e = self.encoder.forward(x)?;
         let out = self.vq.quantize(&z_e, train)?;
-        Ok((self.decode(&out.quantized)?, out))
+        Ok((self.decoder.forward(&out.quantized)?, out))
     }
 }
 

@@ -2,14 +2,14 @@ use candle_core::{DType, Tensor};
 use qcl_tensor::{Error, Result};
 use rayon::prelude::*;
 
-use crate::layers::{
-    residual_relu, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module,
-};
+use crate::layers::Module;
+use crate::models::{ConvDecoder, ConvEncoder};
 use crate::ops::{mse_loss, straight_through_relu};
 use crate::{Init, ParamPath};
 
 /// The AQM-style VQ autoencoder for `1×28×28` images (one module, downsampling 2, `C`
-/// channels, `K` codes), the second model of qcl's training benchmark:
+/// channels, `K` codes, one residual block: [`ConvEncoder`] and [`ConvDecoder`]), the second
+/// model of qcl's training benchmark:
 ///
 /// encoder `conv4×4/2 1→C/2, ReLU, conv3×3 C/2→C, ReLU, h + conv1×1(ReLU(conv3×3 h))`;
 /// nearest-code quantisation of each `C`-vector against a fixed codebook `[K, C]`, with the
@@ -34,13 +34,8 @@ use crate::{Init, ParamPath};
 /// ```
 #[derive(Debug, Clone)]
 pub struct VqAutoencoder {
-    e1: Conv2d,
-    e2: Conv2d,
-    r1: Conv2d,
-    r2: Conv2d,
-    d1: Conv2d,
-    d2: Conv2d,
-    dt: ConvTranspose2d,
+    encoder: ConvEncoder,
+    decoder: ConvDecoder,
     codebook: Tensor,
 }
 
@@ -68,40 +63,14 @@ impl VqAutoencoder {
                 format!("need an even channel count ≥ 2 and ≥ 1 code, got C={channels}, K={codes}"),
             ));
         }
-        let c = channels;
-        let same3 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let down = Conv2dConfig {
-            stride: 2,
-            padding: 1,
-            ..Default::default()
-        };
-        let one = Conv2dConfig::default();
         let bound = 1.0 / codes as f64;
         Ok(Self {
-            e1: Conv2d::new(&path.pp("e1"), 1, c / 2, 4, down)?,
-            e2: Conv2d::new(&path.pp("e2"), c / 2, c, 3, same3)?,
-            r1: Conv2d::new(&path.pp("r1"), c, c, 3, same3)?,
-            r2: Conv2d::new(&path.pp("r2"), c, c, 1, one)?,
-            d1: Conv2d::new(&path.pp("d1"), c, c, 3, same3)?,
-            d2: Conv2d::new(&path.pp("d2"), c, c, 1, one)?,
-            dt: ConvTranspose2d::new(
-                &path.pp("dt"),
-                c,
-                1,
-                4,
-                ConvTranspose2dConfig {
-                    stride: 2,
-                    padding: 1,
-                    ..Default::default()
-                },
-            )?,
+            encoder: ConvEncoder::new(&path.pp("enc"), 1, channels, 2, 1)?,
+            decoder: ConvDecoder::new(&path.pp("dec"), 1, channels, 2, 1)?,
             codebook: path
                 .buffer(
                     "codebook",
-                    (codes, c),
+                    (codes, channels),
                     Init::Uniform {
                         low: -bound,
                         high: bound,
@@ -125,12 +94,11 @@ impl VqAutoencoder {
                 actual: x.dims().to_vec(),
             });
         }
-        let h = self.e2.forward_relu(&self.e1.forward_relu(x)?)?;
-        let h = residual_relu(&h, &self.r1, &self.r2)?;
+        let h = self.encoder.forward(x)?;
         let (q, codes) = quantize_nchw(&h, &self.codebook)?;
         let commitment = mse_loss(&h, &q)?;
         let g = straight_through_relu(&h, &q)?;
-        let reconstruction = self.dt.forward(&residual_relu(&g, &self.d1, &self.d2)?)?;
+        let reconstruction = self.decoder.forward_rectified(&g)?;
         Ok(VqAutoencoderOutput {
             reconstruction,
             commitment,

@@ -1,13 +1,16 @@
-//! Encoder and decoder of one module (docs/methods/aqm.md § Networks): convolutions with
-//! bias, ReLU, residual blocks, no normalisation and no output activation.
+//! The convolutional encoder and decoder of AQM's modules (Caccia et al., ICML 2020;
+//! docs/methods/aqm.md § Networks): convolutions with bias, ReLU, residual blocks, no
+//! normalisation and no output activation. AQM's `QLayer`, the VQ experiment's autoencoder and
+//! [`crate::models::VqAutoencoder`] are built from them, with different quantizers between.
 
 use candle_core::Tensor;
-use qcl_nn::layers::{
+use qcl_tensor::Result;
+
+use crate::layers::{
     residual_relu, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module,
 };
-use qcl_nn::ops::relu;
-use qcl_nn::ParamPath;
-use qcl_tensor::Result;
+use crate::ops::relu;
+use crate::ParamPath;
 
 /// `h = relu(x); y = h + conv1×1(relu(conv3×3(h)))`. The caller passes `h` already rectified
 /// and gets `relu(y)`, because every block output is rectified next (by the next block or
@@ -51,17 +54,34 @@ fn up() -> ConvTranspose2dConfig {
     }
 }
 
-/// The encoder: ds 2 `conv4×4/2 c→C/2, ReLU, conv3×3 C/2→C`, ds 4 `conv4×4/2 c→C, ReLU,
-/// conv4×4/2 C→C`; then the residual blocks and a ReLU. Output `z_e ≥ 0`.
+/// The encoder: downsampling 2 `conv4×4/2 c→C/2, ReLU, conv3×3 C/2→C`, downsampling 4
+/// `conv4×4/2 c→C, ReLU, conv4×4/2 C→C`; then the residual blocks and a ReLU. Output
+/// `z_e ≥ 0` of `C` channels at `1/downsample` of the input's height and width.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qcl_nn::layers::Module;
+/// use qcl_nn::models::{ConvDecoder, ConvEncoder};
+/// let store = qcl_nn::ParamStore::new(0);
+/// let root = store.root(&Device::Cpu);
+/// let encoder = ConvEncoder::new(&root.pp("enc"), 1, 8, 2, 1)?;
+/// let decoder = ConvDecoder::new(&root.pp("dec"), 1, 8, 2, 1)?;
+/// let x = Tensor::rand(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?;
+/// let z = encoder.forward(&x)?;
+/// assert_eq!(z.dims(), &[2, 8, 14, 14]);
+/// assert_eq!(decoder.forward(&z)?.dims(), x.dims());
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
 #[derive(Debug, Clone)]
-pub struct Encoder {
+pub struct ConvEncoder {
     first: Conv2d,
     second: Conv2d,
     blocks: Vec<ResBlock>,
 }
 
-impl Encoder {
-    /// Parameters under `path`.
+impl ConvEncoder {
+    /// `c_in` input channels, `c` latent channels (even for downsampling 2), `downsample`
+    /// 2 or 4, `res` residual blocks; parameters under `path` (`conv_a`, `conv_b`, `res{i}`).
     ///
     /// # Errors
     /// A name clash in the store.
@@ -90,7 +110,7 @@ impl Encoder {
         let blocks = (0..res)
             .map(|i| ResBlock::new(&path.pp(format!("res{i}")), c))
             .collect::<Result<_>>()?;
-        Ok(Encoder {
+        Ok(ConvEncoder {
             first,
             second,
             blocks,
@@ -98,7 +118,7 @@ impl Encoder {
     }
 }
 
-impl Module for Encoder {
+impl Module for ConvEncoder {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.second.forward_relu(&self.first.forward_relu(x)?)?;
         for b in &self.blocks {
@@ -108,17 +128,19 @@ impl Module for Encoder {
     }
 }
 
-/// The decoder: residual blocks, ReLU, then ds 2 `convT4×4/2 C→c`, ds 4 `convT4×4/2 C→C,
-/// ReLU, convT4×4/2 C→c`. No output activation.
+/// The decoder: ReLU, residual blocks, then downsampling 2 `convT4×4/2 C→c`, downsampling 4
+/// `convT4×4/2 C→C, ReLU, convT4×4/2 C→c`. No output activation. See [`ConvEncoder`] for an
+/// example.
 #[derive(Debug, Clone)]
-pub struct Decoder {
+pub struct ConvDecoder {
     blocks: Vec<ResBlock>,
     hidden: Option<ConvTranspose2d>,
     out: ConvTranspose2d,
 }
 
-impl Decoder {
-    /// Parameters under `path`.
+impl ConvDecoder {
+    /// `c_out` output channels, `c` latent channels, `downsample` 2 or 4, `res` residual
+    /// blocks; parameters under `path` (`res{i}`, `up_a`, `up_out`).
     ///
     /// # Errors
     /// A name clash in the store.
@@ -137,7 +159,7 @@ impl Decoder {
         } else {
             None
         };
-        Ok(Decoder {
+        Ok(ConvDecoder {
             blocks,
             hidden,
             out: ConvTranspose2d::new(&path.pp("up_out"), c, c_out, 4, up())?,
@@ -145,15 +167,26 @@ impl Decoder {
     }
 }
 
-impl Module for Decoder {
-    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = relu(z)?;
+impl ConvDecoder {
+    /// The decoder after its first ReLU, for a caller whose latent is already rectified (a
+    /// fused straight-through ReLU, as [`crate::models::VqAutoencoder`] uses).
+    ///
+    /// # Errors
+    /// As the convolutions.
+    pub fn forward_rectified(&self, h: &Tensor) -> Result<Tensor> {
+        let mut h = h.clone();
         for b in &self.blocks {
             h = b.forward_rectified(&h)?;
         }
         if let Some(hidden) = &self.hidden {
             h = relu(&hidden.forward(&h)?)?;
         }
-        self.out.forward(&h)
+        Ok(self.out.forward(&h)?)
+    }
+}
+
+impl Module for ConvDecoder {
+    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_rectified(&relu(z)?)?)
     }
 }
