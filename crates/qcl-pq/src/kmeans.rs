@@ -48,8 +48,8 @@ pub enum KMeansInit {
 ///
 /// ```
 /// use qcl_pq::{KMeansInit, KMeansConfig};
-/// let params = KMeansConfig { init: KMeansInit::KMeansPlusPlus, max_iter: 10, ..KMeansConfig::new(16) };
-/// assert_eq!(params.n_init, 1);
+/// let config = KMeansConfig { init: KMeansInit::KMeansPlusPlus, max_iter: 10, ..KMeansConfig::new(16) };
+/// assert_eq!(config.n_init, 1);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct KMeansConfig {
@@ -227,7 +227,7 @@ pub(crate) fn validate_data(data: &[f32], dim: usize, weights: Option<&[f32]>) -
 }
 
 impl KMeans {
-    /// Trains `params.k` centroids on `data` (row-major `[n, dim]`), optionally weighted.
+    /// Trains `config.k` centroids on `data` (row-major `[n, dim]`), optionally weighted.
     ///
     /// Each Lloyd iteration assigns every point to its nearest centroid (exact, ties to the
     /// lowest index), records the objective, then moves each centroid to the weighted mean of
@@ -242,19 +242,19 @@ impl KMeans {
         data: &[f32],
         dim: usize,
         weights: Option<&[f32]>,
-        params: &KMeansConfig,
+        config: &KMeansConfig,
     ) -> Result<KMeans> {
         let n = validate_data(data, dim, weights)?;
-        params.validate(n)?;
+        config.validate(n)?;
         let mut best = BestRun::new();
         let mut lloyd_seconds = 0.0;
-        for run in 0..params.n_init {
-            let seed = params.seed.child(run as u64);
+        for run in 0..config.n_init {
+            let seed = config.seed.child(run as u64);
             let mut rng = seed.rng();
             // Subsample (sorted, so that point order is kept), read in place: no copy.
-            let (points, sample_weights) = match params.max_points_per_centroid {
-                Some(m) if n > params.k.saturating_mul(m) => {
-                    let mut chosen = rng.sample_indices(n, params.k * m)?;
+            let (points, sample_weights) = match config.max_points_per_centroid {
+                Some(m) if n > config.k.saturating_mul(m) => {
+                    let mut chosen = rng.sample_indices(n, config.k * m)?;
                     chosen.sort_unstable();
                     let w = weights.map(|w| chosen.iter().map(|&i| w[i]).collect::<Vec<f32>>());
                     (
@@ -268,9 +268,9 @@ impl KMeans {
                 ),
             };
             let sample_weights = sample_weights.as_deref();
-            let centroids = match params.init {
+            let centroids = match config.init {
                 KMeansInit::Random => {
-                    let picked = rng.sample_indices(points.len(), params.k)?;
+                    let picked = rng.sample_indices(points.len(), config.k)?;
                     picked
                         .iter()
                         .flat_map(|&i| points.row(i).iter().copied())
@@ -281,18 +281,18 @@ impl KMeans {
                     &points.to_contiguous(),
                     dim,
                     sample_weights,
-                    params.k,
+                    config.k,
                     &mut rng,
                 )?,
             };
             let started = Instant::now();
             // Floats of bound memory Auto may use: a share of the caller's data.
-            let bound_budget = (params.bound_memory_share * data.len() as f64) as usize;
+            let bound_budget = (config.bound_memory_share * data.len() as f64) as usize;
             let model = lloyd(
                 &points,
                 sample_weights,
                 centroids,
-                params,
+                config,
                 run,
                 bound_budget,
             )?;
@@ -400,19 +400,19 @@ fn lloyd(
     points: &Points,
     weights: Option<&[f32]>,
     centroids: Vec<f32>,
-    params: &KMeansConfig,
+    config: &KMeansConfig,
     run: usize,
     bound_budget: usize,
 ) -> Result<KMeans> {
     let (n, dim) = (points.len(), points.dim());
-    let k = params.k;
-    let bar = if params.show_progress {
-        let bar = ProgressBar::new(params.max_iter as u64);
+    let k = config.k;
+    let bar = if config.show_progress {
+        let bar = ProgressBar::new(config.max_iter as u64);
         bar.set_style(
             ProgressStyle::with_template("k-means run {msg} [{elapsed}] {bar:30} {pos}/{len} it")
                 .expect("template"),
         );
-        bar.set_message(format!("{}/{}", run + 1, params.n_init));
+        bar.set_message(format!("{}/{}", run + 1, config.n_init));
         bar
     } else {
         ProgressBar::hidden()
@@ -421,19 +421,19 @@ fn lloyd(
         points,
         weights,
         total_weight: weights.map_or(n as f64, |w| w.iter().map(|&v| f64::from(v)).sum()),
-        assign: AssignStep::new(n, dim, &centroids, params, bound_budget)?,
+        assign: AssignStep::new(n, dim, &centroids, config, bound_budget)?,
         centroids,
         previous: Vec::new(),
         indices: vec![0u32; n],
         distances: vec![0f32; n],
         partials: Vec::new(),
-        distance_share: Vec::with_capacity(params.max_iter.min(1 << 12)),
+        distance_share: Vec::with_capacity(config.max_iter.min(1 << 12)),
         repairs: 0,
     };
     let schedule = LloydSchedule {
-        max_iter: params.max_iter,
+        max_iter: config.max_iter,
         stop: LloydStop::Relative {
-            tolerance: params.tolerance,
+            tolerance: config.tolerance,
         },
     };
     let history = run_lloyd(&mut step, &schedule, &bar)?;
@@ -518,21 +518,21 @@ enum AssignStep {
 }
 
 impl AssignStep {
-    /// The step `params.algorithm` names for `n` points and these initial centroids, `Auto`
+    /// The step `config.algorithm` names for `n` points and these initial centroids, `Auto`
     /// within `bound_budget` floats of bounds; Yinyang's groups come from a short plain
     /// k-means of the centroids.
     fn new(
         n: usize,
         dim: usize,
         centroids: &[f32],
-        params: &KMeansConfig,
+        config: &KMeansConfig,
         bound_budget: usize,
     ) -> Result<Self> {
-        let k = params.k;
-        let Some(mut t) = params.algorithm.groups(k, dim) else {
+        let k = config.k;
+        let Some(mut t) = config.algorithm.groups(k, dim) else {
             return Ok(AssignStep::Plain);
         };
-        if params.algorithm == KMeansAlgorithm::Auto {
+        if config.algorithm == KMeansAlgorithm::Auto {
             t = t.min(bound_budget / n.max(1));
             if t == 0 {
                 return Ok(AssignStep::Plain);
@@ -544,7 +544,7 @@ impl AssignStep {
             let grouping = KMeansConfig {
                 max_iter: 5,
                 max_points_per_centroid: None,
-                seed: params.seed.child(u64::MAX),
+                seed: config.seed.child(u64::MAX),
                 algorithm: KMeansAlgorithm::Lloyd,
                 ..KMeansConfig::new(t)
             };

@@ -30,8 +30,8 @@ pub const CODES_FORMAT: &str = "qcl-pq-codes/1";
 ///
 /// ```
 /// use qcl_pq::ProductQuantizerConfig;
-/// let params = ProductQuantizerConfig { max_iter: 10, ..ProductQuantizerConfig::new(8, 8) };
-/// assert_eq!(params.max_points_per_centroid, Some(256));
+/// let config = ProductQuantizerConfig { max_iter: 10, ..ProductQuantizerConfig::new(8, 8) };
+/// assert_eq!(config.max_points_per_centroid, Some(256));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProductQuantizerConfig {
@@ -113,31 +113,31 @@ impl ProductQuantizer {
     /// outside `1..=16`, fewer than `2^nbits` vectors, or bad k-means knobs;
     /// [`Error::EmptyInput`] for no vectors; [`Error::ShapeMismatch`] if `data` is not whole
     /// rows; [`Error::NonFinite`].
-    pub fn train(data: &[f32], dim: usize, params: &ProductQuantizerConfig) -> Result<Self> {
-        let (dsub, ksub) = geometry(dim, params.m, params.nbits)?;
+    pub fn train(data: &[f32], dim: usize, config: &ProductQuantizerConfig) -> Result<Self> {
+        let (dsub, ksub) = geometry(dim, config.m, config.nbits)?;
         let n = check_points("data", data, dim)?;
         if ksub > n {
             return Err(Error::invalid_parameter(
                 "nbits",
                 format!(
                     "2^{} = {ksub} centroids per sub-space need at least as many training vectors, got {n}",
-                    params.nbits
+                    config.nbits
                 ),
             ));
         }
         // Sub-spaces are independent (each has its own child seed), so training them in
         // parallel gives the same codebooks as training them in turn.
-        let codebooks: Vec<Vec<f32>> = (0..params.m)
+        let codebooks: Vec<Vec<f32>> = (0..config.m)
             .into_par_iter()
             .map(|j| {
                 let sub = subspace(data, dim, j, dsub);
-                KMeans::fit(&sub, dsub, None, &params.kmeans(ksub, j)).map(|km| km.centroids)
+                KMeans::fit(&sub, dsub, None, &config.kmeans(ksub, j)).map(|km| km.centroids)
             })
             .collect::<Result<_>>()?;
         Ok(ProductQuantizer {
             dim,
-            m: params.m,
-            nbits: params.nbits,
+            m: config.m,
+            nbits: config.nbits,
             codebooks: codebooks.concat(),
         })
     }

@@ -74,11 +74,11 @@ impl KMeans {
     pub fn fit_tensor(
         points: &Tensor,
         weights: Option<&Tensor>,
-        params: &KMeansConfig,
+        config: &KMeansConfig,
     ) -> Result<KMeans> {
         let (data, dim) = rows("points", points, None)?;
         let w = weights.map(self::weights).transpose()?;
-        KMeans::fit(&data, dim, w.as_deref(), params)
+        KMeans::fit(&data, dim, w.as_deref(), config)
     }
 
     /// The centroids as a tensor `f32 [k, dim]` on `device`.
@@ -235,9 +235,9 @@ impl ProductQuantizer {
     /// # Errors
     /// Shape/dtype errors for a tensor that is not a float matrix, and the errors of
     /// [`ProductQuantizer::train`].
-    pub fn train_tensor(data: &Tensor, params: &crate::ProductQuantizerConfig) -> Result<Self> {
+    pub fn train_tensor(data: &Tensor, config: &crate::ProductQuantizerConfig) -> Result<Self> {
         let (values, dim) = rows("data", data, None)?;
-        ProductQuantizer::train(&values, dim, params)
+        ProductQuantizer::train(&values, dim, config)
     }
 
     /// [`ProductQuantizer::from_codebooks`] from a tensor `[m, 2^nbits, dsub]`.
