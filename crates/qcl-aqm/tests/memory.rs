@@ -65,6 +65,48 @@ fn config(budget: u64, seed: u64) -> MemoryConfig {
 }
 
 /// Runs a random stream and checks every invariant after each step; returns the final contents.
+/// Invariants 1, 2: budget, exact accounting, overshoot below one item after an eviction.
+fn check_budget(mem: &AdaptiveMemory, budget: u64, evicted: bool) -> Result<(), TestCaseError> {
+    let used = mem.used_bits();
+    prop_assert!(used <= mem.capacity_bits());
+    let exact: u64 = mem
+        .counts_per_block()
+        .iter()
+        .zip(mem.block_bits())
+        .map(|(&n, &b)| n as u64 * b)
+        .sum();
+    prop_assert_eq!(used, exact);
+    prop_assert_eq!(mem.capacity_bits(), 8 * (budget - mem.model_cost_params()));
+    if evicted && !mem.is_empty() {
+        let max_b = *mem.block_bits().iter().max().unwrap();
+        prop_assert!(used + max_b > mem.capacity_bits());
+    }
+    Ok(())
+}
+
+/// Invariants 3, 4: ids in one block only, identity fixed, nothing in unfrozen modules.
+fn check_identity(
+    mem: &AdaptiveMemory,
+    identity: &mut BTreeMap<ItemId, (u32, usize)>,
+) -> Result<(), TestCaseError> {
+    let mut seen = BTreeMap::new();
+    for (b, e) in mem.all_entries() {
+        prop_assert!(seen.insert(e.id, b).is_none(), "{:?} twice", e.id);
+        if let Some(&(y, tk)) = identity.get(&e.id) {
+            prop_assert_eq!((y, tk), (e.label, e.task));
+        }
+        identity.insert(e.id, (e.label, e.task));
+        match &e.item.payload {
+            Payload::Raw(_) => prop_assert_eq!(b, 0),
+            Payload::Codes(p) => {
+                prop_assert!(b >= 1 && mem.block_bits()[b] > 0);
+                prop_assert!(p.unpack().iter().all(|&i| (i as usize) < k_of(b)));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run_stream(
     steps: &[Step],
     budget: u64,
@@ -178,37 +220,8 @@ fn run_stream(
             );
             *g.get_mut(&e.label).unwrap() -= 1;
         }
-        // Invariants 1, 2: budget, exact accounting, overshoot below one item.
-        let used = mem.used_bits();
-        prop_assert!(used <= mem.capacity_bits());
-        let exact: u64 = mem
-            .counts_per_block()
-            .iter()
-            .zip(mem.block_bits())
-            .map(|(&n, &b)| n as u64 * b)
-            .sum();
-        prop_assert_eq!(used, exact);
-        prop_assert_eq!(mem.capacity_bits(), 8 * (budget - mem.model_cost_params()));
-        if !evicted.is_empty() && !mem.is_empty() {
-            let max_b = *mem.block_bits().iter().max().unwrap();
-            prop_assert!(used + max_b > mem.capacity_bits());
-        }
-        // Invariants 3, 4: ids in one block only, identity fixed, nothing in unfrozen modules.
-        let mut seen = BTreeMap::new();
-        for (b, e) in mem.all_entries() {
-            prop_assert!(seen.insert(e.id, b).is_none(), "{:?} twice", e.id);
-            if let Some(&(y, tk)) = identity.get(&e.id) {
-                prop_assert_eq!((y, tk), (e.label, e.task));
-            }
-            identity.insert(e.id, (e.label, e.task));
-            match &e.item.payload {
-                Payload::Raw(_) => prop_assert_eq!(b, 0),
-                Payload::Codes(p) => {
-                    prop_assert!(b >= 1 && mem.block_bits()[b] > 0);
-                    prop_assert!(p.unpack().iter().all(|&i| (i as usize) < k_of(b)));
-                }
-            }
-        }
+        check_budget(&mem, budget, !evicted.is_empty())?;
+        check_identity(&mem, &mut identity)?;
     }
     Ok(mem
         .all_entries()
