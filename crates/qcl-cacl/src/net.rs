@@ -355,9 +355,14 @@ impl NetSvd {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a bad configuration or parameters.
-    pub fn new(config: NetConfig, params: CaclConfig, seed: Seed, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: NetConfig,
+        cacl_config: CaclConfig,
+        seed: Seed,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
-        params.validate()?;
+        cacl_config.validate()?;
         let convs = config
             .convs()
             .iter()
@@ -375,7 +380,7 @@ impl NetSvd {
             .collect::<Result<_>>()?;
         Ok(NetSvd {
             config,
-            params,
+            params: cacl_config,
             seed,
             convs,
             heads: Vec::new(),

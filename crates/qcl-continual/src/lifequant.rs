@@ -210,17 +210,17 @@ pub struct LifeQuant {
 }
 
 impl LifeQuant {
-    /// LifeQuant with `params`.
+    /// LifeQuant with `config`.
     ///
     /// # Errors
     /// [`qcl_tensor::Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
-    pub fn new(params: LifeQuantConfig) -> Result<Self> {
-        check_penalty(params.lambda, params.fisher_batch_size)?;
-        if let Some(noise) = &params.quantization_noise {
+    pub fn new(config: LifeQuantConfig) -> Result<Self> {
+        check_penalty(config.lambda, config.fisher_batch_size)?;
+        if let Some(noise) = &config.quantization_noise {
             noise.validate()?;
         }
         Ok(LifeQuant {
-            params,
+            params: config,
             statistics: None,
             prox: None,
             drift: Vec::new(),

@@ -365,8 +365,8 @@ impl Scenario {
     /// [`Error::InvalidParameter`] for `classes_per_task` of zero, more classes per task than
     /// the order holds, an order that does not split into whole tasks, or a bad explicit order;
     /// [`Error::EmptyInput`] for a task without train or test images.
-    pub fn class_incremental(data: &SplitDataset, params: &SplitConfig) -> Result<Self> {
-        Self::split(data, params, ScenarioKind::ClassIncremental)
+    pub fn class_incremental(data: &SplitDataset, config: &SplitConfig) -> Result<Self> {
+        Self::split(data, config, ScenarioKind::ClassIncremental)
     }
 
     /// Task-incremental split: the same tasks as
@@ -388,13 +388,13 @@ impl Scenario {
     ///
     /// # Errors
     /// As [`class_incremental`](Scenario::class_incremental).
-    pub fn task_incremental(data: &SplitDataset, params: &SplitConfig) -> Result<Self> {
-        Self::split(data, params, ScenarioKind::TaskIncremental)
+    pub fn task_incremental(data: &SplitDataset, config: &SplitConfig) -> Result<Self> {
+        Self::split(data, config, ScenarioKind::TaskIncremental)
     }
 
-    fn split(data: &SplitDataset, params: &SplitConfig, kind: ScenarioKind) -> Result<Self> {
+    fn split(data: &SplitDataset, config: &SplitConfig, kind: ScenarioKind) -> Result<Self> {
         let num_classes = data.train.num_classes();
-        let per_task = params.classes_per_task;
+        let per_task = config.classes_per_task;
         if per_task == 0 {
             return Err(Error::invalid_parameter(
                 "classes_per_task",
@@ -410,7 +410,7 @@ impl Scenario {
                 ),
             ));
         }
-        let order = params.class_order.resolve(num_classes)?;
+        let order = config.class_order.resolve(num_classes)?;
         if !order.len().is_multiple_of(per_task) {
             return Err(Error::invalid_parameter(
                 "classes_per_task",
@@ -470,18 +470,18 @@ impl Scenario {
     /// As [`LifelongWindows::new`] for the geometry; [`Error::InvalidParameter`] for
     /// `train_per_class` of zero; [`Error::EmptyInput`] for a task without train or test
     /// images.
-    pub fn lifelong(data: &SplitDataset, params: &LifelongConfig) -> Result<Self> {
+    pub fn lifelong(data: &SplitDataset, config: &LifelongConfig) -> Result<Self> {
         let num_classes = data.train.num_classes();
-        let windows = LifelongWindows::new(num_classes, params.num_tasks, params.diminish_rate)?;
-        let order = ClassOrder::Shuffled(params.class_seed).resolve(num_classes)?;
-        let train = match params.train_per_class {
-            Some(per_class) => sample_per_class(&data.train, per_class, params.subsample_seed)?,
+        let windows = LifelongWindows::new(num_classes, config.num_tasks, config.diminish_rate)?;
+        let order = ClassOrder::Shuffled(config.class_seed).resolve(num_classes)?;
+        let train = match config.train_per_class {
+            Some(per_class) => sample_per_class(&data.train, per_class, config.subsample_seed)?,
             None => data.train.clone(),
         };
         let (train, validation) = hold_out_per_class(
             &train,
-            params.validation_fraction,
-            params.subsample_seed.child_named("validation"),
+            config.validation_fraction,
+            config.subsample_seed.child_named("validation"),
         )?;
         let tasks = windows
             .ranges
@@ -531,8 +531,8 @@ impl Scenario {
     /// use qcl_continual::{PermutedConfig, Scenario};
     /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/mnist.safetensors");
     /// let data = qcl_data::SplitDataset::load(path)?;
-    /// let params = PermutedConfig { num_tasks: 3, ..Default::default() };
-    /// let scenario = Scenario::permuted(&data, &params)?;
+    /// let config = PermutedConfig { num_tasks: 3, ..Default::default() };
+    /// let scenario = Scenario::permuted(&data, &config)?;
     /// assert_eq!(scenario.tasks()[0].train, data.train); // task 0: the original images
     /// assert_eq!(scenario.tasks()[2].train.labels(), data.train.labels());
     /// # Ok::<(), qcl_tensor::Error>(())
@@ -541,8 +541,8 @@ impl Scenario {
     /// # Errors
     /// [`Error::InvalidParameter`] for no task; [`Error::EmptyInput`] for an empty train or
     /// test split.
-    pub fn permuted(data: &SplitDataset, params: &PermutedConfig) -> Result<Self> {
-        if params.num_tasks == 0 {
+    pub fn permuted(data: &SplitDataset, config: &PermutedConfig) -> Result<Self> {
+        if config.num_tasks == 0 {
             return Err(Error::invalid_parameter(
                 "num_tasks",
                 "a scenario needs at least one task",
@@ -551,12 +551,12 @@ impl Scenario {
         let num_classes = data.train.num_classes();
         let classes: Vec<u32> = (0..num_classes as u32).collect();
         let plane = data.train.shape().height * data.train.shape().width;
-        let tasks = (0..params.num_tasks)
+        let tasks = (0..config.num_tasks)
             .map(|id| {
-                let (train, test, permutation) = if id == 0 && params.first_task_identity {
+                let (train, test, permutation) = if id == 0 && config.first_task_identity {
                     (data.train.clone(), data.test.clone(), None)
                 } else {
-                    let permutation = params.seed.child(id as u64).rng().permutation(plane);
+                    let permutation = config.seed.child(id as u64).rng().permutation(plane);
                     (
                         permute_pixels(&data.train, &permutation)?,
                         permute_pixels(&data.test, &permutation)?,

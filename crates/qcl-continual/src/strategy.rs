@@ -449,14 +449,14 @@ pub struct Ewc {
 }
 
 impl Ewc {
-    /// EWC with `params`.
+    /// EWC with `config`.
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative or non-finite λ or a zero batch size.
-    pub fn new(params: EwcConfig) -> Result<Self> {
-        check_penalty(params.lambda, params.fisher_batch_size)?;
+    pub fn new(config: EwcConfig) -> Result<Self> {
+        check_penalty(config.lambda, config.fisher_batch_size)?;
         Ok(Ewc {
-            params,
+            params: config,
             penalties: Vec::new(),
         })
     }
@@ -595,29 +595,29 @@ pub struct Lwf {
 }
 
 impl Lwf {
-    /// LwF with `params`.
+    /// LwF with `config`.
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative α, a temperature that is not positive, or a
     /// zero batch size.
-    pub fn new(params: LwfConfig) -> Result<Self> {
-        if !(params.alpha.is_finite() && params.alpha >= 0.0) {
+    pub fn new(config: LwfConfig) -> Result<Self> {
+        if !(config.alpha.is_finite() && config.alpha >= 0.0) {
             return Err(Error::invalid_parameter("alpha", "must be finite and >= 0"));
         }
-        if !(params.temperature.is_finite() && params.temperature > 0.0) {
+        if !(config.temperature.is_finite() && config.temperature > 0.0) {
             return Err(Error::invalid_parameter(
                 "temperature",
                 "must be finite and > 0",
             ));
         }
-        if params.teacher_batch_size == 0 {
+        if config.teacher_batch_size == 0 {
             return Err(Error::invalid_parameter(
                 "teacher_batch_size",
                 "must be at least 1",
             ));
         }
         Ok(Lwf {
-            params,
+            params: config,
             teacher: None,
         })
     }

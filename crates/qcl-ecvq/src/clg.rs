@@ -131,37 +131,37 @@ impl ClgEcvq {
     /// # Errors
     /// [`Error::InvalidParameter`] for λ ≤ 0 or not finite, `K = 0`, `K > n`, `dim = 0`, a
     /// bad tolerance; [`Error::EmptyInput`]; [`Error::ShapeMismatch`]; [`Error::NonFinite`].
-    pub fn fit(data: &[f32], dim: usize, params: &ClgConfig) -> Result<ClgEcvq> {
-        check_data(data, dim, params)?;
+    pub fn fit(data: &[f32], dim: usize, config: &ClgConfig) -> Result<ClgEcvq> {
+        check_data(data, dim, config)?;
         let n = data.len() / dim;
-        if params.codes == 0 {
+        if config.codes == 0 {
             return Err(Error::invalid_parameter("codes", "K must be at least 1"));
         }
-        if params.codes > n {
+        if config.codes > n {
             return Err(Error::invalid_parameter(
                 "codes",
                 format!(
                     "K = {} is larger than the number of training vectors n = {n}",
-                    params.codes
+                    config.codes
                 ),
             ));
         }
-        if params.restarts == 0 {
+        if config.restarts == 0 {
             return Err(Error::invalid_parameter("restarts", "must be at least 1"));
         }
         let mut best = qcl_pq::BestRun::new();
         let mut total_seconds = 0.0;
-        for restart in 0..params.restarts {
-            let mut rng = params.seed.child(restart as u64).rng();
-            let picked = rng.sample_indices(n, params.codes)?;
+        for restart in 0..config.restarts {
+            let mut rng = config.seed.child(restart as u64).rng();
+            let picked = rng.sample_indices(n, config.codes)?;
             let mut codebook: Vec<f32> = picked
                 .iter()
                 .flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied())
                 .collect();
-            let mut lengths = vec![(params.codes as f64).log2(); params.codes];
-            if let ClgInit::KMeans { iterations } = params.init {
+            let mut lengths = vec![(config.codes as f64).log2(); config.codes];
+            if let ClgInit::KMeans { iterations } = config.init {
                 let kmeans =
-                    Self::iterate(data, dim, codebook, lengths, params, iterations, false)?;
+                    Self::iterate(data, dim, codebook, lengths, config, iterations, false)?;
                 total_seconds += kmeans.train_seconds;
                 codebook = kmeans.quantizer.codebook().to_vec();
                 lengths = kmeans.quantizer.rates_bits().to_vec();
@@ -171,8 +171,8 @@ impl ClgEcvq {
                 dim,
                 codebook,
                 lengths,
-                params,
-                params.max_iterations,
+                config,
+                config.max_iterations,
                 true,
             )?;
             total_seconds += run.train_seconds;
@@ -185,20 +185,20 @@ impl ClgEcvq {
 
     /// Continues the design from a given quantizer (a warm start, e.g. the solution at a
     /// neighbouring λ, or a fixed-rate k-means codebook with equal lengths): its codebook and
-    /// lengths are the starting point; `params.codes` and `params.seed` are not used.
+    /// lengths are the starting point; `config.codes` and `config.seed` are not used.
     ///
     /// # Errors
     /// As [`ClgEcvq::fit`], and [`Error::ShapeMismatch`] when the start's dimension differs.
-    pub fn fit_from(data: &[f32], start: &Ecvq, params: &ClgConfig) -> Result<ClgEcvq> {
+    pub fn fit_from(data: &[f32], start: &Ecvq, config: &ClgConfig) -> Result<ClgEcvq> {
         let dim = start.dim();
-        check_data(data, dim, params)?;
+        check_data(data, dim, config)?;
         Self::iterate(
             data,
             dim,
             start.codebook().to_vec(),
             start.rates_bits().to_vec(),
-            params,
-            params.max_iterations,
+            config,
+            config.max_iterations,
             true,
         )
     }
@@ -211,13 +211,13 @@ impl ClgEcvq {
         dim: usize,
         codebook: Vec<f32>,
         lengths: Vec<f64>,
-        params: &ClgConfig,
+        config: &ClgConfig,
         max_iterations: usize,
         entropy_constrained: bool,
     ) -> Result<ClgEcvq> {
         let n = data.len() / dim;
-        let progress = if params.show_progress {
-            let bar = ProgressBar::new(params.max_iterations as u64);
+        let progress = if config.show_progress {
+            let bar = ProgressBar::new(config.max_iterations as u64);
             bar.set_style(
                 ProgressStyle::with_template("clg-ecvq {bar:30} {pos}/{len} iterations, J {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -230,7 +230,7 @@ impl ClgEcvq {
         let mut step = ClgStep {
             data,
             dim,
-            scale: params.lambda * params.distortion.scale(dim),
+            scale: config.lambda * config.distortion.scale(dim),
             entropy_constrained,
             original: (0..lengths.len()).collect(),
             codebook,
@@ -245,7 +245,7 @@ impl ClgEcvq {
         let schedule = LloydSchedule {
             max_iter: max_iterations,
             stop: LloydStop::RelativeThenUpdate {
-                tolerance: params.tolerance,
+                tolerance: config.tolerance,
             },
         };
         let objective_history = run_lloyd(&mut step, &schedule, &progress)?;
@@ -255,8 +255,8 @@ impl ClgEcvq {
                 dim,
                 step.codebook,
                 step.lengths,
-                params.lambda,
-                params.distortion,
+                config.lambda,
+                config.distortion,
             )?,
             iterations: objective_history.len(),
             objective_history,
@@ -358,8 +358,8 @@ impl LloydStep for ClgStep<'_> {
 }
 
 /// Checks training data and the parameters shared by every start.
-fn check_data(data: &[f32], dim: usize, params: &ClgConfig) -> Result<()> {
-    check_lambda(params.lambda)?;
+fn check_data(data: &[f32], dim: usize, config: &ClgConfig) -> Result<()> {
+    check_lambda(config.lambda)?;
     if dim == 0 {
         return Err(Error::invalid_parameter("dim", "must be at least 1"));
     }
@@ -374,10 +374,10 @@ fn check_data(data: &[f32], dim: usize, params: &ClgConfig) -> Result<()> {
         });
     }
     check_finite_slice("training data", data)?;
-    if !(params.tolerance.is_finite() && params.tolerance >= 0.0) {
+    if !(config.tolerance.is_finite() && config.tolerance >= 0.0) {
         return Err(Error::invalid_parameter(
             "tolerance",
-            format!("must be finite and >= 0, got {}", params.tolerance),
+            format!("must be finite and >= 0, got {}", config.tolerance),
         ));
     }
     Ok(())

@@ -281,32 +281,32 @@ pub struct Vecvq {
 
 impl Vecvq {
     /// A model of dimension `dim` with the given initial codebook (row-major `[K, dim]`,
-    /// `K = params.codes`) and logits drawn from `params.seed`.
+    /// `K = config.codes`) and logits drawn from `config.seed`.
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] for invalid parameters (λ ≤ 0 or not finite, `K = 0`,
     /// ...); [`Error::ShapeMismatch`] for a codebook of another size; [`Error::NonFinite`].
-    pub fn new(dim: usize, codebook: Vec<f32>, params: &VecvqConfig) -> Result<Self> {
-        params.validate()?;
+    pub fn new(dim: usize, codebook: Vec<f32>, config: &VecvqConfig) -> Result<Self> {
+        config.validate()?;
         if dim == 0 {
             return Err(Error::invalid_parameter("dim", "must be at least 1"));
         }
-        if codebook.len() != params.codes * dim {
+        if codebook.len() != config.codes * dim {
             return Err(Error::ShapeMismatch {
                 context: "initial codebook".into(),
-                expected: format!("[{}, {dim}]", params.codes),
+                expected: format!("[{}, {dim}]", config.codes),
                 actual: vec![codebook.len()],
             });
         }
         qcl_tensor::check_finite_slice("initial codebook", &codebook)?;
-        let mut rng = params.seed.child_named("logits").rng();
-        let logits = (0..params.codes)
-            .map(|_| params.logit_init_std * rng.sample::<f64, _>(rand_distr::StandardNormal))
+        let mut rng = config.seed.child_named("logits").rng();
+        let logits = (0..config.codes)
+            .map(|_| config.logit_init_std * rng.sample::<f64, _>(rand_distr::StandardNormal))
             .collect();
-        let k = params.codes;
+        let k = config.codes;
         Ok(Vecvq {
             dim,
-            params: params.clone(),
+            params: config.clone(),
             codebook: codebook.iter().map(|&c| f64::from(c)).collect(),
             logits,
             codebook_moments: AdamMoments::new(k * dim),
@@ -318,40 +318,40 @@ impl Vecvq {
         })
     }
 
-    /// A model for `source`, its codebook initialised as `params.codebook_init` says (the
-    /// draws come from `params.seed`).
+    /// A model for `source`, its codebook initialised as `config.codebook_init` says (the
+    /// draws come from `config.seed`).
     ///
     /// # Errors
     /// As [`Vecvq::new`].
-    pub fn for_source(source: Source, params: &VecvqConfig) -> Result<Self> {
-        params.validate()?;
+    pub fn for_source(source: Source, config: &VecvqConfig) -> Result<Self> {
+        config.validate()?;
         let dim = source.dim();
-        let mut rng = params.seed.child_named("codebook").rng();
-        let codebook = match params.codebook_init {
-            CodebookInit::Sample => source.sample(params.codes, &mut rng),
+        let mut rng = config.seed.child_named("codebook").rng();
+        let codebook = match config.codebook_init {
+            CodebookInit::Sample => source.sample(config.codes, &mut rng),
             CodebookInit::SampleWithNoise { std } => {
-                let mut c = source.sample(params.codes, &mut rng);
+                let mut c = source.sample(config.codes, &mut rng);
                 for v in &mut c {
                     *v += (std * rng.sample::<f64, _>(rand_distr::StandardNormal)) as f32;
                 }
                 c
             }
-            CodebookInit::Uniform { width } => (0..params.codes * dim)
+            CodebookInit::Uniform { width } => (0..config.codes * dim)
                 .map(|_| {
                     ((rng.sample::<f64, _>(rand::distr::StandardUniform) - 0.5) * width) as f32
                 })
                 .collect(),
         };
-        Vecvq::new(dim, codebook, params)
+        Vecvq::new(dim, codebook, config)
     }
 
-    /// Trains a model on fresh draws of `source` for `params.steps` steps (samples from
-    /// `params.seed`), following the learning-rate schedule.
+    /// Trains a model on fresh draws of `source` for `config.steps` steps (samples from
+    /// `config.seed`), following the learning-rate schedule.
     ///
     /// # Errors
     /// As [`Vecvq::new`], or [`Error::InvalidParameter`] for a bad schedule.
-    pub fn fit(source: Source, params: &VecvqConfig) -> Result<(Self, VecvqTraining)> {
-        let mut model = Vecvq::for_source(source, params)?;
+    pub fn fit(source: Source, config: &VecvqConfig) -> Result<(Self, VecvqTraining)> {
+        let mut model = Vecvq::for_source(source, config)?;
         let training = model.train_with(|batch, rng| source.sample_into(batch, rng))?;
         Ok((model, training))
     }

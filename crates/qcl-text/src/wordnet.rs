@@ -425,26 +425,26 @@ pub struct GlossSplit {
 /// ```
 /// use qcl_text::wordnet::{split_glosses, GlossList, GlossSplitConfig};
 /// let list = GlossList::read_dir("../../fixtures/wordnet", "fixture")?;
-/// let params = GlossSplitConfig { calibration: 8, evaluation: 30, queries: 5, ..Default::default() };
-/// let split = split_glosses(&list.glosses, &params)?;
+/// let config = GlossSplitConfig { calibration: 8, evaluation: 30, queries: 5, ..Default::default() };
+/// let split = split_glosses(&list.glosses, &config)?;
 /// assert_eq!((split.calibration.len(), split.evaluation.len(), split.queries.len()), (8, 30, 5));
-/// assert_eq!(split, split_glosses(&list.glosses, &params)?); // same seed, same split
+/// assert_eq!(split, split_glosses(&list.glosses, &config)?); // same seed, same split
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] when `evaluation` is 0, `queries > evaluation`, or there are
 /// fewer distinct glosses than `calibration + evaluation`.
-pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitConfig) -> Result<GlossSplit> {
-    if params.evaluation == 0 {
+pub fn split_glosses(glosses: &[Gloss], config: &GlossSplitConfig) -> Result<GlossSplit> {
+    if config.evaluation == 0 {
         return Err(Error::invalid_parameter("evaluation", "must be positive"));
     }
-    if params.queries > params.evaluation {
+    if config.queries > config.evaluation {
         return Err(Error::invalid_parameter(
             "queries",
             format!(
                 "{} queries cannot be drawn from {} evaluation glosses",
-                params.queries, params.evaluation
+                config.queries, config.evaluation
             ),
         ));
     }
@@ -453,7 +453,7 @@ pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitConfig) -> Result<Glo
         .iter()
         .filter(|g| seen.insert(g.text.as_str()))
         .collect();
-    let needed = params.calibration + params.evaluation;
+    let needed = config.calibration + config.evaluation;
     if distinct.len() < needed {
         return Err(Error::invalid_parameter(
             "calibration + evaluation",
@@ -463,7 +463,7 @@ pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitConfig) -> Result<Glo
             ),
         ));
     }
-    let order = params
+    let order = config
         .seed
         .child_named("glosses")
         .rng()
@@ -471,15 +471,15 @@ pub fn split_glosses(glosses: &[Gloss], params: &GlossSplitConfig) -> Result<Glo
     let take = |range: std::ops::Range<usize>| -> Vec<Gloss> {
         order[range].iter().map(|&i| distinct[i].clone()).collect()
     };
-    let mut queries = params
+    let mut queries = config
         .seed
         .child_named("queries")
         .rng()
-        .sample_indices(params.evaluation, params.queries)?;
+        .sample_indices(config.evaluation, config.queries)?;
     queries.sort_unstable();
     Ok(GlossSplit {
-        calibration: take(0..params.calibration),
-        evaluation: take(params.calibration..needed),
+        calibration: take(0..config.calibration),
+        evaluation: take(config.calibration..needed),
         queries,
         distinct: distinct.len(),
     })

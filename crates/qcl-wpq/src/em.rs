@@ -137,7 +137,7 @@ pub struct EmOutcome {
     pub repairs: usize,
 }
 
-/// Activation-aware EM (the paper's) of `subvectors` (`[n_sv, d]`), one codebook of `params.k`
+/// Activation-aware EM (the paper's) of `subvectors` (`[n_sv, d]`), one codebook of `config.k`
 /// centroids per group (`groups[j]` < `n_groups`; all zero for one shared codebook).
 ///
 /// ```
@@ -161,7 +161,7 @@ pub fn activation_aware_em(
     n_groups: usize,
     init: Option<&[f32]>,
     source: MetricSource<'_>,
-    params: EmConfig,
+    config: EmConfig,
 ) -> Result<EmOutcome> {
     em(
         subvectors,
@@ -170,7 +170,7 @@ pub fn activation_aware_em(
         init,
         source,
         None,
-        params,
+        config,
     )
 }
 
@@ -199,7 +199,7 @@ pub fn weighted_em(
     init: Option<&[f32]>,
     source: MetricSource<'_>,
     weights: &[f32],
-    params: EmConfig,
+    config: EmConfig,
 ) -> Result<EmOutcome> {
     if weights.len() != subvectors.len() / d.max(1)
         || weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
@@ -216,7 +216,7 @@ pub fn weighted_em(
         init,
         source,
         Some(weights),
-        params,
+        config,
     )
 }
 
@@ -227,11 +227,11 @@ fn em(
     init: Option<&[f32]>,
     source: MetricSource<'_>,
     weights: Option<&[f32]>,
-    params: EmConfig,
+    config: EmConfig,
 ) -> Result<EmOutcome> {
-    let k = params.k;
+    let k = config.k;
     let (n_sv, members) = group_members(subvectors, d, (groups, n_groups), k)?;
-    let centroids = initial_centroids(init, subvectors, d, &members, k, params.seed)?;
+    let centroids = initial_centroids(init, subvectors, d, &members, k, config.seed)?;
     let group_points: Vec<Vec<f32>> = members
         .iter()
         .map(|m| {
@@ -246,7 +246,7 @@ fn em(
             .map(|m| m.iter().map(|&j| w[j]).collect())
             .collect()
     });
-    let eval_metric = metric_of(source, d, &mut params.seed.child_named("eval").rng())?;
+    let eval_metric = metric_of(source, d, &mut config.seed.child_named("eval").rng())?;
     let mut step = EmStep {
         subvectors,
         d,
@@ -257,19 +257,19 @@ fn em(
         group_weights: group_weights.as_deref(),
         weights,
         source,
-        epsilon: params.epsilon,
-        sample_rng: params.seed.child_named("rows").rng(),
-        repair_rng: params.seed.child_named("repair").rng(),
+        epsilon: config.epsilon,
+        sample_rng: config.seed.child_named("rows").rng(),
+        repair_rng: config.seed.child_named("repair").rng(),
         eval_metric,
         metric: None,
         centroids,
         group_assign: vec![Vec::new(); members.len()],
         assignments: vec![0u32; n_sv],
-        objective: Vec::with_capacity(params.iterations),
+        objective: Vec::with_capacity(config.iterations),
         repairs: 0,
     };
     let schedule = LloydSchedule {
-        max_iter: params.iterations,
+        max_iter: config.iterations,
         stop: LloydStop::Never,
     };
     run_lloyd(&mut step, &schedule, &ProgressBar::hidden())?;
@@ -280,7 +280,7 @@ fn em(
         repairs,
         ..
     } = step;
-    if params.iterations == 0 {
+    if config.iterations == 0 {
         // Assignments of the initial codebook, so the outcome is always consistent.
         for (g, m) in members.iter().enumerate() {
             let codebook = &centroids[g * k * d..(g + 1) * k * d];

@@ -257,9 +257,9 @@ fn matrix_of(weight: &[f32], shape: &[usize]) -> Result<(usize, usize)> {
 /// # Errors
 /// [`Error::ShapeMismatch`] for a weight of rank < 2 or the wrong size, [`Error::NonFinite`],
 /// and as [`ScalarConfig::group_for`].
-pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarConfig) -> Result<ScalarTensor> {
+pub fn rtn(weight: &[f32], shape: &[usize], config: &ScalarConfig) -> Result<ScalarTensor> {
     let (rows, cols) = matrix_of(weight, shape)?;
-    let group = params.group_for(cols)?;
+    let group = config.group_for(cols)?;
     let per_row = cols.div_ceil(group);
     let mut codes = ScalarCodes {
         codes: Vec::with_capacity(weight.len()),
@@ -268,17 +268,17 @@ pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarConfig) -> Result<Sca
     };
     for row in weight.chunks_exact(cols) {
         for part in row.chunks(group) {
-            let (s, z) = grid(part.iter().copied(), params.bits);
+            let (s, z) = grid(part.iter().copied(), config.bits);
             codes.scales.push(s);
             codes.zeros.push(z);
             codes
                 .codes
-                .extend(part.iter().map(|&w| quantize(w, s, z, params.bits)));
+                .extend(part.iter().map(|&w| quantize(w, s, z, config.bits)));
         }
     }
     Ok(ScalarTensor {
         shape: shape.to_vec(),
-        bits: params.bits,
+        bits: config.bits,
         group,
         codes,
     })
@@ -294,11 +294,11 @@ pub fn rtn(weight: &[f32], shape: &[usize], params: &ScalarConfig) -> Result<Sca
 pub fn gptq(
     weight: &[f32],
     shape: &[usize],
-    params: &ScalarConfig,
+    config: &ScalarConfig,
     quad: &Quadratic,
 ) -> Result<ScalarTensor> {
     let (rows, cols) = matrix_of(weight, shape)?;
-    let group = params.group_for(cols)?;
+    let group = config.group_for(cols)?;
     if quad.width() != cols {
         return Err(Error::ShapeMismatch {
             context: "calibration inputs".into(),
@@ -306,30 +306,30 @@ pub fn gptq(
             actual: vec![quad.width()],
         });
     }
-    let u = inverse_factor(quad, params.damp)?;
+    let u = inverse_factor(quad, config.damp)?;
     let codes = crate::objective::feedback_scalar(
         weight,
         rows,
         &u,
-        (params.bits, group),
-        params.block_columns,
+        (config.bits, group),
+        config.block_columns,
     );
     Ok(ScalarTensor {
         shape: shape.to_vec(),
-        bits: params.bits,
+        bits: config.bits,
         group,
         codes,
     })
 }
 
-/// Round-to-nearest (`feedback = false`) or GPTQ of `weight` with `params.outliers` kept
+/// Round-to-nearest (`feedback = false`) or GPTQ of `weight` with `config.outliers` kept
 /// exactly: the grids then cover the other columns (a `[rows, cols − s]` tensor), and GPTQ
 /// orders the outlier columns last and stores their optimal values given the quantized
 /// columns (see [`crate::objective`]).
 pub(crate) fn scalar_with_outliers(
     weight: &[f32],
     shape: &[usize],
-    params: &ScalarConfig,
+    config: &ScalarConfig,
     quad: Option<&Quadratic>,
     feedback: bool,
 ) -> Result<(ScalarTensor, Option<ExactColumns>)> {
@@ -338,11 +338,11 @@ pub(crate) fn scalar_with_outliers(
             Error::EmptyInput("the method needs calibration inputs and none were recorded".into())
         })
     };
-    if !params.outliers.is_requested() {
+    if !config.outliers.is_requested() {
         let t = if feedback {
-            gptq(weight, shape, params, needs_quad()?)?
+            gptq(weight, shape, config, needs_quad()?)?
         } else {
-            rtn(weight, shape, params)?
+            rtn(weight, shape, config)?
         };
         return Ok((t, None));
     }
@@ -362,31 +362,31 @@ pub(crate) fn scalar_with_outliers(
     matrix_of(weight, shape)?;
     let g = quad.gram().unwrap_or_default();
     let diag: Vec<f64> = (0..cols).map(|i| g[i * cols + i]).collect();
-    let split = ColumnSplit::new(cols, params.outliers.select(&diag, 1)?);
+    let split = ColumnSplit::new(cols, config.outliers.select(&diag, 1)?);
     let q = split.rest.len();
     let w_r = split.gather(weight, &split.rest);
     let w_o = split.gather(weight, &split.outliers);
     let (tensor, exact) = if feedback {
-        let u = inverse_factor(&split.permuted(quad)?, params.damp)?;
+        let u = inverse_factor(&split.permuted(quad)?, config.damp)?;
         let u = u.submatrix(0, 0, q, q).to_owned();
-        let group = params.group_for(q)?;
+        let group = config.group_for(q)?;
         let codes = crate::objective::feedback_scalar(
             &w_r,
             rows,
             &u,
-            (params.bits, group),
-            params.block_columns,
+            (config.bits, group),
+            config.block_columns,
         );
         let t = ScalarTensor {
             shape: vec![rows, q],
-            bits: params.bits,
+            bits: config.bits,
             group,
             codes,
         };
         let values = Compensation::new(&split, quad)?.values(&w_r, &w_o, &t.decode()?);
         (t, values)
     } else {
-        (rtn(&w_r, &[rows, q], params)?, w_o)
+        (rtn(&w_r, &[rows, q], config)?, w_o)
     };
     let columns = split.outliers.iter().map(|&c| c as u32).collect();
     Ok((tensor, Some(ExactColumns::new(columns, &exact))))

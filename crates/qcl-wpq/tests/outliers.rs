@@ -16,11 +16,11 @@ use qcl_wpq::{
 fn pq_with_stats(
     w: &[f32],
     shape: [usize; 2],
-    params: &PqConfig,
+    config: &PqConfig,
     stats: &LayerStats,
     seed: u64,
 ) -> qcl_tensor::Result<qcl_wpq::PqOutcome> {
-    quantize_pq(w, &shape, params, Evidence::Stats(stats), Seed::new(seed))
+    quantize_pq(w, &shape, config, Evidence::Stats(stats), Seed::new(seed))
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -172,13 +172,13 @@ impl Adam {
     /// # Errors
     /// [`Error::InvalidParameter`] for bad hyperparameters (see [`AdamConfig::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: impl IntoNamedVars, params: AdamConfig) -> Result<Self> {
-        params.validate()?;
+    pub fn new(vars: impl IntoNamedVars, config: AdamConfig) -> Result<Self> {
+        config.validate()?;
         let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Adam {
             moments: vec![None; vars.len()],
             vars,
-            params,
+            params: config,
             steps: 0,
         })
     }
@@ -188,8 +188,8 @@ impl Adam {
     ///
     /// # Errors
     /// As [`Adam::new`].
-    pub fn from_var_map(vars: &VarMap, params: AdamConfig) -> Result<Self> {
-        Self::new(vars, params)
+    pub fn from_var_map(vars: &VarMap, config: AdamConfig) -> Result<Self> {
+        Self::new(vars, config)
     }
 
     /// The hyperparameters (with the current learning rate).

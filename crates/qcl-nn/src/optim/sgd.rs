@@ -124,13 +124,13 @@ impl Sgd {
     /// # Errors
     /// [`Error::InvalidParameter`] for bad hyperparameters (see [`SgdConfig::validate`]),
     /// repeated names or non-float variables.
-    pub fn new(vars: impl IntoNamedVars, params: SgdConfig) -> Result<Self> {
-        params.validate()?;
+    pub fn new(vars: impl IntoNamedVars, config: SgdConfig) -> Result<Self> {
+        config.validate()?;
         let vars = NamedVars::new(vars.into_named_vars())?;
         Ok(Sgd {
             momentum_buffers: vec![None; vars.len()],
             vars,
-            params,
+            params: config,
             steps: 0,
         })
     }
@@ -140,8 +140,8 @@ impl Sgd {
     ///
     /// # Errors
     /// As [`Sgd::new`].
-    pub fn from_var_map(vars: &VarMap, params: SgdConfig) -> Result<Self> {
-        Self::new(vars, params)
+    pub fn from_var_map(vars: &VarMap, config: SgdConfig) -> Result<Self> {
+        Self::new(vars, config)
     }
 
     /// The hyperparameters (with the current learning rate).

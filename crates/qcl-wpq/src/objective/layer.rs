@@ -38,14 +38,14 @@ pub(crate) struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
-    /// The layer as `params` (already checked by `PqConfig::validate`) sees it.
+    /// The layer as `config` (already checked by `PqConfig::validate`) sees it.
     pub fn new(
         weight: &'a [f32],
         shape: &[usize],
-        params: &PqConfig,
+        config: &PqConfig,
         evidence: Evidence<'a>,
     ) -> Result<Self> {
-        let full_geometry = LayerGeometry::from_shape(shape, params.layout, 1)?;
+        let full_geometry = LayerGeometry::from_shape(shape, config.layout, 1)?;
         let stats = match evidence {
             Evidence::Stats(s) => Some(s),
             _ => None,
@@ -54,7 +54,7 @@ impl<'a> Layer<'a> {
             .map(|s| Quadratic::from_stats(s, &full_geometry))
             .transpose()?;
         let cols = full_geometry.in_dim();
-        let outliers = if params.outliers.is_requested() {
+        let outliers = if config.outliers.is_requested() {
             if shape.len() != 2 {
                 return Err(Error::invalid_parameter(
                     "outliers",
@@ -77,7 +77,7 @@ impl<'a> Layer<'a> {
                 }
             };
             let diag: Vec<f64> = (0..cols).map(|i| gram[i * cols + i]).collect();
-            params.outliers.select(&diag, params.d)?
+            config.outliers.select(&diag, config.d)?
         } else {
             Vec::new()
         };
@@ -88,15 +88,15 @@ impl<'a> Layer<'a> {
             let g = LayerGeometry::from_shape(
                 &[shape[0], split.rest.len()],
                 Layout::Spatial,
-                params.d,
+                config.d,
             )?;
             let q = quad.as_ref().map(|q| split.restricted(q)).transpose()?;
             (Cow::Owned(split.gather(weight, &split.rest)), g, q)
         } else {
-            let g = LayerGeometry::from_shape(shape, params.layout, params.d)?;
+            let g = LayerGeometry::from_shape(shape, config.layout, config.d)?;
             (Cow::Borrowed(weight), g, quad.clone())
         };
-        let compensation = match (&quad, params.objective) {
+        let compensation = match (&quad, config.objective) {
             (Some(q), Objective::ErrorFeedback) if exact => Some(Compensation::new(&split, q)?),
             _ => None,
         };
@@ -108,7 +108,7 @@ impl<'a> Layer<'a> {
             quad,
             quad_rest,
             split,
-            objective: params.objective,
+            objective: config.objective,
             stats,
             compensation,
         })
@@ -184,14 +184,14 @@ pub(crate) struct Finetune<'l, 'a> {
 }
 
 impl<'l, 'a> Finetune<'l, 'a> {
-    pub fn new(layer: &'l Layer<'a>, params: &PqConfig) -> Result<Self> {
+    pub fn new(layer: &'l Layer<'a>, config: &PqConfig) -> Result<Self> {
         let q = layer.geometry.in_dim();
         let width = layer.full_geometry.in_dim();
         let aware = layer.objective != Objective::Naive;
         let (fit, guard, report) = match (aware, layer.stats, &layer.quad) {
             (false, _, _) => (Quadratic::identity(q), None, Quadratic::identity(width)),
             (true, Some(LayerStats::Inputs(s)), Some(full))
-                if params.guard == FinetuneGuard::HeldOut =>
+                if config.guard == FinetuneGuard::HeldOut =>
             {
                 let (fit_stats, held) = hold_out(s)?;
                 let fit_full =
@@ -221,8 +221,8 @@ impl<'l, 'a> Finetune<'l, 'a> {
             fit,
             guard,
             report,
-            ridge: params.ridge,
-            rounds: params.finetune_rounds,
+            ridge: config.ridge,
+            rounds: config.finetune_rounds,
         })
     }
 

@@ -160,7 +160,7 @@ pub struct PqOutcome {
     pub finetune_steps: Vec<f64>,
 }
 
-/// Product quantization of `weight` (row-major `shape`, 2-D or 4-D) by `params`.
+/// Product quantization of `weight` (row-major `shape`, 2-D or 4-D) by `config`.
 ///
 /// With [`PqConfig::outliers`] the chosen input columns of a 2-D weight are kept exactly and
 /// the returned tensor covers the other columns (see [`crate::objective`]); its centroids are
@@ -190,18 +190,18 @@ pub struct PqOutcome {
 pub fn quantize_pq(
     weight: &[f32],
     shape: &[usize],
-    params: &PqConfig,
+    config: &PqConfig,
     evidence: Evidence<'_>,
     seed: Seed,
 ) -> Result<PqOutcome> {
     qcl_tensor::check_finite_slice("weight", weight)?;
-    params.validate()?;
-    let (k, d) = (params.k, params.d);
-    let layer = Layer::new(weight, shape, params, evidence)?;
+    config.validate()?;
+    let (k, d) = (config.k, config.d);
+    let layer = Layer::new(weight, shape, config, evidence)?;
     let geometry = layer.geometry.clone();
     let sub = geometry.unroll(&layer.weight)?;
-    let (n_groups, groups) = params.sharing.groups(&geometry)?;
-    let objective = params.objective;
+    let (n_groups, groups) = config.sharing.groups(&geometry)?;
+    let objective = config.objective;
     let quad = layer.quad_rest.as_ref();
     let aware = objective != Objective::Naive;
     let metric = match (quad, aware) {
@@ -231,7 +231,7 @@ pub fn quantize_pq(
     };
     let em_params = EmConfig {
         k,
-        iterations: params.em_iterations,
+        iterations: config.em_iterations,
         seed,
         ..Default::default()
     };
@@ -247,7 +247,7 @@ pub fn quantize_pq(
     let mut tensor = PqTensor {
         geometry,
         k,
-        sharing: params.sharing,
+        sharing: config.sharing,
         centroids: em.centroids,
         assignments: em.assignments,
     };
@@ -256,18 +256,18 @@ pub fn quantize_pq(
         objective,
         metric: metric.as_ref(),
         factor: match (&layer.quad, objective) {
-            (Some(q), Objective::ErrorFeedback) => Some(layer.feedback_factor(q, params.damp)?),
+            (Some(q), Objective::ErrorFeedback) => Some(layer.feedback_factor(q, config.damp)?),
             (None, Objective::ErrorFeedback) => return Err(missing(objective)),
             _ => None,
         },
-        block_columns: params.block_columns,
+        block_columns: config.block_columns,
     };
     if objective == Objective::ErrorFeedback {
         tensor.round_to_f16();
         reassign.run(&sub, &matrix, &groups, &mut tensor)?;
     }
-    let (finetune_error, finetune_steps) = if params.finetune_rounds > 0 {
-        let finetune = Finetune::new(&layer, params)?;
+    let (finetune_error, finetune_steps) = if config.finetune_rounds > 0 {
+        let finetune = Finetune::new(&layer, config)?;
         finetune.rounds(&mut tensor, |t| reassign.run(&sub, &matrix, &groups, t))?
     } else {
         (Vec::new(), Vec::new())
