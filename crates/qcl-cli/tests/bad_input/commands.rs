@@ -1,5 +1,8 @@
 //! Every command with out-of-range flags and configuration values, special-file and same-file
 //! `--out`, a closed standard output, and temporaries of killed writes.
+//!
+//! (Over 600 lines: the four checks share one table of commands, their inputs and the runner
+//! that tells an error from a panic, an abort or a hang.)
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -221,6 +224,22 @@ impl Inputs {
         self.dir.path().join(name).to_str().unwrap().to_string()
     }
 
+    /// Arguments from a template split at spaces, where `@bert` is the tiny BERT fixture,
+    /// `@bert-model` its weights, `@fmnist` the Fashion-MNIST fixture and `@NAME` the input file
+    /// `NAME` (paths may hold spaces: they are substituted after the split).
+    fn args(&self, template: &str) -> Vec<String> {
+        template
+            .split_whitespace()
+            .map(|token| match token.strip_prefix('@') {
+                Some("bert") => fixture("tiny-bert"),
+                Some("bert-model") => format!("{}/model.safetensors", fixture("tiny-bert")),
+                Some("fmnist") => fixture("fashion-mnist.safetensors"),
+                Some(name) => self.path(name),
+                None => token.to_string(),
+            })
+            .collect()
+    }
+
     /// A `qcl wpq compress` configuration with `field` set to `value` (raw JSON).
     fn wpq_config(&self, field: &str, value: &str) -> String {
         let body: Vec<String> = [
@@ -249,100 +268,29 @@ struct Case {
 }
 
 fn cases(inputs: &Inputs) -> Vec<Case> {
-    let p = |name: &str| inputs.path(name);
-    let bert = fixture("tiny-bert");
-    let fmnist = fixture("fashion-mnist.safetensors");
     vec![
         Case {
-            base: strings(&[
-                "kmeans",
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--k",
-                "4",
-                "--iters",
-                "3",
-            ]),
+            base: inputs.args("kmeans --input @points.safetensors --tensor x --k 4 --iters 3"),
             integers: vec!["--k", "--iters", "--seed"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "kmeans",
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--k",
-                "40",
-                "--iters",
-                "3",
-                "--algorithm",
-                "yinyang",
-                "--groups",
-                "2",
-            ]),
+            base: inputs.args("kmeans --input @points.safetensors --tensor x --k 40 --iters 3 --algorithm yinyang --groups 2"),
             integers: vec!["--groups"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "pq",
-                "train",
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--m",
-                "2",
-                "--nbits",
-                "2",
-                "--iters",
-                "2",
-                "--out",
-                &p("trained.safetensors"),
-            ]),
+            base: inputs.args("pq train --input @points.safetensors --tensor x --m 2 --nbits 2 --iters 2 --out @trained.safetensors"),
             integers: vec!["--m", "--nbits", "--iters", "--seed"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "pq",
-                "search",
-                "--pq",
-                &p("pq.safetensors"),
-                "--codes",
-                &p("codes.safetensors"),
-                "--queries",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--top-k",
-                "3",
-            ]),
+            base: inputs.args("pq search --pq @pq.safetensors --codes @codes.safetensors --queries @points.safetensors --tensor x --top-k 3"),
             integers: vec!["--top-k"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "ecvq",
-                "--source",
-                "gaussian",
-                "--method",
-                "vecvq",
-                "--lambda",
-                "4",
-                "--k",
-                "8",
-                "--steps",
-                "20",
-                "--batch",
-                "32",
-                "--eval-samples",
-                "500",
-            ]),
+            base: inputs.args("ecvq --source gaussian --method vecvq --lambda 4 --k 8 --steps 20 --batch 32 --eval-samples 500"),
             integers: vec![
                 "--k",
                 "--steps",
@@ -354,95 +302,32 @@ fn cases(inputs: &Inputs) -> Vec<Case> {
             floats: vec!["--lambda", "--lr"],
         },
         Case {
-            base: strings(&[
-                "ecvq",
-                "--source",
-                "banana",
-                "--method",
-                "clg",
-                "--lambda",
-                "4",
-                "--k",
-                "8",
-                "--train-samples",
-                "500",
-                "--iterations",
-                "3",
-                "--eval-samples",
-                "500",
-            ]),
+            base: inputs.args("ecvq --source banana --method clg --lambda 4 --k 8 --train-samples 500 --iterations 3 --eval-samples 500"),
             integers: vec!["--k", "--train-samples", "--iterations", "--restarts"],
             floats: vec!["--lambda"],
         },
         Case {
-            base: strings(&[
-                "bench", "train", "--model", "vq-ae", "--batch", "2", "--steps", "1", "--warmup",
-                "0",
-            ]),
+            base: inputs.args("bench train --model vq-ae --batch 2 --steps 1 --warmup 0"),
             integers: vec!["--batch", "--steps", "--warmup", "--seed"],
             floats: vec![],
         },
         Case {
-            base: strings(&["aqm", "run", "--data", &fmnist, "--samples-per-task", "20"]),
+            base: inputs.args("aqm run --data @fmnist --samples-per-task 20"),
             integers: vec!["--budget", "--param-bytes", "--samples-per-task", "--seed"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "text",
-                "calibrate",
-                "--model",
-                &bert,
-                "--input",
-                &p("texts.txt"),
-                "--out",
-                &p("calib.safetensors"),
-                "--limit",
-                "1",
-            ]),
+            base: inputs.args("text calibrate --model @bert --input @texts.txt --out @calib.safetensors --limit 1"),
             integers: vec!["--limit"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "wpq",
-                "compress-checkpoint",
-                "--checkpoint",
-                &format!("{bert}/model.safetensors"),
-                "--rule",
-                "encoder.layer.*.dense.weight=rtn:bits=4,group=16",
-                "--out",
-                &p("bert-c.safetensors"),
-            ]),
+            base: inputs.args("wpq compress-checkpoint --checkpoint @bert-model --rule encoder.layer.*.dense.weight=rtn:bits=4,group=16 --out @bert-c.safetensors"),
             integers: vec!["--seed"],
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "index",
-                "build",
-                "--vectors",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--kind",
-                "ivf-pq",
-                "--nlist",
-                "4",
-                "--m",
-                "2",
-                "--nbits",
-                "4",
-                "--train-iterations",
-                "2",
-                "--opq",
-                "--opq-iterations",
-                "2",
-                "--refine",
-                "2",
-                "--out",
-                &p("built.safetensors"),
-            ]),
+            base: inputs.args("index build --vectors @points.safetensors --tensor x --kind ivf-pq --nlist 4 --m 2 --nbits 4 --train-iterations 2 --opq --opq-iterations 2 --refine 2 --out @built.safetensors"),
             integers: vec![
                 "--m",
                 "--nbits",
@@ -455,23 +340,12 @@ fn cases(inputs: &Inputs) -> Vec<Case> {
             floats: vec![],
         },
         Case {
-            base: strings(&[
-                "index",
-                "search",
-                "--index",
-                &p("index.safetensors"),
-                "--queries",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--k",
-                "3",
-            ]),
+            base: inputs.args("index search --index @index.safetensors --queries @points.safetensors --tensor x --k 3"),
             integers: vec!["--k", "--nprobe", "--k-factor"],
             floats: vec![],
         },
         Case {
-            base: strings(&["data", "info", &p("points.safetensors")]),
+            base: inputs.args("data info @points.safetensors"),
             integers: vec![],
             floats: vec![],
         },
@@ -581,187 +455,26 @@ pub fn flags() -> Tally {
 
 /// Every command that writes, as (name, arguments before `--out`, its inputs).
 fn writers(inputs: &Inputs) -> Vec<(String, Vec<String>, Vec<String>)> {
-    let p = |name: &str| inputs.path(name);
-    let bert = fixture("tiny-bert");
-    let w = |args: &[&str], ins: &[&str]| (args[..2].join(" "), strings(args), strings(ins));
+    // The configuration file `@wpq-seed.json` of the `wpq compress` case.
+    inputs.wpq_config("seed", "4");
+    let w = |args: &str, ins: &str| {
+        let args = inputs.args(args);
+        (args[..2].join(" "), args, inputs.args(ins))
+    };
     vec![
-        w(
-            &[
-                "kmeans",
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--k",
-                "4",
-                "--iters",
-                "2",
-            ],
-            &[&p("points.safetensors")],
-        ),
-        w(
-            &[
-                "pq",
-                "train",
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--m",
-                "2",
-                "--nbits",
-                "2",
-                "--iters",
-                "2",
-            ],
-            &[&p("points.safetensors")],
-        ),
-        w(
-            &[
-                "pq",
-                "encode",
-                "--pq",
-                &p("pq.safetensors"),
-                "--input",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-            ],
-            &[&p("pq.safetensors"), &p("points.safetensors")],
-        ),
-        w(
-            &[
-                "pq",
-                "decode",
-                "--pq",
-                &p("pq.safetensors"),
-                "--codes",
-                &p("codes.safetensors"),
-            ],
-            &[&p("pq.safetensors"), &p("codes.safetensors")],
-        ),
-        w(
-            &[
-                "ecvq",
-                "--source",
-                "gaussian",
-                "--method",
-                "clg",
-                "--lambda",
-                "4",
-                "--k",
-                "4",
-                "--train-samples",
-                "200",
-                "--iterations",
-                "2",
-                "--eval-samples",
-                "200",
-            ],
-            &[],
-        ),
-        w(
-            &[
-                "wpq",
-                "compress",
-                "--model",
-                &p("fmnet.safetensors"),
-                "--arch",
-                "fmnet",
-                "--config",
-                &inputs.wpq_config("seed", "4"),
-                "--data",
-                &fixture("fashion-mnist.safetensors"),
-            ],
-            &[&p("fmnet.safetensors")],
-        ),
-        w(
-            &[
-                "wpq",
-                "compress-checkpoint",
-                "--checkpoint",
-                &format!("{bert}/model.safetensors"),
-                "--rule",
-                "encoder.layer.*.dense.weight=rtn:bits=4,group=16",
-            ],
-            &[&format!("{bert}/model.safetensors")],
-        ),
-        w(
-            &[
-                "index",
-                "build",
-                "--vectors",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--m",
-                "2",
-                "--train-iterations",
-                "2",
-            ],
-            &[&p("points.safetensors")],
-        ),
-        w(
-            &[
-                "index",
-                "add",
-                "--index",
-                &p("index.safetensors"),
-                "--vectors",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-                "--ids",
-                &p("ids.safetensors"),
-            ],
-            &[&p("points.safetensors"), &p("ids.safetensors")],
-        ),
-        w(
-            &[
-                "index",
-                "remove",
-                "--index",
-                &p("index.safetensors"),
-                "--ids",
-                &p("ids.safetensors"),
-            ],
-            &[&p("ids.safetensors")],
-        ),
-        w(
-            &[
-                "index",
-                "search",
-                "--index",
-                &p("index.safetensors"),
-                "--queries",
-                &p("points.safetensors"),
-                "--tensor",
-                "x",
-            ],
-            &[&p("index.safetensors"), &p("points.safetensors")],
-        ),
-        w(
-            &[
-                "text",
-                "calibrate",
-                "--model",
-                &bert,
-                "--input",
-                &p("texts.txt"),
-            ],
-            &[&p("texts.txt")],
-        ),
-        w(
-            &[
-                "text",
-                "embed",
-                "--model",
-                &bert,
-                "--input",
-                &p("texts.txt"),
-            ],
-            &[&p("texts.txt")],
-        ),
+        w("kmeans --input @points.safetensors --tensor x --k 4 --iters 2", "@points.safetensors"),
+        w("pq train --input @points.safetensors --tensor x --m 2 --nbits 2 --iters 2", "@points.safetensors"),
+        w("pq encode --pq @pq.safetensors --input @points.safetensors --tensor x", "@pq.safetensors @points.safetensors"),
+        w("pq decode --pq @pq.safetensors --codes @codes.safetensors", "@pq.safetensors @codes.safetensors"),
+        w("ecvq --source gaussian --method clg --lambda 4 --k 4 --train-samples 200 --iterations 2 --eval-samples 200", ""),
+        w("wpq compress --model @fmnet.safetensors --arch fmnet --config @wpq-seed.json --data @fmnist", "@fmnet.safetensors"),
+        w("wpq compress-checkpoint --checkpoint @bert-model --rule encoder.layer.*.dense.weight=rtn:bits=4,group=16", "@bert-model"),
+        w("index build --vectors @points.safetensors --tensor x --m 2 --train-iterations 2", "@points.safetensors"),
+        w("index add --index @index.safetensors --vectors @points.safetensors --tensor x --ids @ids.safetensors", "@points.safetensors @ids.safetensors"),
+        w("index remove --index @index.safetensors --ids @ids.safetensors", "@ids.safetensors"),
+        w("index search --index @index.safetensors --queries @points.safetensors --tensor x", "@index.safetensors @points.safetensors"),
+        w("text calibrate --model @bert --input @texts.txt", "@texts.txt"),
+        w("text embed --model @bert --input @texts.txt", "@texts.txt"),
     ]
 }
 

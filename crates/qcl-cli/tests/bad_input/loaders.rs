@@ -3,6 +3,9 @@
 //! (a metadata value replaced by an absurd one, a data byte changed, a tensor or a metadata
 //! entry dropped), which the loader's own checks must catch. Loading may fail with any typed
 //! error; it must not panic. Mutations are drawn by proptest from a fixed seed.
+//!
+//! (Over 600 lines: one sample file and one loader for each of qcl's formats, which the
+//! mutations share.)
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -237,10 +240,17 @@ fn sample(name: &'static str, path: PathBuf, load: Loader) -> Sample {
 /// Files written by the library crates' own writers.
 fn library_samples(dir: &Path) -> Vec<Sample> {
     let data = points(200, 8);
-    let mut out = Vec::new();
+    let mut out = quantizer_samples(dir, &data);
+    out.extend(model_samples(dir, &data));
+    out.extend(state_samples(dir));
+    out
+}
 
+/// Files of qcl-tensor and qcl-pq: tensors, a k-means model, a product quantizer, an index and codes.
+fn quantizer_samples(dir: &Path, data: &[f32]) -> Vec<Sample> {
+    let mut out = Vec::new();
     let path = dir.join("tensors.safetensors");
-    let x = Tensor::from_vec(data.clone(), (200, 8), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(data.to_vec(), (200, 8), &Device::Cpu).unwrap();
     qcl_tensor::write_safetensors(&path, &[("x", &x)], &Default::default()).unwrap();
     out.push(sample(
         "tensor file",
@@ -254,12 +264,12 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         }),
     ));
 
-    let params = qcl_pq::KMeansConfig {
+    let config = qcl_pq::KMeansConfig {
         max_iter: 3,
         ..qcl_pq::KMeansConfig::new(8)
     };
     let path = dir.join("kmeans.safetensors");
-    qcl_pq::KMeans::fit(&data, 8, None, &params)
+    qcl_pq::KMeans::fit(data, 8, None, &config)
         .unwrap()
         .save(&path)
         .unwrap();
@@ -274,7 +284,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     ));
 
     let pq = qcl_pq::ProductQuantizer::train(
-        &data,
+        data,
         8,
         &qcl_pq::ProductQuantizerConfig {
             max_iter: 3,
@@ -295,7 +305,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     ));
     // An index file: IVF-PQ re-ranked with exact vectors (every part of the format).
     let ivf = qcl_pq::index::IvfPqIndex::train(
-        &data,
+        data,
         8,
         &qcl_pq::index::IvfPqConfig {
             nlist: 4,
@@ -304,7 +314,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
     )
     .unwrap();
     let mut index = qcl_pq::index::Refine::new(qcl_pq::index::AnyIndex::IvfPq(ivf), 2).unwrap();
-    qcl_pq::index::VectorIndex::add(&mut index, &data).unwrap();
+    qcl_pq::index::VectorIndex::add(&mut index, data).unwrap();
     let path = dir.join("index.safetensors");
     qcl_pq::index::AnyIndex::Refine(Box::new(index))
         .save(&path)
@@ -320,7 +330,7 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         }),
     ));
     let path = dir.join("codes.safetensors");
-    pq.save_codes(&pq.encode(&data).unwrap(), &path).unwrap();
+    pq.save_codes(&pq.encode(data).unwrap(), &path).unwrap();
     out.push(sample(
         "product-quantization codes",
         path,
@@ -332,7 +342,12 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
             Ok(())
         }),
     ));
+    out
+}
 
+/// Files of models and data: VQ parameters and indices, a parameter store, FMNet, a calibration, a data set and a BERT checkpoint.
+fn model_samples(dir: &Path, data: &[f32]) -> Vec<Sample> {
+    let mut out = Vec::new();
     let store = qcl_nn::ParamStore::new(3);
     let config = qcl_vq::VectorQuantizerConfig::new(4, 8);
     let vq = qcl_vq::VectorQuantizer::from_param_path(&store.root(&Device::Cpu).pp("vq"), config)
@@ -419,7 +434,12 @@ fn library_samples(dir: &Path) -> Vec<Sample> {
         path,
         Box::new(|p| qcl_wpq::Checkpoint::open(p).map(|_| ())),
     ));
+    out
+}
 
+/// Files of whole states: AQM and CACL, a training checkpoint, an AQM configuration and IDX files.
+fn state_samples(dir: &Path) -> Vec<Sample> {
+    let mut out = Vec::new();
     let path = dir.join("aqm-state.safetensors");
     let stack = qcl_aqm::QStack::new(
         qcl_aqm::StackConfig::fashion_mnist(),

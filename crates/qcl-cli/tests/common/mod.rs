@@ -55,3 +55,47 @@ pub fn write_small_wpq_config(path: &std::path::Path) {
     )
     .unwrap();
 }
+
+/// Writes `tensors` (name, rows, row length) of f32 to a safetensors file.
+pub fn write_f32(path: &std::path::Path, tensors: &[(&str, usize, &[f32])]) {
+    use qcl_tensor::candle_core::{Device, Tensor};
+    let tensors: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|&(name, rows, data)| {
+            let t = Tensor::from_vec(data.to_vec(), (rows, data.len() / rows), &Device::Cpu);
+            (name, t.unwrap())
+        })
+        .collect();
+    let refs: Vec<(&str, &qcl_tensor::candle_core::Tensor)> =
+        tensors.iter().map(|(n, t)| (*n, t)).collect();
+    qcl_tensor::write_safetensors(path, &refs, &Default::default()).unwrap();
+}
+
+/// Runs `qcl --json ARGS`, expecting success; returns the one JSON object printed.
+pub fn qcl_json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = qcl_raw(&[&["--json"], args].concat());
+    assert!(ok, "qcl {args:?} failed: {stdout} {stderr}");
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
+/// Runs `qcl --json ARGS`, expecting failure; returns the error kind and message.
+pub fn qcl_error(args: &[&str]) -> (String, String) {
+    let (ok, stdout, stderr) = qcl_raw(&[&["--json"], args].concat());
+    assert!(!ok, "qcl {args:?} succeeded: {stdout}");
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout} {stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let error = &v["error"];
+    (
+        error["kind"].as_str().unwrap().to_string(),
+        error["message"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Tensor `name` of the safetensors file at `path`.
+pub fn read_tensor(path: &str, name: &str) -> qcl_tensor::candle_core::Tensor {
+    qcl_tensor::SafetensorsFile::open(path)
+        .unwrap()
+        .tensor(name, &qcl_tensor::candle_core::Device::Cpu)
+        .unwrap()
+}
