@@ -13,7 +13,8 @@ use qcl_pq::{run_lloyd, LloydSchedule, LloydStep, LloydStop};
 use qcl_tensor::{nearest_codes, Error, Nearest, Result, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
 
-use crate::metric::Metric;
+use crate::metric::{metric_of, Metric};
+pub use crate::metric::{pooled_gram, MetricSource, PatchSampler};
 
 /// What weight product quantization minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -30,72 +31,6 @@ pub enum Objective {
     /// block with each block's error pushed onto the blocks not yet quantized through the
     /// inverse Hessian of the inputs (GPTQ, Frantar et al. 2023; GPTVQ, van Baalen et al. 2024).
     ErrorFeedback,
-}
-
-/// Input patches of a layer, sampled with replacement (rows of `M`'s order, length `D`).
-pub trait PatchSampler {
-    /// `D`, the length of a patch.
-    fn patch_len(&self) -> usize;
-    /// `rows` patches drawn with `rng`, `[rows, D]` row-major.
-    ///
-    /// # Errors
-    /// Implementation-defined (e.g. no recorded inputs).
-    fn sample(&self, rows: usize, rng: &mut SeededRng) -> Result<Vec<f32>>;
-}
-
-/// Where the metric of each iteration comes from.
-#[derive(Clone, Copy)]
-pub enum MetricSource<'a> {
-    /// `G = I` (naive PQ).
-    Identity,
-    /// One fixed metric for every iteration (tests; the fixed-`X̃` property).
-    Fixed(&'a Metric),
-    /// A fresh sample of `patch_rows` patches each iteration (the method).
-    Sampled {
-        /// The layer's recorded inputs.
-        sampler: &'a dyn PatchSampler,
-        /// Patches per iteration (each gives `D/d` unrolled rows).
-        patch_rows: usize,
-    },
-}
-
-/// The pooled Gram matrix `Σ_b X_bᵀX_b / (rows·m)` of patches `[rows, D]` cut into slabs of `d`.
-///
-/// ```
-/// // Two patches of length 4, d = 2: unrolled rows (1,0), (0,1), (2,0), (0,2).
-/// let g = qcl_wpq::pooled_gram(&[1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0], 4, 2)?;
-/// assert_eq!(g, vec![1.25, 0.0, 0.0, 1.25]);
-/// # Ok::<(), qcl_tensor::Error>(())
-/// ```
-///
-/// # Errors
-/// [`Error::InvalidParameter`] if `d` does not divide `patch_len`, [`Error::EmptyInput`] for no
-/// patches.
-pub fn pooled_gram(patches: &[f32], patch_len: usize, d: usize) -> Result<Vec<f64>> {
-    if d == 0 || patch_len == 0 || !patch_len.is_multiple_of(d) {
-        return Err(Error::invalid_parameter(
-            "block",
-            format!("block size {d} does not divide the patch length {patch_len}"),
-        ));
-    }
-    if patches.is_empty() || !patches.len().is_multiple_of(patch_len) {
-        return Err(Error::EmptyInput("no whole input patches".into()));
-    }
-    let mut g = vec![0f64; d * d];
-    for slab in patches.chunks_exact(d) {
-        for i in 0..d {
-            let xi = f64::from(slab[i]);
-            if xi == 0.0 {
-                continue;
-            }
-            for j in 0..d {
-                g[i * d + j] += xi * f64::from(slab[j]);
-            }
-        }
-    }
-    let rows = (patches.len() / d) as f64;
-    g.iter_mut().for_each(|v| *v /= rows);
-    Ok(g)
 }
 
 /// EM hyperparameters.
@@ -295,21 +230,6 @@ fn em(
         assignments,
         objective,
         repairs,
-    })
-}
-
-/// The metric of `source`; a sampled one draws its patch rows from `rng`.
-fn metric_of(source: MetricSource<'_>, d: usize, rng: &mut SeededRng) -> Result<Metric> {
-    Ok(match source {
-        MetricSource::Identity => Metric::identity(d),
-        MetricSource::Fixed(m) => m.clone(),
-        MetricSource::Sampled {
-            sampler,
-            patch_rows,
-        } => {
-            let patches = sampler.sample(patch_rows, rng)?;
-            Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
-        }
     })
 }
 

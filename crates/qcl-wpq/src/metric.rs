@@ -4,9 +4,11 @@
 //! `G = V Λ Vᵀ` (eigendecomposition in f64); `T = Λ₊^{1/2} Vᵀ` maps points so that
 //! `‖T(u − c)‖² = (u − c)ᵀ G (u − c)` exactly up to the dropped eigenvalues (below `1e-10·max`),
 //! and the shared nearest-code kernel does the search. `P = V₊V₊ᵀ` (= `X̃⁺X̃`) projects a member
-//! mean on the excited input directions.
+//! mean on the excited input directions. Where each EM iteration's `G` comes from
+//! ([`MetricSource`]): the identity, one fixed metric, or the pooled Gram matrix of a fresh
+//! sample of input patches ([`PatchSampler`], [`pooled_gram`]).
 
-use qcl_tensor::{Error, Result};
+use qcl_tensor::{Error, Result, SeededRng};
 
 /// A positive semi-definite metric on `R^d`.
 ///
@@ -172,4 +174,85 @@ pub(crate) fn check_gram(gram: &[f64], d: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Input patches of a layer, sampled with replacement (rows of `M`'s order, length `D`).
+pub trait PatchSampler {
+    /// `D`, the length of a patch.
+    fn patch_len(&self) -> usize;
+    /// `rows` patches drawn with `rng`, `[rows, D]` row-major.
+    ///
+    /// # Errors
+    /// Implementation-defined (e.g. no recorded inputs).
+    fn sample(&self, rows: usize, rng: &mut SeededRng) -> Result<Vec<f32>>;
+}
+
+/// Where the metric of each iteration comes from.
+#[derive(Clone, Copy)]
+pub enum MetricSource<'a> {
+    /// `G = I` (naive PQ).
+    Identity,
+    /// One fixed metric for every iteration (tests; the fixed-`X̃` property).
+    Fixed(&'a Metric),
+    /// A fresh sample of `patch_rows` patches each iteration (the method).
+    Sampled {
+        /// The layer's recorded inputs.
+        sampler: &'a dyn PatchSampler,
+        /// Patches per iteration (each gives `D/d` unrolled rows).
+        patch_rows: usize,
+    },
+}
+
+/// The pooled Gram matrix `Σ_b X_bᵀX_b / (rows·m)` of patches `[rows, D]` cut into slabs of `d`.
+///
+/// ```
+/// // Two patches of length 4, d = 2: unrolled rows (1,0), (0,1), (2,0), (0,2).
+/// let g = qcl_wpq::pooled_gram(&[1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0], 4, 2)?;
+/// assert_eq!(g, vec![1.25, 0.0, 0.0, 1.25]);
+/// # Ok::<(), qcl_tensor::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidParameter`] if `d` does not divide `patch_len`, [`Error::EmptyInput`] for no
+/// patches.
+pub fn pooled_gram(patches: &[f32], patch_len: usize, d: usize) -> Result<Vec<f64>> {
+    if d == 0 || patch_len == 0 || !patch_len.is_multiple_of(d) {
+        return Err(Error::invalid_parameter(
+            "block",
+            format!("block size {d} does not divide the patch length {patch_len}"),
+        ));
+    }
+    if patches.is_empty() || !patches.len().is_multiple_of(patch_len) {
+        return Err(Error::EmptyInput("no whole input patches".into()));
+    }
+    let mut g = vec![0f64; d * d];
+    for slab in patches.chunks_exact(d) {
+        for i in 0..d {
+            let xi = f64::from(slab[i]);
+            if xi == 0.0 {
+                continue;
+            }
+            for j in 0..d {
+                g[i * d + j] += xi * f64::from(slab[j]);
+            }
+        }
+    }
+    let rows = (patches.len() / d) as f64;
+    g.iter_mut().for_each(|v| *v /= rows);
+    Ok(g)
+}
+
+/// The metric of `source`; a sampled one draws its patch rows from `rng`.
+pub(crate) fn metric_of(source: MetricSource<'_>, d: usize, rng: &mut SeededRng) -> Result<Metric> {
+    Ok(match source {
+        MetricSource::Identity => Metric::identity(d),
+        MetricSource::Fixed(m) => m.clone(),
+        MetricSource::Sampled {
+            sampler,
+            patch_rows,
+        } => {
+            let patches = sampler.sample(patch_rows, rng)?;
+            Metric::from_gram(&pooled_gram(&patches, sampler.patch_len(), d)?, d)?
+        }
+    })
 }
