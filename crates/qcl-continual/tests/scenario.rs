@@ -1,6 +1,9 @@
 //! Scenarios on the committed fixtures and on synthetic data sets: LifeQuant's windows
 //! (docs/methods/lifequant.md § Lifelong class shift), the partition and label invariants, the
 //! online stream, permutations, determinism and errors.
+//!
+//! (Over 600 lines: every scenario kind against the same fixture loaders and synthetic data
+//! sets.)
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -1,5 +1,8 @@
 //! Checkpoints and the training loop: round trips, refusals, atomic writes, early stop, and a
 //! run killed at any step resuming to the same bits as an uninterrupted one.
+//!
+//! (Over 600 lines: the checkpoint and loop tests share one toy classifier, its data and the
+//! kill-and-resume harness.)
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,5 +1,7 @@
 //! Unit tests of the quantizer: the EMA formulas on a hand-worked case, bad input, files,
 //! revival, k-means initialisation, gradient-mode training, resuming.
+//!
+//! (Over 600 lines: the layer's unit tests share its builders and clustered test data.)
 
 use candle_core::{DType, Device, Tensor};
 use qcl_nn::optim::{Adam, AdamConfig, Optimizer};

@@ -1,5 +1,8 @@
 //! Invariants of the paper's method (layouts, EM, CentroidSGD, size accounting, im2col, BN
 //! folding) as property and unit tests.
+//!
+//! (Over 600 lines: one short test per invariant of docs/methods/weight-pq.md, sharing the
+//! layer-geometry generator; the list reads best in one place.)
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
