@@ -3,8 +3,13 @@
 
 mod common;
 
-use common::{qcl_error, qcl_json, qcl_raw as qcl, read_tensor, write_f32};
+use common::{qcl_error, qcl_json, qcl_raw as qcl, read_tensor, template_args, write_f32};
 use serde_json::Value;
+
+/// The arguments as `&str`s.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
 
 const N: usize = 300;
 const D: usize = 8;
@@ -31,42 +36,37 @@ impl PqFixture {
         self.dir.path().join(name).to_str().unwrap().to_string()
     }
 
+    /// Arguments from a template split at spaces, `@NAME` standing for the path of file `NAME`
+    /// here (substituted after the split: the path may hold spaces).
+    fn args(&self, template: &str) -> Vec<String> {
+        template_args(template, |name| self.path(name))
+    }
+
+    /// [`qcl_json`] of the template's arguments.
+    fn json(&self, template: &str) -> Value {
+        qcl_json(&strs(&self.args(template)))
+    }
+
+    /// [`qcl_error`] of the template's arguments.
+    fn error(&self, template: &str) -> (String, String) {
+        qcl_error(&strs(&self.args(template)))
+    }
+
+    /// [`qcl`] (without `--json`) of the template's arguments.
+    fn raw(&self, template: &str) -> (bool, String, String) {
+        qcl(&strs(&self.args(template)))
+    }
+
     /// `qcl pq train` with `m` and `nbits` into `out`; returns its JSON.
     fn train(&self, m: &str, nbits: &str, out: &str) -> Value {
-        qcl_json(&[
-            "pq",
-            "train",
-            "--input",
-            &self.path("data.safetensors"),
-            "--tensor",
-            "x",
-            "--m",
-            m,
-            "--nbits",
-            nbits,
-            "--iters",
-            "10",
-            "--seed",
-            "7",
-            "--out",
-            &self.path(out),
-        ])
+        self.json(&format!("pq train --input @data.safetensors --tensor x --m {m} --nbits {nbits} --iters 10 --seed 7 --out @{out}"))
     }
 
     /// `qcl pq encode` of `x` with the quantizer `pq` into `out`; returns its JSON.
     fn encode(&self, pq: &str, out: &str) -> Value {
-        qcl_json(&[
-            "pq",
-            "encode",
-            "--pq",
-            &self.path(pq),
-            "--input",
-            &self.path("data.safetensors"),
-            "--tensor",
-            "x",
-            "--out",
-            &self.path(out),
-        ])
+        self.json(&format!(
+            "pq encode --pq @{pq} --input @data.safetensors --tensor x --out @{out}"
+        ))
     }
 }
 
@@ -99,16 +99,9 @@ fn pq_train_encode_decode_search_round_trip() {
     let codes: Vec<Vec<u8>> = codes.to_vec2().unwrap();
     assert_eq!((codes.len(), codes[0].len()), (N, 2));
 
-    let decode = qcl_json(&[
-        "pq",
-        "decode",
-        "--pq",
-        &f.path("pq.safetensors"),
-        "--codes",
-        &f.path("codes.safetensors"),
-        "--out",
-        &f.path("decoded.safetensors"),
-    ]);
+    let decode = f.json(
+        "pq decode --pq @pq.safetensors --codes @codes.safetensors --out @decoded.safetensors",
+    );
     assert_eq!(decode["n"], N);
     assert_eq!(decode["d"], D);
     let decoded = read_tensor(&f.path("decoded.safetensors"), "x");
@@ -122,20 +115,7 @@ fn pq_train_encode_decode_search_round_trip() {
         "{total} vs {mse}"
     );
 
-    let search = qcl_json(&[
-        "pq",
-        "search",
-        "--pq",
-        &f.path("pq.safetensors"),
-        "--codes",
-        &f.path("codes.safetensors"),
-        "--queries",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "q",
-        "--top-k",
-        "3",
-    ]);
+    let search = f.json("pq search --pq @pq.safetensors --codes @codes.safetensors --queries @data.safetensors --tensor q --top-k 3");
     assert_eq!(search["nq"], 5);
     assert_eq!(search["top_k"], 3);
     assert!(search["seconds"].as_f64().unwrap() >= 0.0);
@@ -154,18 +134,7 @@ fn pq_train_encode_decode_search_round_trip() {
     }
 
     // Text output: a line or two, no JSON.
-    let (ok, stdout, stderr) = qcl(&[
-        "pq",
-        "encode",
-        "--pq",
-        &f.path("pq.safetensors"),
-        "--input",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "x",
-        "--out",
-        &f.path("codes2.safetensors"),
-    ]);
+    let (ok, stdout, stderr) = f.raw("pq encode --pq @pq.safetensors --input @data.safetensors --tensor x --out @codes2.safetensors");
     assert!(ok, "{stderr}");
     assert!(
         stdout.starts_with("pq encode: n = 300") && stdout.lines().count() <= 2,
@@ -188,83 +157,29 @@ fn pq_error_fixture() -> PqFixture {
 #[test]
 fn pq_codes_of_another_quantizer_are_refused() {
     let f = pq_error_fixture();
-    let pq_path = f.path("pq4.safetensors");
     // Codes of another quantizer's m or nbits, for decode and search.
     for other in ["pq2.safetensors", "pq4x2.safetensors"] {
-        let (kind, message) = qcl_error(&[
-            "pq",
-            "decode",
-            "--pq",
-            &f.path(other),
-            "--codes",
-            &f.path("codes4.safetensors"),
-            "--out",
-            &f.path("never.safetensors"),
-        ]);
+        let (kind, message) = f.error(&format!(
+            "pq decode --pq @{other} --codes @codes4.safetensors --out @never.safetensors"
+        ));
         assert_eq!(kind, "invalid_parameter", "{message}");
         assert!(message.contains("codes4.safetensors"), "{message}");
-        let (kind, _) = qcl_error(&[
-            "pq",
-            "search",
-            "--pq",
-            &f.path(other),
-            "--codes",
-            &f.path("codes4.safetensors"),
-            "--queries",
-            &f.path("data.safetensors"),
-            "--tensor",
-            "q",
-            "--top-k",
-            "1",
-        ]);
+        let (kind, _) = f.error(&format!("pq search --pq @{other} --codes @codes4.safetensors --queries @data.safetensors --tensor q --top-k 1"));
         assert_eq!(kind, "invalid_parameter");
     }
     // Codes of a quantizer of the same shape but other codebooks (another seed): refused by
     // the fingerprint the codes file carries.
-    qcl_json(&[
-        "pq",
-        "train",
-        "--input",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "x",
-        "--m",
-        "4",
-        "--nbits",
-        "4",
-        "--iters",
-        "10",
-        "--seed",
-        "8",
-        "--out",
-        &f.path("pq4-seed8.safetensors"),
-    ]);
-    let (kind, message) = qcl_error(&[
-        "pq",
-        "decode",
-        "--pq",
-        &f.path("pq4-seed8.safetensors"),
-        "--codes",
-        &f.path("codes4.safetensors"),
-        "--out",
-        &f.path("never.safetensors"),
-    ]);
+    f.json("pq train --input @data.safetensors --tensor x --m 4 --nbits 4 --iters 10 --seed 8 --out @pq4-seed8.safetensors");
+    let (kind, message) = f.error("pq decode --pq @pq4-seed8.safetensors --codes @codes4.safetensors --out @never.safetensors");
     assert_eq!(kind, "invalid_parameter", "{message}");
     assert!(message.contains("made by sha256:"), "{message}");
     assert!(!std::path::Path::new(&f.path("never.safetensors")).exists());
 
     // Not a codes file: the quantizer itself, or a data file.
-    for not_codes in [&pq_path, &f.path("data.safetensors")] {
-        let (kind, message) = qcl_error(&[
-            "pq",
-            "decode",
-            "--pq",
-            &pq_path,
-            "--codes",
-            not_codes,
-            "--out",
-            &f.path("never.safetensors"),
-        ]);
+    for not_codes in ["pq4.safetensors", "data.safetensors"] {
+        let (kind, message) = f.error(&format!(
+            "pq decode --pq @pq4.safetensors --codes @{not_codes} --out @never.safetensors"
+        ));
         assert_eq!(kind, "bad_file", "{message}");
     }
 }
@@ -273,66 +188,19 @@ fn pq_codes_of_another_quantizer_are_refused() {
 #[test]
 fn pq_bad_files_and_tensor_names_are_typed() {
     let f = pq_error_fixture();
-    let pq_path = f.path("pq4.safetensors");
     // Not a quantizer.
-    let (kind, _) = qcl_error(&[
-        "pq",
-        "encode",
-        "--pq",
-        &f.path("codes4.safetensors"),
-        "--input",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "x",
-        "--out",
-        &f.path("never.safetensors"),
-    ]);
+    let (kind, _) = f.error("pq encode --pq @codes4.safetensors --input @data.safetensors --tensor x --out @never.safetensors");
     assert_eq!(kind, "bad_file");
 
     // A missing tensor name, for train, encode and search.
-    let (kind, message) = qcl_error(&[
-        "pq",
-        "train",
-        "--input",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "nope",
-        "--m",
-        "4",
-        "--nbits",
-        "4",
-        "--out",
-        &f.path("never.safetensors"),
-    ]);
+    let (kind, message) = f.error(
+        "pq train --input @data.safetensors --tensor nope --m 4 --nbits 4 --out @never.safetensors",
+    );
     assert_eq!(kind, "missing_tensor");
     assert!(message.contains("nope"), "{message}");
-    let (kind, _) = qcl_error(&[
-        "pq",
-        "encode",
-        "--pq",
-        &pq_path,
-        "--input",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "nope",
-        "--out",
-        &f.path("never.safetensors"),
-    ]);
+    let (kind, _) = f.error("pq encode --pq @pq4.safetensors --input @data.safetensors --tensor nope --out @never.safetensors");
     assert_eq!(kind, "missing_tensor");
-    let (kind, _) = qcl_error(&[
-        "pq",
-        "search",
-        "--pq",
-        &pq_path,
-        "--codes",
-        &f.path("codes4.safetensors"),
-        "--queries",
-        &f.path("data.safetensors"),
-        "--tensor",
-        "nope",
-        "--top-k",
-        "1",
-    ]);
+    let (kind, _) = f.error("pq search --pq @pq4.safetensors --codes @codes4.safetensors --queries @data.safetensors --tensor nope --top-k 1");
     assert_eq!(kind, "missing_tensor");
 }
 
@@ -341,24 +209,10 @@ fn pq_bad_files_and_tensor_names_are_typed() {
 #[test]
 fn pq_bad_parameters_and_shapes_are_typed() {
     let f = pq_error_fixture();
-    let pq_path = f.path("pq4.safetensors");
     // Bad training parameters: nbits 0 or 17, m not dividing d, more centroids than vectors.
     // (Out of the flags' ranges, usage errors; the others need the data to judge.)
     for (m, nbits) in [("4", "0"), ("4", "17"), ("3", "4"), ("0", "4"), ("4", "9")] {
-        let (kind, message) = qcl_error(&[
-            "pq",
-            "train",
-            "--input",
-            &f.path("data.safetensors"),
-            "--tensor",
-            "x",
-            "--m",
-            m,
-            "--nbits",
-            nbits,
-            "--out",
-            &f.path("never.safetensors"),
-        ]);
+        let (kind, message) = f.error(&format!("pq train --input @data.safetensors --tensor x --m {m} --nbits {nbits} --out @never.safetensors"));
         let expected = if m == "0" || nbits == "0" || nbits == "17" {
             "usage"
         } else {
@@ -372,51 +226,14 @@ fn pq_bad_parameters_and_shapes_are_typed() {
         .rng()
         .normal_vec(10 * 2 * D, 0.0, 1.0);
     write_f32(&f.dir.path().join("wide.safetensors"), &[("w", 10, &wide)]);
-    let (kind, _) = qcl_error(&[
-        "pq",
-        "encode",
-        "--pq",
-        &pq_path,
-        "--input",
-        &f.path("wide.safetensors"),
-        "--tensor",
-        "w",
-        "--out",
-        &f.path("never.safetensors"),
-    ]);
+    let (kind, _) = f.error("pq encode --pq @pq4.safetensors --input @wide.safetensors --tensor w --out @never.safetensors");
     assert_eq!(kind, "shape_mismatch");
-    let (kind, _) = qcl_error(&[
-        "pq",
-        "search",
-        "--pq",
-        &pq_path,
-        "--codes",
-        &f.path("codes4.safetensors"),
-        "--queries",
-        &f.path("wide.safetensors"),
-        "--tensor",
-        "w",
-        "--top-k",
-        "1",
-    ]);
+    let (kind, _) = f.error("pq search --pq @pq4.safetensors --codes @codes4.safetensors --queries @wide.safetensors --tensor w --top-k 1");
     assert_eq!(kind, "shape_mismatch");
 
     // top_k outside 1..=n.
     for k in ["0", "301"] {
-        let (kind, _) = qcl_error(&[
-            "pq",
-            "search",
-            "--pq",
-            &pq_path,
-            "--codes",
-            &f.path("codes4.safetensors"),
-            "--queries",
-            &f.path("data.safetensors"),
-            "--tensor",
-            "q",
-            "--top-k",
-            k,
-        ]);
+        let (kind, _) = f.error(&format!("pq search --pq @pq4.safetensors --codes @codes4.safetensors --queries @data.safetensors --tensor q --top-k {k}"));
         // 0 is out of the flag's range; 301 is more than the 300 codes.
         let expected = if k == "0" {
             "usage"

@@ -13,7 +13,7 @@ use qcl_tensor::candle_core::{Device, Tensor};
 use qcl_tensor::Seed;
 use serde_json::Value;
 
-use crate::common::fixture;
+use crate::common::{fixture, template_args};
 use crate::Tally;
 
 /// Longest a case may run before it counts as a hang.
@@ -228,16 +228,12 @@ impl Inputs {
     /// `@bert-model` its weights, `@fmnist` the Fashion-MNIST fixture and `@NAME` the input file
     /// `NAME` (paths may hold spaces: they are substituted after the split).
     fn args(&self, template: &str) -> Vec<String> {
-        template
-            .split_whitespace()
-            .map(|token| match token.strip_prefix('@') {
-                Some("bert") => fixture("tiny-bert"),
-                Some("bert-model") => format!("{}/model.safetensors", fixture("tiny-bert")),
-                Some("fmnist") => fixture("fashion-mnist.safetensors"),
-                Some(name) => self.path(name),
-                None => token.to_string(),
-            })
-            .collect()
+        template_args(template, |name| match name {
+            "bert" => fixture("tiny-bert"),
+            "bert-model" => format!("{}/model.safetensors", fixture("tiny-bert")),
+            "fmnist" => fixture("fashion-mnist.safetensors"),
+            name => self.path(name),
+        })
     }
 
     /// A `qcl wpq compress` configuration with `field` set to `value` (raw JSON).

@@ -99,3 +99,15 @@ pub fn read_tensor(path: &str, name: &str) -> qcl_tensor::candle_core::Tensor {
         .tensor(name, &qcl_tensor::candle_core::Device::Cpu)
         .unwrap()
 }
+
+/// Arguments from a template split at spaces, each token `@NAME` replaced by `path(NAME)`
+/// (after the split, so that paths may hold spaces).
+pub fn template_args(template: &str, path: impl Fn(&str) -> String) -> Vec<String> {
+    template
+        .split_whitespace()
+        .map(|token| match token.strip_prefix('@') {
+            Some(name) => path(name),
+            None => token.to_string(),
+        })
+        .collect()
+}
