@@ -126,7 +126,7 @@ struct ReproduceArgs {
     /// Scaled down to minutes (the default).
     #[arg(long, conflicts_with = "full")]
     quick: bool,
-    /// The full scaled-down protocol of each spec.
+    /// The full scaled-down protocol of each method's document (docs/methods/).
     #[arg(long)]
     full: bool,
     /// Output directory.

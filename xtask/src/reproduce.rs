@@ -17,7 +17,7 @@ use crate::experiments;
 pub enum Mode {
     /// Scaled down to minutes on 2 cores (the default).
     Quick,
-    /// The full scaled-down protocol of the spec.
+    /// The full scaled-down protocol of the method's document (docs/methods/).
     Full,
 }
 
