@@ -64,7 +64,6 @@ fn config(budget: u64, seed: u64) -> MemoryConfig {
     }
 }
 
-/// Runs a random stream and checks every invariant after each step; returns the final contents.
 /// Invariants 1, 2: budget, exact accounting, overshoot below one item after an eviction.
 fn check_budget(mem: &AdaptiveMemory, budget: u64, evicted: bool) -> Result<(), TestCaseError> {
     let used = mem.used_bits();
@@ -107,6 +106,7 @@ fn check_identity(
     Ok(())
 }
 
+/// Runs a random stream and checks every invariant after each step; returns the final contents.
 fn run_stream(
     steps: &[Step],
     budget: u64,

@@ -182,6 +182,8 @@ fn pq_codes_of_another_quantizer_are_refused() {
         ));
         assert_eq!(kind, "bad_file", "{message}");
     }
+    // No failing command left an output behind.
+    assert!(!std::path::Path::new(&f.path("never.safetensors")).exists());
 }
 
 /// A file that is not a quantizer and missing tensor names are typed JSON errors.
@@ -202,6 +204,8 @@ fn pq_bad_files_and_tensor_names_are_typed() {
     assert_eq!(kind, "missing_tensor");
     let (kind, _) = f.error("pq search --pq @pq4.safetensors --codes @codes4.safetensors --queries @data.safetensors --tensor nope --top-k 1");
     assert_eq!(kind, "missing_tensor");
+    // No failing command left an output behind.
+    assert!(!std::path::Path::new(&f.path("never.safetensors")).exists());
 }
 
 /// Bad training parameters, vectors of another dimension and `top_k` out of range are typed
