@@ -71,6 +71,12 @@ pub struct OpqConfig {
     /// `Some(65_536)`, faiss's `256 · 256`); `None` uses every vector. The final quantizer
     /// always trains on all of `data` (subsampled by k-means's own rule, 256 per centroid).
     pub max_train_points: Option<usize>,
+    /// Start the alternation from a random rotation drawn from `seed` (default true, as faiss's
+    /// `OPQMatrix`), or from the identity. A random start spreads every input direction over
+    /// all sub-spaces, so sub-spaces of little variance (an image's blank border, say) do not
+    /// hold the alternation near its start. One iteration always starts from the identity
+    /// (plain PQ).
+    pub random_start: bool,
     /// Seed of the subsample and of every k-means run (default 1234, as [`crate::KMeansConfig`]).
     pub seed: Seed,
 }
@@ -85,6 +91,7 @@ impl OpqConfig {
             pq_iterations: 4,
             first_pq_iterations: 40,
             max_train_points: Some(256 * 256),
+            random_start: true,
             seed: Seed::new(1234),
         }
     }
@@ -473,7 +480,11 @@ struct Alternation {
 
 /// The PQ / Procrustes alternation on the centred `sample`; returns the best round.
 fn alternate(sample: &[f32], dim: usize, config: &OpqConfig) -> Result<Alternation> {
-    let mut rotation = Rotation::identity(dim);
+    let mut rotation = if config.random_start && config.iterations > 1 {
+        random_rotation(dim, config.seed.child_named("opq-start"))?
+    } else {
+        Rotation::identity(dim)
+    };
     let mut rotated = vec![0f32; sample.len()];
     let mut previous: Option<ProductQuantizer> = None;
     let mut best: Option<Alternation> = None;
@@ -542,6 +553,17 @@ fn shift_codebooks(pq: &ProductQuantizer, offset: &[f32]) -> Result<ProductQuant
             .for_each(|(c, &o)| *c += o);
     }
     ProductQuantizer::from_codebooks(pq.dim(), pq.m(), pq.nbits(), codebooks)
+}
+
+/// A random rotation of `dim` dimensions: the orthogonal polar factor of a matrix of
+/// standard normal entries drawn from `seed` (uniformly distributed over the rotations).
+fn random_rotation(dim: usize, seed: Seed) -> Result<Rotation> {
+    let entries = seed.rng().normal_vec(dim * dim, 0.0, 1.0);
+    let gaussian = Mat::<f64>::from_fn(dim, dim, |i, j| f64::from(entries[i * dim + j]));
+    Ok(Rotation {
+        dim,
+        matrix: nearest_orthogonal(&gaussian)?,
+    })
 }
 
 /// The Procrustes step: the orthogonal `R` minimising `‖X R − Ŷ‖²`, `U Vᵀ` from the SVD of

@@ -3,11 +3,10 @@
 use super::*;
 use proptest::prelude::*;
 
-/// A random orthogonal `dim × dim` matrix (the polar factor of a Gaussian matrix).
+/// A random orthogonal `dim × dim` matrix, checked by [`Rotation::from_matrix`].
 fn random_rotation(seed: u64, dim: usize) -> Rotation {
-    let g = Seed::new(seed).rng().normal_vec(dim * dim, 0.0, 1.0);
-    let m = Mat::<f64>::from_fn(dim, dim, |i, j| f64::from(g[i * dim + j]));
-    Rotation::from_matrix(dim, nearest_orthogonal(&m).unwrap()).unwrap()
+    let r = super::random_rotation(dim, Seed::new(seed)).unwrap();
+    Rotation::from_matrix(dim, r.matrix().to_vec()).unwrap()
 }
 
 /// `n` anisotropic Gaussian vectors (standard deviations `scale · 0.7^j`), turned by a
@@ -215,4 +214,24 @@ fn rotations_are_checked_and_invertible() {
             "row {row}"
         );
     }
+}
+
+#[test]
+fn random_start_is_seeded_and_off_gives_the_identity_start() {
+    // A random start is a rotation (checked by `from_matrix`), the same for the same seed.
+    assert_eq!(random_rotation(5, 12), random_rotation(5, 12));
+    assert_ne!(random_rotation(5, 12), random_rotation(6, 12));
+    let data = correlated(3, 400, 8, 1.0);
+    let config = |random_start| OpqConfig {
+        iterations: 3,
+        pq_iterations: 2,
+        first_pq_iterations: 5,
+        random_start,
+        ..OpqConfig::new(2, 3)
+    };
+    let (random, _) = train_opq(&data, 8, &config(true)).unwrap();
+    let (identity, _) = train_opq(&data, 8, &config(false)).unwrap();
+    // The two starts lead to different rotations; each run repeats itself.
+    assert_ne!(random, identity);
+    assert_eq!(train_opq(&data, 8, &config(true)).unwrap().0, random);
 }
