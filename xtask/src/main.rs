@@ -135,8 +135,8 @@ struct ReproduceArgs {
     /// List the experiments and exit.
     #[arg(long)]
     list: bool,
-    /// Run seeds 0..N instead of the experiment's default (lifequant and lifequant-variants,
-    /// named explicitly: the others refuse it).
+    /// Run seeds 0..N instead of the experiment's default (the experiments that take it, named
+    /// explicitly: the others refuse it).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
     seeds: Option<u64>,
 }
@@ -146,20 +146,22 @@ fn check_seeded(names: &[String], seeds: Option<u64>) -> Result<()> {
     if seeds.is_none() {
         return Ok(());
     }
+    let registry = reproduce::registry();
+    let seeded: Vec<&str> = (registry.iter())
+        .filter(|e| e.takes_seeds)
+        .map(|e| e.name)
+        .collect();
     anyhow::ensure!(
         !names.is_empty(),
         "--seeds needs the experiments named; it applies to {}",
-        reproduce::SEEDED.join(", ")
+        seeded.join(", ")
     );
     // Unknown names are left to the registry, which lists the known ones.
-    let known = |name: &str| reproduce::registry().iter().any(|e| e.name == name);
-    if let Some(other) = names
-        .iter()
-        .find(|n| known(n) && !reproduce::SEEDED.contains(&n.as_str()))
-    {
+    let refuses = |name: &str| registry.iter().any(|e| e.name == name && !e.takes_seeds);
+    if let Some(other) = names.iter().find(|n| refuses(n)) {
         anyhow::bail!(
             "--seeds does not apply to {other}; it applies to {}",
-            reproduce::SEEDED.join(", ")
+            seeded.join(", ")
         );
     }
     Ok(())

@@ -34,13 +34,10 @@ pub struct Context {
     pub commit: String,
     /// The command line that produced the results (`cargo xtask reproduce ...`).
     pub command: String,
-    /// Seeds `0..n` instead of the experiment's own list (`--seeds n`), for the experiments in
-    /// [`SEEDED`]; `None` keeps each experiment's default.
+    /// Seeds `0..n` instead of the experiment's own list (`--seeds n`), for the experiments that
+    /// take it ([`Experiment::takes_seeds`]); `None` keeps each experiment's default.
     pub seeds: Option<u64>,
 }
-
-/// The experiments that take `--seeds`.
-pub const SEEDED: [&str; 2] = ["lifequant", "lifequant-variants"];
 
 impl Context {
     /// A context for `command`, with the workspace's current commit.
@@ -121,6 +118,8 @@ pub struct Experiment {
     pub description: &'static str,
     /// Whether it needs `cargo xtask data` to have run.
     pub needs_data: bool,
+    /// Whether it takes `--seeds N` (seeds `0..N` instead of its own list).
+    pub takes_seeds: bool,
     /// The work.
     pub run: fn(&Context, &ProgressBar) -> Result<Outcome>,
 }

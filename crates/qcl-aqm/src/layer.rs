@@ -510,14 +510,8 @@ impl QLayer {
     }
 }
 
-/// Bits per index for K codes, `⌈log2 K⌉`.
-pub fn bits_for(codes: usize) -> u32 {
-    if codes <= 1 {
-        0
-    } else {
-        usize::BITS - (codes - 1).leading_zeros()
-    }
-}
+/// Bits per index for K codes, `⌈log2 K⌉`: qcl-vq's one definition.
+pub use qcl_vq::bits_for;
 
 /// The trimming rule of docs/methods/aqm.md § Freezing and the slow decoder on counts `[N, K]`
 /// (row-major): returns K' and, per codebook, the kept rows (the K' largest counts, in

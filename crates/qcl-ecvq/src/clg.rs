@@ -309,8 +309,11 @@ impl LloydStep for ClgStep<'_> {
             &mut self.indices,
             &mut self.scores,
         )?;
-        self.counts = vec![0u64; k];
-        self.sums = vec![0f64; k * dim];
+        // Reused across iterations: cleared and sized to this iteration's codes.
+        self.counts.clear();
+        self.counts.resize(k, 0);
+        self.sums.clear();
+        self.sums.resize(k * dim, 0.0);
         let (mut length_sum, mut sse_sum) = (0f64, 0f64);
         for (x, &j) in self.data.chunks_exact(dim).zip(&self.indices) {
             let j = j as usize;

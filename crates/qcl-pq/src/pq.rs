@@ -246,7 +246,7 @@ impl ProductQuantizer {
     /// [`Error::ShapeMismatch`] if the codes have another `m`, [`Error::InvalidParameter`] if
     /// they have another `nbits`.
     pub fn decode(&self, codes: &PackedCodes) -> Result<Vec<f32>> {
-        self.check_codes(codes)?;
+        crate::check_codes(self, codes)?;
         let dsub = self.dsub();
         let mut out = Vec::with_capacity(codes.n() * self.dim);
         for row in codes.unpack().chunks_exact(self.m) {
@@ -274,7 +274,7 @@ impl ProductQuantizer {
     /// [`Error::NonFinite`].
     pub fn search(&self, queries: &[f32], codes: &PackedCodes, top_k: usize) -> Result<Nearest> {
         check_points("queries", queries, self.dim)?;
-        self.check_codes(codes)?;
+        crate::check_codes(self, codes)?;
         let n = codes.n();
         if n == 0 {
             return Err(Error::EmptyInput("no database vectors to search".into()));
@@ -444,11 +444,6 @@ impl ProductQuantizer {
             let j = t / ksub;
             *slot = squared_distance(&query[j * dsub..(j + 1) * dsub], centroid);
         }
-    }
-
-    /// Checks that `codes` were made for this quantizer's `m` and `nbits`.
-    fn check_codes(&self, codes: &PackedCodes) -> Result<()> {
-        crate::quantizer::check_codes(self, codes)
     }
 }
 

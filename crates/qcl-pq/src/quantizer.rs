@@ -163,9 +163,21 @@ pub fn reconstruction_mse<Q: Quantizer + ?Sized>(quantizer: &Q, data: &[f32]) ->
     Ok(total / n as f64)
 }
 
-/// Bits that index one of `k` codes: `⌈log2 k⌉`, at least 1 (a packed code has a bit).
+/// Bits of the narrowest index that holds `0 … k−1`: `⌈log2 k⌉`, at least 1 (a packed code has
+/// a bit), for any `k` (no loop, so a crafted `k` near `usize::MAX` from a file cannot hang a
+/// reader).
+///
+/// ```
+/// use qcl_pq::index_bits;
+/// assert_eq!((index_bits(0), index_bits(2), index_bits(3), index_bits(256)), (1, 1, 2, 8));
+/// assert_eq!(index_bits(usize::MAX), usize::BITS);
+/// ```
 pub fn index_bits(k: usize) -> u32 {
-    k.max(2).next_power_of_two().trailing_zeros()
+    if k <= 2 {
+        1
+    } else {
+        usize::BITS - (k - 1).leading_zeros()
+    }
 }
 
 impl Quantizer for ProductQuantizer {

@@ -385,8 +385,13 @@ fn check_unit(name: &str, value: f64) -> Result<()> {
     }
 }
 
-/// `⌈log2 codes⌉`: the bits an index into `codes` codes needs (0 for a single code).
-pub(crate) fn bits_for(codes: usize) -> u32 {
+/// `⌈log2 codes⌉`: the bits an index into `codes` codes needs (0 for a single code, which
+/// needs no index stored).
+///
+/// ```
+/// assert_eq!((qcl_vq::bits_for(1), qcl_vq::bits_for(2), qcl_vq::bits_for(16), qcl_vq::bits_for(17)), (0, 1, 4, 5));
+/// ```
+pub fn bits_for(codes: usize) -> u32 {
     match codes {
         0 | 1 => 0,
         k => qcl_pq::index_bits(k),

@@ -54,7 +54,8 @@ mod update;
 mod usage;
 
 pub use config::{
-    ChannelAxis, CodebookUpdate, VectorQuantizerConfig, DEFAULT_DEAD_CODE_THRESHOLD, MAX_CODES,
+    bits_for, ChannelAxis, CodebookUpdate, VectorQuantizerConfig, DEFAULT_DEAD_CODE_THRESHOLD,
+    MAX_CODES,
 };
 pub use packed::{PackedIndices, INDICES_FORMAT};
 pub use quantizer::{VectorQuantizer, VqOutput, QUANTIZER_FORMAT};

@@ -352,18 +352,5 @@ pub fn clamp_centroids(k_flag: usize, n_subvectors: usize) -> Result<usize> {
     Ok(k_flag.min(bound))
 }
 
-/// Bits of the narrowest index that holds `0 … k−1` (at least 1), for any `k` (no loop, so a
-/// crafted `k` near `usize::MAX` from a file cannot hang a reader).
-///
-/// ```
-/// use qcl_wpq::index_bits;
-/// assert_eq!((index_bits(0), index_bits(2), index_bits(3), index_bits(256)), (1, 1, 2, 8));
-/// assert_eq!(index_bits(usize::MAX), usize::BITS);
-/// ```
-pub fn index_bits(k: usize) -> u32 {
-    if k <= 2 {
-        1
-    } else {
-        usize::BITS - (k - 1).leading_zeros()
-    }
-}
+/// The bits of an index into `k` codes: qcl-pq's one definition.
+pub use qcl_pq::index_bits;

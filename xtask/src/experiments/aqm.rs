@@ -34,6 +34,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   and B20 (1- and 4-byte parameters), final accuracy over seeds, stored \
                   samples, drift, reconstructions.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

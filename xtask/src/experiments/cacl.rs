@@ -32,6 +32,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   capacity on S-FMNIST-5 and S-MNIST+FMNIST-10 (task-incremental, 3 seeds): \
                   accuracy, MB, ranks per task and the expected orderings.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

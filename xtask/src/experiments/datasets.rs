@@ -16,6 +16,7 @@ pub const EXPERIMENT: Experiment = Experiment {
     description: "Fashion-MNIST and MNIST as prepared by `cargo xtask data`: split sizes, \
                   per-class counts, pixel statistics and sample images.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

@@ -24,6 +24,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   samples) against Chou-Lookabaugh-Gray Lloyd-ECVQ over a λ sweep, gap to the \
                   Shannon bound, real rANS-coded rate.",
     needs_data: false,
+    takes_seeds: false,
     run,
 };
 

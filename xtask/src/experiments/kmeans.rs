@@ -30,6 +30,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   (weight blocks, a Gaussian mixture, Fashion-MNIST pixels), plain and with \
                   distance bounds, every point used, against faiss.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

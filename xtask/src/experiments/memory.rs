@@ -20,6 +20,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   iterations on it (plain and bounded), above the process's start and above \
                   a warmed-up process, against the data's size.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

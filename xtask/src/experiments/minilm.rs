@@ -32,6 +32,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   activation-aware and error-feedback objectives; embedding fidelity on WordNet \
                   glosses against bits per weight and file size.",
     needs_data: false,
+    takes_seeds: false,
     run,
 };
 

@@ -21,6 +21,7 @@ pub const EXPERIMENT: Experiment = Experiment {
     description: "Training samples per second of ResNet-20 and the VQ autoencoder on 2 CPU \
                   threads (batch 128), alternating with PyTorch when it is available.",
     needs_data: false,
+    takes_seeds: false,
     run,
 };
 

@@ -2,10 +2,6 @@
 //! 512-code EMA codebook (its § Quantizer) trained on Fashion-MNIST twice from the same seed,
 //! with and without dead-code revival; codebook usage, perplexity and reconstruction error on
 //! the test set.
-//!
-//! (Over 600 lines only with its tests: the settings, the small VQ autoencoder, the training
-//! and evaluation of one arm, and the report with its two plots, codes used and perplexity, come
-//! to about 560 lines; about 50 lines are tests.)
 
 use std::path::Path;
 use std::time::Instant;
@@ -37,6 +33,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   revival from the same seed: codes in use, perplexity and reconstruction MSE \
                   on the test set.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

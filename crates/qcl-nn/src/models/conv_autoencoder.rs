@@ -4,7 +4,7 @@
 //! [`crate::models::VqAutoencoder`] are built from them, with different quantizers between.
 
 use candle_core::Tensor;
-use qcl_tensor::Result;
+use qcl_tensor::{Error, Result};
 
 use crate::layers::{
     residual_relu, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module,
@@ -35,6 +35,24 @@ impl ResBlock {
 
     fn forward_rectified(&self, h: &Tensor) -> Result<Tensor> {
         residual_relu(h, &self.conv3, &self.conv1)
+    }
+}
+
+/// [`Error::InvalidParameter`] unless `downsample` is 2 or 4, the outer channel count is at
+/// least 1 and `c` is at least 1 (even for downsampling 2, whose first convolution has `c/2`).
+fn check_shape(outer: usize, c: usize, downsample: usize) -> Result<()> {
+    let valid =
+        outer >= 1 && c >= 1 && (downsample == 4 || (downsample == 2 && c.is_multiple_of(2)));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid_parameter(
+            "conv autoencoder",
+            format!(
+                "need downsampling 2 (even C) or 4 and at least one channel, got downsampling \
+                 {downsample}, C = {c}, outer channels {outer}"
+            ),
+        ))
     }
 }
 
@@ -70,6 +88,8 @@ fn up() -> ConvTranspose2dConfig {
 /// let z = encoder.forward(&x)?;
 /// assert_eq!(z.dims(), &[2, 8, 14, 14]);
 /// assert_eq!(decoder.forward(&z)?.dims(), x.dims());
+/// // Downsampling 3 is not one of the two shapes.
+/// assert!(ConvEncoder::new(&root.pp("bad"), 1, 8, 3, 1).is_err());
 /// # Ok::<(), qcl_tensor::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -84,7 +104,8 @@ impl ConvEncoder {
     /// 2 or 4, `res` residual blocks; parameters under `path` (`conv_a`, `conv_b`, `res{i}`).
     ///
     /// # Errors
-    /// A name clash in the store.
+    /// [`Error::InvalidParameter`] for another downsampling, no channels or an odd `c` at
+    /// downsampling 2; a name clash in the store.
     pub fn new(
         path: &ParamPath,
         c_in: usize,
@@ -92,6 +113,7 @@ impl ConvEncoder {
         downsample: usize,
         res: usize,
     ) -> Result<Self> {
+        check_shape(c_in, c, downsample)?;
         let (first, second) = if downsample == 4 {
             (
                 Conv2d::new(&path.pp("conv_a"), c_in, c, 4, down())?,
@@ -143,7 +165,7 @@ impl ConvDecoder {
     /// blocks; parameters under `path` (`res{i}`, `up_a`, `up_out`).
     ///
     /// # Errors
-    /// A name clash in the store.
+    /// As [`ConvEncoder::new`].
     pub fn new(
         path: &ParamPath,
         c_out: usize,
@@ -151,6 +173,7 @@ impl ConvDecoder {
         downsample: usize,
         res: usize,
     ) -> Result<Self> {
+        check_shape(c_out, c, downsample)?;
         let blocks = (0..res)
             .map(|i| ResBlock::new(&path.pp(format!("res{i}")), c))
             .collect::<Result<_>>()?;

@@ -44,6 +44,15 @@ impl Metric {
         self != Metric::L2
     }
 
+    /// The value a search minimises between a prepared query and a stored vector: the squared
+    /// distance, or the negated inner product (cosine rows are unit length by then).
+    pub(crate) fn internal(self, query: &[f32], vector: &[f32]) -> f32 {
+        match self {
+            Metric::L2 => qcl_tensor::squared_distance(query, vector),
+            _ => -query.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>(),
+        }
+    }
+
     /// The score reported for an internal (minimised) value.
     pub(crate) fn score(self, internal: f32) -> f32 {
         if self.higher_is_better() {

@@ -400,7 +400,7 @@ pub fn train_opq(
     let offset = best.rotation.apply(&mean)?;
     candidates.push(shift_codebooks(&best.quantizer, &offset)?);
     for pq in candidates {
-        let error = quantization_mse(&rotated, &pq)?;
+        let error = crate::reconstruction_mse(&pq, &rotated)?;
         if error < chosen.0 {
             chosen = (error, best.rotation.clone(), pq);
         }
@@ -423,13 +423,7 @@ pub fn reconstruction_mse(data: &[f32], rotation: &Rotation, pq: &ProductQuantiz
             actual: vec![rotation.dim(), rotation.dim()],
         });
     }
-    quantization_mse(&rotation.apply(data)?, pq)
-}
-
-/// Mean squared error of `pq` on `rows` (already rotated).
-fn quantization_mse(rows: &[f32], pq: &ProductQuantizer) -> Result<f64> {
-    let decoded = pq.decode(&pq.encode(rows)?)?;
-    Ok(mean_squared_error(rows, &decoded, pq.dim()))
+    crate::reconstruction_mse(pq, &rotation.apply(data)?)
 }
 
 /// `Σ ‖y − ŷ‖² / n` in `f64`, in order.

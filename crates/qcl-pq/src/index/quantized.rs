@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use qcl_tensor::{squared_distance, Result};
+use qcl_tensor::Result;
 
 use super::flat::{new_rows, SearchConfig};
 use super::search::{check_queries, search_all};
@@ -79,14 +79,6 @@ impl<Q: Quantizer> QuantizedIndex<Q> {
     pub fn memory_bytes(&self) -> usize {
         self.codes.as_ref().map_or(0, |c| c.bytes().len()) + 8 * self.ids.len()
     }
-
-    /// The value the search minimises: the squared distance, or the negated inner product.
-    fn internal(&self, query: &[f32], vector: &[f32]) -> f32 {
-        match self.metric {
-            Metric::L2 => squared_distance(query, vector),
-            _ => -query.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>(),
-        }
-    }
 }
 
 impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
@@ -152,7 +144,7 @@ impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
             || (),
             |_, query, _, top| {
                 for (vector, &id) in decoded.chunks_exact(dim).zip(&self.ids) {
-                    top.push(self.internal(query, vector), id);
+                    top.push(self.metric.internal(query, vector), id);
                 }
             },
         ))

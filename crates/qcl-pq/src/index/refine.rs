@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use qcl_tensor::{squared_distance, Error, Result};
+use qcl_tensor::{Error, Result};
 
 use super::flat::SearchConfig;
 use super::search::{check_queries, search_all};
@@ -123,10 +123,7 @@ impl<I: VectorIndex> Refine<I> {
     fn exact_value(&self, query: &[f32], row: usize) -> f32 {
         let dim = self.inner.dim();
         let vector = &self.vectors[row * dim..(row + 1) * dim];
-        match self.inner.metric() {
-            Metric::L2 => squared_distance(query, vector),
-            _ => -query.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>(),
-        }
+        self.inner.metric().internal(query, vector)
     }
 }
 

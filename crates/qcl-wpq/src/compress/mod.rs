@@ -249,10 +249,11 @@ fn reassign_layer(
     } else {
         let m = geometry.n_blocks();
         let rows = cfg.rows_per_iteration.div_ceil(m).max((4 * d).div_ceil(m));
-        let patches = crate::em::PatchSampler::sample(inputs, rows, rng)?;
-        let patch_len = crate::em::PatchSampler::patch_len(inputs);
-        let gram = crate::em::pooled_gram(&patches, patch_len, d)?;
-        Some(crate::metric::Metric::from_gram(&gram, d)?)
+        let source = crate::MetricSource::Sampled {
+            sampler: inputs,
+            patch_rows: rows,
+        };
+        Some(crate::metric::metric_of(source, d, rng)?)
     };
     let sub = geometry.unroll(&reference.flatten_all()?.to_vec1::<f32>()?)?;
     let changed = layer.pq.reassign(&sub, metric.as_ref())?;

@@ -229,7 +229,7 @@ pub fn quantize_pq(
         (true, None, _) if quad.is_some() => MetricSource::Identity,
         _ => return Err(missing(objective)),
     };
-    let em_params = EmConfig {
+    let em_config = EmConfig {
         k,
         iterations: config.em_iterations,
         seed,
@@ -241,8 +241,8 @@ pub fn quantize_pq(
         .filter(|_| aware)
         .map(|w| (0..sub.len() / d).map(|j| w[j % rows] as f32).collect());
     let em = match &sub_weights {
-        Some(w) => weighted_em(&sub, d, &groups, n_groups, None, source, w, em_params)?,
-        None => activation_aware_em(&sub, d, &groups, n_groups, None, source, em_params)?,
+        Some(w) => weighted_em(&sub, d, &groups, n_groups, None, source, w, em_config)?,
+        None => activation_aware_em(&sub, d, &groups, n_groups, None, source, em_config)?,
     };
     let mut tensor = PqTensor {
         geometry,

@@ -26,6 +26,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   OPQ + IVF-PQ with re-ranking, IVF-PQ 4-bit) on Fashion-MNIST and GloVe: \
                   recall against queries per second, against faiss in the same run.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 

@@ -37,6 +37,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   2-bit fine-tuning, λ chosen on a validation split; ACC/FGT over seeds and \
                   the expected orderings H1–H5, S1–S5.",
     needs_data: true,
+    takes_seeds: true,
     run,
 };
 

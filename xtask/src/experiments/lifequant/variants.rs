@@ -28,6 +28,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   the MNIST sanity run; M0, M3 and M4 at the λ chosen on validation by \
                   `lifequant`.",
     needs_data: true,
+    takes_seeds: true,
     run,
 };
 

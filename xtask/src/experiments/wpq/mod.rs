@@ -38,6 +38,7 @@ pub const EXPERIMENT: Experiment = Experiment {
                   vs naive k-means, layer-wise and global distillation, uniform scalar \
                   baselines and the fork's variants; test accuracy against the size ratio.",
     needs_data: true,
+    takes_seeds: false,
     run,
 };
 
