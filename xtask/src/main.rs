@@ -15,6 +15,7 @@ mod experiments;
 mod glove;
 mod plot;
 mod reproduce;
+mod resume;
 mod text_data;
 
 use std::collections::BTreeMap;
@@ -291,6 +292,7 @@ fn main() -> Result<()> {
             let args_line: Vec<String> = std::env::args().skip(1).collect();
             let ctx = Context {
                 seeds: args.seeds,
+                resume_dir: Some(cli.data_dir.join("resume")),
                 ..Context::new(
                     cli.data_dir.clone(),
                     args.out.clone(),

@@ -22,6 +22,7 @@ pub enum Mode {
 }
 
 /// What an experiment gets to work with.
+#[derive(Debug, Clone)]
 pub struct Context {
     /// Directory of the prepared data sets.
     pub data_dir: PathBuf,
@@ -37,6 +38,9 @@ pub struct Context {
     /// Seeds `0..n` instead of the experiment's own list (`--seeds n`), for the experiments that
     /// take it ([`Experiment::takes_seeds`]); `None` keeps each experiment's default.
     pub seeds: Option<u64>,
+    /// Where long experiments keep their finished pieces so that a stopped run resumes
+    /// (`data/resume` for `cargo xtask reproduce`; `None` keeps nothing). See [`crate::resume`].
+    pub resume_dir: Option<PathBuf>,
 }
 
 impl Context {
@@ -49,13 +53,16 @@ impl Context {
             commit: git_commit(&crate::workspace_root()),
             command,
             seeds: None,
+            resume_dir: None,
         }
     }
 }
 
 /// `git rev-parse HEAD` of the repository at `root`, with `-dirty` appended when a tracked file
-/// differs from it (untracked files do not count, as for `git describe --dirty`); `unknown`
-/// without git or outside a repository.
+/// differs from it (untracked files do not count, as for `git describe --dirty`, nor do the
+/// results under `docs/results/`, which are the output, not the code: one experiment's results
+/// written before the next starts leave the commit clean); `unknown` without git or outside a
+/// repository.
 pub fn git_commit(root: &Path) -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -70,7 +77,14 @@ pub fn git_commit(root: &Path) -> String {
     let Some(head) = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) else {
         return "unknown".into();
     };
-    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+    match git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)docs/results",
+    ]) {
         Some(changes) if changes.is_empty() => head,
         _ => format!("{head}-dirty"),
     }
@@ -407,6 +421,33 @@ mod tests {
         );
         let outside = tempfile::tempdir().unwrap();
         assert_eq!(git_commit(outside.path()), "unknown");
+    }
+
+    #[test]
+    fn changed_results_leave_the_commit_clean_and_changed_code_does_not() {
+        let repo = tempfile::tempdir().unwrap();
+        let root = repo.path();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .args(["-C", root.to_str().unwrap()])
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .map(|o| o.status.success());
+            assert!(matches!(ok, Ok(true)), "git {args:?}");
+        };
+        std::fs::create_dir_all(root.join("docs/results")).unwrap();
+        std::fs::write(root.join("docs/results/x.md"), "old").unwrap();
+        std::fs::write(root.join("code.rs"), "fn f() {}").unwrap();
+        git(&["init", "-q"]);
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "x"]);
+        let clean = git_commit(root);
+        assert_eq!(clean.len(), 40, "{clean}");
+        std::fs::write(root.join("docs/results/x.md"), "new").unwrap();
+        assert_eq!(git_commit(root), clean);
+        std::fs::write(root.join("code.rs"), "fn g() {}").unwrap();
+        assert_eq!(git_commit(root), format!("{clean}-dirty"));
     }
 
     #[test]

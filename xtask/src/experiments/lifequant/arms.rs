@@ -14,9 +14,10 @@ use qcl_continual::{
 };
 use qcl_nn::ParamStore;
 use qcl_tensor::Seed;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Settings, Setup, TaskScheduleJson};
+use crate::resume::Resume;
 
 /// One arm of the experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -173,7 +174,7 @@ impl ArmStrategy for FineTune {
 }
 
 /// What one finished run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scores {
     /// Test accuracy matrix (rows: after task i).
     pub matrix: Vec<Vec<Option<f64>>>,
@@ -197,7 +198,7 @@ pub struct Scores {
 
 /// One arm on one seed at one λ: its scores, or where its loss became non-finite (a λ too
 /// large for the explicit penalty step diverges; that is a result, not a failed experiment).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArmRun {
     /// Arm id.
     pub arm: String,
@@ -212,7 +213,7 @@ pub struct ArmRun {
 }
 
 /// Task-0 pretraining of one seed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pretraining {
     /// Seed.
     pub seed: u64,
@@ -313,6 +314,54 @@ pub fn pretrain(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((pretraining, checkpoints))
+}
+
+/// [`pretrain`], or its checkpoints and scores read back from an earlier start through
+/// `resume` (piece `pretrain-seed{seed}`).
+pub fn pretrain_or_resume(
+    resume: &Resume,
+    settings: &Settings,
+    setup: &Setup,
+    seed: u64,
+) -> Result<(Pretraining, Checkpoints)> {
+    let (pretraining, flat) = resume.with_tensors(&format!("pretrain-seed{seed}"), || {
+        let (pretraining, checkpoints) = pretrain(settings, setup, seed)?;
+        let flat = checkpoints
+            .into_iter()
+            .flat_map(|(bits, named)| {
+                named
+                    .into_iter()
+                    .map(move |(name, t)| (format!("{bits}/{name}"), t))
+            })
+            .collect();
+        Ok((pretraining, flat))
+    })?;
+    let mut checkpoints = Checkpoints::new();
+    for (key, t) in flat {
+        let (bits, name) = key
+            .split_once('/')
+            .and_then(|(b, n)| Some((b.parse::<u32>().ok()?, n)))
+            .with_context(|| format!("checkpoint entry {key:?} is not `bits/name`"))?;
+        checkpoints
+            .entry(bits)
+            .or_default()
+            .insert(name.to_string(), t);
+    }
+    Ok((pretraining, checkpoints))
+}
+
+/// [`attempt`], or its run read back from an earlier start through `resume`.
+pub fn attempt_or_resume(
+    resume: &Resume,
+    (settings, setup, checkpoints): (&Settings, &Setup, &Checkpoints),
+    arm: Arm,
+    lambda: f64,
+    seed: u64,
+) -> Result<ArmRun> {
+    let key = format!("{}-lambda{lambda}-seed{seed}", arm.id());
+    resume.json(&key, || {
+        attempt(settings, setup, checkpoints, arm, lambda, seed)
+    })
 }
 
 /// Runs `arm` at `lambda` over tasks 1.. from the task-0 checkpoint of its bit width; a

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::data::dataset_path;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
+use crate::resume::Resume;
 
 pub use arms::{Arm, ArmRun, Pretraining};
 pub use report::LambdaChoice;
@@ -145,6 +146,15 @@ impl Settings {
         }
         settings
     }
+
+    /// These settings without their seed list: what shapes one seed's runs, and so the scope
+    /// of the pieces a stopped run resumes from (`--seeds 5` reuses the pieces of seeds 0–2).
+    pub fn without_seeds(&self) -> Self {
+        Settings {
+            seeds: Vec::new(),
+            ..self.clone()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -209,6 +219,8 @@ pub struct Runs {
     pub runs: Vec<ArmRun>,
     /// The λ chosen on validation for M1 and for M4.
     pub chosen: BTreeMap<String, LambdaChoice>,
+    /// What was read back from an earlier start of the run, if anything.
+    pub resumed: Option<String>,
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
@@ -228,6 +240,7 @@ pub fn run_with(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let setup = Setup::new(data, settings)?;
+    let resume = Resume::new(ctx, EXPERIMENT.name).scope(&settings.without_seeds())?;
     let per_seed = 1
         + Arm::WITHOUT_LAMBDA.len()
         + Arm::SWEPT.len() * settings.lambdas.len()
@@ -238,7 +251,7 @@ pub fn run_with(
     let mut runs = Vec::new();
     for &seed in &settings.seeds {
         bar.set_message(format!("lifequant seed {seed}: task 0 FP32 → 8 → 4/2 bit"));
-        let (pre, checkpoint) = arms::pretrain(settings, &setup, seed)
+        let (pre, checkpoint) = arms::pretrain_or_resume(&resume, settings, &setup, seed)
             .with_context(|| format!("task-0 pretraining, seed {seed}"))?;
         pretraining.push(pre);
         bar.inc(1);
@@ -248,14 +261,8 @@ pub fn run_with(
         }
         for (arm, lambda) in plan {
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            runs.push(arms::attempt(
-                settings,
-                &setup,
-                &checkpoint,
-                arm,
-                lambda,
-                seed,
-            )?);
+            let inputs = (settings, &setup, &checkpoint);
+            runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
             bar.inc(1);
         }
         checkpoints.push(checkpoint);
@@ -270,9 +277,8 @@ pub fn run_with(
         for arm in Arm::AT_CHOSEN {
             let lambda = if arm.takes_lambda() { m4_lambda } else { 0.0 };
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            runs.push(arms::attempt(
-                settings, &setup, checkpoint, arm, lambda, seed,
-            )?);
+            let inputs = (settings, &setup, checkpoint);
+            runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
             bar.inc(1);
         }
     }
@@ -280,6 +286,7 @@ pub fn run_with(
         pretraining,
         runs,
         chosen,
+        resumed: resume.note(),
     };
     report::outcome(
         ctx,

@@ -346,6 +346,7 @@ pub fn outcome(
     let markdown = [
         verdict,
         text::setup(settings, setup, &view),
+        runs.resumed.clone().unwrap_or_default(),
         format!(
             "## Task 0 (test accuracy %, per stage)\n\n{}",
             text::pretraining(runs)
@@ -366,6 +367,9 @@ pub fn outcome(
         ),
         format!("## Expected orderings\n\n{}", text::orderings(&orderings)),
     ]
+    .into_iter()
+    .filter(|part| !part.is_empty())
+    .collect::<Vec<_>>()
     .join("\n\n");
     let (acc, fgt) = (|a| view.acc(a), |a| view.fgt(a));
     let summary = format!(
@@ -398,6 +402,7 @@ pub fn outcome(
             "pretraining": runs.pretraining,
             "runs": runs.runs,
             "chosen_lambda": runs.chosen,
+            "resumed": runs.resumed,
             "momentum": TrainerConfig::default().momentum,
             "orderings": orderings,
             "hard_orderings_held": hard_failed.is_empty(),

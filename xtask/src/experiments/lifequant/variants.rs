@@ -19,6 +19,7 @@ use super::{plots, Settings, Setup};
 use crate::data::dataset_path;
 use crate::experiments::mean_std;
 use crate::reproduce::{Context, Experiment, Outcome};
+use crate::resume::Resume;
 
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
@@ -163,6 +164,7 @@ pub fn run_with(
     let started = Instant::now();
     let (lambda, source) = chosen;
     let per_seed = (1 + ARMS.len()) * base.seeds.len();
+    let every_variant = Resume::new(ctx, EXPERIMENT.name);
     bar.set_length(bar.length().unwrap_or(0) + (VARIANTS.len() * per_seed) as u64);
     let mut results = Vec::new();
     for variant in VARIANTS {
@@ -173,6 +175,7 @@ pub fn run_with(
             ..base.clone()
         };
         let setup = Setup::new(&load(variant.dataset)?, &settings)?;
+        let resume = every_variant.scope(&(variant.name, settings.without_seeds()))?;
         let mut done = VariantRuns {
             variant,
             tasks: setup
@@ -186,7 +189,7 @@ pub fn run_with(
         };
         for &seed in &settings.seeds {
             bar.set_message(format!("lifequant {}: seed {seed}, task 0", variant.name));
-            let (pre, checkpoints) = arms::pretrain(&settings, &setup, seed)
+            let (pre, checkpoints) = arms::pretrain_or_resume(&resume, &settings, &setup, seed)
                 .with_context(|| format!("{}: task-0 pretraining, seed {seed}", variant.name))?;
             done.pretraining.push(pre);
             bar.inc(1);
@@ -197,7 +200,8 @@ pub fn run_with(
                     variant.name,
                     arm.id()
                 ));
-                let run = arms::attempt(&settings, &setup, &checkpoints, arm, l, seed)
+                let inputs = (&settings, &setup, &checkpoints);
+                let run = arms::attempt_or_resume(&resume, inputs, arm, l, seed)
                     .with_context(|| variant.name)?;
                 done.runs.push(run);
                 bar.inc(1);
@@ -205,7 +209,8 @@ pub fn run_with(
         }
         results.push(done);
     }
-    outcome(ctx, base, &results, (lambda, source), started)
+    let resumed = every_variant.note();
+    outcome(ctx, base, &results, (lambda, source), (started, resumed))
 }
 
 fn outcome(
@@ -213,7 +218,7 @@ fn outcome(
     base: &Settings,
     results: &[VariantRuns],
     chosen: (f64, &str),
-    started: Instant,
+    (started, resumed): (Instant, Option<String>),
 ) -> Result<Outcome> {
     let pct = |s: &[&Scores], f: fn(&Scores) -> f64| {
         let (m, sd) = stat_of(s, |x| 100.0 * f(x));
@@ -288,11 +293,15 @@ fn outcome(
          {val_pct}% held out, QResNet-8 at {w:?}, the same schedules, seeds {seeds:?}. M4 runs \
          at λ = {lambda}, the λ the main run chose on validation ({source}). H2: M0's orphan \
          accuracy < 10 % and FGT ≥ 20; H3: FGT(M4) ≤ FGT(M0) − 10 and ACC(M4) ≥ ACC(M0) + 10; \
-         S5: M4 − M3 paired by seed, mean ± std.\n\n{table}",
+         S5: M4 − M3 paired by seed, mean ± std.\n\n{table}{resumed}",
         per = base.train_per_class,
         val_pct = 100.0 * base.validation_fraction,
         w = base.widths,
         seeds = base.seeds,
+        resumed = resumed
+            .as_ref()
+            .map(|note| format!("\n{note}\n"))
+            .unwrap_or_default(),
     );
     Ok(Outcome {
         summary: format!("{} variants at λ = {lambda}", results.len()),
@@ -302,6 +311,7 @@ fn outcome(
             "lambda_source": source,
             "variants": results,
             "verdicts": verdicts,
+            "resumed": resumed,
             "seconds": started.elapsed().as_secs_f64(),
         }),
         markdown,
