@@ -44,13 +44,13 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for `command`, with the workspace's current commit.
+    /// A context for `command`, with the commit this program was built from.
     pub fn new(data_dir: PathBuf, out_dir: PathBuf, mode: Mode, command: String) -> Self {
         Context {
             data_dir,
             out_dir,
             mode,
-            commit: git_commit(&crate::workspace_root()),
+            commit: BUILD_COMMIT.to_string(),
             command,
             seeds: None,
             resume_dir: None,
@@ -58,37 +58,11 @@ impl Context {
     }
 }
 
-/// `git rev-parse HEAD` of the repository at `root`, with `-dirty` appended when a tracked file
-/// differs from it (untracked files do not count, as for `git describe --dirty`, nor do the
-/// results under `docs/results/`, which are the output, not the code: one experiment's results
-/// written before the next starts leave the commit clean); `unknown` without git or outside a
-/// repository.
-pub fn git_commit(root: &Path) -> String {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .arg("-C")
-            .arg(root)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let Some(head) = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) else {
-        return "unknown".into();
-    };
-    match git(&[
-        "status",
-        "--porcelain",
-        "--untracked-files=no",
-        "--",
-        ".",
-        ":(exclude)docs/results",
-    ]) {
-        Some(changes) if changes.is_empty() => head,
-        _ => format!("{head}-dirty"),
-    }
-}
+/// The commit this program was built from: `git rev-parse HEAD` of the workspace when
+/// `build.rs` last ran (it runs again on every commit and code change), with `-dirty` when a
+/// tracked file outside `docs/results/` differed, `unknown` without git (`git_commit.rs`). A
+/// result names the code that made it, even when the workspace moves on during a long run.
+pub const BUILD_COMMIT: &str = env!("QCL_BUILD_COMMIT");
 
 /// `cargo xtask` followed by `args`, each quoted for a POSIX shell when it needs it, so that
 /// the line can be pasted back into a terminal.
@@ -168,7 +142,7 @@ pub struct ResultFile {
     pub mode: Mode,
     /// Wall time of the run in seconds.
     pub seconds: f64,
-    /// The commit the results were produced at (see [`git_commit`]).
+    /// The commit the results were produced at (see [`BUILD_COMMIT`]).
     #[serde(default)]
     pub commit: String,
     /// The exact command that produced them.
@@ -339,6 +313,8 @@ pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
 mod tests {
     use super::*;
 
+    include!("git_commit.rs");
+
     #[test]
     fn datasets_experiment_runs_on_the_fixtures_and_the_report_links_it() {
         let out = tempfile::tempdir().unwrap();
@@ -412,13 +388,14 @@ mod tests {
     #[test]
     fn commit_is_a_hash_or_unknown() {
         let root = crate::workspace_root();
-        let commit = git_commit(&root);
-        let hash = commit.trim_end_matches("-dirty");
-        assert!(
-            commit == "unknown"
-                || (hash.len() == 40 && hash.chars().all(|c| c.is_ascii_hexdigit())),
-            "{commit}"
-        );
+        for commit in [git_commit(&root), BUILD_COMMIT.to_string()] {
+            let hash = commit.trim_end_matches("-dirty");
+            assert!(
+                commit == "unknown"
+                    || (hash.len() == 40 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+                "{commit}"
+            );
+        }
         let outside = tempfile::tempdir().unwrap();
         assert_eq!(git_commit(outside.path()), "unknown");
     }
