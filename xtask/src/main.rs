@@ -140,6 +140,10 @@ struct ReproduceArgs {
     /// explicitly: the others refuse it).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
     seeds: Option<u64>,
+    /// Run every named experiment again, even one whose results this same build already wrote,
+    /// and reuse no finished piece of a stopped run (`data/resume/`).
+    #[arg(long)]
+    rerun: bool,
 }
 
 /// `--seeds` only with experiments that take it, each named.
@@ -292,7 +296,7 @@ fn main() -> Result<()> {
             let args_line: Vec<String> = std::env::args().skip(1).collect();
             let ctx = Context {
                 seeds: args.seeds,
-                resume_dir: Some(cli.data_dir.join("resume")),
+                resume_dir: (!args.rerun).then(|| cli.data_dir.join("resume")),
                 ..Context::new(
                     cli.data_dir.clone(),
                     args.out.clone(),

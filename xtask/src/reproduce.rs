@@ -40,6 +40,9 @@ pub struct Context {
     pub seeds: Option<u64>,
     /// Where long experiments keep their finished pieces so that a stopped run resumes
     /// (`data/resume` for `cargo xtask reproduce`; `None` keeps nothing). See [`crate::resume`].
+    /// With it, an experiment whose results this build already wrote (same clean commit, mode
+    /// and seeds) is not run again: a stopped `reproduce` of many experiments picks up at the
+    /// first one it had not finished.
     pub resume_dir: Option<PathBuf>,
 }
 
@@ -148,6 +151,9 @@ pub struct ResultFile {
     /// The exact command that produced them.
     #[serde(default)]
     pub command: String,
+    /// `--seeds N` when the run asked for it.
+    #[serde(default)]
+    pub seeds: Option<u64>,
     /// One-line summary.
     pub summary: String,
     /// PNG files with captions.
@@ -182,6 +188,17 @@ pub fn run(names: &[String], ctx: &Context) -> Result<()> {
     let mut failures = Vec::new();
     for experiment in chosen {
         bar.set_message(experiment.name.to_string());
+        if let Some(found) = made_by_this_build(ctx, experiment) {
+            bar.println(format!(
+                "{}: kept the results this build already wrote ({} mode, commit {}, `{}`)",
+                experiment.name,
+                found.mode.name(),
+                found.commit,
+                found.command
+            ));
+            bar.inc(1);
+            continue;
+        }
         let started = Instant::now();
         match (experiment.run)(ctx, &bar) {
             Ok(outcome) => {
@@ -206,6 +223,28 @@ pub fn run(names: &[String], ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+/// The seeds `ctx` asks of `experiment` (`None`: its default).
+fn seeds_for(ctx: &Context, experiment: &Experiment) -> Option<u64> {
+    ctx.seeds.filter(|_| experiment.takes_seeds)
+}
+
+/// The results of `experiment` in `ctx`'s output directory when this build wrote them for the
+/// same mode and seeds at a clean commit and resuming is on ([`Context::resume_dir`]).
+fn made_by_this_build(ctx: &Context, experiment: &Experiment) -> Option<ResultFile> {
+    let clean = ctx.commit.len() == 40 && ctx.commit.bytes().all(|b| b.is_ascii_hexdigit());
+    if ctx.resume_dir.is_none() || !clean {
+        return None;
+    }
+    let md = ctx.out_dir.join(format!("{}.md", experiment.name));
+    let json = std::fs::read(ctx.out_dir.join(format!("{}.json", experiment.name))).ok()?;
+    let file: ResultFile = serde_json::from_slice(&json).ok()?;
+    (md.is_file()
+        && file.commit == ctx.commit
+        && file.mode == ctx.mode
+        && file.seeds == seeds_for(ctx, experiment))
+    .then_some(file)
+}
+
 fn write_outputs(
     ctx: &Context,
     experiment: &Experiment,
@@ -219,6 +258,7 @@ fn write_outputs(
         seconds,
         commit: ctx.commit.clone(),
         command: ctx.command.clone(),
+        seeds: seeds_for(ctx, experiment),
         summary: outcome.summary,
         plots: outcome.plots,
         figures: outcome.figures,
@@ -358,6 +398,69 @@ mod tests {
             .file_name()
             .to_string_lossy()
             .starts_with('.')));
+    }
+
+    #[test]
+    fn results_this_build_wrote_are_kept_unless_mode_seeds_or_commit_differ() {
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context {
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            resume_dir: Some(out.path().join("resume")),
+            ..Context::new(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
+                out.path().to_path_buf(),
+                Mode::Quick,
+                "cargo xtask reproduce datasets".into(),
+            )
+        };
+        let json = out.path().join("datasets.json");
+        let written = |ctx: &Context| {
+            std::fs::write(&json, b"{}").unwrap();
+            run(&["datasets".to_string()], ctx).unwrap();
+            std::fs::read(&json).unwrap() != b"{}"
+        };
+        assert!(written(&ctx));
+        // The same build, mode and seeds: kept as it is.
+        let first = std::fs::read(&json).unwrap();
+        run(&["datasets".to_string()], &ctx).unwrap();
+        assert_eq!(std::fs::read(&json).unwrap(), first);
+        let datasets = registry()
+            .into_iter()
+            .find(|e| e.name == "datasets")
+            .unwrap();
+        assert!(made_by_this_build(&ctx, &datasets).is_some());
+        let other_mode = Context {
+            mode: Mode::Full,
+            ..ctx.clone()
+        };
+        let other_commit = Context {
+            commit: "f".repeat(40),
+            ..ctx.clone()
+        };
+        let dirty = Context {
+            commit: format!("{}-dirty", ctx.commit),
+            ..ctx.clone()
+        };
+        let rerun = Context {
+            resume_dir: None,
+            ..ctx.clone()
+        };
+        for other in [other_mode, other_commit, dirty, rerun] {
+            std::fs::write(&json, &first).unwrap();
+            assert!(made_by_this_build(&other, &datasets).is_none());
+        }
+        // Seeds count only for the experiments that take them.
+        let lifequant = registry()
+            .into_iter()
+            .find(|e| e.name == "lifequant")
+            .unwrap();
+        let five = Context {
+            seeds: Some(5),
+            ..ctx.clone()
+        };
+        assert!(made_by_this_build(&five, &datasets).is_some());
+        assert_eq!(seeds_for(&five, &lifequant), Some(5));
+        assert_eq!(seeds_for(&five, &datasets), None);
     }
 
     #[test]
