@@ -22,7 +22,7 @@ use qcl_data::import::import_idx_dir;
 use qcl_data::{Dataset, KnownDataset, SplitDataset};
 
 use crate::text_data::{
-    fetch_and_unpack_deb, pin, read_pinned, record, Outcome, Pin, TextDataset, TextEntry, MIB,
+    fetch_and_unpack_deb, pin, read_all_pinned, record, Outcome, Pin, TextDataset, TextEntry, MIB,
 };
 
 /// The installed file, relative to the data directory.
@@ -117,9 +117,7 @@ fn renamed(dataset: &Dataset) -> Result<Dataset> {
 /// parse; an error for a skipped record or a count other than the pinned one. Nothing is
 /// written then.
 pub fn install(data_dir: &Path, dir: &Path, source: &DebianFashionMnist) -> Result<TextEntry> {
-    for pin in &source.files {
-        read_pinned(&dir.join(&pin.name), pin)?;
-    }
+    read_all_pinned(dir, &source.files)?;
     let (split, report) = import_idx_dir(KnownDataset::FashionMnist, dir)
         .with_context(|| format!("importing the IDX files in {}", dir.display()))?;
     if let Some(first) = report.skipped.first() {

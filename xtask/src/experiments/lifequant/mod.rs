@@ -26,7 +26,7 @@ use crate::data::dataset_path;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 use crate::resume::Resume;
 
-pub use arms::{Arm, ArmRun, Pretraining};
+pub use arms::{Arm, ArmRun, ArmStart, Pretraining};
 pub use report::LambdaChoice;
 
 /// The registry entry.
@@ -261,7 +261,11 @@ pub fn run_with(
         }
         for (arm, lambda) in plan {
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            let inputs = (settings, &setup, &checkpoint);
+            let inputs = ArmStart {
+                settings,
+                setup: &setup,
+                checkpoints: &checkpoint,
+            };
             runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
             bar.inc(1);
         }
@@ -277,7 +281,11 @@ pub fn run_with(
         for arm in Arm::AT_CHOSEN {
             let lambda = if arm.takes_lambda() { m4_lambda } else { 0.0 };
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            let inputs = (settings, &setup, checkpoint);
+            let inputs = ArmStart {
+                settings,
+                setup: &setup,
+                checkpoints: checkpoint,
+            };
             runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
             bar.inc(1);
         }

@@ -200,7 +200,11 @@ pub fn run_with(
                     variant.name,
                     arm.id()
                 ));
-                let inputs = (&settings, &setup, &checkpoints);
+                let inputs = arms::ArmStart {
+                    settings: &settings,
+                    setup: &setup,
+                    checkpoints: &checkpoints,
+                };
                 let run = arms::attempt_or_resume(&resume, inputs, arm, l, seed)
                     .with_context(|| variant.name)?;
                 done.runs.push(run);
