@@ -26,6 +26,17 @@ fn layer() -> QLayer {
     .unwrap()
 }
 
+/// The layer's codebook as it is now, flattened row by row.
+fn codebook_values(l: &QLayer) -> Vec<f32> {
+    l.quantizer()
+        .codebook()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn parameter_counts_match_the_method() {
     // Fashion-MNIST: encoder 15,216 + decoder 10,817 (docs/methods/aqm.md
@@ -78,16 +89,7 @@ fn shapes_nonnegative_latent_and_decode_of_indices() {
         }
     }
     // The codebook moved (EMA update in training).
-    assert_ne!(
-        l.quantizer()
-            .codebook()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap(),
-        book
-    );
+    assert_ne!(codebook_values(&l), book);
 }
 
 #[test]
@@ -109,14 +111,7 @@ fn freezing_waits_230_updates_at_rate_001_then_trims_and_fixes_the_codebook() {
     assert!(k >= l.stats().used_at_freeze.unwrap());
     assert_eq!(l.bits_per_sample(), 196 * u64::from(bits_for(k)));
     assert_eq!(l.model_cost_params(), cost_before + 10_817);
-    let book = l
-        .quantizer()
-        .codebook()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let book = codebook_values(&l);
     for s in 0..3 {
         let out = l.forward(&images(4, 10 + s), true).unwrap();
         let loss = l.loss(&out, &images(4, 10 + s), 0, true).unwrap();
@@ -124,14 +119,7 @@ fn freezing_waits_230_updates_at_rate_001_then_trims_and_fixes_the_codebook() {
         let idx: Vec<u32> = out.indices.flatten_all().unwrap().to_vec1().unwrap();
         assert!(idx.iter().all(|&i| (i as usize) < k));
     }
-    let after = l
-        .quantizer()
-        .codebook()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let after = codebook_values(&l);
     assert_eq!(book, after, "a frozen codebook must stay bit-identical");
 }
 

@@ -277,6 +277,107 @@ fn never_trained(task: usize, finished: usize) -> Error {
     )
 }
 
+/// The heads of a multi-head model: the finished tasks' frozen heads, in task order, and the
+/// trainable head of the task in progress, if any.
+#[derive(Debug, Clone, Default)]
+struct TaskHeads {
+    frozen: Vec<FrozenHead>,
+    current: Option<(usize, Head)>,
+}
+
+impl TaskHeads {
+    /// Finished tasks.
+    fn finished(&self) -> usize {
+        self.frozen.len()
+    }
+
+    /// Whether a task is in progress.
+    fn in_progress(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Starts `task` (checked to come next) with a fresh head of `classes` outputs.
+    fn begin(
+        &mut self,
+        config: &NetConfig,
+        seed: Seed,
+        device: &Device,
+        task: usize,
+        classes: usize,
+    ) -> Result<()> {
+        check_next_task(task, self.finished(), classes)?;
+        self.current = Some((task, task_head(config, seed, device, task, classes)?));
+        Ok(())
+    }
+
+    /// Appends the current head's variables, `head{t}.weight` and `head{t}.bias`, to `vars`.
+    fn push_trainable(&self, vars: &mut Vec<(String, Var)>) {
+        if let Some((t, head)) = &self.current {
+            vars.push((format!("head{t}.weight"), head.weight.clone()));
+            vars.push((format!("head{t}.bias"), head.bias.clone()));
+        }
+    }
+
+    /// The head of the task in progress.
+    fn current(&self) -> Result<&Head> {
+        let (_, head) = self.current.as_ref().ok_or_else(|| {
+            Error::invalid_parameter("task", "no task in progress; call begin_task")
+        })?;
+        Ok(head)
+    }
+
+    /// Removes the head of the task in progress, to be [`freeze`](Self::freeze)d.
+    fn take_current(&mut self) -> Result<Head> {
+        let (_, head) = self
+            .current
+            .take()
+            .ok_or_else(|| Error::invalid_parameter("task", "no task in progress to finish"))?;
+        Ok(head)
+    }
+
+    /// Stores `head` as the next finished task's frozen head.
+    fn freeze(&mut self, head: Head) {
+        self.frozen.push(head.frozen());
+    }
+
+    /// The frozen head of finished task `task`.
+    fn frozen_head(&self, task: usize) -> Result<&FrozenHead> {
+        self.frozen
+            .get(task)
+            .ok_or_else(|| never_trained(task, self.finished()))
+    }
+
+    /// Logits of the task in progress in training mode: the trunk over `x` with convolutions
+    /// `conv` (conv + ReLU) and dropout drawn from `rng`, then the current head.
+    fn train_logits(
+        &self,
+        x: &Tensor,
+        config: &NetConfig,
+        rng: &mut SeededRng,
+        conv: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        check_input(x, config)?;
+        let head = self.current()?;
+        let features = trunk(x, config.dropout, Some(rng), conv)?;
+        linear(&features, head.weight.as_tensor(), head.bias.as_tensor())
+    }
+
+    /// Logits of finished task `task` in evaluation mode: the trunk over `x` with convolutions
+    /// `conv` (conv + ReLU) and no dropout, then the task's frozen head.
+    fn eval_logits(
+        &self,
+        x: &Tensor,
+        config: &NetConfig,
+        task: usize,
+        conv: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        check_input(x, config)?;
+        let head = self.frozen_head(task)?;
+        let features = trunk(x, 0.0, None, conv)?;
+        linear(&features, &head.weight, &head.bias)
+    }
+}
+
 /// Hyperparameters of the CACL objective and the per-task rank update.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CaclConfig {
@@ -343,8 +444,7 @@ pub struct NetSvd {
     params: CaclConfig,
     seed: Seed,
     convs: Vec<SvdConv2d>,
-    heads: Vec<FrozenHead>,
-    current: Option<(usize, Head)>,
+    heads: TaskHeads,
     /// Per task, per layer: the rank update at the end of the task.
     updates: Vec<Vec<TaskRankUpdate>>,
     device: Device,
@@ -383,8 +483,7 @@ impl NetSvd {
             params: cacl_config,
             seed,
             convs,
-            heads: Vec::new(),
-            current: None,
+            heads: TaskHeads::default(),
             updates: Vec::new(),
             device: device.clone(),
         })
@@ -407,7 +506,7 @@ impl NetSvd {
 
     /// Finished tasks.
     pub fn tasks_finished(&self) -> usize {
-        self.heads.len()
+        self.heads.finished()
     }
 
     /// Current capacity `R_l` of every layer.
@@ -454,6 +553,7 @@ impl NetSvd {
                 .collect(),
             heads: self
                 .heads
+                .frozen
                 .iter()
                 .map(|h| (h.weight.dim(1).unwrap_or(0), h.weight.dim(0).unwrap_or(0)))
                 .collect(),
@@ -476,7 +576,7 @@ impl NetSvd {
             tensors.extend(conv.factors().named_tensors(&name));
             ranks.push((name, conv.factors().task_ranks().to_vec()));
         }
-        for (t, h) in self.heads.iter().enumerate() {
+        for (t, h) in self.heads.frozen.iter().enumerate() {
             tensors.push((format!("head{t}.weight"), h.weight.clone()));
             tensors.push((format!("head{t}.bias"), h.bias.clone()));
         }
@@ -559,7 +659,7 @@ impl NetSvd {
                     actual: weight.dims().to_vec(),
                 });
             }
-            net.heads.push(FrozenHead { weight, bias });
+            net.heads.frozen.push(FrozenHead { weight, bias });
         }
         // Per-task updates are not stored; rebuild `added` and `used` from the ranks.
         net.updates = (0..tasks)
@@ -586,12 +686,8 @@ impl NetSvd {
 
 impl TaskIncrementalModel for NetSvd {
     fn begin_task(&mut self, task: usize, classes: usize) -> Result<()> {
-        check_next_task(task, self.tasks_finished(), classes)?;
-        self.current = Some((
-            task,
-            task_head(&self.config, self.seed, &self.device, task, classes)?,
-        ));
-        Ok(())
+        self.heads
+            .begin(&self.config, self.seed, &self.device, task, classes)
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -601,22 +697,14 @@ impl TaskIncrementalModel for NetSvd {
             .enumerate()
             .flat_map(|(i, c)| c.factors().trainable_vars(&format!("conv{i}")))
             .collect();
-        if let Some((t, head)) = &self.current {
-            vars.push((format!("head{t}.weight"), head.weight.clone()));
-            vars.push((format!("head{t}.bias"), head.bias.clone()));
-        }
+        self.heads.push_trainable(&mut vars);
         vars
     }
 
     fn train_logits(&self, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
-        check_input(x, &self.config)?;
-        let (_, head) = self.current.as_ref().ok_or_else(|| {
-            Error::invalid_parameter("task", "no task in progress; call begin_task")
-        })?;
-        let features = trunk(x, self.config.dropout, Some(rng), |i, h| {
+        self.heads.train_logits(x, &self.config, rng, |i, h| {
             relu(&self.convs[i].forward_train(h)?)
-        })?;
-        linear(&features, head.weight.as_tensor(), head.bias.as_tensor())
+        })
     }
 
     fn penalty(&self) -> Result<Option<Tensor>> {
@@ -642,10 +730,7 @@ impl TaskIncrementalModel for NetSvd {
     }
 
     fn finish_task(&mut self) -> Result<()> {
-        let (_, head) = self
-            .current
-            .take()
-            .ok_or_else(|| Error::invalid_parameter("task", "no task in progress to finish"))?;
+        let head = self.heads.take_current()?;
         let updates = self
             .convs
             .iter_mut()
@@ -655,20 +740,14 @@ impl TaskIncrementalModel for NetSvd {
             })
             .collect::<Result<_>>()?;
         self.updates.push(updates);
-        self.heads.push(head.frozen());
+        self.heads.freeze(head);
         Ok(())
     }
 
     fn eval_logits(&self, x: &Tensor, task: usize) -> Result<Tensor> {
-        check_input(x, &self.config)?;
-        let head = self
-            .heads
-            .get(task)
-            .ok_or_else(|| never_trained(task, self.tasks_finished()))?;
-        let features = trunk(x, 0.0, None, |i, h| {
+        self.heads.eval_logits(x, &self.config, task, |i, h| {
             relu(&self.convs[i].forward_task(h, task)?)
-        })?;
-        linear(&features, &head.weight, &head.bias)
+        })
     }
 
     fn size_parameters(&self) -> u64 {
@@ -694,8 +773,7 @@ pub struct DenseNet {
     seed: Seed,
     store: ParamStore,
     convs: Vec<Conv2d>,
-    heads: Vec<FrozenHead>,
-    current: Option<(usize, Head)>,
+    heads: TaskHeads,
     device: Device,
 }
 
@@ -730,15 +808,14 @@ impl DenseNet {
             seed,
             store,
             convs,
-            heads: Vec::new(),
-            current: None,
+            heads: TaskHeads::default(),
             device: device.clone(),
         })
     }
 
     /// Finished tasks.
     pub fn tasks_finished(&self) -> usize {
-        self.heads.len()
+        self.heads.finished()
     }
 
     /// Parameters of the shared convolutions.
@@ -749,32 +826,19 @@ impl DenseNet {
 
 impl TaskIncrementalModel for DenseNet {
     fn begin_task(&mut self, task: usize, classes: usize) -> Result<()> {
-        check_next_task(task, self.tasks_finished(), classes)?;
-        self.current = Some((
-            task,
-            task_head(&self.config, self.seed, &self.device, task, classes)?,
-        ));
-        Ok(())
+        self.heads
+            .begin(&self.config, self.seed, &self.device, task, classes)
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
         let mut vars = self.store.trainable();
-        if let Some((t, head)) = &self.current {
-            vars.push((format!("head{t}.weight"), head.weight.clone()));
-            vars.push((format!("head{t}.bias"), head.bias.clone()));
-        }
+        self.heads.push_trainable(&mut vars);
         vars
     }
 
     fn train_logits(&self, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
-        check_input(x, &self.config)?;
-        let (_, head) = self.current.as_ref().ok_or_else(|| {
-            Error::invalid_parameter("task", "no task in progress; call begin_task")
-        })?;
-        let features = trunk(x, self.config.dropout, Some(rng), |i, h| {
-            self.convs[i].forward_relu(h)
-        })?;
-        linear(&features, head.weight.as_tensor(), head.bias.as_tensor())
+        self.heads
+            .train_logits(x, &self.config, rng, |i, h| self.convs[i].forward_relu(h))
     }
 
     fn penalty(&self) -> Result<Option<Tensor>> {
@@ -782,27 +846,20 @@ impl TaskIncrementalModel for DenseNet {
     }
 
     fn finish_task(&mut self) -> Result<()> {
-        let (_, head) = self
-            .current
-            .take()
-            .ok_or_else(|| Error::invalid_parameter("task", "no task in progress to finish"))?;
-        self.heads.push(head.frozen());
+        let head = self.heads.take_current()?;
+        self.heads.freeze(head);
         Ok(())
     }
 
     fn eval_logits(&self, x: &Tensor, task: usize) -> Result<Tensor> {
-        check_input(x, &self.config)?;
-        let head = self
-            .heads
-            .get(task)
-            .ok_or_else(|| never_trained(task, self.tasks_finished()))?;
-        let features = trunk(x, 0.0, None, |i, h| self.convs[i].forward_relu(h))?;
-        linear(&features, &head.weight, &head.bias)
+        self.heads
+            .eval_logits(x, &self.config, task, |i, h| self.convs[i].forward_relu(h))
     }
 
     fn size_parameters(&self) -> u64 {
         let heads: u64 = self
             .heads
+            .frozen
             .iter()
             .map(|h| (h.weight.elem_count() + h.bias.elem_count()) as u64)
             .sum();
@@ -850,14 +907,14 @@ impl IndividualNets {
     fn current(&self) -> Result<&DenseNet> {
         self.nets
             .last()
-            .filter(|n| n.current.is_some())
+            .filter(|n| n.heads.in_progress())
             .ok_or_else(|| Error::invalid_parameter("task", "no task in progress; call begin_task"))
     }
 }
 
 impl TaskIncrementalModel for IndividualNets {
     fn begin_task(&mut self, task: usize, classes: usize) -> Result<()> {
-        let finished = self.nets.iter().filter(|n| n.current.is_none()).count();
+        let finished = self.nets.iter().filter(|n| !n.heads.in_progress()).count();
         check_next_task(task, finished, classes)?;
         let mut net = DenseNet::new(self.config, self.seed.child(task as u64), &self.device)?;
         net.begin_task(0, classes)?;
@@ -879,7 +936,7 @@ impl TaskIncrementalModel for IndividualNets {
 
     fn finish_task(&mut self) -> Result<()> {
         match self.nets.last_mut() {
-            Some(n) if n.current.is_some() => n.finish_task(),
+            Some(n) if n.heads.in_progress() => n.finish_task(),
             _ => Err(Error::invalid_parameter(
                 "task",
                 "no task in progress to finish",
@@ -888,9 +945,9 @@ impl TaskIncrementalModel for IndividualNets {
     }
 
     fn eval_logits(&self, x: &Tensor, task: usize) -> Result<Tensor> {
-        let finished = self.nets.iter().filter(|n| n.current.is_none()).count();
+        let finished = self.nets.iter().filter(|n| !n.heads.in_progress()).count();
         match self.nets.get(task) {
-            Some(n) if n.current.is_none() => n.eval_logits(x, 0),
+            Some(n) if !n.heads.in_progress() => n.eval_logits(x, 0),
             _ => Err(never_trained(task, finished)),
         }
     }

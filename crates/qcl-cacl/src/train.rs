@@ -404,29 +404,30 @@ pub fn run_arm(
             run.logits_bit_identical = identical;
             Ok(run)
         }
-        None if arm == Arm::Individual => {
-            let mut model = IndividualNets::new(net, root.child_named("model"), &device)?;
-            let (accuracy, _, steps) = run_model(
-                &mut model,
-                tasks,
-                config,
-                root.child_named("train"),
-                false,
-                bar,
-            )?;
-            finish(accuracy, model.size_parameters(), steps)
-        }
         None => {
-            let mut model = DenseNet::new(net, root.child_named("model"), &device)?;
-            let (accuracy, _, steps) = run_model(
-                &mut model,
-                tasks,
-                config,
-                root.child_named("train"),
-                false,
-                bar,
-            )?;
-            finish(accuracy, model.size_parameters(), steps)
+            let model_seed = root.child_named("model");
+            let train_seed = root.child_named("train");
+            let (accuracy, parameters, steps) = if arm == Arm::Individual {
+                let model = IndividualNets::new(net, model_seed, &device)?;
+                run_dense_model(model, tasks, config, train_seed, bar)?
+            } else {
+                let model = DenseNet::new(net, model_seed, &device)?;
+                run_dense_model(model, tasks, config, train_seed, bar)?
+            };
+            finish(accuracy, parameters, steps)
         }
     }
+}
+
+/// [`run_model`] for a dense arm's model (no ranks, no zero-forgetting check): the accuracy
+/// matrix, the model's size in parameters and the steps per task.
+fn run_dense_model<M: TaskIncrementalModel>(
+    mut model: M,
+    tasks: &[TaskData],
+    config: &TrainConfig,
+    seed: Seed,
+    bar: Option<&ProgressBar>,
+) -> Result<(AccuracyMatrix, u64, Vec<usize>)> {
+    let (accuracy, _, steps) = run_model(&mut model, tasks, config, seed, false, bar)?;
+    Ok((accuracy, model.size_parameters(), steps))
 }

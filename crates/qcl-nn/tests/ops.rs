@@ -20,6 +20,16 @@ fn weighted_gradients(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStor
     y.mul(r).unwrap().sum_all().unwrap().backward().unwrap()
 }
 
+/// The elements of `t`, flattened, as `f64`.
+fn f64_values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     qcl_tensor::max_abs_diff(a, b).unwrap()
 }
@@ -71,28 +81,10 @@ fn naive_conv2d(x: &Tensor, w: &Tensor, r_seed: u64, p: Conv2dParams) -> (Tensor
     let (co, _, kh, kw) = w.dims4().unwrap();
     let ho = (h + 2 * p.padding - p.dilation * (kh - 1) - 1) / p.stride + 1;
     let wo = (wd + 2 * p.padding - p.dilation * (kw - 1) - 1) / p.stride + 1;
-    let xs: Vec<f64> = x
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let ws: Vec<f64> = w
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let xs = f64_values(x);
+    let ws = f64_values(w);
     let r = random(r_seed, &[n, co, ho, wo]);
-    let rs: Vec<f64> = r
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let rs = f64_values(&r);
     let mut y = vec![0.0; n * co * ho * wo];
     let mut dx = vec![0.0; xs.len()];
     let mut dw = vec![0.0; ws.len()];
@@ -239,7 +231,7 @@ proptest! {
         // The input gradient subtracts terms of size |γ|/σ·|dy| that nearly cancel when a
         // channel's values are close together (always so for two elements per channel), so its
         // f32 error is relative to that size, not to the result's.
-        let x64: Vec<f64> = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let x64 = f64_values(&x);
         let g64: Vec<f64> = gamma.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
         let m = n * h * h;
         let term_size = (0..c)

@@ -421,6 +421,7 @@ impl BoundedAssign {
     /// [`DIRECT_MAX_DIM`] they come with the search, from its GEMM screening scores; below,
     /// from the centroids alone (Elkan's lemma): a centroid `j` of group `g` is at least
     /// `‖c_a − c_j‖ − ‖x − c_a‖` away from a point assigned to `a`.
+    // Repeats `assign`'s signature: it is `assign`'s plain step, split out to keep each short.
     fn initialize(
         &mut self,
         points: &Points,

@@ -474,12 +474,17 @@ struct KMeansStep<'a> {
 impl LloydStep for KMeansStep<'_> {
     fn assign(&mut self) -> Result<f64> {
         let (n, k) = (self.points.len(), self.centroids.len() / self.points.dim());
-        let computed = self.assign.assign(
-            self.points,
-            &self.centroids,
-            &mut self.indices,
-            &mut self.distances,
-        )?;
+        let (points, centroids) = (self.points, &self.centroids);
+        let (indices, distances) = (&mut self.indices, &mut self.distances);
+        // How many point–centroid distances were computed.
+        let computed = match &mut self.assign {
+            AssignStep::Plain => {
+                // The data was checked once by `fit`.
+                nearest_in_blocks(points, centroids, indices, distances)?;
+                (indices.len() * k) as u64
+            }
+            AssignStep::Bounded(state) => state.assign(points, centroids, indices, distances)?,
+        };
         self.distance_share
             .push(computed as f64 / (n as f64 * k as f64));
         let sum: f64 = match self.weights {
@@ -552,24 +557,6 @@ impl AssignStep {
             compact_labels(groups.assign(centroids)?.indices)
         };
         Ok(AssignStep::Bounded(BoundedAssign::new(n, dim, group_of)))
-    }
-
-    /// Assigns every point; returns how many point–centroid distances were computed.
-    fn assign(
-        &mut self,
-        points: &Points,
-        centroids: &[f32],
-        indices: &mut [u32],
-        distances: &mut [f32],
-    ) -> Result<u64> {
-        match self {
-            AssignStep::Plain => {
-                // The data was checked once by `fit`.
-                nearest_in_blocks(points, centroids, indices, distances)?;
-                Ok((indices.len() * (centroids.len() / points.dim())) as u64)
-            }
-            AssignStep::Bounded(state) => state.assign(points, centroids, indices, distances),
-        }
     }
 
     fn centroids_moved(&mut self, old: &[f32], new: &[f32]) {

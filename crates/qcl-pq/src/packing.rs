@@ -120,6 +120,7 @@ impl PackedCodes {
         self.bytes = kept;
     }
 
+    // These getters repeat `BlockedCodes`': two public code layouts, each with its own API.
     /// The packed bytes, `n · code_size` of them.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

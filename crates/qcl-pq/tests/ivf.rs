@@ -9,18 +9,8 @@ fn data(seed: u64, n: usize, dim: usize) -> Vec<f32> {
     Seed::new(seed).rng().normal_vec(n * dim, 0.0, 1.0)
 }
 
+/// An IVF-PQ index over `n` random 8-D rows drawn from `seed`, trained briefly, holding them all.
 fn index(
-    seed: u64,
-    n: usize,
-    nlist: usize,
-    nbits: u32,
-    metric: Metric,
-    by_residual: bool,
-) -> IvfPqIndex {
-    index_with(seed, n, nlist, nbits, metric, by_residual, true)
-}
-
-fn index_with(
     seed: u64,
     n: usize,
     nlist: usize,
@@ -59,7 +49,7 @@ proptest! {
         by_residual in any::<bool>(),
         k in 1usize..20,
     ) {
-        let index = index(seed, 600, 8, nbits, metric, by_residual);
+        let index = index(seed, 600, 8, nbits, metric, by_residual, true);
         let queries = data(seed + 7, 5, 8);
         let mut previous: Option<Vec<f32>> = None;
         for nprobe in [1, 2, 4, 8] {
@@ -81,7 +71,7 @@ proptest! {
 
 #[test]
 fn every_list_probed_is_a_brute_force_adc_over_the_reconstructions() {
-    let index = index_with(1, 1_200, 6, 8, Metric::L2, true, false);
+    let index = index(1, 1_200, 6, 8, Metric::L2, true, false);
     let queries = data(2, 10, 8);
     let found = index
         .search_with(&queries, &options(7, 6, Scan::default()))
@@ -114,7 +104,7 @@ fn every_list_probed_is_a_brute_force_adc_over_the_reconstructions() {
 
 #[test]
 fn removal_ids_and_bad_knobs() {
-    let mut index = index(3, 500, 4, 4, Metric::L2, true);
+    let mut index = index(3, 500, 4, 4, Metric::L2, true, true);
     assert_eq!(index.len(), 500);
     let base = data(3, 500, 8);
     let first = index
@@ -150,8 +140,8 @@ fn removal_ids_and_bad_knobs() {
 
 #[test]
 fn precomputed_tables_give_the_residual_distances_up_to_rounding() {
-    let direct = index_with(4, 1_500, 6, 8, Metric::L2, true, false);
-    let precomputed = index_with(4, 1_500, 6, 8, Metric::L2, true, true);
+    let direct = index(4, 1_500, 6, 8, Metric::L2, true, false);
+    let precomputed = index(4, 1_500, 6, 8, Metric::L2, true, true);
     assert!(precomputed.precomputed_tables() && !direct.precomputed_tables());
     let queries = data(5, 20, 8);
     let a = direct
@@ -179,7 +169,7 @@ fn long_8bit_lists_scanned_bounded_equal_the_exact_scan() {
         (2, Metric::InnerProduct, true),
         (3, Metric::Cosine, false),
     ] {
-        let index = index(seed, 3_000, 2, 8, metric, by_residual);
+        let index = index(seed, 3_000, 2, 8, metric, by_residual, true);
         assert!((0..2).any(|l| index.list(l).1.len() >= 1_100));
         let queries = data(seed + 7, 9, 8);
         for nprobe in [1, 2] {

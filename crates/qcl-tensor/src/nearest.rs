@@ -329,6 +329,7 @@ pub fn nearest_codes_into(
 ///
 /// # Errors
 /// As [`nearest_codes_into`], except [`Error::NonFinite`] for points.
+// Repeats `nearest_codes_into`'s parameters: public twins that differ in one check of points.
 pub fn nearest_codes_into_finite(
     points: &[f32],
     codes: &[f32],
@@ -807,6 +808,7 @@ fn transpose_block(points: &[f32], d: usize) -> [[f32; POINT_BLOCK]; DIRECT_MAX_
     transposed
 }
 
+// Opens like `direct_search_avx512`: the two drivers stay apart, each built for its own ISA.
 #[inline(always)]
 fn direct_search_body(
     points: &[f32],

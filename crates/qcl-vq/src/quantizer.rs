@@ -257,6 +257,7 @@ impl VectorQuantizer {
         ))
     }
 
+    // Mirrors the struct's fields: the one constructor that `new` and `from_param_path` end in.
     fn with_state(
         config: VectorQuantizerConfig,
         codebook: Var,
@@ -334,20 +335,28 @@ impl VectorQuantizer {
             .finite()
             .check("codebook", codebook)?;
         let book = host_f32(codebook)?;
+        if self.sums.is_some() {
+            self.set_sums_from(&book, &host_f32(self.counts.as_tensor())?)?;
+        }
+        set_var(&self.codebook, book)
+    }
+
+    /// In EMA mode, sets the sums to `w = E·c` for the codebook `book` and the counts `counts`,
+    /// with `w = E` for codes with `c = 0` (as at initialisation); nothing in the other modes.
+    fn set_sums_from(&self, book: &[f32], counts: &[f32]) -> Result<()> {
         if let Some(sums) = &self.sums {
-            let counts = host_f32(self.counts.as_tensor())?;
-            let d = c.code_dim();
+            let d = self.config.code_dim();
             let w: Vec<f32> = book
                 .iter()
                 .enumerate()
                 .map(|(i, &e)| match counts[i / d] {
-                    n if n > 0.0 => e * n,
+                    c if c > 0.0 => e * c,
                     _ => e,
                 })
                 .collect();
             set_var(sums, w)?;
         }
-        set_var(&self.codebook, book)
+        Ok(())
     }
 
     /// Stops every further update (the codebook's AQM freezing): the mode becomes
@@ -817,17 +826,7 @@ impl VectorQuantizer {
             book.extend_from_slice(&centroids);
             counts.extend_from_slice(&sizes);
         }
-        if let Some(sums) = &self.sums {
-            let w: Vec<f32> = book
-                .iter()
-                .enumerate()
-                .map(|(i, &e)| match counts[i / d] {
-                    c if c > 0.0 => e * c,
-                    _ => e,
-                })
-                .collect();
-            set_var(sums, w)?;
-        }
+        self.set_sums_from(&book, &counts)?;
         set_var(&self.counts, counts)?;
         set_var(&self.codebook, book)
     }

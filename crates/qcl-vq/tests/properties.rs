@@ -1,11 +1,15 @@
 //! Property tests of the quantizer's invariants (items 5–7 of docs/methods/aqm.md § Invariants
 //! and the qcl-vq issue).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use qcl_nn::ParamStore;
 use qcl_tensor::{squared_distance, Seed};
 use qcl_vq::{CodebookUpdate, PackedIndices, ResidualVq, VectorQuantizer, VectorQuantizerConfig};
+
+use common::flat_f32;
 
 const DEV: Device = Device::Cpu;
 
@@ -117,15 +121,6 @@ impl Problem {
     fn sequence(&self) -> bool {
         self.shape.len() == 3
     }
-}
-
-fn flat_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn flat_u32(t: &Tensor) -> Vec<u32> {

@@ -3,6 +3,8 @@
 //!
 //! (Over 600 lines: the layer's unit tests share its builders and clustered test data.)
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::ParamStore;
@@ -11,14 +13,19 @@ use qcl_vq::{
     CodeUsage, CodebookUpdate, PackedIndices, ResidualVq, VectorQuantizer, VectorQuantizerConfig,
 };
 
+use common::flat_f32;
+
 const DEV: Device = Device::Cpu;
 
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
+/// The mean of `(a − b)²` over all elements.
+fn mean_squared_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
         .unwrap()
-        .flatten_all()
+        .sqr()
         .unwrap()
-        .to_vec1()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
         .unwrap()
 }
 
@@ -62,15 +69,15 @@ fn ema_step_matches_the_formulas_worked_by_hand() {
     // Vectors 1, 2 → code 0; 9 → code 1.
     let x = Tensor::new(&[[[1f32], [2.0], [9.0]]], &DEV).unwrap();
     let out = vq.quantize(&x, true).unwrap();
-    assert_eq!(flat(&out.quantized), vec![0.0, 0.0, 10.0]);
+    assert_eq!(flat_f32(&out.quantized), vec![0.0, 0.0, 10.0]);
     assert_eq!(out.stats.batch.histogram(0), &[2, 1]);
     // c = 0.5·0 + 0.5·[2, 1] = [1, 0.5]; s = 1.5; c ← (c + 0.1)·1.5 / (1.5 + 2·0.1).
     let c: Vec<f64> = [1.0, 0.5].iter().map(|c| (c + 0.1) * 1.5 / 1.7).collect();
     // w = 0.5·E + 0.5·[1 + 2, 9] (w started as E).
     let w = [0.5 * 0.0 + 0.5 * 3.0, 0.5 * 10.0 + 0.5 * 9.0];
-    let counts = flat(&vq.counts().unwrap());
-    let sums = flat(&vq.sums().unwrap().unwrap());
-    let book = flat(&vq.codebook().unwrap());
+    let counts = flat_f32(&vq.counts().unwrap());
+    let sums = flat_f32(&vq.sums().unwrap().unwrap());
+    let book = flat_f32(&vq.codebook().unwrap());
     for k in 0..2 {
         assert!(
             (f64::from(counts[k]) - c[k]).abs() < 1e-6,
@@ -91,15 +98,15 @@ fn fresh_state_follows_the_aqm_initialisation() {
         codebooks: 2,
         ..VectorQuantizerConfig::new(6, 50)
     });
-    let book = flat(&vq.codebook().unwrap());
+    let book = flat_f32(&vq.codebook().unwrap());
     assert_eq!(book.len(), 2 * 50 * 3);
     assert!(book.iter().all(|v| v.abs() <= 1.0 / 50.0));
     assert!(
         book.iter().any(|v| v.abs() > 0.5 / 50.0),
         "spread over U(−1/K, 1/K)"
     );
-    assert!(flat(&vq.counts().unwrap()).iter().all(|&c| c == 0.0));
-    assert_eq!(flat(&vq.sums().unwrap().unwrap()), book, "w = E");
+    assert!(flat_f32(&vq.counts().unwrap()).iter().all(|&c| c == 0.0));
+    assert_eq!(flat_f32(&vq.sums().unwrap().unwrap()), book, "w = E");
     // Everything is in the store, as buffers.
     let names: Vec<String> = store.buffers().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["vq.codebook", "vq.counts", "vq.steps", "vq.sums"]);
@@ -136,7 +143,7 @@ fn gradient_mode_codebook_is_trainable_and_learns() {
         "codebook loss did not fall: {losses:?}"
     );
     // The usage EMA is tracked: c = Σ_t 0.01·0.99^t·hist_t, summing to (1 − 0.99^30)·64.
-    let total: f32 = flat(&vq.counts().unwrap()).iter().sum();
+    let total: f32 = flat_f32(&vq.counts().unwrap()).iter().sum();
     let expected = (1.0 - 0.99f32.powi(30)) * 64.0;
     assert!(
         (total - expected).abs() < 1e-3 * expected,
@@ -156,14 +163,7 @@ fn loss_is_weighted_commitment_plus_codebook_loss() {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &DEV).unwrap();
         let out = vq.quantize(&x, false).unwrap();
         let commit = out.commitment_loss.to_scalar::<f32>().unwrap();
-        let direct = (&x - &out.quantized)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let direct = mean_squared_difference(&x, &out.quantized);
         assert!((commit - direct).abs() < 1e-5 * direct.max(1.0));
         let codebook = out
             .codebook_loss
@@ -184,8 +184,8 @@ fn f64_input_gives_f64_output_with_the_codebook_values() {
     let out = vq.quantize(&x, true).unwrap();
     assert_eq!(out.quantized.dtype(), DType::F64);
     assert_eq!(out.loss.dtype(), DType::F64);
-    let decoded = flat(&vq.encode(&x).and_then(|i| vq.decode(&i)).unwrap());
-    let again = flat(&vq.quantize(&x, false).unwrap().quantized);
+    let decoded = flat_f32(&vq.encode(&x).and_then(|i| vq.decode(&i)).unwrap());
+    let again = flat_f32(&vq.quantize(&x, false).unwrap().quantized);
     assert_eq!(decoded, again);
 }
 
@@ -406,8 +406,8 @@ fn packed_indices_name_their_quantizer_and_another_refuses_them() {
     let back = PackedIndices::load(&path).unwrap();
     assert_eq!(back, packed);
     assert_eq!(
-        flat(&vq.decode_packed(&back).unwrap()),
-        flat(&vq.decode(&vq.encode(&x).unwrap()).unwrap())
+        flat_f32(&vq.decode_packed(&back).unwrap()),
+        flat_f32(&vq.decode(&vq.encode(&x).unwrap()).unwrap())
     );
     // The same shape with another codebook (another store seed), or this one trained further.
     let store = ParamStore::new(4);
@@ -460,7 +460,7 @@ fn saved_quantizer_resumes_bit_identically() {
             resumed.sums().map(Option::unwrap),
         ),
     ] {
-        assert_eq!(flat(&a.unwrap()), flat(&b.unwrap()));
+        assert_eq!(flat_f32(&a.unwrap()), flat_f32(&b.unwrap()));
     }
 }
 
@@ -586,9 +586,9 @@ fn revived_codes_are_batch_vectors() {
     let out = vq.quantize(&x, true).unwrap();
     let revived = out.stats.revived_codes[0];
     assert!(revived >= 5, "{:?}", out.stats);
-    let points = flat(&x);
-    let book = flat(&vq.codebook().unwrap());
-    let counts = flat(&vq.counts().unwrap());
+    let points = flat_f32(&x);
+    let book = flat_f32(&vq.codebook().unwrap());
+    let counts = flat_f32(&vq.counts().unwrap());
     let mut matched = 0;
     for k in 0..8 {
         if counts[k] == 1.0 {
@@ -617,7 +617,7 @@ fn revived_codes_are_batch_vectors() {
         ..VectorQuantizerConfig::new(2, 8)
     });
     other.quantize(&x, true).unwrap();
-    assert_ne!(flat(&other.codebook().unwrap()), book);
+    assert_ne!(flat_f32(&other.codebook().unwrap()), book);
 }
 
 #[test]
@@ -639,7 +639,7 @@ fn kmeans_initialisation_covers_the_clusters_of_the_first_batch() {
     assert!(mse < 1e-3, "{mse}");
     assert_eq!(eval.stats.used_codes(), vec![8]);
     // Counts are the cluster sizes (the same step's usage EMA keeps them there).
-    assert_eq!(flat(&vq.counts().unwrap()), vec![50.0; 8]);
+    assert_eq!(flat_f32(&vq.counts().unwrap()), vec![50.0; 8]);
     let (first_random, _, _) = run(false);
     assert!(first_random.commitment_loss.to_scalar::<f32>().unwrap() > 10.0);
     // Fewer vectors than codes: the extra codes copy batch vectors.
@@ -736,22 +736,15 @@ fn residual_vq_validates_and_trains() {
     let errors: Vec<f32> = (1..=3)
         .map(|l| {
             let rec = rvq.decode(&indices[..l]).unwrap();
-            (&test - rec)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            mean_squared_difference(&test, &rec)
         })
         .collect();
     assert!(errors[2] < errors[0], "{errors:?}");
     let packed = rvq.encode_packed(&test).unwrap();
     assert_eq!(packed.len(), 3);
     assert_eq!(
-        flat(&rvq.decode_packed(&packed).unwrap()),
-        flat(&rvq.decode(&indices).unwrap())
+        flat_f32(&rvq.decode_packed(&packed).unwrap()),
+        flat_f32(&rvq.decode(&indices).unwrap())
     );
     assert_eq!(kind(rvq.decode(&[])), "invalid_parameter");
     let four: Vec<Tensor> = indices.iter().chain(&indices[..1]).cloned().collect();
@@ -779,22 +772,22 @@ fn param_store_files_carry_the_quantizer_state() {
     let other = ParamStore::new(42);
     let restored = VectorQuantizer::from_param_path(&other.root(&DEV).pp("vq"), config).unwrap();
     assert_ne!(
-        flat(&restored.codebook().unwrap()),
-        flat(&vq.codebook().unwrap())
+        flat_f32(&restored.codebook().unwrap()),
+        flat_f32(&vq.codebook().unwrap())
     );
     other.load(&path).unwrap();
     assert_eq!(restored.steps().unwrap(), 3);
     assert_eq!(
-        flat(&restored.codebook().unwrap()),
-        flat(&vq.codebook().unwrap())
+        flat_f32(&restored.codebook().unwrap()),
+        flat_f32(&vq.codebook().unwrap())
     );
     assert_eq!(
-        flat(&restored.counts().unwrap()),
-        flat(&vq.counts().unwrap())
+        flat_f32(&restored.counts().unwrap()),
+        flat_f32(&vq.counts().unwrap())
     );
     assert_eq!(
-        flat(&restored.sums().unwrap().unwrap()),
-        flat(&vq.sums().unwrap().unwrap())
+        flat_f32(&restored.sums().unwrap().unwrap()),
+        flat_f32(&vq.sums().unwrap().unwrap())
     );
 }
 

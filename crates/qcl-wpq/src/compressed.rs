@@ -12,7 +12,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CompressedCheckpoint, CompressedTensor, Encoding, RawTensor};
-use crate::model::{Arch, Model};
+use crate::model::{check_arch, Arch, Model};
 use crate::pq_tensor::PqTensor;
 
 /// One weight-quantized layer of FMNet.
@@ -138,17 +138,7 @@ impl CompressedModel {
                 .ok_or_else(|| bad("no `arch` metadata".into()))?,
         )
         .map_err(|e| bad(e.to_string()))?;
-        if let Some(e) = expected.filter(|e| *e != arch) {
-            return Err(Error::invalid_parameter(
-                "arch",
-                format!(
-                    "architecture mismatch: asked for `{}`, {} holds `{}`",
-                    e.name(),
-                    path.display(),
-                    arch.name()
-                ),
-            ));
-        }
+        let arch = check_arch(arch, path, expected)?;
         let mut layers = Vec::new();
         let mut quantized = Vec::new();
         for spec in arch.layers().into_iter().filter(|l| l.quantized) {

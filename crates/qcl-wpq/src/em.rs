@@ -89,6 +89,7 @@ pub struct EmOutcome {
 /// [`Error::InvalidParameter`] for `K` larger than a group's number of subvectors, a bad group
 /// index or `d = 0`; [`Error::ShapeMismatch`] for an initial codebook of the wrong size;
 /// [`Error::NonFinite`] for NaN weights.
+// Same arguments as `weighted_em`: both public entry points hand them on to `em` as they are.
 pub fn activation_aware_em(
     subvectors: &[f32],
     d: usize,

@@ -35,14 +35,10 @@ pub enum LayerKind {
 impl LayerKind {
     /// The weight's shape.
     pub fn weight_shape(&self) -> Vec<usize> {
-        match *self {
-            LayerKind::Conv {
-                c_out,
-                c_in,
-                kh,
-                kw,
-            } => vec![c_out, c_in, kh, kw],
-            LayerKind::Linear { out, inp } => vec![out, inp],
+        let (o, c, kh, kw) = self.dims();
+        match self {
+            LayerKind::Conv { .. } => vec![o, c, kh, kw],
+            LayerKind::Linear { .. } => vec![o, c],
         }
     }
 
@@ -189,16 +185,7 @@ impl LayerGeometry {
     /// # Errors
     /// [`Error::ShapeMismatch`] for a weight of the wrong size.
     pub fn to_matrix(&self, weight: &[f32]) -> Result<Vec<f32>> {
-        self.check_len("weight", weight.len())?;
-        let d_in = self.in_dim();
-        let order = self.patch_order();
-        let mut matrix = vec![0f32; weight.len()];
-        for (src, dst) in weight.chunks_exact(d_in).zip(matrix.chunks_exact_mut(d_in)) {
-            for (n, &r) in order.iter().enumerate() {
-                dst[r] = src[n];
-            }
-        }
-        Ok(matrix)
+        self.reorder_rows("weight", weight, |dst, src, n, r| dst[r] = src[n])
     }
 
     /// The inverse of [`LayerGeometry::to_matrix`].
@@ -206,16 +193,27 @@ impl LayerGeometry {
     /// # Errors
     /// [`Error::ShapeMismatch`] for the wrong number of values.
     pub fn from_matrix(&self, matrix: &[f32]) -> Result<Vec<f32>> {
-        self.check_len("matrix", matrix.len())?;
+        self.reorder_rows("matrix", matrix, |dst, src, n, r| dst[n] = src[r])
+    }
+
+    /// `values` (checked as `what`) reordered row by row: `move_value(dst, src, n, r)` moves one
+    /// value of a row between the `n`-th place of the natural order and patch position `r`.
+    fn reorder_rows(
+        &self,
+        what: &str,
+        values: &[f32],
+        move_value: impl Fn(&mut [f32], &[f32], usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.check_len(what, values.len())?;
         let d_in = self.in_dim();
         let order = self.patch_order();
-        let mut weight = vec![0f32; matrix.len()];
-        for (src, dst) in matrix.chunks_exact(d_in).zip(weight.chunks_exact_mut(d_in)) {
+        let mut out = vec![0f32; values.len()];
+        for (src, dst) in values.chunks_exact(d_in).zip(out.chunks_exact_mut(d_in)) {
             for (n, &r) in order.iter().enumerate() {
-                dst[n] = src[r];
+                move_value(dst, src, n, r);
             }
         }
-        Ok(weight)
+        Ok(out)
     }
 
     /// `D`, the length of one input patch.

@@ -569,6 +569,11 @@ pub(crate) fn file_arch(
     expected: Option<Arch>,
 ) -> Result<Arch> {
     let arch = Arch::from_name(&file.metadata_value::<String>("arch")?)?;
+    check_arch(arch, path, expected)
+}
+
+/// `arch`, the architecture the file at `path` holds, if it is the `expected` one (or none is).
+pub(crate) fn check_arch(arch: Arch, path: &Path, expected: Option<Arch>) -> Result<Arch> {
     match expected {
         Some(e) if e != arch => Err(Error::invalid_parameter(
             "arch",

@@ -10,8 +10,8 @@ use qcl_tensor::Seed;
 use qcl_wpq::compress::LayerInputs;
 use qcl_wpq::{
     activation_aware_em, clamp_centroids, e_step, pooled_gram, size_report, surrogate_objective,
-    Arch, CentroidSgd, EmConfig, ForwardConfig, LayerGeometry, LayerKind, Layout, Metric,
-    MetricSource, Model, PqTensor, Sharing,
+    Arch, CentroidSgd, EmConfig, EmOutcome, ForwardConfig, LayerGeometry, LayerKind, Layout,
+    Metric, MetricSource, Model, PqTensor, Sharing,
 };
 
 fn geometry_strategy() -> impl Strategy<Value = (LayerGeometry, Vec<f32>)> {
@@ -52,6 +52,33 @@ fn geometry_strategy() -> impl Strategy<Value = (LayerGeometry, Vec<f32>)> {
         })
 }
 
+/// The metric whose Gram matrix is pooled from the input rows `x` (rows of `d`).
+fn metric_of(x: &[f32], d: usize) -> Metric {
+    Metric::from_gram(&pooled_gram(x, d, d).unwrap(), d).unwrap()
+}
+
+/// Activation-aware EM of `points` (rows of `d`, one shared codebook started from `init` if
+/// given) under the fixed `metric`.
+fn fixed_metric_em(
+    points: &[f32],
+    d: usize,
+    init: Option<&[f32]>,
+    metric: &Metric,
+    config: EmConfig,
+) -> EmOutcome {
+    let groups = vec![0; points.len() / d];
+    activation_aware_em(
+        points,
+        d,
+        &groups,
+        1,
+        init,
+        MetricSource::Fixed(metric),
+        config,
+    )
+    .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -86,10 +113,10 @@ proptest! {
         let mut rng = Seed::new(seed).rng();
         let points = rng.normal_vec(n * d, 0.0, 1.0);
         let x = rng.normal_vec(20 * d, 0.0, 1.0);
-        let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
+        let metric = metric_of(&x, d);
         let k = 1usize << k_pow;
-        let out = activation_aware_em(&points, d, &vec![0; n], 1, None, MetricSource::Fixed(&metric),
-            EmConfig { k, iterations: 8, seed: Seed::new(seed), ..Default::default() }).unwrap();
+        let out = fixed_metric_em(&points, d, None, &metric,
+            EmConfig { k, iterations: 8, seed: Seed::new(seed), ..Default::default() });
         prop_assert!(out.assignments.iter().all(|&a| (a as usize) < k));
         let mut counts = vec![0; k];
         out.assignments.iter().for_each(|&a| counts[a as usize] += 1);
@@ -153,7 +180,7 @@ proptest! {
             assignments: (0..n).map(|_| rng.below(k).unwrap() as u32).collect(),
         };
         let x = rng.normal_vec(3 * d * d, 0.0, 1.0);
-        let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
+        let metric = metric_of(&x, d);
         let sub = g.unroll(&w).unwrap();
         let objective = |t: &PqTensor| -> f64 {
             let codes = t.global_codes().unwrap();
@@ -215,18 +242,19 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
         assignments: vec![0, 1, 1, 0, 0, 1],
     };
     let target = Tensor::new(&[0.3f32, -0.2, 0.5, 0.1, 0.9, -0.4, 0.2, 0.7], &Device::Cpu).unwrap();
-    // Dense gradient of sum((W x)^2) w.r.t. W.
+    // The loss sum((W x)^2), and its dense gradient w.r.t. W.
+    let loss_of = |w: &Tensor| {
+        w.matmul(&target.reshape((8, 1)).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
     let w_dense =
         Var::from_tensor(&Tensor::from_vec(layer.decode().unwrap(), (3, 8), &Device::Cpu).unwrap())
             .unwrap();
-    let loss = w_dense
-        .as_tensor()
-        .matmul(&target.reshape((8, 1)).unwrap())
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let loss = loss_of(w_dense.as_tensor());
     let dense: Vec<f32> = loss
         .backward()
         .unwrap()
@@ -247,14 +275,7 @@ fn centroid_gradient_is_the_member_mean_of_the_dense_gradient() {
     let c =
         Var::from_tensor(&Tensor::from_vec(layer.centroids.clone(), (2, 4), &Device::Cpu).unwrap())
             .unwrap();
-    let w = layer.decode_tensor(c.as_tensor()).unwrap();
-    let loss = w
-        .matmul(&target.reshape((8, 1)).unwrap())
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let loss = loss_of(&layer.decode_tensor(c.as_tensor()).unwrap());
     let grad = loss.backward().unwrap().get(c.as_tensor()).unwrap().clone();
     let mut opt = CentroidSgd::new(Some(&counts), 1.0, 0.0, 0.0).unwrap();
     opt.step(&c, &grad).unwrap();
@@ -275,22 +296,14 @@ fn m_step_mean_and_null_space() {
     let mut rng = Seed::new(4).rng();
     let points = rng.normal_vec(40 * d, 0.0, 1.0);
     let full = rng.normal_vec(10 * d, 0.0, 1.0);
-    let metric = Metric::from_gram(&pooled_gram(&full, d, d).unwrap(), d).unwrap();
-    let out = activation_aware_em(
-        &points,
-        d,
-        &[0; 40],
-        1,
-        None,
-        MetricSource::Fixed(&metric),
-        EmConfig {
-            k: 4,
-            iterations: 1,
-            seed: Seed::new(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let metric = metric_of(&full, d);
+    let config = |iterations| EmConfig {
+        k: 4,
+        iterations,
+        seed: Seed::new(1),
+        ..Default::default()
+    };
+    let out = fixed_metric_em(&points, d, None, &metric, config(1));
     // The EM's last step is an M-step on its last assignments: recompute the means.
     let assign = e_step(&metric.transform(&points), &out.centroids, &metric, d).unwrap();
     let _ = assign;
@@ -310,22 +323,8 @@ fn m_step_mean_and_null_space() {
     // Zero third column of X̃: centroids have coordinate 0 there.
     let mut x = rng.normal_vec(10 * d, 0.0, 1.0);
     x.chunks_exact_mut(d).for_each(|r| r[2] = 0.0);
-    let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
-    let out = activation_aware_em(
-        &points,
-        d,
-        &[0; 40],
-        1,
-        None,
-        MetricSource::Fixed(&metric),
-        EmConfig {
-            k: 4,
-            iterations: 2,
-            seed: Seed::new(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let metric = metric_of(&x, d);
+    let out = fixed_metric_em(&points, d, None, &metric, config(2));
     for c in 0..4 {
         assert!(out.centroids[c * d + 2].abs() < 1e-6, "{:?}", out.centroids);
     }
@@ -346,21 +345,13 @@ fn em_fixed_point() {
         .collect();
     for s in 0..3 {
         let x = Seed::new(s).rng().normal_vec(16 * d, 0.0, 2.0);
-        let metric = Metric::from_gram(&pooled_gram(&x, d, d).unwrap(), d).unwrap();
-        let out = activation_aware_em(
-            &points,
-            d,
-            &[0; 64],
-            1,
-            Some(&codebook),
-            MetricSource::Fixed(&metric),
-            EmConfig {
-                k,
-                iterations: 3,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let metric = metric_of(&x, d);
+        let config = EmConfig {
+            k,
+            iterations: 3,
+            ..Default::default()
+        };
+        let out = fixed_metric_em(&points, d, Some(&codebook), &metric, config);
         assert_eq!(out.assignments, assign);
         for (a, b) in out.centroids.iter().zip(&codebook) {
             assert!((a - b).abs() < 1e-6);
@@ -535,22 +526,17 @@ fn bn_folding_matches() {
     let x = rng
         .normal_tensor((3, 1, 28, 28), 0.0, 1.0, &Device::Cpu)
         .unwrap();
-    let a: Vec<f32> = model
-        .forward(&x, ForwardConfig::default())
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = fused
-        .forward(&x, ForwardConfig::default())
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let logits = |model: &Model| -> Vec<f32> {
+        model
+            .forward(&x, ForwardConfig::default())
+            .unwrap()
+            .logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (logits(&model), logits(&fused));
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() < 1e-4 * p.abs().max(1.0), "{p} vs {q}");
     }

@@ -4,7 +4,7 @@ use qcl_tensor::{Result, Seed, SeededRng};
 
 use super::store::Store;
 use super::{
-    delegate_to_store, BufferItem, Capacity, Entry, InsertStatus, Insertion, ItemId, ReplayBuffer,
+    delegate_to_store, BufferItem, Capacity, Entry, InsertStatus, Insertion, ReplayBuffer,
 };
 
 /// A buffer that stores every offered item, then, while it is over capacity, evicts a uniformly
@@ -64,24 +64,13 @@ impl<T: BufferItem> ClassBalancedBuffer<T> {
         }
         evicted
     }
-}
 
-impl<T: BufferItem> ReplayBuffer<T> for ClassBalancedBuffer<T> {
-    fn insert_with_id(
-        &mut self,
-        id: ItemId,
-        label: u32,
-        task: usize,
-        item: T,
-    ) -> Result<Insertion<T>> {
-        self.capacity.check_item(item.size_bytes())?;
+    /// Stores an offered entry that passed the size check, then evicts by the class-balanced
+    /// rule until the buffer fits (the body of [`ReplayBuffer::insert_with_id`]).
+    fn insert_entry(&mut self, entry: Entry<T>) -> Result<Insertion<T>> {
+        let id = entry.id;
         self.store.reserve_id(id)?;
-        self.store.push(Entry {
-            id,
-            label,
-            task,
-            item,
-        });
+        self.store.push(entry);
         let mut evicted = self.evict_to_fit();
         let status = match evicted.iter().position(|e| e.id == id) {
             Some(pos) => {
@@ -98,6 +87,8 @@ impl<T: BufferItem> ReplayBuffer<T> for ClassBalancedBuffer<T> {
             evicted,
         })
     }
+}
 
+impl<T: BufferItem> ReplayBuffer<T> for ClassBalancedBuffer<T> {
     delegate_to_store!();
 }

@@ -504,6 +504,7 @@ pub trait ReplayBuffer<T: BufferItem> {
         stack_entries(&self.sample(n, filter, rng))
     }
 
+    // The signature repeats `sample_batch`'s: two public methods, one per sampling rule.
     /// [`sample_class_balanced`](ReplayBuffer::sample_class_balanced) as one batch (see
     /// [`sample_batch`](ReplayBuffer::sample_batch)).
     ///
@@ -528,9 +529,30 @@ pub trait ReplayBuffer<T: BufferItem> {
     fn task_counts(&self) -> BTreeMap<usize, usize>;
 }
 
-/// Implements the storage-backed methods of [`ReplayBuffer`] for a type with a `store` field.
+/// Implements [`ReplayBuffer`] for a buffer type with `store: Store<T>` and `capacity: Capacity`
+/// fields and an inherent `fn insert_entry(&mut self, entry: Entry<T>) -> Result<Insertion<T>>`:
+/// `insert_with_id` checks the item's size against the capacity, then hands the new entry to
+/// `insert_entry`; the other methods delegate to `store`. Doc comments passed in document
+/// `insert_with_id`.
 macro_rules! delegate_to_store {
-    () => {
+    ($(#[$insert_doc:meta])*) => {
+        $(#[$insert_doc])*
+        fn insert_with_id(
+            &mut self,
+            id: $crate::buffer::ItemId,
+            label: u32,
+            task: usize,
+            item: T,
+        ) -> qcl_tensor::Result<$crate::buffer::Insertion<T>> {
+            self.capacity.check_item(item.size_bytes())?;
+            self.insert_entry($crate::buffer::Entry {
+                id,
+                label,
+                task,
+                item,
+            })
+        }
+
         fn next_id(&self) -> $crate::buffer::ItemId {
             self.store.next_id()
         }

@@ -209,21 +209,11 @@ fn already_finished(task: usize) -> Error {
     )
 }
 
-impl<T: BufferItem> ReplayBuffer<T> for PerTaskBuffer<T> {
-    /// Adds the item to its task's pending items ([`InsertStatus::Pending`]), finishing the
-    /// pending task first if it is another one.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] for an item larger than the byte capacity, an id already
-    /// stored or pending, or a task already finished.
-    fn insert_with_id(
-        &mut self,
-        id: ItemId,
-        label: u32,
-        task: usize,
-        item: T,
-    ) -> Result<Insertion<T>> {
-        self.capacity.check_item(item.size_bytes())?;
+impl<T: BufferItem> PerTaskBuffer<T> {
+    /// Adds an entry that passed the size check to its task's pending items (the body of
+    /// [`ReplayBuffer::insert_with_id`]).
+    fn insert_entry(&mut self, entry: Entry<T>) -> Result<Insertion<T>> {
+        let (id, task) = (entry.id, entry.task);
         if self.finished.contains(&task) {
             return Err(already_finished(task));
         }
@@ -238,18 +228,22 @@ impl<T: BufferItem> ReplayBuffer<T> for PerTaskBuffer<T> {
             self.finish_task()?;
         }
         self.pending_ids.insert(id);
-        self.pending.push(Entry {
-            id,
-            label,
-            task,
-            item,
-        });
+        self.pending.push(entry);
         Ok(Insertion {
             id,
             status: InsertStatus::Pending,
             evicted: Vec::new(),
         })
     }
+}
 
-    delegate_to_store!();
+impl<T: BufferItem> ReplayBuffer<T> for PerTaskBuffer<T> {
+    delegate_to_store!(
+        /// Adds the item to its task's pending items ([`InsertStatus::Pending`]), finishing the
+        /// pending task first if it is another one.
+        ///
+        /// # Errors
+        /// [`Error::InvalidParameter`] for an item larger than the byte capacity, an id already
+        /// stored or pending, or a task already finished.
+    );
 }

@@ -4,7 +4,7 @@ use qcl_tensor::{Result, Seed, SeededRng};
 
 use super::store::Store;
 use super::{
-    delegate_to_store, BufferItem, Capacity, Entry, InsertStatus, Insertion, ItemId, ReplayBuffer,
+    delegate_to_store, BufferItem, Capacity, Entry, InsertStatus, Insertion, ReplayBuffer,
 };
 
 /// A reservoir: a uniform random sample of everything offered so far.
@@ -73,26 +73,14 @@ impl<T: BufferItem> ReservoirBuffer<T> {
         }
         Ok(evicted)
     }
-}
 
-impl<T: BufferItem> ReplayBuffer<T> for ReservoirBuffer<T> {
-    fn insert_with_id(
-        &mut self,
-        id: ItemId,
-        label: u32,
-        task: usize,
-        item: T,
-    ) -> Result<Insertion<T>> {
-        let size = item.size_bytes();
-        self.capacity.check_item(size)?;
+    /// Offers an entry that passed the size check to the reservoir (the body of
+    /// [`ReplayBuffer::insert_with_id`]).
+    fn insert_entry(&mut self, entry: Entry<T>) -> Result<Insertion<T>> {
+        let id = entry.id;
+        let size = entry.item.size_bytes();
         self.store.reserve_id(id)?;
         self.seen += 1;
-        let entry = Entry {
-            id,
-            label,
-            task,
-            item,
-        };
         let capacity = self.capacity;
         let fits = |store: &Store<T>| capacity.fits(store.len() + 1, store.bytes() + size);
         if fits(&self.store) {
@@ -124,6 +112,8 @@ impl<T: BufferItem> ReplayBuffer<T> for ReservoirBuffer<T> {
             evicted,
         })
     }
+}
 
+impl<T: BufferItem> ReplayBuffer<T> for ReservoirBuffer<T> {
     delegate_to_store!();
 }

@@ -50,12 +50,18 @@ pub struct Conv2dConfig {
     pub bias: bool,
 }
 
+/// The op's defaults ([`Conv2dParams::default`]), with a bias.
 impl Default for Conv2dConfig {
     fn default() -> Self {
+        let Conv2dParams {
+            stride,
+            padding,
+            dilation,
+        } = Conv2dParams::default();
         Self {
-            stride: 1,
-            padding: 0,
-            dilation: 1,
+            stride,
+            padding,
+            dilation,
             bias: true,
         }
     }
@@ -201,14 +207,33 @@ pub struct ConvTranspose2dConfig {
     pub bias: bool,
 }
 
+/// The op's defaults ([`ConvTranspose2dParams::default`]), with a bias.
 impl Default for ConvTranspose2dConfig {
     fn default() -> Self {
+        let ConvTranspose2dParams {
+            stride,
+            padding,
+            output_padding,
+            dilation,
+        } = ConvTranspose2dParams::default();
         Self {
-            stride: 1,
-            padding: 0,
-            output_padding: 0,
-            dilation: 1,
+            stride,
+            padding,
+            output_padding,
+            dilation,
             bias: true,
+        }
+    }
+}
+
+impl ConvTranspose2dConfig {
+    /// The parameters of the op this layer runs (all but the bias flag).
+    fn op_params(&self) -> ConvTranspose2dParams {
+        ConvTranspose2dParams {
+            stride: self.stride,
+            padding: self.padding,
+            output_padding: self.output_padding,
+            dilation: self.dilation,
         }
     }
 }
@@ -255,6 +280,7 @@ impl ConvTranspose2d {
             fan_in,
             config.bias,
         )?;
+        // Builds and exposes its weight as `Conv2d` does: two public layers with the same fields.
         Ok(Self {
             weight,
             bias,
@@ -270,17 +296,11 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let c = self.config;
         Ok(conv_transpose2d_with_bias(
             x,
             &self.weight,
             self.bias.as_ref(),
-            ConvTranspose2dParams {
-                stride: c.stride,
-                padding: c.padding,
-                output_padding: c.output_padding,
-                dilation: c.dilation,
-            },
+            self.config.op_params(),
         )?)
     }
 }

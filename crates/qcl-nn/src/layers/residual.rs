@@ -212,34 +212,57 @@ mod tests {
             .unwrap()
     }
 
-    /// One forward and backward pass of a fresh block (same seed, so same weights each call),
-    /// fused or as separate ops, with a loss `Σ y·r` that weighs every output differently.
-    fn step(
-        (c_in, c_out, stride): (usize, usize, usize),
-        (n, size): (usize, usize),
-        dtype: DType,
-        fused: bool,
-        seed: u64,
-    ) -> Step {
+    /// The fused nodes under test.
+    #[derive(Debug, Clone, Copy)]
+    enum Net {
+        /// A [`BasicBlock`] `(c_in, c_out, stride)`.
+        Block(usize, usize, usize),
+        /// A residual unit `(c, m)`: `c → m → c` (3×3 then 1×1).
+        Unit(usize, usize),
+    }
+
+    /// One forward and backward pass of a fresh `net` (same seed, so same weights each call),
+    /// fused or as separate ops, on `n` inputs of `size × size`, with a loss `Σ y·r` that weighs
+    /// every output differently.
+    fn step(net: Net, (n, size): (usize, usize), dtype: DType, fused: bool, seed: u64) -> Step {
         let store = ParamStore::new(seed);
         let root = store.root(&Device::Cpu).with_dtype(dtype);
-        let block = BasicBlock::new(&root.pp("block"), c_in, c_out, stride).unwrap();
-        // Non-trivial γ and β, so that a swapped or missing BatchNorm parameter shows.
-        for (i, (name, var)) in store.trainable().into_iter().enumerate() {
-            if name.ends_with("weight") && var.rank() == 1 || name.ends_with("bias") {
-                let len = var.elem_count();
-                let v = Tensor::arange(0.0, len as f64, &Device::Cpu).unwrap();
-                let v = ((v * 0.1).unwrap() + (0.5 + 0.1 * i as f64)).unwrap();
-                var.set(&v.to_dtype(dtype).unwrap()).unwrap();
+        match net {
+            Net::Block(c_in, c_out, stride) => {
+                let block = BasicBlock::new(&root.pp("block"), c_in, c_out, stride).unwrap();
+                // Non-trivial γ and β, so that a swapped or missing BatchNorm parameter shows.
+                for (i, (name, var)) in store.trainable().into_iter().enumerate() {
+                    if name.ends_with("weight") && var.rank() == 1 || name.ends_with("bias") {
+                        let len = var.elem_count();
+                        let v = Tensor::arange(0.0, len as f64, &Device::Cpu).unwrap();
+                        let v = ((v * 0.1).unwrap() + (0.5 + 0.1 * i as f64)).unwrap();
+                        var.set(&v.to_dtype(dtype).unwrap()).unwrap();
+                    }
+                }
+                outcome(&store, &[n, c_in, size, size], dtype, seed, |x| {
+                    if fused {
+                        block.apply(x, true)
+                    } else {
+                        block.forward_separate_t(x, true)
+                    }
+                })
+            }
+            Net::Unit(c, m) => {
+                let same = Conv2dConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                let first = Conv2d::new(&root.pp("r1"), c, m, 3, same).unwrap();
+                let second = Conv2d::new(&root.pp("r2"), m, c, 1, Conv2dConfig::default()).unwrap();
+                outcome(&store, &[n, c, size, size], dtype, seed, |x| {
+                    if fused {
+                        residual_relu(x, &first, &second)
+                    } else {
+                        residual_relu_separate(x, &first, &second)
+                    }
+                })
             }
         }
-        outcome(&store, &[n, c_in, size, size], dtype, seed, |x| {
-            if fused {
-                block.apply(x, true)
-            } else {
-                block.forward_separate_t(x, true)
-            }
-        })
     }
 
     /// Runs `forward` on a seeded normal input of `x_dims` and returns its output, the input
@@ -285,31 +308,6 @@ mod tests {
         )
     }
 
-    /// One forward and backward pass of a fresh residual unit `c → m → c` (3×3 then 1×1).
-    fn unit_step(
-        (c, m): (usize, usize),
-        (n, size): (usize, usize),
-        dtype: DType,
-        fused: bool,
-        seed: u64,
-    ) -> Step {
-        let store = ParamStore::new(seed);
-        let root = store.root(&Device::Cpu).with_dtype(dtype);
-        let same = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let first = Conv2d::new(&root.pp("r1"), c, m, 3, same).unwrap();
-        let second = Conv2d::new(&root.pp("r2"), m, c, 1, Conv2dConfig::default()).unwrap();
-        outcome(&store, &[n, c, size, size], dtype, seed, |x| {
-            if fused {
-                residual_relu(x, &first, &second)
-            } else {
-                residual_relu_separate(x, &first, &second)
-            }
-        })
-    }
-
     fn assert_same_step(fused: Step, separate: Step) {
         assert_eq!(fused.0, separate.0, "output");
         assert_eq!(fused.1, separate.1, "input gradient");
@@ -320,30 +318,22 @@ mod tests {
         assert_eq!(fused.3, separate.3, "running statistics");
     }
 
-    fn assert_fused_equals_separate(
-        shape: (usize, usize, usize),
-        input: (usize, usize),
-        dtype: DType,
-        seed: u64,
-    ) {
+    fn assert_fused_equals_separate(net: Net, input: (usize, usize), dtype: DType, seed: u64) {
         assert_same_step(
-            step(shape, input, dtype, true, seed),
-            step(shape, input, dtype, false, seed),
+            step(net, input, dtype, true, seed),
+            step(net, input, dtype, false, seed),
         );
     }
 
     #[test]
     fn the_fused_residual_unit_equals_the_separate_ops_bit_for_bit() {
         for dtype in [DType::F32, DType::F64] {
-            for (widths, input, seed) in [
+            for ((c, m), input, seed) in [
                 ((4, 4), (3, 6), 1),
                 ((2, 5), (2, 9), 2),
                 ((3, 1), (1, 4), 3),
             ] {
-                assert_same_step(
-                    unit_step(widths, input, dtype, true, seed),
-                    unit_step(widths, input, dtype, false, seed),
-                );
+                assert_fused_equals_separate(Net::Unit(c, m), input, dtype, seed);
             }
         }
     }
@@ -366,9 +356,9 @@ mod tests {
     fn the_fused_block_equals_the_separate_ops_bit_for_bit() {
         // Identity shortcut, then a projection with stride 2, in both float types.
         for dtype in [DType::F32, DType::F64] {
-            assert_fused_equals_separate((4, 4, 1), (3, 6), dtype, 1);
-            assert_fused_equals_separate((4, 8, 2), (2, 7), dtype, 2);
-            assert_fused_equals_separate((3, 5, 1), (2, 5), dtype, 3);
+            assert_fused_equals_separate(Net::Block(4, 4, 1), (3, 6), dtype, 1);
+            assert_fused_equals_separate(Net::Block(4, 8, 2), (2, 7), dtype, 2);
+            assert_fused_equals_separate(Net::Block(3, 5, 1), (2, 5), dtype, 3);
         }
     }
 
@@ -408,7 +398,7 @@ mod tests {
             size in 3usize..9,
             seed in 0u64..1000,
         ) {
-            assert_fused_equals_separate((c_in, c_out, stride), (n, size), DType::F32, seed);
+            assert_fused_equals_separate(Net::Block(c_in, c_out, stride), (n, size), DType::F32, seed);
         }
 
         #[test]
@@ -419,10 +409,7 @@ mod tests {
             size in 1usize..9,
             seed in 0u64..1000,
         ) {
-            assert_same_step(
-                unit_step((c, m), (n, size), DType::F32, true, seed),
-                unit_step((c, m), (n, size), DType::F32, false, seed),
-            );
+            assert_fused_equals_separate(Net::Unit(c, m), (n, size), DType::F32, seed);
         }
     }
 }

@@ -171,9 +171,14 @@ impl BasicBlockOp {
     fn param<'a, T>(&self, flat: &'a [T], i: usize) -> &'a [T] {
         &flat[self.ranges[i].clone()]
     }
+}
 
-    /// [`FusedNode::backward`] given what the forward pass kept.
-    fn backward_with<T: Float>(
+impl FusedNode for BasicBlockOp {
+    const NAME: &'static str = "qcl-basic-block";
+
+    type Intermediates<T: Float> = Intermediates<T>;
+
+    fn backward<T: Float>(
         &self,
         kept: &Intermediates<T>,
         (x, flat): (&[T], &[T]),
@@ -244,10 +249,6 @@ impl BasicBlockOp {
         }
         (dx, dflat)
     }
-}
-
-impl FusedNode for BasicBlockOp {
-    const NAME: &'static str = "qcl-basic-block";
 
     fn output_shape(&self, _x: &Layout) -> Shape {
         Shape::from(self.out_dims().to_vec())
@@ -284,15 +285,8 @@ impl FusedNode for BasicBlockOp {
         y
     }
 
-    fn backward<T: Float>(
-        &self,
-        (x, flat): (&[T], &[T]),
-        (y, dy): (&[T], &[T]),
-        want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
-        self.saved.with(Self::NAME, |kept: &Intermediates<T>| {
-            self.backward_with(kept, (x, flat), (y, dy), want_dx)
-        })
+    fn kept(&self) -> &Kept {
+        &self.saved
     }
 }
 

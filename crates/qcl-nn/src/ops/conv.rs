@@ -10,7 +10,7 @@ use qcl_tensor::{Error, Result};
 
 use super::conv_kernels::{conv_forward, conv_input_grad, conv_weight_grad, ConvGeometry};
 use super::cpu::kernel_cpu_fwd;
-use super::cpu::{run_ternary, supported_dtype, BinaryKernel, Float, TernaryKernel};
+use super::cpu::{supported_dtype, BinaryKernel, Float, TernaryKernel};
 
 /// Stride, zero padding and dilation of a 2-D convolution (the same along height and width;
 /// groups = 1). Defaults: stride 1, padding 0, dilation 1.
@@ -148,40 +148,79 @@ fn check_operands(
     })
 }
 
+impl Operands {
+    /// The geometry of `conv2d` over these operands.
+    fn geometry(&self, p: Conv2dParams) -> Result<ConvGeometry> {
+        ConvGeometry::new(
+            self.n,
+            self.c_in,
+            (self.h, self.w),
+            self.c_out,
+            (self.kh, self.kw),
+            p.stride,
+            p.padding,
+            p.dilation,
+        )
+        .ok_or_else(|| {
+            let span = |k: usize| p.dilation * (k - 1) + 1;
+            Error::invalid_parameter(
+                "kernel",
+                format!(
+                    "the kernel spans {}×{} but the padded input is only {}×{}",
+                    span(self.kh),
+                    span(self.kw),
+                    self.h + 2 * p.padding,
+                    self.w + 2 * p.padding
+                ),
+            )
+        })
+    }
+
+    /// The geometry of the forward convolution whose input gradient is `conv_transpose2d` over
+    /// these operands (its input is the transposed convolution's output).
+    fn transposed_geometry(&self, p: ConvTranspose2dParams) -> Result<ConvGeometry> {
+        if p.output_padding >= p.stride {
+            return Err(Error::invalid_parameter(
+                "output_padding",
+                format!(
+                    "must be below the stride {}, got {}",
+                    p.stride, p.output_padding
+                ),
+            ));
+        }
+        let full = |len: usize, k: usize| {
+            (len - 1) * p.stride + p.dilation * (k - 1) + 1 + p.output_padding
+        };
+        let (fh, fw) = (full(self.h.max(1), self.kh), full(self.w.max(1), self.kw));
+        if self.h == 0 || self.w == 0 || fh <= 2 * p.padding || fw <= 2 * p.padding {
+            return Err(Error::invalid_parameter(
+                "padding",
+                format!(
+                    "padding {} leaves an empty output for input {}×{}",
+                    p.padding, self.h, self.w
+                ),
+            ));
+        }
+        Ok(ConvGeometry {
+            n: self.n,
+            c_in: self.c_out,
+            h_in: fh - 2 * p.padding,
+            w_in: fw - 2 * p.padding,
+            c_out: self.c_in,
+            kh: self.kh,
+            kw: self.kw,
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            h_out: self.h,
+            w_out: self.w,
+        })
+    }
+}
+
 /// Checks shapes and parameters of `conv2d(x, w)` and returns its geometry.
 pub(super) fn conv_geometry(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<ConvGeometry> {
-    let Operands {
-        n,
-        c_in,
-        h: h_in,
-        w: w_in,
-        c_out,
-        kh,
-        kw,
-    } = check_operands(x, w, (p.stride, p.dilation), false)?;
-    ConvGeometry::new(
-        n,
-        c_in,
-        (h_in, w_in),
-        c_out,
-        (kh, kw),
-        p.stride,
-        p.padding,
-        p.dilation,
-    )
-    .ok_or_else(|| {
-        let span = |k: usize| p.dilation * (k - 1) + 1;
-        Error::invalid_parameter(
-            "kernel",
-            format!(
-                "the kernel spans {}×{} but the padded input is only {}×{}",
-                span(kh),
-                span(kw),
-                h_in + 2 * p.padding,
-                w_in + 2 * p.padding
-            ),
-        )
-    })
+    check_operands(x, w, (p.stride, p.dilation), false)?.geometry(p)
 }
 
 /// The geometry of a convolution with weight `w` applied to the output of convolution
@@ -308,13 +347,6 @@ fn conv2d_fused(
         }
         return Ok(if relu { y.relu()? } else { y });
     }
-    if g.n == 0 {
-        return Ok(Tensor::zeros(
-            (0, g.c_out, g.h_out, g.w_out),
-            x.dtype(),
-            x.device(),
-        )?);
-    }
     apply_conv(
         x,
         w,
@@ -360,66 +392,14 @@ pub fn conv_transpose2d_with_bias(
     bias: Option<&Tensor>,
     p: ConvTranspose2dParams,
 ) -> Result<Tensor> {
-    let Operands {
-        n,
-        c_in,
-        h,
-        w: wd,
-        c_out,
-        kh,
-        kw,
-    } = check_operands(x, w, (p.stride, p.dilation), true)?;
-    if p.output_padding >= p.stride {
-        return Err(Error::invalid_parameter(
-            "output_padding",
-            format!(
-                "must be below the stride {}, got {}",
-                p.stride, p.output_padding
-            ),
-        ));
-    }
-    let full =
-        |len: usize, k: usize| (len - 1) * p.stride + p.dilation * (k - 1) + 1 + p.output_padding;
-    let (fh, fw) = (full(h.max(1), kh), full(wd.max(1), kw));
-    if h == 0 || wd == 0 || fh <= 2 * p.padding || fw <= 2 * p.padding {
-        return Err(Error::invalid_parameter(
-            "padding",
-            format!(
-                "padding {} leaves an empty output for input {h}×{wd}",
-                p.padding
-            ),
-        ));
-    }
-    let (h_out, w_out) = (fh - 2 * p.padding, fw - 2 * p.padding);
-    check_bias(bias, c_out, x.dtype())?;
+    let g = check_operands(x, w, (p.stride, p.dilation), true)?.transposed_geometry(p)?;
+    check_bias(bias, g.c_in, x.dtype())?;
     if !use_custom_kernels(x) {
         let y = x.conv_transpose2d(w, p.padding, p.output_padding, p.stride, p.dilation)?;
         return match bias {
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?),
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, g.c_in, 1, 1))?)?),
             None => Ok(y),
         };
-    }
-    // The forward convolution whose input gradient this is: input = our output.
-    let g = ConvGeometry {
-        n,
-        c_in: c_out,
-        h_in: h_out,
-        w_in: w_out,
-        c_out: c_in,
-        kh,
-        kw,
-        stride: p.stride,
-        padding: p.padding,
-        dilation: p.dilation,
-        h_out: h,
-        w_out: wd,
-    };
-    if n == 0 {
-        return Ok(Tensor::zeros(
-            (0, c_out, h_out, w_out),
-            x.dtype(),
-            x.device(),
-        )?);
     }
     apply_conv(
         x,
@@ -474,26 +454,6 @@ impl BinaryKernel for ConvProduct {
 
     fn output_shape(&self, _l1: &Layout, _l2: &Layout) -> Shape {
         self.shape()
-    }
-}
-
-/// A convolution product followed by the per-channel bias (and ReLU), in place.
-struct BiasedProduct<'a> {
-    product: &'a ConvProduct,
-    relu: bool,
-}
-
-impl TernaryKernel for BiasedProduct<'_> {
-    fn run<T: Float>(&self, a: &[T], b: &[T], bias: &[T], _dims: &[usize]) -> Vec<T> {
-        let mut y = self.product.compute(a, b);
-        let shape = self.product.shape();
-        super::elementwise::add_bias_in_place(
-            &mut y,
-            bias,
-            shape.dims()[2] * shape.dims()[3],
-            self.relu,
-        );
-        y
     }
 }
 
@@ -592,6 +552,26 @@ struct ConvBiasOp {
     relu: bool,
 }
 
+/// The convolution's product followed by the per-channel bias (and ReLU), in place.
+impl TernaryKernel for ConvBiasOp {
+    fn run<T: Float>(&self, a: &[T], b: &[T], bias: &[T], _dims: &[usize]) -> Vec<T> {
+        let product = self.conv.main_product();
+        let mut y = product.compute(a, b);
+        let shape = product.shape();
+        super::elementwise::add_bias_in_place(
+            &mut y,
+            bias,
+            shape.dims()[2] * shape.dims()[3],
+            self.relu,
+        );
+        y
+    }
+
+    fn output_shape(&self, _l1: &Layout, _l2: &Layout, _l3: &Layout) -> Shape {
+        self.conv.main_product().shape()
+    }
+}
+
 impl CustomOp3 for ConvBiasOp {
     fn name(&self) -> &'static str {
         if self.conv.transposed {
@@ -601,28 +581,7 @@ impl CustomOp3 for ConvBiasOp {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let product = self.conv.main_product();
-        let out = run_ternary(
-            &BiasedProduct {
-                product: &product,
-                relu: self.relu,
-            },
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-        )?;
-        Ok((out, product.shape()))
-    }
+    kernel_cpu_fwd!(ternary);
 
     fn bwd(
         &self,
@@ -646,7 +605,8 @@ impl CustomOp3 for ConvBiasOp {
     }
 }
 
-/// Applies a convolution op, with its bias fused in when there is one.
+/// Applies a convolution op, with its bias fused in when there is one (an empty batch gives an
+/// empty output).
 fn apply_conv(
     x: &Tensor,
     w: &Tensor,
@@ -654,6 +614,13 @@ fn apply_conv(
     relu: bool,
     conv: ConvOp,
 ) -> Result<Tensor> {
+    if conv.g.n == 0 {
+        return Ok(Tensor::zeros(
+            conv.main_product().shape(),
+            x.dtype(),
+            x.device(),
+        )?);
+    }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let channels = if conv.transposed {
         conv.g.c_in

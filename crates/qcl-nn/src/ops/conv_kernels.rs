@@ -137,6 +137,23 @@ impl ConvGeometry {
     pub fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
+
+    /// Calls `visit(row, y, x)` for every kernel tap `(ki, kj)` of input channel `c`, in the
+    /// order of the column matrix: `row` is the tap's row of it, `y` and `x` its two axes.
+    #[inline(always)]
+    fn for_each_tap(&self, c: usize, mut visit: impl FnMut(usize, TapAxis, TapAxis)) {
+        for ki in 0..self.kh {
+            let off_y = (ki * self.dilation) as isize - self.padding as isize;
+            let (y_lo, y_hi) = self.valid_range(off_y, self.h_in, self.h_out);
+            for kj in 0..self.kw {
+                let off_x = (kj * self.dilation) as isize - self.padding as isize;
+                let (x_lo, x_hi) = self.valid_range(off_x, self.w_in, self.w_out);
+                let row = (c * self.kh + ki) * self.kw + kj;
+                visit(row, (off_y, y_lo, y_hi), (off_x, x_lo, x_hi));
+            }
+        }
+    }
+
     /// Valid output columns `[lo, hi)` for kernel offset `off` (input column = `o·s + off`).
     fn valid_range(&self, off: isize, len_in: usize, len_out: usize) -> (usize, usize) {
         let s = self.stride as isize;
@@ -149,47 +166,44 @@ impl ConvGeometry {
     }
 }
 
+/// One axis of a kernel tap: the offset `off` of its input index (`o·s + off` for output
+/// index `o`) and the outputs `[lo, hi)` whose input lies inside the image.
+type TapAxis = (isize, usize, usize);
+
 /// Fill `col` (`k_dim × hw_out`, row-major) with the patches of one image `x` (`c_in × hw_in`).
 pub(crate) fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
     let (hw_in, hw_out, s) = (g.hw_in(), g.hw_out(), g.stride);
     for c in 0..g.c_in {
         let plane = &x[c * hw_in..(c + 1) * hw_in];
-        for ki in 0..g.kh {
-            let off_y = (ki * g.dilation) as isize - g.padding as isize;
-            let (y_lo, y_hi) = g.valid_range(off_y, g.h_in, g.h_out);
-            for kj in 0..g.kw {
-                let off_x = (kj * g.dilation) as isize - g.padding as isize;
-                let (x_lo, x_hi) = g.valid_range(off_x, g.w_in, g.w_out);
-                let row_index = (c * g.kh + ki) * g.kw + kj;
-                let row = &mut col[row_index * hw_out..(row_index + 1) * hw_out];
-                row[..y_lo * g.w_out].fill(T::ZERO);
-                row[y_hi * g.w_out..].fill(T::ZERO);
-                for oy in y_lo..y_hi {
-                    let iy = (oy * s) as isize + off_y;
-                    let src = &plane[iy as usize * g.w_in..(iy as usize + 1) * g.w_in];
-                    let dst = &mut row[oy * g.w_out..(oy + 1) * g.w_out];
-                    dst[..x_lo].fill(T::ZERO);
-                    dst[x_hi..].fill(T::ZERO);
-                    if x_lo == x_hi {
-                        // No tap of this kernel column lands inside the image.
-                        continue;
+        g.for_each_tap(c, |row_index, (off_y, y_lo, y_hi), (off_x, x_lo, x_hi)| {
+            let row = &mut col[row_index * hw_out..(row_index + 1) * hw_out];
+            row[..y_lo * g.w_out].fill(T::ZERO);
+            row[y_hi * g.w_out..].fill(T::ZERO);
+            for oy in y_lo..y_hi {
+                let iy = (oy * s) as isize + off_y;
+                let src = &plane[iy as usize * g.w_in..(iy as usize + 1) * g.w_in];
+                let dst = &mut row[oy * g.w_out..(oy + 1) * g.w_out];
+                dst[..x_lo].fill(T::ZERO);
+                dst[x_hi..].fill(T::ZERO);
+                if x_lo == x_hi {
+                    // No tap of this kernel column lands inside the image.
+                    continue;
+                }
+                let ix0 = (x_lo * s) as isize + off_x;
+                if s == 1 {
+                    // A plain loop: rows are a few dozen elements, too short for memcpy's
+                    // call to pay off.
+                    let src = &src[ix0 as usize..ix0 as usize + (x_hi - x_lo)];
+                    for (d, v) in dst[x_lo..x_hi].iter_mut().zip(src) {
+                        *d = *v;
                     }
-                    let ix0 = (x_lo * s) as isize + off_x;
-                    if s == 1 {
-                        // A plain loop: rows are a few dozen elements, too short for memcpy's
-                        // call to pay off.
-                        let src = &src[ix0 as usize..ix0 as usize + (x_hi - x_lo)];
-                        for (d, v) in dst[x_lo..x_hi].iter_mut().zip(src) {
-                            *d = *v;
-                        }
-                    } else {
-                        for (k, d) in dst[x_lo..x_hi].iter_mut().enumerate() {
-                            *d = src[ix0 as usize + k * s];
-                        }
+                } else {
+                    for (k, d) in dst[x_lo..x_hi].iter_mut().enumerate() {
+                        *d = src[ix0 as usize + k * s];
                     }
                 }
             }
-        }
+        });
     }
 }
 
@@ -199,35 +213,28 @@ pub(crate) fn col2im<T: Float>(g: &ConvGeometry, col: &[T], dx: &mut [T]) {
     let (hw_in, hw_out, s) = (g.hw_in(), g.hw_out(), g.stride);
     for c in 0..g.c_in {
         let plane = &mut dx[c * hw_in..(c + 1) * hw_in];
-        for ki in 0..g.kh {
-            let off_y = (ki * g.dilation) as isize - g.padding as isize;
-            let (y_lo, y_hi) = g.valid_range(off_y, g.h_in, g.h_out);
-            for kj in 0..g.kw {
-                let off_x = (kj * g.dilation) as isize - g.padding as isize;
-                let (x_lo, x_hi) = g.valid_range(off_x, g.w_in, g.w_out);
-                let row_index = (c * g.kh + ki) * g.kw + kj;
-                let row = &col[row_index * hw_out..(row_index + 1) * hw_out];
-                if x_lo == x_hi {
-                    // No tap of this kernel column lands inside the image.
-                    continue;
-                }
-                for oy in y_lo..y_hi {
-                    let iy = (oy * s) as isize + off_y;
-                    let dst = &mut plane[iy as usize * g.w_in..(iy as usize + 1) * g.w_in];
-                    let src = &row[oy * g.w_out + x_lo..oy * g.w_out + x_hi];
-                    let ix0 = ((x_lo * s) as isize + off_x) as usize;
-                    if s == 1 {
-                        for (d, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
-                            *d += *v;
-                        }
-                    } else {
-                        for (k, v) in src.iter().enumerate() {
-                            dst[ix0 + k * s] += *v;
-                        }
+        g.for_each_tap(c, |row_index, (off_y, y_lo, y_hi), (off_x, x_lo, x_hi)| {
+            let row = &col[row_index * hw_out..(row_index + 1) * hw_out];
+            if x_lo == x_hi {
+                // No tap of this kernel column lands inside the image.
+                return;
+            }
+            for oy in y_lo..y_hi {
+                let iy = (oy * s) as isize + off_y;
+                let dst = &mut plane[iy as usize * g.w_in..(iy as usize + 1) * g.w_in];
+                let src = &row[oy * g.w_out + x_lo..oy * g.w_out + x_hi];
+                let ix0 = ((x_lo * s) as isize + off_x) as usize;
+                if s == 1 {
+                    for (d, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                        *d += *v;
+                    }
+                } else {
+                    for (k, v) in src.iter().enumerate() {
+                        dst[ix0 + k * s] += *v;
                     }
                 }
             }
-        }
+        });
     }
 }
 

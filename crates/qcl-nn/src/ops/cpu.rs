@@ -99,46 +99,21 @@ pub(crate) trait TernaryKernel {
 /// (dtype dispatch in `run_*`, result shape from `output_shape`), written once for every op.
 macro_rules! kernel_cpu_fwd {
     (unary) => {
-        fn cpu_fwd(
-            &self,
-            s: &candle_core::CpuStorage,
-            l: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            let out = $crate::ops::cpu::run_unary(self, self.name(), s, l)?;
-            Ok((out, $crate::ops::cpu::UnaryKernel::output_shape(self, l)))
-        }
+        $crate::ops::cpu::kernel_cpu_fwd!(UnaryKernel, run_unary, (s1, l1));
     };
     (binary) => {
-        fn cpu_fwd(
-            &self,
-            s1: &candle_core::CpuStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CpuStorage,
-            l2: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            let out = $crate::ops::cpu::run_binary(self, self.name(), (s1, l1), (s2, l2))?;
-            Ok((
-                out,
-                $crate::ops::cpu::BinaryKernel::output_shape(self, l1, l2),
-            ))
-        }
+        $crate::ops::cpu::kernel_cpu_fwd!(BinaryKernel, run_binary, (s1, l1), (s2, l2));
     };
     (ternary) => {
+        $crate::ops::cpu::kernel_cpu_fwd!(TernaryKernel, run_ternary, (s1, l1), (s2, l2), (s3, l3));
+    };
+    ($kernel:ident, $run:ident, $(($s:ident, $l:ident)),+) => {
         fn cpu_fwd(
             &self,
-            s1: &candle_core::CpuStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CpuStorage,
-            l2: &candle_core::Layout,
-            s3: &candle_core::CpuStorage,
-            l3: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            let out =
-                $crate::ops::cpu::run_ternary(self, self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-            Ok((
-                out,
-                $crate::ops::cpu::TernaryKernel::output_shape(self, l1, l2, l3),
-            ))
+            let out = $crate::ops::cpu::$run(self, self.name(), $(($s, $l)),+)?;
+            Ok((out, $crate::ops::cpu::$kernel::output_shape(self, $($l),+)))
         }
     };
 }
@@ -148,8 +123,7 @@ pub(crate) use kernel_cpu_fwd;
 pub(crate) fn run_unary(
     kernel: &impl UnaryKernel,
     name: &str,
-    s: &CpuStorage,
-    l: &Layout,
+    (s, l): (&CpuStorage, &Layout),
 ) -> candle_core::Result<CpuStorage> {
     Ok(match s {
         CpuStorage::F32(_) => {

@@ -8,9 +8,9 @@
 //! its intermediate tensors to itself, so the only edges left are its input and one flat
 //! vector of its parameters (whose pieces are small).
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{DType, Layout, Shape, Tensor};
 
-use super::cpu::{host, slice, Float};
+use super::cpu::{host, BinaryKernel, Float};
 
 /// What a fused node's forward pass keeps for its backward pass: one value whose type depends
 /// on the dtype (`Vec<f32>` or `Vec<f64>` parts), so it is stored type-erased.
@@ -45,22 +45,39 @@ pub(crate) trait FusedNode {
     /// The node's name in errors.
     const NAME: &'static str;
 
+    /// What the forward pass keeps for the backward pass, for elements of type `T`.
+    type Intermediates<T: Float>: std::any::Any + Send;
+
     /// The shape of the output for an input of layout `x`.
     fn output_shape(&self, x: &Layout) -> Shape;
 
-    /// The output, keeping what the backward pass needs.
+    /// The output, keeping its [`FusedNode::Intermediates`] in [`FusedNode::kept`].
     fn forward<T: Float>(&self, x: &[T], flat: &[T]) -> Vec<T>;
 
-    /// `(∂L/∂x if wanted, ∂L/∂flat)` from the output `y` and its gradient `dy`.
-    ///
-    /// # Errors
-    /// When no forward pass of this dtype kept its intermediates.
+    /// Where the forward pass keeps its intermediates.
+    fn kept(&self) -> &Kept;
+
+    /// `(∂L/∂x if wanted, ∂L/∂flat)` from what the forward pass kept, the inputs, the output
+    /// `y` and its gradient `dy`.
     fn backward<T: Float>(
         &self,
+        kept: &Self::Intermediates<T>,
         inputs: (&[T], &[T]),
         output: (&[T], &[T]),
         want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)>;
+    ) -> (Option<Vec<T>>, Vec<T>);
+}
+
+/// A fused node's forward pass is a host kernel over `(x, flat)`, so its `cpu_fwd` is the one
+/// of every other custom op ([`kernel_cpu_fwd`](super::cpu::kernel_cpu_fwd)).
+impl<N: FusedNode> BinaryKernel for N {
+    fn run<T: Float>(&self, x: &[T], flat: &[T], _dims: &[usize]) -> Vec<T> {
+        self.forward(x, flat)
+    }
+
+    fn output_shape(&self, x: &Layout, _flat: &Layout) -> Shape {
+        FusedNode::output_shape(self, x)
+    }
 }
 
 /// Implements candle's `CustomOp2` for a [`FusedNode`] over `(x, flat)`.
@@ -71,16 +88,7 @@ macro_rules! fused_custom_op {
                 <Self as $crate::ops::fused::FusedNode>::NAME
             }
 
-            fn cpu_fwd(
-                &self,
-                s1: &candle_core::CpuStorage,
-                l1: &candle_core::Layout,
-                s2: &candle_core::CpuStorage,
-                l2: &candle_core::Layout,
-            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                let out = $crate::ops::fused::cpu_forward(self, (s1, l1), (s2, l2))?;
-                Ok((out, $crate::ops::fused::FusedNode::output_shape(self, l1)))
-            }
+            $crate::ops::cpu::kernel_cpu_fwd!(binary);
 
             fn bwd(
                 &self,
@@ -96,24 +104,6 @@ macro_rules! fused_custom_op {
     };
 }
 pub(crate) use fused_custom_op;
-
-/// The `cpu_fwd` of a [`FusedNode`].
-pub(crate) fn cpu_forward<N: FusedNode>(
-    node: &N,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-) -> candle_core::Result<CpuStorage> {
-    let name = N::NAME;
-    Ok(match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::to_cpu_storage_owned(
-            node.forward(slice::<f32>(s1, l1, name)?, slice(s2, l2, name)?),
-        ),
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::to_cpu_storage_owned(
-            node.forward(slice::<f64>(s1, l1, name)?, slice(s2, l2, name)?),
-        ),
-        _ => candle_core::bail!("{name}: only matching f32 or f64 operands are supported"),
-    })
-}
 
 /// The `bwd` of a [`FusedNode`]: gradients for `x` (if it tracks) and `flat`.
 pub(crate) fn backward<N: FusedNode>(
@@ -138,17 +128,17 @@ fn typed<N: FusedNode, T: Float>(
     let (flat_storage, flat_layout) = flat.storage_and_layout();
     let (y_storage, y_layout) = res.storage_and_layout();
     let (dy_storage, dy_layout) = grad.storage_and_layout();
-    let (dx, dflat) = node.backward(
-        (
-            host::<T>(&x_storage, x_layout)?,
-            host::<T>(&flat_storage, flat_layout)?,
-        ),
-        (
-            host::<T>(&y_storage, y_layout)?,
-            host::<T>(&dy_storage, dy_layout)?,
-        ),
-        x.track_op(),
-    )?;
+    let inputs = (
+        host::<T>(&x_storage, x_layout)?,
+        host::<T>(&flat_storage, flat_layout)?,
+    );
+    let output = (
+        host::<T>(&y_storage, y_layout)?,
+        host::<T>(&dy_storage, dy_layout)?,
+    );
+    let (dx, dflat) = node.kept().with(N::NAME, |kept: &N::Intermediates<T>| {
+        node.backward(kept, inputs, output, x.track_op())
+    })?;
     let dx = dx
         .map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
         .transpose()?;

@@ -80,11 +80,18 @@ impl ResidualUnitOp {
     fn param<'a, T>(&self, flat: &'a [T], i: usize) -> &'a [T] {
         &flat[self.ranges[i].clone()]
     }
+}
 
-    /// [`FusedNode::backward`] given the first convolution's rectified output `a`.
-    fn backward_with<T: Float>(
+impl FusedNode for ResidualUnitOp {
+    const NAME: &'static str = "qcl-residual-unit";
+
+    /// The first convolution's rectified output.
+    type Intermediates<T: Float> = Vec<T>;
+
+    /// The gradients given the first convolution's rectified output `a`.
+    fn backward<T: Float>(
         &self,
-        a: &[T],
+        a: &Vec<T>,
         (x, flat): (&[T], &[T]),
         (y, dy): (&[T], &[T]),
         want_dx: bool,
@@ -112,10 +119,6 @@ impl ResidualUnitOp {
         }
         (dx, dflat)
     }
-}
-
-impl FusedNode for ResidualUnitOp {
-    const NAME: &'static str = "qcl-residual-unit";
 
     fn output_shape(&self, x: &Layout) -> Shape {
         x.shape().clone()
@@ -132,15 +135,8 @@ impl FusedNode for ResidualUnitOp {
         y
     }
 
-    fn backward<T: Float>(
-        &self,
-        (x, flat): (&[T], &[T]),
-        (y, dy): (&[T], &[T]),
-        want_dx: bool,
-    ) -> candle_core::Result<(Option<Vec<T>>, Vec<T>)> {
-        self.saved.with(Self::NAME, |a: &Vec<T>| {
-            self.backward_with(a, (x, flat), (y, dy), want_dx)
-        })
+    fn kept(&self) -> &Kept {
+        &self.saved
     }
 }
 

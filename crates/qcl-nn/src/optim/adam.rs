@@ -8,7 +8,8 @@ use candle_nn::VarMap;
 use qcl_tensor::{Error, Result};
 
 use super::{
-    check_non_negative, impl_candle_optimizer, IntoNamedVars, NamedVars, Optimizer, OptimizerState,
+    check_non_negative, impl_candle_optimizer, shared_optimizer_methods, IntoNamedVars, NamedVars,
+    Optimizer, OptimizerState,
 };
 
 /// How [`Adam`] decays weights. Always an explicit choice: the default is [`WeightDecay::None`].
@@ -110,6 +111,45 @@ impl AdamConfig {
             WeightDecay::L2(v) | WeightDecay::Decoupled(v) => check_non_negative("weight_decay", v),
         }
     }
+
+    /// One update of parameter `var` by its gradient `g`, advancing its `moments` (none before
+    /// its first update).
+    fn update(&self, var: &Var, mut g: Tensor, moments: &mut Option<Moments>) -> Result<()> {
+        let mut p = var.as_tensor().detach();
+        match self.weight_decay {
+            WeightDecay::None => {}
+            WeightDecay::L2(wd) => g = (g + p.affine(wd, 0.0)?)?,
+            WeightDecay::Decoupled(wd) => p = p.affine(1.0 - self.lr * wd, 0.0)?,
+        }
+        let (beta1, beta2) = (self.beta1, self.beta2);
+        let (t, exp_avg, exp_avg_sq) = match moments.take() {
+            None => (
+                1,
+                g.affine(1.0 - beta1, 0.0)?,
+                g.sqr()?.affine(1.0 - beta2, 0.0)?,
+            ),
+            Some(m) => (
+                m.t + 1,
+                (m.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
+                (m.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
+            ),
+        };
+        // As torch: p ← p − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε).
+        let exponent = i32::try_from(t).unwrap_or(i32::MAX);
+        let bias_correction1 = 1.0 - beta1.powi(exponent);
+        let bias_correction2 = 1.0 - beta2.powi(exponent);
+        let denominator = exp_avg_sq
+            .sqrt()?
+            .affine(1.0 / bias_correction2.sqrt(), self.eps)?;
+        let update = (&exp_avg / denominator)?.affine(self.lr / bias_correction1, 0.0)?;
+        var.set(&(p - update)?)?;
+        *moments = Some(Moments {
+            t,
+            exp_avg,
+            exp_avg_sq,
+        });
+        Ok(())
+    }
 }
 
 /// Adam (Kingma & Ba), exactly as `torch.optim.Adam` / `torch.optim.AdamW`.
@@ -199,67 +239,7 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let AdamConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.params;
-        let gradients = self.vars.gradients(grads)?;
-        for (((_, var), grad), moments) in
-            self.vars.iter().zip(gradients).zip(self.moments.iter_mut())
-        {
-            let Some(mut g) = grad else { continue };
-            let mut p = var.as_tensor().detach();
-            match weight_decay {
-                WeightDecay::None => {}
-                WeightDecay::L2(wd) => g = (g + p.affine(wd, 0.0)?)?,
-                WeightDecay::Decoupled(wd) => p = p.affine(1.0 - lr * wd, 0.0)?,
-            }
-            let (t, exp_avg, exp_avg_sq) = match moments.take() {
-                None => (
-                    1,
-                    g.affine(1.0 - beta1, 0.0)?,
-                    g.sqr()?.affine(1.0 - beta2, 0.0)?,
-                ),
-                Some(m) => (
-                    m.t + 1,
-                    (m.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
-                    (m.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
-                ),
-            };
-            // As torch: p ← p − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε).
-            let exponent = i32::try_from(t).unwrap_or(i32::MAX);
-            let bias_correction1 = 1.0 - beta1.powi(exponent);
-            let bias_correction2 = 1.0 - beta2.powi(exponent);
-            let denominator = exp_avg_sq
-                .sqrt()?
-                .affine(1.0 / bias_correction2.sqrt(), eps)?;
-            let update = (&exp_avg / denominator)?.affine(lr / bias_correction1, 0.0)?;
-            var.set(&(p - update)?)?;
-            *moments = Some(Moments {
-                t,
-                exp_avg,
-                exp_avg_sq,
-            });
-        }
-        self.steps += 1;
-        Ok(())
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.params.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr;
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.steps
-    }
+    shared_optimizer_methods!(moments);
 
     /// Scalars `steps`, `lr`, `beta1`, `beta2`, `eps`, `weight_decay_mode` (0 none, 1 L2,
     /// 2 decoupled), `weight_decay`, and `step.<parameter>`; tensors `exp_avg.<parameter>` and
@@ -276,19 +256,19 @@ impl Optimizer for Adam {
             ("weight_decay_mode".to_string(), mode),
             ("weight_decay".to_string(), decay),
         ]);
-        let mut tensors = BTreeMap::new();
         for ((name, _), moments) in self.vars.iter().zip(&self.moments) {
             if let Some(m) = moments {
                 scalars.insert(format!("{STEP}.{name}"), m.t as f64);
-                tensors.insert(format!("{EXP_AVG}.{name}"), m.exp_avg.clone());
-                tensors.insert(format!("{EXP_AVG_SQ}.{name}"), m.exp_avg_sq.clone());
             }
         }
-        Ok(OptimizerState {
-            kind: KIND.to_string(),
-            scalars,
-            tensors,
-        })
+        Ok(self
+            .vars
+            .optimizer_state(KIND, scalars, &self.moments, |m| {
+                [
+                    (EXP_AVG, m.exp_avg.clone()),
+                    (EXP_AVG_SQ, m.exp_avg_sq.clone()),
+                ]
+            }))
     }
 
     /// Restores moments, step counts and hyperparameters (like PyTorch's `load_state_dict`,

@@ -241,6 +241,37 @@ macro_rules! impl_candle_optimizer {
 }
 pub(crate) use impl_candle_optimizer;
 
+/// The [`Optimizer`] methods every qcl optimizer shares, expanded inside its `impl Optimizer`:
+/// a step applies the hyperparameters' own `update` rule to each parameter that has a gradient,
+/// with that parameter's state in the field `$slots`, then counts itself in `steps`; the
+/// learning rate is `params.lr`.
+macro_rules! shared_optimizer_methods {
+    ($slots:ident) => {
+        fn step(&mut self, grads: &candle_core::backprop::GradStore) -> qcl_tensor::Result<()> {
+            let config = self.params;
+            self.vars
+                .update_each(grads, &mut self.$slots, |var, g, slot| {
+                    config.update(var, g, slot)
+                })?;
+            self.steps += 1;
+            Ok(())
+        }
+
+        fn learning_rate(&self) -> f64 {
+            self.params.lr
+        }
+
+        fn set_learning_rate(&mut self, lr: f64) {
+            self.params.lr = lr;
+        }
+
+        fn steps_taken(&self) -> u64 {
+            self.steps
+        }
+    };
+}
+pub(crate) use shared_optimizer_methods;
+
 /// Checks a hyperparameter that must be finite and `>= 0`.
 pub(crate) fn check_non_negative(name: &str, value: f64) -> Result<()> {
     if value.is_finite() && value >= 0.0 {
@@ -310,6 +341,49 @@ impl NamedVars {
                 }),
             })
             .collect()
+    }
+
+    /// Calls `update(variable, gradient, slot)` for every parameter that has a gradient (checked
+    /// and detached as [`NamedVars::gradients`] gives it), in order, with the parameter's own
+    /// state slot of `slots`; parameters without a gradient keep their slot untouched.
+    pub(crate) fn update_each<S>(
+        &self,
+        grads: &GradStore,
+        slots: &mut [Option<S>],
+        mut update: impl FnMut(&Var, Tensor, &mut Option<S>) -> Result<()>,
+    ) -> Result<()> {
+        let gradients = self.gradients(grads)?;
+        for (((_, var), grad), slot) in self.entries.iter().zip(gradients).zip(slots) {
+            if let Some(grad) = grad {
+                update(var, grad, slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state of an optimizer of `kind`: `scalars`, and for every parameter whose slot of
+    /// `slots` holds state the tensors `buffers(state)`, named `<buffer>.<parameter>` (the
+    /// names [`NamedVars::resolve_state_tensor`] reads back).
+    pub(crate) fn optimizer_state<S, const N: usize>(
+        &self,
+        kind: &str,
+        scalars: BTreeMap<String, f64>,
+        slots: &[Option<S>],
+        buffers: impl Fn(&S) -> [(&str, Tensor); N],
+    ) -> OptimizerState {
+        let mut tensors = BTreeMap::new();
+        for ((name, _), slot) in self.entries.iter().zip(slots) {
+            if let Some(state) = slot {
+                for (buffer, tensor) in buffers(state) {
+                    tensors.insert(format!("{buffer}.{name}"), tensor);
+                }
+            }
+        }
+        OptimizerState {
+            kind: kind.to_string(),
+            scalars,
+            tensors,
+        }
     }
 
     /// Splits a state tensor name `<buffer>.<parameter>` and checks that the buffer is one of

@@ -8,7 +8,8 @@ use candle_nn::VarMap;
 use qcl_tensor::{Error, Result};
 
 use super::{
-    check_non_negative, impl_candle_optimizer, IntoNamedVars, NamedVars, Optimizer, OptimizerState,
+    check_non_negative, impl_candle_optimizer, shared_optimizer_methods, IntoNamedVars, NamedVars,
+    Optimizer, OptimizerState,
 };
 
 /// Hyperparameters of [`Sgd`], as in `torch.optim.SGD`.
@@ -73,6 +74,31 @@ impl SgdConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// One update of parameter `var` by its gradient `g`, advancing its momentum `buffer` (none
+    /// before its first update, and always none without momentum).
+    fn update(&self, var: &Var, mut g: Tensor, buffer: &mut Option<Tensor>) -> Result<()> {
+        let p = var.as_tensor().detach();
+        if self.weight_decay != 0.0 {
+            g = (g + p.affine(self.weight_decay, 0.0)?)?;
+        }
+        if self.momentum != 0.0 {
+            let b = match buffer.take() {
+                None => g.clone(),
+                Some(b) => {
+                    (b.affine(self.momentum, 0.0)? + g.affine(1.0 - self.dampening, 0.0)?)?
+                }
+            };
+            g = if self.nesterov {
+                (g + b.affine(self.momentum, 0.0)?)?
+            } else {
+                b.clone()
+            };
+            *buffer = Some(b);
+        }
+        var.set(&(p - g.affine(self.lr, 0.0)?)?)?;
         Ok(())
     }
 }
@@ -151,55 +177,7 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let SgdConfig {
-            lr,
-            momentum,
-            dampening,
-            nesterov,
-            weight_decay,
-        } = self.params;
-        let gradients = self.vars.gradients(grads)?;
-        for (((_, var), grad), buffer) in self
-            .vars
-            .iter()
-            .zip(gradients)
-            .zip(self.momentum_buffers.iter_mut())
-        {
-            let Some(mut g) = grad else { continue };
-            let p = var.as_tensor().detach();
-            if weight_decay != 0.0 {
-                g = (g + p.affine(weight_decay, 0.0)?)?;
-            }
-            if momentum != 0.0 {
-                let b = match buffer.take() {
-                    None => g.clone(),
-                    Some(b) => (b.affine(momentum, 0.0)? + g.affine(1.0 - dampening, 0.0)?)?,
-                };
-                g = if nesterov {
-                    (g + b.affine(momentum, 0.0)?)?
-                } else {
-                    b.clone()
-                };
-                *buffer = Some(b);
-            }
-            var.set(&(p - g.affine(lr, 0.0)?)?)?;
-        }
-        self.steps += 1;
-        Ok(())
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.params.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr;
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.steps
-    }
+    shared_optimizer_methods!(momentum_buffers);
 
     /// Scalars `steps`, `lr`, `momentum`, `dampening`, `nesterov` (0 or 1), `weight_decay`;
     /// tensors `momentum.<parameter>` for every parameter that has a momentum buffer.
@@ -213,20 +191,11 @@ impl Optimizer for Sgd {
             ("nesterov".to_string(), f64::from(u8::from(p.nesterov))),
             ("weight_decay".to_string(), p.weight_decay),
         ]);
-        let tensors = self
+        Ok(self
             .vars
-            .iter()
-            .zip(&self.momentum_buffers)
-            .filter_map(|((name, _), b)| {
-                b.as_ref()
-                    .map(|b| (format!("{MOMENTUM}.{name}"), b.clone()))
-            })
-            .collect();
-        Ok(OptimizerState {
-            kind: KIND.to_string(),
-            scalars,
-            tensors,
-        })
+            .optimizer_state(KIND, scalars, &self.momentum_buffers, |b| {
+                [(MOMENTUM, b.clone())]
+            }))
     }
 
     /// Restores buffers, step count and hyperparameters (like PyTorch's `load_state_dict`,

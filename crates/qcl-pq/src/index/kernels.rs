@@ -108,9 +108,9 @@ impl Kernel {
 /// If `nbits` is not 4 or 8, `block` is not `runs · BLOCK` bytes (`runs` = `m` for 8-bit codes,
 /// `⌈m / 2⌉` for 4-bit) or `lut` is shorter than `m · 2^nbits` bytes.
 pub fn block_sums(block: &[u8], m: usize, nbits: u32, lut: &[u8], out: &mut [u16; BLOCK]) {
-    check_shapes(block, m, nbits, lut);
-    // SAFETY: `detect` only returns an available kernel; the shapes were checked.
-    unsafe { run(Kernel::detect(), block, m, nbits, lut, out) }
+    let checked = check_shapes(block, m, nbits, lut);
+    // SAFETY: `detect` only returns an available kernel.
+    unsafe { run(Kernel::detect(), checked, out) }
 }
 
 /// [`block_sums`] with a given kernel, for tests and benchmarks; pass kernels from
@@ -133,9 +133,9 @@ pub fn block_sums_with(
         "kernel {} is not available on this CPU",
         kernel.name()
     );
-    check_shapes(block, m, nbits, lut);
-    // SAFETY: the kernel is available; the shapes were checked.
-    unsafe { run(kernel, block, m, nbits, lut, out) }
+    let checked = check_shapes(block, m, nbits, lut);
+    // SAFETY: the kernel is available.
+    unsafe { run(kernel, checked, out) }
 }
 
 /// [`block_mask_le`] with `kernel`'s instructions (the same mask).
@@ -168,9 +168,19 @@ pub fn block_mask_le(sums: &[u16; BLOCK], threshold: u16) -> u64 {
         .fold(0, |mask, (i, &s)| mask | (u64::from(s <= threshold) << i))
 }
 
-/// The bounds the kernels' unchecked loads rely on.
+/// A block of `m` codes of `nbits` bits and its look-up table, made only by [`check_shapes`]:
+/// their sizes are the bounds the kernels' unchecked loads rely on.
+#[derive(Clone, Copy)]
+struct CheckedBlock<'a> {
+    block: &'a [u8],
+    m: usize,
+    nbits: u32,
+    lut: &'a [u8],
+}
+
+/// Checks the bounds the kernels' unchecked loads rely on.
 #[inline]
-fn check_shapes(block: &[u8], m: usize, nbits: u32, lut: &[u8]) {
+fn check_shapes<'a>(block: &'a [u8], m: usize, nbits: u32, lut: &'a [u8]) -> CheckedBlock<'a> {
     assert!(
         nbits == 4 || nbits == 8,
         "codes of {nbits} bits: need 4 or 8"
@@ -178,20 +188,25 @@ fn check_shapes(block: &[u8], m: usize, nbits: u32, lut: &[u8]) {
     let runs = if nbits == 8 { m } else { m.div_ceil(2) };
     assert_eq!(block.len(), runs * BLOCK, "block of {m} sub-spaces");
     assert!(lut.len() >= m << nbits, "lut of {m} sub-spaces");
+    CheckedBlock {
+        block,
+        m,
+        nbits,
+        lut,
+    }
 }
 
 /// # Safety
-/// `kernel` is available and the shapes passed [`check_shapes`].
+/// `kernel` is available.
 #[inline]
-unsafe fn run(
-    kernel: Kernel,
-    block: &[u8],
-    m: usize,
-    nbits: u32,
-    lut: &[u8],
-    out: &mut [u16; BLOCK],
-) {
-    // SAFETY: the caller guarantees the kernel's CPU features and the shapes.
+unsafe fn run(kernel: Kernel, checked: CheckedBlock<'_>, out: &mut [u16; BLOCK]) {
+    let CheckedBlock {
+        block,
+        m,
+        nbits,
+        lut,
+    } = checked;
+    // SAFETY: the caller guarantees the kernel's CPU features; `check_shapes` checked the shapes.
     unsafe {
         match (kernel, nbits) {
             #[cfg(target_arch = "x86_64")]

@@ -81,6 +81,7 @@ impl<Q: Quantizer> QuantizedIndex<Q> {
     }
 }
 
+// The accessors repeat `PqIndex`'s: each flat index implements the public trait on its own fields.
 impl<Q: Quantizer + Send + Sync> VectorIndex for QuantizedIndex<Q> {
     fn dim(&self) -> usize {
         self.quantizer.dim()

@@ -96,6 +96,7 @@ impl<I: VectorIndex> Rotated<I> {
     }
 }
 
+// Forwards the accessors to `inner` as `Refine` does: each public wrapper implements the trait.
 impl<I: VectorIndex> VectorIndex for Rotated<I> {
     fn dim(&self) -> usize {
         self.inner.dim()

@@ -2,9 +2,11 @@
 //! sentence-transformers computed in PyTorch (`fixtures/minilm/reference.json`). Skipped, with
 //! a message, when the model has not been fetched (as in CI).
 
-use crate::common::{bits, data_dir, fixtures, max_abs_diff, reference};
-use candle_core::{Device, Tensor};
-use qcl_text::{row_cosines, EmbedConfig, SentenceEncoder};
+use crate::common::{
+    bits, data_dir, embed_against_reference, fixtures, max_abs_diff, reference, AgainstReference,
+};
+use candle_core::Device;
+use qcl_text::{EmbedConfig, SentenceEncoder};
 
 fn minilm() -> Option<SentenceEncoder> {
     let dir = data_dir().join("minilm");
@@ -29,15 +31,11 @@ fn minilm_matches_sentence_transformers() {
     let r = reference(fixtures().join("minilm/reference.json"));
     assert_eq!(encoder.config().max_seq_length, 256);
     assert_eq!(encoder.dim(), 384);
-    let texts: Vec<&str> = r.sentences.iter().map(String::as_str).collect();
-    for (text, ids) in texts.iter().zip(&r.input_ids) {
-        let batch = encoder.tokenize(&[text]).unwrap();
-        let ours: Vec<u32> = batch.input_ids.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(&ours, ids, "token ids of {text:?}");
-    }
-    let ours = encoder.embed(&texts).unwrap();
-    let theirs = Tensor::new(r.embeddings.clone(), &Device::Cpu).unwrap();
-    let cos = row_cosines(&ours, &theirs).unwrap();
+    let AgainstReference {
+        ours,
+        theirs,
+        cosines: cos,
+    } = embed_against_reference(&encoder, &r);
     let min = cos.iter().copied().fold(f64::INFINITY, f64::min);
     let mean = cos.iter().sum::<f64>() / cos.len() as f64;
     eprintln!("all-MiniLM-L6-v2 against sentence-transformers: 1 − min cosine {:.2e}, 1 − mean {:.2e}, max |Δ| {:.2e}", 1.0 - min, 1.0 - mean, max_abs_diff(&ours, &theirs));

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::common::{bits, fixtures, max_abs_diff, reference};
+use crate::common::{
+    bits, embed_against_reference, fixtures, max_abs_diff, reference, AgainstReference,
+};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use qcl_tensor::{Error, SafetensorsFile};
-use qcl_text::{
-    row_cosines, EmbedConfig, SentenceConfig, SentenceEncoder, SentenceTokenizer, LAYER_LINEARS,
-};
+use qcl_text::{EmbedConfig, SentenceConfig, SentenceEncoder, SentenceTokenizer, LAYER_LINEARS};
 
 fn tiny_dir() -> std::path::PathBuf {
     fixtures().join("tiny-bert")
@@ -50,16 +50,12 @@ fn tiny_bert_matches_the_sentence_transformers_reference() {
     let r = reference(tiny_dir().join("reference.json"));
     let encoder = tiny();
     assert_eq!(encoder.config().max_seq_length, r.max_seq_length);
-    let texts: Vec<&str> = r.sentences.iter().map(String::as_str).collect();
-    for (text, ids) in texts.iter().zip(&r.input_ids) {
-        let batch = encoder.tokenize(&[text]).unwrap();
-        let ours: Vec<u32> = batch.input_ids.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(&ours, ids, "token ids of {text:?}");
-    }
-    let ours = encoder.embed(&texts).unwrap();
-    let theirs = Tensor::new(r.embeddings.clone(), &Device::Cpu).unwrap();
-    let cos = row_cosines(&ours, &theirs).unwrap();
-    for (text, c) in texts.iter().zip(&cos) {
+    let AgainstReference {
+        ours,
+        theirs,
+        cosines: cos,
+    } = embed_against_reference(&encoder, &r);
+    for (text, c) in r.sentences.iter().zip(&cos) {
         assert!(*c >= 0.9999, "cosine {c} for {text:?}");
     }
     let diff = max_abs_diff(&ours, &theirs);

@@ -334,15 +334,9 @@ fn quantize_layer(
     Ok((layer, out.em_objective, out.repairs))
 }
 
-/// What the phases of [`compress`] share.
-struct Phases<'a, 'd> {
-    shared: Shared<'a>,
-    stream: &'a mut BatchStream<'d>,
-}
-
-/// The read-only part of [`Phases`], copied out whole by each phase.
-#[derive(Clone, Copy)]
-struct Shared<'a> {
+/// What the phases of [`compress`] share, read-only; the phases are its methods, each given the
+/// distillation batch stream.
+struct Phases<'a> {
     teacher: &'a Model,
     student: &'a Model,
     specs: &'a [LayerSpec],
@@ -354,29 +348,31 @@ struct Shared<'a> {
 /// The layer-wise phase's result: the quantized layers, their original weights, the reports.
 type Layerwise = (Vec<QuantizedLayer>, Vec<Tensor>, Vec<LayerReport>);
 
-impl Phases<'_, '_> {
+impl Phases<'_> {
+    /// The inputs of `spec`'s layer (of `geometry`), recorded from the student as it is now.
+    fn student_inputs(&self, spec: &LayerSpec, geometry: &LayerGeometry) -> Result<LayerInputs> {
+        LayerInputs::new(
+            geometry.clone(),
+            spec.padding,
+            &record_inputs(self.student, self.act_images, spec.name)?,
+        )
+    }
+
     /// For each layer in forward order: inputs from the student, EM, layer-wise fine-tuning.
-    fn layerwise(&mut self, plans: Vec<(LayerGeometry, usize, usize)>) -> Result<Layerwise> {
-        let Shared {
-            teacher,
-            student,
-            specs,
-            act_images,
-            cfg,
-            bar,
-        } = self.shared;
+    fn layerwise(
+        &self,
+        stream: &mut BatchStream<'_>,
+        plans: Vec<(LayerGeometry, usize, usize)>,
+    ) -> Result<Layerwise> {
+        let (student, cfg) = (self.student, self.cfg);
         let seed = cfg.seed;
         let mut layers: Vec<QuantizedLayer> = Vec::new();
         let mut references = Vec::new();
         let mut reports = Vec::new();
-        for (li, (spec, (geometry, k, n_groups))) in specs.iter().zip(plans).enumerate() {
+        for (li, (spec, (geometry, k, n_groups))) in self.specs.iter().zip(plans).enumerate() {
             let weight_name = format!("{}.weight", spec.name);
             let reference = student.var(&weight_name)?.as_tensor().copy()?;
-            let inputs = LayerInputs::new(
-                geometry.clone(),
-                spec.padding,
-                &record_inputs(student, act_images, spec.name)?,
-            )?;
+            let inputs = self.student_inputs(spec, &geometry)?;
             let em_started = Instant::now();
             let layer_seed = seed.child_named("em").child(li as u64);
             let (layer, em_objective, repairs) =
@@ -391,7 +387,7 @@ impl Phases<'_, '_> {
             let error_em = inputs.output_error(&reference, &decoded)?;
             layers.push(layer);
             references.push(reference.clone());
-            bar.inc(1);
+            self.bar.inc(1);
             let ft_started = Instant::now();
             let biases = if cfg.fuse_bn {
                 vec![format!("{}.bias", spec.name)]
@@ -399,7 +395,7 @@ impl Phases<'_, '_> {
                 Vec::new()
             };
             finetune(
-                teacher,
+                self.teacher,
                 student,
                 &mut layers,
                 &[li],
@@ -408,8 +404,8 @@ impl Phases<'_, '_> {
                 (cfg.layer_lr, &[]),
                 cfg,
                 false,
-                self.stream,
-                bar,
+                stream,
+                self.bar,
             )?;
             let after = student.var(&weight_name)?.as_tensor().clone();
             reports.push(LayerReport {
@@ -432,22 +428,19 @@ impl Phases<'_, '_> {
     /// Global fine-tuning of every codebook, after each reassignment round if any; returns
     /// the codes changed per round and layer.
     fn global(
-        &mut self,
+        &self,
+        stream: &mut BatchStream<'_>,
         layers: &mut [QuantizedLayer],
         references: &[Tensor],
     ) -> Result<Vec<Vec<usize>>> {
-        let Shared {
-            teacher,
-            student,
-            specs,
-            act_images,
-            cfg,
-            bar,
-        } = self.shared;
+        let (student, cfg) = (self.student, self.cfg);
         let (seed, rounds, train_bn) = (cfg.seed, 1 + cfg.reassign_rounds, student.arch().has_bn());
         let all: Vec<usize> = (0..layers.len()).collect();
         let biases: Vec<String> = if cfg.fuse_bn {
-            specs.iter().map(|s| format!("{}.bias", s.name)).collect()
+            self.specs
+                .iter()
+                .map(|s| format!("{}.bias", s.name))
+                .collect()
         } else {
             Vec::new()
         };
@@ -456,12 +449,8 @@ impl Phases<'_, '_> {
             if round > 0 {
                 let round_seed = seed.child_named("reassign").child(round as u64);
                 let mut changed = Vec::new();
-                for (li, spec) in specs.iter().enumerate() {
-                    let inputs = LayerInputs::new(
-                        layers[li].pq.geometry.clone(),
-                        spec.padding,
-                        &record_inputs(student, act_images, spec.name)?,
-                    )?;
+                for (li, spec) in self.specs.iter().enumerate() {
+                    let inputs = self.student_inputs(spec, &layers[li].pq.geometry)?;
                     let reference = &references[li];
                     let mut rng = round_seed.child(li as u64).rng();
                     changed.push(reassign_layer(
@@ -472,12 +461,12 @@ impl Phases<'_, '_> {
                         &inputs,
                         &mut rng,
                     )?);
-                    bar.inc(1);
+                    self.bar.inc(1);
                 }
                 reassigned.push(changed);
             }
             finetune(
-                teacher,
+                self.teacher,
                 student,
                 layers,
                 &all,
@@ -486,8 +475,8 @@ impl Phases<'_, '_> {
                 (cfg.global_lr, &cfg.global_lr_drops),
                 cfg,
                 train_bn,
-                self.stream,
-                bar,
+                stream,
+                self.bar,
             )?;
         }
         Ok(reassigned)
@@ -554,20 +543,17 @@ pub fn compress(
     let total_steps = specs.len() * cfg.layer_steps + rounds * cfg.global_steps;
     bar.set_length((rounds * specs.len() + total_steps) as u64);
     bar.set_position(0);
-    let mut phases = Phases {
-        shared: Shared {
-            teacher,
-            student: &student,
-            specs: &specs,
-            act_images: &act_images,
-            cfg,
-            bar,
-        },
-        stream: &mut stream,
+    let phases = Phases {
+        teacher,
+        student: &student,
+        specs: &specs,
+        act_images: &act_images,
+        cfg,
+        bar,
     };
-    let (mut layers, references, reports) = phases.layerwise(plans)?;
+    let (mut layers, references, reports) = phases.layerwise(&mut stream, plans)?;
     let after_layerwise = snapshot(&student, &layers);
-    let reassigned = phases.global(&mut layers, &references)?;
+    let reassigned = phases.global(&mut stream, &mut layers, &references)?;
     Ok(CompressOutcome {
         after_layerwise,
         compressed: snapshot(&student, &layers),

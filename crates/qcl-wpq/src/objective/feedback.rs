@@ -9,6 +9,7 @@
 //! batch of about 128 columns, as GPTQ does.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
@@ -98,6 +99,22 @@ fn times(row: impl Fn(usize) -> f64, t: &Mat<f64>, d: usize, out: &mut Vec<f32>)
     }
 }
 
+/// Pushes the scaled error `err` of the columns `from..from + err.ncols()` onto the columns
+/// `to` of `w` not yet quantized: `w[:, to] −= err · U[from.., to]` (nothing for an empty `to`).
+fn push_error(w: &mut Mat<f64>, err: MatRef<'_, f64>, u: &Mat<f64>, from: usize, to: Range<usize>) {
+    if to.is_empty() {
+        return;
+    }
+    matmul(
+        w.submatrix_mut(0, to.start, w.nrows(), to.len()),
+        Accum::Add,
+        err,
+        u.submatrix(from, to.start, err.ncols(), to.len()),
+        -1.0,
+        Par::Seq,
+    );
+}
+
 /// What [`feedback_pq`] quantizes with.
 pub(crate) struct PqCodebooks<'a> {
     /// Block size `d`.
@@ -171,27 +188,9 @@ pub(crate) fn feedback_pq(
                     }
                 }
             }
-            if c + d < i2 {
-                matmul(
-                    w.submatrix_mut(0, c + d, rows, i2 - c - d),
-                    Accum::Add,
-                    err.submatrix(0, c - i1, rows, d),
-                    u.submatrix(c, c + d, d, i2 - c - d),
-                    -1.0,
-                    Par::Seq,
-                );
-            }
+            push_error(&mut w, err.submatrix(0, c - i1, rows, d), u, c, c + d..i2);
         }
-        if i2 < n {
-            matmul(
-                w.submatrix_mut(0, i2, rows, n - i2),
-                Accum::Add,
-                err.as_ref(),
-                u.submatrix(i1, i2, i2 - i1, n - i2),
-                -1.0,
-                Par::Seq,
-            );
-        }
+        push_error(&mut w, err.as_ref(), u, i1, i2..n);
         i1 = i2;
     }
     Ok(codes)
@@ -237,27 +236,9 @@ pub(crate) fn feedback_scalar(
                 out.codes[o * n + i] = q;
                 err[(o, i - i1)] = (w[(o, i)] - f64::from(dequantize(q, s, z))) / uii;
             }
-            if i + 1 < i2 {
-                matmul(
-                    w.submatrix_mut(0, i + 1, rows, i2 - i - 1),
-                    Accum::Add,
-                    err.submatrix(0, i - i1, rows, 1),
-                    u.submatrix(i, i + 1, 1, i2 - i - 1),
-                    -1.0,
-                    Par::Seq,
-                );
-            }
+            push_error(&mut w, err.submatrix(0, i - i1, rows, 1), u, i, i + 1..i2);
         }
-        if i2 < n {
-            matmul(
-                w.submatrix_mut(0, i2, rows, n - i2),
-                Accum::Add,
-                err.as_ref(),
-                u.submatrix(i1, i2, i2 - i1, n - i2),
-                -1.0,
-                Par::Seq,
-            );
-        }
+        push_error(&mut w, err.as_ref(), u, i1, i2..n);
         i1 = i2;
     }
     out
