@@ -122,9 +122,9 @@ impl Resume {
         let reused = self.reused();
         (reused > 0).then(|| {
             format!(
-                "This run resumed an earlier start of the same command at the same commit: \
-                 {reused} of {} pieces (task-0 pretrainings and arm runs) were read back from it, \
-                 with the seconds that start measured; the total seconds above are this start's.",
+                "This run resumed an earlier start of the same build: {reused} of {} pieces \
+                 (each one training run) were read back from it, with the seconds that start \
+                 measured; the total seconds above are this start's.",
                 reused + self.computed()
             )
         })

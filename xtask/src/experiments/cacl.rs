@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::data::dataset_path;
 use crate::plot;
+use crate::resume::Resume;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
 /// The registry entry.
@@ -205,10 +206,21 @@ impl Benchmark {
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let settings = Settings::for_mode(ctx.mode);
-    let mut benchmarks = benchmarks(ctx, &settings)?;
-    let training_seconds = run_arms(&mut benchmarks, &settings, bar)?;
-    let mut markdown = settings_paragraph(&settings, training_seconds);
+    run_with(ctx, &Settings::for_mode(ctx.mode), bar)
+}
+
+/// The experiment with `settings`: every arm of both sequences on every seed, then the report.
+fn run_with(ctx: &Context, settings: &Settings, bar: &ProgressBar) -> Result<Outcome> {
+    let mut benchmarks = benchmarks(ctx, settings)?;
+    let resume = Resume::new(ctx, EXPERIMENT.name).scope(&Settings {
+        seeds: Vec::new(),
+        ..settings.clone()
+    })?;
+    let training_seconds = run_arms(&mut benchmarks, settings, &resume, bar)?;
+    let mut markdown = settings_paragraph(settings, training_seconds);
+    if let Some(note) = resume.note() {
+        markdown.push_str(&format!("{note}\n\n"));
+    }
     let mut plots = Vec::new();
     let mut figures = serde_json::Map::new();
     for bench in &benchmarks {
@@ -220,6 +232,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     markdown.push_str(&orderings_section(&checks));
     figures.insert("settings".into(), json!(settings));
     figures.insert("training_seconds".into(), json!(training_seconds));
+    figures.insert("resumed".into(), json!(resume.note()));
     figures.insert(
         "orderings".into(),
         json!(checks
@@ -275,8 +288,14 @@ fn benchmarks(ctx: &Context, settings: &Settings) -> Result<Vec<Benchmark>> {
     Ok(benchmarks)
 }
 
-/// Every arm of every benchmark on every seed; returns the seconds it took.
-fn run_arms(benchmarks: &mut [Benchmark], settings: &Settings, bar: &ProgressBar) -> Result<f64> {
+/// Every arm of every benchmark on every seed, each read back through `resume` when an earlier
+/// start of the same build finished it; returns the seconds this start took.
+fn run_arms(
+    benchmarks: &mut [Benchmark],
+    settings: &Settings,
+    resume: &Resume,
+    bar: &ProgressBar,
+) -> Result<f64> {
     let started = Instant::now();
     let total: usize = benchmarks
         .iter()
@@ -293,16 +312,20 @@ fn run_arms(benchmarks: &mut [Benchmark], settings: &Settings, bar: &ProgressBar
                     arm.name(),
                     started.elapsed().as_secs_f64()
                 ));
-                let run = run_arm(
-                    arm,
-                    &bench.tasks_of_seed[si],
-                    NetConfig::net_svd_s(),
-                    settings.cacl,
-                    &settings.train,
-                    qcl_tensor::Seed::new(seed),
-                    Some(bar),
-                )
-                .with_context(|| format!("{} {} seed {seed}", bench.name, arm.name()))?;
+                let key = format!("{}-{}-seed{seed}", bench.name, arm.name());
+                let run = resume
+                    .json(&key, || {
+                        Ok(run_arm(
+                            arm,
+                            &bench.tasks_of_seed[si],
+                            NetConfig::net_svd_s(),
+                            settings.cacl,
+                            &settings.train,
+                            qcl_tensor::Seed::new(seed),
+                            Some(bar),
+                        )?)
+                    })
+                    .with_context(|| format!("{} {} seed {seed}", bench.name, arm.name()))?;
                 bench.runs.push(run);
             }
         }
@@ -691,5 +714,46 @@ mod tests {
             names(&pair_tasks("fmnist", &data, &settings, Seed::new(s)).unwrap()) != names(&tasks)
         });
         assert!(differs || names(&other) != names(&tasks));
+    }
+
+    /// The experiment on the fixtures at seconds' scale, started twice with pieces kept: the
+    /// second start reads every run back and writes the same figures.
+    #[test]
+    fn a_second_start_reads_every_run_back_and_gives_the_same_figures() {
+        let (_out, ctx, _) = crate::reproduce::fixture_run();
+        let pieces = tempfile::tempdir().unwrap();
+        let ctx = Context {
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            resume_dir: Some(pieces.path().to_path_buf()),
+            ..ctx
+        };
+        let settings = Settings {
+            train_per_task: Some(12),
+            test_per_task: Some(6),
+            train: TrainConfig {
+                epochs: 1,
+                milestones: vec![],
+                batch_size: 8,
+                ..TrainConfig::default()
+            },
+            seeds: vec![1],
+            arms_fmnist5: vec![Arm::Cacl, Arm::FineTune],
+            arms_mixed10: vec![Arm::Individual],
+            ..Settings::for_mode(Mode::Quick)
+        };
+        let bar = ProgressBar::hidden();
+        let first = run_with(&ctx, &settings, &bar).unwrap();
+        let second = run_with(&ctx, &settings, &bar).unwrap();
+        assert!(first.figures["resumed"].is_null());
+        let note = second.figures["resumed"].as_str().unwrap();
+        assert!(note.contains("3 of 3 pieces"), "{note}");
+        let runs = |o: &Outcome| {
+            (
+                o.figures["S-FMNIST-5"].to_string(),
+                o.figures["S-MNIST+FMNIST-10"].to_string(),
+            )
+        };
+        assert_eq!(runs(&first), runs(&second));
+        assert_eq!(first.figures["orderings"], second.figures["orderings"]);
     }
 }
