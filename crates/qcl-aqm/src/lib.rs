@@ -16,6 +16,9 @@ pub mod state;
 pub use config::{InputKind, QLayerConfig, StackConfig};
 pub use layer::{LayerForward, LayerStats, QLayer};
 
-pub use memory::{AdaptiveMemory, IncomingSample, MemoryConfig, Payload, ReplayItem, StoredSample};
-pub use online::{Method, OnlineConfig, RunResult};
+pub use memory::{
+    AdaptiveMemory, IncomingSample, InsertionRule, MemoryConfig, Payload, Reencoded, ReplayItem,
+    StoredSample,
+};
+pub use online::{Classifier, Method, OnlineConfig, ReencodeConfig, RunResult};
 pub use stack::{per_sample_mse, QStack, StackStep};

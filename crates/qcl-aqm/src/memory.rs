@@ -4,7 +4,8 @@
 //!
 //! (Over 600 lines: the stored items and their costs in bits, the budget check and the
 //! `AdaptiveMemory` with its insertion, eviction, replay sampling and restore are one unit held
-//! to one budget; about 100 lines are doc comments.)
+//! to one budget; about 100 lines are doc comments. The paper's extensions, reservoir
+//! insertion and re-encoding, are in [`extensions`].)
 //!
 //! Accounting is kept in **bits** (one buffer "byte" of `BufferItem::size_bytes` is one bit
 //! here), so that codes of `log2 K'` bits per index are charged exactly even when a sample's
@@ -19,6 +20,9 @@ use qcl_continual::{
 use qcl_tensor::{Error, Result, Seed, SeededRng};
 use qcl_vq::PackedIndices;
 use serde::{Deserialize, Serialize};
+
+mod extensions;
+pub use extensions::{InsertionRule, Reencoded, REENCODE_FULLNESS};
 
 /// What a stored sample holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +131,12 @@ pub struct AdaptiveMemory {
     model_cost_params: u64,
     next_id: u64,
     rng: SeededRng,
+    /// How incoming samples are admitted (and space freed).
+    insertion: InsertionRule,
+    /// Incoming samples offered so far.
+    seen: u64,
+    /// Incoming samples stored on arrival so far.
+    admitted: u64,
 }
 
 fn check_budget(config: &MemoryConfig, model_cost_params: u64) -> Result<()> {
@@ -190,6 +200,9 @@ impl AdaptiveMemory {
             model_cost_params,
             next_id: 0,
             rng: seed.child_named("memory").rng(),
+            insertion: InsertionRule::default(),
+            seen: 0,
+            admitted: 0,
         })
     }
 
@@ -310,7 +323,9 @@ impl AdaptiveMemory {
     /// modules, i.e. those with nonzero [`block_bits`](Self::block_bits)). Each row goes to
     /// the deepest frozen module that passes, unless it is already stored as codes; remaining
     /// incoming rows are stored raw; replayed raw rows that moved to codes leave block 0.
-    /// Returns the evicted entries.
+    /// Under [`InsertionRule::Reservoir`] each incoming row is first admitted or turned away
+    /// ([`admission_probability`](Self::admission_probability)); a row turned away is not
+    /// stored, though it still uses up its id. Returns the evicted entries.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `ok`/`codes` do not cover every module and row;
@@ -326,39 +341,7 @@ impl AdaptiveMemory {
     ) -> Result<Vec<Entry<StoredSample>>> {
         let modules = self.blocks.len() - 1;
         let rows = incoming.len() + replayed.len();
-        let frozen: Vec<bool> = (1..=modules).map(|m| self.block_bits[m] > 0).collect();
-        if ok.len() != modules && !(modules > 0 && frozen.iter().all(|f| !f) && ok.is_empty()) {
-            return Err(Error::ShapeMismatch {
-                context: "threshold decisions".into(),
-                expected: format!("{modules} modules"),
-                actual: vec![ok.len()],
-            });
-        }
-        for m in 0..modules {
-            if frozen[m] {
-                if ok[m].len() != rows || codes.get(m).is_none_or(|c| c.len() != rows) {
-                    return Err(Error::ShapeMismatch {
-                        context: format!("decisions and codes of module {}", m + 1),
-                        expected: format!("{rows} rows"),
-                        actual: vec![ok[m].len(), codes.get(m).map_or(0, Vec::len)],
-                    });
-                }
-                if let Some(bad) = codes[m]
-                    .iter()
-                    .find(|c| (c.len() as u64) * u64::from(c.bits()) != self.block_bits[m + 1])
-                {
-                    return Err(Error::invalid_parameter(
-                        "codes",
-                        format!(
-                            "codes of {} bits for module {} whose samples cost {} bits",
-                            bad.len() as u64 * u64::from(bad.bits()),
-                            m + 1,
-                            self.block_bits[m + 1]
-                        ),
-                    ));
-                }
-            }
-        }
+        let frozen = self.check_decisions(ok, codes, rows)?;
         if let Some(s) = incoming
             .iter()
             .find(|s| s.pixels.len() != self.config.image_bytes)
@@ -375,7 +358,9 @@ impl AdaptiveMemory {
             .iter()
             .map(|&id| self.locate(id).map(|(b, _)| b))
             .collect();
-        // Incoming rows get ids in arrival order, whatever block they end in.
+        // Every incoming row is admitted, except under reservoir insertion.
+        let admitted = self.admit(incoming.len());
+        // Incoming rows get ids in arrival order, whatever block they end in (or none).
         let first_id = self.next_id;
         self.next_id += incoming.len() as u64;
         let mut moved: BTreeSet<usize> = BTreeSet::new();
@@ -387,8 +372,11 @@ impl AdaptiveMemory {
                 if !ok[m][row] || moved.contains(&row) {
                     continue;
                 }
+                if row < incoming.len() && !admitted[row] {
+                    continue; // turned away by reservoir insertion
+                }
                 if row >= incoming.len() && replay_block[row - incoming.len()] != Some(0) {
-                    continue; // already compressed (never re-encoded, reference code) or gone
+                    continue; // already codes (left to `reencode`, if on) or gone
                 }
                 let sample = StoredSample {
                     payload: Payload::Codes(codes[m][row].clone()),
@@ -427,7 +415,7 @@ impl AdaptiveMemory {
             }
         }
         for (row, s) in incoming.iter().enumerate() {
-            if moved.contains(&row) {
+            if moved.contains(&row) || !admitted[row] {
                 continue;
             }
             let id = ItemId(first_id + row as u64);
@@ -445,10 +433,59 @@ impl AdaptiveMemory {
         Ok(self.evict())
     }
 
+    /// Checks the per-module threshold decisions and codes of a batch of `rows` rows (see
+    /// [`insert`](Self::insert)); returns which modules are frozen.
+    fn check_decisions(
+        &self,
+        ok: &[Vec<bool>],
+        codes: &[Vec<PackedIndices>],
+        rows: usize,
+    ) -> Result<Vec<bool>> {
+        let modules = self.blocks.len() - 1;
+        let frozen: Vec<bool> = (1..=modules).map(|m| self.block_bits[m] > 0).collect();
+        if ok.len() != modules && !(modules > 0 && frozen.iter().all(|f| !f) && ok.is_empty()) {
+            return Err(Error::ShapeMismatch {
+                context: "threshold decisions".into(),
+                expected: format!("{modules} modules"),
+                actual: vec![ok.len()],
+            });
+        }
+        for m in 0..modules {
+            if frozen[m] {
+                if ok[m].len() != rows || codes.get(m).is_none_or(|c| c.len() != rows) {
+                    return Err(Error::ShapeMismatch {
+                        context: format!("decisions and codes of module {}", m + 1),
+                        expected: format!("{rows} rows"),
+                        actual: vec![ok[m].len(), codes.get(m).map_or(0, Vec::len)],
+                    });
+                }
+                if let Some(bad) = codes[m]
+                    .iter()
+                    .find(|c| (c.len() as u64) * u64::from(c.bits()) != self.block_bits[m + 1])
+                {
+                    return Err(Error::invalid_parameter(
+                        "codes",
+                        format!(
+                            "codes of {} bits for module {} whose samples cost {} bits",
+                            bad.len() as u64 * u64::from(bad.bits()),
+                            m + 1,
+                            self.block_bits[m + 1]
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(frozen)
+    }
+
     /// Eviction (docs/methods/aqm.md § Eviction, our rule): while over budget, take a class of
     /// maximal global count (ties uniformly at random) and remove a uniformly random sample of
-    /// it from the lowest block that holds it.
+    /// it from the lowest block that holds it. Under [`InsertionRule::Reservoir`] space is freed
+    /// level-agnostically instead: a uniformly random stored sample of any block and class.
     pub fn evict(&mut self) -> Vec<Entry<StoredSample>> {
+        if self.insertion == InsertionRule::Reservoir {
+            return self.evict_uniformly();
+        }
         let mut evicted = Vec::new();
         let capacity = self.capacity_bits();
         while self.used_bits() > capacity {

@@ -7,7 +7,8 @@
 //! label, task, dataset index, step), `memory.raw` (`u8 [n_raw, C·H·W]`),
 //! `memory.codes{b}` (`u8 [n_b, row bytes]`, bit-packed rows); metadata: the stack
 //! configuration, seed, per-module statistics and optimizer scalars, memory configuration,
-//! block costs, model cost, next id and RNG state, all JSON.
+//! block costs, model cost, next id, RNG state and the insertion rule with its counters (seen,
+//! admitted; optional, the reference rule when absent), all JSON.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +20,7 @@ use qcl_vq::PackedIndices;
 
 use crate::config::StackConfig;
 use crate::layer::LayerStats;
-use crate::memory::{AdaptiveMemory, MemoryConfig, Payload, StoredSample};
+use crate::memory::{AdaptiveMemory, InsertionRule, MemoryConfig, Payload, StoredSample};
 use crate::stack::QStack;
 
 /// Metadata `format` of a saved state.
@@ -126,6 +127,10 @@ pub fn save(
     );
     meta.insert("next_id".into(), json(&memory.next_id().0)?);
     meta.insert("rng".into(), json(&memory.rng_state().to_bytes().to_vec())?);
+    meta.insert(
+        "insertion".into(),
+        json(&(memory.insertion(), memory.seen(), memory.admitted()))?,
+    );
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     qcl_tensor::write_safetensors(path, &refs, &meta)
 }
@@ -271,7 +276,16 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<(QStack, Adaptive
             "more payload rows than memory entries",
         ));
     }
-    let memory =
+    let mut memory =
         AdaptiveMemory::restore(memory_config, block_bits, model_cost, next_id, rng, entries)?;
+    // The insertion rule and its counters (absent from files written before the extensions:
+    // the reference rule).
+    if file.metadata().contains_key("insertion") {
+        let (rule, seen, admitted): (InsertionRule, u64, u64) = parse(&file, "insertion")?;
+        if admitted > seen {
+            return Err(Error::bad_file(path, "more samples admitted than seen"));
+        }
+        memory.restore_insertion(rule, seen, admitted);
+    }
     Ok((stack, memory))
 }

@@ -1,29 +1,33 @@
 //! The online classification loop (docs/methods/aqm.md § The online loop) with the baselines
 //! of its § Fashion-MNIST experiment, and drift measurement.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
-use qcl_continual::{AccuracyMatrix, RawImage, ReservoirBuffer, Scenario};
+use qcl_continual::{RawImage, ReservoirBuffer, Scenario};
 use qcl_data::Dataset;
-use qcl_nn::layers::Module;
-use qcl_nn::models::SmallCnn;
 use qcl_nn::optim::{Sgd, SgdConfig};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed, SeededRng};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StackConfig;
-use crate::memory::{AdaptiveMemory, Payload, ReplayItem};
+use crate::memory::{AdaptiveMemory, Reencoded, REENCODE_FULLNESS};
 use crate::stack::QStack;
 
+mod classifier;
+mod drift;
+mod record;
 mod steps;
+pub use classifier::Classifier;
+use classifier::Net;
+use drift::decode_adaptive;
+pub use drift::measure_drift;
+use record::{Records, TaskEnd};
 use steps::{
     classifier_step, final_accuracy_and_forgetting, image_geometry, incoming_samples, memory_point,
-    memory_summary, new_replay, reconstruction_accuracy, replay_batch, stream_batches, test_sets,
-    update_memory,
+    memory_summary, new_replay, replay_batch, stream_batches, test_sets, update_memory,
 };
 
 /// The compared methods (docs/methods/aqm.md § Fashion-MNIST experiment).
@@ -84,7 +88,77 @@ pub enum ClassifierInput {
     Decoded,
 }
 
-/// Everything that defines one run.
+/// Re-encoding of replayed compressed samples (docs/methods/aqm.md § Extensions; the paper's
+/// "update buffer representation"): while the memory is at least `min_fullness` full, each
+/// replayed sample stored as codes moves to the deepest frozen module that reconstructs it
+/// within `eps_th`, if that is deeper than its own, else takes fresh indices from the current
+/// encoder ([`AdaptiveMemory::reencode`]).
+///
+/// ```
+/// use qcl_aqm::online::ReencodeConfig;
+/// let r = ReencodeConfig::paper(0.1);
+/// assert_eq!((r.eps_th, r.min_fullness), (0.1, 0.95));
+/// assert!(ReencodeConfig { eps_th: -1.0, ..r }.validate().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReencodeConfig {
+    /// `eps_th`, the threshold (MSE in `[-1, 1]` units) that replaces `d_th` for samples
+    /// already stored as codes; must be > 0.
+    pub eps_th: f64,
+    /// The fill level `used / mem_size` from which replayed samples are re-encoded (0.95).
+    #[serde(default = "default_fullness")]
+    pub min_fullness: f64,
+}
+
+fn default_fullness() -> f64 {
+    REENCODE_FULLNESS
+}
+
+impl ReencodeConfig {
+    /// The paper's rule with threshold `eps_th`: re-encode once the memory is 95 % full.
+    pub fn paper(eps_th: f64) -> Self {
+        ReencodeConfig {
+            eps_th,
+            min_fullness: REENCODE_FULLNESS,
+        }
+    }
+
+    /// Checks the setting.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for `eps_th` not finite and positive or `min_fullness`
+    /// outside `[0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.eps_th.is_finite() && self.eps_th > 0.0) {
+            return Err(Error::invalid_parameter(
+                "reencode.eps_th",
+                format!("must be finite and positive, got {}", self.eps_th),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_fullness) {
+            return Err(Error::invalid_parameter(
+                "reencode.min_fullness",
+                format!("must be in [0, 1], got {}", self.min_fullness),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything that defines one run. Fields added after the first release default (in JSON
+/// too) to the behaviour before them: the small CNN, the reference insertion, no re-encoding.
+///
+/// ```
+/// use qcl_aqm::online::{Classifier, Method, OnlineConfig, ReencodeConfig};
+/// let mut config = OnlineConfig::fashion_mnist(Method::Aqm, 392_000);
+/// assert!(!config.reservoir_insertion && config.reencode.is_none());
+/// config.classifier = Classifier::reference();
+/// config.reservoir_insertion = true;
+/// config.reencode = Some(ReencodeConfig::paper(0.1));
+/// let back: OnlineConfig = serde_json::from_str(&serde_json::to_string(&config)?)?;
+/// assert_eq!(back, config);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OnlineConfig {
     /// The method.
@@ -92,6 +166,16 @@ pub struct OnlineConfig {
     /// What the AQM classifier sees (default [`ClassifierInput::Raw`], the reference).
     #[serde(default)]
     pub classifier_input: ClassifierInput,
+    /// The classifier (default [`Classifier::SmallCnn`]).
+    #[serde(default)]
+    pub classifier: Classifier,
+    /// Reservoir insertion for raw-AQM and AQM ([`crate::InsertionRule::Reservoir`]; paper
+    /// Alg. 4); off by default.
+    #[serde(default)]
+    pub reservoir_insertion: bool,
+    /// Re-encoding of replayed compressed samples (AQM); `None`, the default, is off.
+    #[serde(default)]
+    pub reencode: Option<ReencodeConfig>,
     /// Modules (used by [`Method::Aqm`]).
     pub stack: StackConfig,
     /// Total memory budget in bytes (B50 on Fashion-MNIST: 392,000).
@@ -127,6 +211,9 @@ impl OnlineConfig {
         OnlineConfig {
             method,
             classifier_input: ClassifierInput::Raw,
+            classifier: Classifier::SmallCnn,
+            reservoir_insertion: false,
+            reencode: None,
             stack: StackConfig::fashion_mnist(),
             budget_bytes,
             param_bytes: 1,
@@ -208,6 +295,25 @@ pub struct RunResult {
     /// module (encode, quantize, slow decoder) — a diagnostic of the gap between the decoded
     /// replay the classifier learns old classes from and the raw images it is tested on.
     pub accuracy_on_reconstructions: Option<Vec<f64>>,
+    /// Per task, the mean over its classifier steps with replay of the share of decoded
+    /// images (rebuilt from codes) among the replay images (`None`: no replay in that task).
+    #[serde(default)]
+    pub decoded_replay_share: Vec<Option<f64>>,
+    /// AQM only: `[i][j]`, accuracy on the raw test images of task j after task i.
+    #[serde(default)]
+    pub raw_test_accuracy: Vec<Vec<Option<f64>>>,
+    /// AQM only: `[i][j]`, accuracy on the test images of task j passed through the frozen
+    /// modules after task i (`None` before every module froze); with `raw_test_accuracy`, the
+    /// raw-versus-decoded gap over time.
+    #[serde(default)]
+    pub decoded_test_accuracy: Vec<Vec<Option<f64>>>,
+    /// Replayed compressed samples moved deeper or refreshed by re-encoding.
+    #[serde(default)]
+    pub reencoded: Reencoded,
+    /// Raw-AQM and AQM: incoming samples stored on arrival (all but those reservoir
+    /// insertion turned away).
+    #[serde(default)]
+    pub admitted: Option<u64>,
     /// Originals and reconstructions of stored compressed samples (u8, C·H·W each).
     #[serde(skip)]
     pub examples: Vec<(Vec<u8>, Vec<u8>)>,
@@ -258,7 +364,7 @@ fn stream_sets(scenario: &Scenario, config: &OnlineConfig, seed: Seed) -> Result
 
 /// `x` as the classifier of a decoded-input run sees it: through the deepest module and its
 /// slow decoder, when every module is frozen (else unchanged).
-fn through_frozen_stack(stack: &mut QStack, x: &Tensor) -> Result<Tensor> {
+pub(super) fn through_frozen_stack(stack: &mut QStack, x: &Tensor) -> Result<Tensor> {
     if !stack.all_frozen() {
         return Ok(x.clone());
     }
@@ -267,34 +373,11 @@ fn through_frozen_stack(stack: &mut QStack, x: &Tensor) -> Result<Tensor> {
     stack.decode_codes(deepest, &outs[deepest - 1].indices)
 }
 
-/// Test accuracy of `net` on `data`; with a stack, on the images passed through it
-/// ([`through_frozen_stack`]).
-fn accuracy(
-    net: &SmallCnn,
-    data: &Dataset,
-    mut stack: Option<&mut QStack>,
-    device: &Device,
-) -> Result<f64> {
-    let mut correct = 0usize;
-    let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(500) {
-        let (x, y) = data.tensors_at(chunk, qcl_data::Normalization::Symmetric, device)?;
-        let x = match stack.as_deref_mut() {
-            Some(stack) => through_frozen_stack(stack, &x)?,
-            None => x,
-        };
-        let pred: Vec<u32> = net.forward(&x)?.argmax(1)?.to_vec1()?;
-        let y: Vec<u32> = y.to_vec1()?;
-        correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();
-    }
-    Ok(correct as f64 / data.len().max(1) as f64)
-}
-
 /// State of the replay side of a run.
 enum Replay {
     None,
-    Reservoir(Box<ReservoirBuffer<RawImage>>, SeededRng),
-    Adaptive(AdaptiveMemory, Option<QStack>),
+    Reservoir(Box<ReservoirBuffer<RawImage>>, Box<SeededRng>),
+    Adaptive(Box<AdaptiveMemory>, Option<QStack>),
 }
 
 /// Decoded replay batch.
@@ -302,129 +385,8 @@ struct ReplayBatch {
     x: Tensor,
     y: Tensor,
     ids: Vec<qcl_continual::ItemId>,
-}
-
-fn decode_adaptive(
-    items: &[ReplayItem],
-    stack: Option<&QStack>,
-    shape: [usize; 3],
-    device: &Device,
-) -> Result<Vec<Tensor>> {
-    // Decode group by group (raw, then each module), keeping the items' order.
-    let mut out: Vec<Option<Tensor>> = vec![None; items.len()];
-    let mut by_block: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, it) in items.iter().enumerate() {
-        by_block.entry(it.block).or_default().push(i);
-    }
-    for (block, rows) in by_block {
-        let x = if block == 0 {
-            let imgs: Vec<&[u8]> = rows
-                .iter()
-                .map(|&i| match &items[i].sample.payload {
-                    Payload::Raw(px) => Ok(px.as_slice()),
-                    Payload::Codes(_) => {
-                        Err(Error::invalid_parameter("memory", "codes in block 0"))
-                    }
-                })
-                .collect::<Result<_>>()?;
-            to_tensor(&imgs, shape, device)?
-        } else {
-            let stack =
-                stack.ok_or_else(|| Error::invalid_parameter("memory", "codes without a stack"))?;
-            let mut all = Vec::new();
-            let mut ishape = Vec::new();
-            for &i in &rows {
-                match &items[i].sample.payload {
-                    Payload::Codes(p) => {
-                        all.extend(p.unpack());
-                        ishape = p.shape().to_vec();
-                    }
-                    Payload::Raw(_) => {
-                        return Err(Error::invalid_parameter(
-                            "memory",
-                            "raw image in a code block",
-                        ))
-                    }
-                }
-            }
-            ishape[0] = rows.len();
-            let idx = Tensor::from_vec(all, ishape.as_slice(), device)?;
-            stack.decode_codes(block, &idx)?
-        };
-        for (k, &i) in rows.iter().enumerate() {
-            out[i] = Some(x.narrow(0, k, 1)?);
-        }
-    }
-    out.into_iter()
-        .map(|t| t.ok_or_else(|| Error::EmptyInput("replay".into())))
-        .collect()
-}
-
-/// Mean MSE of every stored code, decoded with the current slow decoders, against its
-/// original image (drift, docs/methods/aqm.md § The online loop); `sets[t]` is the streamed
-/// training set of task t.
-///
-/// # Errors
-/// Decoding errors; [`Error::InvalidParameter`] for a dataset index out of range.
-pub fn measure_drift(
-    memory: &AdaptiveMemory,
-    stack: &QStack,
-    sets: &[Dataset],
-    step: u64,
-) -> Result<DriftPoint> {
-    let device = stack.device().clone();
-    let shape = stack.config().image;
-    let mut per_module = Vec::new();
-    let (mut sum_all, mut n_all, mut sum0, mut n0) = (0.0, 0usize, 0.0, 0usize);
-    for block in 1..memory.num_blocks() {
-        let entries = memory.block(block);
-        let (mut s, mut n) = (0.0, 0usize);
-        for chunk in entries.chunks(256) {
-            let items: Vec<ReplayItem> = chunk
-                .iter()
-                .map(|e| ReplayItem {
-                    id: e.id,
-                    block,
-                    label: e.label,
-                    task: e.task,
-                    sample: e.item.clone(),
-                })
-                .collect();
-            let decoded = Tensor::cat(&decode_adaptive(&items, Some(stack), shape, &device)?, 0)?;
-            let originals: Vec<&[u8]> = chunk
-                .iter()
-                .map(|e| {
-                    let set = sets
-                        .get(e.task)
-                        .ok_or_else(|| Error::invalid_parameter("task", "out of range"))?;
-                    if e.item.dataset_index >= set.len() {
-                        return Err(Error::invalid_parameter("dataset_index", "out of range"));
-                    }
-                    Ok(set.image(e.item.dataset_index))
-                })
-                .collect::<Result<_>>()?;
-            let x = to_tensor(&originals, shape, &device)?;
-            let mse = crate::stack::per_sample_mse(&decoded, &x)?;
-            for (e, m) in chunk.iter().zip(mse) {
-                s += m;
-                n += 1;
-                if e.task == 0 {
-                    sum0 += m;
-                    n0 += 1;
-                }
-            }
-        }
-        sum_all += s;
-        n_all += n;
-        per_module.push((n > 0).then(|| s / n as f64));
-    }
-    Ok(DriftPoint {
-        step,
-        per_module,
-        all: (n_all > 0).then(|| sum_all / n_all as f64),
-        task0: (n0 > 0).then(|| sum0 / n0 as f64),
-        samples: n_all,
-    })
+    /// Rows decoded from codes (the rest are raw images).
+    decoded: usize,
 }
 
 /// Runs one method over the class-incremental `scenario` (docs/methods/aqm.md
@@ -462,7 +424,7 @@ pub fn run(
     let tests = test_sets(scenario, config);
 
     let store = ParamStore::new(seed.child_named("classifier"));
-    let net = SmallCnn::new(&store.root(&device), shape[0], shape[1], num_classes)?;
+    let net = Net::new(config.classifier, &store, shape, num_classes, &device)?;
     let mut sgd = Sgd::new(
         store.trainable(),
         SgdConfig {
@@ -479,29 +441,15 @@ pub fn run(
         bar.set_position(0);
     }
 
-    let mut matrix = AccuracyMatrix::new(num_tasks)?;
+    let mut records = Records::new(num_tasks, config)?;
     let mut memory_curve = Vec::new();
     let mut drift = Vec::new();
     let mut loop_seconds = 0.0;
     let mut streamed = 0usize;
     let mut freeze_steps: Vec<Option<u64>> = vec![None; config.stack.layers.len()];
+    let mut reencoded = Reencoded::default();
     let decoded_input =
         config.method == Method::Aqm && config.classifier_input == ClassifierInput::Decoded;
-    let eval = |net: &SmallCnn,
-                replay: &mut Replay,
-                upto: usize,
-                matrix: &mut AccuracyMatrix,
-                row: usize|
-     -> Result<()> {
-        for (j, test) in tests.iter().enumerate().take(upto + 1) {
-            let stack = match replay {
-                Replay::Adaptive(_, Some(stack)) if decoded_input => Some(stack),
-                _ => None,
-            };
-            matrix.set(row, j, accuracy(net, test, stack, &device)?)?;
-        }
-        Ok(())
-    };
 
     for (step, batch) in batches.iter().enumerate() {
         let started = Instant::now();
@@ -513,6 +461,7 @@ pub fn run(
         let y_inc = Tensor::from_vec(labels.clone(), labels.len(), &device)?;
 
         let replay_batch = replay_batch(&mut replay, config, task, shape, &device)?;
+        records.replay(task, replay_batch.as_ref());
         let n_re = replay_batch.as_ref().map_or(0, |r| r.y.dims()[0]);
         let x_all = match &replay_batch {
             Some(r) => Tensor::cat(&[&x_inc, &r.x], 0)?,
@@ -532,11 +481,11 @@ pub fn run(
             decoded_input,
         )?;
 
-        update_memory(
+        reencoded += update_memory(
             &mut replay,
             incoming_samples(batch, &labels, &sets),
             (stack_step, &x_all),
-            replay_batch.as_ref(),
+            (replay_batch.as_ref(), config.reencode),
             step,
             &mut freeze_steps,
         )?;
@@ -556,28 +505,37 @@ pub fn run(
             memory_curve.push(point);
         }
         if let Replay::Adaptive(memory, Some(stack)) = &replay {
+            let memory: &AdaptiveMemory = memory;
             if step.is_multiple_of(config.drift_every.max(1) as u64) || last_of_task {
                 drift.push(measure_drift(memory, stack, &sets, step + 1)?);
             }
         }
         if last_of_task && config.method != Method::IidOnline {
-            eval(&net, &mut replay, task, &mut matrix, task)?;
+            records.task_end(TaskEnd::new(&net, &mut replay, &tests, &device), task)?;
         }
     }
     if config.method == Method::IidOnline {
-        eval(&net, &mut replay, num_tasks - 1, &mut matrix, num_tasks - 1)?;
+        records.task_end(
+            TaskEnd::new(&net, &mut replay, &tests, &device),
+            num_tasks - 1,
+        )?;
     }
-    let (final_accuracy, forgetting) = final_accuracy_and_forgetting(&matrix, config.method)?;
+    let (final_accuracy, forgetting) =
+        final_accuracy_and_forgetting(&records.matrix, config.method)?;
 
     let (stored_at_end, model_cost_params, examples, trimmed_codes, avg_l2) =
         memory_summary(&replay, config, &sets, shape, &device)?;
     if config.method != Method::Aqm {
         freeze_steps.clear();
     }
-    let accuracy_on_reconstructions = reconstruction_accuracy(&net, &mut replay, &tests, &device)?;
+    let admitted = match &replay {
+        Replay::Adaptive(memory, _) => Some(memory.admitted()),
+        _ => None,
+    };
+    let recorded = records.finish();
     Ok(RunResult {
         config: config.clone(),
-        accuracy: matrix.rows().to_vec(),
+        accuracy: recorded.accuracy,
         final_accuracy,
         forgetting,
         memory_curve,
@@ -590,7 +548,12 @@ pub fn run(
         samples_streamed: streamed,
         loop_seconds,
         samples_per_second: streamed as f64 / loop_seconds.max(1e-9),
-        accuracy_on_reconstructions,
+        accuracy_on_reconstructions: recorded.accuracy_on_reconstructions,
+        decoded_replay_share: recorded.decoded_replay_share,
+        raw_test_accuracy: recorded.raw_test_accuracy,
+        decoded_test_accuracy: recorded.decoded_test_accuracy,
+        reencoded,
+        admitted,
         examples,
     })
 }

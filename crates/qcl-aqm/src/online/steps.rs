@@ -7,18 +7,19 @@ use qcl_continual::ball::cross_entropy;
 use qcl_continual::{AccuracyMatrix, Scenario};
 use qcl_continual::{Capacity, Filter, RawImage, ReplayBuffer, ReservoirBuffer};
 use qcl_data::Dataset;
-use qcl_nn::layers::Module;
-use qcl_nn::models::SmallCnn;
 use qcl_nn::optim::{Optimizer, Sgd};
 use qcl_tensor::{Error, Result, Seed};
 use qcl_vq::PackedIndices;
 
+use super::classifier::Net;
 use super::{
-    accuracy, decode_adaptive, to_tensor, to_u8, MemoryPoint, Method, OnlineConfig, Replay,
+    decode_adaptive, to_tensor, to_u8, MemoryPoint, Method, OnlineConfig, ReencodeConfig, Replay,
     ReplayBatch,
 };
-use crate::memory::{AdaptiveMemory, IncomingSample, MemoryConfig, ReplayItem};
-use crate::stack::{QStack, StackStep};
+use crate::memory::{
+    AdaptiveMemory, IncomingSample, InsertionRule, MemoryConfig, Reencoded, ReplayItem,
+};
+use crate::stack::{per_sample_mse, QStack, StackStep};
 
 /// Stored samples, model cost, (original, reconstruction) examples, trimmed codes and
 /// average distances per module: the memory's part of a [`RunResult`].
@@ -43,6 +44,11 @@ pub(super) fn new_replay(
         image_bytes,
         seed: seed.child_named("memory"),
     };
+    let rule = if config.reservoir_insertion {
+        InsertionRule::Reservoir
+    } else {
+        InsertionRule::Every
+    };
     Ok(match config.method {
         Method::FineTune | Method::IidOnline => Replay::None,
         Method::ErRaw => {
@@ -58,18 +64,23 @@ pub(super) fn new_replay(
                     Capacity::items(slots),
                     seed.child_named("reservoir"),
                 )?),
-                seed.child_named("replay").rng(),
+                Box::new(seed.child_named("replay").rng()),
             )
         }
-        Method::RawAqm => Replay::Adaptive(AdaptiveMemory::new(memory_config, 0, 0)?, None),
+        Method::RawAqm => {
+            let mut memory = AdaptiveMemory::new(memory_config, 0, 0)?;
+            memory.set_insertion(rule);
+            Replay::Adaptive(Box::new(memory), None)
+        }
         Method::Aqm => {
             let stack = QStack::new(config.stack.clone(), seed.child_named("stack"), device)?;
-            let memory = AdaptiveMemory::new(
+            let mut memory = AdaptiveMemory::new(
                 memory_config,
                 stack.layers().len(),
                 stack.model_cost_params() as u64,
             )?;
-            Replay::Adaptive(memory, Some(stack))
+            memory.set_insertion(rule);
+            Replay::Adaptive(Box::new(memory), Some(stack))
         }
     })
 }
@@ -142,6 +153,7 @@ pub(super) fn replay_batch(
                     x: to_tensor(&imgs, shape, device)?,
                     y: Tensor::from_vec(ys.clone(), ys.len(), device)?,
                     ids: Vec::new(),
+                    decoded: 0,
                 })
             }
         }
@@ -156,6 +168,7 @@ pub(super) fn replay_batch(
                     x: Tensor::cat(&xs, 0)?,
                     y: Tensor::from_vec(ys.clone(), ys.len(), device)?,
                     ids: items.iter().map(|i| i.id).collect(),
+                    decoded: items.iter().filter(|i| i.block > 0).count(),
                 })
             }
         }
@@ -165,15 +178,18 @@ pub(super) fn replay_batch(
 
 /// Offers the incoming samples to the replay memory; for AQM first records newly frozen
 /// modules (their code size, the step in `freeze_steps`), the model's cost and the
-/// decoders' and thresholds' updates, then inserts each sample at its deepest usable module.
+/// decoders' and thresholds' updates, re-encodes the replayed codes when asked and the memory
+/// is full enough, then inserts each sample at its deepest usable module. Returns what
+/// re-encoding did.
 pub(super) fn update_memory(
     replay: &mut Replay,
     incoming: Vec<IncomingSample>,
     (stack_step, x_all): (Option<StackStep>, &Tensor),
-    replay_batch: Option<&ReplayBatch>,
+    (replay_batch, reencode): (Option<&ReplayBatch>, Option<ReencodeConfig>),
     step: u64,
     freeze_steps: &mut [Option<u64>],
-) -> Result<()> {
+) -> Result<Reencoded> {
+    let mut reencoded = Reencoded::default();
     match replay {
         Replay::None => {}
         Replay::Reservoir(buf, _) => {
@@ -185,7 +201,9 @@ pub(super) fn update_memory(
             memory.insert(&incoming, &[], &[], &[], step)?;
         }
         Replay::Adaptive(memory, Some(stack)) => {
-            let out = stack_step.expect("a stack step was taken");
+            let out = stack_step.ok_or_else(|| {
+                Error::invalid_parameter("stack step", "AQM's memory update needs the step")
+            })?;
             for (m, layer) in stack.layers().iter().enumerate() {
                 if layer.is_frozen() && memory.block_bits()[m + 1] == 0 {
                     memory.set_module_bits(m + 1, layer.bits_per_sample())?;
@@ -195,28 +213,69 @@ pub(super) fn update_memory(
             memory.set_model_cost(stack.model_cost_params() as u64)?;
             stack.update_ema_decoders()?;
             let ok = stack.update_threshold_stats(x_all, &out.finals)?;
-            let mut codes = Vec::with_capacity(out.outputs.len());
-            for (m, o) in out.outputs.iter().enumerate() {
-                let layer = &stack.layers()[m];
-                if !layer.is_frozen() {
-                    codes.push(Vec::new());
-                    continue;
-                }
-                let [n, h, w] = layer.index_shape();
-                let k = layer.current_codes();
-                let v: Vec<u32> = o.indices.flatten_all()?.to_vec1()?;
-                let per = n * h * w;
-                codes.push(
-                    v.chunks(per)
-                        .map(|c| PackedIndices::pack(c, &[1, n, h, w], k))
-                        .collect::<Result<Vec<_>>>()?,
-                );
-            }
+            let codes = frozen_codes(stack, &out)?;
             let ids = replay_batch.map_or(&[][..], |r| r.ids.as_slice());
+            if let Some(re) = reencode {
+                if !ids.is_empty() && memory.fullness() >= re.min_fullness {
+                    let (ok_eps, codes_re) =
+                        replay_decisions(x_all, &out, &codes, ids.len(), re.eps_th)?;
+                    reencoded = memory.reencode(ids, &ok_eps, &codes_re, step)?;
+                }
+            }
             memory.insert(&incoming, ids, &ok, &codes, step)?;
         }
     }
-    Ok(())
+    Ok(reencoded)
+}
+
+/// Per module, each row's indices packed for storage (empty for an unfrozen module).
+fn frozen_codes(stack: &QStack, out: &StackStep) -> Result<Vec<Vec<PackedIndices>>> {
+    let mut codes = Vec::with_capacity(out.outputs.len());
+    for (m, o) in out.outputs.iter().enumerate() {
+        let layer = &stack.layers()[m];
+        if !layer.is_frozen() {
+            codes.push(Vec::new());
+            continue;
+        }
+        let [n, h, w] = layer.index_shape();
+        let k = layer.current_codes();
+        let v: Vec<u32> = o.indices.flatten_all()?.to_vec1()?;
+        let per = n * h * w;
+        codes.push(
+            v.chunks(per)
+                .map(|c| PackedIndices::pack(c, &[1, n, h, w], k))
+                .collect::<Result<Vec<_>>>()?,
+        );
+    }
+    Ok(codes)
+}
+
+/// Per module, a decision per row, and each row's codes.
+type Decisions = (Vec<Vec<bool>>, Vec<Vec<PackedIndices>>);
+
+/// The last `replayed` rows' decisions under `eps_th` (final reconstruction MSE against the
+/// replayed, decoded image) and their codes, per module: the inputs of
+/// [`AdaptiveMemory::reencode`].
+fn replay_decisions(
+    x_all: &Tensor,
+    out: &StackStep,
+    codes: &[Vec<PackedIndices>],
+    replayed: usize,
+    eps_th: f64,
+) -> Result<Decisions> {
+    let rows = x_all.dims()[0];
+    let first = rows - replayed;
+    let x_re = x_all.narrow(0, first, replayed)?;
+    let mut ok = Vec::with_capacity(out.finals.len());
+    for xf in &out.finals {
+        let mse = per_sample_mse(&xf.narrow(0, first, replayed)?, &x_re)?;
+        ok.push(mse.iter().map(|&m| m < eps_th).collect());
+    }
+    let codes = codes
+        .iter()
+        .map(|c| c.get(first..).map_or_else(Vec::new, <[_]>::to_vec))
+        .collect();
+    Ok((ok, codes))
 }
 
 /// How full the replay memory is after `step`.
@@ -293,7 +352,8 @@ pub(super) fn memory_summary(
     })
 }
 
-/// Checks the configuration against the scenario; returns the images' `[C, H, W]` and bytes.
+/// Checks the configuration (alone and against the scenario); returns the images' `[C, H, W]`
+/// and bytes.
 pub(super) fn image_geometry(
     scenario: &Scenario,
     config: &OnlineConfig,
@@ -306,6 +366,10 @@ pub(super) fn image_geometry(
             "holdout_fraction",
             "must be in [0, 1)",
         ));
+    }
+    config.classifier.validate()?;
+    if let Some(reencode) = &config.reencode {
+        reencode.validate()?;
     }
     let first = scenario
         .tasks()
@@ -339,7 +403,7 @@ pub(super) fn test_sets(scenario: &Scenario, config: &OnlineConfig) -> Vec<Datas
 /// deepest module once all are frozen, when the classifier reads decoded images) plus
 /// cross-entropy on the replay batch.
 pub(super) fn classifier_step(
-    (net, sgd): (&SmallCnn, &mut Sgd),
+    (net, sgd): (&Net, &mut Sgd),
     (x_inc, y_inc): (&Tensor, &Tensor),
     (replay, stack_step, replay_batch): (&Replay, Option<&StackStep>, Option<&ReplayBatch>),
     decoded_input: bool,
@@ -354,9 +418,11 @@ pub(super) fn classifier_step(
         }
         _ => x_inc.clone(),
     };
-    let mut loss = cross_entropy(&net.forward(&x_cls)?, y_inc)?;
+    // Two forward passes in training mode, as the reference code's two backward calls (each
+    // batch with its own BatchNorm statistics).
+    let mut loss = cross_entropy(&net.logits(&x_cls, true)?, y_inc)?;
     if let Some(r) = replay_batch {
-        loss = (loss + cross_entropy(&net.forward(&r.x)?, &r.y)?)?;
+        loss = (loss + cross_entropy(&net.logits(&r.x, true)?, &r.y)?)?;
     }
     sgd.backward_step(&loss)
 }
@@ -377,26 +443,6 @@ pub(super) fn incoming_samples(
             pixels: sets[t].image(i).to_vec(),
         })
         .collect()
-}
-
-/// The classifier's accuracy on each test set read through the frozen modules, once all of
-/// AQM's modules are frozen (`None` otherwise).
-pub(super) fn reconstruction_accuracy(
-    net: &SmallCnn,
-    replay: &mut Replay,
-    tests: &[Dataset],
-    device: &Device,
-) -> Result<Option<Vec<f64>>> {
-    Ok(match replay {
-        Replay::Adaptive(_, Some(stack)) if stack.all_frozen() => {
-            let mut accs = Vec::with_capacity(tests.len());
-            for test in tests {
-                accs.push(accuracy(net, test, Some(&mut *stack), device)?);
-            }
-            Some(accs)
-        }
-        _ => None,
-    })
 }
 
 /// The mean accuracy over tasks after the last one, and the forgetting (none for iid-online

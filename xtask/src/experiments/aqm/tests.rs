@@ -1,0 +1,414 @@
+use std::path::Path;
+
+use indicatif::ProgressBar;
+use qcl_aqm::online::{Classifier, Method};
+
+use super::cells::{correlation, paired_difference, task_forgetting, Cell, Stats};
+use super::expectations::judge;
+use super::*;
+
+/// The experiment scaled down to seconds: one seed, 40 images per task, tiny ResNet; a lax
+/// threshold and fast statistics so that the module freezes in the first task, and the
+/// extension arms at B20 with 4-byte parameters, where the memory fills up.
+fn fixture_settings() -> Settings {
+    Settings {
+        seeds: vec![0],
+        samples_per_task: Some(40),
+        test_per_class: Some(5),
+        stat_rate: 0.4,
+        d_th: 1.0,
+        aqm_budgets: vec![(B50, 1), (B20, 1), (B20, 4)],
+        decoded_budgets: vec![(B50, 1)],
+        extension_budgets: vec![(B20, 4)],
+        eps_th: 0.1,
+        resnet: Some(ResNetSettings {
+            nf: 4,
+            samples_per_task: Some(20),
+            max_seeds: Some(1),
+            aqm_budgets: vec![(B50, 1)],
+        }),
+        bench_steps: 1,
+    }
+}
+
+#[test]
+fn runs_on_the_fixture_and_writes_its_results() {
+    let (out, ctx, data) = crate::reproduce::fixture_run();
+    let settings = fixture_settings();
+    let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
+    let cells = outcome.figures["cells"].as_array().unwrap();
+    // Small CNN: 6 baselines, 3 AQM, 1 decoded, 3 extension arms; ResNet: 6 baselines, 1 AQM.
+    assert_eq!(cells.len(), 6 + 3 + 1 + 3 + 6 + 1);
+    for row in [
+        "| AQM | small CNN | B50 | 1 |",
+        "| AQM, decoded input (ours) | small CNN | B50 | 1 |",
+        "| AQM + reservoir | small CNN | B20 | 4 |",
+        "| AQM + re-encoding | small CNN | B20 | 4 |",
+        "| AQM + reservoir + re-encoding | small CNN | B20 | 4 |",
+        "| AQM | reduced ResNet-18 (nf 4) | B50 | 1 |",
+        "| ER-raw | reduced ResNet-18 (nf 4) | B20 | – |",
+        "## Expected outcomes",
+        "## Why the reference AQM loses",
+        "**Finding.**",
+        "## Accuracy per task",
+        "SE ",
+    ] {
+        assert!(
+            outcome.markdown.contains(row),
+            "{row}: {}",
+            outcome.markdown
+        );
+    }
+    // No throughput figure typed into the text: PyTorch's is read from the committed file.
+    assert!(!outcome.markdown.contains("2,622") && !outcome.markdown.contains("2,501"));
+    if outcome.markdown.contains("PyTorch") {
+        assert!(outcome.markdown.contains("docs/results/training.json"));
+    }
+    // Every expectation, for both classifiers, with its numbers.
+    let expectations = outcome.figures["expectations"].as_array().unwrap();
+    assert_eq!(expectations.len(), 2 * 6);
+    let ids: Vec<&str> = expectations
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "ordering-B50",
+        "ordering-B20",
+        "er-beats-aqm-B20-4B",
+        "stored-5x-B50",
+        "drift-below-dth",
+        "task0-forgetting",
+    ] {
+        assert!(ids.contains(&id), "{id}");
+    }
+    // The ResNet runs have no 4-byte AQM cell: that expectation is "not run" for them.
+    let resnet_cost = expectations
+        .iter()
+        .find(|e| e["id"] == "er-beats-aqm-B20-4B" && e["classifier"] != "small CNN")
+        .unwrap();
+    assert!(resnet_cost["held"].is_null());
+    let small_order = &expectations[0];
+    assert!(small_order["held"].is_boolean());
+    assert!(small_order["numbers"].as_str().unwrap().contains("ER-raw"));
+    // Diagnostics per run: shares per task, raw and decoded matrices for AQM.
+    let aqm = cells
+        .iter()
+        .find(|c| c["method"] == "AQM" && c["budget"] == "B50" && c["classifier"] == "small CNN")
+        .unwrap();
+    assert_eq!(aqm["decoded_replay_share"][0].as_array().unwrap().len(), 5);
+    assert_eq!(aqm["raw_test_accuracy"][0].as_array().unwrap().len(), 5);
+    assert_eq!(aqm["decoded_test_accuracy"][0].as_array().unwrap().len(), 5);
+    assert!(aqm["freeze_step"][0].is_u64(), "the module froze");
+    let decoded_end = &aqm["decoded_test_accuracy"][0][4];
+    assert!(decoded_end.as_array().unwrap().iter().all(|a| a.is_f64()));
+    assert!(aqm["decoded_replay_share"][0][4].as_f64().unwrap() > 0.0);
+    let arm = |name: &str| {
+        cells
+            .iter()
+            .find(|c| c["method"] == name && c["classifier"] == "small CNN")
+            .unwrap()
+    };
+    // The extensions act: replayed codes refreshed, incoming samples turned away.
+    assert!(
+        arm("AQM + re-encoding")["reencoded"][0]["refreshed"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let admitted = arm("AQM + reservoir")["admitted"][0].as_u64().unwrap();
+    assert!(admitted < 200, "{admitted}");
+    assert_eq!(arm("AQM")["admitted"][0], 200);
+    let diagnoses = outcome.figures["diagnoses"].as_array().unwrap();
+    assert!(diagnoses.len() >= 2);
+    assert!(diagnoses[0]["over_time"][4]["decoded_old"].is_f64());
+    let resnet = cells
+        .iter()
+        .find(|c| c["method"] == "ER-raw" && c["classifier"] != "small CNN")
+        .unwrap();
+    assert_eq!(resnet["streamed_per_task"], 20);
+    for (png, _) in &outcome.plots {
+        let bytes = std::fs::read(out.path().join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png}");
+    }
+    assert_eq!(outcome.plots.len(), 5);
+}
+
+/// The figures without what a resumed run measures anew (timings) or notes.
+fn comparable(v: &serde_json::Value) -> String {
+    fn strip(v: &mut serde_json::Value) {
+        if let Some(map) = v.as_object_mut() {
+            for key in ["timings", "samples_per_second", "resumed"] {
+                map.remove(key);
+            }
+            map.values_mut().for_each(strip);
+        } else if let Some(list) = v.as_array_mut() {
+            list.iter_mut().for_each(strip);
+        }
+    }
+    let mut v = v.clone();
+    strip(&mut v);
+    v.to_string()
+}
+
+/// A run that finds the pieces of an earlier start (here: seed 0's, from a one-seed run)
+/// reuses them and writes the figures an uninterrupted run writes, plots included.
+#[test]
+fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
+    let (_out, ctx, data) = crate::reproduce::fixture_run();
+    let pieces = tempfile::tempdir().unwrap();
+    let (resumed_out, plain_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clean = Context {
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        resume_dir: Some(pieces.path().to_path_buf()),
+        out_dir: resumed_out.path().to_path_buf(),
+        ..ctx.clone()
+    };
+    let plain = Context {
+        out_dir: plain_out.path().to_path_buf(),
+        ..ctx
+    };
+    let settings = Settings {
+        seeds: vec![0, 1],
+        aqm_budgets: vec![(B50, 1)],
+        extension_budgets: vec![],
+        ..fixture_settings()
+    };
+    let bar = ProgressBar::hidden();
+    let one_seed = Settings {
+        seeds: vec![0],
+        ..settings.clone()
+    };
+    run_with(&clean, &data, &one_seed, &bar).unwrap();
+    let resumed = run_with(&clean, &data, &settings, &bar).unwrap();
+    let uninterrupted = run_with(&plain, &data, &settings, &bar).unwrap();
+    assert_eq!(
+        comparable(&resumed.figures),
+        comparable(&uninterrupted.figures)
+    );
+    for (png, _) in &uninterrupted.plots {
+        let a = std::fs::read(resumed_out.path().join(png)).unwrap();
+        let b = std::fs::read(plain_out.path().join(png)).unwrap();
+        assert!(a == b, "{png} differs");
+    }
+    // Seed 0 ran every job (the ResNet jobs run on it only); seed 1 the small CNN's.
+    let all = jobs(&settings);
+    let small = all
+        .iter()
+        .filter(|j| j.classifier == Classifier::SmallCnn)
+        .count();
+    let note = resumed.figures["resumed"].as_str().unwrap();
+    let expected = format!("{} of {} pieces", all.len(), all.len() + small);
+    assert!(note.contains(&expected), "{note}");
+    assert!(resumed.markdown.contains(note));
+    assert!(uninterrupted.figures["resumed"].is_null());
+}
+
+#[test]
+fn seeds_from_the_context_replace_the_default_list() {
+    let ctx = Context::new("data".into(), "out".into(), Mode::Full, "test".into());
+    let full = Settings::for_context(&ctx);
+    assert_eq!(full.seeds, vec![0, 1, 2, 3, 4]);
+    assert_eq!(full.samples_per_task, None);
+    let three = Context {
+        seeds: Some(3),
+        ..ctx
+    };
+    assert_eq!(Settings::for_context(&three).seeds, vec![0, 1, 2]);
+    // Full mode runs the ResNet-18 beside the small CNN at the same scale.
+    let r = full.resnet.as_ref().unwrap();
+    assert_eq!((r.nf, r.samples_per_task, r.max_seeds), (20, None, None));
+    let quick = Settings::for_mode(Mode::Quick);
+    assert!(quick.resnet.unwrap().samples_per_task.is_some());
+}
+
+#[test]
+fn jobs_configure_their_arm_classifier_and_scale() {
+    let settings = Settings::for_mode(Mode::Full);
+    let all = jobs(&settings);
+    let find = |method: Method, arm: Arm, resnet: bool| {
+        all.iter()
+            .find(|j| {
+                j.method == method
+                    && j.arm == arm
+                    && matches!(j.classifier, Classifier::ReducedResNet18 { .. }) == resnet
+            })
+            .copied()
+            .unwrap()
+    };
+    let both = job_config(
+        &settings,
+        &find(Method::Aqm, Arm::ReservoirReencode, false),
+        3,
+    );
+    assert!(both.reservoir_insertion);
+    assert_eq!(both.reencode, Some(ReencodeConfig::paper(settings.eps_th)));
+    assert_eq!(both.seed, qcl_tensor::Seed::new(3));
+    let decoded = job_config(&settings, &find(Method::Aqm, Arm::DecodedInput, false), 0);
+    assert_eq!(
+        decoded.classifier_input,
+        qcl_aqm::online::ClassifierInput::Decoded
+    );
+    assert!(!decoded.reservoir_insertion && decoded.reencode.is_none());
+    let resnet = job_config(&settings, &find(Method::Aqm, Arm::Reference, true), 0);
+    assert_eq!(resnet.classifier, Classifier::reference());
+    // Every (method, budget, bytes, classifier, arm) is one job: no duplicates.
+    let keys: std::collections::BTreeSet<String> = all.iter().map(Job::key).collect();
+    assert_eq!(keys.len(), all.len());
+    // ResNet: fine-tune, iid-online, ER-raw and raw-AQM at B50 and B20, AQM at B50 and B20
+    // (1-byte parameters).
+    assert_eq!(
+        all.iter()
+            .filter(|j| j.classifier != Classifier::SmallCnn)
+            .count(),
+        6 + 2
+    );
+    let quick = Settings::for_mode(Mode::Quick);
+    let r = find(Method::ErRaw, Arm::Reference, true);
+    assert_eq!(job_seeds(&quick, &r), vec![0]);
+    assert_eq!(job_config(&quick, &r, 0).samples_per_task, Some(500));
+}
+
+#[test]
+fn statistics_forgetting_and_correlation() {
+    let s = Stats::of(&[0.5, 0.7, 0.9]).unwrap();
+    assert!((s.mean - 0.7).abs() < 1e-12);
+    assert!((s.std - 0.2).abs() < 1e-12);
+    assert!((s.se - 0.2 / 3f64.sqrt()).abs() < 1e-12);
+    assert!(Stats::of(&[]).is_none());
+    let m = vec![
+        vec![Some(0.9), None, None],
+        vec![Some(0.6), Some(0.8), None],
+        vec![Some(0.5), Some(0.7), Some(0.9)],
+    ];
+    assert!((task_forgetting(&m, 0).unwrap() - 0.4).abs() < 1e-12);
+    assert!((task_forgetting(&m, 1).unwrap() - 0.1).abs() < 1e-12);
+    assert!(task_forgetting(&m, 2).is_none()); // never measured before the last row
+    assert!((correlation(&[(1.0, 2.0), (2.0, 4.0), (3.0, 6.5)]).unwrap() - 1.0).abs() < 0.01);
+    assert!(correlation(&[(1.0, 2.0), (2.0, 1.0)]).is_none());
+}
+
+fn cell(method: Method, budget: u64, bytes: u64, accs: &[f64]) -> Cell {
+    let job = Job::new(method, (budget, bytes), Classifier::SmallCnn);
+    let n = accs.len();
+    Cell {
+        job,
+        method: job.name().into(),
+        classifier: job.classifier.name(),
+        budget: job.budget_name().into(),
+        param_bytes: bytes,
+        streamed_per_task: 100,
+        streamed: 500,
+        seeds: (0..n as u64).collect(),
+        final_accuracy: accs.to_vec(),
+        forgetting: vec![Some(0.2); n],
+        task0_forgetting: vec![Some(if method == Method::Aqm { 0.1 } else { 0.3 }); n],
+        stored_at_end: vec![if method == Method::Aqm { 3000 } else { 500 }; n],
+        samples_per_second: vec![1.0; n],
+        freeze_step: vec![None; n],
+        trimmed_codes: vec![None; n],
+        final_drift: vec![(method == Method::Aqm).then_some(0.02); n],
+        max_drift: vec![(method == Method::Aqm).then_some(0.03); n],
+        accuracy: vec![],
+        raw_test_accuracy: vec![],
+        decoded_test_accuracy: vec![],
+        decoded_replay_share: vec![],
+        reencoded: vec![],
+        admitted: vec![],
+        final_accuracy_stats: Stats::of(accs),
+        forgetting_stats: None,
+        task0_forgetting_stats: Stats::of(&vec![if method == Method::Aqm { 0.1 } else { 0.3 }; n]),
+    }
+}
+
+#[test]
+fn expectations_are_judged_by_their_rules() {
+    let base = |aqm50: [f64; 3], raw50: [f64; 3]| {
+        vec![
+            cell(Method::FineTune, B50, 1, &[0.2, 0.2, 0.2]),
+            cell(Method::IidOnline, B50, 1, &[0.9, 0.9, 0.9]),
+            cell(Method::ErRaw, B50, 1, &[0.70, 0.72, 0.74]),
+            cell(Method::RawAqm, B50, 1, &raw50),
+            cell(Method::Aqm, B50, 1, &aqm50),
+            cell(Method::ErRaw, B20, 1, &[0.60, 0.62, 0.64]),
+            cell(Method::RawAqm, B20, 1, &[0.61, 0.62, 0.63]),
+            cell(Method::Aqm, B20, 1, &[0.70, 0.71, 0.72]),
+            cell(Method::Aqm, B20, 4, &[0.50, 0.51, 0.52]),
+        ]
+    };
+    let held = |cells: &[Cell], id: &str| {
+        judge(cells, 0.1)
+            .into_iter()
+            .find(|e| e.id == id)
+            .unwrap()
+            .held
+    };
+    // AQM 8 points ahead of ER-raw on every seed; raw-AQM level with ER-raw.
+    let good = base([0.80, 0.80, 0.82], [0.71, 0.72, 0.73]);
+    for id in [
+        "ordering-B50",
+        "ordering-B20",
+        "er-beats-aqm-B20-4B",
+        "stored-5x-B50",
+        "drift-below-dth",
+        "task0-forgetting",
+    ] {
+        assert_eq!(held(&good, id), Some(true), "{id}");
+    }
+    // AQM behind ER-raw: the ordering fails; so does it when raw-AQM is far from ER-raw.
+    assert_eq!(
+        held(
+            &base([0.60, 0.65, 0.70], [0.71, 0.72, 0.73]),
+            "ordering-B50"
+        ),
+        Some(false)
+    );
+    assert_eq!(
+        held(
+            &base([0.80, 0.80, 0.82], [0.50, 0.52, 0.54]),
+            "ordering-B50"
+        ),
+        Some(false)
+    );
+    // Ahead by less than two standard errors of the paired difference: not "clearly".
+    assert_eq!(
+        held(
+            &base([0.60, 0.72, 0.90], [0.71, 0.72, 0.73]),
+            "ordering-B50"
+        ),
+        Some(false)
+    );
+    // Drift above d_th fails; a missing cell is "not run".
+    assert_eq!(held(&good, "drift-below-dth"), Some(true));
+    let drifted = judge(&good, 0.01);
+    assert_eq!(
+        drifted
+            .iter()
+            .find(|e| e.id == "drift-below-dth")
+            .unwrap()
+            .held,
+        Some(false)
+    );
+    let without_4b: Vec<Cell> = good
+        .into_iter()
+        .filter(|c| c.job.param_bytes == 1)
+        .collect();
+    assert_eq!(held(&without_4b, "er-beats-aqm-B20-4B"), None);
+    let d = paired_difference(&without_4b[4], &without_4b[2]).unwrap();
+    assert!((d.mean - 0.0866).abs() < 1e-3);
+}
+
+#[test]
+fn the_pytorch_ratio_is_read_from_the_committed_file_or_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("training.json");
+    std::fs::write(
+        &path,
+        r#"{"commit": "abc", "figures": {"vq_ae": {"median_ratio": 1.25}}}"#,
+    )
+    .unwrap();
+    let r = throughput::pytorch_ratio(&path).unwrap();
+    assert_eq!((r.median_ratio, r.commit.as_deref()), (1.25, Some("abc")));
+    std::fs::write(&path, r#"{"figures": {}}"#).unwrap();
+    assert!(throughput::pytorch_ratio(&path).is_none());
+    assert!(throughput::pytorch_ratio(Path::new("/nonexistent/training.json")).is_none());
+}
