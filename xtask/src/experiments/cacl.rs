@@ -22,8 +22,8 @@ use serde_json::json;
 
 use crate::data::dataset_path;
 use crate::plot;
-use crate::resume::Resume;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
+use crate::resume::Resume;
 
 /// The registry entry.
 pub const EXPERIMENT: Experiment = Experiment {
