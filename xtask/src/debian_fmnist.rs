@@ -22,7 +22,8 @@ use qcl_data::import::import_idx_dir;
 use qcl_data::{Dataset, KnownDataset, SplitDataset};
 
 use crate::text_data::{
-    fetch_and_unpack_deb, pin, read_all_pinned, record, Outcome, Pin, TextDataset, TextEntry, MIB,
+    fetch_and_unpack_deb, pin, read_all_pinned, record, refuse_skipped, Outcome, Pin, TextDataset,
+    TextEntry, MIB,
 };
 
 /// The installed file, relative to the data directory.
@@ -120,15 +121,18 @@ pub fn install(data_dir: &Path, dir: &Path, source: &DebianFashionMnist) -> Resu
     read_all_pinned(dir, &source.files)?;
     let (split, report) = import_idx_dir(KnownDataset::FashionMnist, dir)
         .with_context(|| format!("importing the IDX files in {}", dir.display()))?;
-    if let Some(first) = report.skipped.first() {
-        bail!(
-            "{} records of the official IDX files do not validate, the first {}#{}: {}",
-            report.skipped.len(),
-            first.source,
-            first.index,
-            first.reason.as_str()
-        );
-    }
+    refuse_skipped(
+        &report.skipped,
+        "records of the official IDX files do not validate",
+        |first| {
+            format!(
+                "{}#{}: {}",
+                first.source,
+                first.index,
+                first.reason.as_str()
+            )
+        },
+    )?;
     let classes = KnownDataset::FashionMnist.class_names().len();
     for (part, data, per_class) in [
         ("train", &split.train, source.train_per_class),

@@ -349,6 +349,50 @@ pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
     (out, ctx, data)
 }
 
+/// For experiments' resume tests: `run` on `one_seed` with pieces kept (a start that stopped
+/// after its first seed), then on `all` twice, resuming from those pieces and afresh; returns
+/// (resumed, uninterrupted). Both write to `ctx`'s output directory.
+#[cfg(test)]
+pub fn resumed_and_uninterrupted<S>(
+    ctx: &Context,
+    run: impl Fn(&Context, &S) -> Outcome,
+    one_seed: &S,
+    all: &S,
+) -> (Outcome, Outcome) {
+    let pieces = tempfile::tempdir().unwrap();
+    let keeping = Context {
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        resume_dir: Some(pieces.path().to_path_buf()),
+        ..ctx.clone()
+    };
+    run(&keeping, one_seed);
+    let resumed = run(&keeping, all);
+    let fresh = Context {
+        resume_dir: None,
+        ..ctx.clone()
+    };
+    (resumed, run(&fresh, all))
+}
+
+/// `figures` as text without the keys that differ between two runs of the same build (measured
+/// times and the resume note), at any depth: what a resumed run must reproduce.
+#[cfg(test)]
+pub fn figures_without(figures: &serde_json::Value, keys: &[&str]) -> String {
+    fn strip(v: &mut serde_json::Value, keys: &[&str]) {
+        if let Some(map) = v.as_object_mut() {
+            for key in keys {
+                map.remove(*key);
+            }
+            map.values_mut().for_each(|v| strip(v, keys));
+        } else if let Some(list) = v.as_array_mut() {
+            list.iter_mut().for_each(|v| strip(v, keys));
+        }
+    }
+    let mut v = figures.clone();
+    strip(&mut v, keys);
+    v.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,6 +263,19 @@ fn verify(path: &Path, bytes: &[u8], pin: &Pin) -> Result<()> {
 }
 
 /// Reads `path` if it is no larger than `pin.max_bytes`, and checks its hash.
+/// An error when an import skipped anything: "`n` `what`, the first `describe(first)`" (a
+/// pinned package must import whole).
+pub(crate) fn refuse_skipped<T>(
+    skipped: &[T],
+    what: &str,
+    describe: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    match skipped.first() {
+        Some(first) => bail!("{} {what}, the first {}", skipped.len(), describe(first)),
+        None => Ok(()),
+    }
+}
+
 /// Checks every file of `pins` in `dir` against its pin ([`read_pinned`]).
 pub(crate) fn read_all_pinned(dir: &Path, pins: &[Pin]) -> Result<()> {
     for pin in pins {
@@ -504,15 +517,11 @@ pub fn install_wordnet(data_dir: &Path, dir: &Path, source: &WordNetSource) -> R
     read_all_pinned(dir, &source.files)?;
     let origin = format!("Debian {} ({})", source.package, source.deb.name);
     let list = GlossList::read_dir(dir, &origin)?;
-    if let Some(first) = list.skipped.first() {
-        bail!(
-            "{} malformed lines in the WordNet data files, the first {}:{}: {}",
-            list.skipped.len(),
-            first.source,
-            first.line,
-            first.reason
-        );
-    }
+    refuse_skipped(
+        &list.skipped,
+        "malformed lines in the WordNet data files",
+        |first| format!("{}:{}: {}", first.source, first.line, first.reason),
+    )?;
     let n = list.glosses.len();
     if !source.expected_glosses.contains(&n) {
         bail!(

@@ -484,6 +484,34 @@ pub struct SplitDataset {
 }
 
 impl SplitDataset {
+    /// Every image of both parts (train, then test) as one row-major `f32` matrix of raw pixel
+    /// values (0–255), with its row length: the points a k-means or an index is fitted on.
+    ///
+    /// ```
+    /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist.safetensors");
+    /// let data = qcl_data::SplitDataset::load(path)?;
+    /// let (points, d) = data.all_pixels_f32();
+    /// assert_eq!(d, 784);
+    /// assert_eq!(points.len(), (data.train.len() + data.test.len()) * d);
+    /// assert_eq!(points[..d], data.train.image(0).iter().map(|&p| f32::from(p)).collect::<Vec<_>>()[..]);
+    /// # Ok::<(), qcl_tensor::Error>(())
+    /// ```
+    pub fn all_pixels_f32(&self) -> (Vec<f32>, usize) {
+        let ImageShape {
+            channels,
+            height,
+            width,
+        } = self.train.shape;
+        let pixels = self
+            .train
+            .pixels()
+            .iter()
+            .chain(self.test.pixels())
+            .map(|&p| f32::from(p))
+            .collect();
+        (pixels, channels * height * width)
+    }
+
     /// Pairs a train and a test part.
     ///
     /// # Errors

@@ -13,15 +13,7 @@ use qcl_tensor::nearest_codes;
 
 fn fashion_pixels() -> Option<(Vec<f32>, usize)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist.safetensors");
-    let split = qcl_data::SplitDataset::load(path).ok()?;
-    let pixels = split
-        .train
-        .pixels()
-        .iter()
-        .chain(split.test.pixels())
-        .map(|&p| f32::from(p))
-        .collect();
-    Some((pixels, 784))
+    Some(qcl_data::SplitDataset::load(path).ok()?.all_pixels_f32())
 }
 
 fn lloyd(c: &mut Criterion) {

@@ -66,18 +66,8 @@ pub(crate) fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, 
     let (data, d): (Vec<f32>, usize) = match name {
         "weight-blocks" => qcl_pq::workloads::weight_blocks(),
         "gaussian-mixture" => qcl_pq::workloads::gaussian_mixture(),
-        _ => {
-            let split =
-                SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))?;
-            let pixels: Vec<f32> = split
-                .train
-                .pixels()
-                .iter()
-                .chain(split.test.pixels())
-                .map(|&p| f32::from(p))
-                .collect();
-            (pixels, 784)
-        }
+        _ => SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))?
+            .all_pixels_f32(),
     };
     if !path.is_file() {
         let n = data.len() / d;

@@ -162,38 +162,21 @@ fn seeds_from_the_context_replace_the_default_list() {
 #[test]
 fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
     let (_out, ctx, data) = crate::reproduce::fixture_run();
-    let pieces = tempfile::tempdir().unwrap();
-    let clean = crate::reproduce::Context {
-        commit: "0123456789abcdef0123456789abcdef01234567".into(),
-        resume_dir: Some(pieces.path().to_path_buf()),
-        ..ctx.clone()
-    };
     let settings = Settings {
         lambdas: vec![3.0],
         ..Settings::fixture()
     };
-    let bar = ProgressBar::hidden();
     let one_seed = Settings {
         seeds: vec![0],
         ..settings.clone()
     };
-    run_with(&clean, &data, &one_seed, &bar).unwrap();
-    let resumed = run_with(&clean, &data, &settings, &bar).unwrap();
-    let uninterrupted = run_with(&ctx, &data, &settings, &bar).unwrap();
-    // Everything but the measured seconds and the note.
-    fn without_seconds(v: &mut serde_json::Value) {
-        if let Some(map) = v.as_object_mut() {
-            map.remove("seconds");
-            map.remove("resumed");
-            map.values_mut().for_each(without_seconds);
-        } else if let Some(list) = v.as_array_mut() {
-            list.iter_mut().for_each(without_seconds);
-        }
-    }
+    let run = |ctx: &crate::reproduce::Context, s: &Settings| {
+        run_with(ctx, &data, s, &ProgressBar::hidden()).unwrap()
+    };
+    let (resumed, uninterrupted) =
+        crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
     let figures = |o: &crate::reproduce::Outcome| {
-        let mut f = o.figures.clone();
-        without_seconds(&mut f);
-        f.to_string()
+        crate::reproduce::figures_without(&o.figures, &["seconds", "resumed"])
     };
     assert_eq!(figures(&resumed), figures(&uninterrupted));
     // Seed 0: pretraining, five arms without λ, M1 and M4 at one λ, three arms at M4's λ.
