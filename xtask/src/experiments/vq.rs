@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_data::{BatchConfig, BatchOrder, Dataset, KnownDataset, Normalization, SplitDataset};
+use qcl_data::{BatchConfig, BatchOrder, Dataset, Normalization, SplitDataset};
 use qcl_nn::layers::Module;
 use qcl_nn::models::{ConvDecoder, ConvEncoder};
 use qcl_nn::ops::mse_loss;
@@ -21,7 +21,7 @@ use qcl_vq::{CodeUsage, CodebookUpdate, VectorQuantizer, VectorQuantizerConfig, 
 use serde::Serialize;
 use serde_json::json;
 
-use crate::data::dataset_path;
+use crate::experiments::OnData;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -300,18 +300,20 @@ pub fn train_arm(
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
-        .context("loading Fashion-MNIST")?;
-    run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
+    let data = OnData::fashion_mnist(ctx)?;
+    run_with(
+        OnData {
+            ctx,
+            data: &data,
+            bar,
+        },
+        &Settings::for_mode(ctx.mode),
+    )
 }
 
 /// The experiment on `data` with `settings`: both arms, the plots, the report.
-pub fn run_with(
-    ctx: &Context,
-    data: &SplitDataset,
-    settings: &Settings,
-    bar: &ProgressBar,
-) -> Result<Outcome> {
+pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
+    let OnData { ctx, data, bar } = on;
     let without = train_arm(data, settings, None, bar)?;
     let with = train_arm(data, settings, Some(settings.revival_threshold), bar)?;
     let k = settings.codes;
@@ -535,7 +537,15 @@ mod tests {
             eval_images: 40,
             ..Settings::for_mode(Mode::Quick)
         };
-        let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
+        let outcome = run_with(
+            OnData {
+                ctx: &ctx,
+                data: &data,
+                bar: &ProgressBar::hidden(),
+            },
+            &settings,
+        )
+        .unwrap();
         let arms = outcome.figures["arms"].as_array().unwrap();
         assert_eq!(arms.len(), 2);
         for arm in arms {

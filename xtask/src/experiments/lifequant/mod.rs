@@ -19,10 +19,10 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
 use qcl_continual::{LifelongConfig, Scenario, TaskSchedule};
-use qcl_data::{KnownDataset, Normalization, SplitDataset};
+use qcl_data::{Normalization, SplitDataset};
 use serde::Serialize;
 
-use crate::data::dataset_path;
+use crate::experiments::OnData;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 use crate::resume::Resume;
 
@@ -224,20 +224,22 @@ pub struct Runs {
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
-        .context("loading Fashion-MNIST")?;
-    run_with(ctx, &data, &Settings::for_context(ctx), bar)
+    let data = OnData::fashion_mnist(ctx)?;
+    run_with(
+        OnData {
+            ctx,
+            data: &data,
+            bar,
+        },
+        &Settings::for_context(ctx),
+    )
 }
 
 /// The experiment on `data` with `settings`: per seed, task-0 pretraining, the arms without λ
 /// and the λ sweeps of M1 and M4; then λ is chosen on validation, and the arms that take M4's
 /// λ run at it on every seed.
-pub fn run_with(
-    ctx: &Context,
-    data: &SplitDataset,
-    settings: &Settings,
-    bar: &ProgressBar,
-) -> Result<Outcome> {
+pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
+    let OnData { ctx, data, bar } = on;
     let started = Instant::now();
     let setup = Setup::new(data, settings)?;
     let resume = Resume::new(ctx, EXPERIMENT.name).scope(&settings.without_seeds())?;

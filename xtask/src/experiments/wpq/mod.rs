@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result};
 use candle_core::Device;
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_data::{KnownDataset, SplitDataset};
+use qcl_data::SplitDataset;
 use qcl_wpq::compress::{allocate, FMNIST_NORMALIZATION};
 use qcl_wpq::{
     compress, evaluate, train_teacher, uniform_quantize, uniform_size, Arch, CompressConfig,
@@ -24,8 +24,8 @@ use qcl_wpq::{
 use serde::Serialize;
 use serde_json::json;
 
-use crate::data::dataset_path;
 use crate::experiments::mean_std;
+use crate::experiments::OnData;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -387,9 +387,15 @@ fn load_or_train(
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
-        .context("loading Fashion-MNIST")?;
-    run_with(ctx, &data, &Settings::for_mode(ctx.mode), bar)
+    let data = OnData::fashion_mnist(ctx)?;
+    run_with(
+        OnData {
+            ctx,
+            data: &data,
+            bar,
+        },
+        &Settings::for_mode(ctx.mode),
+    )
 }
 
 /// Logits of `model` on the first 256 test images, as bits.
@@ -410,12 +416,8 @@ fn logit_bits(model: &Model, data: &SplitDataset) -> Result<Vec<u32>> {
 }
 
 /// The experiment on `data` with `settings`.
-pub fn run_with(
-    ctx: &Context,
-    data: &SplitDataset,
-    settings: &Settings,
-    bar: &ProgressBar,
-) -> Result<Outcome> {
+pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
+    let OnData { ctx, data, bar } = on;
     // The library functions drive the bar's length and position (steps); the registry's
     // position among experiments is restored at the end.
     let restore = (bar.length(), bar.position());
@@ -868,7 +870,15 @@ mod tests {
             test_images: 100,
             seeds: vec![0, 1],
         };
-        let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
+        let outcome = run_with(
+            OnData {
+                ctx: &ctx,
+                data: &data,
+                bar: &ProgressBar::hidden(),
+            },
+            &settings,
+        )
+        .unwrap();
         assert!(outcome.markdown.contains("| 4 |"));
         assert!(outcome.markdown.contains(" ± "));
         assert!(outcome
