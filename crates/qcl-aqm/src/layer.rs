@@ -8,7 +8,7 @@ use qcl_nn::ops::mse_loss;
 use qcl_nn::optim::{Adam, AdamConfig, Optimizer};
 use qcl_nn::ParamStore;
 use qcl_tensor::{Error, Result, Seed};
-use qcl_vq::{CodebookUpdate, VectorQuantizer, VectorQuantizerConfig};
+use qcl_vq::{CodebookUpdate, PackedIndices, VectorQuantizer, VectorQuantizerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::QLayerConfig;
@@ -187,6 +187,21 @@ impl QLayer {
             self.config.latent_shape[0],
             self.config.latent_shape[1],
         ]
+    }
+
+    /// Each row of `indices` `(B, N, h, w)` (this module's, as its forward pass gives them)
+    /// packed as the memory stores a sample: `[1, N, h, w]` at `⌈log2 K'⌉` bits per index.
+    ///
+    /// # Errors
+    /// The errors of [`PackedIndices::pack`] (indices that are not whole samples of this
+    /// module, or not below its current K); candle errors.
+    pub fn pack_codes(&self, indices: &Tensor) -> Result<Vec<PackedIndices>> {
+        let [n, h, w] = self.index_shape();
+        let k = self.current_codes();
+        let v: Vec<u32> = indices.flatten_all()?.to_vec1()?;
+        v.chunks(n * h * w)
+            .map(|c| PackedIndices::pack(c, &[1, n, h, w], k))
+            .collect()
     }
 
     /// Bits of one stored sample, `N·h·w·⌈log2 K'⌉` (`b_i` of docs/methods/aqm.md § The stack;

@@ -289,7 +289,7 @@ impl AdaptiveMemory {
     pub fn set_model_cost(&mut self, params: u64) -> Result<Vec<Entry<StoredSample>>> {
         check_budget(&self.config, params)?;
         self.model_cost_params = params;
-        Ok(self.evict())
+        self.evict()
     }
 
     /// Declares module `module` (1-based) frozen with `bits` bits per stored sample.
@@ -325,12 +325,14 @@ impl AdaptiveMemory {
     /// incoming rows are stored raw; replayed raw rows that moved to codes leave block 0.
     /// Under [`InsertionRule::Reservoir`] each incoming row is first admitted or turned away
     /// ([`admission_probability`](Self::admission_probability)); a row turned away is not
-    /// stored, though it still uses up its id. Returns the evicted entries.
+    /// stored, though it still uses up its id; space is then freed among the samples stored
+    /// before this batch. Returns the evicted entries.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] if `ok`/`codes` do not cover every module and row;
-    /// [`Error::InvalidParameter`] for codes whose cost differs from the block's. A replayed
-    /// id that is no longer stored is skipped.
+    /// [`Error::InvalidParameter`] for codes whose cost differs from the block's, and under
+    /// [`InsertionRule::Reservoir`] for incoming rows when `mem_size` holds no raw image (the
+    /// memory is unchanged after either). A replayed id that is no longer stored is skipped.
     pub fn insert(
         &mut self,
         incoming: &[IncomingSample],
@@ -359,7 +361,7 @@ impl AdaptiveMemory {
             .map(|&id| self.locate(id).map(|(b, _)| b))
             .collect();
         // Every incoming row is admitted, except under reservoir insertion.
-        let admitted = self.admit(incoming.len());
+        let admitted = self.admit(incoming.len())?;
         // Incoming rows get ids in arrival order, whatever block they end in (or none).
         let first_id = self.next_id;
         self.next_id += incoming.len() as u64;
@@ -430,7 +432,7 @@ impl AdaptiveMemory {
                 },
             )?;
         }
-        Ok(self.evict())
+        self.evict_sparing(ItemId(first_id))
     }
 
     /// Checks the per-module threshold decisions and codes of a batch of `rows` rows (see
@@ -482,9 +484,19 @@ impl AdaptiveMemory {
     /// maximal global count (ties uniformly at random) and remove a uniformly random sample of
     /// it from the lowest block that holds it. Under [`InsertionRule::Reservoir`] space is freed
     /// level-agnostically instead: a uniformly random stored sample of any block and class.
-    pub fn evict(&mut self) -> Vec<Entry<StoredSample>> {
+    ///
+    /// # Errors
+    /// Under [`InsertionRule::Reservoir`], the errors of its random draw (none in practice).
+    pub fn evict(&mut self) -> Result<Vec<Entry<StoredSample>>> {
+        self.evict_sparing(ItemId(self.next_id))
+    }
+
+    /// [`evict`](Self::evict) after an insertion whose new samples have ids from `new_from` on:
+    /// reservoir freeing spares them while older samples are stored
+    /// ([`InsertionRule::Reservoir`]); the class-balanced rule treats every sample alike.
+    fn evict_sparing(&mut self, new_from: ItemId) -> Result<Vec<Entry<StoredSample>>> {
         if self.insertion == InsertionRule::Reservoir {
-            return self.evict_uniformly();
+            return self.evict_uniformly(new_from);
         }
         let mut evicted = Vec::new();
         let capacity = self.capacity_bits();
@@ -510,7 +522,7 @@ impl AdaptiveMemory {
                 evicted.push(e);
             }
         }
-        evicted
+        Ok(evicted)
     }
 
     /// Replay sampling (docs/methods/aqm.md § Replay): `n` labels drawn uniformly with

@@ -7,49 +7,16 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{check_budget, check_identity, codes, config, k_of, sample, MODULES, PER};
 use proptest::prelude::*;
 use qcl_aqm::memory::IncomingSample;
 use qcl_aqm::{state, AdaptiveMemory, InsertionRule, MemoryConfig, Payload, QStack, StackConfig};
 use qcl_continual::ItemId;
 use qcl_tensor::Error;
 use qcl_vq::PackedIndices;
-
-const IMAGE: usize = 16; // 16-byte "images": 128 bits
-const MODULES: usize = 2;
-const PER: usize = 4; // indices per sample
-
-/// Module m (1-based) uses K' = 4 (2 bits) or 8 (3 bits).
-fn k_of(m: usize) -> usize {
-    if m == 1 {
-        4
-    } else {
-        8
-    }
-}
-
-fn codes(m: usize, seed: u32) -> PackedIndices {
-    let k = k_of(m) as u32;
-    let v: Vec<u32> = (0..PER as u32).map(|i| (seed + i) % k).collect();
-    PackedIndices::pack(&v, &[1, PER], k_of(m)).unwrap()
-}
-
-fn config(budget: u64, seed: u64) -> MemoryConfig {
-    MemoryConfig {
-        budget_bytes: budget,
-        seed: qcl_tensor::Seed::new(seed),
-        ..MemoryConfig::per_class(1, 1, IMAGE)
-    }
-}
-
-fn sample(label: u32, task: usize, index: usize) -> IncomingSample {
-    IncomingSample {
-        label,
-        task,
-        dataset_index: index,
-        pixels: vec![label as u8; IMAGE],
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Step {
@@ -84,45 +51,6 @@ fn deepest(mem: &AdaptiveMemory, ok: &[Vec<bool>], row: usize) -> usize {
         .rev()
         .find(|&m| mem.block_bits()[m] > 0 && ok[m - 1][row])
         .unwrap_or(0)
-}
-
-/// Invariants 1–4 after a step.
-fn check_memory(
-    mem: &AdaptiveMemory,
-    budget: u64,
-    evicted: bool,
-    identity: &mut BTreeMap<ItemId, (u32, usize)>,
-) -> Result<(), TestCaseError> {
-    let used = mem.used_bits();
-    prop_assert!(used <= mem.capacity_bits());
-    let exact: u64 = mem
-        .counts_per_block()
-        .iter()
-        .zip(mem.block_bits())
-        .map(|(&n, &b)| n as u64 * b)
-        .sum();
-    prop_assert_eq!(used, exact);
-    prop_assert_eq!(mem.capacity_bits(), 8 * (budget - mem.model_cost_params()));
-    if evicted && !mem.is_empty() {
-        let max_b = *mem.block_bits().iter().max().unwrap();
-        prop_assert!(used + max_b > mem.capacity_bits());
-    }
-    let mut seen = BTreeMap::new();
-    for (b, e) in mem.all_entries() {
-        prop_assert!(seen.insert(e.id, b).is_none(), "{:?} twice", e.id);
-        if let Some(&(y, tk)) = identity.get(&e.id) {
-            prop_assert_eq!((y, tk), (e.label, e.task));
-        }
-        identity.insert(e.id, (e.label, e.task));
-        match &e.item.payload {
-            Payload::Raw(_) => prop_assert_eq!(b, 0),
-            Payload::Codes(p) => {
-                prop_assert!(b >= 1 && mem.block_bits()[b] > 0);
-                prop_assert!(p.unpack().iter().all(|&i| (i as usize) < k_of(b)));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What one step's re-encoding must have done to each replayed row.
@@ -222,7 +150,15 @@ fn run_stream(
                     prop_assert_eq!(b, deepest(&mem, &ok, row));
                     admitted += 1;
                 }
-                None if evicted_ids.contains(&id) => admitted += 1,
+                None if evicted_ids.contains(&id) => {
+                    // Reservoir freeing spares this batch's samples while older ones remain.
+                    let older_left = mem.all_entries().iter().any(|(_, e)| e.id.0 < first_new);
+                    prop_assert!(
+                        !reservoir || !older_left,
+                        "{id:?} evicted before older ones"
+                    );
+                    admitted += 1;
+                }
                 None => prop_assert!(reservoir, "{id:?} turned away without reservoir"),
             }
             if mem.locate(id).is_some() || evicted_ids.contains(&id) {
@@ -251,7 +187,8 @@ fn run_stream(
                 *g.get_mut(&e.label).unwrap() -= 1;
             }
         }
-        check_memory(&mem, budget, !evicted.is_empty(), &mut identity)?;
+        check_budget(&mem, budget, !evicted.is_empty())?;
+        check_identity(&mem, &mut identity)?;
     }
     Ok(mem
         .all_entries()
@@ -290,96 +227,6 @@ proptest! {
     }
 }
 
-/// Reservoir insertion admits the n-th sample with probability max(raw capacity, stored) / n:
-/// over a seeded stream the number admitted is within four standard deviations of the sum of
-/// those probabilities, and the kept samples are spread evenly over the stream.
-#[test]
-fn reservoir_admission_follows_its_probability() {
-    let capacity = 200usize;
-    let mut mem = AdaptiveMemory::new(config((capacity * IMAGE) as u64, 11), 0, 0).unwrap();
-    mem.set_insertion(InsertionRule::Reservoir);
-    assert_eq!(mem.raw_capacity(), capacity as u64);
-    let (batches, batch) = (400usize, 10usize);
-    let (mut expected, mut variance) = (0.0f64, 0.0f64);
-    for i in 0..batches {
-        // Within a batch the stored count is the one before it.
-        let keep = mem.raw_capacity().max(mem.len() as u64) as f64;
-        assert!(
-            (mem.admission_probability() - (keep / (mem.seen() + 1) as f64).min(1.0)).abs() < 1e-12
-        );
-        for k in 0..batch {
-            let p = (keep / (mem.seen() + k as u64 + 1) as f64).min(1.0);
-            expected += p;
-            variance += p * (1.0 - p);
-        }
-        let incoming: Vec<IncomingSample> = (0..batch)
-            .map(|k| sample((k % 2) as u32, 0, i * batch + k))
-            .collect();
-        mem.insert(&incoming, &[], &[], &[], i as u64).unwrap();
-        assert!(mem.used_bits() <= mem.capacity_bits());
-    }
-    let admitted = mem.admitted() as f64;
-    assert!(
-        (admitted - expected).abs() <= 4.0 * variance.sqrt(),
-        "admitted {admitted}, expected {expected:.1} ± {:.1}",
-        variance.sqrt()
-    );
-    assert_eq!(mem.seen(), (batches * batch) as u64);
-    assert_eq!(mem.len(), capacity);
-    // A uniform sample of the stream: about half of the kept samples from its first half.
-    let early = mem
-        .block(0)
-        .iter()
-        .filter(|e| e.item.dataset_index < batches * batch / 2)
-        .count() as f64
-        / capacity as f64;
-    assert!((0.38..=0.62).contains(&early), "{early}");
-}
-
-/// Without reservoir insertion every sample is admitted (the reference rule).
-#[test]
-fn the_reference_rule_admits_everything() {
-    let mut mem = AdaptiveMemory::new(config(64, 1), 0, 0).unwrap();
-    assert_eq!(mem.insertion(), InsertionRule::Every);
-    for i in 0..50 {
-        mem.insert(&[sample(0, 0, i)], &[], &[], &[], 0).unwrap();
-    }
-    assert_eq!((mem.seen(), mem.admitted()), (50, 50));
-    assert_eq!(mem.admission_probability(), 1.0);
-}
-
-/// Reservoir eviction frees space in every block, not raw images first.
-#[test]
-fn reservoir_eviction_is_level_agnostic() {
-    let run = |rule: InsertionRule| {
-        let mut mem = AdaptiveMemory::new(config(40 * IMAGE as u64, 2), 1, 0).unwrap();
-        mem.set_insertion(rule);
-        mem.set_module_bits(1, 8).unwrap();
-        let mut removed_codes = 0;
-        for i in 0..400usize {
-            // Alternate raw and coded samples.
-            let ok = vec![vec![i % 2 == 0]];
-            let c = vec![vec![codes(1, i as u32)]];
-            let ev = mem
-                .insert(&[sample((i / 2 % 4) as u32, 0, i)], &[], &ok, &c, 0)
-                .unwrap();
-            removed_codes += ev
-                .iter()
-                .filter(|e| matches!(e.item.payload, Payload::Codes(_)))
-                .count();
-        }
-        (removed_codes, mem.counts_per_block())
-    };
-    // The reference rule takes raw images first, so codes accumulate and are rarely evicted;
-    // reservoir freeing takes any stored sample, and most stored samples are codes.
-    let (reference, reference_counts) = run(InsertionRule::Every);
-    let (reservoir, counts) = run(InsertionRule::Reservoir);
-    assert!(
-        reservoir > 2 * reference.max(1),
-        "codes evicted: reservoir {reservoir} {counts:?}, reference {reference} {reference_counts:?}"
-    );
-}
-
 /// A re-encoded sample holds the current encoder's codes of its decoded image, and a module
 /// deeper than its own takes it when that module passes.
 #[test]
@@ -390,20 +237,9 @@ fn reencoded_codes_are_the_current_encoders() {
     stack.train_step(&x, 0).unwrap();
     stack.layers_mut()[0].freeze().unwrap();
     let layer = &stack.layers()[0];
-    let (bits, k, [n, h, w]) = (
-        layer.bits_per_sample(),
-        layer.current_codes(),
-        layer.index_shape(),
-    );
-    let pack = |t: &Tensor, row: usize| {
-        let v: Vec<u32> = t
-            .narrow(0, row, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        PackedIndices::pack(&v, &[1, n, h, w], k).unwrap()
+    let (bits, [n, h, w]) = (layer.bits_per_sample(), layer.index_shape());
+    let pack = |stack: &QStack, t: &Tensor, row: usize| {
+        stack.layers()[0].pack_codes(t).unwrap().swap_remove(row)
     };
     let budget = stack.model_cost_params() as u64 + 100_000;
     let mut mem = AdaptiveMemory::new(
@@ -417,7 +253,7 @@ fn reencoded_codes_are_the_current_encoders() {
     .unwrap();
     mem.set_module_bits(1, bits).unwrap();
     let step = stack.train_step(&x, 0).unwrap();
-    let stored = pack(&step.outputs[0].indices, 0);
+    let stored = pack(&stack, &step.outputs[0].indices, 0);
     let s = IncomingSample {
         label: 3,
         task: 0,
@@ -437,7 +273,7 @@ fn reencoded_codes_are_the_current_encoders() {
     let old_idx = Tensor::from_vec(old.unpack(), (1, n, h, w), &device).unwrap();
     let decoded = stack.decode_codes(1, &old_idx).unwrap();
     let (outs, _) = stack.forward(&decoded, false).unwrap();
-    let fresh = pack(&outs[0].indices, 0);
+    let fresh = pack(&stack, &outs[0].indices, 0);
     assert_ne!(
         fresh, stored,
         "the encoder changed: the test can tell a refresh apart"

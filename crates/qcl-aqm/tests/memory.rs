@@ -3,31 +3,15 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+
+use common::{check_budget, check_identity, codes, config, k_of, IMAGE, MODULES, PER};
 use proptest::prelude::*;
 use qcl_aqm::memory::IncomingSample;
 use qcl_aqm::{AdaptiveMemory, MemoryConfig, Payload};
 use qcl_continual::ItemId;
 use qcl_tensor::Error;
 use qcl_vq::PackedIndices;
-
-const IMAGE: usize = 16; // 16-byte "images": 128 bits
-const MODULES: usize = 2;
-const PER: usize = 4; // indices per sample
-
-/// Module m (1-based) uses K' = 4 (2 bits) or 8 (3 bits).
-fn k_of(m: usize) -> usize {
-    if m == 1 {
-        4
-    } else {
-        8
-    }
-}
-
-fn codes(m: usize, seed: u32) -> PackedIndices {
-    let k = k_of(m) as u32;
-    let v: Vec<u32> = (0..PER as u32).map(|i| (seed + i) % k).collect();
-    PackedIndices::pack(&v, &[1, PER], k_of(m)).unwrap()
-}
 
 #[derive(Debug, Clone)]
 struct Step {
@@ -53,57 +37,6 @@ fn step_strategy() -> impl Strategy<Value = Step> {
             freeze,
             cost_bump,
         })
-}
-
-fn config(budget: u64, seed: u64) -> MemoryConfig {
-    MemoryConfig {
-        budget_bytes: budget,
-        param_bytes: 1,
-        image_bytes: IMAGE,
-        seed: qcl_tensor::Seed::new(seed),
-    }
-}
-
-/// Invariants 1, 2: budget, exact accounting, overshoot below one item after an eviction.
-fn check_budget(mem: &AdaptiveMemory, budget: u64, evicted: bool) -> Result<(), TestCaseError> {
-    let used = mem.used_bits();
-    prop_assert!(used <= mem.capacity_bits());
-    let exact: u64 = mem
-        .counts_per_block()
-        .iter()
-        .zip(mem.block_bits())
-        .map(|(&n, &b)| n as u64 * b)
-        .sum();
-    prop_assert_eq!(used, exact);
-    prop_assert_eq!(mem.capacity_bits(), 8 * (budget - mem.model_cost_params()));
-    if evicted && !mem.is_empty() {
-        let max_b = *mem.block_bits().iter().max().unwrap();
-        prop_assert!(used + max_b > mem.capacity_bits());
-    }
-    Ok(())
-}
-
-/// Invariants 3, 4: ids in one block only, identity fixed, nothing in unfrozen modules.
-fn check_identity(
-    mem: &AdaptiveMemory,
-    identity: &mut BTreeMap<ItemId, (u32, usize)>,
-) -> Result<(), TestCaseError> {
-    let mut seen = BTreeMap::new();
-    for (b, e) in mem.all_entries() {
-        prop_assert!(seen.insert(e.id, b).is_none(), "{:?} twice", e.id);
-        if let Some(&(y, tk)) = identity.get(&e.id) {
-            prop_assert_eq!((y, tk), (e.label, e.task));
-        }
-        identity.insert(e.id, (e.label, e.task));
-        match &e.item.payload {
-            Payload::Raw(_) => prop_assert_eq!(b, 0),
-            Payload::Codes(p) => {
-                prop_assert!(b >= 1 && mem.block_bits()[b] > 0);
-                prop_assert!(p.unpack().iter().all(|&i| (i as usize) < k_of(b)));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Runs a random stream and checks every invariant after each step; returns the final contents.

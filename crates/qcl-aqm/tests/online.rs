@@ -1,31 +1,10 @@
 //! The online loop on the committed Fashion-MNIST fixture (small streams).
 
+mod common;
+
+use common::{scenario, small};
 use qcl_aqm::online::{run, ClassifierInput, Method, OnlineConfig};
-use qcl_continual::{Scenario, SplitConfig};
 use qcl_tensor::Error;
-
-fn scenario() -> Scenario {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/fashion-mnist.safetensors"
-    );
-    let data = qcl_data::SplitDataset::load(path).unwrap();
-    Scenario::class_incremental(&data, &SplitConfig::default()).unwrap()
-}
-
-fn small(method: Method, budget: u64) -> OnlineConfig {
-    let mut c = OnlineConfig::fashion_mnist(method, budget);
-    c.samples_per_task = Some(40);
-    c.test_per_class = Some(10);
-    c.record_every = 2;
-    c.drift_every = 3;
-    c.examples = 4;
-    // Fast statistics so that the module freezes within the first task of this short stream.
-    c.stack.layers[0].stat_rate = 0.3;
-    c.stack.layers[0].ema_decoder_rate = 0.1;
-    c.stack.layers[0].recon_threshold = 1.0;
-    c
-}
 
 #[test]
 fn aqm_freezes_stores_codes_within_budget_and_is_deterministic() {

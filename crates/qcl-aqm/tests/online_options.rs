@@ -2,35 +2,11 @@
 //! on the committed Fashion-MNIST fixture: the reduced ResNet-18, reservoir insertion,
 //! re-encoding, and the per-task diagnostics every run records.
 
+mod common;
+
+use common::{scenario, small, TIGHT};
 use qcl_aqm::online::{run, Classifier, ClassifierInput, Method, OnlineConfig, ReencodeConfig};
-use qcl_continual::{Scenario, SplitConfig};
 use qcl_tensor::Error;
-
-fn scenario() -> Scenario {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/fashion-mnist.safetensors"
-    );
-    let data = qcl_data::SplitDataset::load(path).unwrap();
-    Scenario::class_incremental(&data, &SplitConfig::default()).unwrap()
-}
-
-/// A short stream whose module freezes within the first task.
-fn small(method: Method, budget: u64) -> OnlineConfig {
-    let mut c = OnlineConfig::fashion_mnist(method, budget);
-    c.samples_per_task = Some(40);
-    c.test_per_class = Some(10);
-    c.record_every = 2;
-    c.drift_every = 3;
-    c.examples = 4;
-    c.stack.layers[0].stat_rate = 0.3;
-    c.stack.layers[0].ema_decoder_rate = 0.1;
-    c.stack.layers[0].recon_threshold = 1.0;
-    c
-}
-
-/// Room for about 60 codes once the module froze: the memory fills up and evicts.
-const TIGHT: u64 = 36_850 + 6_000;
 
 #[test]
 fn the_reduced_resnet18_trains_evaluates_and_is_deterministic() {

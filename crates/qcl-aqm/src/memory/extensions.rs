@@ -38,7 +38,12 @@ pub enum InsertionRule {
     /// sample is admitted with probability `max(raw capacity, stored) / n`, where the raw
     /// capacity is the number of raw images `mem_size` holds; space is freed by removing
     /// uniformly random stored samples of any block and class, so the bytes freed in a block
-    /// are on average proportional to the bytes it holds.
+    /// are on average proportional to the bytes it holds. As in Alg. 4 (free space, then add),
+    /// the samples a batch admits are not evicted to make room for that batch while an older
+    /// sample is stored. The rule needs a raw capacity of at least 1: when `mem_size` holds no
+    /// raw image, an empty memory would never admit anything, so
+    /// [`insert`](AdaptiveMemory::insert) refuses incoming samples with
+    /// [`Error::InvalidParameter`] instead.
     Reservoir,
 }
 
@@ -120,7 +125,9 @@ impl AdaptiveMemory {
     }
 
     /// The probability that reservoir insertion admits the next incoming sample now,
-    /// `min(1, max(raw capacity, stored) / (seen + 1))` (1 under [`InsertionRule::Every`]).
+    /// `min(1, max(raw capacity, stored) / (seen + 1))` (1 under [`InsertionRule::Every`]). With
+    /// a raw capacity of 0 (and nothing stored) this is 0, and [`insert`](Self::insert) refuses
+    /// incoming samples under reservoir insertion (see [`InsertionRule::Reservoir`]).
     pub fn admission_probability(&self) -> f64 {
         match self.insertion {
             InsertionRule::Every => 1.0,
@@ -135,7 +142,23 @@ impl AdaptiveMemory {
     /// are under [`InsertionRule::Every`]; under reservoir insertion the `k`-th sample ever seen
     /// is admitted when `j < max(raw capacity, stored)` for `j` uniform in `0..k` (the stored
     /// count is the one before this batch).
-    pub(super) fn admit(&mut self, n: usize) -> Vec<bool> {
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] under reservoir insertion when `mem_size` holds no raw image
+    /// (nothing changes then); the errors of the random draw.
+    pub(super) fn admit(&mut self, n: usize) -> Result<Vec<bool>> {
+        if self.insertion == InsertionRule::Reservoir && n > 0 && self.raw_capacity() == 0 {
+            return Err(Error::invalid_parameter(
+                "budget_bytes",
+                format!(
+                    "reservoir insertion needs room for at least one raw image (its N, the raw \
+                     capacity, would be 0): mem_size is {} bits after the model cost, a raw \
+                     image costs {} bits",
+                    self.capacity_bits(),
+                    self.block_bits[0]
+                ),
+            ));
+        }
         let keep = self.raw_capacity().max(self.len() as u64);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -143,20 +166,25 @@ impl AdaptiveMemory {
             let admitted = match self.insertion {
                 InsertionRule::Every => true,
                 InsertionRule::Reservoir => {
-                    self.seen <= keep
-                        || (self.rng.below(self.seen as usize).unwrap_or(0) as u64) < keep
+                    self.seen <= keep || (self.rng.below(self.seen as usize)? as u64) < keep
                 }
             };
             self.admitted += u64::from(admitted);
             out.push(admitted);
         }
-        out
+        Ok(out)
     }
 
-    /// Level-agnostic eviction of reservoir insertion: while over budget, remove a uniformly
-    /// random stored sample (chosen among the ids in sorted order, so a restored memory
-    /// removes the same ones).
-    pub(super) fn evict_uniformly(&mut self) -> Vec<Entry<StoredSample>> {
+    /// Level-agnostic freeing of reservoir insertion: while over budget, remove a uniformly
+    /// random stored sample (chosen among the ids in sorted order, so a restored memory removes
+    /// the same ones). Samples with ids from `new_from` on (this batch's incoming samples) are
+    /// not candidates while an older sample is stored: Alg. 4 frees space for a new sample and
+    /// then adds it, so a sample is never evicted in the batch that admitted it unless that
+    /// batch alone exceeds `mem_size`.
+    ///
+    /// # Errors
+    /// The errors of the random draw (none for a non-empty pool).
+    pub(super) fn evict_uniformly(&mut self, new_from: ItemId) -> Result<Vec<Entry<StoredSample>>> {
         let mut evicted = Vec::new();
         let capacity = self.capacity_bits();
         while self.used_bits() > capacity && !self.is_empty() {
@@ -167,12 +195,15 @@ impl AdaptiveMemory {
                 .flat_map(|(b, block)| block.iter().map(move |e| (e.id, b)))
                 .collect();
             ids.sort_unstable();
-            let (id, b) = ids[self.rng.below(ids.len()).unwrap_or(0)];
+            // New ids are the largest: the older samples come first.
+            let older = ids.partition_point(|&(id, _)| id < new_from);
+            let pool = if older > 0 { &ids[..older] } else { &ids[..] };
+            let (id, b) = pool[self.rng.below(pool.len())?];
             if let Some(e) = self.blocks[b].remove(id) {
                 evicted.push(e);
             }
         }
-        evicted
+        Ok(evicted)
     }
 
     /// Re-encoding of replayed compressed samples (the paper's "update buffer representation";

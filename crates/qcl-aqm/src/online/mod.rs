@@ -20,6 +20,8 @@ mod classifier;
 mod drift;
 mod record;
 mod steps;
+#[cfg(test)]
+mod tests;
 pub use classifier::Classifier;
 use classifier::Net;
 use drift::decode_adaptive;

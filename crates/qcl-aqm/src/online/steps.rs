@@ -237,15 +237,7 @@ fn frozen_codes(stack: &QStack, out: &StackStep) -> Result<Vec<Vec<PackedIndices
             codes.push(Vec::new());
             continue;
         }
-        let [n, h, w] = layer.index_shape();
-        let k = layer.current_codes();
-        let v: Vec<u32> = o.indices.flatten_all()?.to_vec1()?;
-        let per = n * h * w;
-        codes.push(
-            v.chunks(per)
-                .map(|c| PackedIndices::pack(c, &[1, n, h, w], k))
-                .collect::<Result<Vec<_>>>()?,
-        );
+        codes.push(layer.pack_codes(&o.indices)?);
     }
     Ok(codes)
 }
@@ -256,7 +248,7 @@ type Decisions = (Vec<Vec<bool>>, Vec<Vec<PackedIndices>>);
 /// The last `replayed` rows' decisions under `eps_th` (final reconstruction MSE against the
 /// replayed, decoded image) and their codes, per module: the inputs of
 /// [`AdaptiveMemory::reencode`].
-fn replay_decisions(
+pub(super) fn replay_decisions(
     x_all: &Tensor,
     out: &StackStep,
     codes: &[Vec<PackedIndices>],

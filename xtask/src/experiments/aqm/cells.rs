@@ -210,34 +210,40 @@ impl Cell {
                 .filter_map(|s| mean_of(s.get(i)?, range.clone()))
                 .collect()
         };
-        // decoded − raw per seed where both were measured.
-        let paired = |range: std::ops::Range<usize>| -> Vec<f64> {
+        // (raw, decoded) per seed where both were measured (the seeds whose module had frozen
+        // by the end of task i), so that raw, decoded and their gap speak of the same seeds.
+        let paired = |range: std::ops::Range<usize>| -> Vec<(f64, f64)> {
             self.raw_test_accuracy
                 .iter()
                 .zip(&self.decoded_test_accuracy)
                 .filter_map(|(raw, dec)| {
-                    Some(
-                        mean_of(dec.get(i)?, range.clone())? - mean_of(raw.get(i)?, range.clone())?,
-                    )
+                    Some((
+                        mean_of(raw.get(i)?, range.clone())?,
+                        mean_of(dec.get(i)?, range.clone())?,
+                    ))
                 })
                 .collect()
         };
-        let decoded_old = pick(&self.decoded_test_accuracy, 0..i);
+        let raw = |p: &[(f64, f64)]| mean(p.iter().map(|x| x.0).collect());
+        let decoded = |p: &[(f64, f64)]| mean(p.iter().map(|x| x.1).collect());
+        let gap = |p: &[(f64, f64)]| mean(p.iter().map(|x| x.1 - x.0).collect());
+        let (old, current) = (paired(0..i), paired(i..i + 1));
         GapRow {
             after_task: i,
-            raw_old: mean(pick(&self.raw_test_accuracy, 0..i)),
-            decoded_old: mean(decoded_old.clone()),
-            gap_old: mean(paired(0..i)),
-            raw_current: mean(pick(&self.raw_test_accuracy, i..i + 1)),
-            decoded_current: mean(pick(&self.decoded_test_accuracy, i..i + 1)),
-            gap_current: mean(paired(i..i + 1)),
+            raw_old_all_seeds: mean(pick(&self.raw_test_accuracy, 0..i)),
+            raw_old: raw(&old),
+            decoded_old: decoded(&old),
+            gap_old: gap(&old),
+            raw_current: raw(&current),
+            decoded_current: decoded(&current),
+            gap_current: gap(&current),
             decoded_replay_share: mean(
                 self.decoded_replay_share
                     .iter()
                     .filter_map(|s| s.get(i).copied().flatten())
                     .collect(),
             ),
-            seeds_decoded: decoded_old.len(),
+            seeds_decoded: old.len().max(current.len()),
         }
     }
 
@@ -248,7 +254,7 @@ impl Cell {
             .zip(&self.decoded_test_accuracy)
             .map(|(raw, dec)| {
                 let last = raw.len().checked_sub(1)?;
-                Some(mean_of(&dec[last], 0..last)? - mean_of(&raw[last], 0..last)?)
+                Some(mean_of(dec.get(last)?, 0..last)? - mean_of(raw.get(last)?, 0..last)?)
             })
             .collect()
     }
@@ -262,22 +268,26 @@ impl Cell {
     }
 }
 
-/// Raw versus decoded test accuracy after one task, mean over seeds.
+/// Raw versus decoded test accuracy after one task, mean over seeds. Every raw, decoded and gap
+/// figure but `raw_old_all_seeds` is over the same seeds: those with decoded measurements
+/// (whose module had frozen by then), so that `gap = decoded − raw` holds within a row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GapRow {
     /// The task just finished.
     pub after_task: usize,
-    /// Accuracy on the raw test images of the earlier tasks.
+    /// Accuracy on the raw test images of the earlier tasks, over every seed.
+    pub raw_old_all_seeds: Option<f64>,
+    /// Accuracy on the raw test images of the earlier tasks (seeds with decoded ones).
     pub raw_old: Option<f64>,
-    /// The same on test images through the frozen module (seeds where it froze).
+    /// The same on test images through the frozen module.
     pub decoded_old: Option<f64>,
-    /// Decoded minus raw on the earlier tasks, over the seeds with both.
+    /// Decoded minus raw on the earlier tasks.
     pub gap_old: Option<f64>,
-    /// Accuracy on the raw test images of the task just finished.
+    /// Accuracy on the raw test images of the task just finished (seeds with decoded ones).
     pub raw_current: Option<f64>,
     /// The same through the frozen module.
     pub decoded_current: Option<f64>,
-    /// Decoded minus raw on the task just finished, over the seeds with both.
+    /// Decoded minus raw on the task just finished.
     pub gap_current: Option<f64>,
     /// Mean share of decoded images among the replay images of the task's classifier steps.
     pub decoded_replay_share: Option<f64>,
@@ -304,17 +314,124 @@ pub fn correlation(pairs: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
 }
 
-/// Per-seed differences `a − b` over the seeds both cells ran, as statistics (paired by seed:
-/// the same seed streams the same images in the same order).
+/// Per-seed differences `a − b` of the final accuracy over the seeds both cells ran, as
+/// statistics (paired by seed: the same seed streams the same images in the same order);
+/// `None` when they have no seed in common.
 pub fn paired_difference(a: &Cell, b: &Cell) -> Option<Stats> {
+    paired_by_seed(a, b, |c, k| c.final_accuracy.get(k).copied())
+}
+
+/// Per-seed differences `value(a, seed) − value(b, seed)` over the seeds both cells ran and
+/// both have a value for (`value` takes a cell and the seed's index in it), as statistics;
+/// `None` when there is no such seed.
+pub fn paired_by_seed(
+    a: &Cell,
+    b: &Cell,
+    value: impl Fn(&Cell, usize) -> Option<f64>,
+) -> Option<Stats> {
     let diffs: Vec<f64> = a
         .seeds
         .iter()
-        .zip(&a.final_accuracy)
-        .filter_map(|(s, &x)| {
+        .enumerate()
+        .filter_map(|(i, s)| {
             let k = b.seeds.iter().position(|t| t == s)?;
-            Some(x - b.final_accuracy[k])
+            Some(value(a, i)? - value(b, k)?)
         })
         .collect();
     Stats::of(&diffs)
+}
+
+/// The mean accuracy on the earlier tasks after the last one, `mean_{j<T−1} R[T−1][j]`, of an
+/// accuracy matrix (None without earlier tasks or with one missing).
+pub fn old_task_accuracy(matrix: &[Vec<Option<f64>>]) -> Option<f64> {
+    let last = matrix.len().checked_sub(1)?;
+    mean_of(matrix.get(last)?, 0..last)
+}
+
+/// The two-sided 5 % critical value of Pearson's correlation over `n` pairs (`n ≥ 3`): the `r`
+/// with `P(|R| ≥ r) = 0.05` for `n` independent normal pairs, from the t distribution with
+/// `n − 2` degrees of freedom (`P(|R| ≥ r) = I_{1−r²}((n−2)/2, 1/2)`, solved by bisection).
+/// 0.997 for 3 pairs, 0.878 for 5, 0.632 for 10.
+pub fn critical_correlation(n: usize) -> Option<f64> {
+    if n < 3 {
+        return None;
+    }
+    let half_df = (n - 2) as f64 / 2.0;
+    let p = |r: f64| regularized_beta(half_df, 0.5, 1.0 - r * r);
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if p(mid) > 0.05 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// `ln Γ(x)` for `x ≥ 0.5` (Lanczos, g = 7, nine terms; relative error near 1e-15).
+fn ln_gamma(x: f64) -> f64 {
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    let x = x - 1.0;
+    let t = x + 7.5;
+    let sum = C[1..]
+        .iter()
+        .enumerate()
+        .fold(C[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
+/// The regularized incomplete beta function `I_x(a, b)` (continued fraction, modified Lentz).
+fn regularized_beta(a: f64, b: f64, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let front =
+        (ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln()).exp();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        front * beta_fraction(a, b, x) / a
+    } else {
+        1.0 - front * beta_fraction(b, a, 1.0 - x) / b
+    }
+}
+
+/// The continued fraction of the incomplete beta function (Numerical Recipes' `betacf`).
+fn beta_fraction(a: f64, b: f64, x: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    let guard = |v: f64| if v.abs() < TINY { TINY } else { v };
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    let mut c = 1.0;
+    let mut d = 1.0 / guard(1.0 - qab * x / qap);
+    let mut h = d;
+    for m in 1..300 {
+        let m = f64::from(m);
+        let m2 = 2.0 * m;
+        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+        d = 1.0 / guard(1.0 + aa * d);
+        c = guard(1.0 + aa / c);
+        h *= d * c;
+        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+        d = 1.0 / guard(1.0 + aa * d);
+        c = guard(1.0 + aa / c);
+        let step = d * c;
+        h *= step;
+        if (step - 1.0).abs() < 1e-15 {
+            break;
+        }
+    }
+    h
 }

@@ -52,6 +52,7 @@ pub fn outcome(
         .collect();
     let plot_list = plots::draw(&ctx.out_dir, &cells, jobs, runs)?;
 
+    let threads = std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get);
     let mut markdown = setup_text(scenario, settings, jobs)?;
     markdown += &main_table(&cells);
     markdown += &expectation_table(&expectations);
@@ -61,10 +62,16 @@ pub fn outcome(
     let _ = write!(
         markdown,
         "## Throughput\n\nStream samples/s per run in the first table (whole loop: modules, \
-         classifier, memory; evaluation and drift excluded). {} All timings are from a 2-core \
-         machine that other jobs may share. Wall time of all stream runs: {stream_seconds:.0} \
-         s.{}\n",
+         classifier, memory; evaluation and drift excluded). {} All timings are from a machine \
+         with {} (`std::thread::available_parallelism` when the report was written), which \
+         other jobs may share; runs read back from an earlier start keep the timings of the \
+         start that ran them. Wall time of all stream runs: {stream_seconds:.0} s.{}\n",
         speed.paragraph(),
+        if threads == 0 {
+            "an unknown number of hardware threads".to_string()
+        } else {
+            format!("{threads} hardware thread(s) available to the process")
+        },
         resumed
             .as_deref()
             .map_or(String::new(), |n| format!("\n\n{n}"))
@@ -94,6 +101,7 @@ pub fn outcome(
             "timings": {
                 "stream_seconds": stream_seconds,
                 "throughput": speed,
+                "available_parallelism": threads,
             },
             "resumed": resumed,
         }),
@@ -131,7 +139,10 @@ fn summary(expectations: &[Expectation], cells: &[Cell]) -> String {
 
 /// The setup paragraph, from the settings and a fresh stack.
 fn setup_text(scenario: &Scenario, settings: &Settings, jobs: &[Job]) -> Result<String> {
-    let config = job_config(settings, &jobs[0], settings.seeds[0]);
+    let (Some(job), Some(&seed)) = (jobs.first(), settings.seeds.first()) else {
+        anyhow::bail!("aqm: no job or no seed to describe (the settings name none)");
+    };
+    let config = job_config(settings, job, seed);
     let layer = &config.stack.layers[0];
     // The model cost, measured on a fresh stack before and after freezing its module.
     let mut stack = QStack::new(config.stack.clone(), 0.into(), &Device::Cpu)?;
@@ -172,8 +183,8 @@ fn setup_text(scenario: &Scenario, settings: &Settings, jobs: &[Job]) -> Result<
          bytes⌋ raw images; raw-AQM is the same memory without a module. Arms \
          (docs/methods/aqm.md § Extensions, § Decoded classifier input): *decoded input* \
          (ours), *reservoir* insertion, *re-encoding* of replayed codes once the memory is {full:.0} \
-         % full (eps_th {eps}; with one module a replayed code can only be refreshed, not moved \
-         deeper), and both.\n\n",
+         % full (eps_th = d_th = {eps}; with one module a replayed code can only be refreshed, \
+         not moved deeper), and both.\n\n",
         tasks = scenario.num_tasks(),
         per_task = scenario.num_classes() / scenario.num_tasks().max(1),
         classes = scenario.num_classes(),
@@ -201,7 +212,9 @@ fn setup_text(scenario: &Scenario, settings: &Settings, jobs: &[Job]) -> Result<
         b50 = B50,
         b20 = B20,
         full = 100.0 * qcl_aqm::memory::REENCODE_FULLNESS,
-        eps = settings.eps_th,
+        eps = config
+            .reencode
+            .map_or(layer.recon_threshold, |r| r.eps_th),
     ))
 }
 
@@ -244,18 +257,20 @@ fn main_table(cells: &[Cell]) -> String {
 
 /// The expected outcomes, judged.
 fn expectation_table(expectations: &[Expectation]) -> String {
-    let mut t = String::from(
+    let margin = 100.0 * super::expectations::EQUIVALENCE_MARGIN;
+    let mut t = format!(
         "## Expected outcomes\n\nJudged from the runs above (docs/methods/aqm.md § Expected \
-         outcomes): `<` compares means over seeds; ≈ holds when the difference paired by seed \
-         is within two standard errors and at least within one point; \"clearly positive\" \
-         needs it above both.\n\n| expectation | classifier | numbers | held |\n|---|---|---|\
-         ---|\n",
+         outcomes): `<` compares means over seeds; ≈ holds when the difference `d` paired by \
+         seed satisfies |d| + 2·SE ≤ {margin:.0} points (an equivalence test: the interval of \
+         two standard errors around `d` lies within ±{margin:.0} points); \"clearly positive\" \
+         needs d > max(2·SE, 1 point); an expectation resting on fewer than two seeds is not \
+         judged.\n\n| expectation | classifier | numbers | held |\n|---|---|---|---|\n",
     );
     for e in expectations {
         let held = match e.held {
             Some(true) => "held",
             Some(false) => "**not held**",
-            None => "not run",
+            None => e.reason.as_deref().unwrap_or("not judged"),
         };
         let _ = writeln!(
             t,
