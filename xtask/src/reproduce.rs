@@ -349,29 +349,51 @@ pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
     (out, ctx, data)
 }
 
+/// What [`resumed_and_uninterrupted`] gives: both outcomes and their output directories.
+#[cfg(test)]
+pub struct ResumeCheck {
+    /// The run that read the first start's pieces back.
+    pub resumed: Outcome,
+    /// Where it wrote its files.
+    pub resumed_out: tempfile::TempDir,
+    /// The same settings run afresh.
+    pub uninterrupted: Outcome,
+    /// Where that run wrote its files.
+    pub uninterrupted_out: tempfile::TempDir,
+}
+
 /// For experiments' resume tests: `run` on `one_seed` with pieces kept (a start that stopped
-/// after its first seed), then on `all` twice, resuming from those pieces and afresh; returns
-/// (resumed, uninterrupted). Both write to `ctx`'s output directory.
+/// after its first seed), then on `all` twice, resuming from those pieces and afresh, each
+/// into its own output directory.
 #[cfg(test)]
 pub fn resumed_and_uninterrupted<S>(
     ctx: &Context,
     run: impl Fn(&Context, &S) -> Outcome,
     one_seed: &S,
     all: &S,
-) -> (Outcome, Outcome) {
+) -> ResumeCheck {
     let pieces = tempfile::tempdir().unwrap();
+    let (resumed_out, uninterrupted_out) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let keeping = Context {
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
         resume_dir: Some(pieces.path().to_path_buf()),
+        out_dir: resumed_out.path().to_path_buf(),
         ..ctx.clone()
     };
     run(&keeping, one_seed);
     let resumed = run(&keeping, all);
     let fresh = Context {
         resume_dir: None,
+        out_dir: uninterrupted_out.path().to_path_buf(),
         ..ctx.clone()
     };
-    (resumed, run(&fresh, all))
+    ResumeCheck {
+        resumed,
+        resumed_out,
+        uninterrupted: run(&fresh, all),
+        uninterrupted_out,
+    }
 }
 
 /// `figures` as text without the keys that differ between two runs of the same build (measured

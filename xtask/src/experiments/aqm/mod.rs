@@ -16,10 +16,9 @@ use indicatif::ProgressBar;
 use qcl_aqm::online::{run as run_online, Classifier, ClassifierInput, Method, OnlineConfig};
 use qcl_aqm::{QLayerConfig, ReencodeConfig, RunResult};
 use qcl_continual::{Scenario, SplitConfig};
-use qcl_data::{KnownDataset, SplitDataset};
 use serde::{Deserialize, Serialize};
 
-use crate::data::dataset_path;
+use crate::experiments::OnData;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 use crate::resume::Resume;
 
@@ -353,9 +352,15 @@ pub struct SeedRun {
 }
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
-    let data = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
-        .context("loading Fashion-MNIST (run `cargo xtask data`)")?;
-    let outcome = run_with(ctx, &data, &Settings::for_context(ctx), bar);
+    let data = OnData::fashion_mnist(ctx)?;
+    let outcome = run_with(
+        OnData {
+            ctx,
+            data: &data,
+            bar,
+        },
+        &Settings::for_context(ctx),
+    );
     if let Err(e) = &outcome {
         // The harness reports failures on the progress bar, which is hidden without a terminal.
         eprintln!("aqm: {e:#}");
@@ -364,12 +369,8 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
 }
 
 /// The experiment on `data` with `settings`.
-pub fn run_with(
-    ctx: &Context,
-    data: &SplitDataset,
-    settings: &Settings,
-    bar: &ProgressBar,
-) -> Result<Outcome> {
+pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
+    let OnData { ctx, data, bar } = on;
     anyhow::ensure!(!settings.seeds.is_empty(), "aqm: the settings name no seed");
     let scenario = Scenario::class_incremental(data, &SplitConfig::default())?;
     let jobs = jobs(settings);

@@ -36,7 +36,15 @@ fn fixture_settings() -> Settings {
 fn runs_on_the_fixture_and_writes_its_results() {
     let (out, ctx, data) = crate::reproduce::fixture_run();
     let settings = fixture_settings();
-    let outcome = run_with(&ctx, &data, &settings, &ProgressBar::hidden()).unwrap();
+    let outcome = run_with(
+        OnData {
+            ctx: &ctx,
+            data: &data,
+            bar: &ProgressBar::hidden(),
+        },
+        &settings,
+    )
+    .unwrap();
     let cells = outcome.figures["cells"].as_array().unwrap();
     // Small CNN: 6 baselines, 3 AQM, 1 decoded, 3 extension arms; ResNet: 6 baselines, 1 AQM.
     assert_eq!(cells.len(), 6 + 3 + 1 + 3 + 6 + 1);
@@ -142,19 +150,7 @@ fn runs_on_the_fixture_and_writes_its_results() {
 
 /// The figures without what a resumed run measures anew (timings) or notes.
 fn comparable(v: &serde_json::Value) -> String {
-    fn strip(v: &mut serde_json::Value) {
-        if let Some(map) = v.as_object_mut() {
-            for key in ["timings", "samples_per_second", "resumed"] {
-                map.remove(key);
-            }
-            map.values_mut().for_each(strip);
-        } else if let Some(list) = v.as_array_mut() {
-            list.iter_mut().for_each(strip);
-        }
-    }
-    let mut v = v.clone();
-    strip(&mut v);
-    v.to_string()
+    crate::reproduce::figures_without(v, &["timings", "samples_per_second", "resumed"])
 }
 
 /// A run that finds the pieces of an earlier start (here: seed 0's, from a one-seed run)
@@ -162,39 +158,36 @@ fn comparable(v: &serde_json::Value) -> String {
 #[test]
 fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
     let (_out, ctx, data) = crate::reproduce::fixture_run();
-    let pieces = tempfile::tempdir().unwrap();
-    let (resumed_out, plain_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let clean = Context {
-        commit: "0123456789abcdef0123456789abcdef01234567".into(),
-        resume_dir: Some(pieces.path().to_path_buf()),
-        out_dir: resumed_out.path().to_path_buf(),
-        ..ctx.clone()
-    };
-    let plain = Context {
-        out_dir: plain_out.path().to_path_buf(),
-        ..ctx
-    };
     let settings = Settings {
         seeds: vec![0, 1],
         aqm_budgets: vec![(B50, 1)],
         extension_budgets: vec![],
         ..fixture_settings()
     };
-    let bar = ProgressBar::hidden();
     let one_seed = Settings {
         seeds: vec![0],
         ..settings.clone()
     };
-    run_with(&clean, &data, &one_seed, &bar).unwrap();
-    let resumed = run_with(&clean, &data, &settings, &bar).unwrap();
-    let uninterrupted = run_with(&plain, &data, &settings, &bar).unwrap();
+    let run = |ctx: &Context, s: &Settings| {
+        run_with(
+            OnData {
+                ctx,
+                data: &data,
+                bar: &ProgressBar::hidden(),
+            },
+            s,
+        )
+        .unwrap()
+    };
+    let check = crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
+    let (resumed, uninterrupted) = (&check.resumed, &check.uninterrupted);
     assert_eq!(
         comparable(&resumed.figures),
         comparable(&uninterrupted.figures)
     );
     for (png, _) in &uninterrupted.plots {
-        let a = std::fs::read(resumed_out.path().join(png)).unwrap();
-        let b = std::fs::read(plain_out.path().join(png)).unwrap();
+        let a = std::fs::read(check.resumed_out.path().join(png)).unwrap();
+        let b = std::fs::read(check.uninterrupted_out.path().join(png)).unwrap();
         assert!(a == b, "{png} differs");
     }
     // Seed 0 ran every job (the ResNet jobs run on it only); seed 1 the small CNN's.
@@ -544,7 +537,14 @@ fn settings_without_a_seed_are_an_error() {
         seeds: vec![],
         ..fixture_settings()
     };
-    let Err(err) = run_with(&ctx, &data, &settings, &ProgressBar::hidden()) else {
+    let Err(err) = run_with(
+        OnData {
+            ctx: &ctx,
+            data: &data,
+            bar: &ProgressBar::hidden(),
+        },
+        &settings,
+    ) else {
         panic!("settings without a seed ran");
     };
     assert!(err.to_string().contains("no seed"), "{err}");

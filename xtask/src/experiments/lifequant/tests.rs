@@ -189,8 +189,8 @@ fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
         )
         .unwrap()
     };
-    let (resumed, uninterrupted) =
-        crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
+    let check = crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
+    let (resumed, uninterrupted) = (check.resumed, check.uninterrupted);
     let figures = |o: &crate::reproduce::Outcome| {
         crate::reproduce::figures_without(&o.figures, &["seconds", "resumed"])
     };
