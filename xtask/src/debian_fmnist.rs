@@ -217,14 +217,9 @@ pub(crate) fn fetch_and_install(
     dpkg_deb: &str,
     source: &DebianFashionMnist,
 ) -> Result<Outcome> {
-    let staging = match fetch_and_unpack_deb(
-        data_dir,
-        apt_get,
-        dpkg_deb,
-        &source.package,
-        &source.deb,
-        "dataset-fashion-mnist",
-    )? {
+    let package = (source.package.as_str(), &source.deb);
+    let tools = (apt_get, dpkg_deb);
+    let staging = match fetch_and_unpack_deb(data_dir, tools, package, "dataset-fashion-mnist")? {
         Ok(staging) => staging,
         Err(reason) => return Ok(Outcome::Skipped(reason)),
     };

@@ -579,10 +579,8 @@ pub fn prepare_minilm(data_dir: &Path, pips: &[&str]) -> Result<Outcome> {
 /// or the download failed.
 pub(crate) fn fetch_and_unpack_deb(
     data_dir: &Path,
-    apt_get: &str,
-    dpkg_deb: &str,
-    package: &str,
-    deb: &Pin,
+    (apt_get, dpkg_deb): (&str, &str),
+    (package, deb): (&str, &Pin),
     stem: &str,
 ) -> Result<std::result::Result<Staging, String>> {
     let cache = data_dir.join(".cache");
@@ -606,17 +604,12 @@ pub(crate) fn fetch_and_unpack_deb(
 /// Fetches, verifies and installs the WordNet glosses with `apt-get` and `dpkg-deb`.
 pub fn prepare_wordnet(data_dir: &Path, apt_get: &str, dpkg_deb: &str) -> Result<Outcome> {
     let source = WordNetSource::pinned();
-    let staging = match fetch_and_unpack_deb(
-        data_dir,
-        apt_get,
-        dpkg_deb,
-        &source.package,
-        &source.deb,
-        "wordnet-base",
-    )? {
-        Ok(staging) => staging,
-        Err(reason) => return Ok(Outcome::Skipped(reason)),
-    };
+    let package = (source.package.as_str(), &source.deb);
+    let staging =
+        match fetch_and_unpack_deb(data_dir, (apt_get, dpkg_deb), package, "wordnet-base")? {
+            Ok(staging) => staging,
+            Err(reason) => return Ok(Outcome::Skipped(reason)),
+        };
     let entry = install_wordnet(data_dir, &staging.dir.join("usr/share/wordnet"), &source)?;
     Ok(Outcome::Prepared(entry))
 }

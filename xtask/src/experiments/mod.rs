@@ -33,7 +33,12 @@ pub struct OnData<'a> {
     pub bar: &'a ProgressBar,
 }
 
-impl OnData<'_> {
+impl<'a> OnData<'a> {
+    /// `data` in `ctx`, with progress on `bar`.
+    pub fn new(ctx: &'a Context, data: &'a SplitDataset, bar: &'a ProgressBar) -> Self {
+        OnData { ctx, data, bar }
+    }
+
     /// Fashion-MNIST from `ctx`'s data directory, for `run` to lend to an experiment.
     pub fn fashion_mnist(ctx: &Context) -> Result<SplitDataset> {
         SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))

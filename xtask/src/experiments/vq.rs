@@ -301,14 +301,7 @@ pub fn train_arm(
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = OnData::fashion_mnist(ctx)?;
-    run_with(
-        OnData {
-            ctx,
-            data: &data,
-            bar,
-        },
-        &Settings::for_mode(ctx.mode),
-    )
+    run_with(OnData::new(ctx, &data, bar), &Settings::for_mode(ctx.mode))
 }
 
 /// The experiment on `data` with `settings`: both arms, the plots, the report.
@@ -537,15 +530,8 @@ mod tests {
             eval_images: 40,
             ..Settings::for_mode(Mode::Quick)
         };
-        let outcome = run_with(
-            OnData {
-                ctx: &ctx,
-                data: &data,
-                bar: &ProgressBar::hidden(),
-            },
-            &settings,
-        )
-        .unwrap();
+        let outcome =
+            run_with(OnData::new(&ctx, &data, &ProgressBar::hidden()), &settings).unwrap();
         let arms = outcome.figures["arms"].as_array().unwrap();
         assert_eq!(arms.len(), 2);
         for arm in arms {

@@ -353,14 +353,7 @@ pub struct SeedRun {
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = OnData::fashion_mnist(ctx)?;
-    let outcome = run_with(
-        OnData {
-            ctx,
-            data: &data,
-            bar,
-        },
-        &Settings::for_context(ctx),
-    );
+    let outcome = run_with(OnData::new(ctx, &data, bar), &Settings::for_context(ctx));
     if let Err(e) = &outcome {
         // The harness reports failures on the progress bar, which is hidden without a terminal.
         eprintln!("aqm: {e:#}");

@@ -9,6 +9,16 @@ use super::cells::{
 use super::expectations::judge;
 use super::*;
 
+/// Every expectation the experiment judges, by id.
+const EXPECTATION_IDS: [&str; 6] = [
+    "ordering-B50",
+    "ordering-B20",
+    "er-beats-aqm-B20-4B",
+    "stored-5x-B50",
+    "drift-below-dth",
+    "task0-forgetting",
+];
+
 /// The experiment scaled down to seconds: one seed, 40 images per task, tiny ResNet; a lax
 /// threshold and fast statistics so that the module freezes in the first task, and the
 /// extension arms at B20 with 4-byte parameters, where the memory fills up.
@@ -36,15 +46,7 @@ fn fixture_settings() -> Settings {
 fn runs_on_the_fixture_and_writes_its_results() {
     let (out, ctx, data) = crate::reproduce::fixture_run();
     let settings = fixture_settings();
-    let outcome = run_with(
-        OnData {
-            ctx: &ctx,
-            data: &data,
-            bar: &ProgressBar::hidden(),
-        },
-        &settings,
-    )
-    .unwrap();
+    let outcome = run_with(OnData::new(&ctx, &data, &ProgressBar::hidden()), &settings).unwrap();
     let cells = outcome.figures["cells"].as_array().unwrap();
     // Small CNN: 6 baselines, 3 AQM, 1 decoded, 3 extension arms; ResNet: 6 baselines, 1 AQM.
     assert_eq!(cells.len(), 6 + 3 + 1 + 3 + 6 + 1);
@@ -80,14 +82,7 @@ fn runs_on_the_fixture_and_writes_its_results() {
         .iter()
         .map(|e| e["id"].as_str().unwrap())
         .collect();
-    for id in [
-        "ordering-B50",
-        "ordering-B20",
-        "er-beats-aqm-B20-4B",
-        "stored-5x-B50",
-        "drift-below-dth",
-        "task0-forgetting",
-    ] {
+    for id in EXPECTATION_IDS {
         assert!(ids.contains(&id), "{id}");
     }
     // The ResNet runs have no 4-byte AQM cell: that expectation is "not run" for them.
@@ -169,15 +164,7 @@ fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
         ..settings.clone()
     };
     let run = |ctx: &Context, s: &Settings| {
-        run_with(
-            OnData {
-                ctx,
-                data: &data,
-                bar: &ProgressBar::hidden(),
-            },
-            s,
-        )
-        .unwrap()
+        run_with(OnData::new(ctx, &data, &ProgressBar::hidden()), s).unwrap()
     };
     let check = crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
     let (resumed, uninterrupted) = (&check.resumed, &check.uninterrupted);
@@ -349,14 +336,7 @@ fn expectations_are_judged_by_their_rules() {
     };
     // AQM 8 points ahead of ER-raw on every seed; raw-AQM level with ER-raw.
     let good = base([0.80, 0.80, 0.82], [0.71, 0.72, 0.73]);
-    for id in [
-        "ordering-B50",
-        "ordering-B20",
-        "er-beats-aqm-B20-4B",
-        "stored-5x-B50",
-        "drift-below-dth",
-        "task0-forgetting",
-    ] {
+    for id in EXPECTATION_IDS {
         assert_eq!(held(&good, id), Some(true), "{id}");
     }
     // AQM behind ER-raw: the ordering fails; so does it when raw-AQM is far from ER-raw.
@@ -537,14 +517,7 @@ fn settings_without_a_seed_are_an_error() {
         seeds: vec![],
         ..fixture_settings()
     };
-    let Err(err) = run_with(
-        OnData {
-            ctx: &ctx,
-            data: &data,
-            bar: &ProgressBar::hidden(),
-        },
-        &settings,
-    ) else {
+    let Err(err) = run_with(OnData::new(&ctx, &data, &ProgressBar::hidden()), &settings) else {
         panic!("settings without a seed ran");
     };
     assert!(err.to_string().contains("no seed"), "{err}");

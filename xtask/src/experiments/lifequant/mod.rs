@@ -225,14 +225,7 @@ pub struct Runs {
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = OnData::fashion_mnist(ctx)?;
-    run_with(
-        OnData {
-            ctx,
-            data: &data,
-            bar,
-        },
-        &Settings::for_context(ctx),
-    )
+    run_with(OnData::new(ctx, &data, bar), &Settings::for_context(ctx))
 }
 
 /// The experiment on `data` with `settings`: per seed, task-0 pretraining, the arms without λ

@@ -79,15 +79,7 @@ fn runs_on_the_fixture_and_writes_its_results() {
         reference_lambda: 30.0,
         ..Settings::fixture()
     };
-    let outcome = run_with(
-        OnData {
-            ctx: &ctx,
-            data: &data,
-            bar: &ProgressBar::hidden(),
-        },
-        &settings,
-    )
-    .unwrap();
+    let outcome = run_with(OnData::new(&ctx, &data, &ProgressBar::hidden()), &settings).unwrap();
     let runs = outcome.figures["runs"].as_array().unwrap();
     // Per seed: five arms without λ, M1 and M4 at two λ each, three arms at the chosen λ.
     assert_eq!(runs.len(), 2 * (5 + 2 * 2 + 3));
@@ -179,15 +171,7 @@ fn a_resumed_run_reuses_the_finished_pieces_and_gives_the_same_figures() {
         ..settings.clone()
     };
     let run = |ctx: &crate::reproduce::Context, s: &Settings| {
-        run_with(
-            OnData {
-                ctx,
-                data: &data,
-                bar: &ProgressBar::hidden(),
-            },
-            s,
-        )
-        .unwrap()
+        run_with(OnData::new(ctx, &data, &ProgressBar::hidden()), s).unwrap()
     };
     let check = crate::reproduce::resumed_and_uninterrupted(&ctx, run, &one_seed, &settings);
     let (resumed, uninterrupted) = (check.resumed, check.uninterrupted);

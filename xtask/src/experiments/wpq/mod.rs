@@ -388,14 +388,7 @@ fn load_or_train(
 
 fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
     let data = OnData::fashion_mnist(ctx)?;
-    run_with(
-        OnData {
-            ctx,
-            data: &data,
-            bar,
-        },
-        &Settings::for_mode(ctx.mode),
-    )
+    run_with(OnData::new(ctx, &data, bar), &Settings::for_mode(ctx.mode))
 }
 
 /// Logits of `model` on the first 256 test images, as bits.
@@ -870,15 +863,8 @@ mod tests {
             test_images: 100,
             seeds: vec![0, 1],
         };
-        let outcome = run_with(
-            OnData {
-                ctx: &ctx,
-                data: &data,
-                bar: &ProgressBar::hidden(),
-            },
-            &settings,
-        )
-        .unwrap();
+        let outcome =
+            run_with(OnData::new(&ctx, &data, &ProgressBar::hidden()), &settings).unwrap();
         assert!(outcome.markdown.contains("| 4 |"));
         assert!(outcome.markdown.contains(" ± "));
         assert!(outcome
