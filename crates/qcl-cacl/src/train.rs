@@ -209,16 +209,19 @@ pub enum Arm {
     CaclNoHoyer,
     /// CACL without growth (capacity fixed at r0).
     CaclFixed,
+    /// CACL with the stronger sparsity weight λ_sp = 0.4 of the reference scripts.
+    CaclSparse,
 }
 
 impl Arm {
     /// Every arm, in report order.
-    pub const ALL: [Arm; 5] = [
+    pub const ALL: [Arm; 6] = [
         Arm::Cacl,
         Arm::Individual,
         Arm::FineTune,
         Arm::CaclNoHoyer,
         Arm::CaclFixed,
+        Arm::CaclSparse,
     ];
 
     /// Short name for tables.
@@ -229,10 +232,23 @@ impl Arm {
             Arm::FineTune => "FT",
             Arm::CaclNoHoyer => "CACL-noHoyer",
             Arm::CaclFixed => "CACL-fixed",
+            Arm::CaclSparse => "CACL-λ0.4",
         }
     }
 
     /// CACL hyperparameters of the arm from a base (`None` for the dense arms).
+    ///
+    /// ```
+    /// use qcl_cacl::{Arm, CaclConfig};
+    /// let base = CaclConfig::default();
+    /// assert_eq!(Arm::Cacl.cacl_params(base).unwrap().lambda_sparsity, base.lambda_sparsity);
+    /// assert_eq!(Arm::CaclNoHoyer.cacl_params(base).unwrap().lambda_sparsity, 0.0);
+    /// assert_eq!(Arm::CaclSparse.cacl_params(base).unwrap().lambda_sparsity, 0.4);
+    /// assert!(Arm::Individual.cacl_params(base).is_none());
+    /// let names: Vec<&str> = Arm::ALL.iter().map(|a| a.name()).collect();
+    /// assert_eq!(names.len(), 6);
+    /// assert!(names.contains(&"CACL-λ0.4"));
+    /// ```
     pub fn cacl_params(self, base: CaclConfig) -> Option<CaclConfig> {
         match self {
             Arm::Cacl => Some(base),
@@ -242,6 +258,10 @@ impl Arm {
             }),
             Arm::CaclFixed => Some(CaclConfig {
                 growth: Growth::Fixed,
+                ..base
+            }),
+            Arm::CaclSparse => Some(CaclConfig {
+                lambda_sparsity: 0.4,
                 ..base
             }),
             Arm::Individual | Arm::FineTune => None,

@@ -193,6 +193,7 @@ impl Module for Conv2d {
 
 /// Hyperparameters of a [`ConvTranspose2d`]. Defaults: stride 1, padding 0, output padding 0,
 /// dilation 1, with bias.
+// Repeats `Conv2dConfig`'s fields and default: two public configs, each its op's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvTranspose2dConfig {
     /// Upsampling factor.
