@@ -47,6 +47,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// Whether the commit names the code exactly: a full hash, without `-dirty`, not `unknown`
+    /// (what may be reused by a later start of the same build).
+    pub fn at_clean_commit(&self) -> bool {
+        self.commit.len() == 40 && self.commit.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
     /// A context for `command`, with the commit this program was built from.
     pub fn new(data_dir: PathBuf, out_dir: PathBuf, mode: Mode, command: String) -> Self {
         Context {
@@ -231,8 +237,7 @@ fn seeds_for(ctx: &Context, experiment: &Experiment) -> Option<u64> {
 /// The results of `experiment` in `ctx`'s output directory when this build wrote them for the
 /// same mode and seeds at a clean commit and resuming is on ([`Context::resume_dir`]).
 fn made_by_this_build(ctx: &Context, experiment: &Experiment) -> Option<ResultFile> {
-    let clean = ctx.commit.len() == 40 && ctx.commit.bytes().all(|b| b.is_ascii_hexdigit());
-    if ctx.resume_dir.is_none() || !clean {
+    if ctx.resume_dir.is_none() || !ctx.at_clean_commit() {
         return None;
     }
     let md = ctx.out_dir.join(format!("{}.md", experiment.name));

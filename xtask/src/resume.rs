@@ -40,13 +40,16 @@ impl Resume {
     /// without that directory or when the commit is unknown or has uncommitted changes (the
     /// pieces could not name their code).
     pub fn new(ctx: &Context, experiment: &str) -> Self {
-        let clean = ctx.commit.len() == 40 && ctx.commit.bytes().all(|b| b.is_ascii_hexdigit());
         Resume {
-            dir: ctx.resume_dir.as_ref().filter(|_| clean).map(|root| {
-                root.join(experiment)
-                    .join(ctx.mode.name())
-                    .join(&ctx.commit)
-            }),
+            dir: ctx
+                .resume_dir
+                .as_ref()
+                .filter(|_| ctx.at_clean_commit())
+                .map(|root| {
+                    root.join(experiment)
+                        .join(ctx.mode.name())
+                        .join(&ctx.commit)
+                }),
             counts: Arc::default(),
         }
     }
