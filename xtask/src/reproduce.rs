@@ -340,19 +340,19 @@ pub fn write_report(out_dir: &Path) -> Result<()> {
 pub fn fixture_run() -> (tempfile::TempDir, Context, qcl_data::SplitDataset) {
     let out = tempfile::tempdir().unwrap();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let data = qcl_data::SplitDataset::load(crate::data::dataset_path(
-        &fixtures,
-        qcl_data::KnownDataset::FashionMnist,
-    ))
-    .unwrap();
     let ctx = Context::new(
         fixtures,
         out.path().to_path_buf(),
         Mode::Quick,
         "cargo xtask reproduce".into(),
     );
+    let data = crate::experiments::OnData::fashion_mnist(&ctx).unwrap();
     (out, ctx, data)
 }
+
+/// A clean commit for tests that keep pieces (no build has it).
+#[cfg(test)]
+pub const TEST_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// What [`resumed_and_uninterrupted`] gives: both outcomes and their output directories.
 #[cfg(test)]
@@ -381,7 +381,7 @@ pub fn resumed_and_uninterrupted<S>(
     let (resumed_out, uninterrupted_out) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let keeping = Context {
-        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        commit: TEST_COMMIT.into(),
         resume_dir: Some(pieces.path().to_path_buf()),
         out_dir: resumed_out.path().to_path_buf(),
         ..ctx.clone()
@@ -475,7 +475,7 @@ mod tests {
     fn results_this_build_wrote_are_kept_unless_mode_seeds_or_commit_differ() {
         let out = tempfile::tempdir().unwrap();
         let ctx = Context {
-            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            commit: TEST_COMMIT.into(),
             resume_dir: Some(out.path().join("resume")),
             ..Context::new(
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),

@@ -161,7 +161,7 @@ mod tests {
         ctx
     }
 
-    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    use crate::reproduce::TEST_COMMIT as COMMIT;
 
     #[test]
     fn a_stored_piece_is_read_back_with_its_tensors_and_not_computed_again() -> Result<()> {

@@ -497,11 +497,6 @@ impl SplitDataset {
     /// # Ok::<(), qcl_tensor::Error>(())
     /// ```
     pub fn all_pixels_f32(&self) -> (Vec<f32>, usize) {
-        let ImageShape {
-            channels,
-            height,
-            width,
-        } = self.train.shape;
         let pixels = self
             .train
             .pixels()
@@ -509,7 +504,7 @@ impl SplitDataset {
             .chain(self.test.pixels())
             .map(|&p| f32::from(p))
             .collect();
-        (pixels, channels * height * width)
+        (pixels, self.train.shape.len())
     }
 
     /// Pairs a train and a test part.

@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::dataset_path;
+use crate::experiments::OnData;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 use crate::resume::Resume;
@@ -57,6 +58,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// These settings without their seed list: what shapes one seed's runs, and so the scope
+    /// of the runs a stopped start resumes from.
+    pub fn without_seeds(&self) -> Self {
+        Settings {
+            seeds: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// The settings of `mode`.
     pub fn for_mode(mode: Mode) -> Self {
         match mode {
@@ -212,10 +222,7 @@ fn run(ctx: &Context, bar: &ProgressBar) -> Result<Outcome> {
 /// The experiment with `settings`: every arm of both sequences on every seed, then the report.
 fn run_with(ctx: &Context, settings: &Settings, bar: &ProgressBar) -> Result<Outcome> {
     let mut benchmarks = benchmarks(ctx, settings)?;
-    let resume = Resume::new(ctx, EXPERIMENT.name).scope(&Settings {
-        seeds: Vec::new(),
-        ..settings.clone()
-    })?;
+    let resume = Resume::new(ctx, EXPERIMENT.name).scope(&settings.without_seeds())?;
     let training_seconds = run_arms(&mut benchmarks, settings, &resume, bar)?;
     let mut markdown = settings_paragraph(settings, training_seconds);
     if let Some(note) = resume.note() {
@@ -250,8 +257,7 @@ fn run_with(ctx: &Context, settings: &Settings, bar: &ProgressBar) -> Result<Out
 
 /// The two task sequences, their tasks drawn for every seed, no runs yet.
 fn benchmarks(ctx: &Context, settings: &Settings) -> Result<Vec<Benchmark>> {
-    let fmnist = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))
-        .context("loading Fashion-MNIST")?;
+    let fmnist = OnData::fashion_mnist(ctx)?;
     let mnist = SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::Mnist))
         .context("loading MNIST")?;
     let mut benchmarks = vec![
@@ -730,7 +736,7 @@ mod tests {
         let (_out, ctx, _) = crate::reproduce::fixture_run();
         let pieces = tempfile::tempdir().unwrap();
         let ctx = Context {
-            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            commit: crate::reproduce::TEST_COMMIT.into(),
             resume_dir: Some(pieces.path().to_path_buf()),
             ..ctx
         };

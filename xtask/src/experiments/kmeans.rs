@@ -14,12 +14,12 @@ use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use qcl_data::{KnownDataset, SplitDataset};
+
 use qcl_pq::{KMeans, KMeansAlgorithm, KMeansConfig};
 use qcl_tensor::Seed;
 use serde_json::json;
 
-use crate::data::dataset_path;
+use crate::experiments::OnData;
 use crate::plot;
 use crate::reproduce::{Context, Experiment, Mode, Outcome};
 
@@ -66,8 +66,7 @@ pub(crate) fn workload(ctx: &Context, name: &str) -> Result<(PathBuf, Vec<f32>, 
     let (data, d): (Vec<f32>, usize) = match name {
         "weight-blocks" => qcl_pq::workloads::weight_blocks(),
         "gaussian-mixture" => qcl_pq::workloads::gaussian_mixture(),
-        _ => SplitDataset::load(dataset_path(&ctx.data_dir, KnownDataset::FashionMnist))?
-            .all_pixels_f32(),
+        _ => OnData::fashion_mnist(ctx)?.all_pixels_f32(),
     };
     if !path.is_file() {
         let n = data.len() / d;

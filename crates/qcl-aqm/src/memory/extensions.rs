@@ -132,10 +132,15 @@ impl AdaptiveMemory {
         match self.insertion {
             InsertionRule::Every => 1.0,
             InsertionRule::Reservoir => {
-                let keep = self.raw_capacity().max(self.len() as u64);
+                let keep = self.reservoir_keep();
                 (keep as f64 / (self.seen + 1) as f64).min(1.0)
             }
         }
+    }
+
+    /// Alg. 4's `max(N, stored)`: how many of the samples seen so far the reservoir keeps.
+    fn reservoir_keep(&self) -> u64 {
+        self.raw_capacity().max(self.len() as u64)
     }
 
     /// Decides for `n` incoming samples whether each is admitted, counting them as seen: all
@@ -159,7 +164,7 @@ impl AdaptiveMemory {
                 ),
             ));
         }
-        let keep = self.raw_capacity().max(self.len() as u64);
+        let keep = self.reservoir_keep();
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             self.seen += 1;
@@ -187,18 +192,22 @@ impl AdaptiveMemory {
     pub(super) fn evict_uniformly(&mut self, new_from: ItemId) -> Result<Vec<Entry<StoredSample>>> {
         let mut evicted = Vec::new();
         let capacity = self.capacity_bits();
-        while self.used_bits() > capacity && !self.is_empty() {
-            let mut ids: Vec<(ItemId, usize)> = self
-                .blocks
-                .iter()
-                .enumerate()
-                .flat_map(|(b, block)| block.iter().map(move |e| (e.id, b)))
-                .collect();
-            ids.sort_unstable();
-            // New ids are the largest: the older samples come first.
-            let older = ids.partition_point(|&(id, _)| id < new_from);
-            let pool = if older > 0 { &ids[..older] } else { &ids[..] };
-            let (id, b) = pool[self.rng.below(pool.len())?];
+        // Sorted once; a removed sample leaves the list, which stays sorted.
+        let mut ids: Vec<(ItemId, usize)> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(b, block)| block.iter().map(move |e| (e.id, b)))
+            .collect();
+        ids.sort_unstable();
+        // New ids are the largest: the older samples come first.
+        let mut older = ids.partition_point(|&(id, _)| id < new_from);
+        while self.used_bits() > capacity && !ids.is_empty() {
+            let i = self.rng.below(if older > 0 { older } else { ids.len() })?;
+            let (id, b) = ids.remove(i);
+            if i < older {
+                older -= 1;
+            }
             if let Some(e) = self.blocks[b].remove(id) {
                 evicted.push(e);
             }

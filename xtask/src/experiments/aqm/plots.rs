@@ -322,12 +322,8 @@ fn grid(path: &Path, examples: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
 }
 
 fn gap(path: &Path, cells: &[&Cell]) -> Result<()> {
-    let tasks = cells
-        .iter()
-        .map(|c| c.gap_rows().len())
-        .max()
-        .unwrap_or(1)
-        .max(2);
+    let rows_of: Vec<_> = cells.iter().map(|c| c.gap_rows()).collect();
+    let tasks = rows_of.iter().map(Vec::len).max().unwrap_or(1).max(2);
     plot::png(path, (820, 460), |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(
@@ -345,9 +341,8 @@ fn gap(path: &Path, cells: &[&Cell]) -> Result<()> {
             .x_labels(tasks)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()?;
-        for (i, c) in cells.iter().enumerate() {
+        for (i, (c, rows)) in cells.iter().zip(&rows_of).enumerate() {
             let col = COLOURS[(i + 1) % COLOURS.len()];
-            let rows = c.gap_rows();
             let label = short(&c.job);
             chart
                 .draw_series(LineSeries::new(

@@ -254,14 +254,14 @@ pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
         for arm in Arm::SWEPT {
             plan.extend(settings.lambdas.iter().map(|&l| (arm, l)));
         }
+        let start = ArmStart {
+            settings,
+            setup: &setup,
+            checkpoints: &checkpoint,
+        };
         for (arm, lambda) in plan {
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            let inputs = ArmStart {
-                settings,
-                setup: &setup,
-                checkpoints: &checkpoint,
-            };
-            runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
+            runs.push(arms::attempt_or_resume(&resume, start, arm, lambda, seed)?);
             bar.inc(1);
         }
         checkpoints.push(checkpoint);
@@ -273,15 +273,15 @@ pub fn run_with(on: OnData<'_>, settings: &Settings) -> Result<Outcome> {
     }
     let m4_lambda = chosen[Arm::M4.id()].lambda;
     for (&seed, checkpoint) in settings.seeds.iter().zip(&checkpoints) {
+        let start = ArmStart {
+            settings,
+            setup: &setup,
+            checkpoints: checkpoint,
+        };
         for arm in Arm::AT_CHOSEN {
             let lambda = if arm.takes_lambda() { m4_lambda } else { 0.0 };
             bar.set_message(format!("lifequant seed {seed}: {} λ = {lambda}", arm.id()));
-            let inputs = ArmStart {
-                settings,
-                setup: &setup,
-                checkpoints: checkpoint,
-            };
-            runs.push(arms::attempt_or_resume(&resume, inputs, arm, lambda, seed)?);
+            runs.push(arms::attempt_or_resume(&resume, start, arm, lambda, seed)?);
             bar.inc(1);
         }
     }

@@ -193,6 +193,11 @@ pub fn run_with(
                 .with_context(|| format!("{}: task-0 pretraining, seed {seed}", variant.name))?;
             done.pretraining.push(pre);
             bar.inc(1);
+            let start = arms::ArmStart {
+                settings: &settings,
+                setup: &setup,
+                checkpoints: &checkpoints,
+            };
             for arm in ARMS {
                 let l = if arm.takes_lambda() { lambda } else { 0.0 };
                 bar.set_message(format!(
@@ -200,12 +205,7 @@ pub fn run_with(
                     variant.name,
                     arm.id()
                 ));
-                let inputs = arms::ArmStart {
-                    settings: &settings,
-                    setup: &setup,
-                    checkpoints: &checkpoints,
-                };
-                let run = arms::attempt_or_resume(&resume, inputs, arm, l, seed)
+                let run = arms::attempt_or_resume(&resume, start, arm, l, seed)
                     .with_context(|| variant.name)?;
                 done.runs.push(run);
                 bar.inc(1);
